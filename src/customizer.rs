@@ -1,0 +1,80 @@
+//! The r2d2 hook that prepares every pooled connection.
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::CustomizeConnection;
+use diesel::SqliteConnection;
+
+use crate::error::Error;
+use crate::options::Options;
+
+const OPERATION: &str = "apply connection pragmas";
+
+/// Applies [`Options`]' per-connection pragmas to every connection an r2d2 pool opens,
+/// `busy_timeout` first.
+///
+/// It takes no write lock (the journal mode is switched once, at
+/// [`Database::open`](crate::Database::open), not here). r2d2 runs it on its own threads and
+/// keeps only a string of its error, so the real cause is logged with `tracing` first.
+///
+/// Use it directly when you build your own pool:
+/// ```
+/// use diesel::r2d2::{ConnectionManager, Pool};
+/// use diesel::SqliteConnection;
+/// use sqlite_persistence::{ConnectionCustomizer, Options};
+///
+/// let pool = Pool::builder()
+///     .connection_customizer(Box::new(ConnectionCustomizer::new(&Options::new())))
+///     .build_unchecked(ConnectionManager::<SqliteConnection>::new(":memory:"));
+/// # let _ = pool;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConnectionCustomizer {
+    pragmas: String,
+}
+
+impl ConnectionCustomizer {
+    /// A customizer that applies `options`' pragmas.
+    pub fn new(options: &Options) -> Self {
+        Self {
+            pragmas: options.connection_pragmas(),
+        }
+    }
+
+    /// Applies the pragmas to one connection.
+    ///
+    /// # Errors
+    /// [`Error::Query`] if SQLite rejects a pragma, for example "file is not a database"
+    /// (the pragmas after `busy_timeout` are the first statements that read the file).
+    pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
+        conn.batch_execute(&self.pragmas)
+            .map_err(|source| Error::Query {
+                operation: OPERATION,
+                source,
+            })
+    }
+}
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCustomizer {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(&self.pragmas).map_err(|source| {
+            tracing::error!(
+                operation = OPERATION,
+                error = %source,
+                "cannot prepare a pooled connection"
+            );
+            diesel::r2d2::Error::QueryError(source)
+        })
+    }
+}
+
+/// "a: b: c" for an error and its sources, as the command line prints it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += ": ";
+        text += &cause.to_string();
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,361 @@
+//! The crate's one error type and the one place that decides what a lock error is.
+
+use std::error::Error as StdError;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use diesel::result::Error as DieselError;
+
+/// A boxed error that can cross threads, as `diesel_migrations` reports its own.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while opening, migrating, reading or writing.
+///
+/// Every variant keeps its cause as `source()`, so a caller (or the command line, which
+/// prints the chain) sees SQLite's own message at the end. Use [`Error::is_lock_error`]
+/// instead of matching on messages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The path cannot be handed to SQLite (not UTF-8, or contains a NUL byte).
+    #[error("database path {path} is not valid UTF-8 without NUL bytes")]
+    InvalidPath {
+        /// The path as given.
+        path: PathBuf,
+    },
+
+    /// SQLite could not open the file.
+    #[error("cannot open database {path}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: diesel::ConnectionError,
+    },
+
+    /// A statement failed; `operation` says which step of the layer ran it.
+    #[error("{operation} failed")]
+    Query {
+        /// The step that failed, such as `apply connection pragmas` or `write`.
+        operation: &'static str,
+        /// Diesel's error, with SQLite's message.
+        #[source]
+        source: DieselError,
+    },
+
+    /// The database stayed locked until the retry policy gave up.
+    #[error(
+        "{operation} gave up after {attempts} attempts in {:.1} s: the database stayed locked",
+        elapsed.as_secs_f64()
+    )]
+    Busy {
+        /// The operation that was retried: `switch journal mode`, `migrate`, `write`, ...
+        operation: &'static str,
+        /// How many times it was tried.
+        attempts: u32,
+        /// Wall-clock time from the first attempt until giving up.
+        elapsed: Duration,
+        /// The last lock error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The file is not, and could not be put, in the journal mode the options ask for.
+    #[error("database {path} is in journal mode `{actual}`, expected `{expected}`: {hint}")]
+    JournalMode {
+        /// The database file.
+        path: PathBuf,
+        /// The mode the options ask for.
+        expected: String,
+        /// The mode SQLite reports as in force.
+        actual: String,
+        /// Why this happens and what to do.
+        hint: &'static str,
+    },
+
+    /// The migration source (for example `embed_migrations!`) could not list its migrations.
+    #[error("cannot read the migration source")]
+    MigrationSource {
+        /// What `diesel_migrations` said.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A migration failed; the whole batch was rolled back.
+    #[error("migration {name} failed; the batch was rolled back and the database is unchanged")]
+    Migration {
+        /// The migration's name (its directory name).
+        name: String,
+        /// What SQLite or `diesel_migrations` said.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A pending migration would run outside a transaction, so it cannot be applied atomically.
+    #[error(
+        "migration {name} has run_in_transaction = false (a metadata.toml without that key \
+         counts as false), so it cannot be applied atomically across processes; set \
+         run_in_transaction = true in its metadata.toml, or move the statement that needs it \
+         (VACUUM, PRAGMA journal_mode, PRAGMA foreign_keys) out of the migrations"
+    )]
+    NonTransactionalMigration {
+        /// The migration's name.
+        name: String,
+    },
+
+    /// The database has applied migrations this binary does not know: it was migrated by a
+    /// newer (or a different) program. Nothing was changed.
+    #[error(
+        "database {path} has applied migrations this binary does not know: {}; it was \
+         migrated by a newer or a different program (Options::allow_unknown_migrations \
+         accepts that, for rolling upgrades)",
+        versions.join(", ")
+    )]
+    UnknownMigrations {
+        /// The database file.
+        path: PathBuf,
+        /// The unknown versions, as stored in `__diesel_schema_migrations`.
+        versions: Vec<String>,
+    },
+
+    /// The connection pool could not hand out a connection.
+    #[error("cannot get a connection from the pool")]
+    Pool {
+        /// r2d2's error (it keeps only a string; the real cause was logged with `tracing`).
+        #[source]
+        source: diesel::r2d2::PoolError,
+    },
+
+    /// A file-system call on the database's files failed.
+    #[error("cannot {operation} {path}")]
+    Io {
+        /// What was attempted, such as `read metadata of`.
+        operation: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An argument was rejected before anything touched the database.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// What was rejected, such as `artifact name`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Whether this error means "another connection holds a lock": the kind that goes away
+    /// by waiting and running the whole transaction again.
+    ///
+    /// True for SQLite's lock errors however Diesel wrapped them, and for [`Error::Busy`]
+    /// (the retries ran out while the database stayed locked).
+    pub fn is_lock_error(&self) -> bool {
+        match self {
+            Error::Query { source, .. } => is_lock_error(source),
+            Error::Busy { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<DieselError> for Error {
+    /// Lets `?` inside [`Database::write`](crate::Database::write) and
+    /// [`Database::read`](crate::Database::read) closures turn Diesel errors into this type.
+    fn from(source: DieselError) -> Self {
+        Error::Query {
+            operation: "query",
+            source,
+        }
+    }
+}
+
+/// The messages SQLite gives the transient lock conditions. Diesel 2.3 maps every one of
+/// them to `DatabaseErrorKind::Unknown` and does not expose the extended result code, so
+/// the message is all there is to go by.
+///
+/// - `database is locked`: SQLITE_BUSY and its extended codes BUSY_RECOVERY (another process
+///   is rebuilding the WAL index), BUSY_SNAPSHOT (a read transaction tried to write after
+///   another connection committed) and BUSY_TIMEOUT; also a COMMIT that must wait for
+///   readers in rollback-journal mode.
+/// - `database table is locked` (SQLITE_LOCKED, shared-cache table locks, which append
+///   `: <table>`), `database schema is locked` (SQLITE_LOCKED_SHAREDCACHE on the schema).
+/// - `locking protocol` (SQLITE_PROTOCOL): a WAL lock race that SQLite gave up on.
+/// - `database schema has changed` (SQLITE_SCHEMA): another process migrated between
+///   prepare and step more often than SQLite re-prepares by itself.
+const LOCK_MESSAGES: [&str; 5] = [
+    "database is locked",
+    "database table is locked",
+    "database schema is locked",
+    "locking protocol",
+    "database schema has changed",
+];
+
+/// Whether a Diesel error is one of SQLite's transient lock errors (see [`LOCK_MESSAGES`]).
+///
+/// This is the crate's only classifier; everything else (constraint violations, syntax
+/// errors, "file is not a database", a full disk) is returned at once without retrying.
+pub fn is_lock_error(error: &DieselError) -> bool {
+    match error {
+        DieselError::DatabaseError(_, info) => is_lock_message(info.message()),
+        // Diesel tried to roll back after a failed COMMIT: the COMMIT's error is the cause.
+        DieselError::RollbackErrorOnCommit { commit_error, .. } => is_lock_error(commit_error),
+        _ => false,
+    }
+}
+
+fn is_lock_message(message: &str) -> bool {
+    LOCK_MESSAGES
+        .iter()
+        .any(|lock| message == *lock || message.starts_with(&format!("{lock}:")))
+}
+
+/// Whether any error in `error`'s source chain is a lock error, as Diesel's error or ours.
+///
+/// This is how the retry loops classify a caller's own error type: keep the Diesel error
+/// (or this crate's) as the `#[source]`/`#[from]` of your variant and it is found.
+pub(crate) fn chain_has_lock_error(error: &(dyn StdError + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(diesel) = e.downcast_ref::<DieselError>() {
+            return is_lock_error(diesel);
+        }
+        if let Some(ours) = e.downcast_ref::<Error>() {
+            return ours.is_lock_error();
+        }
+        current = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind};
+
+    #[derive(Debug)]
+    struct Info(&'static str);
+
+    impl DatabaseErrorInformation for Info {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn details(&self) -> Option<&str> {
+            None
+        }
+        fn hint(&self) -> Option<&str> {
+            None
+        }
+        fn table_name(&self) -> Option<&str> {
+            None
+        }
+        fn column_name(&self) -> Option<&str> {
+            None
+        }
+        fn constraint_name(&self) -> Option<&str> {
+            None
+        }
+        fn statement_position(&self) -> Option<i32> {
+            None
+        }
+    }
+
+    fn db_error(kind: DatabaseErrorKind, message: &'static str) -> DieselError {
+        DieselError::DatabaseError(kind, Box::new(Info(message)))
+    }
+
+    #[test]
+    fn sqlite_lock_messages_are_lock_errors() {
+        for message in [
+            "database is locked",
+            "database table is locked",
+            "database table is locked: artifacts",
+            "database schema is locked: main",
+            "locking protocol",
+            "database schema has changed",
+        ] {
+            assert!(
+                is_lock_error(&db_error(DatabaseErrorKind::Unknown, message)),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_errors_are_not_lock_errors() {
+        for (kind, message) in [
+            (DatabaseErrorKind::Unknown, "file is not a database"),
+            (DatabaseErrorKind::Unknown, "database or disk is full"),
+            (
+                DatabaseErrorKind::Unknown,
+                "attempt to write a readonly database",
+            ),
+            (DatabaseErrorKind::Unknown, "table artifacts already exists"),
+            (
+                DatabaseErrorKind::UniqueViolation,
+                "UNIQUE constraint failed: versions.version",
+            ),
+            // A message that merely contains the words is not SQLite's lock message.
+            (
+                DatabaseErrorKind::Unknown,
+                "no such table: database is locked",
+            ),
+        ] {
+            assert!(!is_lock_error(&db_error(kind, message)), "{message}");
+        }
+        assert!(!is_lock_error(&DieselError::NotFound));
+        assert!(!is_lock_error(&DieselError::RollbackTransaction));
+    }
+
+    #[test]
+    fn busy_commit_with_failed_rollback_is_a_lock_error() {
+        let error = DieselError::RollbackErrorOnCommit {
+            rollback_error: Box::new(db_error(
+                DatabaseErrorKind::Unknown,
+                "cannot rollback - no transaction is active",
+            )),
+            commit_error: Box::new(db_error(DatabaseErrorKind::Unknown, "database is locked")),
+        };
+        assert!(is_lock_error(&error));
+    }
+
+    #[test]
+    fn crate_error_and_wrapping_errors_are_classified_through_the_chain() {
+        let locked: Error = db_error(DatabaseErrorKind::Unknown, "database is locked").into();
+        assert!(locked.is_lock_error());
+        assert!(chain_has_lock_error(&locked));
+
+        #[derive(Debug, thiserror::Error)]
+        enum AppError {
+            #[error("storage")]
+            Storage(#[from] DieselError),
+            #[error("domain rule broken")]
+            Domain,
+        }
+        let wrapped = AppError::from(db_error(DatabaseErrorKind::Unknown, "database is locked"));
+        assert!(chain_has_lock_error(&wrapped));
+        assert!(!chain_has_lock_error(&AppError::Domain));
+
+        let constraint: Error = db_error(DatabaseErrorKind::UniqueViolation, "UNIQUE").into();
+        assert!(!constraint.is_lock_error());
+        let exhausted = Error::Busy {
+            operation: "write",
+            attempts: 3,
+            elapsed: Duration::from_secs(1),
+            source: Box::new(locked),
+        };
+        assert!(exhausted.is_lock_error());
+        assert_eq!(
+            exhausted.to_string(),
+            "write gave up after 3 attempts in 1.0 s: the database stayed locked"
+        );
+    }
+}

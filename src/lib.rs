@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod catalog;
+mod customizer;
+mod database;
+mod error;
+mod migrate;
+mod options;
+#[doc(hidden)]
+pub mod plain;
+mod retry;
+mod schema;
+mod status;
+mod wal;
+
+pub use catalog::{Catalog, Recorded, MAX_ARTIFACT_NAME, MIGRATIONS};
+pub use customizer::{error_chain, ConnectionCustomizer};
+pub use database::{Database, PooledSqlite, SqlitePool, WriteStats};
+pub use error::{is_lock_error, BoxError, Error, Result};
+pub use options::{JournalMode, Options, Synchronous, TempStore};
+pub use retry::{Delays, RetryPolicy};
+pub use status::{FileSizes, Status};

@@ -1,0 +1,360 @@
+//! Connection settings: every default in one place, every pragma value typed.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::retry::RetryPolicy;
+
+/// How SQLite keeps its journal (`PRAGMA journal_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum JournalMode {
+    /// Write-ahead log: readers never block the writer nor the writer them. The default.
+    Wal,
+    /// Rollback journal, deleted after each transaction (SQLite's own default). For
+    /// filesystems where WAL's shared memory does not work.
+    Delete,
+    /// Rollback journal, truncated instead of deleted.
+    Truncate,
+    /// Rollback journal, header zeroed instead of deleted.
+    Persist,
+    /// In memory; what an in-memory database always reports. Not a mode to ask for.
+    Memory,
+}
+
+impl JournalMode {
+    /// The keyword SQLite uses for this mode.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            JournalMode::Wal => "wal",
+            JournalMode::Delete => "delete",
+            JournalMode::Truncate => "truncate",
+            JournalMode::Persist => "persist",
+            JournalMode::Memory => "memory",
+        }
+    }
+
+    /// Parses what `PRAGMA journal_mode` returns (case-insensitive); `None` for modes this
+    /// crate does not use (`off`).
+    pub fn parse(mode: &str) -> Option<Self> {
+        [
+            JournalMode::Wal,
+            JournalMode::Delete,
+            JournalMode::Truncate,
+            JournalMode::Persist,
+            JournalMode::Memory,
+        ]
+        .into_iter()
+        .find(|m| m.as_str().eq_ignore_ascii_case(mode))
+    }
+}
+
+impl fmt::Display for JournalMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How often SQLite waits for the disk (`PRAGMA synchronous`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// Never waits: a power loss can corrupt the file.
+    Off,
+    /// Under WAL, durable up to the last checkpoint and never corrupt; the production choice.
+    Normal,
+    /// Waits at every commit; the safe choice for rollback-journal mode.
+    Full,
+    /// As `Full`, and also syncs the directory after deleting a rollback journal.
+    Extra,
+}
+
+impl Synchronous {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Synchronous::Off => "OFF",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        }
+    }
+}
+
+/// Where SQLite keeps temporary tables and indices (`PRAGMA temp_store`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TempStore {
+    /// As compiled in (a file, for the bundled SQLite).
+    Default,
+    /// In temporary files.
+    File,
+    /// In memory: faster sorts and `GROUP BY`, no temporary files.
+    Memory,
+}
+
+impl TempStore {
+    const fn as_str(self) -> &'static str {
+        match self {
+            TempStore::Default => "DEFAULT",
+            TempStore::File => "FILE",
+            TempStore::Memory => "MEMORY",
+        }
+    }
+}
+
+/// How the layer opens a database: pragmas, journal mode, retries, migration checks, pool.
+///
+/// A consuming builder; all defaults are set in [`Options::new`]:
+///
+/// | setting | default | why |
+/// |---|---|---|
+/// | `busy_timeout` | 5 s | what sqlx, rusqlite, Django and Rails use |
+/// | `journal_mode` | WAL | readers and the writer do not block each other |
+/// | `synchronous` | NORMAL under WAL, FULL otherwise | durable and never corrupt, fewer fsyncs |
+/// | `foreign_keys` | on | constraints declared are constraints enforced |
+/// | `journal_size_limit` | 64 MiB | a WAL that grew once is truncated back (Rails 8) |
+/// | `cache_size` | 16 MiB per connection | |
+/// | `temp_store` | memory | |
+/// | `mmap_size` | 128 MiB | fewer read syscalls (Rails 8) |
+/// | `retry` | [`RetryPolicy::new`]: 30 s deadline | |
+/// | `allow_unknown_migrations` | no | a database migrated by a newer binary is refused |
+/// | `pool_size` | 8 | |
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use sqlite_persistence::{Options, RetryPolicy};
+///
+/// let options = Options::new()
+///     .busy_timeout(Duration::from_secs(2))
+///     .retry(RetryPolicy::new().max_elapsed(Duration::from_secs(60)));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub(crate) busy_timeout: Duration,
+    pub(crate) journal_mode: JournalMode,
+    pub(crate) synchronous: Option<Synchronous>,
+    pub(crate) foreign_keys: bool,
+    pub(crate) journal_size_limit: Option<u64>,
+    pub(crate) cache_size_kib: u32,
+    pub(crate) temp_store: TempStore,
+    pub(crate) mmap_size: u64,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) allow_unknown_migrations: bool,
+    pub(crate) pool_size: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Options {
+    /// The defaults listed above.
+    pub fn new() -> Self {
+        Self {
+            busy_timeout: Duration::from_secs(5),
+            journal_mode: JournalMode::Wal,
+            synchronous: None,
+            foreign_keys: true,
+            journal_size_limit: Some(64 * 1024 * 1024),
+            cache_size_kib: 16 * 1024,
+            temp_store: TempStore::Memory,
+            mmap_size: 128 * 1024 * 1024,
+            retry: RetryPolicy::new(),
+            allow_unknown_migrations: false,
+            pool_size: 8,
+        }
+    }
+
+    /// How long SQLite itself waits for a lock before reporting "database is locked"; the
+    /// retry policy then takes over. Defaults to 5 s.
+    ///
+    /// # Panics
+    /// If longer than `i32::MAX` milliseconds (SQLite's limit).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            timeout.as_millis() <= i32::MAX as u128,
+            "busy_timeout must be at most i32::MAX milliseconds"
+        );
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// The journal mode to put the file in at open. Defaults to [`JournalMode::Wal`].
+    ///
+    /// A file already in WAL is never switched back at run time (that needs every other
+    /// connection closed): asking for a rollback mode on a WAL file is an error.
+    ///
+    /// # Panics
+    /// If `mode` is [`JournalMode::Memory`], which only in-memory databases have.
+    pub fn journal_mode(mut self, mode: JournalMode) -> Self {
+        assert!(
+            mode != JournalMode::Memory,
+            "journal_mode(Memory) cannot be asked for; in-memory databases have it by themselves"
+        );
+        self.journal_mode = mode;
+        self
+    }
+
+    /// `PRAGMA synchronous`. Defaults to NORMAL under WAL and FULL in rollback modes.
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = Some(synchronous);
+        self
+    }
+
+    /// `PRAGMA foreign_keys`. Defaults to on.
+    pub fn foreign_keys(mut self, on: bool) -> Self {
+        self.foreign_keys = on;
+        self
+    }
+
+    /// `PRAGMA journal_size_limit` in bytes; `None` keeps SQLite's (no limit). Defaults to
+    /// 64 MiB.
+    ///
+    /// # Panics
+    /// If larger than `i64::MAX`.
+    pub fn journal_size_limit(mut self, bytes: Option<u64>) -> Self {
+        assert!(
+            bytes.is_none_or(|b| b <= i64::MAX as u64),
+            "journal_size_limit must fit in an i64"
+        );
+        self.journal_size_limit = bytes;
+        self
+    }
+
+    /// Page cache per connection, in KiB (`PRAGMA cache_size = -N`). Defaults to 16 MiB.
+    pub fn cache_size_kib(mut self, kib: u32) -> Self {
+        self.cache_size_kib = kib;
+        self
+    }
+
+    /// `PRAGMA temp_store`. Defaults to [`TempStore::Memory`].
+    pub fn temp_store(mut self, store: TempStore) -> Self {
+        self.temp_store = store;
+        self
+    }
+
+    /// `PRAGMA mmap_size` in bytes; 0 turns memory-mapped reads off. Defaults to 128 MiB.
+    ///
+    /// # Panics
+    /// If larger than `i64::MAX`.
+    pub fn mmap_size(mut self, bytes: u64) -> Self {
+        assert!(bytes <= i64::MAX as u64, "mmap_size must fit in an i64");
+        self.mmap_size = bytes;
+        self
+    }
+
+    /// The retry policy for lock errors (journal-mode switch, migrations, reads, writes).
+    /// Defaults to [`RetryPolicy::new`].
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Accept a database that has applied migrations this binary does not know, as during a
+    /// rolling upgrade where a newer binary already migrated. Defaults to refusing it.
+    pub fn allow_unknown_migrations(mut self, allow: bool) -> Self {
+        self.allow_unknown_migrations = allow;
+        self
+    }
+
+    /// The most connections the pool keeps open. Defaults to 8.
+    ///
+    /// # Panics
+    /// If `size` is 0.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        assert!(size > 0, "pool_size must be at least 1");
+        self.pool_size = size;
+        self
+    }
+
+    /// The `synchronous` setting in force: the explicit one, else the one that fits the
+    /// journal mode.
+    pub(crate) fn effective_synchronous(&self) -> Synchronous {
+        self.synchronous.unwrap_or(match self.journal_mode {
+            JournalMode::Wal => Synchronous::Normal,
+            _ => Synchronous::Full,
+        })
+    }
+
+    /// The statements run on every new connection, in order.
+    ///
+    /// `busy_timeout` comes first: it takes no lock, while the pragmas after it read the
+    /// schema and can meet a lock. `foreign_keys` next, since it is a no-op inside a
+    /// transaction and nothing here opens one. `journal_mode` is not here: switching takes
+    /// a write lock, and is done once at open.
+    pub(crate) fn connection_pragmas(&self) -> String {
+        let mut sql = format!(
+            "PRAGMA busy_timeout = {};\nPRAGMA foreign_keys = {};\nPRAGMA synchronous = {};\n",
+            self.busy_timeout.as_millis(),
+            if self.foreign_keys { "ON" } else { "OFF" },
+            self.effective_synchronous().as_str(),
+        );
+        if let Some(limit) = self.journal_size_limit {
+            sql += &format!("PRAGMA journal_size_limit = {limit};\n");
+        }
+        sql += &format!(
+            "PRAGMA cache_size = -{};\nPRAGMA temp_store = {};\nPRAGMA mmap_size = {};\n",
+            self.cache_size_kib,
+            self.temp_store.as_str(),
+            self.mmap_size,
+        );
+        sql
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_timeout_comes_first_and_defaults_render() {
+        let sql = Options::new().connection_pragmas();
+        assert!(sql.starts_with("PRAGMA busy_timeout = 5000;\n"), "{sql}");
+        for expected in [
+            "PRAGMA foreign_keys = ON;",
+            "PRAGMA synchronous = NORMAL;",
+            "PRAGMA journal_size_limit = 67108864;",
+            "PRAGMA cache_size = -16384;",
+            "PRAGMA temp_store = MEMORY;",
+            "PRAGMA mmap_size = 134217728;",
+        ] {
+            assert!(sql.contains(expected), "{expected} missing from {sql}");
+        }
+        assert!(!sql.contains("journal_mode"));
+    }
+
+    #[test]
+    fn synchronous_follows_the_journal_mode_unless_set() {
+        let rollback = Options::new().journal_mode(JournalMode::Delete);
+        assert_eq!(rollback.effective_synchronous(), Synchronous::Full);
+        let explicit = rollback.synchronous(Synchronous::Extra);
+        assert!(explicit
+            .connection_pragmas()
+            .contains("synchronous = EXTRA"));
+        let no_limit = Options::new().journal_size_limit(None);
+        assert!(!no_limit.connection_pragmas().contains("journal_size_limit"));
+    }
+
+    #[test]
+    fn journal_modes_parse_what_sqlite_returns() {
+        assert_eq!(JournalMode::parse("wal"), Some(JournalMode::Wal));
+        assert_eq!(JournalMode::parse("WAL"), Some(JournalMode::Wal));
+        assert_eq!(JournalMode::parse("memory"), Some(JournalMode::Memory));
+        assert_eq!(JournalMode::parse("off"), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "pool_size must be at least 1")]
+    fn empty_pool_is_rejected_in_the_setter() {
+        let _ = Options::new().pool_size(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "journal_mode(Memory)")]
+    fn memory_journal_is_rejected_in_the_setter() {
+        let _ = Options::new().journal_mode(JournalMode::Memory);
+    }
+}

@@ -1,0 +1,83 @@
+//! The baseline: the setup most Diesel applications write, kept to show what the layer fixes.
+//!
+//! `busy_timeout` and `journal_mode = WAL` in an r2d2 customizer, `run_pending_migrations` at
+//! startup, the default deferred transaction for writes, no retry. The command line runs it
+//! with `record --plain`, the tests and `stress --compare` use that to show it failing under
+//! the same load the layer survives. Not for use in applications.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+use diesel::{Connection, SqliteConnection};
+use diesel_migrations::MigrationHarness;
+
+use crate::catalog::{record_next, validate_name, Recorded, MIGRATIONS};
+use crate::database::{database_url, SqlitePool};
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+struct PlainCustomizer;
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for PlainCustomizer {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(
+            "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// The catalog opened the plain way.
+#[derive(Debug)]
+pub struct PlainCatalog {
+    pool: SqlitePool,
+}
+
+impl PlainCatalog {
+    /// Builds the pool and runs `run_pending_migrations` on one of its connections.
+    ///
+    /// # Errors
+    /// Whatever the plain setup meets: "database is locked", "table ... already exists", ...
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let manager =
+            ConnectionManager::<SqliteConnection>::new(database_url(path.as_ref(), "rwc")?);
+        let pool = Pool::builder()
+            .max_size(2)
+            .connection_customizer(Box::new(PlainCustomizer))
+            // Fail like an application does, instead of r2d2 retrying for 30 s.
+            .connection_timeout(Duration::from_secs(10))
+            .build(manager)
+            .map_err(|source| Error::Pool { source })?;
+        let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map_err(|source| Error::Migration {
+                name: "run_pending_migrations".to_owned(),
+                source,
+            })?;
+        drop(conn);
+        Ok(Self { pool })
+    }
+
+    /// Records the next version in a deferred transaction, without retrying.
+    ///
+    /// # Errors
+    /// "database is locked" whenever another process committed first.
+    pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
+        validate_name(artifact)?;
+        let asked = Instant::now();
+        let mut began = asked;
+        let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;
+        let version = conn.transaction(|conn| {
+            began = Instant::now();
+            record_next(conn, artifact, hold)
+        })?;
+        Ok(Recorded {
+            artifact: artifact.to_owned(),
+            version,
+            wait: began - asked,
+            attempts: 1,
+        })
+    }
+}

@@ -1,0 +1,487 @@
+//! The retry policy and the one loop that applies it to lock errors.
+
+use std::error::Error as StdError;
+use std::fmt::Display;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{chain_has_lock_error, Error};
+
+/// When and how often a locked operation is tried again.
+///
+/// Exponential backoff with full jitter: before retry `n` (counting from 0) the loop sleeps
+/// a uniformly random time in `0..=min(max_delay, initial_delay * 2^n)`. Because jitter is
+/// drawn below the capped value, `max_delay` is a hard bound on every sleep. The loop gives
+/// up when `max_attempts` attempts have failed or when `max_elapsed` of wall-clock time has
+/// passed since the first attempt, whichever comes first; it never sleeps past that deadline.
+/// Wall-clock time matters because each attempt can itself block inside SQLite for up to
+/// `busy_timeout`.
+///
+/// Only lock errors are retried ([`is_lock_error`](crate::is_lock_error)); anything else
+/// returns at once.
+///
+/// # Default
+/// | setting | value |
+/// |---|---|
+/// | `initial_delay` | 10 ms |
+/// | `max_delay` | 250 ms |
+/// | `max_elapsed` | 30 s: rides out a lock held for six times the default `busy_timeout` |
+/// | `max_attempts` | 1000 (the deadline is what normally ends the retries) |
+/// | `jitter` | on, seeded from the OS |
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use sqlite_persistence::RetryPolicy;
+///
+/// let policy = RetryPolicy::new().jitter(false).initial_delay(Duration::from_millis(10));
+/// let delays: Vec<_> = policy.delays().take(3).collect();
+/// assert_eq!(delays, [10, 20, 40].map(Duration::from_millis));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    initial_delay: Duration,
+    max_delay: Duration,
+    max_elapsed: Duration,
+    max_attempts: u32,
+    jitter: bool,
+    seed: Option<u64>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RetryPolicy {
+    /// The default policy (see the table above).
+    pub const fn new() -> Self {
+        Self {
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(250),
+            max_elapsed: Duration::from_secs(30),
+            max_attempts: 1000,
+            jitter: true,
+            seed: None,
+        }
+    }
+
+    /// The sleep before the first retry, before jitter. Defaults to 10 ms.
+    pub const fn initial_delay(mut self, delay: Duration) -> Self {
+        self.initial_delay = delay;
+        self
+    }
+
+    /// The hard upper bound on any one sleep, jitter included. Defaults to 250 ms.
+    pub const fn max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
+    /// Wall-clock time after the first attempt at which the loop gives up. Defaults to 30 s.
+    pub const fn max_elapsed(mut self, elapsed: Duration) -> Self {
+        self.max_elapsed = elapsed;
+        self
+    }
+
+    /// The most attempts (the first one included). Defaults to 1000.
+    ///
+    /// # Panics
+    /// If `attempts` is 0: at least one attempt is always made.
+    pub const fn max_attempts(mut self, attempts: u32) -> Self {
+        assert!(attempts > 0, "max_attempts must be at least 1");
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Whether sleeps are randomised (full jitter). Without it, processes that collided once
+    /// retry in lock step and collide again. Defaults to on.
+    pub const fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// A fixed seed for the jitter, for reproducible schedules in tests. Defaults to none
+    /// (seeded from the OS, so that processes differ).
+    pub const fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The wall-clock deadline. See [`RetryPolicy::max_elapsed`].
+    pub const fn deadline(&self) -> Duration {
+        self.max_elapsed
+    }
+
+    /// The sleeps this policy would make, one per retry, ignoring the deadline and the
+    /// attempt limit (the retry loop applies those). A fresh iterator starts a fresh schedule.
+    pub fn delays(&self) -> Delays {
+        Delays {
+            policy: *self,
+            retry: 0,
+            rng: match self.seed {
+                Some(seed) => SmallRng::seed_from_u64(seed),
+                None => SmallRng::from_os_rng(),
+            },
+        }
+    }
+}
+
+/// The schedule of sleeps of one run of a [`RetryPolicy`]; see [`RetryPolicy::delays`].
+#[derive(Debug, Clone)]
+pub struct Delays {
+    policy: RetryPolicy,
+    retry: u32,
+    rng: SmallRng,
+}
+
+impl Iterator for Delays {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let exponential = self
+            .policy
+            .initial_delay
+            .checked_mul(1u32.checked_shl(self.retry).unwrap_or(u32::MAX))
+            .unwrap_or(Duration::MAX);
+        let capped = exponential.min(self.policy.max_delay);
+        self.retry = self.retry.saturating_add(1);
+        if !self.policy.jitter {
+            return Some(capped);
+        }
+        let micros = u64::try_from(capped.as_micros()).unwrap_or(u64::MAX);
+        Some(Duration::from_micros(self.rng.random_range(0..=micros)))
+    }
+}
+
+/// Time as the retry loop sees it: real in the library, fake in unit tests, so that tests
+/// assert exact schedules and never sleep.
+pub(crate) trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+/// How a retried operation ended without success.
+#[derive(Debug)]
+pub(crate) enum Failure<E> {
+    /// Not a lock error: returned at once.
+    Permanent(E),
+    /// Still a lock error when the attempts or the deadline ran out.
+    Exhausted {
+        attempts: u32,
+        elapsed: Duration,
+        last: E,
+    },
+}
+
+/// What a successful retried operation cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Success<T> {
+    pub value: T,
+    pub attempts: u32,
+}
+
+/// Runs `attempt` until it succeeds, fails with an error `is_transient` rejects, or the
+/// policy is exhausted. Each retry is logged at `warn`, exhaustion at `error`.
+pub(crate) fn retry<T, E: Display>(
+    policy: &RetryPolicy,
+    clock: &dyn Clock,
+    operation: &'static str,
+    is_transient: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut(u32) -> Result<T, E>,
+) -> Result<Success<T>, Failure<E>> {
+    let start = clock.now();
+    let mut delays = policy.delays();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let error = match attempt(attempts) {
+            Ok(value) => return Ok(Success { value, attempts }),
+            Err(error) if !is_transient(&error) => return Err(Failure::Permanent(error)),
+            Err(error) => error,
+        };
+        let elapsed = clock.now().saturating_duration_since(start);
+        let remaining = policy.max_elapsed.saturating_sub(elapsed);
+        if attempts >= policy.max_attempts || remaining.is_zero() {
+            tracing::error!(
+                operation,
+                attempt = attempts,
+                elapsed_ms = elapsed.as_millis() as u64,
+                error = %error,
+                "database stayed locked, giving up"
+            );
+            return Err(Failure::Exhausted {
+                attempts,
+                elapsed,
+                last: error,
+            });
+        }
+        let delay = delays.next().unwrap_or(policy.max_delay).min(remaining);
+        tracing::warn!(
+            operation,
+            attempt = attempts,
+            delay_ms = delay.as_millis() as u64,
+            elapsed_ms = elapsed.as_millis() as u64,
+            error = %error,
+            "database is locked, retrying"
+        );
+        clock.sleep(delay);
+    }
+}
+
+/// [`retry`] for the layer's operations: lock errors (anywhere in `E`'s source chain) are
+/// retried, and exhaustion becomes [`Error::Busy`] carrying the last lock error.
+pub(crate) fn retry_locked<T, E>(
+    policy: &RetryPolicy,
+    clock: &dyn Clock,
+    operation: &'static str,
+    attempt: impl FnMut(u32) -> Result<T, E>,
+) -> Result<Success<T>, E>
+where
+    E: From<Error> + StdError + Send + Sync + 'static,
+{
+    retry(
+        policy,
+        clock,
+        operation,
+        |e: &E| chain_has_lock_error(e),
+        attempt,
+    )
+    .map_err(|failure| match failure {
+        Failure::Permanent(error) => error,
+        Failure::Exhausted {
+            attempts,
+            elapsed,
+            last,
+        } => E::from(Error::Busy {
+            operation,
+            attempts,
+            elapsed,
+            source: Box::new(last),
+        }),
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A clock whose sleeps advance time instantly, and that also charges each attempt a
+    /// fixed cost (as `busy_timeout` would).
+    pub(crate) struct FakeClock {
+        start: Instant,
+        state: Mutex<(Duration, Vec<Duration>)>,
+    }
+
+    impl FakeClock {
+        pub(crate) fn new() -> Self {
+            Self {
+                start: Instant::now(),
+                state: Mutex::new((Duration::ZERO, Vec::new())),
+            }
+        }
+        pub(crate) fn advance(&self, by: Duration) {
+            self.state.lock().unwrap().0 += by;
+        }
+        pub(crate) fn sleeps(&self) -> Vec<Duration> {
+            self.state.lock().unwrap().1.clone()
+        }
+    }
+
+    impl Clock for FakeClock {
+        fn now(&self) -> Instant {
+            self.start + self.state.lock().unwrap().0
+        }
+        fn sleep(&self, duration: Duration) {
+            let mut state = self.state.lock().unwrap();
+            state.0 += duration;
+            state.1.push(duration);
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn schedule_without_jitter_doubles_up_to_the_cap() {
+        let policy = RetryPolicy::new()
+            .jitter(false)
+            .initial_delay(ms(10))
+            .max_delay(ms(100));
+        let delays: Vec<_> = policy.delays().take(7).collect();
+        assert_eq!(delays, [10, 20, 40, 80, 100, 100, 100].map(ms));
+    }
+
+    #[test]
+    fn schedule_does_not_overflow_after_many_retries() {
+        let policy = RetryPolicy::new().jitter(false).max_delay(ms(250));
+        assert_eq!(policy.delays().nth(200), Some(ms(250)));
+    }
+
+    #[test]
+    fn jittered_sleeps_stay_under_the_exponential_and_the_hard_cap() {
+        let policy = RetryPolicy::new()
+            .initial_delay(ms(10))
+            .max_delay(ms(100))
+            .seed(7);
+        let delays: Vec<_> = policy.delays().take(2000).collect();
+        for (retry, delay) in delays.iter().enumerate() {
+            let bound = ms(10 * (1u64 << retry.min(20))).min(ms(100));
+            assert!(*delay <= bound, "retry {retry}: {delay:?} > {bound:?}");
+        }
+        // Full jitter really spreads: the capped tail covers most of 0..=100 ms.
+        let tail = &delays[10..];
+        assert!(tail.iter().any(|d| *d < ms(10)));
+        assert!(tail.iter().any(|d| *d > ms(90)));
+        // The same seed gives the same schedule; another seed does not.
+        assert_eq!(delays, policy.delays().take(2000).collect::<Vec<_>>());
+        assert_ne!(
+            delays,
+            policy.seed(8).delays().take(2000).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn succeeds_after_transient_errors_with_the_exact_schedule() {
+        let clock = FakeClock::new();
+        let policy = RetryPolicy::new().jitter(false).initial_delay(ms(10));
+        let outcome = retry(
+            &policy,
+            &clock,
+            "test",
+            |_: &&str| true,
+            |attempt| {
+                if attempt < 4 {
+                    Err("locked")
+                } else {
+                    Ok(attempt)
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            outcome,
+            Success {
+                value: 4,
+                attempts: 4
+            }
+        );
+        assert_eq!(clock.sleeps(), [10, 20, 40].map(ms));
+    }
+
+    #[test]
+    fn permanent_errors_return_at_once() {
+        let clock = FakeClock::new();
+        let outcome = retry(
+            &RetryPolicy::new(),
+            &clock,
+            "test",
+            |e: &&str| *e == "locked",
+            |_| Err::<(), _>("syntax error"),
+        );
+        assert!(matches!(outcome, Err(Failure::Permanent("syntax error"))));
+        assert!(clock.sleeps().is_empty());
+    }
+
+    #[test]
+    fn gives_up_after_max_attempts() {
+        let clock = FakeClock::new();
+        let policy = RetryPolicy::new().jitter(false).max_attempts(3);
+        let mut calls = 0;
+        let outcome = retry(
+            &policy,
+            &clock,
+            "test",
+            |_: &&str| true,
+            |_| {
+                calls += 1;
+                Err::<(), _>("locked")
+            },
+        );
+        match outcome {
+            Err(Failure::Exhausted { attempts, last, .. }) => {
+                assert_eq!((attempts, last, calls), (3, "locked", 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(clock.sleeps(), [10, 20].map(ms));
+    }
+
+    #[test]
+    fn deadline_is_wall_clock_and_never_overslept() {
+        // Each attempt blocks 400 ms inside SQLite (busy_timeout); the sleeps alone would
+        // never reach the 1 s deadline, the wall clock does.
+        let clock = FakeClock::new();
+        let policy = RetryPolicy::new()
+            .jitter(false)
+            .initial_delay(ms(100))
+            .max_elapsed(ms(1000));
+        let outcome = retry(
+            &policy,
+            &clock,
+            "test",
+            |_: &&str| true,
+            |_| {
+                clock.advance(ms(400));
+                Err::<(), _>("locked")
+            },
+        );
+        match outcome {
+            Err(Failure::Exhausted {
+                attempts, elapsed, ..
+            }) => {
+                // 400 | sleep 100 | 400 (900) | sleep 100 (the remainder) | 400 (1400): stop.
+                assert_eq!(attempts, 3);
+                assert_eq!(elapsed, ms(1400));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(clock.sleeps(), [100, 100].map(ms));
+    }
+
+    #[test]
+    fn the_last_sleep_is_cut_to_the_deadline() {
+        let clock = FakeClock::new();
+        let policy = RetryPolicy::new()
+            .jitter(false)
+            .initial_delay(ms(300))
+            .max_delay(ms(300))
+            .max_elapsed(ms(500));
+        let outcome = retry(
+            &policy,
+            &clock,
+            "test",
+            |_: &&str| true,
+            |_| Err::<(), _>("locked"),
+        );
+        assert!(matches!(
+            outcome,
+            Err(Failure::Exhausted { attempts: 3, .. })
+        ));
+        assert_eq!(clock.sleeps(), [300, 200].map(ms));
+    }
+
+    #[test]
+    #[should_panic(expected = "max_attempts must be at least 1")]
+    fn zero_attempts_is_rejected_in_the_setter() {
+        let _ = RetryPolicy::new().max_attempts(0);
+    }
+}
