@@ -142,6 +142,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A step of the plain Diesel baseline ([`plain`](crate::plain)) failed.
+    #[doc(hidden)]
+    #[error("{operation} failed")]
+    Baseline {
+        /// The step.
+        operation: &'static str,
+        /// What Diesel said.
+        #[source]
+        source: BoxError,
+    },
+
     /// An argument was rejected before anything touched the database.
     #[error("invalid {what}: {reason}")]
     Invalid {

@@ -1,1 +1,219 @@
-fn main() {}
+//! `sqlite-persistence`: the command line over the crate's catalog.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use sqlite_persistence::plain::PlainCatalog;
+use sqlite_persistence::{error_chain, Catalog, Error, Options, Recorded, Status, MIGRATIONS};
+
+/// SQLite that many processes can open, migrate and write at once.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The database file [default: $DATABASE_URL, else catalog.db]
+    #[arg(long, global = true, value_name = "PATH")]
+    db: Option<PathBuf>,
+
+    /// Wait until this file exists before opening the database (after creating
+    /// PATH.ready-<pid>): lets a test or a benchmark start many processes together.
+    #[arg(long, global = true, value_name = "PATH", hide = true)]
+    barrier: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open the database and apply pending migrations; say what was applied.
+    Migrate,
+    /// Record new data versions of an artifact, one write transaction each.
+    Record {
+        /// The artifact's name.
+        #[arg(long, value_name = "NAME")]
+        artifact: String,
+        /// How many versions to record.
+        #[arg(long, value_name = "K", default_value_t = 1)]
+        count: u32,
+        /// Keep each write transaction open this long (simulated work).
+        #[arg(long, value_name = "H", default_value_t = 0)]
+        hold_ms: u64,
+        /// One JSON object per line: artifact, version, wait_us, attempts.
+        #[arg(long)]
+        json: bool,
+        /// Use the plain Diesel setup instead of this crate (the baseline for comparisons).
+        #[arg(long, hide = true)]
+        plain: bool,
+    },
+    /// Show journal mode, applied, pending and unknown migrations, and file sizes.
+    Status {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; `SQLITE_PERSISTENCE_LOG` sets the filter (`warn` shows every retry,
+/// `info` migrations, `debug` each migration). Defaults to errors only.
+fn init_logging() {
+    let filter = std::env::var("SQLITE_PERSISTENCE_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new()
+                .with_default(tracing_subscriber::filter::LevelFilter::ERROR)
+        });
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+}
+
+fn database_path(cli_db: Option<PathBuf>) -> PathBuf {
+    cli_db.unwrap_or_else(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(&url)),
+        _ => PathBuf::from("catalog.db"),
+    })
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    let path = database_path(cli.db);
+    if let Some(barrier) = &cli.barrier {
+        wait_for_barrier(barrier)?;
+    }
+    match cli.command {
+        Command::Migrate => {
+            let catalog = Catalog::open(&path, Options::new())?;
+            let applied = catalog.database().applied_at_open();
+            if applied.is_empty() {
+                println!("{}: up to date, nothing applied", path.display());
+            } else {
+                for name in applied {
+                    println!("applied {name}");
+                }
+            }
+        }
+        Command::Record {
+            artifact,
+            count,
+            hold_ms,
+            json,
+            plain,
+        } => {
+            let hold = Duration::from_millis(hold_ms);
+            let print = |recorded: Recorded| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "artifact": recorded.artifact,
+                            "version": recorded.version,
+                            "wait_us": recorded.wait.as_micros() as u64,
+                            "attempts": recorded.attempts,
+                        })
+                    );
+                } else {
+                    println!("{} version {}", recorded.artifact, recorded.version);
+                }
+            };
+            if plain {
+                let catalog = PlainCatalog::open(&path)?;
+                for _ in 0..count {
+                    print(catalog.record_holding(&artifact, hold)?);
+                }
+            } else {
+                let catalog = Catalog::open(&path, Options::new())?;
+                for _ in 0..count {
+                    print(catalog.record_holding(&artifact, hold)?);
+                }
+            }
+        }
+        Command::Status { json } => {
+            print_status(&Status::read(&path, MIGRATIONS, &Options::new())?, json)
+        }
+    }
+    Ok(())
+}
+
+fn print_status(status: &Status, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "path": status.path,
+                "exists": status.exists,
+                "journal_mode": status.journal_mode,
+                "applied": status.applied,
+                "pending": status.pending,
+                "unknown": status.unknown,
+                "sizes": {
+                    "database": status.sizes.database,
+                    "wal": status.sizes.wal,
+                    "shm": status.sizes.shm,
+                },
+            })
+        );
+        return;
+    }
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "0".to_owned()
+        } else {
+            format!("{}: {}", items.len(), items.join(", "))
+        }
+    };
+    let size = |bytes: Option<u64>| bytes.map_or("-".to_owned(), |b| format!("{b} B"));
+    println!("database      {}", status.path.display());
+    println!("exists        {}", if status.exists { "yes" } else { "no" });
+    println!(
+        "journal mode  {}",
+        status.journal_mode.as_deref().unwrap_or("-")
+    );
+    println!("applied       {}", list(&status.applied));
+    println!("pending       {}", list(&status.pending));
+    println!("unknown       {}", list(&status.unknown));
+    println!(
+        "sizes         database {}, wal {}, shm {}",
+        size(status.sizes.database),
+        size(status.sizes.wal),
+        size(status.sizes.shm)
+    );
+}
+
+/// Announces readiness with `PATH.ready-<pid>`, then waits (at most 60 s) for `PATH`.
+fn wait_for_barrier(barrier: &Path) -> Result<(), Error> {
+    let mut ready = barrier.as_os_str().to_owned();
+    ready.push(format!(".ready-{}", std::process::id()));
+    std::fs::write(&ready, b"").map_err(|source| Error::Io {
+        operation: "create barrier file",
+        path: ready.into(),
+        source,
+    })?;
+    let start = Instant::now();
+    while !barrier.exists() {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(Error::Invalid {
+                what: "barrier",
+                reason: format!("{} did not appear within 60 s", barrier.display()),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}

@@ -52,8 +52,8 @@ impl PlainCatalog {
             .map_err(|source| Error::Pool { source })?;
         let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
         conn.run_pending_migrations(MIGRATIONS)
-            .map_err(|source| Error::Migration {
-                name: "run_pending_migrations".to_owned(),
+            .map_err(|source| Error::Baseline {
+                operation: "run_pending_migrations",
                 source,
             })?;
         drop(conn);
