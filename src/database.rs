@@ -252,7 +252,8 @@ impl Options {
             .max_size(if memory { 1 } else { self.pool_size })
             .min_idle(Some(if memory { 1 } else { 0 }))
             .test_on_check_out(false)
-            .connection_timeout(self.retry.deadline())
+            // r2d2 panics on a zero timeout; a zero retry deadline still means "try once".
+            .connection_timeout(self.retry.deadline().max(Duration::from_secs(1)))
             .error_handler(Box::new(LogPoolErrors))
             .connection_customizer(Box::new(customizer.clone()));
         let clock = SystemClock;

@@ -320,6 +320,24 @@ pub(crate) mod tests {
         Duration::from_millis(n)
     }
 
+    /// Runs an operation that is always locked, calling `each` at every attempt.
+    fn always_locked(
+        policy: &RetryPolicy,
+        clock: &FakeClock,
+        mut each: impl FnMut(),
+    ) -> Result<Success<()>, Failure<&'static str>> {
+        retry(
+            policy,
+            clock,
+            "test",
+            |_| true,
+            |_| {
+                each();
+                Err("locked")
+            },
+        )
+    }
+
     #[test]
     fn schedule_without_jitter_doubles_up_to_the_cap() {
         let policy = RetryPolicy::new()
@@ -406,16 +424,7 @@ pub(crate) mod tests {
         let clock = FakeClock::new();
         let policy = RetryPolicy::new().jitter(false).max_attempts(3);
         let mut calls = 0;
-        let outcome = retry(
-            &policy,
-            &clock,
-            "test",
-            |_: &&str| true,
-            |_| {
-                calls += 1;
-                Err::<(), _>("locked")
-            },
-        );
+        let outcome = always_locked(&policy, &clock, || calls += 1);
         match outcome {
             Err(Failure::Exhausted { attempts, last, .. }) => {
                 assert_eq!((attempts, last, calls), (3, "locked", 3));
@@ -434,16 +443,7 @@ pub(crate) mod tests {
             .jitter(false)
             .initial_delay(ms(100))
             .max_elapsed(ms(1000));
-        let outcome = retry(
-            &policy,
-            &clock,
-            "test",
-            |_: &&str| true,
-            |_| {
-                clock.advance(ms(400));
-                Err::<(), _>("locked")
-            },
-        );
+        let outcome = always_locked(&policy, &clock, || clock.advance(ms(400)));
         match outcome {
             Err(Failure::Exhausted {
                 attempts, elapsed, ..
@@ -465,13 +465,7 @@ pub(crate) mod tests {
             .initial_delay(ms(300))
             .max_delay(ms(300))
             .max_elapsed(ms(500));
-        let outcome = retry(
-            &policy,
-            &clock,
-            "test",
-            |_: &&str| true,
-            |_| Err::<(), _>("locked"),
-        );
+        let outcome = always_locked(&policy, &clock, || {});
         assert!(matches!(
             outcome,
             Err(Failure::Exhausted { attempts: 3, .. })

@@ -152,3 +152,14 @@ fn rollback_journal_mode_can_be_asked_for() {
     assert_eq!(catalog.database().journal_mode(), JournalMode::Delete);
     assert_eq!(catalog.record("a").unwrap().version, 1);
 }
+
+#[test]
+fn a_zero_deadline_tries_once_and_reports_the_lock() {
+    let (_dir, db) = common::fresh_db();
+    let options = quick_busy().retry(RetryPolicy::new().max_elapsed(Duration::ZERO));
+    let catalog = Catalog::open(&db, options).unwrap();
+    let holder = hold_write_lock(&db, Duration::from_millis(800));
+    let error = catalog.record("a").unwrap_err();
+    holder.join().unwrap();
+    assert!(matches!(error, Error::Busy { attempts: 1, .. }), "{error}");
+}
