@@ -1,12 +1,12 @@
 //! The retry policy and the one loop that applies it to lock errors.
 
 use std::error::Error as StdError;
-use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::customizer::error_chain;
 use crate::error::{chain_has_lock_error, Error};
 
 /// When and how often a locked operation is tried again.
@@ -198,12 +198,14 @@ pub(crate) struct Success<T> {
 }
 
 /// Runs `attempt` until it succeeds, fails with an error `is_transient` rejects, or the
-/// policy is exhausted. Each retry is logged at `warn`, exhaustion at `error`.
-pub(crate) fn retry<T, E: Display>(
+/// policy is exhausted. Each retry is logged at `warn`, exhaustion at `error`, with the
+/// error as `describe` renders it.
+pub(crate) fn retry<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: &'static str,
     is_transient: impl Fn(&E) -> bool,
+    describe: impl Fn(&E) -> String,
     mut attempt: impl FnMut(u32) -> Result<T, E>,
 ) -> Result<Success<T>, Failure<E>> {
     let start = clock.now();
@@ -223,7 +225,7 @@ pub(crate) fn retry<T, E: Display>(
                 operation,
                 attempt = attempts,
                 elapsed_ms = elapsed.as_millis() as u64,
-                error = %error,
+                error = %describe(&error),
                 "database stayed locked, giving up"
             );
             return Err(Failure::Exhausted {
@@ -238,7 +240,7 @@ pub(crate) fn retry<T, E: Display>(
             attempt = attempts,
             delay_ms = delay.as_millis() as u64,
             elapsed_ms = elapsed.as_millis() as u64,
-            error = %error,
+            error = %describe(&error),
             "database is locked, retrying"
         );
         clock.sleep(delay);
@@ -261,6 +263,7 @@ where
         clock,
         operation,
         |e: &E| chain_has_lock_error(e),
+        |e: &E| error_chain(e),
         attempt,
     )
     .map_err(|failure| match failure {
@@ -330,7 +333,8 @@ pub(crate) mod tests {
             policy,
             clock,
             "test",
-            |_| true,
+            |_: &&str| true,
+            |e| e.to_string(),
             |_| {
                 each();
                 Err("locked")
@@ -386,6 +390,7 @@ pub(crate) mod tests {
             &clock,
             "test",
             |_: &&str| true,
+            |e| e.to_string(),
             |attempt| {
                 if attempt < 4 {
                     Err("locked")
@@ -413,6 +418,7 @@ pub(crate) mod tests {
             &clock,
             "test",
             |e: &&str| *e == "locked",
+            |e| e.to_string(),
             |_| Err::<(), _>("syntax error"),
         );
         assert!(matches!(outcome, Err(Failure::Permanent("syntax error"))));
