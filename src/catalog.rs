@@ -68,7 +68,7 @@ impl Catalog {
     /// # Errors
     /// As [`record`](Catalog::record).
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
-        validate_name(artifact)?;
+        validate_artifact_name(artifact)?;
         let (version, stats) = self
             .db
             .write_measured(|conn| -> Result<i64> { Ok(record_next(conn, artifact, hold)?) })?;
@@ -146,7 +146,12 @@ pub(crate) fn record_next(
     Ok(version)
 }
 
-pub(crate) fn validate_name(name: &str) -> Result<()> {
+/// Checks an artifact name as [`Catalog::record`] does, without touching a database: not
+/// empty, at most [`MAX_ARTIFACT_NAME`] bytes, no control characters.
+///
+/// # Errors
+/// [`Error::Invalid`] saying which rule the name breaks.
+pub fn validate_artifact_name(name: &str) -> Result<()> {
     let reason = if name.trim().is_empty() {
         "it is empty".to_owned()
     } else if name.len() > MAX_ARTIFACT_NAME {

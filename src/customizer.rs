@@ -66,15 +66,3 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCu
         })
     }
 }
-
-/// "a: b: c" for an error and its sources, as the command line prints it.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text += ": ";
-        text += &cause.to_string();
-        source = cause.source();
-    }
-    text
-}

@@ -271,6 +271,7 @@ impl Options {
             drop(conn);
             (pool, mode, applied)
         } else {
+            check_path(&path)?;
             // A dedicated connection: its errors are typed, where r2d2 would keep a string.
             let mut conn = SqliteConnection::establish(&url).map_err(|source| Error::Open {
                 path: path.clone(),
@@ -294,6 +295,25 @@ impl Options {
             journal_mode,
             applied,
         })
+    }
+}
+
+/// SQLite says only "unable to open database file" for these; name the cause instead.
+fn check_path(path: &Path) -> Result<()> {
+    let invalid = |reason: String| {
+        Err(Error::Invalid {
+            what: "database path",
+            reason,
+        })
+    };
+    if path.is_dir() {
+        return invalid(format!("{} is a directory", path.display()));
+    }
+    match path.parent() {
+        Some(parent) if !parent.is_dir() => {
+            invalid(format!("the directory {} does not exist", parent.display()))
+        }
+        _ => Ok(()),
     }
 }
 

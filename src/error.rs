@@ -229,6 +229,18 @@ fn is_lock_message(message: &str) -> bool {
         .any(|lock| message == *lock || message.starts_with(&format!("{lock}:")))
 }
 
+/// "a: b: c" for an error and its sources, as the command line prints it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text += ": ";
+        text += &cause.to_string();
+        source = cause.source();
+    }
+    text
+}
+
 /// Whether any error in `error`'s source chain is a lock error, as Diesel's error or ours.
 ///
 /// This is how the retry loops classify a caller's own error type: keep the Diesel error

@@ -14,10 +14,10 @@ mod schema;
 mod status;
 mod wal;
 
-pub use catalog::{Catalog, Recorded, MAX_ARTIFACT_NAME, MIGRATIONS};
-pub use customizer::{error_chain, ConnectionCustomizer};
+pub use catalog::{validate_artifact_name, Catalog, Recorded, MAX_ARTIFACT_NAME, MIGRATIONS};
+pub use customizer::ConnectionCustomizer;
 pub use database::{Database, PooledSqlite, SqlitePool, WriteStats};
-pub use error::{is_lock_error, BoxError, Error, Result};
+pub use error::{error_chain, is_lock_error, BoxError, Error, Result};
 pub use options::{JournalMode, Options, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};
 pub use status::{FileSizes, Status};

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use sqlite_persistence::plain::PlainCatalog;
-use sqlite_persistence::{error_chain, Catalog, Error, Options, Recorded, Status, MIGRATIONS};
+use sqlite_persistence::{
+    error_chain, validate_artifact_name, Catalog, Error, Options, Recorded, Status, MIGRATIONS,
+};
 
 /// SQLite that many processes can open, migrate and write at once.
 #[derive(Parser)]
@@ -116,6 +118,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             json,
             plain,
         } => {
+            // Before opening: a bad name must not create or migrate a database.
+            validate_artifact_name(&artifact)?;
             let hold = Duration::from_millis(hold_ms);
             let print = |recorded: Recorded| {
                 if json {

@@ -13,7 +13,7 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 use diesel::{Connection, SqliteConnection};
 use diesel_migrations::MigrationHarness;
 
-use crate::catalog::{record_next, validate_name, Recorded, MIGRATIONS};
+use crate::catalog::{record_next, validate_artifact_name, Recorded, MIGRATIONS};
 use crate::database::{database_url, SqlitePool};
 use crate::error::{Error, Result};
 
@@ -65,7 +65,7 @@ impl PlainCatalog {
     /// # Errors
     /// "database is locked" whenever another process committed first.
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
-        validate_name(artifact)?;
+        validate_artifact_name(artifact)?;
         let asked = Instant::now();
         let mut began = asked;
         let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;

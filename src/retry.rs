@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::customizer::error_chain;
-use crate::error::{chain_has_lock_error, Error};
+use crate::error::{chain_has_lock_error, error_chain, Error};
 
 /// When and how often a locked operation is tried again.
 ///

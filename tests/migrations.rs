@@ -25,6 +25,13 @@ fn migrations(dir: &Path, list: &[(&str, &str, Option<&str>)]) -> FileBasedMigra
     FileBasedMigrations::from_path(dir).unwrap()
 }
 
+/// A first migration that succeeds, to show it is rolled back with the rest.
+const ONE: (&str, &str, Option<&str>) = (
+    "2026-01-01-000001_one",
+    "CREATE TABLE one (x INTEGER);",
+    None,
+);
+
 fn tables(db: &Path) -> Vec<String> {
     common::query_strings(
         db,
@@ -76,11 +83,7 @@ fn a_failing_migration_rolls_back_the_whole_batch() {
     let source = migrations(
         &dir.path().join("m"),
         &[
-            (
-                "2026-01-01-000001_one",
-                "CREATE TABLE one (x INTEGER);",
-                None,
-            ),
+            ONE,
             (
                 "2026-01-01-000002_two",
                 "CREATE TABLE two (x INTEGER); INSERT INTO nope VALUES (1);",
@@ -114,14 +117,7 @@ fn non_transactional_migrations_are_refused_before_anything_runs() {
         let (dir, db) = common::fresh_db();
         let source = migrations(
             &dir.path().join("m"),
-            &[
-                (
-                    "2026-01-01-000001_one",
-                    "CREATE TABLE one (x INTEGER);",
-                    None,
-                ),
-                ("2026-01-01-000002_vacuum", "VACUUM;", Some(metadata)),
-            ],
+            &[ONE, ("2026-01-01-000002_vacuum", "VACUUM;", Some(metadata))],
         );
         let error = Database::open(&db, source).unwrap_err();
         match &error {
