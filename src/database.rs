@@ -14,6 +14,7 @@ use diesel::{Connection, SqliteConnection};
 
 use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, Result};
+use crate::fair::{wait_turn, WriteQueue};
 use crate::migrate::{migrate, Migrations};
 use crate::options::{JournalMode, Options};
 use crate::retry::{retry_locked, Clock, SystemClock};
@@ -57,6 +58,7 @@ pub struct Database {
     options: Options,
     journal_mode: JournalMode,
     applied: Vec<String>,
+    queue: Option<WriteQueue>,
 }
 
 impl Database {
@@ -134,7 +136,9 @@ impl Database {
     {
         let asked = Instant::now();
         let began = Cell::new(asked);
-        let outcome = retry_locked(&self.options.retry, &SystemClock, "write", |_| {
+        // Queue first, then the SQLite lock: the turn is never awaited while holding one.
+        let (_turn, policy) = wait_turn(self.queue.as_ref(), "write", &self.options.retry)?;
+        let outcome = retry_locked(&policy, &SystemClock, "write", |_| {
             let mut conn = self.connection()?;
             conn.immediate_transaction(|conn| {
                 began.set(Instant::now());
@@ -258,7 +262,7 @@ impl Options {
             .connection_customizer(Box::new(customizer.clone()));
         let clock = SystemClock;
         let manager = ConnectionManager::<SqliteConnection>::new(url.clone());
-        let (pool, journal_mode, applied) = if memory {
+        let (pool, journal_mode, applied, queue) = if memory {
             // Each connection to :memory: is its own database: set up the pool's only one,
             // and never let r2d2 close it.
             let pool = builder
@@ -267,9 +271,9 @@ impl Options {
                 .build(manager)
                 .map_err(|source| Error::Pool { source })?;
             let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
-            let (mode, applied) = set_up(&mut conn, &path, &migrations, &self, &clock)?;
+            let (mode, applied) = set_up(&mut conn, &path, &migrations, &self, None, &clock)?;
             drop(conn);
-            (pool, mode, applied)
+            (pool, mode, applied, None)
         } else {
             check_path(&path)?;
             // A dedicated connection: its errors are typed, where r2d2 would keep a string.
@@ -280,13 +284,19 @@ impl Options {
             retry_locked(&self.retry, &clock, "apply connection pragmas", |_| {
                 customizer.apply(&mut conn)
             })?;
-            let (mode, applied) = set_up(&mut conn, &path, &migrations, &self, &clock)?;
+            let queue = if self.fair_queue {
+                Some(WriteQueue::new(&path)?)
+            } else {
+                None
+            };
+            let (mode, applied) =
+                set_up(&mut conn, &path, &migrations, &self, queue.as_ref(), &clock)?;
             let pool = builder.build_unchecked(manager);
             // Open the pool's first connection before closing this one: the last connection
             // to close checkpoints the WAL and deletes it, which the next open pays for.
             drop(pool.get().map_err(|source| Error::Pool { source })?);
             drop(conn);
-            (pool, mode, applied)
+            (pool, mode, applied, queue)
         };
         Ok(Database {
             pool,
@@ -294,6 +304,7 @@ impl Options {
             options: self,
             journal_mode,
             applied,
+            queue,
         })
     }
 }
@@ -322,10 +333,11 @@ fn set_up(
     path: &Path,
     migrations: &Migrations,
     options: &Options,
+    queue: Option<&WriteQueue>,
     clock: &dyn Clock,
 ) -> Result<(JournalMode, Vec<String>)> {
-    let mode = ensure_journal_mode(conn, path, options, clock)?;
-    let applied = migrate(conn, path, migrations, options, clock)?;
+    let mode = ensure_journal_mode(conn, path, options, queue, clock)?;
+    let applied = migrate(conn, path, migrations, options, queue, clock)?;
     Ok((mode, applied))
 }
 

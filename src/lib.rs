@@ -5,6 +5,7 @@ mod catalog;
 mod customizer;
 mod database;
 mod error;
+mod fair;
 mod migrate;
 mod options;
 #[doc(hidden)]

@@ -45,6 +45,10 @@ enum Command {
         /// One JSON object per line: artifact, version, wait_us, attempts.
         #[arg(long)]
         json: bool,
+        /// Do not queue on the `<database>-lock` sidecar (SQLite's busy handler and the retry
+        /// policy only).
+        #[arg(long)]
+        no_fair_queue: bool,
         /// Use the plain Diesel setup instead of this crate (the baseline for comparisons).
         #[arg(long, hide = true)]
         plain: bool,
@@ -116,6 +120,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             count,
             hold_ms,
             json,
+            no_fair_queue,
             plain,
         } => {
             // Before opening: a bad name must not create or migrate a database.
@@ -142,7 +147,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                     print(catalog.record_holding(&artifact, hold)?);
                 }
             } else {
-                let catalog = Catalog::open(&path, Options::new())?;
+                let options = Options::new().fair_queue(!no_fair_queue);
+                let catalog = Catalog::open(&path, options)?;
                 for _ in 0..count {
                     print(catalog.record_holding(&artifact, hold)?);
                 }

@@ -10,6 +10,7 @@ use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnect
 use diesel_migrations::MigrationHarness;
 
 use crate::error::{Error, Result};
+use crate::fair::{wait_turn, WriteQueue};
 use crate::options::Options;
 use crate::retry::{retry_locked, Clock};
 
@@ -84,6 +85,7 @@ pub(crate) fn migrate(
     path: &Path,
     migrations: &Migrations,
     options: &Options,
+    queue: Option<&WriteQueue>,
     clock: &dyn Clock,
 ) -> Result<Vec<String>> {
     let check = |applied: &BTreeSet<String>| -> Result<Vec<&dyn Migration<Sqlite>>> {
@@ -114,7 +116,8 @@ pub(crate) fn migrate(
         });
     }
 
-    let applied = retry_locked(&options.retry, clock, "migrate", |_| {
+    let (_turn, policy) = wait_turn(queue, "migrate", &options.retry)?;
+    let applied = retry_locked(&policy, clock, "migrate", |_| {
         conn.immediate_transaction(|conn| {
             // Under the lock, Diesel's own read: it also creates the bookkeeping table.
             let applied = conn

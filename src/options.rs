@@ -119,6 +119,7 @@ impl TempStore {
 /// | `retry` | [`RetryPolicy::new`]: 30 s deadline | |
 /// | `allow_unknown_migrations` | no | a database migrated by a newer binary is refused |
 /// | `pool_size` | 8 | |
+/// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
 ///
 /// # Examples
 /// ```
@@ -142,6 +143,7 @@ pub struct Options {
     pub(crate) retry: RetryPolicy,
     pub(crate) allow_unknown_migrations: bool,
     pub(crate) pool_size: u32,
+    pub(crate) fair_queue: bool,
 }
 
 impl Default for Options {
@@ -165,6 +167,7 @@ impl Options {
             retry: RetryPolicy::new(),
             allow_unknown_migrations: false,
             pool_size: 8,
+            fair_queue: true,
         }
     }
 
@@ -267,6 +270,18 @@ impl Options {
     pub fn pool_size(mut self, size: u32) -> Self {
         assert!(size > 0, "pool_size must be at least 1");
         self.pool_size = size;
+        self
+    }
+
+    /// Whether writers of this crate queue for the write lock on a sidecar file,
+    /// `<database>-lock` (created with the database file's permissions), with a blocking
+    /// `flock` taken before `BEGIN IMMEDIATE` and released after COMMIT. The kernel wakes the
+    /// next waiter the moment the lock is free, where SQLite's busy handler makes old waiters
+    /// poll every 100 ms and lose to newcomers. Correctness never depends on it: processes
+    /// that ignore the file still meet SQLite's own locks and the retry policy. Turn it off
+    /// where the directory is read-only or locks are unreliable. Defaults to on.
+    pub fn fair_queue(mut self, on: bool) -> Self {
+        self.fair_queue = on;
         self
     }
 

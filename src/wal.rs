@@ -6,6 +6,7 @@ use diesel::sql_types::Text;
 use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 
 use crate::error::{Error, Result};
+use crate::fair::{wait_turn, WriteQueue};
 use crate::options::{JournalMode, Options};
 use crate::retry::{retry_locked, Clock};
 
@@ -33,6 +34,7 @@ pub(crate) fn ensure_journal_mode(
     conn: &mut SqliteConnection,
     path: &Path,
     options: &Options,
+    queue: Option<&WriteQueue>,
     clock: &dyn Clock,
 ) -> Result<JournalMode> {
     let wanted = options.journal_mode;
@@ -58,7 +60,8 @@ pub(crate) fn ensure_journal_mode(
         }
         _ => {}
     }
-    let switched = retry_locked(&options.retry, clock, "switch journal mode", |_| {
+    let (_turn, policy) = wait_turn(queue, "switch journal mode", &options.retry)?;
+    let switched = retry_locked(&policy, clock, "switch journal mode", |_| {
         sql_query(format!("PRAGMA journal_mode = {}", wanted.as_str()))
             .get_result::<ModeRow>(conn)
             .map(|row| row.journal_mode.to_ascii_lowercase())

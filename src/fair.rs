@@ -1,0 +1,221 @@
+//! Fair waiting: writers queue on an OS file lock next to the database instead of racing
+//! SQLite's polling busy handler.
+//!
+//! SQLite's busy handler polls: newcomers retry every few milliseconds, old waiters every
+//! 100 ms, so under load old waiters lose again and again. A blocking `flock(2)` on a sidecar
+//! file is woken by the kernel the moment the holder releases it. The layer takes it before
+//! `BEGIN IMMEDIATE` (and around the WAL switch and migrations) and releases it after COMMIT,
+//! never waiting for it while holding a SQLite lock. It is an optimisation, never the
+//! guarantee: processes that do not use the crate ignore it and SQLite's own locks (with the
+//! retry policy) still decide.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::retry::RetryPolicy;
+
+/// The sidecar lock file of a database: `<database>-lock`.
+pub(crate) fn sidecar_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-lock");
+    PathBuf::from(name)
+}
+
+/// The write queue of one database file.
+#[derive(Debug, Clone)]
+pub(crate) struct WriteQueue {
+    path: PathBuf,
+}
+
+/// A place in the queue: the lock is held until this is dropped.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    _file: File,
+}
+
+/// How waiting for a turn ended without one.
+#[derive(Debug)]
+pub(crate) enum Wait {
+    /// The timeout passed while another holder kept the lock.
+    TimedOut,
+    /// The lock file could not be opened or locked.
+    Failed(Error),
+}
+
+impl WriteQueue {
+    /// The queue for `database`, creating its sidecar with the database file's permissions.
+    pub(crate) fn new(database: &Path) -> Result<Self> {
+        let queue = Self {
+            path: sidecar_path(database),
+        };
+        let file = queue.open()?;
+        #[cfg(unix)]
+        if let Ok(meta) = std::fs::metadata(database) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o666;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|source| Error::Io {
+                    operation: "set the permissions of",
+                    path: queue.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(queue)
+    }
+
+    fn open(&self) -> Result<File> {
+        // A fresh open file description per turn: flock locks belong to the description,
+        // so threads of one process queue against each other as processes do.
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)
+            .map_err(|source| Error::Io {
+                operation: "open the write queue file",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Waits at most `timeout` for the lock. Uncontended, this is one open and one
+    /// non-blocking `flock`; contended, a helper thread blocks in `flock` (which has no
+    /// timeout of its own) and hands the lock over, or drops it at once if the caller
+    /// already gave up.
+    pub(crate) fn turn(&self, timeout: Duration) -> Result<Turn, Wait> {
+        let file = self.open().map_err(Wait::Failed)?;
+        match file.try_lock() {
+            Ok(()) => return Ok(Turn { _file: file }),
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(source)) => {
+                return Err(Wait::Failed(Error::Io {
+                    operation: "lock the write queue file",
+                    path: self.path.clone(),
+                    source,
+                }))
+            }
+        }
+        let (sender, receiver) = mpsc::sync_channel(1);
+        let path = self.path.clone();
+        std::thread::spawn(move || {
+            let locked = file.lock().map(|()| file).map_err(|source| Error::Io {
+                operation: "lock the write queue file",
+                path,
+                source,
+            });
+            // If the caller timed out, the send fails and the file (and lock) is dropped.
+            let _ = sender.send(locked);
+        });
+        match receiver.recv_timeout(timeout) {
+            Ok(Ok(file)) => Ok(Turn { _file: file }),
+            Ok(Err(error)) => Err(Wait::Failed(error)),
+            Err(_) => Err(Wait::TimedOut),
+        }
+    }
+}
+
+/// Takes a turn in `queue` (if there is one) for `operation`, waiting at most the policy's
+/// deadline. Returns the turn and the policy left for the operation itself: its deadline
+/// shortened by the time spent queueing, so that the whole stays within one deadline.
+pub(crate) fn wait_turn(
+    queue: Option<&WriteQueue>,
+    operation: &'static str,
+    policy: &RetryPolicy,
+) -> Result<(Option<Turn>, RetryPolicy)> {
+    let Some(queue) = queue else {
+        return Ok((None, *policy));
+    };
+    let start = Instant::now();
+    match queue.turn(policy.deadline()) {
+        Ok(turn) => {
+            let left = policy.deadline().saturating_sub(start.elapsed());
+            Ok((Some(turn), policy.max_elapsed(left)))
+        }
+        Err(Wait::Failed(error)) => Err(error),
+        Err(Wait::TimedOut) => {
+            let elapsed = start.elapsed();
+            tracing::error!(
+                operation,
+                elapsed_ms = elapsed.as_millis() as u64,
+                queue = %queue.path.display(),
+                "write queue stayed locked, giving up"
+            );
+            Err(Error::Busy {
+                operation,
+                attempts: 1,
+                elapsed,
+                source: Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "another process held the write queue {} past the deadline",
+                        queue.path.display()
+                    ),
+                )),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_holder_at_a_time_and_a_bounded_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = WriteQueue::new(&dir.path().join("db")).unwrap();
+        let first = queue.turn(Duration::from_secs(1)).unwrap();
+        let start = Instant::now();
+        assert!(matches!(
+            queue.turn(Duration::from_millis(200)),
+            Err(Wait::TimedOut)
+        ));
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2));
+        drop(first);
+        // The abandoned waiter's thread got the lock and dropped it: the queue is free.
+        let again = queue.turn(Duration::from_secs(5));
+        assert!(again.is_ok());
+    }
+
+    #[test]
+    fn a_waiter_gets_the_lock_as_soon_as_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = WriteQueue::new(&dir.path().join("db")).unwrap();
+        let held = queue.turn(Duration::from_secs(1)).unwrap();
+        let other = queue.clone();
+        let waiter = std::thread::spawn(move || {
+            let start = Instant::now();
+            let turn = other.turn(Duration::from_secs(10));
+            (turn.is_ok(), start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+        let (ok, waited) = waiter.join().unwrap();
+        assert!(ok);
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_sidecar_gets_the_database_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+        WriteQueue::new(&db).unwrap();
+        let mode = std::fs::metadata(sidecar_path(&db))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
