@@ -28,13 +28,24 @@ pub fn storm(
     env: &[(&str, &str)],
     limit: Duration,
 ) -> Vec<Outcome> {
+    storm_each(n, db, |_| args.to_vec(), env, limit)
+}
+
+/// [`storm`] where process `i` gets the arguments `args(i)`.
+pub fn storm_each<'a>(
+    n: usize,
+    db: &Path,
+    args: impl Fn(usize) -> Vec<&'a str>,
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Vec<Outcome> {
     let dir = db.parent().unwrap();
     let barrier = dir.join(format!("barrier-{}", unique()));
     let children: Vec<Child> = (0..n)
-        .map(|_| {
+        .map(|i| {
             let mut command = Command::new(binary());
             command
-                .args(args)
+                .args(args(i))
                 .arg("--db")
                 .arg(db)
                 .arg("--barrier")

@@ -1,0 +1,128 @@
+//! The fair queue's guarantees (not its speed): bounded under a stuck holder, released when a
+//! holder dies, and never needed for correctness.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sqlite_persistence::{Catalog, Error, Options, RetryPolicy};
+
+fn sidecar(db: &std::path::Path) -> std::path::PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-lock");
+    name.into()
+}
+
+#[test]
+fn a_stuck_queue_holder_gives_the_typed_timeout_error_within_the_deadline() {
+    let (_dir, db) = common::fresh_db();
+    let deadline = Duration::from_millis(600);
+    let catalog = Catalog::open(
+        &db,
+        Options::new().retry(RetryPolicy::new().max_elapsed(deadline)),
+    )
+    .unwrap();
+    // Something holds the queue and never lets go (until the test ends).
+    let stuck = OpenOptions::new().write(true).open(sidecar(&db)).unwrap();
+    stuck.lock().unwrap();
+    let start = Instant::now();
+    let error = catalog.record("a").unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        matches!(
+            error,
+            Error::Busy {
+                operation: "write",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(
+        sqlite_persistence::error_chain(&error).contains("write queue"),
+        "{error}"
+    );
+    assert!(
+        took >= deadline && took < deadline + Duration::from_millis(500),
+        "{took:?}"
+    );
+    drop(stuck);
+    assert_eq!(catalog.record("a").unwrap().version, 1);
+}
+
+#[test]
+fn a_holder_killed_mid_transaction_releases_the_queue_and_the_database() {
+    let (_dir, db) = common::fresh_db();
+    let catalog = Catalog::open(&db, Options::new()).unwrap();
+    // A real process takes the queue and the write lock and holds them 20 s...
+    let mut holder = Command::new(common::binary())
+        .args(["record", "--artifact", "a", "--hold-ms", "20000", "--db"])
+        .arg(&db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let probe = OpenOptions::new().write(true).open(sidecar(&db)).unwrap();
+    let start = Instant::now();
+    // Wait (bounded) until the child holds the queue.
+    while probe.try_lock().is_ok() {
+        probe.unlock().unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the child never took the queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // ...and is killed (SIGKILL) while holding them.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let start = Instant::now();
+    let recorded = catalog.record("a").unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(recorded.version, 1, "the killed transaction left nothing");
+}
+
+#[test]
+fn writers_without_the_queue_and_with_it_still_interoperate() {
+    // Half the processes ignore the sidecar (as a foreign program would); SQLite's locks and
+    // the retry policy keep the versions distinct and gapless.
+    let (_dir, db) = common::fresh_db();
+    Catalog::open(&db, Options::new()).unwrap();
+    let outcomes = common::storm_each(
+        24,
+        &db,
+        |i| {
+            let mut args = vec![
+                "record",
+                "--artifact",
+                "a",
+                "--count",
+                "5",
+                "--hold-ms",
+                "1",
+            ];
+            if i % 2 == 1 {
+                args.push("--no-fair-queue");
+            }
+            args
+        },
+        &[],
+        Duration::from_secs(120),
+    );
+    let failures = common::failure_causes(&outcomes);
+    assert!(failures.is_empty(), "{failures:?}");
+    let stored = common::query_strings(
+        &db,
+        "SELECT CAST(version AS TEXT) AS value FROM artifact_versions ORDER BY version",
+    );
+    assert_eq!(
+        stored,
+        (1..=120).map(|v: i32| v.to_string()).collect::<Vec<_>>()
+    );
+}
