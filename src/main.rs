@@ -5,6 +5,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+#[path = "cli/stress.rs"]
+mod stress;
 use sqlite_persistence::plain::PlainCatalog;
 use sqlite_persistence::{
     error_chain, validate_artifact_name, Catalog, Error, Options, Recorded, Status, MIGRATIONS,
@@ -42,7 +45,8 @@ enum Command {
         /// Keep each write transaction open this long (simulated work).
         #[arg(long, value_name = "H", default_value_t = 0)]
         hold_ms: u64,
-        /// One JSON object per line: artifact, version, wait_us, attempts.
+        /// One JSON object per line: artifact, version, wait_us, attempts, ready_us (from
+        /// start to the database opened and migrated).
         #[arg(long)]
         json: bool,
         /// Do not queue on the `<database>-lock` sidecar (SQLite's busy handler and the retry
@@ -52,6 +56,26 @@ enum Command {
         /// Use the plain Diesel setup instead of this crate (the baseline for comparisons).
         #[arg(long, hide = true)]
         plain: bool,
+    },
+    /// Start N real processes of this binary on a fresh database, each recording K versions,
+    /// and report failures, consistency, time to ready, lock waits and throughput. A
+    /// diagnostic for a filesystem and a load (`--db` on the filesystem to check).
+    Stress {
+        /// How many processes start together.
+        #[arg(long, value_name = "N", default_value_t = 32)]
+        processes: usize,
+        /// How many versions each records, one write transaction each.
+        #[arg(long, value_name = "K", default_value_t = 20)]
+        writes: u32,
+        /// How long each write transaction holds the lock (simulated work).
+        #[arg(long, value_name = "H", default_value_t = 10)]
+        hold_ms: u64,
+        /// Also run the plain Diesel setup under the same load, side by side.
+        #[arg(long)]
+        compare: bool,
+        /// One JSON object with every figure.
+        #[arg(long)]
+        json: bool,
     },
     /// Show journal mode, applied, pending and unknown migrations, and file sizes.
     Status {
@@ -99,10 +123,26 @@ fn database_path(cli_db: Option<PathBuf>) -> PathBuf {
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
+    if let Command::Stress {
+        processes,
+        writes,
+        hold_ms,
+        compare,
+        json,
+    } = cli.command
+    {
+        let load = stress::Load {
+            processes,
+            writes,
+            hold_ms,
+        };
+        return run_stress(cli.db, load, compare, json);
+    }
     let path = database_path(cli.db);
     if let Some(barrier) = &cli.barrier {
         wait_for_barrier(barrier)?;
     }
+    let started = Instant::now();
     match cli.command {
         Command::Migrate => {
             let catalog = Catalog::open(&path, Options::new())?;
@@ -126,7 +166,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             // Before opening: a bad name must not create or migrate a database.
             validate_artifact_name(&artifact)?;
             let hold = Duration::from_millis(hold_ms);
-            let print = |recorded: Recorded| {
+            let print = |recorded: Recorded, ready: Duration| {
                 if json {
                     println!(
                         "{}",
@@ -135,6 +175,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                             "version": recorded.version,
                             "wait_us": recorded.wait.as_micros() as u64,
                             "attempts": recorded.attempts,
+                            "ready_us": ready.as_micros() as u64,
                         })
                     );
                 } else {
@@ -143,22 +184,88 @@ fn run(cli: Cli) -> Result<(), Error> {
             };
             if plain {
                 let catalog = PlainCatalog::open(&path)?;
+                let ready = started.elapsed();
                 for _ in 0..count {
-                    print(catalog.record_holding(&artifact, hold)?);
+                    print(catalog.record_holding(&artifact, hold)?, ready);
                 }
             } else {
                 let options = Options::new().fair_queue(!no_fair_queue);
                 let catalog = Catalog::open(&path, options)?;
+                let ready = started.elapsed();
                 for _ in 0..count {
-                    print(catalog.record_holding(&artifact, hold)?);
+                    print(catalog.record_holding(&artifact, hold)?, ready);
                 }
             }
         }
+        Command::Stress { .. } => unreachable!("handled above"),
         Command::Status { json } => {
             print_status(&Status::read(&path, MIGRATIONS, &Options::new())?, json)
         }
     }
     Ok(())
+}
+
+/// `stress`: on `--db PATH` (which must not exist; the plain side gets `PATH-plain`), else in
+/// a new temporary directory, removed afterwards. Never `$DATABASE_URL`: it must not touch
+/// a real database.
+fn run_stress(
+    db: Option<PathBuf>,
+    load: stress::Load,
+    compare: bool,
+    json: bool,
+) -> Result<(), Error> {
+    if load.processes == 0 || load.writes == 0 {
+        return Err(Error::Invalid {
+            what: "stress load",
+            reason: "--processes and --writes must be at least 1".to_owned(),
+        });
+    }
+    let (dir, db) = match db {
+        Some(db) => (None, std::path::absolute(&db).unwrap_or(db)),
+        None => {
+            let dir = std::env::temp_dir()
+                .join(format!("sqlite-persistence-stress-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                operation: "create",
+                path: dir.clone(),
+                source,
+            })?;
+            let db = dir.join("stress.db");
+            (Some(dir), db)
+        }
+    };
+    let result = (|| {
+        let mut reports = vec![stress::run_side("sqlite-persistence", &db, load, false)?];
+        if compare {
+            let plain = PathBuf::from(format!("{}-plain", db.display()));
+            reports.push(stress::run_side("plain diesel", &plain, load, true)?);
+        }
+        Ok::<_, Error>(reports)
+    })();
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let reports = result?;
+    if json {
+        let sides: Vec<_> = reports.iter().map(|r| r.json(load)).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "load": {
+            "processes": load.processes, "writes": load.writes, "hold_ms": load.hold_ms,
+        }, "sides": sides })
+        );
+    } else {
+        stress::print_table(load, &reports);
+    }
+    if reports[0].clean(load) {
+        Ok(())
+    } else {
+        Err(Error::Invalid {
+            what: "stress result",
+            reason: "sqlite-persistence had failures or an inconsistent file (see above)"
+                .to_owned(),
+        })
+    }
 }
 
 fn print_status(status: &Status, json: bool) {

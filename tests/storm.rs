@@ -134,3 +134,41 @@ fn plain_diesel_setup_fails_under_the_same_storm() {
         "{causes:?}"
     );
 }
+
+#[test]
+fn stress_reports_a_clean_run_and_the_plain_failures_side_by_side() {
+    let (_dir, db) = fresh_db();
+    let output = std::process::Command::new(common::binary())
+        .args([
+            "stress",
+            "--processes",
+            "16",
+            "--writes",
+            "3",
+            "--hold-ms",
+            "1",
+        ])
+        .args(["--compare", "--json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let ours = &report["sides"][0];
+    assert_eq!(ours["label"], "sqlite-persistence");
+    assert_eq!(ours["clean"], true, "{ours}");
+    assert_eq!(ours["acknowledged_writes"], 48);
+    assert_eq!(ours["migrations_recorded"], 3);
+    assert!(ours["wait_ms"]["max"].as_f64().unwrap() >= 0.0);
+    assert_eq!(report["sides"][1]["label"], "plain diesel");
+    // A --db that exists is refused: stress needs a fresh file.
+    std::fs::write(&db, b"").unwrap();
+    let refused = std::process::Command::new(common::binary())
+        .args(["stress", "--processes", "2", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("fresh file"));
+}
