@@ -3,7 +3,7 @@
 //! are safe, and (with `--compare`) how the plain Diesel setup fares under the same load.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +33,23 @@ pub struct Report {
     pub ready_ms: Vec<f64>,
     pub wait_ms: Vec<f64>,
     pub seconds: f64,
+}
+
+/// A thread reading one pipe of a child to its end.
+type Drain = std::thread::JoinHandle<String>;
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Drain {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+fn join(drain: Drain) -> String {
+    drain.join().unwrap_or_default()
 }
 
 /// The longest a side may run before its processes are killed.
@@ -112,27 +129,34 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
     let released = Instant::now();
     std::fs::write(&barrier, b"go").map_err(|e| io("release the barrier next to", e))?;
     let progress = std::io::stderr().is_terminal();
-    let mut outputs = Vec::new();
-    let mut pending: Vec<Option<Child>> = children.into_iter().map(Some).collect();
-    while outputs.len() < load.processes {
-        for slot in pending.iter_mut() {
-            if let Some(child) = slot {
-                if child
-                    .try_wait()
-                    .map_err(|e| io("wait for a process on", e))?
-                    .is_some()
-                {
-                    let child = slot.take().unwrap();
-                    outputs.push(
-                        child
-                            .wait_with_output()
-                            .map_err(|e| io("read a process on", e))?,
-                    );
+    // Read every child's output while it runs: a child that fills its pipe (64 KiB, some
+    // 800 JSON lines) would block in write() until someone reads.
+    let mut running: Vec<(Child, Drain, Drain)> = children
+        .into_iter()
+        .map(|mut child| {
+            let stdout = drain(child.stdout.take());
+            let stderr = drain(child.stderr.take());
+            (child, stdout, stderr)
+        })
+        .collect();
+    let mut outputs: Vec<(bool, String, String)> = Vec::new();
+    while !running.is_empty() {
+        let mut i = 0;
+        while i < running.len() {
+            match running[i]
+                .0
+                .try_wait()
+                .map_err(|e| io("wait for a process on", e))?
+            {
+                Some(status) => {
+                    let (_, stdout, stderr) = running.swap_remove(i);
+                    outputs.push((status.success(), join(stdout), join(stderr)));
                 }
+                None => i += 1,
             }
         }
         if released.elapsed() > LIMIT {
-            pending.iter_mut().flatten().for_each(|c| drop(c.kill()));
+            running.iter_mut().for_each(|(c, _, _)| drop(c.kill()));
             return Err(Error::Invalid {
                 what: "stress run",
                 reason: format!("processes still running after {} s", LIMIT.as_secs()),
@@ -156,8 +180,8 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
         seconds: released.elapsed().as_secs_f64(),
         ..Report::default()
     };
-    for output in &outputs {
-        for line in String::from_utf8_lossy(&output.stdout).lines() {
+    for (success, stdout, stderr) in &outputs {
+        for line in stdout.lines() {
             let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
@@ -167,16 +191,15 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
                 .push(value["wait_us"].as_f64().unwrap_or(0.0) / 1000.0);
         }
         // One time-to-ready per process: every line repeats it, take the first.
-        if let Some(first) = String::from_utf8_lossy(&output.stdout).lines().next() {
+        if let Some(first) = stdout.lines().next() {
             if let Ok(value) = serde_json::from_str::<serde_json::Value>(first) {
                 report
                     .ready_ms
                     .push(value["ready_us"].as_f64().unwrap_or(0.0) / 1000.0);
             }
         }
-        if !output.status.success() {
+        if !success {
             report.failed += 1;
-            let stderr = String::from_utf8_lossy(&output.stderr);
             let cause = stderr
                 .lines()
                 .find_map(|l| l.strip_prefix("error: "))

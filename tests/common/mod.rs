@@ -86,39 +86,61 @@ pub fn storm_each<'a>(
     collect(children, limit)
 }
 
-/// Waits for every child, killing all of them if `limit` passes first.
+/// Waits for every child, killing all of them if `limit` passes first. Output is read
+/// while they run, so that no child blocks on a full pipe.
 pub fn collect(children: Vec<Child>, limit: Duration) -> Vec<Outcome> {
     let deadline = Instant::now() + limit;
-    let mut children: Vec<Option<Child>> = children.into_iter().map(Some).collect();
-    loop {
-        let running = children
-            .iter_mut()
-            .filter_map(|c| c.as_mut())
-            .map(|c| c.try_wait().unwrap().is_none())
-            .filter(|&still| still)
-            .count();
-        if running == 0 {
-            break;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let mut running: Vec<_> = children
+        .into_iter()
+        .map(|mut c| {
+            let out = drain(
+                c.stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            );
+            let err = drain(
+                c.stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            );
+            (c, out, err)
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    while !running.is_empty() {
+        let mut i = 0;
+        while i < running.len() {
+            match running[i].0.try_wait().unwrap() {
+                Some(status) => {
+                    let (_, out, err) = running.swap_remove(i);
+                    outcomes.push(Outcome {
+                        success: status.success(),
+                        stdout: out.join().unwrap(),
+                        stderr: err.join().unwrap(),
+                    });
+                }
+                None => i += 1,
+            }
         }
         if Instant::now() > deadline {
-            for child in children.iter_mut().flatten() {
+            let still = running.len();
+            for (child, _, _) in running.iter_mut() {
                 let _ = child.kill();
             }
-            panic!("{running} processes still running after {limit:?}");
+            panic!("{still} processes still running after {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    children
-        .into_iter()
-        .map(|c| {
-            let output = c.unwrap().wait_with_output().unwrap();
-            Outcome {
-                success: output.status.success(),
-                stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            }
-        })
-        .collect()
+    outcomes
 }
 
 fn unique() -> String {

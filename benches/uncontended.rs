@@ -1,0 +1,56 @@
+//! Uncontended write cost: `Database::write` (fair-queue turn, retry loop, pooled
+//! connection, BEGIN IMMEDIATE) against a bare `immediate_transaction` on a connection with
+//! the same pragmas, on the same file. Rounds alternate so that machine noise hits both;
+//! the medians and their ratio are printed. Run: `cargo bench --bench uncontended`.
+
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use sqlite_persistence::{Catalog, ConnectionCustomizer, Options};
+
+const WRITES_PER_ROUND: u32 = 2000;
+const ROUNDS: usize = 15;
+
+fn update(conn: &mut SqliteConnection) -> QueryResult<usize> {
+    diesel::sql_query("UPDATE artifacts SET latest_version = latest_version + 1").execute(conn)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.db");
+    let catalog = Catalog::open(&path, Options::new()).unwrap();
+    catalog.record("a").unwrap();
+    let db = catalog.database();
+    let mut bare = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+    ConnectionCustomizer::new(&Options::new())
+        .apply(&mut bare)
+        .unwrap();
+
+    let (mut layer, mut baseline) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        for _ in 0..WRITES_PER_ROUND {
+            db.write(|c| -> sqlite_persistence::Result<usize> { Ok(update(c)?) })
+                .unwrap();
+        }
+        layer.push(start.elapsed() / WRITES_PER_ROUND);
+        let start = Instant::now();
+        for _ in 0..WRITES_PER_ROUND {
+            bare.immediate_transaction(update).unwrap();
+        }
+        baseline.push(start.elapsed() / WRITES_PER_ROUND);
+    }
+    let (layer, baseline) = (median(layer), median(baseline));
+    println!(
+        "uncontended write: Database::write {:.1} us, bare immediate_transaction {:.1} us, \
+         ratio {:.3} (median of {ROUNDS} alternating rounds of {WRITES_PER_ROUND})",
+        layer.as_secs_f64() * 1e6,
+        baseline.as_secs_f64() * 1e6,
+        layer.as_secs_f64() / baseline.as_secs_f64()
+    );
+}
