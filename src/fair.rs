@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -28,12 +28,29 @@ pub(crate) fn sidecar_path(database: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub(crate) struct WriteQueue {
     path: PathBuf,
+    /// Open descriptions of the sidecar not in use, kept to save an open and a close per
+    /// write (about 3 us of a 15 us write).
+    idle: Arc<Mutex<Vec<File>>>,
 }
 
 /// A place in the queue: the lock is held until this is dropped.
 #[derive(Debug)]
 pub(crate) struct Turn {
-    _file: File,
+    file: Option<File>,
+    idle: Arc<Mutex<Vec<File>>>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            // Reused only if the unlock surely worked; otherwise closing it releases the lock.
+            if file.unlock().is_ok() {
+                if let Ok(mut idle) = self.idle.lock() {
+                    idle.push(file);
+                }
+            }
+        }
+    }
 }
 
 /// How waiting for a turn ended without one.
@@ -50,6 +67,7 @@ impl WriteQueue {
     pub(crate) fn new(database: &Path) -> Result<Self> {
         let queue = Self {
             path: sidecar_path(database),
+            idle: Arc::default(),
         };
         let file = queue.open()?;
         #[cfg(unix)]
@@ -67,8 +85,12 @@ impl WriteQueue {
     }
 
     fn open(&self) -> Result<File> {
-        // A fresh open file description per turn: flock locks belong to the description,
-        // so threads of one process queue against each other as processes do.
+        // An open file description per turn (reused, never shared by two turns at once):
+        // flock locks belong to the description, so threads of one process queue against
+        // each other as processes do.
+        if let Some(file) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            return Ok(file);
+        }
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -82,6 +104,13 @@ impl WriteQueue {
             })
     }
 
+    fn hold(&self, file: File) -> Turn {
+        Turn {
+            file: Some(file),
+            idle: Arc::clone(&self.idle),
+        }
+    }
+
     /// Waits at most `timeout` for the lock. Uncontended, this is one open and one
     /// non-blocking `flock`; contended, a helper thread blocks in `flock` (which has no
     /// timeout of its own) and hands the lock over, or drops it at once if the caller
@@ -89,7 +118,7 @@ impl WriteQueue {
     pub(crate) fn turn(&self, timeout: Duration) -> Result<Turn, Wait> {
         let file = self.open().map_err(Wait::Failed)?;
         match file.try_lock() {
-            Ok(()) => return Ok(Turn { _file: file }),
+            Ok(()) => return Ok(self.hold(file)),
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(source)) => {
                 return Err(Wait::Failed(Error::Io {
@@ -111,7 +140,7 @@ impl WriteQueue {
             let _ = sender.send(locked);
         });
         match receiver.recv_timeout(timeout) {
-            Ok(Ok(file)) => Ok(Turn { _file: file }),
+            Ok(Ok(file)) => Ok(self.hold(file)),
             Ok(Err(error)) => Err(Wait::Failed(error)),
             Err(_) => Err(Wait::TimedOut),
         }
