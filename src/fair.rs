@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -28,28 +28,21 @@ pub(crate) fn sidecar_path(database: &Path) -> PathBuf {
 #[derive(Debug, Clone)]
 pub(crate) struct WriteQueue {
     path: PathBuf,
-    /// Open descriptions of the sidecar not in use, kept to save an open and a close per
-    /// write (about 3 us of a 15 us write).
-    idle: Arc<Mutex<Vec<File>>>,
 }
 
 /// A place in the queue: the lock is held until this is dropped.
 #[derive(Debug)]
 pub(crate) struct Turn {
     file: Option<File>,
-    idle: Arc<Mutex<Vec<File>>>,
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        if let Some(file) = self.file.take() {
-            // Reused only if the unlock surely worked; otherwise closing it releases the lock.
-            if file.unlock().is_ok() {
-                if let Ok(mut idle) = self.idle.lock() {
-                    idle.push(file);
-                }
-            }
-        }
+        // Close (and so unlock), then yield: flock wakes its waiters but does not hand the
+        // lock over, and a writer that asks again at once would otherwise win the race
+        // against a waiter the kernel has only just woken.
+        drop(self.file.take());
+        std::thread::yield_now();
     }
 }
 
@@ -67,7 +60,6 @@ impl WriteQueue {
     pub(crate) fn new(database: &Path) -> Result<Self> {
         let queue = Self {
             path: sidecar_path(database),
-            idle: Arc::default(),
         };
         let file = queue.open()?;
         #[cfg(unix)]
@@ -85,12 +77,8 @@ impl WriteQueue {
     }
 
     fn open(&self) -> Result<File> {
-        // An open file description per turn (reused, never shared by two turns at once):
-        // flock locks belong to the description, so threads of one process queue against
-        // each other as processes do.
-        if let Some(file) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
-            return Ok(file);
-        }
+        // A fresh open file description per turn: flock locks belong to the description,
+        // so threads of one process queue against each other as processes do.
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -104,13 +92,6 @@ impl WriteQueue {
             })
     }
 
-    fn hold(&self, file: File) -> Turn {
-        Turn {
-            file: Some(file),
-            idle: Arc::clone(&self.idle),
-        }
-    }
-
     /// Waits at most `timeout` for the lock. Uncontended, this is one open and one
     /// non-blocking `flock`; contended, a helper thread blocks in `flock` (which has no
     /// timeout of its own) and hands the lock over, or drops it at once if the caller
@@ -118,7 +99,7 @@ impl WriteQueue {
     pub(crate) fn turn(&self, timeout: Duration) -> Result<Turn, Wait> {
         let file = self.open().map_err(Wait::Failed)?;
         match file.try_lock() {
-            Ok(()) => return Ok(self.hold(file)),
+            Ok(()) => return Ok(Turn { file: Some(file) }),
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(source)) => {
                 return Err(Wait::Failed(Error::Io {
@@ -140,7 +121,7 @@ impl WriteQueue {
             let _ = sender.send(locked);
         });
         match receiver.recv_timeout(timeout) {
-            Ok(Ok(file)) => Ok(self.hold(file)),
+            Ok(Ok(file)) => Ok(Turn { file: Some(file) }),
             Ok(Err(error)) => Err(Wait::Failed(error)),
             Err(_) => Err(Wait::TimedOut),
         }
