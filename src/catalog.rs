@@ -15,6 +15,10 @@ use crate::schema::{artifact_versions, artifacts};
 /// The catalog's migrations (`migrations/` in this crate).
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
+/// The catalog's `PRAGMA application_id`: `SPct` in ASCII. A catalog file carries it, and
+/// the catalog refuses files that carry another.
+pub const APPLICATION_ID: u32 = u32::from_be_bytes(*b"SPct");
+
 /// The longest artifact name accepted, in bytes.
 pub const MAX_ARTIFACT_NAME: usize = 255;
 
@@ -43,13 +47,16 @@ pub struct Recorded {
 }
 
 impl Catalog {
-    /// Opens (creating and migrating if needed) the catalog at `path`.
+    /// Opens (creating and migrating if needed) the catalog at `path`, with the catalog's
+    /// [`APPLICATION_ID`] in place of any the options set.
     ///
     /// # Errors
-    /// As [`Options::open`].
+    /// As [`Options::open`]; [`Error::ForeignDatabase`] for a file of another application.
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Self> {
         Ok(Self {
-            db: options.open(path, MIGRATIONS)?,
+            db: options
+                .application_id(APPLICATION_ID)
+                .open(path, MIGRATIONS)?,
         })
     }
 

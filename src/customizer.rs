@@ -47,10 +47,7 @@ impl ConnectionCustomizer {
     /// (the pragmas after `busy_timeout` are the first statements that read the file).
     pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
         conn.batch_execute(&self.pragmas)
-            .map_err(|source| Error::Query {
-                operation: OPERATION,
-                source,
-            })
+            .map_err(|source| Error::query(OPERATION, source))
     }
 }
 

@@ -15,8 +15,9 @@ use diesel::{Connection, SqliteConnection};
 use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, Result};
 use crate::fair::{wait_turn, WriteQueue};
-use crate::migrate::{migrate, Migrations};
+use crate::migrate::{check, known, migrate, plan, read_state, Migrations};
 use crate::options::{JournalMode, Options};
+use crate::preflight;
 use crate::retry::{retry_locked, Clock, SystemClock};
 use crate::wal::ensure_journal_mode;
 
@@ -262,7 +263,7 @@ impl Options {
             .connection_customizer(Box::new(customizer.clone()));
         let clock = SystemClock;
         let manager = ConnectionManager::<SqliteConnection>::new(url.clone());
-        let (pool, journal_mode, applied, queue) = if memory {
+        let (pool, setup) = if memory {
             // Each connection to :memory: is its own database: set up the pool's only one,
             // and never let r2d2 close it.
             let pool = builder
@@ -271,11 +272,11 @@ impl Options {
                 .build(manager)
                 .map_err(|source| Error::Pool { source })?;
             let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
-            let (mode, applied) = set_up(&mut conn, &path, &migrations, &self, None, &clock)?;
+            let setup = set_up(&mut conn, &path, &migrations, &self, &clock)?;
             drop(conn);
-            (pool, mode, applied, None)
+            (pool, setup)
         } else {
-            check_path(&path)?;
+            preflight::prepare(&path, &self)?;
             // A dedicated connection: its errors are typed, where r2d2 would keep a string.
             let mut conn = SqliteConnection::establish(&url).map_err(|source| Error::Open {
                 path: path.clone(),
@@ -283,62 +284,63 @@ impl Options {
             })?;
             retry_locked(&self.retry, &clock, "apply connection pragmas", |_| {
                 customizer.apply(&mut conn)
-            })?;
-            let queue = if self.fair_queue {
-                Some(WriteQueue::new(&path)?)
-            } else {
-                None
-            };
-            let (mode, applied) =
-                set_up(&mut conn, &path, &migrations, &self, queue.as_ref(), &clock)?;
+            })
+            .map_err(|e| e.naming_bad_file(&path))?;
+            let setup = set_up(&mut conn, &path, &migrations, &self, &clock)?;
             let pool = builder.build_unchecked(manager);
             // Open the pool's first connection before closing this one: the last connection
             // to close checkpoints the WAL and deletes it, which the next open pays for.
             drop(pool.get().map_err(|source| Error::Pool { source })?);
             drop(conn);
-            (pool, mode, applied, queue)
+            (pool, setup)
         };
         Ok(Database {
             pool,
             path,
             options: self,
-            journal_mode,
-            applied,
-            queue,
+            journal_mode: setup.journal_mode,
+            applied: setup.applied,
+            queue: setup.queue,
         })
     }
 }
 
-/// SQLite says only "unable to open database file" for these; name the cause instead.
-fn check_path(path: &Path) -> Result<()> {
-    let invalid = |reason: String| {
-        Err(Error::Invalid {
-            what: "database path",
-            reason,
-        })
-    };
-    if path.is_dir() {
-        return invalid(format!("{} is a directory", path.display()));
-    }
-    match path.parent() {
-        Some(parent) if !parent.is_dir() => {
-            invalid(format!("the directory {} does not exist", parent.display()))
-        }
-        _ => Ok(()),
-    }
+/// What [`set_up`] did.
+struct SetUp {
+    journal_mode: JournalMode,
+    applied: Vec<String>,
+    queue: Option<WriteQueue>,
 }
 
+/// On the dedicated connection: read and check what the file records (its owner, its
+/// migration history) before writing anything, so that a refused file keeps even its journal
+/// mode; then the write queue, the journal mode and the migrations.
 fn set_up(
     conn: &mut SqliteConnection,
     path: &Path,
     migrations: &Migrations,
     options: &Options,
-    queue: Option<&WriteQueue>,
     clock: &dyn Clock,
-) -> Result<(JournalMode, Vec<String>)> {
-    let mode = ensure_journal_mode(conn, path, options, queue, clock)?;
-    let applied = migrate(conn, path, migrations, options, queue, clock)?;
-    Ok((mode, applied))
+) -> Result<SetUp> {
+    let known = known(migrations);
+    let state = retry_locked(&options.retry, clock, "read migration state", |_| {
+        read_state(conn).map_err(|source| Error::query("read migration state", source))
+    })
+    .map_err(|e| e.naming_bad_file(path))?
+    .value;
+    check(path, &known, &state, &plan(&known, &state), options)?;
+    let queue = if options.fair_queue && path != Path::new(":memory:") {
+        Some(WriteQueue::new(path)?)
+    } else {
+        None
+    };
+    let journal_mode = ensure_journal_mode(conn, path, options, queue.as_ref(), clock)?;
+    let applied = migrate(conn, path, &known, &state, options, queue.as_ref(), clock)?;
+    Ok(SetUp {
+        journal_mode,
+        applied,
+        queue,
+    })
 }
 
 /// A `file:` URI for `path`, so that no file name is ever read as an option, with SQLite's

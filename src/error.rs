@@ -1,7 +1,7 @@
 //! The crate's one error type and the one place that decides what a lock error is.
 
 use std::error::Error as StdError;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use diesel::result::Error as DieselError;
@@ -142,6 +142,98 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The file exists but is not a SQLite database (wrong header, too short, encrypted).
+    /// It was not opened for writing and is left as it was.
+    #[error("{path} is not a SQLite database: {reason}")]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+        /// What gave it away, such as `its header does not start with "SQLite format 3"`.
+        reason: String,
+    },
+
+    /// The file is a damaged SQLite database (truncated, or "database disk image is
+    /// malformed"). It was not written to and is left as it was.
+    #[error("database {path} is damaged: {reason}; restore it from a backup")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, such as `it is truncated: its header says 10 pages of 4096 bytes,
+        /// the file has 8192 bytes`.
+        reason: String,
+    },
+
+    /// The database, or the directory it is in, cannot be written by this process.
+    #[error("{path} is not writable: {reason}")]
+    ReadOnly {
+        /// The file or directory that is not writable.
+        path: PathBuf,
+        /// Why the layer needs to write it.
+        reason: &'static str,
+    },
+
+    /// The file carries another `PRAGMA application_id` than the one the options ask for:
+    /// it belongs to another application. Nothing was written.
+    #[error(
+        "database {path} belongs to another application: its application_id is {found:#010x}, \
+         expected {expected:#010x} (or 0, for a file not stamped yet)"
+    )]
+    ForeignDatabase {
+        /// The file.
+        path: PathBuf,
+        /// The id the options ask for ([`Options::application_id`](crate::Options::application_id)).
+        expected: u32,
+        /// The id the file carries.
+        found: u32,
+    },
+
+    /// The database is on a network or cluster filesystem, where WAL's shared memory does not
+    /// work and locks are unreliable. Nothing was written.
+    #[error(
+        "database {path} is on a {filesystem} filesystem (statfs type {magic:#x}): SQLite's WAL \
+         needs shared memory between processes, which network filesystems do not provide, and \
+         their locking is often broken (risk: corruption); put the database on a local disk, or \
+         opt into a rollback journal there with Options::journal_mode(JournalMode::Delete)"
+    )]
+    NetworkFilesystem {
+        /// The database file.
+        path: PathBuf,
+        /// The filesystem's name, such as `NFS`.
+        filesystem: &'static str,
+        /// `statfs(2)`'s `f_type`.
+        magic: u64,
+    },
+
+    /// Migrations that were applied have different SQL now: somebody edited them after they
+    /// ran, so the schema is not what the code says. Nothing was changed.
+    #[error(
+        "database {path} has applied migrations whose SQL has changed since they ran: {}; \
+         restore their original SQL and put the change in a new migration \
+         (Options::allow_edited_migrations accepts them)",
+        names.join(", ")
+    )]
+    EditedMigrations {
+        /// The database file.
+        path: PathBuf,
+        /// The edited migrations' names.
+        names: Vec<String>,
+    },
+
+    /// SQLite could not write the database to disk: the disk is full, or a file-size limit,
+    /// a quota or an I/O error stopped it. The transaction was rolled back; the file is
+    /// consistent and takes writes again once there is room.
+    #[error(
+        "{operation} failed: SQLite could not write to disk (the disk is full, or a file-size \
+         limit, quota or I/O error stopped it); the transaction was rolled back"
+    )]
+    Storage {
+        /// The step that failed, such as `write`.
+        operation: &'static str,
+        /// Diesel's error, with SQLite's message.
+        #[source]
+        source: DieselError,
+    },
+
     /// A step of the plain Diesel baseline ([`plain`](crate::plain)) failed.
     #[doc(hidden)]
     #[error("{operation} failed")]
@@ -178,13 +270,57 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A failed statement of `operation`: [`Error::Storage`] when SQLite could not write to
+    /// disk, else [`Error::Query`].
+    pub(crate) fn query(operation: &'static str, source: DieselError) -> Self {
+        if is_storage_error(&source) {
+            Error::Storage { operation, source }
+        } else {
+            Error::Query { operation, source }
+        }
+    }
+}
+
 impl From<DieselError> for Error {
     /// Lets `?` inside [`Database::write`](crate::Database::write) and
     /// [`Database::read`](crate::Database::read) closures turn Diesel errors into this type.
     fn from(source: DieselError) -> Self {
-        Error::Query {
-            operation: "query",
-            source,
+        Error::query("query", source)
+    }
+}
+
+/// SQLITE_FULL ("database or disk is full": no space, or the page limit) and SQLITE_IOERR
+/// ("disk I/O error", with the extended codes Diesel does not expose: a write that a
+/// file-size limit or a quota cut short is IOERR_WRITE, not FULL).
+fn is_storage_error(error: &DieselError) -> bool {
+    matches!(error, DieselError::DatabaseError(_, info)
+        if info.message() == "database or disk is full" || info.message() == "disk I/O error")
+}
+
+impl Error {
+    /// SQLite's "file is not a database" (SQLITE_NOTADB) and "database disk image is
+    /// malformed" (SQLITE_CORRUPT), met by the first statements that read `path`, as the
+    /// typed errors that name the file; any other error as it is.
+    pub(crate) fn naming_bad_file(self, path: &Path) -> Self {
+        let Error::Query {
+            source: DieselError::DatabaseError(_, info),
+            ..
+        } = &self
+        else {
+            return self;
+        };
+        let reason = format!("SQLite says \"{}\"", info.message());
+        match info.message() {
+            "file is not a database" => Error::NotADatabase {
+                path: path.to_owned(),
+                reason,
+            },
+            "database disk image is malformed" => Error::Corrupt {
+                path: path.to_owned(),
+                reason,
+            },
+            _ => self,
         }
     }
 }

@@ -118,6 +118,9 @@ impl TempStore {
 /// | `mmap_size` | 128 MiB | fewer read syscalls (Rails 8) |
 /// | `retry` | [`RetryPolicy::new`]: 30 s deadline | |
 /// | `allow_unknown_migrations` | no | a database migrated by a newer binary is refused |
+/// | `allow_edited_migrations` | no | an applied migration whose SQL changed is refused |
+/// | `application_id` | none | set it to stamp your files and refuse other applications' |
+/// | `create_mode` | `0o600` | a new database (and its `-wal`, `-shm`, `-lock`) is private |
 /// | `pool_size` | 8 | |
 /// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
 ///
@@ -142,6 +145,9 @@ pub struct Options {
     pub(crate) mmap_size: u64,
     pub(crate) retry: RetryPolicy,
     pub(crate) allow_unknown_migrations: bool,
+    pub(crate) allow_edited_migrations: bool,
+    pub(crate) application_id: Option<u32>,
+    pub(crate) create_mode: u32,
     pub(crate) pool_size: u32,
     pub(crate) fair_queue: bool,
 }
@@ -166,6 +172,9 @@ impl Options {
             mmap_size: 128 * 1024 * 1024,
             retry: RetryPolicy::new(),
             allow_unknown_migrations: false,
+            allow_edited_migrations: false,
+            application_id: None,
+            create_mode: 0o600,
             pool_size: 8,
             fair_queue: true,
         }
@@ -260,6 +269,46 @@ impl Options {
     /// rolling upgrade where a newer binary already migrated. Defaults to refusing it.
     pub fn allow_unknown_migrations(mut self, allow: bool) -> Self {
         self.allow_unknown_migrations = allow;
+        self
+    }
+
+    /// Accept a database whose applied migrations have different SQL now than when they ran
+    /// (each is logged at `warn`). The layer records a checksum of every migration it applies
+    /// and refuses such a database by default: its schema is not what the code says. The
+    /// recorded checksums are left as they are. Defaults to refusing it.
+    pub fn allow_edited_migrations(mut self, allow: bool) -> Self {
+        self.allow_edited_migrations = allow;
+        self
+    }
+
+    /// Your application's id (`PRAGMA application_id`, a 32-bit number in the file's header;
+    /// SQLite's docs suggest four ASCII letters, `u32::from_be_bytes(*b"MyAp")`). A new
+    /// file, or one that has none yet, is stamped with it when it is first migrated, and a
+    /// file carrying another id is refused before anything is written
+    /// ([`Error::ForeignDatabase`](crate::Error::ForeignDatabase)). Defaults to none: no
+    /// stamp, no check.
+    ///
+    /// # Panics
+    /// If `id` is 0, which means "not set" in SQLite.
+    pub fn application_id(mut self, id: u32) -> Self {
+        assert!(id != 0, "application_id 0 means \"not set\"; pick another");
+        self.application_id = Some(id);
+        self
+    }
+
+    /// The permission bits a new database file is created with, exactly, whatever the
+    /// umask. SQLite gives the `-wal` and `-shm` files the database's mode, and the fair
+    /// queue's `-lock` file gets it too. Existing files keep theirs. Unix only. Defaults to
+    /// `0o600`: only the owner reads it (use `0o660` for a group of workers).
+    ///
+    /// # Panics
+    /// If `mode` has bits outside `0o777`, or lacks owner read and write.
+    pub fn create_mode(mut self, mode: u32) -> Self {
+        assert!(
+            mode & !0o777 == 0 && mode & 0o600 == 0o600,
+            "create_mode must be within 0o777 and include owner read and write (0o600)"
+        );
+        self.create_mode = mode;
         self
     }
 
@@ -359,6 +408,18 @@ mod tests {
         assert_eq!(JournalMode::parse("WAL"), Some(JournalMode::Wal));
         assert_eq!(JournalMode::parse("memory"), Some(JournalMode::Memory));
         assert_eq!(JournalMode::parse("off"), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "application_id 0")]
+    fn application_id_zero_is_rejected_in_the_setter() {
+        let _ = Options::new().application_id(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "create_mode")]
+    fn a_create_mode_the_owner_cannot_write_is_rejected() {
+        let _ = Options::new().create_mode(0o444);
     }
 
     #[test]

@@ -3,13 +3,15 @@
 use std::path::{Path, PathBuf};
 
 use diesel::migration::MigrationSource;
+use diesel::sql_types::Text;
 use diesel::sqlite::Sqlite;
-use diesel::{Connection, SqliteConnection};
+use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 
 use crate::customizer::ConnectionCustomizer;
 use crate::database::database_url;
 use crate::error::{Error, Result};
-use crate::migrate::{applied_versions, plan, Migrations};
+use crate::filesystem::Filesystem;
+use crate::migrate::{known, plan, read_state, Migrations, State};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
 use crate::wal::read_journal_mode;
@@ -26,6 +28,19 @@ pub struct FileSizes {
     pub shm: Option<u64>,
 }
 
+/// What the recorded checksums of applied migrations say against the binary's SQL.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Checksums {
+    /// Applied migrations whose recorded checksum matches.
+    pub verified: usize,
+    /// Applied migrations whose SQL changed since they ran (an open refuses these).
+    pub edited: Vec<String>,
+    /// Applied migrations with no checksum recorded yet (applied by plain Diesel or an older
+    /// layer); the next open that migrates records them.
+    pub unrecorded: Vec<String>,
+}
+
 /// A database's state as [`Status::read`] found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -34,25 +49,46 @@ pub struct Status {
     pub path: PathBuf,
     /// Whether the file exists (a missing one is not created).
     pub exists: bool,
+    /// The filesystem of the database's directory (`ext2/ext3/ext4`, `NFS`, or statfs's
+    /// magic number in hex); `None` where it cannot be told (not Linux).
+    pub filesystem: Option<String>,
+    /// Whether that filesystem is a network or cluster one, where an open in WAL mode is
+    /// refused.
+    pub network_filesystem: bool,
     /// The journal mode in force, as SQLite names it; `None` if the file does not exist.
     pub journal_mode: Option<String>,
+    /// `PRAGMA application_id` (0: not set); `None` if the file does not exist.
+    pub application_id: Option<u32>,
     /// Versions recorded as applied, ascending.
     pub applied: Vec<String>,
     /// Names of the known migrations not applied yet, in the order they would run.
     pub pending: Vec<String>,
     /// Applied versions the migration source does not know.
     pub unknown: Vec<String>,
+    /// The checksums of applied migrations against the source's SQL.
+    pub checksums: Checksums,
+    /// What `PRAGMA quick_check` says: `["ok"]` for a sound file, else its findings (or
+    /// SQLite's error); empty if the file does not exist.
+    pub integrity: Vec<String>,
     /// The files' sizes.
     pub sizes: FileSizes,
 }
 
+#[derive(QueryableByName)]
+struct CheckRow {
+    #[diesel(sql_type = Text)]
+    quick_check: String,
+}
+
 impl Status {
     /// Reads the state of the database at `path` against `migrations`, without creating the
-    /// file, switching its journal mode or applying anything.
+    /// file, switching its journal mode or applying anything. It runs `PRAGMA quick_check`,
+    /// which reads the whole file.
     ///
     /// # Errors
-    /// [`Error::MigrationSource`], [`Error::InvalidPath`], [`Error::Open`]; [`Error::Query`]
-    /// when the file is not a database; [`Error::Busy`] if it stayed locked.
+    /// [`Error::MigrationSource`], [`Error::InvalidPath`], [`Error::Open`];
+    /// [`Error::NotADatabase`] when the file is not a database; [`Error::Busy`] if it stayed
+    /// locked.
     pub fn read<S: MigrationSource<Sqlite>>(
         path: impl AsRef<Path>,
         migrations: S,
@@ -61,6 +97,7 @@ impl Status {
         let migrations: Migrations = migrations
             .migrations()
             .map_err(|source| Error::MigrationSource { source })?;
+        let known = known(&migrations);
         let path = std::path::absolute(path.as_ref()).map_err(|source| Error::Io {
             operation: "resolve the path of",
             path: path.as_ref().to_owned(),
@@ -71,36 +108,55 @@ impl Status {
             wal: file_size(&path, "-wal")?,
             shm: file_size(&path, "-shm")?,
         };
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let filesystem = Filesystem::of(dir).ok().flatten();
         let mut status = Status {
             exists: sizes.database.is_some(),
             path,
+            filesystem: filesystem.map(Filesystem::name),
+            network_filesystem: filesystem.is_some_and(|fs| fs.network().is_some()),
             journal_mode: None,
+            application_id: None,
             applied: Vec::new(),
             pending: Vec::new(),
             unknown: Vec::new(),
+            checksums: Checksums::default(),
+            integrity: Vec::new(),
             sizes,
         };
-        let applied = if status.exists {
+        let state = if status.exists {
             let mut conn = SqliteConnection::establish(&database_url(&status.path, "rw")?)
                 .map_err(|source| Error::Open {
                     path: status.path.clone(),
                     source,
                 })?;
-            let (mode, applied) =
-                retry_locked(&options.retry, &SystemClock, "read status", |_| {
-                    ConnectionCustomizer::new(options).apply(&mut conn)?;
-                    Ok::<_, Error>((read_journal_mode(&mut conn)?, applied_versions(&mut conn)?))
-                })?
-                .value;
+            let (mode, state) = retry_locked(&options.retry, &SystemClock, "read status", |_| {
+                ConnectionCustomizer::new(options).apply(&mut conn)?;
+                let mode = read_journal_mode(&mut conn).map_err(Error::from)?;
+                Ok::<_, Error>((mode, read_state(&mut conn)?))
+            })
+            .map_err(|e| e.naming_bad_file(&status.path))?
+            .value;
             status.journal_mode = Some(mode);
-            applied
+            status.application_id = Some(state.application_id);
+            status.integrity = match sql_query("PRAGMA quick_check").load::<CheckRow>(&mut conn) {
+                Ok(rows) => rows.into_iter().map(|r| r.quick_check).collect(),
+                Err(error) => vec![error.to_string()],
+            };
+            state
         } else {
-            Default::default()
+            State::default()
         };
-        let plan = plan(&migrations, &applied);
-        status.pending = plan.pending.iter().map(|m| m.name().to_string()).collect();
+        let plan = plan(&known, &state);
+        let names = |indices: &[usize]| indices.iter().map(|&i| known[i].name.clone()).collect();
+        status.pending = names(&plan.pending);
+        status.checksums = Checksums {
+            verified: plan.verified,
+            edited: names(&plan.edited),
+            unrecorded: names(&plan.unrecorded),
+        };
         status.unknown = plan.unknown;
-        status.applied = applied.into_iter().collect();
+        status.applied = state.applied.into_iter().collect();
         Ok(status)
     }
 }

@@ -65,10 +65,7 @@ pub(crate) fn ensure_journal_mode(
         sql_query(format!("PRAGMA journal_mode = {}", wanted.as_str()))
             .get_result::<ModeRow>(conn)
             .map(|row| row.journal_mode.to_ascii_lowercase())
-            .map_err(|source| Error::Query {
-                operation: "switch journal mode",
-                source,
-            })
+            .map_err(|source| Error::query("switch journal mode", source))
     })?
     .value;
     match JournalMode::parse(&switched) {

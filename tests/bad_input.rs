@@ -38,7 +38,7 @@ fn a_file_that_is_not_a_database_is_refused_and_left_byte_for_byte() {
     let (ok, stderr) = run(&["migrate"], &db);
     assert!(!ok);
     assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(stderr.contains("file is not a database"), "{stderr}");
+    assert!(stderr.contains("is not a SQLite database"), "{stderr}");
     assert_eq!(std::fs::read(&db).unwrap(), bytes);
     assert_eq!(
         files_in(dir.path()),
