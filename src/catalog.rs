@@ -119,6 +119,11 @@ impl Catalog {
     pub fn database(&self) -> &Database {
         &self.db
     }
+
+    /// The database underneath, keeping it.
+    pub fn into_database(self) -> Database {
+        self.db
+    }
 }
 
 /// Claims the next version of `artifact`: reads the latest and writes the next. Safe only in

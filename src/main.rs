@@ -6,8 +6,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+#[path = "cli/children.rs"]
+mod children;
+#[path = "cli/soak.rs"]
+mod soak;
 #[path = "cli/stress.rs"]
 mod stress;
+use diesel_migrations::FileBasedMigrations;
 use sqlite_persistence::plain::PlainCatalog;
 use sqlite_persistence::{
     error_chain, validate_artifact_name, Catalog, Error, Options, Recorded, Status, MIGRATIONS,
@@ -33,7 +38,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Open the database and apply pending migrations; say what was applied.
-    Migrate,
+    Migrate {
+        /// A Diesel migrations directory to apply instead of the catalog's own.
+        #[arg(long, value_name = "DIR")]
+        migrations: Option<PathBuf>,
+    },
     /// Record new data versions of an artifact, one write transaction each.
     Record {
         /// The artifact's name.
@@ -77,8 +86,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show journal mode, applied, pending and unknown migrations, and file sizes.
+    /// Start N real processes that mix reads and writes on one fresh database for a bounded
+    /// time; check that every acknowledged write is there and no read saw a partial one.
+    Soak {
+        /// How many processes start together.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        processes: usize,
+        /// How long each process runs.
+        #[arg(long, value_name = "S", default_value_t = 10)]
+        seconds: u64,
+        /// Also run the plain Diesel setup under the same load, side by side.
+        #[arg(long)]
+        compare: bool,
+        /// One JSON object with every figure.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One soak process (what `soak` starts).
+    #[command(hide = true)]
+    SoakWorker {
+        #[arg(long, value_name = "S")]
+        seconds: u64,
+        #[arg(long)]
+        plain: bool,
+    },
+    /// Show the filesystem, journal mode, application id, applied, pending and unknown
+    /// migrations, checksum state, integrity (quick_check) and file sizes.
     Status {
+        /// A Diesel migrations directory to compare with instead of the catalog's own.
+        #[arg(long, value_name = "DIR")]
+        migrations: Option<PathBuf>,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -123,20 +160,28 @@ fn database_path(cli_db: Option<PathBuf>) -> PathBuf {
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
-    if let Command::Stress {
-        processes,
-        writes,
-        hold_ms,
-        compare,
-        json,
-    } = cli.command
-    {
-        let load = stress::Load {
+    match cli.command {
+        Command::Stress {
             processes,
             writes,
             hold_ms,
-        };
-        return run_stress(cli.db, load, compare, json);
+            compare,
+            json,
+        } => {
+            let load = stress::Load {
+                processes,
+                writes,
+                hold_ms,
+            };
+            return run_stress(cli.db, load, compare, json);
+        }
+        Command::Soak {
+            processes,
+            seconds,
+            compare,
+            json,
+        } => return run_soak(cli.db, processes, seconds, compare, json),
+        _ => {}
     }
     let path = database_path(cli.db);
     if let Some(barrier) = &cli.barrier {
@@ -144,9 +189,12 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
     let started = Instant::now();
     match cli.command {
-        Command::Migrate => {
-            let catalog = Catalog::open(&path, Options::new())?;
-            let applied = catalog.database().applied_at_open();
+        Command::Migrate { migrations } => {
+            let db = match migrations {
+                Some(dir) => Options::new().open(&path, migration_dir(&dir)?)?,
+                None => Catalog::open(&path, Options::new())?.into_database(),
+            };
+            let applied = db.applied_at_open();
             if applied.is_empty() {
                 println!("{}: up to date, nothing applied", path.display());
             } else {
@@ -197,17 +245,69 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
             }
         }
-        Command::Stress { .. } => unreachable!("handled above"),
-        Command::Status { json } => {
-            print_status(&Status::read(&path, MIGRATIONS, &Options::new())?, json)
+        Command::SoakWorker { seconds, plain } => soak::work(&path, seconds, plain)?,
+        Command::Stress { .. } | Command::Soak { .. } => unreachable!("handled above"),
+        Command::Status { migrations, json } => {
+            let status = match migrations {
+                Some(dir) => Status::read(&path, migration_dir(&dir)?, &Options::new())?,
+                None => Status::read(&path, MIGRATIONS, &Options::new())?,
+            };
+            print_status(&status, json)
         }
     }
     Ok(())
 }
 
-/// `stress`: on `--db PATH` (which must not exist; the plain side gets `PATH-plain`), else in
-/// a new temporary directory, removed afterwards. Never `$DATABASE_URL`: it must not touch
-/// a real database.
+/// A Diesel migrations directory, as `diesel migration` lays it out.
+fn migration_dir(dir: &Path) -> Result<FileBasedMigrations, Error> {
+    FileBasedMigrations::from_path(dir).map_err(|source| Error::MigrationSource {
+        source: Box::new(source),
+    })
+}
+
+/// Runs `run` on a fresh database: `--db PATH` (which must not exist), else `NAME` in a new
+/// temporary directory, removed afterwards. Never `$DATABASE_URL`: a load test must not
+/// touch a real database.
+fn on_fresh_db<T>(
+    db: Option<PathBuf>,
+    name: &str,
+    run: impl FnOnce(&Path) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let (dir, db) = match db {
+        Some(db) => (None, std::path::absolute(&db).unwrap_or(db)),
+        None => {
+            let dir = std::env::temp_dir()
+                .join(format!("sqlite-persistence-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                operation: "create",
+                path: dir.clone(),
+                source,
+            })?;
+            let db = dir.join(format!("{name}.db"));
+            (Some(dir), db)
+        }
+    };
+    let result = if db.exists() {
+        Err(Error::Invalid {
+            what: "database path",
+            reason: format!("{} exists; {name} needs a fresh file", db.display()),
+        })
+    } else {
+        run(&db)
+    };
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+/// The plain side's database next to `db`.
+fn plain_path(db: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-plain", db.display()))
+}
+
+/// `stress`: the crate's side on a fresh file, and with `--compare` the plain side on
+/// `PATH-plain`.
 fn run_stress(
     db: Option<PathBuf>,
     load: stress::Load,
@@ -220,32 +320,18 @@ fn run_stress(
             reason: "--processes and --writes must be at least 1".to_owned(),
         });
     }
-    let (dir, db) = match db {
-        Some(db) => (None, std::path::absolute(&db).unwrap_or(db)),
-        None => {
-            let dir = std::env::temp_dir()
-                .join(format!("sqlite-persistence-stress-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-                operation: "create",
-                path: dir.clone(),
-                source,
-            })?;
-            let db = dir.join("stress.db");
-            (Some(dir), db)
-        }
-    };
-    let result = (|| {
-        let mut reports = vec![stress::run_side("sqlite-persistence", &db, load, false)?];
+    let reports = on_fresh_db(db, "stress", |db| {
+        let mut reports = vec![stress::run_side("sqlite-persistence", db, load, false)?];
         if compare {
-            let plain = PathBuf::from(format!("{}-plain", db.display()));
-            reports.push(stress::run_side("plain diesel", &plain, load, true)?);
+            reports.push(stress::run_side(
+                "plain diesel",
+                &plain_path(db),
+                load,
+                true,
+            )?);
         }
-        Ok::<_, Error>(reports)
-    })();
-    if let Some(dir) = dir {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-    let reports = result?;
+        Ok(reports)
+    })?;
     if json {
         let sides: Vec<_> = reports.iter().map(|r| r.json(load)).collect();
         println!(
@@ -257,11 +343,61 @@ fn run_stress(
     } else {
         stress::print_table(load, &reports);
     }
-    if reports[0].clean(load) {
+    clean_or_error("stress", reports[0].clean(load))
+}
+
+/// `soak`, laid out as `stress`.
+fn run_soak(
+    db: Option<PathBuf>,
+    processes: usize,
+    seconds: u64,
+    compare: bool,
+    json: bool,
+) -> Result<(), Error> {
+    if processes == 0 || seconds == 0 {
+        return Err(Error::Invalid {
+            what: "soak load",
+            reason: "--processes and --seconds must be at least 1".to_owned(),
+        });
+    }
+    let reports = on_fresh_db(db, "soak", |db| {
+        let mut reports = vec![soak::run_side(
+            "sqlite-persistence",
+            db,
+            processes,
+            seconds,
+            false,
+        )?];
+        if compare {
+            let plain = plain_path(db);
+            reports.push(soak::run_side(
+                "plain diesel",
+                &plain,
+                processes,
+                seconds,
+                true,
+            )?);
+        }
+        Ok(reports)
+    })?;
+    if json {
+        let sides: Vec<_> = reports.iter().map(soak::Report::json).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "load": {"processes": processes, "seconds": seconds}, "sides": sides })
+        );
+    } else {
+        soak::print_table(processes, seconds, &reports);
+    }
+    clean_or_error("soak", reports[0].clean())
+}
+
+fn clean_or_error(what: &'static str, clean: bool) -> Result<(), Error> {
+    if clean {
         Ok(())
     } else {
         Err(Error::Invalid {
-            what: "stress result",
+            what,
             reason: "sqlite-persistence had failures or an inconsistent file (see above)"
                 .to_owned(),
         })
@@ -275,10 +411,19 @@ fn print_status(status: &Status, json: bool) {
             serde_json::json!({
                 "path": status.path,
                 "exists": status.exists,
+                "filesystem": status.filesystem,
+                "network_filesystem": status.network_filesystem,
                 "journal_mode": status.journal_mode,
+                "application_id": status.application_id,
                 "applied": status.applied,
                 "pending": status.pending,
                 "unknown": status.unknown,
+                "checksums": {
+                    "verified": status.checksums.verified,
+                    "edited": status.checksums.edited,
+                    "unrecorded": status.checksums.unrecorded,
+                },
+                "integrity": status.integrity,
                 "sizes": {
                     "database": status.sizes.database,
                     "wal": status.sizes.wal,
@@ -299,12 +444,46 @@ fn print_status(status: &Status, json: bool) {
     println!("database      {}", status.path.display());
     println!("exists        {}", if status.exists { "yes" } else { "no" });
     println!(
+        "filesystem    {}{}",
+        status.filesystem.as_deref().unwrap_or("-"),
+        if status.network_filesystem {
+            " (network: WAL refused)"
+        } else {
+            ""
+        }
+    );
+    println!(
         "journal mode  {}",
         status.journal_mode.as_deref().unwrap_or("-")
+    );
+    println!(
+        "app id        {}",
+        status.application_id.map_or("-".to_owned(), |id| {
+            let text: String = id
+                .to_be_bytes()
+                .iter()
+                .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+                .collect();
+            format!("{id:#010x} ({text})")
+        })
     );
     println!("applied       {}", list(&status.applied));
     println!("pending       {}", list(&status.pending));
     println!("unknown       {}", list(&status.unknown));
+    println!(
+        "checksums     {} verified, edited {}, unrecorded {}",
+        status.checksums.verified,
+        list(&status.checksums.edited),
+        list(&status.checksums.unrecorded)
+    );
+    println!(
+        "integrity     {}",
+        if status.integrity.is_empty() {
+            "-".to_owned()
+        } else {
+            status.integrity.join("; ")
+        }
+    );
     println!(
         "sizes         database {}, wal {}, shm {}",
         size(status.sizes.database),

@@ -14,7 +14,7 @@ use diesel::{Connection, SqliteConnection};
 use diesel_migrations::MigrationHarness;
 
 use crate::catalog::{record_next, validate_artifact_name, Recorded, MIGRATIONS};
-use crate::database::{database_url, SqlitePool};
+use crate::database::{database_url, PooledSqlite, SqlitePool};
 use crate::error::{Error, Result};
 
 #[derive(Debug)]
@@ -58,6 +58,14 @@ impl PlainCatalog {
             })?;
         drop(conn);
         Ok(Self { pool })
+    }
+
+    /// A connection from its pool, for reads the plain way.
+    ///
+    /// # Errors
+    /// [`Error::Pool`] if r2d2 could not hand one out.
+    pub fn connection(&self) -> Result<PooledSqlite> {
+        self.pool.get().map_err(|source| Error::Pool { source })
     }
 
     /// Records the next version in a deferred transaction, without retrying.

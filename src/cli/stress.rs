@@ -3,14 +3,14 @@
 //! are safe, and (with `--compare`) how the plain Diesel setup fares under the same load.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use sqlite_persistence::Error;
+
+use crate::children::run_together;
 
 /// The workload.
 #[derive(Debug, Clone, Copy)]
@@ -35,23 +35,6 @@ pub struct Report {
     pub seconds: f64,
 }
 
-/// A thread reading one pipe of a child to its end.
-type Drain = std::thread::JoinHandle<String>;
-
-fn drain(pipe: Option<impl Read + Send + 'static>) -> Drain {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
-}
-
-fn join(drain: Drain) -> String {
-    drain.join().unwrap_or_default()
-}
-
 /// The longest a side may run before its processes are killed.
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -63,125 +46,23 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
             reason: format!("{} exists; stress needs a fresh file", db.display()),
         });
     }
-    let exe = std::env::current_exe().map_err(|source| Error::Io {
-        operation: "find the path of",
-        path: PathBuf::from("the running binary"),
-        source,
-    })?;
-    let barrier = PathBuf::from(format!("{}.barrier", db.display()));
-    let writes = load.writes.to_string();
-    let hold = load.hold_ms.to_string();
-    let mut args = vec![
-        "record",
-        "--artifact",
-        "stress",
-        "--count",
-        &writes,
-        "--hold-ms",
-        &hold,
-    ];
-    args.push("--json");
+    let mut args: Vec<String> = ["record", "--artifact", "stress", "--json", "--count"]
+        .map(String::from)
+        .into();
+    args.push(load.writes.to_string());
+    args.push("--hold-ms".to_owned());
+    args.push(load.hold_ms.to_string());
     if plain {
-        args.push("--plain");
+        args.push("--plain".to_owned());
     }
-    let io = |operation, source| Error::Io {
-        operation,
-        path: db.to_owned(),
-        source,
-    };
-    let mut children: Vec<Child> = Vec::with_capacity(load.processes);
-    for _ in 0..load.processes {
-        let child = Command::new(&exe)
-            .args(&args)
-            .arg("--db")
-            .arg(db)
-            .arg("--barrier")
-            .arg(&barrier)
-            .env_remove("SQLITE_PERSISTENCE_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| io("start a process for", e))?;
-        children.push(child);
-    }
-    let ready_prefix = format!("{}.ready-", barrier.file_name().unwrap().to_string_lossy());
-    let dir = db.parent().unwrap_or(Path::new("."));
-    let start = Instant::now();
-    loop {
-        let ready = std::fs::read_dir(dir)
-            .map_err(|e| io("list the directory of", e))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&ready_prefix))
-            .count();
-        if ready == load.processes {
-            break;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            children.iter_mut().for_each(|c| drop(c.kill()));
-            return Err(Error::Invalid {
-                what: "stress run",
-                reason: format!("only {ready} of {} processes started", load.processes),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let released = Instant::now();
-    std::fs::write(&barrier, b"go").map_err(|e| io("release the barrier next to", e))?;
-    let progress = std::io::stderr().is_terminal();
-    // Read every child's output while it runs: a child that fills its pipe (64 KiB, some
-    // 800 JSON lines) would block in write() until someone reads.
-    let mut running: Vec<(Child, Drain, Drain)> = children
-        .into_iter()
-        .map(|mut child| {
-            let stdout = drain(child.stdout.take());
-            let stderr = drain(child.stderr.take());
-            (child, stdout, stderr)
-        })
-        .collect();
-    let mut outputs: Vec<(bool, String, String)> = Vec::new();
-    while !running.is_empty() {
-        let mut i = 0;
-        while i < running.len() {
-            match running[i]
-                .0
-                .try_wait()
-                .map_err(|e| io("wait for a process on", e))?
-            {
-                Some(status) => {
-                    let (_, stdout, stderr) = running.swap_remove(i);
-                    outputs.push((status.success(), join(stdout), join(stderr)));
-                }
-                None => i += 1,
-            }
-        }
-        if released.elapsed() > LIMIT {
-            running.iter_mut().for_each(|(c, _, _)| drop(c.kill()));
-            return Err(Error::Invalid {
-                what: "stress run",
-                reason: format!("processes still running after {} s", LIMIT.as_secs()),
-            });
-        }
-        if progress {
-            eprint!(
-                "\r{label}: {}/{} processes done",
-                outputs.len(),
-                load.processes
-            );
-            let _ = std::io::stderr().flush();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if progress {
-        eprint!("\r\x1b[K");
-    }
+    let (outputs, seconds) = run_together(label, db, &args, load.processes, LIMIT)?;
     let mut report = Report {
         label,
-        seconds: released.elapsed().as_secs_f64(),
+        seconds,
         ..Report::default()
     };
-    for (success, stdout, stderr) in &outputs {
-        for line in stdout.lines() {
+    for output in &outputs {
+        for line in output.stdout.lines() {
             let Ok(value) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
@@ -191,38 +72,21 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
                 .push(value["wait_us"].as_f64().unwrap_or(0.0) / 1000.0);
         }
         // One time-to-ready per process: every line repeats it, take the first.
-        if let Some(first) = stdout.lines().next() {
+        if let Some(first) = output.stdout.lines().next() {
             if let Ok(value) = serde_json::from_str::<serde_json::Value>(first) {
                 report
                     .ready_ms
                     .push(value["ready_us"].as_f64().unwrap_or(0.0) / 1000.0);
             }
         }
-        if !success {
+        if let Some(cause) = output.failure() {
             report.failed += 1;
-            let cause = stderr
-                .lines()
-                .find_map(|l| l.strip_prefix("error: "))
-                .unwrap_or("exited without an error line")
-                .to_owned();
-            *report.causes.entry(cause).or_default() += 1;
+            *report.causes.entry(cause.to_owned()).or_default() += 1;
         }
     }
     check_file(db, &mut report)?;
-    for suffix in ["-wal", "-shm", "-lock", ".barrier"] {
+    for suffix in ["-wal", "-shm", "-lock"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    for entry in std::fs::read_dir(dir)
-        .map_err(|e| io("list the directory of", e))?
-        .flatten()
-    {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(&ready_prefix)
-        {
-            let _ = std::fs::remove_file(entry.path());
-        }
     }
     report.wait_ms.sort_by(f64::total_cmp);
     report.ready_ms.sort_by(f64::total_cmp);
