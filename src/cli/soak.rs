@@ -72,13 +72,13 @@ fn whole(latest: i64, versions: &[i64]) -> bool {
 /// `{"artifact", "version"}` after its commit, and `{"reads": N}` at the end.
 pub fn work(path: &Path, seconds: u64, plain: bool) -> Result<(), Error> {
     enum Store {
-        Layer(Catalog),
+        Layer(Box<Catalog>),
         Plain(PlainCatalog),
     }
     let store = if plain {
         Store::Plain(PlainCatalog::open(path)?)
     } else {
-        Store::Layer(Catalog::open(path, Options::new())?)
+        Store::Layer(Box::new(Catalog::open(path, Options::new())?))
     };
     let mut rng = SmallRng::from_os_rng();
     let end = Instant::now() + Duration::from_secs(seconds);
@@ -254,12 +254,15 @@ fn check_file(
     Ok(())
 }
 
+/// A row of the table: its name and how a side's cell is rendered.
+type Row = (&'static str, fn(&Report) -> String);
+
 /// The side-by-side table.
 pub fn print_table(processes: usize, seconds: u64, reports: &[Report]) {
     println!(
         "soak: {processes} processes mixing reads and writes for {seconds} s on one fresh file"
     );
-    let rows: [(&str, fn(&Report) -> String); 7] = [
+    let rows: [Row; 7] = [
         ("failed processes", |r| {
             format!("{} of {}", r.failed, r.processes)
         }),
