@@ -76,9 +76,10 @@ impl Catalog {
     /// As [`record`](Catalog::record).
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
         validate_artifact_name(artifact)?;
-        let (version, stats) = self
-            .db
-            .write_measured(|conn| -> Result<i64> { Ok(record_next(conn, artifact, hold)?) })?;
+        let (version, stats) = self.db.write_measured(|conn| -> Result<i64> {
+            record_next(conn, artifact, hold)
+                .map_err(|source| Error::query("record a version", source))
+        })?;
         Ok(Recorded {
             artifact: artifact.to_owned(),
             version,

@@ -294,8 +294,14 @@ impl From<DieselError> for Error {
 /// ("disk I/O error", with the extended codes Diesel does not expose: a write that a
 /// file-size limit or a quota cut short is IOERR_WRITE, not FULL).
 fn is_storage_error(error: &DieselError) -> bool {
-    matches!(error, DieselError::DatabaseError(_, info)
-        if info.message() == "database or disk is full" || info.message() == "disk I/O error")
+    match error {
+        DieselError::DatabaseError(_, info) => {
+            info.message() == "database or disk is full" || info.message() == "disk I/O error"
+        }
+        // SQLite rolls back by itself after a failed write; Diesel's ROLLBACK then fails.
+        DieselError::RollbackErrorOnCommit { commit_error, .. } => is_storage_error(commit_error),
+        _ => false,
+    }
 }
 
 impl Error {
@@ -484,6 +490,25 @@ mod tests {
             commit_error: Box::new(db_error(DatabaseErrorKind::Unknown, "database is locked")),
         };
         assert!(is_lock_error(&error));
+    }
+
+    #[test]
+    fn disk_full_and_io_errors_are_storage_errors_not_lock_errors() {
+        for message in ["database or disk is full", "disk I/O error"] {
+            let error = Error::from(db_error(DatabaseErrorKind::Unknown, message));
+            assert!(matches!(error, Error::Storage { .. }), "{message}");
+            assert!(!error.is_lock_error());
+        }
+        let commit = DieselError::RollbackErrorOnCommit {
+            rollback_error: Box::new(db_error(
+                DatabaseErrorKind::Unknown,
+                "cannot rollback - no transaction is active",
+            )),
+            commit_error: Box::new(db_error(DatabaseErrorKind::Unknown, "disk I/O error")),
+        };
+        assert!(matches!(Error::from(commit), Error::Storage { .. }));
+        let other = Error::from(db_error(DatabaseErrorKind::Unknown, "no such table: x"));
+        assert!(matches!(other, Error::Query { .. }));
     }
 
     #[test]

@@ -42,6 +42,9 @@ enum Command {
         /// A Diesel migrations directory to apply instead of the catalog's own.
         #[arg(long, value_name = "DIR")]
         migrations: Option<PathBuf>,
+        /// Use the plain Diesel setup instead of this crate (the baseline for comparisons).
+        #[arg(long, hide = true)]
+        plain: bool,
     },
     /// Record new data versions of an artifact, one write transaction each.
     Record {
@@ -189,7 +192,13 @@ fn run(cli: Cli) -> Result<(), Error> {
     }
     let started = Instant::now();
     match cli.command {
-        Command::Migrate { migrations } => {
+        Command::Migrate {
+            migrations: Some(dir),
+            plain: true,
+        } => {
+            PlainCatalog::open_with(&path, migration_dir(&dir)?)?;
+        }
+        Command::Migrate { migrations, .. } => {
             let db = match migrations {
                 Some(dir) => Options::new().open(&path, migration_dir(&dir)?)?,
                 None => Catalog::open(&path, Options::new())?.into_database(),

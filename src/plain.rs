@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
+use diesel::migration::MigrationSource;
 use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
+use diesel::sqlite::Sqlite;
 use diesel::{Connection, SqliteConnection};
 use diesel_migrations::MigrationHarness;
 
@@ -41,6 +43,17 @@ impl PlainCatalog {
     /// # Errors
     /// Whatever the plain setup meets: "database is locked", "table ... already exists", ...
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, MIGRATIONS)
+    }
+
+    /// [`open`](PlainCatalog::open) with other migrations.
+    ///
+    /// # Errors
+    /// As [`open`](PlainCatalog::open).
+    pub fn open_with<S: MigrationSource<Sqlite>>(
+        path: impl AsRef<Path>,
+        migrations: S,
+    ) -> Result<Self> {
         let manager =
             ConnectionManager::<SqliteConnection>::new(database_url(path.as_ref(), "rwc")?);
         let pool = Pool::builder()
@@ -51,7 +64,7 @@ impl PlainCatalog {
             .build(manager)
             .map_err(|source| Error::Pool { source })?;
         let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
-        conn.run_pending_migrations(MIGRATIONS)
+        conn.run_pending_migrations(migrations)
             .map_err(|source| Error::Baseline {
                 operation: "run_pending_migrations",
                 source,

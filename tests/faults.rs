@@ -1,0 +1,560 @@
+//! Faults, with real processes: kill -9 during a migration batch and during writes, a
+//! foreign process holding the write lock, a file-size limit (disk full), file permissions,
+//! and a soak. Whatever happens, the file is whole, every acknowledged write is in it, and
+//! the next start goes on.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use rand::{Rng, SeedableRng};
+use sqlite_persistence::{Catalog, Error, Options, RetryPolicy};
+
+/// Rows the slow migration inserts: about 0.2 s in a debug build.
+const SLOW_ROWS: u32 = 30_000;
+
+/// A batch of three migrations whose middle one is slow, in `dir`.
+fn slow_batch(dir: &Path) {
+    let migrations = [
+        ("2026-01-01-000001_one", "CREATE TABLE one (x INTEGER);".to_owned()),
+        (
+            "2026-01-01-000002_slow",
+            format!(
+                "CREATE TABLE slow (x INTEGER, pad TEXT);
+                 WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {SLOW_ROWS})
+                 INSERT INTO slow SELECT x, hex(randomblob(32)) FROM c;"
+            ),
+        ),
+        (
+            "2026-01-01-000003_three",
+            "CREATE INDEX slow_x ON slow (x); CREATE TABLE three (y INTEGER);".to_owned(),
+        ),
+    ];
+    for (name, up) in migrations {
+        let m = dir.join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(m.join("up.sql"), up).unwrap();
+        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
+    }
+}
+
+fn migrate_command(db: &Path, migrations: &Path) -> Command {
+    migrate_command_with(db, migrations, &[])
+}
+
+/// `migrate --migrations DIR` with `extra` arguments (`--plain`: Diesel's own harness).
+fn migrate_command_with(db: &Path, migrations: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(common::binary());
+    command
+        .arg("migrate")
+        .args(extra)
+        .arg("--migrations")
+        .arg(migrations)
+        .arg("--db")
+        .arg(db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// What of the slow batch a database holds: `Some(false)` none of it, `Some(true)` all of it
+/// (with every row), `None` anything in between.
+fn batch_state(db: &Path) -> Option<bool> {
+    let tables = common::query_strings(
+        db,
+        "SELECT name AS value FROM sqlite_master WHERE type = 'table' \
+         AND name IN ('one', 'slow', 'three', '__diesel_schema_migrations') ORDER BY name",
+    );
+    if tables.is_empty() {
+        return Some(false);
+    }
+    let all = ["__diesel_schema_migrations", "one", "slow", "three"];
+    if tables != all {
+        return None;
+    }
+    let applied = common::query_strings(
+        db,
+        "SELECT CAST(count(*) AS TEXT) AS value FROM __diesel_schema_migrations",
+    );
+    let rows = common::query_strings(db, "SELECT CAST(count(*) AS TEXT) AS value FROM slow");
+    (applied == ["3"] && rows == [SLOW_ROWS.to_string()]).then_some(true)
+}
+
+fn integrity(db: &Path) -> Vec<String> {
+    common::query_strings(
+        db,
+        "SELECT integrity_check AS value FROM pragma_integrity_check",
+    )
+}
+
+fn seeded_rng() -> rand::rngs::SmallRng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("rng seed {seed}");
+    rand::rngs::SmallRng::seed_from_u64(seed)
+}
+
+#[test]
+fn kill_9_during_a_migration_batch_leaves_none_or_all_of_it_and_the_next_start_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let migrations = dir.path().join("migrations");
+    slow_batch(&migrations);
+    // How long an uninterrupted run takes, start to exit: the window kills are drawn from.
+    let timed = dir.path().join("timed.db");
+    let start = Instant::now();
+    assert!(migrate_command(&timed, &migrations)
+        .status()
+        .unwrap()
+        .success());
+    let window = start.elapsed();
+    assert_eq!(batch_state(&timed), Some(true));
+
+    let mut rng = seeded_rng();
+    let (mut killed_running, mut none, mut all) = (0, 0, 0);
+    const TRIALS: usize = 50;
+    for trial in 0..TRIALS {
+        let db = dir.path().join(format!("trial-{trial}.db"));
+        let mut child = migrate_command(&db, &migrations).spawn().unwrap();
+        std::thread::sleep(window.mul_f64(rng.random_range(0.0..1.0)));
+        if child.try_wait().unwrap().is_none() {
+            killed_running += 1;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if !db.exists() {
+            none += 1; // killed before it even created the file
+            continue;
+        }
+        match batch_state(&db) {
+            Some(false) => none += 1,
+            Some(true) => all += 1,
+            None => panic!("trial {trial}: a partial batch is visible"),
+        }
+        assert_eq!(integrity(&db), ["ok"], "trial {trial}");
+        // The next start completes the migration.
+        let output = migrate_command(&db, &migrations).output().unwrap();
+        assert!(
+            output.status.success(),
+            "trial {trial}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(batch_state(&db), Some(true), "trial {trial}");
+        assert_eq!(integrity(&db), ["ok"], "trial {trial}");
+    }
+    eprintln!(
+        "{TRIALS} kills in a {window:?} window: {killed_running} while running; \
+         after them {none} held none of the batch, {all} all of it"
+    );
+    // The kills really landed inside the run, most of them in the slow batch.
+    assert!(killed_running >= TRIALS * 3 / 5, "{killed_running}");
+    assert!(none >= TRIALS / 5, "{none}");
+}
+
+/// The proof that the kill test can fail: Diesel's `run_pending_migrations` commits each
+/// migration on its own, so a kill during the slow one leaves the first applied alone.
+#[test]
+fn kill_9_during_plain_run_pending_migrations_leaves_a_partial_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let migrations = dir.path().join("migrations");
+    slow_batch(&migrations);
+    let timed = dir.path().join("timed.db");
+    let start = Instant::now();
+    assert!(migrate_command_with(&timed, &migrations, &["--plain"])
+        .status()
+        .unwrap()
+        .success());
+    let window = start.elapsed();
+    let mut rng = seeded_rng();
+    let mut partial = 0;
+    for trial in 0..20 {
+        let db = dir.path().join(format!("plain-{trial}.db"));
+        let mut child = migrate_command_with(&db, &migrations, &["--plain"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(window.mul_f64(rng.random_range(0.3..0.9)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if db.exists() && batch_state(&db).is_none() {
+            partial += 1;
+            break;
+        }
+    }
+    assert!(
+        partial > 0,
+        "20 kills of the plain harness left no partial batch"
+    );
+}
+
+/// `record --artifact a --count K --hold-ms 2 --json` on `db`: a writer whose every
+/// transaction stays open 2 ms, printing each version after its commit.
+fn writer(db: &Path, count: u32) -> Child {
+    Command::new(common::binary())
+        .args(["record", "--artifact", "a", "--hold-ms", "2", "--json"])
+        .arg("--count")
+        .arg(count.to_string())
+        .arg("--db")
+        .arg(db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn acknowledged(outcomes: &[common::Outcome]) -> BTreeSet<i64> {
+    outcomes
+        .iter()
+        .flat_map(|o| o.stdout.lines())
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["version"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn stored_versions(db: &Path) -> Vec<i64> {
+    common::query_strings(
+        db,
+        "SELECT CAST(version AS TEXT) AS value FROM artifact_versions ORDER BY version",
+    )
+    .into_iter()
+    .map(|v| v.parse().unwrap())
+    .collect()
+}
+
+#[test]
+fn kill_9_of_writers_mid_transaction_loses_no_acknowledged_write_and_the_others_go_on() {
+    let (_dir, db) = common::fresh_db();
+    Catalog::open(&db, Options::new()).unwrap();
+    let mut rng = seeded_rng();
+    let survivors: Vec<Child> = (0..4).map(|_| writer(&db, 150)).collect();
+    let mut victims: Vec<Child> = (0..4).map(|_| writer(&db, 150)).collect();
+    let mut killed_running = 0;
+    std::thread::sleep(Duration::from_millis(300));
+    for victim in &mut victims {
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..250)));
+        if victim.try_wait().unwrap().is_none() {
+            killed_running += 1;
+        }
+        victim.kill().unwrap();
+    }
+    let limit = Duration::from_secs(120);
+    let victims = common::collect(victims, limit);
+    let survivors = common::collect(survivors, limit);
+    assert_eq!(killed_running, 4, "every victim was killed while writing");
+    let failures = common::failure_causes(&survivors);
+    assert!(failures.is_empty(), "the others went on: {failures:?}");
+
+    let stored = stored_versions(&db);
+    let max = *stored.last().unwrap();
+    // No partial write: versions 1..=max each once, and the artifact's latest agrees.
+    assert_eq!(stored, (1..=max).collect::<Vec<_>>());
+    assert_eq!(
+        common::query_strings(
+            &db,
+            "SELECT CAST(latest_version AS TEXT) AS value FROM artifacts WHERE name = 'a'"
+        ),
+        [max.to_string()]
+    );
+    // Every acknowledged write is there, the killed processes' included.
+    let acknowledged_by_victims = acknowledged(&victims);
+    let all: BTreeSet<i64> = acknowledged(&survivors)
+        .union(&acknowledged_by_victims)
+        .copied()
+        .collect();
+    assert!(!acknowledged_by_victims.is_empty());
+    let stored: BTreeSet<i64> = stored.into_iter().collect();
+    assert!(all.is_subset(&stored), "{:?}", all.difference(&stored));
+    assert!(stored.len() >= 4 * 150);
+    assert_eq!(integrity(&db), ["ok"]);
+}
+
+/// Not a test on its own: the child role of the foreign-holder tests. With
+/// `FAULTS_HOLD_DB` set, it opens the database with plain Diesel (no crate), takes the write
+/// lock with `BEGIN IMMEDIATE`, creates `<db>.held`, holds it `FAULTS_HOLD_MS`, and commits.
+#[test]
+#[ignore = "run by the foreign-holder tests as a child process"]
+fn foreign_holder_child() {
+    let Ok(db) = std::env::var("FAULTS_HOLD_DB") else {
+        return;
+    };
+    let hold: u64 = std::env::var("FAULTS_HOLD_MS").unwrap().parse().unwrap();
+    let mut conn = SqliteConnection::establish(&db).unwrap();
+    conn.batch_execute("PRAGMA busy_timeout = 5000; BEGIN IMMEDIATE; CREATE TABLE IF NOT EXISTS foreign_data (x INTEGER); INSERT INTO foreign_data VALUES (1);")
+        .unwrap();
+    std::fs::write(format!("{db}.held"), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(hold));
+    conn.batch_execute("COMMIT").unwrap();
+}
+
+/// Starts the foreign holder on `db` for `hold` and returns once it holds the write lock.
+fn foreign_holder(db: &Path, hold: Duration) -> Child {
+    let held = format!("{}.held", db.display());
+    let _ = std::fs::remove_file(&held);
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "foreign_holder_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("FAULTS_HOLD_DB", db)
+        .env("FAULTS_HOLD_MS", hold.as_millis().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !Path::new(&held).exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no lock held");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+/// busy_timeout well below the foreign hold, so the retry policy has to outlast it.
+fn patient(deadline: Duration) -> Options {
+    Options::new()
+        .busy_timeout(Duration::from_millis(200))
+        .retry(RetryPolicy::new().max_elapsed(deadline))
+}
+
+#[test]
+fn a_foreign_process_holding_the_write_lock_past_busy_timeout_is_outlasted() {
+    let (_dir, db) = common::fresh_db();
+    let hold = Duration::from_millis(1500);
+    // Startup: the file is new, in rollback mode, and the foreign writer holds it.
+    let mut holder = foreign_holder(&db, hold);
+    let start = Instant::now();
+    let catalog = Catalog::open(&db, patient(Duration::from_secs(20))).unwrap();
+    let waited = start.elapsed();
+    holder.wait().unwrap();
+    assert!(waited >= hold - Duration::from_millis(300), "{waited:?}");
+    assert_eq!(catalog.database().applied_at_open().len(), 3);
+    // A write, now in WAL mode.
+    let mut holder = foreign_holder(&db, hold);
+    let recorded = catalog.record("a").unwrap();
+    holder.wait().unwrap();
+    assert_eq!(recorded.version, 1);
+    assert!(recorded.attempts > 1, "{recorded:?}");
+    assert!(
+        recorded.wait >= hold - Duration::from_millis(300),
+        "{recorded:?}"
+    );
+    assert_eq!(
+        common::query_strings(
+            &db,
+            "SELECT CAST(count(*) AS TEXT) AS value FROM foreign_data"
+        ),
+        ["2"],
+        "the foreign writes are kept"
+    );
+}
+
+#[test]
+fn a_foreign_lock_held_past_the_deadline_gives_the_typed_timeout_error_in_time() {
+    let deadline = Duration::from_secs(1);
+    let hold = Duration::from_secs(4);
+    let busy = |error: &Error| match error {
+        Error::Busy {
+            operation,
+            attempts,
+            elapsed,
+            ..
+        } => {
+            assert!(*attempts > 1, "{error}");
+            assert!(*elapsed >= deadline, "{error}");
+            let text = error.to_string();
+            assert!(
+                text.contains(operation) && text.contains(&format!("after {attempts} attempts")),
+                "{text}"
+            );
+            *operation
+        }
+        other => panic!("expected Busy, got {other}"),
+    };
+    // Startup on a new file.
+    let (_dir, db) = common::fresh_db();
+    let mut holder = foreign_holder(&db, hold);
+    let start = Instant::now();
+    let error = Catalog::open(&db, patient(deadline)).unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(busy(&error), "switch journal mode");
+    assert!(took < deadline + Duration::from_millis(700), "{took:?}");
+    holder.wait().unwrap();
+    // A write.
+    let catalog = Catalog::open(&db, patient(deadline)).unwrap();
+    let mut holder = foreign_holder(&db, hold);
+    let start = Instant::now();
+    let error = catalog.record("a").unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(busy(&error), "write");
+    assert!(took < deadline + Duration::from_millis(700), "{took:?}");
+    holder.wait().unwrap();
+    assert_eq!(
+        catalog.record("a").unwrap().version,
+        1,
+        "nothing half-written"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_file_size_limit_fails_writes_with_the_typed_error_and_the_file_takes_writes_again() {
+    use std::os::unix::process::CommandExt;
+    let (_dir, db) = common::fresh_db();
+    Catalog::open(&db, Options::new()).unwrap();
+    let mut command = Command::new(common::binary());
+    command
+        .args([
+            "record",
+            "--artifact",
+            "a",
+            "--count",
+            "100000",
+            "--json",
+            "--db",
+        ])
+        .arg(&db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec, only async-signal-safe calls (setrlimit, signal).
+    unsafe {
+        command.pre_exec(|| {
+            // No file of this process may grow past 256 KiB, as on a full disk; without the
+            // signal ignored, SIGXFSZ would kill it instead of failing the write.
+            let limit = libc::rlimit {
+                rlim_cur: 256 * 1024,
+                rlim_max: 256 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let outcome = common::collect(vec![command.spawn().unwrap()], Duration::from_secs(120))
+        .pop()
+        .unwrap();
+    assert!(!outcome.success, "the limit was never hit");
+    assert!(
+        outcome.stderr.contains("could not write to disk"),
+        "{}",
+        outcome.stderr
+    );
+    let acknowledged = acknowledged(std::slice::from_ref(&outcome));
+    assert!(!acknowledged.is_empty());
+    // Room again (a process without the limit): consistent, nothing acknowledged lost, and
+    // the failed write claimed no version.
+    let n = acknowledged.len() as i64;
+    assert_eq!(acknowledged, (1..=n).collect());
+    let catalog = Catalog::open(&db, Options::new()).unwrap();
+    assert_eq!(catalog.versions("a").unwrap(), (1..=n).collect::<Vec<_>>());
+    assert_eq!(catalog.record("a").unwrap().version, n + 1);
+    assert_eq!(integrity(&db), ["ok"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_new_database_and_its_wal_shm_and_lock_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let with = |db: &Path, suffix: &str| format!("{}{suffix}", db.display());
+    let (_dir, db) = common::fresh_db();
+    // The test process's umask is typically 022: SQLite alone would make 0644 files.
+    let catalog = Catalog::open(&db, Options::new()).unwrap();
+    catalog.record("a").unwrap();
+    for suffix in ["", "-wal", "-shm", "-lock"] {
+        let path = with(&db, suffix);
+        assert_eq!(mode(Path::new(&path)), 0o600, "{path}");
+    }
+    drop(catalog);
+    // A group of workers: asked for explicitly.
+    let (_dir, db) = common::fresh_db();
+    let catalog = Catalog::open(&db, Options::new().create_mode(0o660)).unwrap();
+    catalog.record("a").unwrap();
+    for suffix in ["", "-wal", "-shm", "-lock"] {
+        assert_eq!(mode(Path::new(&with(&db, suffix))), 0o660, "{suffix}");
+    }
+    // An existing file keeps its mode.
+    let (_dir, db) = common::fresh_db();
+    std::fs::write(&db, b"").unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o640)).unwrap();
+    Catalog::open(&db, Options::new()).unwrap();
+    assert_eq!(mode(&db), 0o640);
+}
+
+fn soak(compare: bool) -> serde_json::Value {
+    let (_dir, db) = common::fresh_db();
+    let mut command = Command::new(common::binary());
+    command.args([
+        "soak",
+        "--processes",
+        "8",
+        "--seconds",
+        "2",
+        "--json",
+        "--db",
+    ]);
+    command.arg(&db);
+    if compare {
+        command.arg("--compare");
+    }
+    let outcome = common::collect(
+        vec![command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()],
+        Duration::from_secs(120),
+    )
+    .pop()
+    .unwrap();
+    assert!(outcome.success, "{}", outcome.stderr);
+    serde_json::from_str(&outcome.stdout).unwrap()
+}
+
+#[test]
+fn soak_of_eight_processes_mixing_reads_and_writes_loses_nothing() {
+    let report = soak(false);
+    let ours = &report["sides"][0];
+    assert_eq!(ours["clean"], true, "{ours}");
+    assert_eq!(ours["failed_processes"], 0);
+    assert_eq!(ours["missing_writes"], 0);
+    assert_eq!(ours["integrity"], "ok");
+    let acknowledged = ours["acknowledged_writes"].as_u64().unwrap();
+    assert!(acknowledged > 100, "{ours}");
+    assert_eq!(ours["stored_versions"].as_u64().unwrap(), acknowledged);
+    assert!(ours["reads"].as_u64().unwrap() > 100, "{ours}");
+}
+
+/// The proof that the soak can fail: the plain Diesel setup under the same load.
+#[test]
+fn plain_diesel_setup_fails_under_the_same_soak() {
+    let mut plain_failures = Vec::new();
+    for _ in 0..3 {
+        let report = soak(true);
+        let plain = &report["sides"][1];
+        assert_eq!(plain["label"], "plain diesel");
+        if plain["failed_processes"].as_u64().unwrap() > 0 {
+            plain_failures.push(plain["failures"].clone());
+            break;
+        }
+    }
+    eprintln!("plain soak failures: {plain_failures:?}");
+    assert!(
+        !plain_failures.is_empty(),
+        "the plain setup survived 3 soaks"
+    );
+}
