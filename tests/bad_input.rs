@@ -88,3 +88,180 @@ fn status_of_a_missing_file_does_not_create_it() {
     assert_eq!(status["pending"].as_array().unwrap().len(), 3);
     assert!(files_in(dir.path()).is_empty());
 }
+
+/// Everything in `dir`, name and bytes, to compare before and after.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    files_in(dir)
+        .into_iter()
+        .map(|name| {
+            let bytes = std::fs::read(dir.join(&name)).unwrap();
+            (name, bytes)
+        })
+        .collect()
+}
+
+/// A catalog with enough versions to span many pages, closed (its WAL checkpointed away).
+fn populated(db: &Path) {
+    let catalog =
+        sqlite_persistence::Catalog::open(db, sqlite_persistence::Options::new()).unwrap();
+    catalog
+        .database()
+        .write(|conn| -> sqlite_persistence::Result<()> {
+            use diesel::connection::SimpleConnection;
+            Ok(conn.batch_execute(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000)
+                 INSERT INTO artifacts (name) SELECT 'artifact-' || x FROM c;",
+            )?)
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_truncated_database_is_refused_as_damaged_and_left_byte_for_byte() {
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    let len = std::fs::metadata(&db).unwrap().len();
+    assert!(len >= 8 * 4096, "{len}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let before = snapshot(dir.path());
+    for args in [&["migrate"][..], &["record", "--artifact", "a"]] {
+        let (ok, stderr) = run(args, &db);
+        assert!(!ok);
+        assert!(stderr.contains("is damaged: it is truncated"), "{stderr}");
+        assert!(stderr.contains("restore it from a backup"), "{stderr}");
+    }
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "nothing written, nothing created"
+    );
+}
+
+#[test]
+fn a_database_of_another_application_is_refused_and_left_byte_for_byte() {
+    let (dir, db) = common::fresh_db();
+    {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        let mut conn = diesel::SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        conn.batch_execute(
+            "PRAGMA application_id = 305419896; CREATE TABLE theirs (x INTEGER); \
+             INSERT INTO theirs VALUES (42);",
+        )
+        .unwrap();
+    }
+    let before = snapshot(dir.path());
+    let (ok, stderr) = run(&["migrate"], &db);
+    assert!(!ok);
+    assert!(
+        stderr.contains("belongs to another application")
+            && stderr.contains("0x12345678")
+            && stderr.contains("0x53506374"),
+        "{stderr}"
+    );
+    // Still in its rollback journal mode, no -wal, -shm or -lock next to it.
+    assert_eq!(snapshot(dir.path()), before);
+}
+
+/// Runs the binary as `nobody` when the tests run as root (root may write any file, so a
+/// read-only file means nothing to it); as the current user otherwise.
+#[cfg(unix)]
+fn run_unprivileged(args: &[&str], db: &Path) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(common::binary());
+    command.args(args).arg("--db").arg(db);
+    if is_root() {
+        command.uid(NOBODY).gid(NOBODY);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[cfg(unix)]
+const NOBODY: u32 = 65534;
+
+#[cfg(unix)]
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn a_read_only_file_is_refused_by_name_and_left_byte_for_byte() {
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    set_mode(&db, 0o444);
+    if is_root() {
+        // The directory is the unprivileged user's; the file stays root's, read-only to it.
+        std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let before = snapshot(dir.path());
+    let (ok, stderr) = run_unprivileged(&["record", "--artifact", "a"], &db);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("{} is not writable", db.display())),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(dir.path()), before);
+}
+
+#[cfg(unix)]
+#[test]
+fn a_read_only_directory_is_refused_by_name_and_left_byte_for_byte() {
+    // WAL needs to create -wal and -shm next to the database, the queue its -lock.
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    if is_root() {
+        // The file is the unprivileged user's; the directory stays root's.
+        std::os::unix::fs::chown(&db, Some(NOBODY), Some(NOBODY)).unwrap();
+        set_mode(dir.path(), 0o755);
+    } else {
+        set_mode(dir.path(), 0o555);
+    }
+    let before = snapshot(dir.path());
+    let (ok, stderr) = run_unprivileged(&["record", "--artifact", "a"], &db);
+    set_mode(dir.path(), 0o755);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("{} is not writable", dir.path().display()))
+            && stderr.contains("-wal and -shm"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(dir.path()), before);
+}
+
+#[test]
+fn status_reports_filesystem_application_id_checksums_and_integrity() {
+    let (_dir, db) = common::fresh_db();
+    let (ok, stderr) = run(&["record", "--artifact", "a"], &db);
+    assert!(ok, "{stderr}");
+    let output = Command::new(common::binary())
+        .args(["status", "--json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(status["filesystem"].is_string(), "{status}");
+    assert_eq!(status["network_filesystem"], false);
+    assert_eq!(status["journal_mode"], "wal");
+    assert_eq!(status["application_id"], sqlite_persistence::APPLICATION_ID);
+    assert_eq!(status["checksums"]["verified"], 3);
+    assert_eq!(status["checksums"]["edited"].as_array().unwrap().len(), 0);
+    assert_eq!(status["integrity"][0], "ok");
+}

@@ -64,6 +64,7 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
         .unwrap();
     }
     let before = tables(&db);
+    let bytes = fs::read(&db).unwrap();
     let error = Catalog::open(&db, Options::new()).unwrap_err();
     match &error {
         Error::UnknownMigrations { versions, .. } => assert_eq!(versions, &["20990101000000"]),
@@ -71,6 +72,7 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
     }
     assert!(error.to_string().contains("20990101000000"), "{error}");
     assert_eq!(tables(&db), before);
+    assert!(fs::read(&db).unwrap() == bytes, "the file changed");
     // Explicitly allowed, for rolling upgrades.
     Catalog::open(&db, Options::new().allow_unknown_migrations(true)).unwrap();
     let status = Status::read(&db, MIGRATIONS, &Options::new()).unwrap();
@@ -160,4 +162,121 @@ fn nothing_pending_takes_no_write_lock() {
     let catalog = Catalog::open(&db, options).unwrap();
     assert!(catalog.database().applied_at_open().is_empty());
     holder.batch_execute("ROLLBACK").unwrap();
+}
+
+/// Two migrations in `dir`, the first with `first_sql`.
+fn two(dir: &Path, first_sql: &str) -> FileBasedMigrations {
+    migrations(
+        dir,
+        &[
+            ("2026-01-01-000001_one", first_sql, None),
+            (
+                "2026-01-01-000002_two",
+                "CREATE TABLE two (x INTEGER);",
+                None,
+            ),
+        ],
+    )
+}
+
+#[test]
+fn an_applied_migration_edited_since_is_refused_by_name_and_untouched() {
+    let (dir, db) = common::fresh_db();
+    let source = dir.path().join("m");
+    Database::open(&db, two(&source, "CREATE TABLE one (x INTEGER);")).unwrap();
+    // Somebody edits the first migration after it ran.
+    let edited = two(&source, "CREATE TABLE one (x INTEGER, y TEXT);");
+    let before = tables(&db);
+    let bytes = fs::read(&db).unwrap();
+    let error = Database::open(&db, edited).unwrap_err();
+    match &error {
+        Error::EditedMigrations { names, .. } => assert_eq!(names, &["2026-01-01-000001_one"]),
+        other => panic!("{other}"),
+    }
+    assert!(
+        error.to_string().contains("allow_edited_migrations"),
+        "{error}"
+    );
+    assert_eq!(tables(&db), before);
+    assert!(fs::read(&db).unwrap() == bytes, "the file changed");
+    let status = Status::read(
+        &db,
+        two(&source, "CREATE TABLE one (x INTEGER, y TEXT);"),
+        &Options::new(),
+    )
+    .unwrap();
+    assert_eq!(status.checksums.edited, ["2026-01-01-000001_one"]);
+    assert_eq!(status.checksums.verified, 1);
+    // The explicit override.
+    let edited = two(&source, "CREATE TABLE one (x INTEGER, y TEXT);");
+    Options::new()
+        .allow_edited_migrations(true)
+        .open(&db, edited)
+        .unwrap();
+    // Line ends alone are no edit (a checkout on Windows).
+    let crlf = two(&source, "CREATE TABLE one (x INTEGER);\r\n");
+    let lf = two(&source, "CREATE TABLE one (x INTEGER);\n");
+    let (dir2, db2) = common::fresh_db();
+    let _keep = dir2;
+    Database::open(&db2, lf).unwrap();
+    Database::open(&db2, crlf).unwrap();
+}
+
+#[test]
+fn a_database_migrated_by_plain_diesel_gets_its_checksums_and_application_id_once() {
+    let (_dir, db) = common::fresh_db();
+    sqlite_persistence::plain::PlainCatalog::open(&db).unwrap();
+    let status = Status::read(&db, MIGRATIONS, &Options::new()).unwrap();
+    assert_eq!(status.checksums.unrecorded.len(), 3);
+    assert_eq!(status.application_id, Some(0));
+    // Nothing is pending, but the layer records what it can check from now on.
+    let catalog = Catalog::open(&db, Options::new()).unwrap();
+    assert!(catalog.database().applied_at_open().is_empty());
+    let status = Status::read(&db, MIGRATIONS, &Options::new()).unwrap();
+    assert_eq!(status.checksums.verified, 3);
+    assert!(status.checksums.unrecorded.is_empty());
+    assert_eq!(
+        status.application_id,
+        Some(sqlite_persistence::APPLICATION_ID)
+    );
+    assert_eq!(status.integrity, ["ok"]);
+}
+
+#[test]
+fn a_library_user_stamps_their_own_application_id_and_the_catalog_refuses_that_file() {
+    let (dir, db) = common::fresh_db();
+    let mine = u32::from_be_bytes(*b"MyAp");
+    let source = dir.path().join("m");
+    let opened = Options::new()
+        .application_id(mine)
+        .open(&db, two(&source, "CREATE TABLE one (x INTEGER);"))
+        .unwrap();
+    drop(opened);
+    assert_eq!(
+        common::query_strings(
+            &db,
+            "SELECT CAST(application_id AS TEXT) AS value FROM pragma_application_id"
+        ),
+        [mine.to_string()]
+    );
+    let error = Catalog::open(&db, Options::new()).unwrap_err();
+    match error {
+        Error::ForeignDatabase {
+            expected, found, ..
+        } => {
+            assert_eq!(expected, sqlite_persistence::APPLICATION_ID);
+            assert_eq!(found, mine);
+        }
+        other => panic!("{other}"),
+    }
+    // Without an id, the layer neither stamps nor checks.
+    let (_dir2, other) = common::fresh_db();
+    drop(Database::open(&other, two(&source, "CREATE TABLE one (x INTEGER);")).unwrap());
+    assert_eq!(
+        common::query_strings(
+            &other,
+            "SELECT CAST(application_id AS TEXT) AS value FROM pragma_application_id"
+        ),
+        ["0"]
+    );
 }
