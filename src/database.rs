@@ -221,17 +221,25 @@ impl Options {
     /// `migrations`' pending migrations. `":memory:"` opens a private in-memory database
     /// (its pool holds its one connection).
     ///
-    /// In order: the migration source is listed; a dedicated connection opens the file and
-    /// gets the pragmas; the journal mode is put in force (see [`Options::journal_mode`]);
-    /// the migrations are applied atomically and exactly once across processes; then the
-    /// pool is built.
+    /// In order: the migration source is listed; the file is checked before SQLite opens it
+    /// (not a directory, its directory exists and is writable, the filesystem is not a
+    /// network one under WAL, an existing file is writable and has an intact SQLite
+    /// header) and a missing one is created with [`Options::create_mode`]; a dedicated
+    /// connection opens it and gets the pragmas; what the file records (application id,
+    /// applied migrations and their checksums) is read and checked; the journal mode is put
+    /// in force (see [`Options::journal_mode`]); the migrations are applied atomically and
+    /// exactly once across processes; then the pool is built. Every refusal comes before
+    /// the first write, so a refused file is left byte-for-byte as it was.
     ///
     /// # Errors
-    /// [`Error::InvalidPath`], [`Error::Open`]; [`Error::Query`] when the file is not a
-    /// database; [`Error::JournalMode`] when the file stays in another mode;
-    /// [`Error::UnknownMigrations`], [`Error::NonTransactionalMigration`],
-    /// [`Error::Migration`] (nothing of the batch is applied); [`Error::Busy`] when the
-    /// database stayed locked past the retry deadline.
+    /// [`Error::Invalid`] for a directory or a missing parent directory;
+    /// [`Error::InvalidPath`], [`Error::Open`]; [`Error::NetworkFilesystem`];
+    /// [`Error::ReadOnly`]; [`Error::NotADatabase`], [`Error::Corrupt`];
+    /// [`Error::ForeignDatabase`]; [`Error::UnknownMigrations`],
+    /// [`Error::EditedMigrations`], [`Error::NonTransactionalMigration`];
+    /// [`Error::JournalMode`] when the file stays in another mode; [`Error::Migration`]
+    /// (nothing of the batch is applied); [`Error::Storage`] when the disk is full;
+    /// [`Error::Busy`] when the database stayed locked past the retry deadline.
     pub fn open<S: MigrationSource<Sqlite>>(
         self,
         path: impl AsRef<Path>,
