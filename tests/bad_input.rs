@@ -114,6 +114,8 @@ fn populated(db: &Path) {
             )?)
         })
         .unwrap();
+    drop(catalog);
+    common::wait_closed(db);
 }
 
 #[test]

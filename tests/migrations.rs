@@ -64,6 +64,7 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
         .unwrap();
     }
     let before = tables(&db);
+    common::wait_closed(&db);
     let bytes = fs::read(&db).unwrap();
     let error = Catalog::open(&db, Options::new()).unwrap_err();
     match &error {
@@ -72,6 +73,7 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
     }
     assert!(error.to_string().contains("20990101000000"), "{error}");
     assert_eq!(tables(&db), before);
+    common::wait_closed(&db);
     assert!(fs::read(&db).unwrap() == bytes, "the file changed");
     // Explicitly allowed, for rolling upgrades.
     Catalog::open(&db, Options::new().allow_unknown_migrations(true)).unwrap();
@@ -187,6 +189,7 @@ fn an_applied_migration_edited_since_is_refused_by_name_and_untouched() {
     // Somebody edits the first migration after it ran.
     let edited = two(&source, "CREATE TABLE one (x INTEGER, y TEXT);");
     let before = tables(&db);
+    common::wait_closed(&db);
     let bytes = fs::read(&db).unwrap();
     let error = Database::open(&db, edited).unwrap_err();
     match &error {
@@ -198,6 +201,7 @@ fn an_applied_migration_edited_since_is_refused_by_name_and_untouched() {
         "{error}"
     );
     assert_eq!(tables(&db), before);
+    common::wait_closed(&db);
     assert!(fs::read(&db).unwrap() == bytes, "the file changed");
     let status = Status::read(
         &db,

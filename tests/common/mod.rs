@@ -169,7 +169,10 @@ pub fn query_strings(db: &Path, sql: &str) -> Vec<String> {
         #[diesel(sql_type = Text)]
         value: String,
     }
+    use diesel::connection::SimpleConnection;
     let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+    // Another connection may be closing (and checkpointing) at this moment: wait for it.
+    conn.batch_execute("PRAGMA busy_timeout = 5000").unwrap();
     diesel::sql_query(sql)
         .load::<Row>(&mut conn)
         .unwrap()
@@ -190,4 +193,21 @@ pub fn failure_causes(outcomes: &[Outcome]) -> Vec<(String, usize)> {
         *causes.entry(line.to_owned()).or_insert(0) += 1;
     }
     causes.into_iter().collect()
+}
+
+/// Waits (at most 10 s) until every connection to `db` is closed, which SQLite marks by
+/// checkpointing and removing `-wal`. r2d2 may close a dropped pool's last connection a
+/// moment later on its own thread (its worker holds the pool while it connects), so a test
+/// that compares a file's bytes after dropping a `Database` waits for this first.
+pub fn wait_closed(db: &Path) {
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    let start = Instant::now();
+    while wal.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} still open after 10 s",
+            db.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
