@@ -12,6 +12,8 @@ mod children;
 mod soak;
 #[path = "cli/stress.rs"]
 mod stress;
+#[path = "cli/table.rs"]
+mod table;
 use diesel_migrations::FileBasedMigrations;
 use sqlite_persistence::plain::PlainCatalog;
 use sqlite_persistence::{

@@ -74,16 +74,25 @@ fn a_bad_artifact_name_creates_nothing() {
     assert!(files_in(dir.path()).is_empty());
 }
 
+/// `status --json` of `db`, which must succeed.
+fn status_json(db: &Path) -> serde_json::Value {
+    let output = Command::new(common::binary())
+        .args(["status", "--json", "--db"])
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 #[test]
 fn status_of_a_missing_file_does_not_create_it() {
     let (dir, db) = common::fresh_db();
-    let output = Command::new(common::binary())
-        .args(["status", "--json", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let status = status_json(&db);
     assert_eq!(status["exists"], false);
     assert_eq!(status["pending"].as_array().unwrap().len(), 3);
     assert!(files_in(dir.path()).is_empty());
@@ -252,13 +261,7 @@ fn status_reports_filesystem_application_id_checksums_and_integrity() {
     let (_dir, db) = common::fresh_db();
     let (ok, stderr) = run(&["record", "--artifact", "a"], &db);
     assert!(ok, "{stderr}");
-    let output = Command::new(common::binary())
-        .args(["status", "--json", "--db"])
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let status = status_json(&db);
     assert!(status["filesystem"].is_string(), "{status}");
     assert_eq!(status["network_filesystem"], false);
     assert_eq!(status["journal_mode"], "wal");

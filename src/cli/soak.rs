@@ -15,6 +15,7 @@ use sqlite_persistence::plain::PlainCatalog;
 use sqlite_persistence::{Catalog, Error, Options};
 
 use crate::children::run_together;
+use crate::table::{self, Column};
 
 /// The artifacts the workers share, so that they contend.
 const ARTIFACTS: [&str; 4] = ["soak-a", "soak-b", "soak-c", "soak-d"];
@@ -257,6 +258,16 @@ fn check_file(
 /// A row of the table: its name and how a side's cell is rendered.
 type Row = (&'static str, fn(&Report) -> String);
 
+impl Column for Report {
+    fn label(&self) -> &str {
+        self.label
+    }
+
+    fn causes(&self) -> &BTreeMap<String, usize> {
+        &self.causes
+    }
+}
+
 /// The side-by-side table.
 pub fn print_table(processes: usize, seconds: u64, reports: &[Report]) {
     println!(
@@ -277,24 +288,7 @@ pub fn print_table(processes: usize, seconds: u64, reports: &[Report]) {
             format!("{:.0}", r.acknowledged as f64 / r.seconds)
         }),
     ];
-    print!("{:22}", "");
-    for r in reports {
-        print!("{:>22}", r.label);
-    }
-    println!();
-    for (name, cell) in rows {
-        print!("{name:22}");
-        for r in reports {
-            print!("{:>22}", cell(r));
-        }
-        println!();
-    }
-    for r in reports.iter().filter(|r| !r.causes.is_empty()) {
-        println!("{} failures by cause:", r.label);
-        for (cause, n) in &r.causes {
-            println!("  {n:>4} x {cause}");
-        }
-    }
+    table::print(&rows, reports);
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use diesel::sql_types::BigInt;
 use sqlite_persistence::Error;
 
 use crate::children::run_together;
+use crate::table::{self, Column};
 
 /// The workload.
 #[derive(Debug, Clone, Copy)]
@@ -191,6 +192,16 @@ impl Report {
 /// One cell of a table row, computed from a side's report.
 type Cell<'a> = Box<dyn Fn(&Report) -> String + 'a>;
 
+impl Column for Report {
+    fn label(&self) -> &str {
+        self.label
+    }
+
+    fn causes(&self) -> &BTreeMap<String, usize> {
+        &self.causes
+    }
+}
+
 /// The side-by-side table.
 pub fn print_table(load: Load, reports: &[Report]) {
     let fair = (load.processes as u64 * load.hold_ms) as f64;
@@ -267,22 +278,5 @@ pub fn print_table(load: Load, reports: &[Report]) {
             Box::new(|r| format!("{:.0} writes/s", r.acknowledged as f64 / r.seconds)),
         ),
     ];
-    print!("{:22}", "");
-    for r in reports {
-        print!("{:>30}", r.label);
-    }
-    println!();
-    for (name, cell) in &rows {
-        print!("{name:22}");
-        for r in reports {
-            print!("{:>30}", cell(r));
-        }
-        println!();
-    }
-    for r in reports.iter().filter(|r| !r.causes.is_empty()) {
-        println!("{} failures by cause:", r.label);
-        for (cause, n) in &r.causes {
-            println!("  {n:>4} x {cause}");
-        }
-    }
+    table::print(&rows, reports);
 }
