@@ -223,8 +223,8 @@ impl Options {
     ///
     /// In order: the migration source is listed; the file is checked before SQLite opens it
     /// (not a directory, its directory exists and is writable, the filesystem is not a
-    /// network one under WAL, an existing file is writable and has an intact SQLite
-    /// header) and a missing one is created with [`Options::create_mode`]; a dedicated
+    /// network one under WAL, an existing file is writable and at least one page long)
+    /// and a missing one is created with [`Options::create_mode`]; a dedicated
     /// connection opens it and gets the pragmas; what the file records (application id,
     /// applied migrations and their checksums) is read and checked; the journal mode is put
     /// in force (see [`Options::journal_mode`]); the migrations are applied atomically and

@@ -142,8 +142,8 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The file exists but is not a SQLite database (wrong header, too short, encrypted).
-    /// It was not opened for writing and is left as it was.
+    /// The file exists but is not a SQLite database (wrong header, shorter than a page,
+    /// encrypted). Nothing was written to it.
     #[error("{path} is not a SQLite database: {reason}")]
     NotADatabase {
         /// The file.
@@ -158,8 +158,7 @@ pub enum Error {
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// What is wrong, such as `it is truncated: its header says 10 pages of 4096 bytes,
-        /// the file has 8192 bytes`.
+        /// What is wrong, such as SQLite's "database disk image is malformed".
         reason: String,
     },
 
