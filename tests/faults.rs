@@ -553,8 +553,10 @@ fn soak_of_eight_processes_mixing_reads_and_writes_loses_nothing() {
 /// The proof that the soak can fail: the plain Diesel setup under the same load.
 #[test]
 fn plain_diesel_setup_fails_under_the_same_soak() {
+    // The plain side fails at start-up (the migration race), in about two soaks of three: up
+    // to eight tries, so that this test itself is not flaky.
     let mut plain_failures = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..8 {
         let report = soak(true);
         let plain = &report["sides"][1];
         assert_eq!(plain["label"], "plain diesel");
@@ -566,6 +568,6 @@ fn plain_diesel_setup_fails_under_the_same_soak() {
     eprintln!("plain soak failures: {plain_failures:?}");
     assert!(
         !plain_failures.is_empty(),
-        "the plain setup survived 3 soaks"
+        "the plain setup survived 8 soaks"
     );
 }
