@@ -9,9 +9,10 @@
 //! guarantee: processes that do not use the crate ignore it and SQLite's own locks (with the
 //! retry policy) still decide.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -27,22 +28,52 @@ pub(crate) fn sidecar_path(database: &Path) -> PathBuf {
 /// The write queue of one database file.
 #[derive(Debug, Clone)]
 pub(crate) struct WriteQueue {
-    path: PathBuf,
+    path: Arc<Path>,
 }
 
 /// A place in the queue: the lock is held until this is dropped.
 #[derive(Debug)]
 pub(crate) struct Turn {
+    path: Arc<Path>,
     file: Option<File>,
     taken: Instant,
 }
 
-/// A turn held at least this long yields the CPU when it ends (see [`Turn`]'s `Drop`).
+/// The most sidecar descriptions a thread keeps open between turns.
+const IDLE_PER_THREAD: usize = 4;
+
+thread_local! {
+    /// This thread's open descriptions of sidecar files, unlocked, kept after short turns: the
+    /// next turn then costs two `flock` calls instead of an open, two `flock` calls and a
+    /// close. Each
+    /// thread has its own (flock locks belong to the open file description), so the threads
+    /// of one process still queue against each other.
+    static IDLE: RefCell<Vec<(Arc<Path>, File)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_idle(path: &Path) -> Option<File> {
+    IDLE.with_borrow_mut(|idle| {
+        let i = idle.iter().position(|(p, _)| **p == *path)?;
+        Some(idle.swap_remove(i).1)
+    })
+}
+
+fn give_back(path: Arc<Path>, file: File) {
+    IDLE.with_borrow_mut(|idle| {
+        if idle.len() < IDLE_PER_THREAD {
+            idle.push((path, file));
+        }
+    });
+}
+
+/// A turn held at least this long closes its description and yields the CPU when it ends
+/// (see [`Turn`]'s `Drop`).
 const YIELD_AFTER: Duration = Duration::from_millis(1);
 
 impl Turn {
-    fn new(file: File) -> Self {
+    fn new(path: Arc<Path>, file: File) -> Self {
         Self {
+            path,
             file: Some(file),
             taken: Instant::now(),
         }
@@ -51,17 +82,23 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        // Close (and so unlock), then yield: flock wakes its waiters but does not hand the
-        // lock over, and a writer that asks again at once would otherwise win the race
-        // against a waiter the kernel has only just woken, turn after turn. Only after a
-        // long turn: there others may have waited long, and a context switch is noise; after
-        // a turn of microseconds, barging costs the waiters little and the switch would
-        // halve the throughput of short writes.
-        let held = self.taken.elapsed();
-        drop(self.file.take());
-        if held >= YIELD_AFTER {
+        // flock wakes its waiters but does not hand the lock over: a writer that asks again
+        // at once would win the race against a waiter the kernel has only just woken, turn
+        // after turn. So after a long turn (others may have waited long, and a context switch
+        // is noise), close the description and yield, so that the next turn also pays an
+        // open. After a turn of microseconds, barging costs the waiters little, and both the
+        // yield and the open would cost short writes most of their speed: unlock, and keep
+        // the description for this thread's next turn.
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        if self.taken.elapsed() >= YIELD_AFTER {
+            drop(file);
             std::thread::yield_now();
+        } else if file.unlock().is_ok() {
+            give_back(self.path.clone(), file);
         }
+        // (If unlocking failed, dropping the file closed it, which releases the lock.)
     }
 }
 
@@ -78,7 +115,7 @@ impl WriteQueue {
     /// The queue for `database`, creating its sidecar with the database file's permissions.
     pub(crate) fn new(database: &Path) -> Result<Self> {
         let queue = Self {
-            path: sidecar_path(database),
+            path: sidecar_path(database).into(),
         };
         let file = queue.open()?;
         #[cfg(unix)]
@@ -88,7 +125,7 @@ impl WriteQueue {
             file.set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(|source| Error::Io {
                     operation: "set the permissions of",
-                    path: queue.path.clone(),
+                    path: queue.path.to_path_buf(),
                     source,
                 })?;
         }
@@ -96,8 +133,8 @@ impl WriteQueue {
     }
 
     fn open(&self) -> Result<File> {
-        // A fresh open file description per turn: flock locks belong to the description,
-        // so threads of one process queue against each other as processes do.
+        // Its own open file description: flock locks belong to the description, so threads of
+        // one process queue against each other as processes do.
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -106,30 +143,33 @@ impl WriteQueue {
             .open(&self.path)
             .map_err(|source| Error::Io {
                 operation: "open the write queue file",
-                path: self.path.clone(),
+                path: self.path.to_path_buf(),
                 source,
             })
     }
 
-    /// Waits at most `timeout` for the lock. Uncontended, this is one open and one
-    /// non-blocking `flock`; contended, a helper thread blocks in `flock` (which has no
+    /// Waits at most `timeout` for the lock. Uncontended, this is one non-blocking `flock` on
+    /// this thread's kept description (opened the first time); contended, a helper thread blocks in `flock` (which has no
     /// timeout of its own) and hands the lock over, or drops it at once if the caller
     /// already gave up.
     pub(crate) fn turn(&self, timeout: Duration) -> Result<Turn, Wait> {
-        let file = self.open().map_err(Wait::Failed)?;
+        let file = match take_idle(&self.path) {
+            Some(file) => file,
+            None => self.open().map_err(Wait::Failed)?,
+        };
         match file.try_lock() {
-            Ok(()) => return Ok(Turn::new(file)),
+            Ok(()) => return Ok(Turn::new(self.path.clone(), file)),
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(source)) => {
                 return Err(Wait::Failed(Error::Io {
                     operation: "lock the write queue file",
-                    path: self.path.clone(),
+                    path: self.path.to_path_buf(),
                     source,
                 }))
             }
         }
         let (sender, receiver) = mpsc::sync_channel(1);
-        let path = self.path.clone();
+        let path = self.path.to_path_buf();
         std::thread::spawn(move || {
             let locked = file.lock().map(|()| file).map_err(|source| Error::Io {
                 operation: "lock the write queue file",
@@ -140,7 +180,7 @@ impl WriteQueue {
             let _ = sender.send(locked);
         });
         match receiver.recv_timeout(timeout) {
-            Ok(Ok(file)) => Ok(Turn::new(file)),
+            Ok(Ok(file)) => Ok(Turn::new(self.path.clone(), file)),
             Ok(Err(error)) => Err(Wait::Failed(error)),
             Err(_) => Err(Wait::TimedOut),
         }
