@@ -45,9 +45,8 @@ const IDLE_PER_THREAD: usize = 4;
 thread_local! {
     /// This thread's open descriptions of sidecar files, unlocked, kept after short turns: the
     /// next turn then costs two `flock` calls instead of an open, two `flock` calls and a
-    /// close. Each
-    /// thread has its own (flock locks belong to the open file description), so the threads
-    /// of one process still queue against each other.
+    /// close. Each thread has its own (flock locks belong to the open file description), so
+    /// the threads of one process still queue against each other.
     static IDLE: RefCell<Vec<(Arc<Path>, File)>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -112,22 +111,43 @@ pub(crate) enum Wait {
 }
 
 impl WriteQueue {
-    /// The queue for `database`, creating its sidecar with the database file's permissions.
+    /// The queue for `database`, creating its sidecar with the database file's permissions
+    /// (exactly, whatever the umask). A sidecar that exists is left as it is: it may be
+    /// another user's, in a group that shares the database, and only its owner may change
+    /// its mode.
     pub(crate) fn new(database: &Path) -> Result<Self> {
         let queue = Self {
             path: sidecar_path(database).into(),
         };
-        let file = queue.open()?;
+        let io = |operation| {
+            let path = queue.path.to_path_buf();
+            move |source| Error::Io {
+                operation,
+                path,
+                source,
+            }
+        };
+        let mut create = OpenOptions::new();
+        create.write(true).create_new(true);
         #[cfg(unix)]
-        if let Ok(meta) = std::fs::metadata(database) {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o666;
-            file.set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(|source| Error::Io {
-                    operation: "set the permissions of",
-                    path: queue.path.to_path_buf(),
-                    source,
-                })?;
+        let mode = {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let mode =
+                std::fs::metadata(database).map_or(0o600, |m| m.permissions().mode() & 0o666);
+            create.mode(mode);
+            mode
+        };
+        match create.open(&queue.path) {
+            Ok(_file) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&queue.path, std::fs::Permissions::from_mode(mode))
+                        .map_err(io("set the permissions of"))?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(io("create the write queue file")(source)),
         }
         Ok(queue)
     }

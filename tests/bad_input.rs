@@ -182,17 +182,12 @@ fn a_database_of_another_application_is_refused_and_left_byte_for_byte() {
     assert_eq!(snapshot(dir.path()), before);
 }
 
-/// Runs the binary as `nobody` when the tests run as root (root may write any file, so a
-/// read-only file means nothing to it); as the current user otherwise.
+/// `args` on `db` as `nobody` when the tests run as root; see [`common::unprivileged`].
 #[cfg(unix)]
 fn run_unprivileged(args: &[&str], db: &Path) -> (bool, String) {
-    use std::os::unix::process::CommandExt;
     let mut command = Command::new(common::binary());
     command.args(args).arg("--db").arg(db);
-    if is_root() {
-        command.uid(NOBODY).gid(NOBODY);
-    }
-    let output = command.output().unwrap();
+    let output = common::unprivileged(&mut command).output().unwrap();
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -200,29 +195,14 @@ fn run_unprivileged(args: &[&str], db: &Path) -> (bool, String) {
 }
 
 #[cfg(unix)]
-const NOBODY: u32 = 65534;
-
-#[cfg(unix)]
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-#[cfg(unix)]
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-#[cfg(unix)]
 #[test]
 fn a_read_only_file_is_refused_by_name_and_left_byte_for_byte() {
     let (dir, db) = common::fresh_db();
     populated(&db);
-    set_mode(&db, 0o444);
-    if is_root() {
+    common::set_mode(&db, 0o444);
+    if common::is_root() {
         // The directory is the unprivileged user's; the file stays root's, read-only to it.
-        std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
     }
     let before = snapshot(dir.path());
     let (ok, stderr) = run_unprivileged(&["record", "--artifact", "a"], &db);
@@ -240,16 +220,16 @@ fn a_read_only_directory_is_refused_by_name_and_left_byte_for_byte() {
     // WAL needs to create -wal and -shm next to the database, the queue its -lock.
     let (dir, db) = common::fresh_db();
     populated(&db);
-    if is_root() {
+    if common::is_root() {
         // The file is the unprivileged user's; the directory stays root's.
-        std::os::unix::fs::chown(&db, Some(NOBODY), Some(NOBODY)).unwrap();
-        set_mode(dir.path(), 0o755);
+        std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+        common::set_mode(dir.path(), 0o755);
     } else {
-        set_mode(dir.path(), 0o555);
+        common::set_mode(dir.path(), 0o555);
     }
     let before = snapshot(dir.path());
     let (ok, stderr) = run_unprivileged(&["record", "--artifact", "a"], &db);
-    set_mode(dir.path(), 0o755);
+    common::set_mode(dir.path(), 0o755);
     assert!(!ok);
     assert!(
         stderr.contains(&format!("{} is not writable", dir.path().display()))

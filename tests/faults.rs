@@ -506,6 +506,37 @@ fn a_new_database_and_its_wal_shm_and_lock_files_are_private_whatever_the_umask(
     assert_eq!(mode(&db), 0o640);
 }
 
+#[cfg(unix)]
+#[test]
+fn a_group_shares_a_database_whose_lock_file_another_member_created() {
+    // Files of two users need root to make; CI runs as root.
+    if !common::is_root() {
+        eprintln!("not root: cannot make files of two users, nothing checked");
+        return;
+    }
+    let (dir, db) = common::fresh_db();
+    // root's database and sidecar, writable by the group (here: everyone)...
+    let catalog = Catalog::open(&db, Options::new().create_mode(0o666)).unwrap();
+    catalog.record("a").unwrap();
+    drop(catalog);
+    common::wait_closed(&db);
+    std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    // ...opened by another member, who may not change the mode of root's -lock file.
+    let output = common::unprivileged(
+        Command::new(common::binary())
+            .args(["record", "--artifact", "a", "--db"])
+            .arg(&db),
+    )
+    .output()
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stored_versions(&db), [1, 2]);
+}
+
 fn soak(compare: bool) -> serde_json::Value {
     let (_dir, db) = common::fresh_db();
     let mut command = Command::new(common::binary());

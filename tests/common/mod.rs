@@ -211,3 +211,31 @@ pub fn wait_closed(db: &Path) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The user id the unprivileged runs use.
+#[cfg(unix)]
+pub const NOBODY: u32 = 65534;
+
+/// Whether the tests run as root (root may write any file, so a read-only file means nothing
+/// to it).
+#[cfg(unix)]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `command` to run as `nobody` when the tests run as root, else as it is.
+#[cfg(unix)]
+pub fn unprivileged(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    if is_root() {
+        command.uid(NOBODY).gid(NOBODY);
+    }
+    command
+}
+
+#[cfg(unix)]
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
