@@ -195,10 +195,13 @@ fn run(cli: Cli) -> Result<(), Error> {
     let started = Instant::now();
     match cli.command {
         Command::Migrate {
-            migrations: Some(dir),
+            migrations,
             plain: true,
         } => {
-            PlainCatalog::open_with(&path, migration_dir(&dir)?)?;
+            match migrations {
+                Some(dir) => PlainCatalog::open_with(&path, migration_dir(&dir)?)?,
+                None => PlainCatalog::open(&path)?,
+            };
         }
         Command::Migrate { migrations, .. } => {
             let db = match migrations {
