@@ -81,11 +81,7 @@ fn status_json(db: &Path) -> serde_json::Value {
         .arg(db)
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::assert_success(&output);
     serde_json::from_slice(&output.stdout).unwrap()
 }
 

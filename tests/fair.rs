@@ -117,12 +117,8 @@ fn writers_without_the_queue_and_with_it_still_interoperate() {
     );
     let failures = common::failure_causes(&outcomes);
     assert!(failures.is_empty(), "{failures:?}");
-    let stored = common::query_strings(
-        &db,
-        "SELECT CAST(version AS TEXT) AS value FROM artifact_versions ORDER BY version",
-    );
     assert_eq!(
-        stored,
-        (1..=120).map(|v: i32| v.to_string()).collect::<Vec<_>>()
+        common::stored_versions(&db),
+        (1..=120).collect::<Vec<i64>>()
     );
 }

@@ -232,16 +232,6 @@ fn acknowledged(outcomes: &[common::Outcome]) -> BTreeSet<i64> {
         .collect()
 }
 
-fn stored_versions(db: &Path) -> Vec<i64> {
-    common::query_strings(
-        db,
-        "SELECT CAST(version AS TEXT) AS value FROM artifact_versions ORDER BY version",
-    )
-    .into_iter()
-    .map(|v| v.parse().unwrap())
-    .collect()
-}
-
 #[test]
 fn kill_9_of_writers_mid_transaction_loses_no_acknowledged_write_and_the_others_go_on() {
     let (_dir, db) = common::fresh_db();
@@ -265,7 +255,7 @@ fn kill_9_of_writers_mid_transaction_loses_no_acknowledged_write_and_the_others_
     let failures = common::failure_causes(&survivors);
     assert!(failures.is_empty(), "the others went on: {failures:?}");
 
-    let stored = stored_versions(&db);
+    let stored = common::stored_versions(&db);
     let max = *stored.last().unwrap();
     // No partial write: versions 1..=max each once, and the artifact's latest agrees.
     assert_eq!(stored, (1..=max).collect::<Vec<_>>());
@@ -529,12 +519,8 @@ fn a_group_shares_a_database_whose_lock_file_another_member_created() {
     )
     .output()
     .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(stored_versions(&db), [1, 2]);
+    common::assert_success(&output);
+    assert_eq!(common::stored_versions(&db), [1, 2]);
 }
 
 fn soak(compare: bool) -> serde_json::Value {

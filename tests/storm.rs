@@ -36,11 +36,10 @@ fn assert_clean_storm(processes: usize) {
     versions.sort_unstable();
     assert_eq!(versions, (1..=processes as i64).collect::<Vec<_>>());
 
-    let stored = query_strings(
-        &db,
-        "SELECT CAST(version AS TEXT) AS value FROM artifact_versions ORDER BY version",
+    assert_eq!(
+        common::stored_versions(&db),
+        (1..=processes as i64).collect::<Vec<_>>()
     );
-    assert_eq!(stored.len(), processes);
     let migrations = query_strings(
         &db,
         "SELECT version AS value FROM __diesel_schema_migrations ORDER BY version",
@@ -91,12 +90,11 @@ fn thirty_two_processes_each_writing_several_versions_never_fail() {
             "{:?}",
             failure_causes(&outcomes)
         );
-        let stored = query_strings(
-            &db,
-            "SELECT CAST(version AS TEXT) AS value FROM artifact_versions ORDER BY version",
+        assert_eq!(
+            common::stored_versions(&db),
+            (1..=160).collect::<Vec<i64>>(),
+            "distinct and gapless"
         );
-        let expected: Vec<String> = (1..=160).map(|v: i32| v.to_string()).collect();
-        assert_eq!(stored, expected, "distinct and gapless");
     }
 }
 

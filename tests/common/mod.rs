@@ -239,3 +239,23 @@ pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
+
+/// The catalog's stored versions of every artifact, ascending.
+pub fn stored_versions(db: &Path) -> Vec<i64> {
+    query_strings(
+        db,
+        "SELECT CAST(version AS TEXT) AS value FROM artifact_versions ORDER BY version",
+    )
+    .into_iter()
+    .map(|v| v.parse().unwrap())
+    .collect()
+}
+
+/// Asserts a finished command succeeded, showing its stderr if not.
+pub fn assert_success(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
