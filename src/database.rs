@@ -336,14 +336,15 @@ fn set_up(
     })
     .map_err(|e| e.naming_bad_file(path))?
     .value;
-    check(path, &known, &state, &plan(&known, &state), options)?;
+    let plan = plan(&known, &state, options);
+    check(path, &known, &state, &plan, options)?;
     let queue = if options.fair_queue && path != Path::new(":memory:") {
         Some(WriteQueue::new(path)?)
     } else {
         None
     };
     let journal_mode = ensure_journal_mode(conn, path, options, queue.as_ref(), clock)?;
-    let applied = migrate(conn, path, &known, &state, options, queue.as_ref(), clock)?;
+    let applied = migrate(conn, path, &known, &plan, options, queue.as_ref(), clock)?;
     Ok(SetUp {
         journal_mode,
         applied,

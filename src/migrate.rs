@@ -120,10 +120,15 @@ pub(crate) struct Plan {
     pub unrecorded: Vec<usize>,
     /// Applied, and the recorded checksum matches.
     pub verified: usize,
+    /// The application id to stamp the file with: the options' id, if the file has none.
+    pub stamp: Option<u32>,
 }
 
-pub(crate) fn plan(known: &[Known], state: &State) -> Plan {
-    let mut plan = Plan::default();
+pub(crate) fn plan(known: &[Known], state: &State, options: &Options) -> Plan {
+    let mut plan = Plan {
+        stamp: options.application_id.filter(|_| state.application_id == 0),
+        ..Plan::default()
+    };
     for (i, k) in known.iter().enumerate() {
         if !state.applied.contains(&k.version) {
             plan.pending.push(i);
@@ -200,14 +205,9 @@ pub(crate) fn check(
     Ok(())
 }
 
-/// The id to stamp the file with: the options' id, if the file has none yet.
-fn stamp(state: &State, options: &Options) -> Option<u32> {
-    options.application_id.filter(|_| state.application_id == 0)
-}
-
 /// Applies what is pending, stamps the application id and records missing checksums, and
-/// returns the names applied (empty if nothing was pending). `state` is what was read (and
-/// checked) before: if it needs no write, no lock is taken.
+/// returns the names applied (empty if nothing was pending). `plan` is what the state read
+/// (and checked) before says: if it needs no write, no lock is taken.
 ///
 /// Otherwise one `BEGIN IMMEDIATE` re-reads and re-checks the state under the write lock
 /// (another process may have migrated meanwhile), applies every pending migration with its
@@ -217,13 +217,12 @@ pub(crate) fn migrate(
     conn: &mut SqliteConnection,
     path: &Path,
     known: &[Known],
-    state: &State,
+    plan: &Plan,
     options: &Options,
     queue: Option<&WriteQueue>,
     clock: &dyn Clock,
 ) -> Result<Vec<String>> {
-    let first = plan(known, state);
-    if first.pending.is_empty() && first.unrecorded.is_empty() && stamp(state, options).is_none() {
+    if plan.pending.is_empty() && plan.unrecorded.is_empty() && plan.stamp.is_none() {
         return Ok(Vec::new());
     }
     let (_turn, policy) = wait_turn(queue, "migrate", &options.retry)?;
@@ -251,9 +250,9 @@ fn apply(
 ) -> Result<Vec<String>> {
     let query = |operation| move |source| Error::query(operation, source);
     let state = read_state(conn).map_err(query("read migration state"))?;
-    let plan = plan(known, &state);
+    let plan = plan(known, &state, options);
     check(path, known, &state, &plan, options)?;
-    if let Some(id) = stamp(&state, options) {
+    if let Some(id) = plan.stamp {
         conn.batch_execute(&format!("PRAGMA application_id = {}", id as i32))
             .map_err(query("stamp the application id"))?;
     }

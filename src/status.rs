@@ -147,7 +147,7 @@ impl Status {
         } else {
             State::default()
         };
-        let plan = plan(&known, &state);
+        let plan = plan(&known, &state, options);
         let names = |indices: &[usize]| indices.iter().map(|&i| known[i].name.clone()).collect();
         status.pending = names(&plan.pending);
         status.checksums = Checksums {
