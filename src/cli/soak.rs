@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use sqlite_persistence::plain::PlainCatalog;
 use sqlite_persistence::{Catalog, Error, Options};
 
-use crate::children::run_together;
+use crate::children::{remove_side_files, run_together};
 use crate::table::{self, Column};
 
 /// The artifacts the workers share, so that they contend.
@@ -208,9 +208,7 @@ pub fn run_side(
         }
     }
     check_file(db, &acknowledged, &mut report)?;
-    for suffix in ["-wal", "-shm", "-lock"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
+    remove_side_files(db);
     Ok(report)
 }
 

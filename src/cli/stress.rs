@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use sqlite_persistence::Error;
 
-use crate::children::run_together;
+use crate::children::{remove_side_files, run_together};
 use crate::table::{self, Column};
 
 /// The workload.
@@ -86,9 +86,7 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
         }
     }
     check_file(db, &mut report)?;
-    for suffix in ["-wal", "-shm", "-lock"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
+    remove_side_files(db);
     report.wait_ms.sort_by(f64::total_cmp);
     report.ready_ms.sort_by(f64::total_cmp);
     Ok(report)
