@@ -6,13 +6,17 @@
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use sqlite_persistence::{Catalog, ConnectionCustomizer, Options};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+use sqlite_persistence::{ConnectionCustomizer, Options};
+
+/// The library's test schema (`migrations/`): counters.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 const WRITES_PER_ROUND: u32 = 2000;
 const ROUNDS: usize = 15;
 
 fn update(conn: &mut SqliteConnection) -> QueryResult<usize> {
-    diesel::sql_query("UPDATE artifacts SET latest_version = latest_version + 1").execute(conn)
+    diesel::sql_query("UPDATE counters SET value = value + 1").execute(conn)
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -23,12 +27,14 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.db");
-    let catalog = Catalog::open(&path, Options::new()).unwrap();
-    catalog.record("a").unwrap();
-    let db = catalog.database();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    db.write(|c| -> sqlite_persistence::Result<usize> {
+        Ok(diesel::sql_query("INSERT INTO counters (name) VALUES ('a')").execute(c)?)
+    })
+    .unwrap();
     let unqueued = Options::new()
         .fair_queue(false)
-        .open(&path, sqlite_persistence::MIGRATIONS)
+        .open(&path, MIGRATIONS)
         .unwrap();
     let mut bare = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
     ConnectionCustomizer::new(&Options::new())

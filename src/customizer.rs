@@ -4,10 +4,8 @@ use diesel::connection::SimpleConnection;
 use diesel::r2d2::CustomizeConnection;
 use diesel::SqliteConnection;
 
-use crate::error::Error;
+use crate::error::{Error, Operation};
 use crate::options::Options;
-
-const OPERATION: &str = "apply connection pragmas";
 
 /// Applies [`Options`]' per-connection pragmas to every connection an r2d2 pool opens,
 /// `busy_timeout` first.
@@ -47,7 +45,7 @@ impl ConnectionCustomizer {
     /// (the pragmas after `busy_timeout` are the first statements that read the file).
     pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
         conn.batch_execute(&self.pragmas)
-            .map_err(|source| Error::query(OPERATION, source))
+            .map_err(|source| Error::query(Operation::ApplyPragmas, source))
     }
 }
 
@@ -55,7 +53,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCu
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         conn.batch_execute(&self.pragmas).map_err(|source| {
             tracing::error!(
-                operation = OPERATION,
+                operation = Operation::ApplyPragmas.as_str(),
                 error = %source,
                 "cannot prepare a pooled connection"
             );

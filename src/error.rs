@@ -1,10 +1,14 @@
-//! The crate's one error type and the one place that decides what a lock error is.
+//! The crate's one error type, the operations it names, and the one place that decides what
+//! a lock error is.
 
 use std::error::Error as StdError;
-use std::path::{Path, PathBuf};
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use diesel::result::Error as DieselError;
+
+use crate::pragma::JournalMode;
 
 /// A boxed error that can cross threads, as `diesel_migrations` reports its own.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -12,18 +16,138 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A step of the layer that runs statements: what [`Error::Query`], [`Error::Busy`] and
+/// [`Error::Storage`] name, and the `operation` field of every `tracing` event of a retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Operation {
+    /// The per-connection pragmas (`busy_timeout` first).
+    ApplyPragmas,
+    /// Reading what the file records: applied migrations, their checksums, its application id.
+    ReadMigrationState,
+    /// `PRAGMA journal_mode`, read without switching.
+    ReadJournalMode,
+    /// `PRAGMA journal_mode = ...`: the once-only switch at open.
+    SwitchJournalMode,
+    /// The migration batch.
+    Migrate,
+    /// Writing `PRAGMA application_id` into a file that has none.
+    StampApplicationId,
+    /// Creating the checksum table.
+    CreateChecksumTable,
+    /// Recording a migration's checksum.
+    RecordChecksum,
+    /// [`Database::write`](crate::Database::write).
+    Write,
+    /// [`Database::read`](crate::Database::read).
+    Read,
+    /// [`Status::read`](crate::Status::read).
+    ReadStatus,
+    /// A statement of a `write` or `read` closure, converted with `?` from Diesel's error.
+    Query,
+}
+
+impl Operation {
+    /// How messages and `tracing` events name it, such as `switch journal mode`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Operation::ApplyPragmas => "apply connection pragmas",
+            Operation::ReadMigrationState => "read migration state",
+            Operation::ReadJournalMode => "read journal mode",
+            Operation::SwitchJournalMode => "switch journal mode",
+            Operation::Migrate => "migrate",
+            Operation::StampApplicationId => "stamp the application id",
+            Operation::CreateChecksumTable => "create the checksum table",
+            Operation::RecordChecksum => "record a migration checksum",
+            Operation::Write => "write",
+            Operation::Read => "read",
+            Operation::ReadStatus => "read status",
+            Operation::Query => "query",
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A file-system call on a database's files: what [`Error::Io`] names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FileOperation {
+    /// Making the path absolute.
+    ResolvePath,
+    /// `stat`.
+    ReadMetadata,
+    /// `statfs`, to tell a network filesystem.
+    FindFilesystem,
+    /// Creating a new database file with [`Options::create_mode`](crate::Options::create_mode).
+    Create,
+    /// `chmod` of a file this process created.
+    SetPermissions,
+    /// Creating the write queue's `-lock` sidecar.
+    CreateQueue,
+    /// Opening the write queue's sidecar.
+    OpenQueue,
+    /// `flock` of the write queue's sidecar.
+    LockQueue,
+}
+
+impl FileOperation {
+    /// How messages name it, such as `read metadata of`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FileOperation::ResolvePath => "resolve the path of",
+            FileOperation::ReadMetadata => "read metadata of",
+            FileOperation::FindFilesystem => "find the filesystem of",
+            FileOperation::Create => "create",
+            FileOperation::SetPermissions => "set the permissions of",
+            FileOperation::CreateQueue => "create the write queue file",
+            FileOperation::OpenQueue => "open the write queue file",
+            FileOperation::LockQueue => "lock the write queue file",
+        }
+    }
+}
+
+impl fmt::Display for FileOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Everything that can go wrong while opening, migrating, reading or writing.
 ///
-/// Every variant keeps its cause as `source()`, so a caller (or the command line, which
-/// prints the chain) sees SQLite's own message at the end. Use [`Error::is_lock_error`]
-/// instead of matching on messages.
+/// Every variant keeps its cause as `source()`, so a caller (or a command line that prints
+/// the chain) sees SQLite's own message at the end. Messages are one short clause; what to
+/// do about a refusal is [`Error::hint`]. Use [`Error::is_lock_error`] instead of matching
+/// on messages.
+///
+/// Every refusal of [`Options::open`](crate::Options::open) (from [`Error::IsADirectory`] to
+/// [`Error::NonTransactionalMigration`]) comes before the first write: the file is left
+/// byte-for-byte as it was.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The path cannot be handed to SQLite (not UTF-8, or contains a NUL byte).
+    /// The path cannot be handed to SQLite (not UTF-8, empty, or contains a NUL byte).
     #[error("database path {path} is not valid UTF-8 without NUL bytes")]
     InvalidPath {
         /// The path as given.
+        path: PathBuf,
+    },
+
+    /// The database path names a directory.
+    #[error("database path {path} is a directory")]
+    IsADirectory {
+        /// The path as given, made absolute.
+        path: PathBuf,
+    },
+
+    /// The directory the database should be in does not exist.
+    #[error("the directory {path} does not exist")]
+    MissingDirectory {
+        /// The missing directory.
         path: PathBuf,
     },
 
@@ -37,11 +161,11 @@ pub enum Error {
         source: diesel::ConnectionError,
     },
 
-    /// A statement failed; `operation` says which step of the layer ran it.
+    /// A statement failed; `operation` says which step ran it.
     #[error("{operation} failed")]
     Query {
-        /// The step that failed, such as `apply connection pragmas` or `write`.
-        operation: &'static str,
+        /// The step that failed.
+        operation: Operation,
         /// Diesel's error, with SQLite's message.
         #[source]
         source: DieselError,
@@ -53,28 +177,36 @@ pub enum Error {
         elapsed.as_secs_f64()
     )]
     Busy {
-        /// The operation that was retried: `switch journal mode`, `migrate`, `write`, ...
-        operation: &'static str,
+        /// The operation that was retried.
+        operation: Operation,
         /// How many times it was tried.
         attempts: u32,
-        /// Wall-clock time from the first attempt until giving up.
+        /// Wall-clock time from the first attempt (or from asking for the write queue) until
+        /// giving up.
         elapsed: Duration,
-        /// The last lock error.
+        /// The last lock error, or the write queue's time-out.
         #[source]
         source: BoxError,
     },
 
     /// The file is not, and could not be put, in the journal mode the options ask for.
-    #[error("database {path} is in journal mode `{actual}`, expected `{expected}`: {hint}")]
+    #[error("database {path} is in journal mode {actual}, expected {expected}")]
     JournalMode {
         /// The database file.
         path: PathBuf,
         /// The mode the options ask for.
-        expected: String,
+        expected: JournalMode,
         /// The mode SQLite reports as in force.
-        actual: String,
-        /// Why this happens and what to do.
-        hint: &'static str,
+        actual: JournalMode,
+    },
+
+    /// SQLite answered `PRAGMA journal_mode` with a mode this crate does not know.
+    #[error("database {path} reports an unknown journal mode {answer:?}")]
+    UnknownJournalMode {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's answer.
+        answer: String,
     },
 
     /// The migration source (for example `embed_migrations!`) could not list its migrations.
@@ -86,7 +218,7 @@ pub enum Error {
     },
 
     /// A migration failed; the whole batch was rolled back.
-    #[error("migration {name} failed; the batch was rolled back and the database is unchanged")]
+    #[error("migration {name} failed; the batch was rolled back")]
     Migration {
         /// The migration's name (its directory name).
         name: String,
@@ -96,23 +228,16 @@ pub enum Error {
     },
 
     /// A pending migration would run outside a transaction, so it cannot be applied atomically.
-    #[error(
-        "migration {name} has run_in_transaction = false (a metadata.toml without that key \
-         counts as false), so it cannot be applied atomically across processes; set \
-         run_in_transaction = true in its metadata.toml, or move the statement that needs it \
-         (VACUUM, PRAGMA journal_mode, PRAGMA foreign_keys) out of the migrations"
-    )]
+    #[error("migration {name} has run_in_transaction = false")]
     NonTransactionalMigration {
         /// The migration's name.
         name: String,
     },
 
     /// The database has applied migrations this binary does not know: it was migrated by a
-    /// newer (or a different) program. Nothing was changed.
+    /// newer (or a different) program.
     #[error(
-        "database {path} has applied migrations this binary does not know: {}; it was \
-         migrated by a newer or a different program (Options::allow_unknown_migrations \
-         accepts that, for rolling upgrades)",
+        "database {path} has applied migrations this binary does not know: {}",
         versions.join(", ")
     )]
     UnknownMigrations {
@@ -120,6 +245,19 @@ pub enum Error {
         path: PathBuf,
         /// The unknown versions, as stored in `__diesel_schema_migrations`.
         versions: Vec<String>,
+    },
+
+    /// Migrations that were applied have different SQL now: somebody edited them after they
+    /// ran, so the schema is not what the code says.
+    #[error(
+        "database {path} has applied migrations whose SQL changed since they ran: {}",
+        names.join(", ")
+    )]
+    EditedMigrations {
+        /// The database file.
+        path: PathBuf,
+        /// The edited migrations' names.
+        names: Vec<String>,
     },
 
     /// The connection pool could not hand out a connection.
@@ -133,8 +271,8 @@ pub enum Error {
     /// A file-system call on the database's files failed.
     #[error("cannot {operation} {path}")]
     Io {
-        /// What was attempted, such as `read metadata of`.
-        operation: &'static str,
+        /// What was attempted.
+        operation: FileOperation,
         /// The file.
         path: PathBuf,
         /// The OS error.
@@ -143,18 +281,18 @@ pub enum Error {
     },
 
     /// The file exists but is not a SQLite database (wrong header, shorter than a page,
-    /// encrypted). Nothing was written to it.
+    /// encrypted).
     #[error("{path} is not a SQLite database: {reason}")]
     NotADatabase {
         /// The file.
         path: PathBuf,
-        /// What gave it away, such as `its header does not start with "SQLite format 3"`.
+        /// What gave it away, such as SQLite's "file is not a database".
         reason: String,
     },
 
     /// The file is a damaged SQLite database (truncated, or "database disk image is
-    /// malformed"). It was not written to and is left as it was.
-    #[error("database {path} is damaged: {reason}; restore it from a backup")]
+    /// malformed").
+    #[error("database {path} is damaged: {reason}")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -162,20 +300,26 @@ pub enum Error {
         reason: String,
     },
 
-    /// The database, or the directory it is in, cannot be written by this process.
-    #[error("{path} is not writable: {reason}")]
-    ReadOnly {
-        /// The file or directory that is not writable.
+    /// The directory the database is in cannot be written by this process: SQLite creates
+    /// `-wal` and `-shm` (or `-journal`) there, and the write queue its `-lock`.
+    #[error("directory {path} is not writable")]
+    ReadOnlyDirectory {
+        /// The directory.
         path: PathBuf,
-        /// Why the layer needs to write it.
-        reason: &'static str,
+    },
+
+    /// The database file cannot be written by this process.
+    #[error("database {path} is not writable")]
+    ReadOnlyFile {
+        /// The file.
+        path: PathBuf,
     },
 
     /// The file carries another `PRAGMA application_id` than the one the options ask for:
-    /// it belongs to another application. Nothing was written.
+    /// it belongs to another application.
     #[error(
-        "database {path} belongs to another application: its application_id is {found:#010x}, \
-         expected {expected:#010x} (or 0, for a file not stamped yet)"
+        "database {path} belongs to another application: application_id {found:#010x}, \
+         expected {expected:#010x}"
     )]
     ForeignDatabase {
         /// The file.
@@ -187,13 +331,8 @@ pub enum Error {
     },
 
     /// The database is on a network or cluster filesystem, where WAL's shared memory does not
-    /// work and locks are unreliable. Nothing was written.
-    #[error(
-        "database {path} is on a {filesystem} filesystem (statfs type {magic:#x}): SQLite's WAL \
-         needs shared memory between processes, which network filesystems do not provide, and \
-         their locking is often broken (risk: corruption); put the database on a local disk, or \
-         opt into a rollback journal there with Options::journal_mode(JournalMode::Delete)"
-    )]
+    /// work and locks are unreliable.
+    #[error("database {path} is on a {filesystem} filesystem (statfs type {magic:#x})")]
     NetworkFilesystem {
         /// The database file.
         path: PathBuf,
@@ -203,54 +342,16 @@ pub enum Error {
         magic: u64,
     },
 
-    /// Migrations that were applied have different SQL now: somebody edited them after they
-    /// ran, so the schema is not what the code says. Nothing was changed.
-    #[error(
-        "database {path} has applied migrations whose SQL has changed since they ran: {}; \
-         restore their original SQL and put the change in a new migration \
-         (Options::allow_edited_migrations accepts them)",
-        names.join(", ")
-    )]
-    EditedMigrations {
-        /// The database file.
-        path: PathBuf,
-        /// The edited migrations' names.
-        names: Vec<String>,
-    },
-
     /// SQLite could not write the database to disk: the disk is full, or a file-size limit,
     /// a quota or an I/O error stopped it. The transaction was rolled back; the file is
     /// consistent and takes writes again once there is room.
-    #[error(
-        "{operation} failed: SQLite could not write to disk (the disk is full, or a file-size \
-         limit, quota or I/O error stopped it); the transaction was rolled back"
-    )]
+    #[error("{operation} failed: SQLite could not write to disk")]
     Storage {
-        /// The step that failed, such as `write`.
-        operation: &'static str,
+        /// The step that failed.
+        operation: Operation,
         /// Diesel's error, with SQLite's message.
         #[source]
         source: DieselError,
-    },
-
-    /// A step of the plain Diesel baseline ([`plain`](crate::plain)) failed.
-    #[doc(hidden)]
-    #[error("{operation} failed")]
-    Baseline {
-        /// The step.
-        operation: &'static str,
-        /// What Diesel said.
-        #[source]
-        source: BoxError,
-    },
-
-    /// An argument was rejected before anything touched the database.
-    #[error("invalid {what}: {reason}")]
-    Invalid {
-        /// What was rejected, such as `artifact name`.
-        what: &'static str,
-        /// Why.
-        reason: String,
     },
 }
 
@@ -267,12 +368,67 @@ impl Error {
             _ => false,
         }
     }
-}
 
-impl Error {
+    /// What to do about this error, for the refusals that have a remedy: one or two
+    /// sentences for a person, such as a command line's `hint:` line.
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self {
+            Error::JournalMode {
+                actual: JournalMode::Wal,
+                ..
+            } => {
+                "leaving WAL needs every other connection closed, so it is never done at run \
+                 time; switch the file offline (sqlite3 FILE 'PRAGMA journal_mode = DELETE')"
+            }
+            Error::JournalMode { .. } => {
+                "SQLite kept the old mode: WAL needs shared memory, which this VFS or \
+                 filesystem does not offer; use a local filesystem, or ask for a rollback \
+                 journal mode"
+            }
+            Error::NonTransactionalMigration { .. } => {
+                "a metadata.toml without run_in_transaction counts as false; set \
+                 run_in_transaction = true in its metadata.toml, or move the statement that \
+                 needs it (VACUUM, PRAGMA journal_mode, PRAGMA foreign_keys) out of the \
+                 migrations"
+            }
+            Error::UnknownMigrations { .. } => {
+                "it was migrated by a newer or a different program; \
+                 Options::allow_unknown_migrations accepts that, for rolling upgrades"
+            }
+            Error::EditedMigrations { .. } => {
+                "restore their original SQL and put the change in a new migration \
+                 (Options::allow_edited_migrations accepts them)"
+            }
+            Error::Corrupt { .. } => "restore it from a backup",
+            Error::ReadOnlyDirectory { .. } => {
+                "SQLite creates the database's -wal and -shm (or -journal) files and the \
+                 write queue its -lock file in that directory"
+            }
+            Error::ReadOnlyFile { .. } => {
+                "this layer opens databases to write them (and to put them in WAL mode and \
+                 migrate them)"
+            }
+            Error::ForeignDatabase { .. } => {
+                "open it with the application id it carries, or use another file; a file \
+                 with id 0 is not stamped yet and is accepted"
+            }
+            Error::NetworkFilesystem { .. } => {
+                "SQLite's WAL needs shared memory between processes, which network \
+                 filesystems do not provide, and their locking is often broken (risk: \
+                 corruption); put the database on a local disk, or opt into a rollback \
+                 journal there with Options::journal_mode(JournalMode::Delete)"
+            }
+            Error::Storage { .. } => {
+                "free disk space, or raise the file-size limit or quota; the file is \
+                 consistent and takes writes again once there is room"
+            }
+            _ => return None,
+        })
+    }
+
     /// A failed statement of `operation`: [`Error::Storage`] when SQLite could not write to
     /// disk, else [`Error::Query`].
-    pub(crate) fn query(operation: &'static str, source: DieselError) -> Self {
+    pub(crate) fn query(operation: Operation, source: DieselError) -> Self {
         if is_storage_error(&source) {
             Error::Storage { operation, source }
         } else {
@@ -285,7 +441,7 @@ impl From<DieselError> for Error {
     /// Lets `?` inside [`Database::write`](crate::Database::write) and
     /// [`Database::read`](crate::Database::read) closures turn Diesel errors into this type.
     fn from(source: DieselError) -> Self {
-        Error::query("query", source)
+        Error::query(Operation::Query, source)
     }
 }
 
@@ -307,7 +463,7 @@ impl Error {
     /// SQLite's "file is not a database" (SQLITE_NOTADB) and "database disk image is
     /// malformed" (SQLITE_CORRUPT), met by the first statements that read `path`, as the
     /// typed errors that name the file; any other error as it is.
-    pub(crate) fn naming_bad_file(self, path: &Path) -> Self {
+    pub(crate) fn naming_bad_file(self, path: &std::path::Path) -> Self {
         let Error::Query {
             source: DieselError::DatabaseError(_, info),
             ..
@@ -351,7 +507,11 @@ const LOCK_MESSAGES: [&str; 5] = [
     "database schema has changed",
 ];
 
-/// Whether a Diesel error is one of SQLite's transient lock errors (see [`LOCK_MESSAGES`]).
+/// Whether a Diesel error is one of SQLite's transient lock errors: "database is locked"
+/// (SQLITE_BUSY and its extended codes), "database table is locked" and "database schema is
+/// locked" (SQLITE_LOCKED), "locking protocol" (SQLITE_PROTOCOL) and "database schema has
+/// changed" (SQLITE_SCHEMA), however Diesel wrapped them (a failed COMMIT included).
+/// Diesel 2.3 does not expose SQLite's result codes, so the message is all there is to go by.
 ///
 /// This is the crate's only classifier; everything else (constraint violations, syntax
 /// errors, "file is not a database", a full disk) is returned at once without retrying.
@@ -370,8 +530,8 @@ fn is_lock_message(message: &str) -> bool {
         .any(|lock| message == *lock || message.starts_with(&format!("{lock}:")))
 }
 
-/// "a: b: c" for an error and its sources, as the command line prints it.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+/// "a: b: c" for an error and its sources, as the retry events log it.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -530,7 +690,7 @@ mod tests {
         let constraint: Error = db_error(DatabaseErrorKind::UniqueViolation, "UNIQUE").into();
         assert!(!constraint.is_lock_error());
         let exhausted = Error::Busy {
-            operation: "write",
+            operation: Operation::Write,
             attempts: 3,
             elapsed: Duration::from_secs(1),
             source: Box::new(locked),

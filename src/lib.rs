@@ -1,29 +1,92 @@
-#![doc = include_str!("../README.md")]
+//! SQLite for Diesel applications that start many processes at once against one database
+//! file (parallel CLI runs, workers, cron jobs, web servers) and must never fail on
+//! "database is locked", lose a write, or apply a migration twice.
+//!
+//! [`Options::open`] (or [`Database::open`] with the defaults) opens a file, puts it in WAL
+//! mode once, and applies your embedded migrations atomically and exactly once however many
+//! processes start together. [`Database::write`] runs a closure in a write transaction that
+//! takes the lock up front (`BEGIN IMMEDIATE`) and runs again as a whole while the database
+//! is locked; [`Database::read`] runs one in a read-only snapshot.
+//!
+//! ```
+//! use diesel::prelude::*;
+//! use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+//! use sqlite_persistence::Options;
+//!
+//! const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+//!
+//! # fn main() -> sqlite_persistence::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let path = dir.path().join("app.db");
+//! let db = Options::new().open(&path, MIGRATIONS)?;
+//! let value = db.write(|conn| -> sqlite_persistence::Result<i64> {
+//!     // Read, then write: safe, because the write lock is held from the start.
+//!     diesel::sql_query("INSERT OR IGNORE INTO counters (name) VALUES ('jobs')").execute(conn)?;
+//!     diesel::sql_query("UPDATE counters SET value = value + 1 WHERE name = 'jobs'")
+//!         .execute(conn)?;
+//!     Ok(1)
+//! })?;
+//! assert_eq!(value, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it guarantees
+//! - **Opening**: `busy_timeout` is the first pragma on every connection; the journal mode
+//!   is read first, switched only when needed, on one connection, under the write turn,
+//!   retried with jittered backoff and verified; refusals (not a database, damaged,
+//!   read-only, another application's file, a network filesystem, a database migrated by a
+//!   newer binary, an edited migration) come before the first write and leave the file
+//!   byte-for-byte as it was.
+//! - **Migrations**: one `BEGIN IMMEDIATE` re-reads what is applied under the lock and
+//!   commits the whole batch, its bookkeeping and the checksum of each migration's SQL, or
+//!   none of it. A database with nothing pending takes no write lock.
+//! - **Writes**: `BEGIN IMMEDIATE`, retried as a whole on lock errors with a wall-clock
+//!   deadline ([`RetryPolicy`]); writers of this crate queue for the lock on a sidecar
+//!   file, `<database>-lock`, in arrival order ([`Options::fair_queue`]).
+//! - **Errors** are one [`Error`] enum with context and the cause chain kept;
+//!   [`Error::is_lock_error`] tells a lock error from the rest, [`Error::hint`] what to do
+//!   about a refusal. Every retry is a `tracing` event (`operation`, `attempt`, `delay_ms`,
+//!   `elapsed_ms`, `error`) at `warn`; the library never installs a subscriber.
+//!
+//! # The exported names
+//! | name | what it is |
+//! |---|---|
+//! | [`Options`] | the builder: pragmas, journal mode, retry policy, migration checks, pool; [`Options::open`] |
+//! | [`Database`] | an open database: [`write`](Database::write), [`read`](Database::read), [`connection`](Database::connection) |
+//! | [`WriteStats`] | what a [`Database::write_measured`] waited and how many attempts it took |
+//! | [`SqlitePool`], [`PooledSqlite`] | the r2d2 pool of a `Database` and a connection borrowed from it |
+//! | [`ConnectionCustomizer`] | the r2d2 hook that applies the pragmas, for a pool of your own |
+//! | [`JournalMode`], [`Synchronous`], [`TempStore`] | typed pragma values |
+//! | [`RetryPolicy`], [`Delays`] | when lock errors are retried, and the schedule of sleeps |
+//! | [`Status`], [`Checksums`], [`FileSizes`] | a database's state, read without changing it |
+//! | [`Error`], [`Operation`], [`FileOperation`], [`Result`], [`BoxError`] | errors and the steps they name |
+//! | [`is_lock_error`] | the one classifier of SQLite's lock errors, for Diesel's error type |
+//!
+//! The user's guide, with every default and what happens on each fault, is the README;
+//! the command line `sqlite-persistence` (load tests, status) is a separate package.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod catalog;
 mod customizer;
 mod database;
 mod error;
-mod fair;
-mod filesystem;
-mod history;
-mod migrate;
+mod open;
 mod options;
-#[doc(hidden)]
-pub mod plain;
-mod preflight;
+mod pragma;
+mod queue;
 mod retry;
-mod schema;
 mod status;
-mod wal;
 
-pub use catalog::{
-    validate_artifact_name, Catalog, Recorded, APPLICATION_ID, MAX_ARTIFACT_NAME, MIGRATIONS,
-};
 pub use customizer::ConnectionCustomizer;
 pub use database::{Database, PooledSqlite, SqlitePool, WriteStats};
-pub use error::{error_chain, is_lock_error, BoxError, Error, Result};
-pub use options::{JournalMode, Options, Synchronous, TempStore};
+pub use error::{is_lock_error, BoxError, Error, FileOperation, Operation, Result};
+pub use options::Options;
+pub use pragma::{JournalMode, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};
 pub use status::{Checksums, FileSizes, Status};
+
+/// The README's example, compiled and run as a doctest so that the user's guide stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,106 +1,9 @@
 //! Connection settings: every default in one place, every pragma value typed.
 
-use std::fmt;
 use std::time::Duration;
 
+use crate::pragma::{JournalMode, Synchronous, TempStore};
 use crate::retry::RetryPolicy;
-
-/// How SQLite keeps its journal (`PRAGMA journal_mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum JournalMode {
-    /// Write-ahead log: readers never block the writer nor the writer them. The default.
-    Wal,
-    /// Rollback journal, deleted after each transaction (SQLite's own default). For
-    /// filesystems where WAL's shared memory does not work.
-    Delete,
-    /// Rollback journal, truncated instead of deleted.
-    Truncate,
-    /// Rollback journal, header zeroed instead of deleted.
-    Persist,
-    /// In memory; what an in-memory database always reports. Not a mode to ask for.
-    Memory,
-}
-
-impl JournalMode {
-    /// The keyword SQLite uses for this mode.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            JournalMode::Wal => "wal",
-            JournalMode::Delete => "delete",
-            JournalMode::Truncate => "truncate",
-            JournalMode::Persist => "persist",
-            JournalMode::Memory => "memory",
-        }
-    }
-
-    /// Parses what `PRAGMA journal_mode` returns (case-insensitive); `None` for modes this
-    /// crate does not use (`off`).
-    pub fn parse(mode: &str) -> Option<Self> {
-        [
-            JournalMode::Wal,
-            JournalMode::Delete,
-            JournalMode::Truncate,
-            JournalMode::Persist,
-            JournalMode::Memory,
-        ]
-        .into_iter()
-        .find(|m| m.as_str().eq_ignore_ascii_case(mode))
-    }
-}
-
-impl fmt::Display for JournalMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How often SQLite waits for the disk (`PRAGMA synchronous`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Synchronous {
-    /// Never waits: a power loss can corrupt the file.
-    Off,
-    /// Under WAL, durable up to the last checkpoint and never corrupt; the production choice.
-    Normal,
-    /// Waits at every commit; the safe choice for rollback-journal mode.
-    Full,
-    /// As `Full`, and also syncs the directory after deleting a rollback journal.
-    Extra,
-}
-
-impl Synchronous {
-    const fn as_str(self) -> &'static str {
-        match self {
-            Synchronous::Off => "OFF",
-            Synchronous::Normal => "NORMAL",
-            Synchronous::Full => "FULL",
-            Synchronous::Extra => "EXTRA",
-        }
-    }
-}
-
-/// Where SQLite keeps temporary tables and indices (`PRAGMA temp_store`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum TempStore {
-    /// As compiled in (a file, for the bundled SQLite).
-    Default,
-    /// In temporary files.
-    File,
-    /// In memory: faster sorts and `GROUP BY`, no temporary files.
-    Memory,
-}
-
-impl TempStore {
-    const fn as_str(self) -> &'static str {
-        match self {
-            TempStore::Default => "DEFAULT",
-            TempStore::File => "FILE",
-            TempStore::Memory => "MEMORY",
-        }
-    }
-}
 
 /// How the layer opens a database: pragmas, journal mode, retries, migration checks, pool.
 ///
@@ -200,11 +103,16 @@ impl Options {
     /// connection closed): asking for a rollback mode on a WAL file is an error.
     ///
     /// # Panics
-    /// If `mode` is [`JournalMode::Memory`], which only in-memory databases have.
+    /// If `mode` is [`JournalMode::Memory`], which only in-memory databases have, or
+    /// [`JournalMode::Off`], which gives up atomic commits.
     pub fn journal_mode(mut self, mode: JournalMode) -> Self {
         assert!(
             mode != JournalMode::Memory,
             "journal_mode(Memory) cannot be asked for; in-memory databases have it by themselves"
+        );
+        assert!(
+            mode != JournalMode::Off,
+            "journal_mode(Off) cannot be asked for: a crash mid-transaction would corrupt the file"
         );
         self.journal_mode = mode;
         self
@@ -407,7 +315,15 @@ mod tests {
         assert_eq!(JournalMode::parse("wal"), Some(JournalMode::Wal));
         assert_eq!(JournalMode::parse("WAL"), Some(JournalMode::Wal));
         assert_eq!(JournalMode::parse("memory"), Some(JournalMode::Memory));
-        assert_eq!(JournalMode::parse("off"), None);
+        // Every mode SQLite has is typed (so errors carry it); other words are not modes.
+        assert_eq!(JournalMode::parse("off"), Some(JournalMode::Off));
+        assert_eq!(JournalMode::parse("wall"), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "journal_mode(Off) cannot be asked for")]
+    fn journal_mode_off_is_rejected_in_the_setter() {
+        let _ = Options::new().journal_mode(JournalMode::Off);
     }
 
     #[test]

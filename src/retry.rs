@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{chain_has_lock_error, error_chain, Error};
+use crate::error::{chain_has_lock_error, error_chain, Error, Operation};
 
 /// When and how often a locked operation is tried again.
 ///
@@ -19,7 +19,8 @@ use crate::error::{chain_has_lock_error, error_chain, Error};
 /// `busy_timeout`.
 ///
 /// Only lock errors are retried ([`is_lock_error`](crate::is_lock_error)); anything else
-/// returns at once.
+/// returns at once. Each retry is a `tracing` event at `warn` (fields `operation`, `attempt`,
+/// `delay_ms`, `elapsed_ms`, `error`), giving up one at `error`.
 ///
 /// # Default
 /// | setting | value |
@@ -202,7 +203,7 @@ pub(crate) struct Success<T> {
 pub(crate) fn retry<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
-    operation: &'static str,
+    operation: Operation,
     is_transient: impl Fn(&E) -> bool,
     describe: impl Fn(&E) -> String,
     mut attempt: impl FnMut(u32) -> Result<T, E>,
@@ -221,7 +222,7 @@ pub(crate) fn retry<T, E>(
         let remaining = policy.max_elapsed.saturating_sub(elapsed);
         if attempts >= policy.max_attempts || remaining.is_zero() {
             tracing::error!(
-                operation,
+                operation = operation.as_str(),
                 attempt = attempts,
                 elapsed_ms = elapsed.as_millis() as u64,
                 error = %describe(&error),
@@ -235,7 +236,7 @@ pub(crate) fn retry<T, E>(
         }
         let delay = delays.next().unwrap_or(policy.max_delay).min(remaining);
         tracing::warn!(
-            operation,
+            operation = operation.as_str(),
             attempt = attempts,
             delay_ms = delay.as_millis() as u64,
             elapsed_ms = elapsed.as_millis() as u64,
@@ -251,7 +252,7 @@ pub(crate) fn retry<T, E>(
 pub(crate) fn retry_locked<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
-    operation: &'static str,
+    operation: Operation,
     attempt: impl FnMut(u32) -> Result<T, E>,
 ) -> Result<Success<T>, E>
 where
@@ -331,7 +332,7 @@ pub(crate) mod tests {
         retry(
             policy,
             clock,
-            "test",
+            Operation::Query,
             |_: &&str| true,
             |e| e.to_string(),
             |_| {
@@ -387,7 +388,7 @@ pub(crate) mod tests {
         let outcome = retry(
             &policy,
             &clock,
-            "test",
+            Operation::Query,
             |_: &&str| true,
             |e| e.to_string(),
             |attempt| {
@@ -415,7 +416,7 @@ pub(crate) mod tests {
         let outcome = retry(
             &RetryPolicy::new(),
             &clock,
-            "test",
+            Operation::Query,
             |e: &&str| *e == "locked",
             |e| e.to_string(),
             |_| Err::<(), _>("syntax error"),

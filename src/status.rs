@@ -8,13 +8,10 @@ use diesel::sqlite::Sqlite;
 use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 
 use crate::customizer::ConnectionCustomizer;
-use crate::database::database_url;
-use crate::error::{Error, Result};
-use crate::filesystem::Filesystem;
-use crate::migrate::{known, plan, read_state, Migrations, State};
+use crate::error::{Error, FileOperation, Operation, Result};
+use crate::open::{read_journal_mode, Access, Filesystem, Source, State, Target};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
-use crate::wal::read_journal_mode;
 
 /// Sizes in bytes of a database's files; `None` where the file does not exist.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,22 +91,22 @@ impl Status {
         migrations: S,
         options: &Options,
     ) -> Result<Self> {
-        let migrations: Migrations = migrations
-            .migrations()
-            .map_err(|source| Error::MigrationSource { source })?;
-        let known = known(&migrations);
-        let path = std::path::absolute(path.as_ref()).map_err(|source| Error::Io {
-            operation: "resolve the path of",
-            path: path.as_ref().to_owned(),
-            source,
-        })?;
-        let sizes = FileSizes {
-            database: file_size(&path, "")?,
-            wal: file_size(&path, "-wal")?,
-            shm: file_size(&path, "-shm")?,
+        let source = Source::list(migrations)?;
+        let target = Target::new(path.as_ref())?;
+        let size = |suffix: &str| match target.side_file(suffix) {
+            Some(file) => file_size(file),
+            None => Ok(None),
         };
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        let filesystem = Filesystem::of(dir).ok().flatten();
+        let sizes = FileSizes {
+            database: size("")?,
+            wal: size("-wal")?,
+            shm: size("-shm")?,
+        };
+        let path = target.path().to_owned();
+        let filesystem = match path.parent() {
+            Some(dir) if !target.is_memory() => Filesystem::of(dir).ok().flatten(),
+            _ => None,
+        };
         let mut status = Status {
             exists: sizes.database.is_some(),
             path,
@@ -124,52 +121,52 @@ impl Status {
             integrity: Vec::new(),
             sizes,
         };
-        let state = if status.exists {
-            let mut conn = SqliteConnection::establish(&database_url(&status.path, "rw")?)
-                .map_err(|source| Error::Open {
-                    path: status.path.clone(),
-                    source,
+        let plan = if status.exists {
+            let mut conn =
+                SqliteConnection::establish(&target.url(Access::Existing)).map_err(|source| {
+                    Error::Open {
+                        path: status.path.clone(),
+                        source,
+                    }
                 })?;
-            let (mode, state) = retry_locked(&options.retry, &SystemClock, "read status", |_| {
-                ConnectionCustomizer::new(options).apply(&mut conn)?;
-                let mode = read_journal_mode(&mut conn).map_err(Error::from)?;
-                Ok::<_, Error>((mode, read_state(&mut conn)?))
-            })
-            .map_err(|e| e.naming_bad_file(&status.path))?
-            .value;
+            let customizer = ConnectionCustomizer::new(options);
+            let (mode, plan) =
+                retry_locked(&options.retry, &SystemClock, Operation::ReadStatus, |_| {
+                    customizer.apply(&mut conn)?;
+                    let query = |e| Error::query(Operation::ReadStatus, e);
+                    let mode = read_journal_mode(&mut conn).map_err(query)?;
+                    Ok::<_, Error>((mode, source.read(&mut conn, options).map_err(query)?))
+                })
+                .map_err(|e| e.naming_bad_file(&status.path))?
+                .value;
             status.journal_mode = Some(mode);
-            status.application_id = Some(state.application_id);
+            status.application_id = Some(plan.state.application_id);
             status.integrity = match sql_query("PRAGMA quick_check").load::<CheckRow>(&mut conn) {
                 Ok(rows) => rows.into_iter().map(|r| r.quick_check).collect(),
                 Err(error) => vec![error.to_string()],
             };
-            state
+            plan
         } else {
-            State::default()
+            source.plan(State::default(), options)
         };
-        let plan = plan(&known, &state, options);
-        let names = |indices: &[usize]| indices.iter().map(|&i| known[i].name.clone()).collect();
-        status.pending = names(&plan.pending);
+        status.pending = source.names(&plan.pending);
         status.checksums = Checksums {
             verified: plan.verified,
-            edited: names(&plan.edited),
-            unrecorded: names(&plan.unrecorded),
+            edited: source.names(&plan.edited),
+            unrecorded: source.names(&plan.unrecorded),
         };
         status.unknown = plan.unknown;
-        status.applied = state.applied.into_iter().collect();
+        status.applied = plan.state.applied.into_iter().collect();
         Ok(status)
     }
 }
 
-fn file_size(path: &Path, suffix: &str) -> Result<Option<u64>> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(suffix);
-    let file = PathBuf::from(name);
+fn file_size(file: PathBuf) -> Result<Option<u64>> {
     match std::fs::metadata(&file) {
         Ok(meta) => Ok(Some(meta.len())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::Io {
-            operation: "read metadata of",
+            operation: FileOperation::ReadMetadata,
             path: file,
             source,
         }),

@@ -6,10 +6,16 @@ mod common;
 use std::fs;
 use std::path::Path;
 
+use common::{APPLICATION_ID, MIGRATIONS, VERSIONS};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel_migrations::FileBasedMigrations;
-use sqlite_persistence::{Catalog, Database, Error, Options, Status, MIGRATIONS};
+use diesel_migrations::{FileBasedMigrations, MigrationHarness};
+use sqlite_persistence::{Database, Error, Options, Status};
+
+/// The application's own options: its migrations, stamped with its id.
+fn app() -> Options {
+    Options::new().application_id(APPLICATION_ID)
+}
 
 /// Writes a migrations directory: (name, up.sql, metadata.toml) per migration.
 fn migrations(dir: &Path, list: &[(&str, &str, Option<&str>)]) -> FileBasedMigrations {
@@ -42,8 +48,8 @@ fn tables(db: &Path) -> Vec<String> {
 #[test]
 fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
     let (dir, db) = common::fresh_db();
-    // The "newer binary": the catalog's migrations plus one more.
-    Catalog::open(&db, Options::new()).unwrap();
+    // The "newer binary": the application's migrations plus one more.
+    app().open(&db, MIGRATIONS).unwrap();
     let newer = migrations(
         &dir.path().join("newer"),
         &[(
@@ -52,9 +58,11 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
             None,
         )],
     );
-    // And the other way round: to that source, the catalog's three are unknown.
+    // And the other way round: to that source, the application's are unknown.
     let error = Database::open(&db, newer).unwrap_err();
-    assert!(matches!(error, Error::UnknownMigrations { ref versions, .. } if versions.len() == 3));
+    assert!(
+        matches!(error, Error::UnknownMigrations { ref versions, .. } if versions == &VERSIONS)
+    );
     {
         let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
         conn.batch_execute(
@@ -66,7 +74,7 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
     let before = tables(&db);
     common::wait_closed(&db);
     let bytes = fs::read(&db).unwrap();
-    let error = Catalog::open(&db, Options::new()).unwrap_err();
+    let error = app().open(&db, MIGRATIONS).unwrap_err();
     match &error {
         Error::UnknownMigrations { versions, .. } => assert_eq!(versions, &["20990101000000"]),
         other => panic!("{other}"),
@@ -75,8 +83,12 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
     assert_eq!(tables(&db), before);
     common::wait_closed(&db);
     assert!(fs::read(&db).unwrap() == bytes, "the file changed");
+    assert!(error.hint().unwrap().contains("allow_unknown_migrations"));
     // Explicitly allowed, for rolling upgrades.
-    Catalog::open(&db, Options::new().allow_unknown_migrations(true)).unwrap();
+    app()
+        .allow_unknown_migrations(true)
+        .open(&db, MIGRATIONS)
+        .unwrap();
     let status = Status::read(&db, MIGRATIONS, &Options::new()).unwrap();
     assert_eq!(status.unknown, ["20990101000000"]);
 }
@@ -105,7 +117,7 @@ fn a_failing_migration_rolls_back_the_whole_batch() {
         Error::Migration { name, .. } => assert_eq!(name, "2026-01-01-000002_two"),
         other => panic!("{other}"),
     }
-    let chain = sqlite_persistence::error_chain(&error);
+    let chain = common::chain(&error);
     assert!(chain.contains("no such table: nope"), "{chain}");
     assert!(!error.is_lock_error());
     // Neither "one" nor the bookkeeping table survived.
@@ -130,7 +142,11 @@ fn non_transactional_migrations_are_refused_before_anything_runs() {
             }
             other => panic!("{metadata}: {other}"),
         }
-        assert!(error.to_string().contains("metadata.toml"), "{error}");
+        assert!(
+            error.to_string().contains("run_in_transaction = false"),
+            "{error}"
+        );
+        assert!(error.hint().unwrap().contains("metadata.toml"), "{error}");
         assert!(tables(&db).is_empty());
     }
 }
@@ -153,16 +169,16 @@ fn an_explicitly_transactional_metadata_is_accepted() {
 #[test]
 fn nothing_pending_takes_no_write_lock() {
     let (_dir, db) = common::fresh_db();
-    Catalog::open(&db, Options::new()).unwrap();
+    app().open(&db, MIGRATIONS).unwrap();
     // Another connection holds the write lock for the whole open: a migrated database
     // opens anyway, because the fast path only reads.
     let mut holder = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
     holder.batch_execute("BEGIN IMMEDIATE").unwrap();
-    let options = Options::new().retry(
+    let options = app().retry(
         sqlite_persistence::RetryPolicy::new().max_elapsed(std::time::Duration::from_millis(200)),
     );
-    let catalog = Catalog::open(&db, options).unwrap();
-    assert!(catalog.database().applied_at_open().is_empty());
+    let opened = options.open(&db, MIGRATIONS).unwrap();
+    assert!(opened.applied_at_open().is_empty());
     holder.batch_execute("ROLLBACK").unwrap();
 }
 
@@ -197,7 +213,7 @@ fn an_applied_migration_edited_since_is_refused_by_name_and_untouched() {
         other => panic!("{other}"),
     }
     assert!(
-        error.to_string().contains("allow_edited_migrations"),
+        error.hint().unwrap().contains("allow_edited_migrations"),
         "{error}"
     );
     assert_eq!(tables(&db), before);
@@ -229,25 +245,26 @@ fn an_applied_migration_edited_since_is_refused_by_name_and_untouched() {
 #[test]
 fn a_database_migrated_by_plain_diesel_gets_its_checksums_and_application_id_once() {
     let (_dir, db) = common::fresh_db();
-    sqlite_persistence::plain::PlainCatalog::open(&db).unwrap();
+    {
+        // What plain Diesel applications run at startup.
+        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        conn.run_pending_migrations(MIGRATIONS).unwrap();
+    }
     let status = Status::read(&db, MIGRATIONS, &Options::new()).unwrap();
-    assert_eq!(status.checksums.unrecorded.len(), 3);
+    assert_eq!(status.checksums.unrecorded.len(), VERSIONS.len());
     assert_eq!(status.application_id, Some(0));
     // Nothing is pending, but the layer records what it can check from now on.
-    let catalog = Catalog::open(&db, Options::new()).unwrap();
-    assert!(catalog.database().applied_at_open().is_empty());
+    let opened = app().open(&db, MIGRATIONS).unwrap();
+    assert!(opened.applied_at_open().is_empty());
     let status = Status::read(&db, MIGRATIONS, &Options::new()).unwrap();
-    assert_eq!(status.checksums.verified, 3);
+    assert_eq!(status.checksums.verified, VERSIONS.len());
     assert!(status.checksums.unrecorded.is_empty());
-    assert_eq!(
-        status.application_id,
-        Some(sqlite_persistence::APPLICATION_ID)
-    );
+    assert_eq!(status.application_id, Some(APPLICATION_ID));
     assert_eq!(status.integrity, ["ok"]);
 }
 
 #[test]
-fn a_library_user_stamps_their_own_application_id_and_the_catalog_refuses_that_file() {
+fn a_library_user_stamps_their_own_application_id_and_another_application_refuses_that_file() {
     let (dir, db) = common::fresh_db();
     let mine = u32::from_be_bytes(*b"MyAp");
     let source = dir.path().join("m");
@@ -263,12 +280,12 @@ fn a_library_user_stamps_their_own_application_id_and_the_catalog_refuses_that_f
         ),
         [mine.to_string()]
     );
-    let error = Catalog::open(&db, Options::new()).unwrap_err();
+    let error = app().open(&db, MIGRATIONS).unwrap_err();
     match error {
         Error::ForeignDatabase {
             expected, found, ..
         } => {
-            assert_eq!(expected, sqlite_persistence::APPLICATION_ID);
+            assert_eq!(expected, APPLICATION_ID);
             assert_eq!(found, mine);
         }
         other => panic!("{other}"),

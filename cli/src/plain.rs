@@ -1,4 +1,6 @@
-//! The baseline: the setup most Diesel applications write, kept to show what the layer fixes.
+//! The baseline: the setup most Diesel applications write, kept to show what the layer
+//! fixes. It uses Diesel alone (and the library's public API for nothing but the catalog's
+//! migrations and types).
 //!
 //! `busy_timeout` and `journal_mode = WAL` in an r2d2 customizer, `run_pending_migrations` at
 //! startup, the default deferred transaction for writes, no retry. The command line runs it
@@ -14,9 +16,9 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 use diesel::sqlite::Sqlite;
 use diesel::{Connection, SqliteConnection};
 use diesel_migrations::MigrationHarness;
+use sqlite_persistence::{PooledSqlite, SqlitePool};
 
 use crate::catalog::{record_next, validate_artifact_name, Recorded, MIGRATIONS};
-use crate::database::{database_url, PooledSqlite, SqlitePool};
 use crate::error::{Error, Result};
 
 #[derive(Debug)]
@@ -54,8 +56,8 @@ impl PlainCatalog {
         path: impl AsRef<Path>,
         migrations: S,
     ) -> Result<Self> {
-        let manager =
-            ConnectionManager::<SqliteConnection>::new(database_url(path.as_ref(), "rwc")?);
+        // As plain applications do: the path as the database URL.
+        let manager = ConnectionManager::<SqliteConnection>::new(path.as_ref().to_string_lossy());
         let pool = Pool::builder()
             .max_size(2)
             .connection_customizer(Box::new(PlainCustomizer))
@@ -89,7 +91,12 @@ impl PlainCatalog {
         validate_artifact_name(artifact)?;
         let asked = Instant::now();
         let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;
-        let version = conn.transaction(|conn| record_next(conn, artifact, hold))?;
+        let version = conn
+            .transaction(|conn| record_next(conn, artifact, hold))
+            .map_err(|source| Error::Query {
+                operation: "record a version",
+                source,
+            })?;
         Ok(Recorded {
             artifact: artifact.to_owned(),
             version,

@@ -1,18 +1,17 @@
-//! The crate's own store: named artifacts and their data versions. The worked example of
-//! the layer, and what the command line and the cross-process tests drive.
+//! The demo store: named artifacts and their data versions. A worked example of an
+//! application on the library, and what the command line and the cross-process tests drive.
 
 use std::path::Path;
 use std::time::Duration;
 
 use diesel::prelude::*;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+use sqlite_persistence::{Database, Options};
 
-use crate::database::Database;
 use crate::error::{Error, Result};
-use crate::options::Options;
 use crate::schema::{artifact_versions, artifacts};
 
-/// The catalog's migrations (`migrations/` in this crate).
+/// The catalog's migrations (`cli/migrations/`).
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// The catalog's `PRAGMA application_id`: `SPct` in ASCII. A catalog file carries it, and
@@ -51,8 +50,8 @@ impl Catalog {
     /// [`APPLICATION_ID`] in place of any the options set.
     ///
     /// # Errors
-    /// As [`Options::open`]; [`Error::ForeignDatabase`] for a file of another application.
-    pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Self> {
+    /// As [`Options::open`]; `ForeignDatabase` for a file of another application.
+    pub fn open(path: impl AsRef<Path>, options: Options) -> sqlite_persistence::Result<Self> {
         Ok(Self {
             db: options
                 .application_id(APPLICATION_ID)
@@ -63,8 +62,8 @@ impl Catalog {
     /// Records the next data version of `artifact` (creating it at its first version).
     ///
     /// # Errors
-    /// [`Error::Invalid`] for an empty, over-long or control-character name; otherwise as
-    /// [`Database::write`].
+    /// [`Error::ArtifactName`] for an empty, over-long or control-character name; otherwise
+    /// as [`Database::write`].
     pub fn record(&self, artifact: &str) -> Result<Recorded> {
         self.record_holding(artifact, Duration::ZERO)
     }
@@ -76,10 +75,11 @@ impl Catalog {
     /// As [`record`](Catalog::record).
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
         validate_artifact_name(artifact)?;
-        let (version, stats) = self.db.write_measured(|conn| -> Result<i64> {
-            record_next(conn, artifact, hold)
-                .map_err(|source| Error::query("record a version", source))
-        })?;
+        let (version, stats) =
+            self.db
+                .write_measured(|conn| -> sqlite_persistence::Result<i64> {
+                    Ok(record_next(conn, artifact, hold)?)
+                })?;
         Ok(Recorded {
             artifact: artifact.to_owned(),
             version,
@@ -92,28 +92,30 @@ impl Catalog {
     ///
     /// # Errors
     /// As [`Database::read`].
-    pub fn versions(&self, artifact: &str) -> Result<Vec<i64>> {
-        self.db.read(|conn| -> Result<Vec<i64>> {
-            Ok(artifact_versions::table
-                .inner_join(artifacts::table)
-                .filter(artifacts::name.eq(artifact))
-                .select(artifact_versions::version)
-                .order(artifact_versions::version)
-                .load(conn)?)
-        })
+    pub fn versions(&self, artifact: &str) -> sqlite_persistence::Result<Vec<i64>> {
+        self.db
+            .read(|conn| -> sqlite_persistence::Result<Vec<i64>> {
+                Ok(artifact_versions::table
+                    .inner_join(artifacts::table)
+                    .filter(artifacts::name.eq(artifact))
+                    .select(artifact_versions::version)
+                    .order(artifact_versions::version)
+                    .load(conn)?)
+            })
     }
 
     /// Every artifact with its latest version, by name.
     ///
     /// # Errors
     /// As [`Database::read`].
-    pub fn artifacts(&self) -> Result<Vec<(String, i64)>> {
-        self.db.read(|conn| -> Result<Vec<(String, i64)>> {
-            Ok(artifacts::table
-                .select((artifacts::name, artifacts::latest_version))
-                .order(artifacts::name)
-                .load(conn)?)
-        })
+    pub fn artifacts(&self) -> sqlite_persistence::Result<Vec<(String, i64)>> {
+        self.db
+            .read(|conn| -> sqlite_persistence::Result<Vec<(String, i64)>> {
+                Ok(artifacts::table
+                    .select((artifacts::name, artifacts::latest_version))
+                    .order(artifacts::name)
+                    .load(conn)?)
+            })
     }
 
     /// The database underneath.
@@ -130,7 +132,7 @@ impl Catalog {
 /// Claims the next version of `artifact`: reads the latest and writes the next. Safe only in
 /// a transaction that holds the write lock from its start; the plain Diesel baseline runs it
 /// in a deferred one to show what happens otherwise.
-pub(crate) fn record_next(
+pub fn record_next(
     conn: &mut SqliteConnection,
     artifact: &str,
     hold: Duration,
@@ -163,7 +165,7 @@ pub(crate) fn record_next(
 /// empty, at most [`MAX_ARTIFACT_NAME`] bytes, no control characters.
 ///
 /// # Errors
-/// [`Error::Invalid`] saying which rule the name breaks.
+/// [`Error::ArtifactName`] saying which rule the name breaks.
 pub fn validate_artifact_name(name: &str) -> Result<()> {
     let reason = if name.trim().is_empty() {
         "it is empty".to_owned()
@@ -177,10 +179,7 @@ pub fn validate_artifact_name(name: &str) -> Result<()> {
     } else {
         return Ok(());
     };
-    Err(Error::Invalid {
-        what: "artifact name",
-        reason,
-    })
+    Err(Error::ArtifactName { reason })
 }
 
 #[cfg(test)]
@@ -192,7 +191,7 @@ mod tests {
         let catalog = Catalog::open(":memory:", Options::new()).unwrap();
         assert_eq!(
             catalog.database().journal_mode(),
-            crate::JournalMode::Memory
+            sqlite_persistence::JournalMode::Memory
         );
         assert_eq!(catalog.database().applied_at_open().len(), 3);
         for expected in 1..=3 {
@@ -212,7 +211,7 @@ mod tests {
         let catalog = Catalog::open(":memory:", Options::new()).unwrap();
         for name in ["", "   ", "a\nb", &"x".repeat(256)] {
             let error = catalog.record(name).unwrap_err();
-            assert!(matches!(error, Error::Invalid { .. }), "{error}");
+            assert!(matches!(error, Error::ArtifactName { .. }), "{error}");
         }
         assert!(catalog.artifacts().unwrap().is_empty());
     }

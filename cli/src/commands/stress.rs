@@ -3,37 +3,80 @@
 //! are safe, and (with `--compare`) how the plain Diesel setup fares under the same load.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::commands::{clean_or_error, on_fresh_db, plain_path};
+use crate::error::Error;
+use crate::harness::children::{remove_side_files, run_together};
+use crate::harness::table::{self, Column};
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
-use sqlite_persistence::Error;
-
-use crate::children::{remove_side_files, run_together};
-use crate::table::{self, Column};
 
 /// The workload.
 #[derive(Debug, Clone, Copy)]
 pub struct Load {
+    /// How many processes start together.
     pub processes: usize,
+    /// How many versions each records.
     pub writes: u32,
+    /// How long each write transaction holds the lock.
     pub hold_ms: u64,
 }
 
 /// What one side of the run measured.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// The side's name.
     pub label: &'static str,
+    /// Processes that exited with an error.
     pub failed: usize,
+    /// Their errors, counted.
     pub causes: BTreeMap<String, usize>,
+    /// Versions the processes printed after their commit.
     pub acknowledged: usize,
+    /// Version rows in the file.
     pub stored: i64,
+    /// Whether the stored versions are 1..=n, each once.
     pub distinct_gapless: bool,
+    /// Rows in `__diesel_schema_migrations`.
     pub migrations: i64,
+    /// Each process's time from start to the database opened and migrated, sorted.
     pub ready_ms: Vec<f64>,
+    /// Each write's wait for the write lock, sorted.
     pub wait_ms: Vec<f64>,
+    /// From the release of the barrier to the last exit.
     pub seconds: f64,
+}
+
+/// `stress`: the crate's side on a fresh file, and with `--compare` the plain side on
+/// `PATH-plain`.
+pub fn run(db: Option<PathBuf>, load: Load, compare: bool, json: bool) -> Result<(), Error> {
+    if load.processes == 0 || load.writes == 0 {
+        return Err(Error::Usage {
+            what: "stress load",
+            reason: "--processes and --writes must be at least 1".to_owned(),
+        });
+    }
+    let reports = on_fresh_db(db, "stress", |db| {
+        let mut reports = vec![run_side("sqlite-persistence", db, load, false)?];
+        if compare {
+            reports.push(run_side("plain diesel", &plain_path(db), load, true)?);
+        }
+        Ok(reports)
+    })?;
+    if json {
+        let sides: Vec<_> = reports.iter().map(|r| r.json(load)).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "load": {
+            "processes": load.processes, "writes": load.writes, "hold_ms": load.hold_ms,
+        }, "sides": sides })
+        );
+    } else {
+        print_table(load, &reports);
+    }
+    clean_or_error("stress", reports[0].clean(load))
 }
 
 /// The longest a side may run before its processes are killed.
@@ -42,7 +85,7 @@ const LIMIT: Duration = Duration::from_secs(300);
 /// Runs `load` against a fresh database at `db` with this binary (`plain` for the baseline).
 pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Result<Report, Error> {
     if db.exists() {
-        return Err(Error::Invalid {
+        return Err(Error::Usage {
             what: "stress database",
             reason: format!("{} exists; stress needs a fresh file", db.display()),
         });
@@ -168,6 +211,7 @@ impl Report {
             && self.migrations == 3
     }
 
+    /// Every figure, for `--json`.
     pub fn json(&self, load: Load) -> serde_json::Value {
         serde_json::json!({
             "label": self.label,

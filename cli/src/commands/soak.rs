@@ -4,18 +4,21 @@
 //! must pass `PRAGMA integrity_check`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sqlite_persistence::plain::PlainCatalog;
-use sqlite_persistence::{Catalog, Error, Options};
+use sqlite_persistence::Options;
 
-use crate::children::{remove_side_files, run_together};
-use crate::table::{self, Column};
+use crate::catalog::Catalog;
+use crate::commands::{clean_or_error, on_fresh_db, plain_path};
+use crate::error::Error;
+use crate::harness::children::{remove_side_files, run_together};
+use crate::harness::table::{self, Column};
+use crate::plain::PlainCatalog;
 
 /// The artifacts the workers share, so that they contend.
 const ARTIFACTS: [&str; 4] = ["soak-a", "soak-b", "soak-c", "soak-d"];
@@ -100,18 +103,20 @@ pub fn work(path: &Path, seconds: u64, plain: bool) -> Result<(), Error> {
         let (latest, versions) = match &store {
             Store::Layer(catalog) => catalog
                 .database()
-                .read(|conn| -> Result<_, Error> { Ok(snapshot(conn, artifact)?) })?,
+                .read(|conn| -> sqlite_persistence::Result<_> { Ok(snapshot(conn, artifact)?) })?,
             Store::Plain(catalog) => catalog
                 .connection()?
-                .transaction(|conn| snapshot(conn, artifact))?,
+                .transaction(|conn| snapshot(conn, artifact))
+                .map_err(|source| Error::Query {
+                    operation: "read a snapshot",
+                    source,
+                })?,
         };
         if !whole(latest, &versions) {
-            return Err(Error::Invalid {
-                what: "snapshot",
-                reason: format!(
-                    "{artifact} has latest_version {latest} but versions {versions:?}: a \
-                     partial write is visible"
-                ),
+            return Err(Error::PartialWrite {
+                artifact: artifact.to_owned(),
+                latest,
+                versions,
             });
         }
         reads += 1;
@@ -120,14 +125,60 @@ pub fn work(path: &Path, seconds: u64, plain: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// `soak`, laid out as `stress`.
+pub fn run(
+    db: Option<PathBuf>,
+    processes: usize,
+    seconds: u64,
+    compare: bool,
+    json: bool,
+) -> Result<(), Error> {
+    if processes == 0 || seconds == 0 {
+        return Err(Error::Usage {
+            what: "soak load",
+            reason: "--processes and --seconds must be at least 1".to_owned(),
+        });
+    }
+    let reports = on_fresh_db(db, "soak", |db| {
+        let mut reports = vec![run_side(
+            "sqlite-persistence",
+            db,
+            processes,
+            seconds,
+            false,
+        )?];
+        if compare {
+            let plain = plain_path(db);
+            reports.push(run_side("plain diesel", &plain, processes, seconds, true)?);
+        }
+        Ok(reports)
+    })?;
+    if json {
+        let sides: Vec<_> = reports.iter().map(Report::json).collect();
+        println!(
+            "{}",
+            serde_json::json!({ "load": {"processes": processes, "seconds": seconds}, "sides": sides })
+        );
+    } else {
+        print_table(processes, seconds, &reports);
+    }
+    clean_or_error("soak", reports[0].clean())
+}
+
 /// What one side of a soak found.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// The side's name.
     pub label: &'static str,
+    /// How many processes ran.
     pub processes: usize,
+    /// Processes that exited with an error.
     pub failed: usize,
+    /// Their errors, counted.
     pub causes: BTreeMap<String, usize>,
+    /// Writes the processes printed after their commit.
     pub acknowledged: usize,
+    /// Reads, each of a whole snapshot.
     pub reads: u64,
     /// Acknowledged writes not in the file at the end.
     pub missing: usize,
@@ -135,7 +186,9 @@ pub struct Report {
     pub stored: usize,
     /// Every artifact's versions are 1..=latest.
     pub whole: bool,
+    /// What `PRAGMA integrity_check` said.
     pub integrity: String,
+    /// From the release of the barrier to the last exit.
     pub seconds: f64,
 }
 
@@ -145,6 +198,7 @@ impl Report {
         self.failed == 0 && self.missing == 0 && self.whole && self.integrity == "ok"
     }
 
+    /// Every figure, for `--json`.
     pub fn json(&self) -> serde_json::Value {
         serde_json::json!({
             "label": self.label,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use diesel::connection::{BoxableConnection, SimpleConnection};
 use diesel::migration::Migration;
-use diesel::sql_types::Text;
+use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::Sqlite;
 use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 
@@ -68,6 +68,24 @@ fn fnv1a64(text: &str) -> u64 {
 }
 
 #[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Whether `table` exists, read without writing (Diesel's own reads of its bookkeeping table
+/// create it first).
+pub(crate) fn table_exists(conn: &mut SqliteConnection, table: &str) -> QueryResult<bool> {
+    Ok(
+        sql_query("SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = ?")
+            .bind::<Text, _>(table)
+            .get_result::<Count>(conn)?
+            .n
+            > 0,
+    )
+}
+
+#[derive(QueryableByName)]
 struct Row {
     #[diesel(sql_type = Text)]
     version: String,
@@ -77,7 +95,7 @@ struct Row {
 
 /// The recorded checksums by version; empty if the table does not exist (yet).
 pub(crate) fn recorded(conn: &mut SqliteConnection) -> QueryResult<BTreeMap<String, String>> {
-    if !crate::migrate::table_exists(conn, TABLE)? {
+    if !table_exists(conn, TABLE)? {
         return Ok(BTreeMap::new());
     }
     Ok(sql_query(format!("SELECT version, checksum FROM {TABLE}"))
@@ -130,7 +148,9 @@ mod tests {
 
     #[test]
     fn the_checksum_is_taken_without_running_anything_and_ignores_crlf() {
-        let migrations = MigrationSource::<Sqlite>::migrations(&crate::MIGRATIONS).unwrap();
+        const EMBEDDED: diesel_migrations::EmbeddedMigrations =
+            diesel_migrations::embed_migrations!("migrations");
+        let migrations = MigrationSource::<Sqlite>::migrations(&EMBEDDED).unwrap();
         let sums: Vec<_> = migrations.iter().map(|m| checksum(&**m).unwrap()).collect();
         assert!(sums
             .iter()

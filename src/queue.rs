@@ -1,5 +1,6 @@
-//! Fair waiting: writers queue on an OS file lock next to the database instead of racing
-//! SQLite's polling busy handler.
+//! The cross-process write turn: writers queue on an OS file lock next to the database
+//! instead of racing SQLite's polling busy handler; [`locked`] takes the turn, then retries
+//! the whole operation.
 //!
 //! SQLite's busy handler polls: newcomers retry every few milliseconds, old waiters every
 //! 100 ms, so under load old waiters lose again and again. A blocking `flock(2)` on a sidecar
@@ -10,20 +11,14 @@
 //! retry policy) still decide.
 
 use std::cell::RefCell;
+use std::error::Error as StdError;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
-use crate::retry::RetryPolicy;
-
-/// The sidecar lock file of a database: `<database>-lock`.
-pub(crate) fn sidecar_path(database: &Path) -> PathBuf {
-    let mut name = database.as_os_str().to_owned();
-    name.push("-lock");
-    PathBuf::from(name)
-}
+use crate::error::{Error, FileOperation, Operation, Result};
+use crate::retry::{retry_locked, Clock, RetryPolicy, Success};
 
 /// The write queue of one database file.
 #[derive(Debug, Clone)]
@@ -111,22 +106,15 @@ pub(crate) enum Wait {
 }
 
 impl WriteQueue {
-    /// The queue for `database`, creating its sidecar with the database file's permissions
-    /// (exactly, whatever the umask). A sidecar that exists is left as it is: it may be
-    /// another user's, in a group that shares the database, and only its owner may change
-    /// its mode.
-    pub(crate) fn new(database: &Path) -> Result<Self> {
+    /// The queue for `database` on its `sidecar` (`<database>-lock`), creating the sidecar
+    /// with the database file's permissions (exactly, whatever the umask). A sidecar that
+    /// exists is left as it is: it may be another user's, in a group that shares the
+    /// database, and only its owner may change its mode.
+    pub(crate) fn new(database: &Path, sidecar: PathBuf) -> Result<Self> {
         let queue = Self {
-            path: sidecar_path(database).into(),
+            path: sidecar.into(),
         };
-        let io = |operation| {
-            let path = queue.path.to_path_buf();
-            move |source| Error::Io {
-                operation,
-                path,
-                source,
-            }
-        };
+        let io = |operation| queue.io_error(operation);
         let mut create = OpenOptions::new();
         create.write(true).create_new(true);
         #[cfg(unix)]
@@ -143,13 +131,22 @@ impl WriteQueue {
                 {
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(&queue.path, std::fs::Permissions::from_mode(mode))
-                        .map_err(io("set the permissions of"))?;
+                        .map_err(io(FileOperation::SetPermissions))?;
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(source) => return Err(io("create the write queue file")(source)),
+            Err(source) => return Err(io(FileOperation::CreateQueue)(source)),
         }
         Ok(queue)
+    }
+
+    fn io_error(&self, operation: FileOperation) -> impl FnOnce(std::io::Error) -> Error {
+        let path = self.path.to_path_buf();
+        move |source| Error::Io {
+            operation,
+            path,
+            source,
+        }
     }
 
     fn open(&self) -> Result<File> {
@@ -161,11 +158,7 @@ impl WriteQueue {
             .create(true)
             .truncate(false)
             .open(&self.path)
-            .map_err(|source| Error::Io {
-                operation: "open the write queue file",
-                path: self.path.to_path_buf(),
-                source,
-            })
+            .map_err(self.io_error(FileOperation::OpenQueue))
     }
 
     /// Waits at most `timeout` for the lock. Uncontended, this is one non-blocking `flock` on
@@ -181,21 +174,15 @@ impl WriteQueue {
             Ok(()) => return Ok(Turn::new(self.path.clone(), file)),
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(source)) => {
-                return Err(Wait::Failed(Error::Io {
-                    operation: "lock the write queue file",
-                    path: self.path.to_path_buf(),
+                return Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
                     source,
-                }))
+                )))
             }
         }
         let (sender, receiver) = mpsc::sync_channel(1);
-        let path = self.path.to_path_buf();
+        let failed = self.io_error(FileOperation::LockQueue);
         std::thread::spawn(move || {
-            let locked = file.lock().map(|()| file).map_err(|source| Error::Io {
-                operation: "lock the write queue file",
-                path,
-                source,
-            });
+            let locked = file.lock().map(|()| file).map_err(failed);
             // If the caller timed out, the send fails and the file (and lock) is dropped.
             let _ = sender.send(locked);
         });
@@ -207,12 +194,31 @@ impl WriteQueue {
     }
 }
 
+/// Takes the write turn in `queue` (if there is one), then runs `attempt` under the retry
+/// policy until it succeeds or fails for good; the turn is held throughout. Queueing and
+/// retrying share one deadline. This is how the journal-mode switch, the migration batch
+/// and every `write` take the write lock: the turn is never awaited while holding a SQLite
+/// lock, because it comes first.
+pub(crate) fn locked<T, E>(
+    queue: Option<&WriteQueue>,
+    policy: &RetryPolicy,
+    clock: &dyn Clock,
+    operation: Operation,
+    attempt: impl FnMut(u32) -> Result<T, E>,
+) -> Result<Success<T>, E>
+where
+    E: From<Error> + StdError + Send + Sync + 'static,
+{
+    let (_turn, policy) = wait_turn(queue, operation, policy)?;
+    retry_locked(&policy, clock, operation, attempt)
+}
+
 /// Takes a turn in `queue` (if there is one) for `operation`, waiting at most the policy's
 /// deadline. Returns the turn and the policy left for the operation itself: its deadline
 /// shortened by the time spent queueing, so that the whole stays within one deadline.
-pub(crate) fn wait_turn(
+fn wait_turn(
     queue: Option<&WriteQueue>,
-    operation: &'static str,
+    operation: Operation,
     policy: &RetryPolicy,
 ) -> Result<(Option<Turn>, RetryPolicy)> {
     let Some(queue) = queue else {
@@ -228,7 +234,7 @@ pub(crate) fn wait_turn(
         Err(Wait::TimedOut) => {
             let elapsed = start.elapsed();
             tracing::error!(
-                operation,
+                operation = operation.as_str(),
                 elapsed_ms = elapsed.as_millis() as u64,
                 queue = %queue.path.display(),
                 "write queue stayed locked, giving up"
@@ -253,10 +259,18 @@ pub(crate) fn wait_turn(
 mod tests {
     use super::*;
 
+    fn sidecar(db: &Path) -> PathBuf {
+        PathBuf::from(format!("{}-lock", db.display()))
+    }
+
+    fn queue_of(db: &Path) -> WriteQueue {
+        WriteQueue::new(db, sidecar(db)).unwrap()
+    }
+
     #[test]
     fn one_holder_at_a_time_and_a_bounded_wait() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = WriteQueue::new(&dir.path().join("db")).unwrap();
+        let queue = queue_of(&dir.path().join("db"));
         let first = queue.turn(Duration::from_secs(1)).unwrap();
         let start = Instant::now();
         assert!(matches!(
@@ -274,7 +288,7 @@ mod tests {
     #[test]
     fn a_waiter_gets_the_lock_as_soon_as_it_is_released() {
         let dir = tempfile::tempdir().unwrap();
-        let queue = WriteQueue::new(&dir.path().join("db")).unwrap();
+        let queue = queue_of(&dir.path().join("db"));
         let held = queue.turn(Duration::from_secs(1)).unwrap();
         let other = queue.clone();
         let waiter = std::thread::spawn(move || {
@@ -300,8 +314,8 @@ mod tests {
         let db = dir.path().join("db");
         std::fs::write(&db, b"").unwrap();
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
-        WriteQueue::new(&db).unwrap();
-        let mode = std::fs::metadata(sidecar_path(&db))
+        queue_of(&db);
+        let mode = std::fs::metadata(sidecar(&db))
             .unwrap()
             .permissions()
             .mode();

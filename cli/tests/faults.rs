@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use rand::{Rng, SeedableRng};
-use sqlite_persistence::{Catalog, Error, Options, RetryPolicy};
+use sqlite_persistence::{Error, Operation, Options, RetryPolicy};
+use sqlite_persistence_cli::Catalog;
 
 /// Rows the slow migration inserts: about 0.2 s in a debug build.
 const SLOW_ROWS: u32 = 30_000;
@@ -376,7 +377,8 @@ fn a_foreign_lock_held_past_the_deadline_gives_the_typed_timeout_error_in_time()
             assert!(*elapsed >= deadline, "{error}");
             let text = error.to_string();
             assert!(
-                text.contains(operation) && text.contains(&format!("after {attempts} attempts")),
+                text.contains(operation.as_str())
+                    && text.contains(&format!("after {attempts} attempts")),
                 "{text}"
             );
             *operation
@@ -389,16 +391,19 @@ fn a_foreign_lock_held_past_the_deadline_gives_the_typed_timeout_error_in_time()
     let start = Instant::now();
     let error = Catalog::open(&db, patient(deadline)).unwrap_err();
     let took = start.elapsed();
-    assert_eq!(busy(&error), "switch journal mode");
+    assert_eq!(busy(&error), Operation::SwitchJournalMode);
     assert!(took < deadline + Duration::from_millis(700), "{took:?}");
     holder.wait().unwrap();
     // A write.
     let catalog = Catalog::open(&db, patient(deadline)).unwrap();
     let mut holder = foreign_holder(&db, hold);
     let start = Instant::now();
-    let error = catalog.record("a").unwrap_err();
+    let error = match catalog.record("a").unwrap_err() {
+        sqlite_persistence_cli::Error::Persistence(error) => error,
+        other => panic!("expected the library's error, got {other}"),
+    };
     let took = start.elapsed();
-    assert_eq!(busy(&error), "write");
+    assert_eq!(busy(&error), Operation::Write);
     assert!(took < deadline + Duration::from_millis(700), "{took:?}");
     holder.wait().unwrap();
     assert_eq!(

@@ -108,7 +108,7 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// A catalog with enough versions to span many pages, closed (its WAL checkpointed away).
 fn populated(db: &Path) {
     let catalog =
-        sqlite_persistence::Catalog::open(db, sqlite_persistence::Options::new()).unwrap();
+        sqlite_persistence_cli::Catalog::open(db, sqlite_persistence::Options::new()).unwrap();
     catalog
         .database()
         .write(|conn| -> sqlite_persistence::Result<()> {
@@ -244,7 +244,10 @@ fn status_reports_filesystem_application_id_checksums_and_integrity() {
     assert!(status["filesystem"].is_string(), "{status}");
     assert_eq!(status["network_filesystem"], false);
     assert_eq!(status["journal_mode"], "wal");
-    assert_eq!(status["application_id"], sqlite_persistence::APPLICATION_ID);
+    assert_eq!(
+        status["application_id"],
+        sqlite_persistence_cli::APPLICATION_ID
+    );
     assert_eq!(status["checksums"]["verified"], 3);
     assert_eq!(status["checksums"]["edited"].as_array().unwrap().len(), 0);
     assert_eq!(status["integrity"][0], "ok");

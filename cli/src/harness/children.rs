@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sqlite_persistence::Error;
+use crate::error::Error;
 
 /// What one process did.
 pub struct Output {
+    /// Whether it exited with status 0.
     pub success: bool,
+    /// Everything it printed on stdout.
     pub stdout: String,
+    /// Everything it printed on stderr.
     pub stderr: String,
 }
 
@@ -135,8 +138,7 @@ fn release_and_collect(
         }
         if start.elapsed() > Duration::from_secs(60) {
             children.iter_mut().for_each(|c| drop(c.kill()));
-            return Err(Error::Invalid {
-                what: "run of processes",
+            return Err(Error::Run {
                 reason: format!("only {ready} of {n} processes started within 60 s"),
             });
         }
@@ -177,8 +179,7 @@ fn release_and_collect(
         }
         if released.elapsed() > limit {
             running.iter_mut().for_each(|(c, _, _)| drop(c.kill()));
-            return Err(Error::Invalid {
-                what: "run of processes",
+            return Err(Error::Run {
                 reason: format!("processes still running after {} s", limit.as_secs()),
             });
         }

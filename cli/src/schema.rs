@@ -1,4 +1,4 @@
-//! The catalog's tables, as `diesel print-schema` writes them for `migrations/`.
+//! The catalog's tables, as `diesel print-schema` writes them for `cli/migrations/`.
 #![allow(missing_docs)]
 
 diesel::table! {

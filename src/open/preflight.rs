@@ -16,8 +16,8 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
-use crate::filesystem::{self, Filesystem};
+use super::filesystem::{self, Filesystem};
+use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
 
 /// SQLite's smallest page size: a database file is at least one page long.
@@ -28,19 +28,16 @@ const MIN_PAGE: u64 = 512;
 /// existing file. Then creates a missing file with [`Options::create_mode`], so that SQLite
 /// (which copies the database's mode to `-wal` and `-shm`) never makes a world-readable one.
 pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
-    let invalid = |reason: String| Error::Invalid {
-        what: "database path",
-        reason,
-    };
     if path.is_dir() {
-        return Err(invalid(format!("{} is a directory", path.display())));
+        return Err(Error::IsADirectory {
+            path: path.to_owned(),
+        });
     }
     let dir = path.parent().unwrap_or(Path::new("/"));
     if !dir.is_dir() {
-        return Err(invalid(format!(
-            "the directory {} does not exist",
-            dir.display()
-        )));
+        return Err(Error::MissingDirectory {
+            path: dir.to_owned(),
+        });
     }
     let io = |operation, path: &Path| {
         let path = path.to_owned();
@@ -50,23 +47,19 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
             source,
         }
     };
-    if let Some(fs) = Filesystem::of(dir).map_err(io("find the filesystem of", dir))? {
+    if let Some(fs) = Filesystem::of(dir).map_err(io(FileOperation::FindFilesystem, dir))? {
         filesystem::check(path, fs, options.journal_mode)?;
     }
     if !writable(dir) {
-        return Err(Error::ReadOnly {
+        return Err(Error::ReadOnlyDirectory {
             path: dir.to_owned(),
-            reason: "SQLite creates the database's -wal and -shm (or -journal) files and \
-                     this layer its -lock file in that directory",
         });
     }
     match std::fs::metadata(path) {
         Ok(meta) => {
             if !writable(path) {
-                return Err(Error::ReadOnly {
+                return Err(Error::ReadOnlyFile {
                     path: path.to_owned(),
-                    reason: "this layer opens databases to write them (and to put them in \
-                             WAL mode and migrate them)",
                 });
             }
             if (1..MIN_PAGE).contains(&meta.len()) {
@@ -82,7 +75,7 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path, options.create_mode),
-        Err(source) => Err(io("read metadata of", path)(source)),
+        Err(source) => Err(io(FileOperation::ReadMetadata, path)(source)),
     }
 }
 
@@ -135,13 +128,13 @@ fn create(path: &Path, mode: u32) -> Result<()> {
             {
                 use std::os::unix::fs::PermissionsExt;
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(io("set the permissions of"))?;
+                    .map_err(io(FileOperation::SetPermissions))?;
             }
             #[cfg(not(unix))]
             let _ = (file, mode);
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(io("create")(source)),
+        Err(source) => Err(io(FileOperation::Create)(source)),
     }
 }

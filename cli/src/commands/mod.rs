@@ -1,0 +1,107 @@
+//! The commands, and what they share.
+
+pub mod migrate;
+pub mod record;
+pub mod soak;
+pub mod status;
+pub mod stress;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use diesel_migrations::FileBasedMigrations;
+
+use crate::error::{Error, Result};
+
+/// The database a command works on: `--db PATH`, else `$DATABASE_URL` (a path, or a
+/// `sqlite://` URL), else `catalog.db`.
+pub fn database_path(cli_db: Option<PathBuf>) -> PathBuf {
+    cli_db.unwrap_or_else(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(&url)),
+        _ => PathBuf::from("catalog.db"),
+    })
+}
+
+/// A Diesel migrations directory, as `diesel migration` lays it out.
+pub fn migration_dir(dir: &Path) -> Result<FileBasedMigrations> {
+    FileBasedMigrations::from_path(dir).map_err(|source| {
+        sqlite_persistence::Error::MigrationSource {
+            source: Box::new(source),
+        }
+        .into()
+    })
+}
+
+/// Runs `run` on a fresh database: `--db PATH` (which must not exist), else `NAME` in a new
+/// temporary directory, removed afterwards. Never `$DATABASE_URL`: a load test must not
+/// touch a real database.
+pub fn on_fresh_db<T>(
+    db: Option<PathBuf>,
+    name: &str,
+    run: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let (dir, db) = match db {
+        Some(db) => (None, std::path::absolute(&db).unwrap_or(db)),
+        None => {
+            let dir = std::env::temp_dir()
+                .join(format!("sqlite-persistence-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                operation: "create",
+                path: dir.clone(),
+                source,
+            })?;
+            let db = dir.join(format!("{name}.db"));
+            (Some(dir), db)
+        }
+    };
+    let result = if db.exists() {
+        Err(Error::Usage {
+            what: "database path",
+            reason: format!("{} exists; {name} needs a fresh file", db.display()),
+        })
+    } else {
+        run(&db)
+    };
+    if let Some(dir) = dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+/// The plain side's database next to `db`.
+pub fn plain_path(db: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-plain", db.display()))
+}
+
+/// `Ok` for a clean run of `what`, else [`Error::NotClean`].
+pub fn clean_or_error(what: &'static str, clean: bool) -> Result<()> {
+    if clean {
+        Ok(())
+    } else {
+        Err(Error::NotClean { what })
+    }
+}
+
+/// Announces readiness with `PATH.ready-<pid>`, then waits (at most 60 s) for `PATH`.
+pub fn wait_for_barrier(barrier: &Path) -> Result<()> {
+    let mut ready = barrier.as_os_str().to_owned();
+    ready.push(format!(".ready-{}", std::process::id()));
+    std::fs::write(&ready, b"").map_err(|source| Error::Io {
+        operation: "create barrier file",
+        path: ready.into(),
+        source,
+    })?;
+    let start = Instant::now();
+    while !barrier.exists() {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(Error::Run {
+                reason: format!(
+                    "the barrier {} did not appear within 60 s",
+                    barrier.display()
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! `sqlite-persistence record`: record new data versions of an artifact.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sqlite_persistence::Options;
+
+use crate::catalog::{validate_artifact_name, Catalog, Recorded};
+use crate::error::Result;
+use crate::plain::PlainCatalog;
+
+/// What `record` is asked to do.
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// The artifact's name.
+    pub artifact: String,
+    /// How many versions to record, one write transaction each.
+    pub count: u32,
+    /// How long each write transaction stays open.
+    pub hold: Duration,
+    /// One JSON object per version.
+    pub json: bool,
+    /// Leave out the fair queue.
+    pub no_fair_queue: bool,
+    /// The plain Diesel setup instead of the library.
+    pub plain: bool,
+}
+
+/// Records `args.count` versions of `args.artifact` in `path`; `started` is when the process
+/// started, for `ready_us`.
+///
+/// # Errors
+/// A bad name (before anything is opened or created), and what opening and writing meet.
+pub fn run(path: &Path, args: &Args, started: Instant) -> Result<()> {
+    // Before opening: a bad name must not create or migrate a database.
+    validate_artifact_name(&args.artifact)?;
+    let print = |recorded: Recorded, ready: Duration| {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "artifact": recorded.artifact,
+                    "version": recorded.version,
+                    "wait_us": recorded.wait.as_micros() as u64,
+                    "attempts": recorded.attempts,
+                    "ready_us": ready.as_micros() as u64,
+                })
+            );
+        } else {
+            println!("{} version {}", recorded.artifact, recorded.version);
+        }
+    };
+    if args.plain {
+        let catalog = PlainCatalog::open(path)?;
+        let ready = started.elapsed();
+        for _ in 0..args.count {
+            print(catalog.record_holding(&args.artifact, args.hold)?, ready);
+        }
+    } else {
+        let options = Options::new().fair_queue(!args.no_fair_queue);
+        let catalog = Catalog::open(path, options)?;
+        let ready = started.elapsed();
+        for _ in 0..args.count {
+            print(catalog.record_holding(&args.artifact, args.hold)?, ready);
+        }
+    }
+    Ok(())
+}

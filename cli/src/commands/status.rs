@@ -1,0 +1,111 @@
+//! `sqlite-persistence status`: what a database looks like, without changing it.
+
+use std::path::Path;
+
+use sqlite_persistence::{Options, Status};
+
+use crate::catalog::MIGRATIONS;
+use crate::commands::migration_dir;
+use crate::error::Result;
+
+/// Reads the status of `path` against the catalog's migrations, or those in `migrations`, and
+/// prints it (one JSON object with `json`).
+///
+/// # Errors
+/// As [`Status::read`], and a migrations directory that cannot be read.
+pub fn run(path: &Path, migrations: Option<&Path>, json: bool) -> Result<()> {
+    let status = match migrations {
+        Some(dir) => Status::read(path, migration_dir(dir)?, &Options::new())?,
+        None => Status::read(path, MIGRATIONS, &Options::new())?,
+    };
+    print_status(&status, json);
+    Ok(())
+}
+
+fn print_status(status: &Status, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "path": status.path,
+                "exists": status.exists,
+                "filesystem": status.filesystem,
+                "network_filesystem": status.network_filesystem,
+                "journal_mode": status.journal_mode,
+                "application_id": status.application_id,
+                "applied": status.applied,
+                "pending": status.pending,
+                "unknown": status.unknown,
+                "checksums": {
+                    "verified": status.checksums.verified,
+                    "edited": status.checksums.edited,
+                    "unrecorded": status.checksums.unrecorded,
+                },
+                "integrity": status.integrity,
+                "sizes": {
+                    "database": status.sizes.database,
+                    "wal": status.sizes.wal,
+                    "shm": status.sizes.shm,
+                },
+            })
+        );
+        return;
+    }
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "0".to_owned()
+        } else {
+            format!("{}: {}", items.len(), items.join(", "))
+        }
+    };
+    let size = |bytes: Option<u64>| bytes.map_or("-".to_owned(), |b| format!("{b} B"));
+    println!("database      {}", status.path.display());
+    println!("exists        {}", if status.exists { "yes" } else { "no" });
+    println!(
+        "filesystem    {}{}",
+        status.filesystem.as_deref().unwrap_or("-"),
+        if status.network_filesystem {
+            " (network: WAL refused)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "journal mode  {}",
+        status.journal_mode.as_deref().unwrap_or("-")
+    );
+    println!(
+        "app id        {}",
+        status.application_id.map_or("-".to_owned(), |id| {
+            let text: String = id
+                .to_be_bytes()
+                .iter()
+                .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+                .collect();
+            format!("{id:#010x} ({text})")
+        })
+    );
+    println!("applied       {}", list(&status.applied));
+    println!("pending       {}", list(&status.pending));
+    println!("unknown       {}", list(&status.unknown));
+    println!(
+        "checksums     {} verified, edited {}, unrecorded {}",
+        status.checksums.verified,
+        list(&status.checksums.edited),
+        list(&status.checksums.unrecorded)
+    );
+    println!(
+        "integrity     {}",
+        if status.integrity.is_empty() {
+            "-".to_owned()
+        } else {
+            status.integrity.join("; ")
+        }
+    );
+    println!(
+        "sizes         database {}, wal {}, shm {}",
+        size(status.sizes.database),
+        size(status.sizes.wal),
+        size(status.sizes.shm)
+    );
+}

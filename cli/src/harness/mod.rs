@@ -1,0 +1,4 @@
+//! One child-process harness and one report table for `stress` and `soak`.
+
+pub mod children;
+pub mod table;

@@ -1,0 +1,5 @@
+-- Named counters: the schema of the library's README example, doctests and tests.
+CREATE TABLE counters (
+    name TEXT PRIMARY KEY NOT NULL,
+    value BIGINT NOT NULL DEFAULT 0
+);
