@@ -671,6 +671,63 @@ mod tests {
     }
 
     #[test]
+    fn messages_are_one_short_clause_and_refusals_carry_their_remedy_as_a_hint() {
+        let path = || PathBuf::from("/srv/app.db");
+        let refusals = [
+            Error::JournalMode {
+                path: path(),
+                expected: JournalMode::Delete,
+                actual: JournalMode::Wal,
+            },
+            Error::JournalMode {
+                path: path(),
+                expected: JournalMode::Wal,
+                actual: JournalMode::Delete,
+            },
+            Error::NonTransactionalMigration { name: "m".into() },
+            Error::UnknownMigrations {
+                path: path(),
+                versions: vec!["2099".into()],
+            },
+            Error::EditedMigrations {
+                path: path(),
+                names: vec!["m".into()],
+            },
+            Error::Corrupt {
+                path: path(),
+                reason: "short".into(),
+            },
+            Error::ReadOnlyDirectory { path: path() },
+            Error::ReadOnlyFile { path: path() },
+            Error::ForeignDatabase {
+                path: path(),
+                expected: 1,
+                found: 2,
+            },
+            Error::NetworkFilesystem {
+                path: path(),
+                filesystem: "NFS",
+                magic: 0x6969,
+            },
+        ];
+        for error in &refusals {
+            let text = error.to_string();
+            assert!(!text.contains(';') && text.len() < 120, "{text}");
+            assert!(error.hint().is_some_and(|h| h.len() > 20), "{text}");
+        }
+        // The two journal-mode refusals say different things.
+        assert_ne!(refusals[0].hint(), refusals[1].hint());
+        assert_eq!(
+            refusals[0].to_string(),
+            "database /srv/app.db is in journal mode wal, expected delete"
+        );
+        // Errors without a remedy of their own have no hint.
+        let locked: Error = db_error(DatabaseErrorKind::Unknown, "database is locked").into();
+        assert_eq!(locked.hint(), None);
+        assert_eq!(locked.to_string(), "query failed");
+    }
+
+    #[test]
     fn crate_error_and_wrapping_errors_are_classified_through_the_chain() {
         let locked: Error = db_error(DatabaseErrorKind::Unknown, "database is locked").into();
         assert!(locked.is_lock_error());
