@@ -178,12 +178,11 @@ fn a_database_of_another_application_is_refused_and_left_byte_for_byte() {
     assert_eq!(snapshot(dir.path()), before);
 }
 
-/// `args` on `db` as `nobody` when the tests run as root; see [`common::unprivileged`].
+/// `args` on `db` as `nobody` when the tests run as root; see
+/// [`common::output_unprivileged`].
 #[cfg(unix)]
 fn run_unprivileged(args: &[&str], db: &Path) -> (bool, String) {
-    let mut command = Command::new(common::binary());
-    command.args(args).arg("--db").arg(db);
-    let output = common::unprivileged(&mut command).output().unwrap();
+    let output = common::output_unprivileged(|command| command.args(args).arg("--db").arg(db));
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stderr).into_owned(),

@@ -517,13 +517,9 @@ fn a_group_shares_a_database_whose_lock_file_another_member_created() {
     common::wait_closed(&db);
     std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
     // ...opened by another member, who may not change the mode of root's -lock file.
-    let output = common::unprivileged(
-        Command::new(common::binary())
-            .args(["record", "--artifact", "a", "--db"])
-            .arg(&db),
-    )
-    .output()
-    .unwrap();
+    let output = common::output_unprivileged(|command| {
+        command.args(["record", "--artifact", "a", "--db"]).arg(&db)
+    });
     common::assert_success(&output);
     assert_eq!(common::stored_versions(&db), [1, 2]);
 }

@@ -224,14 +224,30 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// `command` to run as `nobody` when the tests run as root, else as it is.
+/// Runs the binary, with what `configure` adds, as `nobody` when the tests run as root, else
+/// as it is, and waits for its output. As root it runs a copy in a world-readable temporary
+/// directory (removed afterwards), from `/`: the checkout, and so the built binary, may be in
+/// a directory other users cannot enter.
 #[cfg(unix)]
-pub fn unprivileged(command: &mut Command) -> &mut Command {
+pub fn output_unprivileged(
+    configure: impl FnOnce(&mut Command) -> &mut Command,
+) -> std::process::Output {
     use std::os::unix::process::CommandExt;
-    if is_root() {
-        command.uid(NOBODY).gid(NOBODY);
+    if !is_root() {
+        return configure(&mut Command::new(binary())).output().unwrap();
     }
-    command
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let copy = dir.path().join("sqlite-persistence");
+    std::fs::copy(binary(), &copy).unwrap();
+    set_mode(&copy, 0o755);
+    let mut command = Command::new(&copy);
+    configure(&mut command)
+        .current_dir("/")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap()
 }
 
 #[cfg(unix)]
