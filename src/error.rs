@@ -217,8 +217,8 @@ pub enum Error {
         source: BoxError,
     },
 
-    /// A migration failed; the whole batch was rolled back.
-    #[error("migration {name} failed; the batch was rolled back")]
+    /// A migration failed; the whole batch was rolled back, so the database is as it was.
+    #[error("migration {name} failed")]
     Migration {
         /// The migration's name (its directory name).
         name: String,
@@ -398,6 +398,10 @@ impl Error {
             Error::EditedMigrations { .. } => {
                 "restore their original SQL and put the change in a new migration \
                  (Options::allow_edited_migrations accepts them)"
+            }
+            Error::Migration { .. } => {
+                "the whole batch was rolled back and the database is as it was; fix the \
+                 migration and open again"
             }
             Error::Corrupt { .. } => "restore it from a backup",
             Error::ReadOnlyDirectory { .. } => {
@@ -685,6 +689,10 @@ mod tests {
                 actual: JournalMode::Delete,
             },
             Error::NonTransactionalMigration { name: "m".into() },
+            Error::Migration {
+                name: "m".into(),
+                source: "no such table: nope".into(),
+            },
             Error::UnknownMigrations {
                 path: path(),
                 versions: vec!["2099".into()],
