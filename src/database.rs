@@ -1,22 +1,23 @@
 //! The handle of an open database: write, read, connection.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use diesel::connection::SimpleConnection;
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::migration::MigrationSource;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::result::Error as DieselError;
 use diesel::sqlite::Sqlite;
-use diesel::{Connection, SqliteConnection};
+use diesel::SqliteConnection;
 
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
-use crate::retry::{retry_locked, SystemClock};
+use crate::retry::{retry_attempts, Attempt, SystemClock};
 
 /// The r2d2 pool of a [`Database`]: every connection carries the [`Options`]' pragmas.
 pub type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
@@ -50,8 +51,15 @@ pub struct WriteStats {
 /// `Connection::transaction`). When another connection commits between the read and the
 /// write, SQLite returns "database is locked" at once, without calling the busy handler,
 /// and only running the whole transaction again can succeed.
+///
+/// Inside a `write` or `read` closure, use the connection it is given: a `write`, `read` or
+/// [`connection`](Database::connection) of the same database on the same thread would wait
+/// for the first one's lock (or its pool slot), so it is refused at once with
+/// [`Error::Reentrant`].
 #[derive(Debug)]
 pub struct Database {
+    /// Tells this handle apart in the thread's record of the operations it is inside.
+    id: u64,
     pool: SqlitePool,
     path: PathBuf,
     options: Options,
@@ -69,7 +77,9 @@ impl Database {
         applied: Vec<String>,
         queue: Option<WriteQueue>,
     ) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             pool,
             path,
             options,
@@ -151,16 +161,19 @@ impl Database {
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + From<DieselError> + StdError + Send + Sync + 'static,
     {
+        let _inside = Inside::enter(self.id, Operation::Write)?;
         let asked = Instant::now();
         let began = Cell::new(asked);
+        // The pool slot first, then the cross-process turn: a process never holds the turn
+        // while it waits for its own pool.
+        let mut conn = self.checkout()?;
         let outcome = locked(
             self.queue.as_ref(),
             &self.options.retry,
             &SystemClock,
             Operation::Write,
             |_| {
-                let mut conn = self.connection()?;
-                conn.immediate_transaction(|conn| {
+                transaction(&mut conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {
                     began.set(Instant::now());
                     f(conn)
                 })
@@ -176,24 +189,23 @@ impl Database {
     }
 
     /// Runs `f` in a read transaction with `PRAGMA query_only` on, retrying on lock errors
-    /// (WAL recovery after a crash, or a writer in rollback-journal mode).
+    /// (WAL recovery after a crash, or a writer in rollback-journal mode). `query_only` is
+    /// turned off again before the connection goes back to the pool, even if `f` panics.
     ///
     /// # Errors
     /// What `f` returns; an "attempt to write a readonly database" error if `f` writes;
-    /// [`Error::Busy`] and [`Error::Pool`] as for [`write`](Database::write).
+    /// [`Error::Busy`], [`Error::Pool`] and [`Error::Reentrant`] as for
+    /// [`write`](Database::write).
     pub fn read<T, E, F>(&self, mut f: F) -> Result<T, E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + From<DieselError> + StdError + Send + Sync + 'static,
     {
-        retry_locked(&self.options.retry, &SystemClock, Operation::Read, |_| {
-            let mut conn = self.connection()?;
-            conn.batch_execute("PRAGMA query_only = ON")?;
-            let conn: &mut SqliteConnection = &mut conn;
-            let result = conn.transaction(&mut f);
-            // query_only is per connection and the connection goes back to the pool.
-            conn.batch_execute("PRAGMA query_only = OFF")?;
-            result
+        let _inside = Inside::enter(self.id, Operation::Read)?;
+        let mut conn = self.checkout()?;
+        retry_attempts(&self.options.retry, &SystemClock, Operation::Read, |_| {
+            let mut read_only = QueryOnly::on(&mut conn)?;
+            transaction(read_only.conn(), "BEGIN", Operation::Read, &mut f)
         })
         .map(|outcome| outcome.value)
     }
@@ -203,8 +215,14 @@ impl Database {
     /// transaction that writes.
     ///
     /// # Errors
-    /// [`Error::Pool`] if r2d2 could not open or hand out a connection in time.
+    /// [`Error::Pool`] if r2d2 could not open or hand out a connection in time;
+    /// [`Error::Reentrant`] inside a `write` or `read` of this database on this thread.
     pub fn connection(&self) -> Result<PooledSqlite> {
+        Inside::check(self.id, Operation::Connection)?;
+        self.checkout()
+    }
+
+    fn checkout(&self) -> Result<PooledSqlite> {
         self.pool.get().map_err(|source| Error::Pool { source })
     }
 
@@ -233,5 +251,96 @@ impl Database {
     /// The options it was opened with.
     pub fn options(&self) -> &Options {
         &self.options
+    }
+}
+
+/// Runs `f` in a transaction begun with `begin`, committing if it succeeds and rolling back
+/// if not. The layer's own statements (`begin`, COMMIT, ROLLBACK) fail as
+/// [`Attempt::Layer`], classified by the layer whatever `E` is: a lock error there is retried
+/// even when the caller's error type hides Diesel's error.
+fn transaction<T, E>(
+    conn: &mut SqliteConnection,
+    begin: &str,
+    operation: Operation,
+    f: impl FnOnce(&mut SqliteConnection) -> Result<T, E>,
+) -> Result<T, Attempt<E>> {
+    let layer = |source| Attempt::Layer(Error::query(operation, source));
+    AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(layer)?;
+    match f(conn) {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn).map_err(layer)?;
+            Ok(value)
+        }
+        Err(error) => {
+            AnsiTransactionManager::rollback_transaction(conn).map_err(layer)?;
+            Err(Attempt::Caller(error))
+        }
+    }
+}
+
+/// `PRAGMA query_only` on for as long as this lives: it is per connection, and the connection
+/// goes back to the pool, so it is turned off on drop, unwinding included.
+struct QueryOnly<'c>(&'c mut SqliteConnection);
+
+impl<'c> QueryOnly<'c> {
+    fn on(conn: &'c mut SqliteConnection) -> Result<Self> {
+        conn.batch_execute("PRAGMA query_only = ON")
+            .map_err(|source| Error::query(Operation::Read, source))?;
+        Ok(Self(conn))
+    }
+
+    fn conn(&mut self) -> &mut SqliteConnection {
+        self.0
+    }
+}
+
+impl Drop for QueryOnly<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.batch_execute("PRAGMA query_only = OFF") {
+            // Not expected (the pragma takes no lock); the pool then hands out a connection
+            // that refuses writes, which every write reports as "readonly database".
+            tracing::error!(
+                operation = Operation::Read.as_str(),
+                error = %error,
+                "cannot turn query_only off on a pooled connection"
+            );
+        }
+    }
+}
+
+thread_local! {
+    /// The databases (by handle id) this thread is inside a `write` or `read` of, innermost
+    /// last, with the operation.
+    static INSIDE: RefCell<Vec<(u64, Operation)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// This thread is inside an operation of one database while this lives.
+struct Inside {
+    id: u64,
+}
+
+impl Inside {
+    /// [`Error::Reentrant`] if this thread is already inside an operation of database `id`.
+    fn check(id: u64, operation: Operation) -> Result<()> {
+        INSIDE.with_borrow(|inside| match inside.iter().find(|(i, _)| *i == id) {
+            Some(&(_, outer)) => Err(Error::Reentrant { operation, outer }),
+            None => Ok(()),
+        })
+    }
+
+    fn enter(id: u64, operation: Operation) -> Result<Self> {
+        Self::check(id, operation)?;
+        INSIDE.with_borrow_mut(|inside| inside.push((id, operation)));
+        Ok(Self { id })
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.with_borrow_mut(|inside| {
+            if let Some(i) = inside.iter().rposition(|(id, _)| *id == self.id) {
+                inside.remove(i);
+            }
+        });
     }
 }

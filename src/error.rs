@@ -45,6 +45,8 @@ pub enum Operation {
     ReadStatus,
     /// A statement of a `write` or `read` closure, converted with `?` from Diesel's error.
     Query,
+    /// [`Database::connection`](crate::Database::connection).
+    Connection,
 }
 
 impl Operation {
@@ -63,6 +65,7 @@ impl Operation {
             Operation::Read => "read",
             Operation::ReadStatus => "read status",
             Operation::Query => "query",
+            Operation::Connection => "connection",
         }
     }
 }
@@ -342,6 +345,17 @@ pub enum Error {
         magic: u64,
     },
 
+    /// A `write`, `read` or `connection` was called inside a `write` or `read` of the same
+    /// database on the same thread: it would wait for the outer one's lock or pool slot until
+    /// the deadline. Refused at once.
+    #[error("{operation} called inside a {outer} of the same database on this thread")]
+    Reentrant {
+        /// The nested call.
+        operation: Operation,
+        /// The call it is inside.
+        outer: Operation,
+    },
+
     /// SQLite could not write the database to disk: the disk is full, or a file-size limit,
     /// a quota or an I/O error stopped it. The transaction was rolled back; the file is
     /// consistent and takes writes again once there is room.
@@ -404,6 +418,10 @@ impl Error {
                  migration and open again"
             }
             Error::Corrupt { .. } => "restore it from a backup",
+            Error::Reentrant { .. } => {
+                "use the connection the closure is given; a second one of the same database \
+                 would wait for the first one's lock or pool slot"
+            }
             Error::ReadOnlyDirectory { .. } => {
                 "SQLite creates the database's -wal and -shm (or -journal) files and the \
                  write queue its -lock file in that directory"

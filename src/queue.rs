@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::retry::{retry_locked, Clock, RetryPolicy, Success};
+use crate::retry::{retry_attempts, Attempt, Clock, RetryPolicy, Success};
 
 /// The write queue of one database file.
 #[derive(Debug, Clone)]
@@ -204,13 +204,13 @@ pub(crate) fn locked<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
-    attempt: impl FnMut(u32) -> Result<T, E>,
+    attempt: impl FnMut(u32) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
     E: From<Error> + StdError + Send + Sync + 'static,
 {
     let (_turn, policy) = wait_turn(queue, operation, policy)?;
-    retry_locked(&policy, clock, operation, attempt)
+    retry_attempts(&policy, clock, operation, attempt)
 }
 
 /// Takes a turn in `queue` (if there is one) for `operation`, waiting at most the policy's

@@ -247,13 +247,63 @@ pub(crate) fn retry<T, E>(
     }
 }
 
-/// [`retry`] for the layer's operations: lock errors (anywhere in `E`'s source chain) are
-/// retried, and exhaustion becomes [`Error::Busy`] carrying the last lock error.
-pub(crate) fn retry_locked<T, E>(
+/// What one attempt of a layer operation failed with. The layer's own statements (`BEGIN`,
+/// `COMMIT`, the pool, pragmas) fail as [`Attempt::Layer`] and are classified by the layer
+/// whatever the caller's error type is; the caller's closure fails as [`Attempt::Caller`],
+/// classified through its source chain.
+#[derive(Debug)]
+pub(crate) enum Attempt<E> {
+    /// A statement of the layer's.
+    Layer(Error),
+    /// The caller's closure.
+    Caller(E),
+}
+
+impl<E> From<Error> for Attempt<E> {
+    fn from(error: Error) -> Self {
+        Attempt::Layer(error)
+    }
+}
+
+impl<E: StdError + From<Error> + Send + Sync + 'static> Attempt<E> {
+    fn is_lock_error(&self) -> bool {
+        match self {
+            Attempt::Layer(error) => error.is_lock_error(),
+            Attempt::Caller(error) => chain_has_lock_error(error),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Attempt::Layer(error) => error_chain(error),
+            Attempt::Caller(error) => error_chain(error),
+        }
+    }
+
+    fn boxed(self) -> crate::error::BoxError {
+        match self {
+            Attempt::Layer(error) => Box::new(error),
+            Attempt::Caller(error) => Box::new(error),
+        }
+    }
+
+    /// As the caller sees it.
+    fn into_caller(self) -> E {
+        match self {
+            Attempt::Layer(error) => E::from(error),
+            Attempt::Caller(error) => error,
+        }
+    }
+}
+
+/// [`retry`] for the layer's operations: lock errors are retried (the layer's own by the
+/// layer's classifier, the caller's anywhere in their source chain), and exhaustion becomes
+/// [`Error::Busy`] carrying the last lock error.
+pub(crate) fn retry_attempts<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
-    attempt: impl FnMut(u32) -> Result<T, E>,
+    attempt: impl FnMut(u32) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
     E: From<Error> + StdError + Send + Sync + 'static,
@@ -262,12 +312,12 @@ where
         policy,
         clock,
         operation,
-        |e: &E| chain_has_lock_error(e),
-        |e: &E| error_chain(e),
+        Attempt::is_lock_error,
+        Attempt::describe,
         attempt,
     )
     .map_err(|failure| match failure {
-        Failure::Permanent(error) => error,
+        Failure::Permanent(error) => error.into_caller(),
         Failure::Exhausted {
             attempts,
             elapsed,
@@ -276,8 +326,23 @@ where
             operation,
             attempts,
             elapsed,
-            source: Box::new(last),
+            source: last.boxed(),
         }),
+    })
+}
+
+/// [`retry_attempts`] for an operation whose every error is the caller's type.
+pub(crate) fn retry_locked<T, E>(
+    policy: &RetryPolicy,
+    clock: &dyn Clock,
+    operation: Operation,
+    mut attempt: impl FnMut(u32) -> Result<T, E>,
+) -> Result<Success<T>, E>
+where
+    E: From<Error> + StdError + Send + Sync + 'static,
+{
+    retry_attempts(policy, clock, operation, |n| {
+        attempt(n).map_err(Attempt::Caller)
     })
 }
 

@@ -27,7 +27,7 @@ use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
-use crate::retry::{retry_locked, Clock, SystemClock};
+use crate::retry::{retry_locked, Attempt, Clock, SystemClock};
 
 impl Options {
     /// Opens (creating if needed) the database at `path` with these options and applies
@@ -92,6 +92,9 @@ impl Options {
     }
 }
 
+/// The longest r2d2 is asked to wait for a connection.
+const POOL_WAIT_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// One open in progress: the target and the options, which every step and every error of
 /// the open takes from here.
 struct Opening<'a> {
@@ -116,8 +119,15 @@ impl Opening<'_> {
             .max_size(if memory { 1 } else { self.options.pool_size })
             .min_idle(Some(if memory { 1 } else { 0 }))
             .test_on_check_out(false)
-            // r2d2 panics on a zero timeout; a zero retry deadline still means "try once".
-            .connection_timeout(self.options.retry.deadline().max(Duration::from_secs(1)))
+            // r2d2 panics on a zero timeout (a zero retry deadline still means "try once"),
+            // and on one that overflows an Instant (a deadline of Duration::MAX: a year is as
+            // good as forever for a pool wait).
+            .connection_timeout(
+                self.options
+                    .retry
+                    .deadline()
+                    .clamp(Duration::from_secs(1), POOL_WAIT_LIMIT),
+            )
             .error_handler(Box::new(LogPoolErrors))
             .connection_customizer(Box::new(customizer.clone()));
         let manager = ConnectionManager::<SqliteConnection>::new(self.target.url(Access::Create));
@@ -208,7 +218,9 @@ impl Opening<'_> {
             self.clock,
             Operation::SwitchJournalMode,
             |_| {
-                wal::switch(conn, wanted).map_err(|e| Error::query(Operation::SwitchJournalMode, e))
+                wal::switch(conn, wanted).map_err(|e| {
+                    Attempt::<Error>::Layer(Error::query(Operation::SwitchJournalMode, e))
+                })
             },
         )?
         .value;
@@ -234,7 +246,10 @@ impl Opening<'_> {
             &self.options.retry,
             self.clock,
             Operation::Migrate,
-            |_| conn.immediate_transaction(|conn| source.apply(conn, self.target, self.options)),
+            |_| {
+                conn.immediate_transaction(|conn| source.apply(conn, self.target, self.options))
+                    .map_err(Attempt::<Error>::Layer)
+            },
         )?
         .value;
         if !applied.is_empty() {

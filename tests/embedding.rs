@@ -1,0 +1,214 @@
+//! The promises an application relies on when it embeds the layer: retry whatever its error
+//! type, nested calls refused at once instead of hanging, no process holding the write turn
+//! while it waits for its own pool, a panicking read leaving no read-only connection behind,
+//! any deadline accepted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{bump, bump_in, fresh_db, hold_write_lock, values, MIGRATIONS};
+use diesel::prelude::*;
+use sqlite_persistence::{Database, Error, Operation, Options, RetryPolicy};
+
+/// The most common application error: Diesel's error and the layer's, both transparent, so
+/// that neither is in the source chain the retry loop walks.
+#[derive(Debug, thiserror::Error)]
+enum Transparent {
+    #[error(transparent)]
+    Db(#[from] diesel::result::Error),
+    #[error(transparent)]
+    Layer(#[from] sqlite_persistence::Error),
+}
+
+/// An application error that keeps only Diesel's message.
+#[derive(Debug, thiserror::Error)]
+enum Stringly {
+    #[error("database: {0}")]
+    Db(String),
+    #[error("layer: {0}")]
+    Layer(String),
+}
+
+impl From<diesel::result::Error> for Stringly {
+    fn from(error: diesel::result::Error) -> Self {
+        Stringly::Db(error.to_string())
+    }
+}
+
+impl From<sqlite_persistence::Error> for Stringly {
+    fn from(error: sqlite_persistence::Error) -> Self {
+        Stringly::Layer(error.to_string())
+    }
+}
+
+/// busy_timeout far below the foreign hold: only the layer's retry can outlast it.
+fn quick_busy() -> Options {
+    Options::new().busy_timeout(Duration::from_millis(100))
+}
+
+#[test]
+fn a_lock_on_begin_is_retried_whatever_the_callers_error_type() {
+    let (_dir, path) = fresh_db();
+    let db = quick_busy().open(&path, MIGRATIONS).unwrap();
+    let hold = Duration::from_millis(1200);
+
+    let holder = hold_write_lock(&path, hold);
+    let start = Instant::now();
+    let value = db
+        .write(|conn| -> Result<i64, Transparent> { Ok(bump_in(conn, "a")?) })
+        .unwrap();
+    holder.join().unwrap();
+    assert_eq!(value, 1);
+    assert!(start.elapsed() >= hold - Duration::from_millis(300));
+
+    let holder = hold_write_lock(&path, hold);
+    let value = db
+        .write(|conn| -> Result<i64, Stringly> { Ok(bump_in(conn, "a")?) })
+        .unwrap();
+    holder.join().unwrap();
+    assert_eq!(value, 2);
+    assert_eq!(values(&db, "a").unwrap(), [1, 2]);
+}
+
+#[test]
+fn nested_calls_on_one_thread_are_refused_at_once_and_the_outer_call_goes_on() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    let start = Instant::now();
+    let nested = db
+        .write(|conn| -> sqlite_persistence::Result<Vec<Error>> {
+            let mut refused = Vec::new();
+            refused.push(bump(&db, "inner").unwrap_err());
+            refused.push(
+                db.read(|_| -> sqlite_persistence::Result<()> { Ok(()) })
+                    .unwrap_err(),
+            );
+            refused.push(db.connection().map(drop).unwrap_err());
+            bump_in(conn, "outer")?;
+            Ok(refused)
+        })
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let operations: Vec<_> = nested
+        .iter()
+        .map(|e| match e {
+            Error::Reentrant { operation, outer } => {
+                assert_eq!(*outer, Operation::Write, "{e}");
+                assert!(e
+                    .hint()
+                    .unwrap()
+                    .contains("connection the closure is given"));
+                *operation
+            }
+            other => panic!("expected Reentrant, got {other}"),
+        })
+        .collect();
+    assert_eq!(
+        operations,
+        [Operation::Write, Operation::Read, Operation::Connection]
+    );
+    let inside_read = db
+        .read(|_| -> sqlite_persistence::Result<Error> { Ok(bump(&db, "x").unwrap_err()) })
+        .unwrap();
+    assert!(
+        matches!(
+            inside_read,
+            Error::Reentrant {
+                operation: Operation::Write,
+                outer: Operation::Read
+            }
+        ),
+        "{inside_read}"
+    );
+    // The outer write committed; the handle is usable again.
+    assert_eq!(values(&db, "outer").unwrap(), [1]);
+    assert!(values(&db, "inner").unwrap().is_empty());
+    assert_eq!(bump(&db, "outer").unwrap().0, 2);
+    // Two handles are two databases to the check: a read of another handle inside a write
+    // is allowed (it sees the last commit).
+    let other = Options::new().open(&path, MIGRATIONS).unwrap();
+    let seen = db
+        .write(|conn| -> sqlite_persistence::Result<Vec<i64>> {
+            bump_in(conn, "outer")?;
+            values(&other, "outer")
+        })
+        .unwrap();
+    assert_eq!(seen, [1, 2]);
+}
+
+#[test]
+fn a_write_waiting_for_its_own_pool_does_not_hold_the_write_turn() {
+    let (_dir, path) = fresh_db();
+    let busy_pool = Options::new().pool_size(1).open(&path, MIGRATIONS).unwrap();
+    let other = Options::new().open(&path, MIGRATIONS).unwrap();
+    bump(&other, "b").unwrap();
+    let (busy_pool, other) = (&busy_pool, &other);
+    std::thread::scope(|s| {
+        // The pool's only connection is held by a long read...
+        let (held, is_held) = std::sync::mpsc::channel();
+        s.spawn(move || {
+            busy_pool
+                .read(|_| -> sqlite_persistence::Result<()> {
+                    held.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(1500));
+                    Ok(())
+                })
+                .unwrap();
+        });
+        is_held.recv_timeout(Duration::from_secs(10)).unwrap();
+        // ...so this write waits for it,
+        let waiting = s.spawn(move || bump(busy_pool, "a").unwrap().0);
+        std::thread::sleep(Duration::from_millis(200));
+        // while another writer of the file (its own pool, its own place in the queue) is not
+        // held up behind it.
+        let start = Instant::now();
+        assert_eq!(bump(other, "b").unwrap().0, 2);
+        assert!(
+            start.elapsed() < Duration::from_millis(800),
+            "{:?}: the waiting write held the turn",
+            start.elapsed()
+        );
+        assert_eq!(waiting.join().unwrap(), 1);
+    });
+}
+
+#[test]
+fn a_panicking_read_leaves_no_read_only_connection_in_the_pool() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new().pool_size(1).open(&path, MIGRATIONS).unwrap();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        db.read(|_| -> sqlite_persistence::Result<()> { panic!("a bug in the closure") })
+    }));
+    assert!(panicked.is_err());
+    #[derive(QueryableByName)]
+    struct QueryOnly {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        query_only: i32,
+    }
+    let mut conn = db.connection().unwrap();
+    let row: QueryOnly = diesel::sql_query("PRAGMA query_only")
+        .get_result(&mut conn)
+        .unwrap();
+    assert_eq!(row.query_only, 0);
+    drop(conn);
+    assert_eq!(bump(&db, "a").unwrap().0, 1);
+}
+
+#[test]
+fn a_deadline_of_duration_max_means_wait_as_long_as_it_takes() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .retry(RetryPolicy::new().max_elapsed(Duration::MAX))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let holder = hold_write_lock(&path, Duration::from_millis(300));
+    assert_eq!(bump(&db, "a").unwrap().0, 1);
+    holder.join().unwrap();
+    let memory = Database::open(":memory:", MIGRATIONS).unwrap();
+    assert_eq!(bump(&memory, "a").unwrap().0, 1);
+}
