@@ -1,9 +1,12 @@
 //! The r2d2 hook that prepares every pooled connection.
 
+use std::sync::Arc;
+
 use diesel::connection::SimpleConnection;
 use diesel::r2d2::CustomizeConnection;
 use diesel::SqliteConnection;
 
+use crate::closing::OpenConnections;
 use crate::error::{Error, Operation};
 use crate::options::Options;
 
@@ -28,6 +31,8 @@ use crate::options::Options;
 #[derive(Debug, Clone)]
 pub struct ConnectionCustomizer {
     pragmas: String,
+    /// A `Database`'s count of its pool's open connections.
+    open: Option<Arc<OpenConnections>>,
 }
 
 impl ConnectionCustomizer {
@@ -35,7 +40,14 @@ impl ConnectionCustomizer {
     pub fn new(options: &Options) -> Self {
         Self {
             pragmas: options.connection_pragmas(),
+            open: None,
         }
+    }
+
+    /// Also counts every connection it prepares in `open` until SQLite has closed it.
+    pub(crate) fn counting(mut self, open: Arc<OpenConnections>) -> Self {
+        self.open = Some(open);
+        self
     }
 
     /// Applies the pragmas to one connection.
@@ -51,13 +63,18 @@ impl ConnectionCustomizer {
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCustomizer {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        conn.batch_execute(&self.pragmas).map_err(|source| {
-            tracing::error!(
-                operation = Operation::ApplyPragmas.as_str(),
-                error = %source,
-                "cannot prepare a pooled connection"
-            );
-            diesel::r2d2::Error::QueryError(source)
-        })
+        conn.batch_execute(&self.pragmas)
+            .and_then(|()| match &self.open {
+                Some(open) => open.track(conn),
+                None => Ok(()),
+            })
+            .map_err(|source| {
+                tracing::error!(
+                    operation = Operation::ApplyPragmas.as_str(),
+                    error = %source,
+                    "cannot prepare a pooled connection"
+                );
+                diesel::r2d2::Error::QueryError(source)
+            })
     }
 }

@@ -4,6 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
@@ -13,6 +14,7 @@ use diesel::result::Error as DieselError;
 use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
+use crate::closing::OpenConnections;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
@@ -60,7 +62,10 @@ pub struct WriteStats {
 pub struct Database {
     /// Tells this handle apart in the thread's record of the operations it is inside.
     id: u64,
-    pool: SqlitePool,
+    /// `None` once closed.
+    pool: Option<SqlitePool>,
+    /// Its connections, counted until SQLite has closed them.
+    open: Arc<OpenConnections>,
     path: PathBuf,
     options: Options,
     journal_mode: JournalMode,
@@ -71,6 +76,7 @@ pub struct Database {
 impl Database {
     pub(crate) fn new(
         pool: SqlitePool,
+        open: Arc<OpenConnections>,
         path: PathBuf,
         options: Options,
         journal_mode: JournalMode,
@@ -80,7 +86,8 @@ impl Database {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            pool,
+            pool: Some(pool),
+            open,
             path,
             options,
             journal_mode,
@@ -223,12 +230,50 @@ impl Database {
     }
 
     fn checkout(&self) -> Result<PooledSqlite> {
-        self.pool.get().map_err(|source| Error::Pool { source })
+        self.pool().get().map_err(|source| Error::Pool { source })
     }
 
-    /// The pool itself.
+    /// The pool itself. A clone of it keeps the pool, and its connections, open after this
+    /// handle is closed.
     pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+        self.pool
+            .as_ref()
+            .expect("the pool is there until the handle is closed")
+    }
+
+    /// Closes the database: every connection of its pool is closed (the last one to close
+    /// checkpoints the WAL into the database file) before this returns, waiting at most the
+    /// retry policy's deadline for connections that are still in use.
+    ///
+    /// Dropping the handle does the same, and logs instead of returning an error. r2d2 may
+    /// otherwise close the last connection a moment later on its own thread, and a process
+    /// that exits right after would leave its last commits in `-wal` only.
+    ///
+    /// # Errors
+    /// [`Error::StillOpen`] if connections stayed open: a [`PooledSqlite`] or a clone of
+    /// [`pool`](Database::pool) outlived the handle.
+    pub fn close(mut self) -> Result<()> {
+        match self.shut(false, self.options.retry.deadline()) {
+            0 => Ok(()),
+            connections => Err(Error::StillOpen {
+                path: self.path.clone(),
+                connections,
+            }),
+        }
+    }
+
+    /// Drops this handle's pool and waits at most `limit` for its connections to close,
+    /// except, with `spare_checked_out`, those the application still holds (they close when
+    /// it drops them); returns how many are still open.
+    fn shut(&mut self, spare_checked_out: bool, limit: Duration) -> usize {
+        let Some(pool) = self.pool.take() else {
+            return 0;
+        };
+        let state = pool.state();
+        let checked_out = (state.connections - state.idle_connections) as usize;
+        drop(pool);
+        let left = if spare_checked_out { checked_out } else { 0 };
+        self.open.wait_until_at_most(left, limit)
     }
 
     /// The database file (absolute), or `:memory:`.
@@ -251,6 +296,24 @@ impl Database {
     /// The options it was opened with.
     pub fn options(&self) -> &Options {
         &self.options
+    }
+}
+
+/// How long dropping a [`Database`] waits for its connections to close: long enough for the
+/// last one to checkpoint a large WAL.
+const DROP_WAIT: Duration = Duration::from_secs(10);
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let open = self.shut(true, DROP_WAIT);
+        if open > 0 {
+            tracing::warn!(
+                path = %self.path.display(),
+                connections = open,
+                "database dropped with connections still open (a pooled connection or a \
+                 clone of its pool outlived it)"
+            );
+        }
     }
 }
 

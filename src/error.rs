@@ -356,6 +356,16 @@ pub enum Error {
         outer: Operation,
     },
 
+    /// [`Database::close`](crate::Database::close) waited its deadline and connections of
+    /// the pool were still open.
+    #[error("database {path} still has {connections} open connections")]
+    StillOpen {
+        /// The database file.
+        path: PathBuf,
+        /// How many.
+        connections: usize,
+    },
+
     /// SQLite could not write the database to disk: the disk is full, or a file-size limit,
     /// a quota or an I/O error stopped it. The transaction was rolled back; the file is
     /// consistent and takes writes again once there is room.
@@ -418,6 +428,10 @@ impl Error {
                  migration and open again"
             }
             Error::Corrupt { .. } => "restore it from a backup",
+            Error::StillOpen { .. } => {
+                "a pooled connection or a clone of Database::pool outlived the handle; drop \
+                 them before closing"
+            }
             Error::Reentrant { .. } => {
                 "use the connection the closure is given; a second one of the same database \
                  would wait for the first one's lock or pool slot"

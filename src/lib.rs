@@ -68,6 +68,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod closing;
 mod customizer;
 mod database;
 mod error;

@@ -212,3 +212,78 @@ fn a_deadline_of_duration_max_means_wait_as_long_as_it_takes() {
     let memory = Database::open(":memory:", MIGRATIONS).unwrap();
     assert_eq!(bump(&memory, "a").unwrap().0, 1);
 }
+
+/// Not a test on its own: the child role of the clean-exit test. With `EMBEDDING_EXIT_DB`
+/// set, it opens the database, writes, drops the handle and exits at once.
+#[test]
+#[ignore = "run as a child process by the clean-exit test"]
+fn exit_after_drop_child() {
+    let Ok(path) = std::env::var("EMBEDDING_EXIT_DB") else {
+        return;
+    };
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    bump(&db, "a").unwrap();
+    drop(db);
+    std::process::exit(0);
+}
+
+#[test]
+fn a_process_that_exits_right_after_dropping_the_database_leaves_its_writes_in_the_file() {
+    for trial in 0..60 {
+        let (dir, path) = fresh_db();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["exit_after_drop_child", "--exact", "--ignored"])
+            .env("EMBEDDING_EXIT_DB", &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "trial {trial}");
+        // The database file alone (as a copy of it without `-wal` would be) holds the write:
+        // the last connection closed, and checkpointed, before the process exited.
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(&path, &copy).unwrap();
+        assert_eq!(
+            common::query_strings(&copy, "SELECT CAST(value AS TEXT) AS value FROM counters"),
+            ["1"],
+            "trial {trial}"
+        );
+    }
+}
+
+#[test]
+fn close_returns_once_every_connection_is_closed_or_says_which_stayed_open() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    bump(&db, "a").unwrap();
+    db.close().unwrap();
+    let wal = format!("{}-wal", path.display());
+    assert!(
+        !std::path::Path::new(&wal).exists(),
+        "the last connection checkpointed and removed the WAL"
+    );
+
+    let db = Options::new()
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(300)))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let held = db.connection().unwrap();
+    let start = Instant::now();
+    match db.close() {
+        Err(Error::StillOpen { connections, .. }) => assert_eq!(connections, 1),
+        other => panic!("expected StillOpen, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(2));
+    drop(held);
+    // A handle dropped while the application holds a connection does not wait for it.
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    let held = db.connection().unwrap();
+    let start = Instant::now();
+    drop(db);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(held);
+}

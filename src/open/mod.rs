@@ -9,6 +9,7 @@ mod target;
 mod wal;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::migration::MigrationSource;
@@ -21,6 +22,7 @@ pub(crate) use plan::{Source, State};
 pub(crate) use target::{Access, Target};
 pub(crate) use wal::read as read_journal_mode;
 
+use crate::closing::OpenConnections;
 use crate::customizer::ConnectionCustomizer;
 use crate::database::Database;
 use crate::error::{Error, Operation, Result};
@@ -80,9 +82,11 @@ impl Options {
             options: &self,
             clock: &SystemClock,
         };
-        let (pool, setup) = opening.run(&source)?;
+        let open = Arc::new(OpenConnections::default());
+        let (pool, setup) = opening.run(&source, &open)?;
         Ok(Database::new(
             pool,
+            open,
             target.path().to_owned(),
             self,
             setup.journal_mode,
@@ -111,7 +115,11 @@ struct SetUp {
 }
 
 impl Opening<'_> {
-    fn run(&self, source: &Source) -> Result<(crate::SqlitePool, SetUp)> {
+    fn run(
+        &self,
+        source: &Source,
+        open: &Arc<OpenConnections>,
+    ) -> Result<(crate::SqlitePool, SetUp)> {
         let _span = tracing::info_span!("open", path = %self.target.path().display()).entered();
         let customizer = ConnectionCustomizer::new(self.options);
         let memory = self.target.is_memory();
@@ -129,7 +137,7 @@ impl Opening<'_> {
                     .clamp(Duration::from_secs(1), POOL_WAIT_LIMIT),
             )
             .error_handler(Box::new(LogPoolErrors))
-            .connection_customizer(Box::new(customizer.clone()));
+            .connection_customizer(Box::new(customizer.clone().counting(Arc::clone(open))));
         let manager = ConnectionManager::<SqliteConnection>::new(self.target.url(Access::Create));
         if memory {
             // Each connection to :memory: is its own database: set up the pool's only one,
