@@ -90,7 +90,7 @@ pub enum FileOperation {
     Create,
     /// `chmod` of a file this process created.
     SetPermissions,
-    /// Creating the write queue's `-lock` sidecar.
+    /// Creating the write queue's `-lock` sidecar (never through a symbolic link).
     CreateQueue,
     /// Opening the write queue's sidecar.
     OpenQueue,
@@ -152,6 +152,26 @@ pub enum Error {
     MissingDirectory {
         /// The missing directory.
         path: PathBuf,
+    },
+
+    /// The database's file name leaves no room for SQLite's side files (`-journal`, `-wal`,
+    /// `-shm`) and the write queue's `-lock` within the filesystem's limit on a name.
+    #[error("database file name {path} is longer than {max} bytes")]
+    NameTooLong {
+        /// The path as given, made absolute.
+        path: PathBuf,
+        /// The longest name that leaves room for the side files.
+        max: usize,
+    },
+
+    /// The database path is a symbolic link to a file that does not exist: the layer does
+    /// not create a database through a link.
+    #[error("database path {path} is a symbolic link to {target}, which does not exist")]
+    DanglingSymlink {
+        /// The link.
+        path: PathBuf,
+        /// Where it points.
+        target: PathBuf,
     },
 
     /// SQLite could not open the file.
@@ -428,6 +448,14 @@ impl Error {
                  migration and open again"
             }
             Error::Corrupt { .. } => "restore it from a backup",
+            Error::NameTooLong { .. } => {
+                "SQLite names its side files after the database (FILE-journal, FILE-wal, \
+                 FILE-shm) and the write queue uses FILE-lock: choose a shorter name"
+            }
+            Error::DanglingSymlink { .. } => {
+                "create the database where the link points (or point the link at an existing \
+                 database), or pass the real path"
+            }
             Error::StillOpen { .. } => {
                 "a pooled connection or a clone of Database::pool outlived the handle; drop \
                  them before closing"

@@ -96,6 +96,14 @@ impl Drop for Turn {
     }
 }
 
+/// The sidecar's permission bits for a database file of mode `mode`: the database's, with
+/// read permission only for the classes that may also write it.
+#[cfg(unix)]
+fn sidecar_mode(mode: u32) -> u32 {
+    let writable = mode & 0o222;
+    (mode & 0o666 & !0o444) | (mode & 0o444 & (writable << 1))
+}
+
 /// How waiting for a turn ended without one.
 #[derive(Debug)]
 pub(crate) enum Wait {
@@ -106,38 +114,67 @@ pub(crate) enum Wait {
 }
 
 impl WriteQueue {
-    /// The queue for `database` on its `sidecar` (`<database>-lock`), creating the sidecar
-    /// with the database file's permissions (exactly, whatever the umask). A sidecar that
-    /// exists is left as it is: it may be another user's, in a group that shares the
-    /// database, and only its owner may change its mode.
-    pub(crate) fn new(database: &Path, sidecar: PathBuf) -> Result<Self> {
+    /// The queue for `database` on its `sidecar` (`<database>-lock`), or `None` (with a
+    /// warning) where the sidecar cannot be used: the queue only makes waiting fair, SQLite's
+    /// own locks and the retry policy still decide, so writers then do without it.
+    ///
+    /// The sidecar is never followed if it is a symbolic link (nor created through one). A
+    /// new one is created with its mode and owner set on its descriptor, not by path, so that
+    /// nobody can swap the path for another file in between: the database's mode, with read
+    /// permission only where the database has write permission (a user who may only read
+    /// the database has no business in the queue, and cannot hold it to stop the writers),
+    /// and, when created by root, the database's owner and group (as SQLite does for `-wal`
+    /// and `-shm`), so that the owner can still open it. A sidecar that exists is left as it
+    /// is: it may be another user's, in a group that shares the database.
+    pub(crate) fn new(database: &Path, sidecar: PathBuf) -> Option<Self> {
         let queue = Self {
             path: sidecar.into(),
         };
-        let io = |operation| queue.io_error(operation);
-        let mut create = OpenOptions::new();
-        create.write(true).create_new(true);
-        #[cfg(unix)]
-        let mode = {
-            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-            let mode =
-                std::fs::metadata(database).map_or(0o600, |m| m.permissions().mode() & 0o666);
-            create.mode(mode);
-            mode
-        };
-        match create.open(&queue.path) {
-            Ok(_file) => {
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&queue.path, std::fs::Permissions::from_mode(mode))
-                        .map_err(io(FileOperation::SetPermissions))?;
-                }
+        match queue.create(database).and_then(|()| queue.open().map(drop)) {
+            Ok(()) => Some(queue),
+            Err(error) => {
+                tracing::warn!(
+                    queue = %queue.path.display(),
+                    error = %crate::error::error_chain(&error),
+                    "the write queue cannot be used; writers wait with SQLite's busy handler \
+                     and the retry policy alone"
+                );
+                None
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(source) => return Err(io(FileOperation::CreateQueue)(source)),
         }
-        Ok(queue)
+    }
+
+    /// Creates the sidecar if it does not exist.
+    fn create(&self, database: &Path) -> Result<()> {
+        let mut create = OpenOptions::new();
+        create.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        let owner = {
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+            let meta = std::fs::metadata(database).ok();
+            let mode = meta.as_ref().map_or(0o600, |m| sidecar_mode(m.mode()));
+            create.mode(mode).custom_flags(libc::O_NOFOLLOW);
+            (mode, meta.map(|m| (m.uid(), m.gid())))
+        };
+        let file = match create.open(&self.path) {
+            Ok(file) => file,
+            // Another process made it first, or it is a symbolic link: `open` tells which.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(source) => return Err(self.io_error(FileOperation::CreateQueue)(source)),
+        };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let (mode, owner) = owner;
+            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(self.io_error(FileOperation::SetPermissions))?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            if let (0, Some((uid, gid))) = (unsafe { libc::geteuid() }, owner) {
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                    .map_err(self.io_error(FileOperation::SetPermissions))?;
+            }
+        }
+        Ok(())
     }
 
     fn io_error(&self, operation: FileOperation) -> impl FnOnce(std::io::Error) -> Error {
@@ -151,14 +188,25 @@ impl WriteQueue {
 
     fn open(&self) -> Result<File> {
         // Its own open file description: flock locks belong to the description, so threads of
-        // one process queue against each other as processes do.
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
+        // one process queue against each other as processes do. Never through a symbolic
+        // link, never creating it (it is made once, in `create`); flock needs no write access.
+        let mut open = OpenOptions::new();
+        open.read(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NOFOLLOW);
+        let file = open
             .open(&self.path)
-            .map_err(self.io_error(FileOperation::OpenQueue))
+            .map_err(self.io_error(FileOperation::OpenQueue))?;
+        let regular = file
+            .metadata()
+            .map_err(self.io_error(FileOperation::OpenQueue))?
+            .is_file();
+        if !regular {
+            return Err(self.io_error(FileOperation::OpenQueue)(
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
+        }
+        Ok(file)
     }
 
     /// Waits at most `timeout` for the lock. Uncontended, this is one non-blocking `flock` on
@@ -230,7 +278,16 @@ fn wait_turn(
             let left = policy.deadline().saturating_sub(start.elapsed());
             Ok((Some(turn), policy.max_elapsed(left)))
         }
-        Err(Wait::Failed(error)) => Err(error),
+        Err(Wait::Failed(error)) => {
+            // The sidecar was usable at open and is not now (removed, replaced): do without.
+            tracing::warn!(
+                operation = operation.as_str(),
+                queue = %queue.path.display(),
+                error = %crate::error::error_chain(&error),
+                "the write queue cannot be used; waiting with SQLite's locks alone"
+            );
+            Ok((None, *policy))
+        }
         Err(Wait::TimedOut) => {
             let elapsed = start.elapsed();
             tracing::error!(
@@ -265,6 +322,19 @@ mod tests {
 
     fn queue_of(db: &Path) -> WriteQueue {
         WriteQueue::new(db, sidecar(db)).unwrap()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_those_who_may_write_the_database_may_read_the_sidecar() {
+        assert_eq!(sidecar_mode(0o600), 0o600);
+        assert_eq!(sidecar_mode(0o644), 0o600);
+        assert_eq!(sidecar_mode(0o640), 0o600);
+        assert_eq!(sidecar_mode(0o660), 0o660);
+        assert_eq!(sidecar_mode(0o664), 0o660);
+        assert_eq!(sidecar_mode(0o666), 0o666);
+        assert_eq!(sidecar_mode(0o100644), 0o600);
+        assert_eq!(sidecar_mode(0o444), 0o000);
     }
 
     #[test]

@@ -524,6 +524,40 @@ fn a_group_shares_a_database_whose_lock_file_another_member_created() {
     assert_eq!(common::stored_versions(&db), [1, 2]);
 }
 
+#[cfg(unix)]
+#[test]
+fn a_lock_file_the_owner_cannot_open_is_done_without_and_the_owners_writes_go_on() {
+    if !common::is_root() {
+        eprintln!("not root: cannot make files of two users, nothing checked");
+        return;
+    }
+    let (dir, db) = common::fresh_db();
+    Catalog::open(&db, Options::new())
+        .unwrap()
+        .record("a")
+        .unwrap();
+    common::wait_closed(&db);
+    // The service user's database, with a -lock only root may open (as an older version,
+    // or root with another tool, left it).
+    std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    let lock = format!("{}-lock", db.display());
+    common::set_mode(std::path::Path::new(&lock), 0o600);
+    let output = common::output_unprivileged(|command| {
+        command
+            .args(["record", "--artifact", "a", "--db"])
+            .arg(&db)
+            .env("SQLITE_PERSISTENCE_LOG", "warn")
+    });
+    common::assert_success(&output);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the write queue cannot be used"),
+        "the fallback is said: {stderr}"
+    );
+    assert_eq!(common::stored_versions(&db), [1, 2]);
+}
+
 fn soak(compare: bool) -> serde_json::Value {
     let (_dir, db) = common::fresh_db();
     let mut command = Command::new(common::binary());

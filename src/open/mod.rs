@@ -185,7 +185,7 @@ impl Opening<'_> {
             .map_err(|refusal| refusal.at(self.target.path()))?;
         let queue = match self.target.side_file("-lock") {
             Some(sidecar) if self.options.fair_queue => {
-                Some(WriteQueue::new(self.target.path(), sidecar)?)
+                WriteQueue::new(self.target.path(), sidecar)
             }
             _ => None,
         };

@@ -23,8 +23,14 @@ use crate::options::Options;
 /// SQLite's smallest page size: a database file is at least one page long.
 const MIN_PAGE: u64 = 512;
 
+/// The longest file name most filesystems take (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// The longest suffix SQLite or the layer gives a file next to the database.
+const LONGEST_SUFFIX: &str = "-journal";
+
 /// Everything that can be checked before opening, in order: the path (a directory, a missing
-/// parent), the filesystem, write access to the directory and the file, and the length of an
+/// parent, a name too long for the side files, a symbolic link to nothing), the filesystem, write access to the directory and the file, and the length of an
 /// existing file. Then creates a missing file with [`Options::create_mode`], so that SQLite
 /// (which copies the database's mode to `-wal` and `-shm`) never makes a world-readable one.
 pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
@@ -38,6 +44,23 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
         return Err(Error::MissingDirectory {
             path: dir.to_owned(),
         });
+    }
+    let name = path.file_name().map_or(0, |name| name.len());
+    if name + LONGEST_SUFFIX.len() > NAME_MAX {
+        return Err(Error::NameTooLong {
+            path: path.to_owned(),
+            max: NAME_MAX - LONGEST_SUFFIX.len(),
+        });
+    }
+    if let (Ok(link), Err(_)) = (std::fs::symlink_metadata(path), std::fs::metadata(path)) {
+        if link.file_type().is_symlink() {
+            // SQLite would create the file it points to, with the umask's mode, wherever that
+            // is: a link planted by someone else decides where the database goes.
+            return Err(Error::DanglingSymlink {
+                path: path.to_owned(),
+                target: std::fs::read_link(path).unwrap_or_default(),
+            });
+        }
     }
     let io = |operation, path: &Path| {
         let path = path.to_owned();

@@ -132,3 +132,14 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// The user id of the tests that need another user.
+#[cfg(unix)]
+pub const NOBODY: u32 = 65534;
+
+/// Whether the tests run as root.
+#[cfg(unix)]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
