@@ -78,9 +78,10 @@ struct CheckRow {
 }
 
 impl Status {
-    /// Reads the state of the database at `path` against `migrations`, without creating the
-    /// file, switching its journal mode or applying anything. It runs `PRAGMA quick_check`,
-    /// which reads the whole file.
+    /// Reads the state of the database at `path` against `migrations`, without creating,
+    /// writing, checkpointing or deleting anything: it opens the file read-only, so it also
+    /// works for a user who may only read the database. It runs `PRAGMA quick_check`, which
+    /// reads the whole file.
     ///
     /// # Errors
     /// [`Error::MigrationSource`], [`Error::InvalidPath`], [`Error::Open`];
@@ -122,8 +123,11 @@ impl Status {
             sizes,
         };
         let plan = if status.exists {
+            // Read-only: a reader never checkpoints, so even as the last connection to close
+            // it leaves -wal as it is (whatever is in it), and a user who may only read the
+            // database can read its status.
             let mut conn =
-                SqliteConnection::establish(&target.url(Access::Existing)).map_err(|source| {
+                SqliteConnection::establish(&target.url(Access::ReadOnly)).map_err(|source| {
                     Error::Open {
                         path: status.path.clone(),
                         source,

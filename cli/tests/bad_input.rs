@@ -269,3 +269,26 @@ fn a_file_shorter_than_a_page_is_not_taken_for_an_empty_database() {
         assert_eq!(snapshot(dir.path()), before);
     }
 }
+
+#[cfg(unix)]
+#[test]
+fn a_user_who_may_only_read_the_database_can_read_its_status_and_changes_nothing() {
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    if common::is_root() {
+        // The file stays root's, readable by all; the directory is the other user's.
+        common::set_mode(&db, 0o644);
+        std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    } else {
+        common::set_mode(&db, 0o444);
+    }
+    let bytes = std::fs::read(&db).unwrap();
+    let output =
+        common::output_unprivileged(|command| command.args(["status", "--json", "--db"]).arg(&db));
+    common::assert_success(&output);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["exists"], true);
+    assert_eq!(status["applied"].as_array().unwrap().len(), 3);
+    assert_eq!(status["integrity"][0], "ok");
+    assert!(std::fs::read(&db).unwrap() == bytes, "the file changed");
+}

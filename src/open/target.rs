@@ -26,8 +26,8 @@ pub(crate) enum Target {
 pub(crate) enum Access {
     /// `rwc`: read and write, create if missing.
     Create,
-    /// `rw`: read and write an existing file, never create one.
-    Existing,
+    /// `ro`: read an existing file; never write, checkpoint or delete anything.
+    ReadOnly,
 }
 
 const MEMORY: &str = ":memory:";
@@ -76,7 +76,7 @@ impl Target {
                 "{uri}?mode={}",
                 match access {
                     Access::Create => "rwc",
-                    Access::Existing => "rw",
+                    Access::ReadOnly => "ro",
                 }
             ),
             Target::Memory => MEMORY.to_owned(),
@@ -119,8 +119,8 @@ mod tests {
         assert_eq!(target.url(Access::Create), "file:/tmp/a b/x.db?mode=rwc");
         let target = Target::new(Path::new("/tmp/50%?#.db")).unwrap();
         assert_eq!(
-            target.url(Access::Existing),
-            "file:/tmp/50%25%3F%23.db?mode=rw"
+            target.url(Access::ReadOnly),
+            "file:/tmp/50%25%3F%23.db?mode=ro"
         );
         assert!(matches!(
             Target::new(Path::new("")),
