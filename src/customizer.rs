@@ -1,6 +1,7 @@
 //! The r2d2 hook that prepares every pooled connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::r2d2::CustomizeConnection;
@@ -59,6 +60,31 @@ impl ConnectionCustomizer {
         conn.batch_execute(&self.pragmas)
             .map_err(|source| Error::query(Operation::ApplyPragmas, source))
     }
+}
+
+/// Runs `f` with SQLite's busy handler waiting at most `left` (when that is shorter than
+/// `busy_timeout`, the connection's setting), so that an attempt begun just before the
+/// retry deadline does not block a whole `busy_timeout` past it. Costs a pragma only near
+/// the deadline.
+pub(crate) fn within<T>(
+    conn: &mut SqliteConnection,
+    busy_timeout: Duration,
+    left: Duration,
+    f: impl FnOnce(&mut SqliteConnection) -> T,
+) -> T {
+    if left >= busy_timeout {
+        return f(conn);
+    }
+    let set = |conn: &mut SqliteConnection, timeout: Duration| {
+        let millis = timeout.as_millis().max(1);
+        if let Err(error) = conn.batch_execute(&format!("PRAGMA busy_timeout = {millis}")) {
+            tracing::warn!(error = %error, "cannot set busy_timeout");
+        }
+    };
+    set(conn, left);
+    let value = f(conn);
+    set(conn, busy_timeout);
+    value
 }
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCustomizer {

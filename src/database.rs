@@ -15,6 +15,7 @@ use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
 use crate::closing::OpenConnections;
+use crate::customizer::within;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
@@ -179,10 +180,12 @@ impl Database {
             &self.options.retry,
             &SystemClock,
             Operation::Write,
-            |_| {
-                transaction(&mut conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {
-                    began.set(Instant::now());
-                    f(conn)
+            |attempt| {
+                within(&mut conn, self.options.busy_timeout, attempt.left, |conn| {
+                    transaction(conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {
+                        began.set(Instant::now());
+                        f(conn)
+                    })
                 })
             },
         )?;

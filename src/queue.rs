@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::retry::{retry_attempts, Attempt, Clock, RetryPolicy, Success};
+use crate::retry::{retry_attempts, Attempt, Clock, RetryPolicy, Success, Try};
 
 /// The write queue of one database file.
 #[derive(Debug, Clone)]
@@ -252,7 +252,7 @@ pub(crate) fn locked<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
-    attempt: impl FnMut(u32) -> Result<T, Attempt<E>>,
+    attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
     E: From<Error> + StdError + Send + Sync + 'static,

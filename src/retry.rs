@@ -190,6 +190,16 @@ pub(crate) enum Failure<E> {
     },
 }
 
+/// One attempt of a retried operation, as the attempt sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Try {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// Wall-clock time left before the deadline: an attempt that can block (SQLite's busy
+    /// handler) blocks at most this long.
+    pub left: Duration,
+}
+
 /// What a successful retried operation cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Success<T> {
@@ -206,14 +216,20 @@ pub(crate) fn retry<T, E>(
     operation: Operation,
     is_transient: impl Fn(&E) -> bool,
     describe: impl Fn(&E) -> String,
-    mut attempt: impl FnMut(u32) -> Result<T, E>,
+    mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, Failure<E>> {
     let start = clock.now();
     let mut delays = policy.delays();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let error = match attempt(attempts) {
+        let left = policy
+            .max_elapsed
+            .saturating_sub(clock.now().saturating_duration_since(start));
+        let error = match attempt(Try {
+            number: attempts,
+            left,
+        }) {
             Ok(value) => return Ok(Success { value, attempts }),
             Err(error) if !is_transient(&error) => return Err(Failure::Permanent(error)),
             Err(error) => error,
@@ -303,7 +319,7 @@ pub(crate) fn retry_attempts<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
-    attempt: impl FnMut(u32) -> Result<T, Attempt<E>>,
+    attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
     E: From<Error> + StdError + Send + Sync + 'static,
@@ -336,7 +352,7 @@ pub(crate) fn retry_locked<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
-    mut attempt: impl FnMut(u32) -> Result<T, E>,
+    mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, E>
 where
     E: From<Error> + StdError + Send + Sync + 'static,
@@ -457,10 +473,10 @@ pub(crate) mod tests {
             |_: &&str| true,
             |e| e.to_string(),
             |attempt| {
-                if attempt < 4 {
+                if attempt.number < 4 {
                     Err("locked")
                 } else {
-                    Ok(attempt)
+                    Ok(attempt.number)
                 }
             },
         )

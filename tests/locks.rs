@@ -196,3 +196,37 @@ fn a_stuck_queue_holder_gives_the_typed_timeout_error_within_the_deadline() {
     drop(stuck);
     assert_eq!(bump(&db, "a").unwrap().0, 1);
 }
+
+#[test]
+fn a_write_gives_up_at_its_deadline_not_a_busy_timeout_later() {
+    // The default busy_timeout (5 s) is longer than the deadline (1 s): one attempt inside
+    // SQLite's busy handler must not run past the deadline.
+    let (_dir, path) = fresh_db();
+    let deadline = Duration::from_secs(1);
+    let db = Options::new()
+        .retry(RetryPolicy::new().max_elapsed(deadline))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let holder = hold_write_lock(&path, Duration::from_secs(4));
+    let start = Instant::now();
+    let error = bump(&db, "a").unwrap_err();
+    let took = start.elapsed();
+    holder.join().unwrap();
+    assert!(
+        matches!(
+            error,
+            Error::Busy {
+                operation: Operation::Write,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(took < deadline + Duration::from_millis(500), "{took:?}");
+    // The connection's own busy_timeout is back: a write behind a short holder waits in
+    // SQLite, in one attempt.
+    let holder = hold_write_lock(&path, Duration::from_millis(300));
+    let (value, stats) = bump(&db, "a").unwrap();
+    holder.join().unwrap();
+    assert_eq!((value, stats.attempts), (1, 1));
+}

@@ -23,13 +23,13 @@ pub(crate) use target::{Access, Target};
 pub(crate) use wal::read as read_journal_mode;
 
 use crate::closing::OpenConnections;
-use crate::customizer::ConnectionCustomizer;
+use crate::customizer::{within, ConnectionCustomizer};
 use crate::database::Database;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
-use crate::retry::{retry_locked, Attempt, Clock, SystemClock};
+use crate::retry::{retry_locked, Attempt, Clock, SystemClock, Try};
 
 impl Options {
     /// Opens (creating if needed) the database at `path` with these options and applies
@@ -254,9 +254,11 @@ impl Opening<'_> {
             &self.options.retry,
             self.clock,
             Operation::Migrate,
-            |_| {
-                conn.immediate_transaction(|conn| source.apply(conn, self.target, self.options))
-                    .map_err(Attempt::<Error>::Layer)
+            |attempt| {
+                within(conn, self.options.busy_timeout, attempt.left, |conn| {
+                    conn.immediate_transaction(|conn| source.apply(conn, self.target, self.options))
+                })
+                .map_err(Attempt::<Error>::Layer)
             },
         )?
         .value;
@@ -272,7 +274,7 @@ impl Opening<'_> {
 
     /// `attempt` under the retry policy, with SQLite's "not a database" and "malformed" as
     /// the typed errors naming the file.
-    fn retry<T>(&self, operation: Operation, attempt: impl FnMut(u32) -> Result<T>) -> Result<T> {
+    fn retry<T>(&self, operation: Operation, attempt: impl FnMut(Try) -> Result<T>) -> Result<T> {
         retry_locked(&self.options.retry, self.clock, operation, attempt)
             .map(|success| success.value)
             .map_err(|e| e.naming_bad_file(self.target.path()))
