@@ -62,7 +62,8 @@ impl Catalog {
     /// Records the next data version of `artifact` (creating it at its first version).
     ///
     /// # Errors
-    /// [`Error::ArtifactName`] for an empty, over-long or control-character name; otherwise
+    /// [`Error::ArtifactName`] for an empty, over-long, control-character or invisible-character
+    /// name; otherwise
     /// as [`Database::write`].
     pub fn record(&self, artifact: &str) -> Result<Recorded> {
         self.record_holding(artifact, Duration::ZERO)
@@ -161,8 +162,26 @@ pub fn record_next(
     Ok(version)
 }
 
+/// Characters that are not shown, or that reorder the text around them (Unicode's format
+/// characters and the bidirectional controls): two names that look the same must be the same.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+    )
+}
+
 /// Checks an artifact name as [`Catalog::record`] does, without touching a database: not
-/// empty, at most [`MAX_ARTIFACT_NAME`] bytes, no control characters.
+/// empty, at most [`MAX_ARTIFACT_NAME`] bytes, no control, invisible or text-direction
+/// characters.
 ///
 /// # Errors
 /// [`Error::ArtifactName`] saying which rule the name breaks.
@@ -176,6 +195,11 @@ pub fn validate_artifact_name(name: &str) -> Result<()> {
         )
     } else if name.chars().any(char::is_control) {
         "it contains a control character".to_owned()
+    } else if let Some(c) = name.chars().find(|&c| is_invisible(c)) {
+        format!(
+            "it contains U+{:04X}, an invisible or text-direction character",
+            c as u32
+        )
     } else {
         return Ok(());
     };
@@ -209,7 +233,15 @@ mod tests {
     #[test]
     fn bad_names_are_refused_before_any_write() {
         let catalog = Catalog::open(":memory:", Options::new()).unwrap();
-        for name in ["", "   ", "a\nb", &"x".repeat(256)] {
+        for name in [
+            "",
+            "   ",
+            "a\nb",
+            &"x".repeat(256),
+            "a\u{200B}b",
+            "model\u{202E}txt.exe",
+            "\u{FEFF}a",
+        ] {
             let error = catalog.record(name).unwrap_err();
             assert!(matches!(error, Error::ArtifactName { .. }), "{error}");
         }

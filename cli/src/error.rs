@@ -94,6 +94,19 @@ pub enum Error {
         versions: Vec<i64>,
     },
 
+    /// Standard output could not be written: a closed pipe, a full disk.
+    #[error("cannot write to standard output")]
+    Output {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A load test was interrupted (SIGINT, SIGTERM); its processes were stopped and its
+    /// temporary files removed.
+    #[error("interrupted")]
+    Interrupted,
+
     /// A load test's own side had failures or left an inconsistent file.
     #[error("{what}: sqlite-persistence had failures or an inconsistent file (see above)")]
     NotClean {

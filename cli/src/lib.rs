@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod commands;
 pub mod error;
 pub mod harness;
+pub mod output;
 pub mod plain;
 pub mod schema;
 

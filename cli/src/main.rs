@@ -117,6 +117,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A file-size limit (ulimit -f) then fails the write that meets it, which SQLite reports
+    // and the layer turns into a storage error, instead of killing the process unannounced.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     init_logging();
     let cli = Cli::parse();
     match run(cli) {
@@ -126,7 +132,11 @@ fn main() -> ExitCode {
             if let Some(hint) = error.hint() {
                 eprintln!("hint: {hint}");
             }
-            ExitCode::FAILURE
+            match error {
+                // As a shell reports a process ended by SIGINT.
+                Error::Interrupted => ExitCode::from(130),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

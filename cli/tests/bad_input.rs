@@ -292,3 +292,203 @@ fn a_user_who_may_only_read_the_database_can_read_its_status_and_changes_nothing
     assert_eq!(status["integrity"][0], "ok");
     assert!(std::fs::read(&db).unwrap() == bytes, "the file changed");
 }
+
+/// A finished run that failed with a message, not a panic or a signal.
+fn failed_cleanly(output: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "it succeeded: {stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{:?}: {stderr}",
+        output.status
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+#[test]
+fn a_closed_pipe_or_a_full_disk_on_stdout_is_an_error_not_a_panic() {
+    let (_dir, db) = common::fresh_db();
+    // `record --count 500 | head -0`: the reader is gone before the first line.
+    let mut child = Command::new(common::binary())
+        .args(["record", "--artifact", "a", "--count", "500", "--db"])
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = common::collect(vec![child], std::time::Duration::from_secs(60))
+        .pop()
+        .unwrap();
+    assert!(!output.success);
+    assert!(!output.stderr.contains("panicked"), "{}", output.stderr);
+    assert!(
+        output
+            .stderr
+            .contains("cannot write to standard output: Broken pipe"),
+        "{}",
+        output.stderr
+    );
+    // The version it could not print was committed: the next one follows it.
+    assert_eq!(common::stored_versions(&db), [1]);
+
+    if Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let output = Command::new(common::binary())
+            .args(["status", "--db"])
+            .arg(&db)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = failed_cleanly(&output);
+        assert!(stderr.contains("No space left on device"), "{stderr}");
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_file_size_limit_is_a_storage_error_even_where_sigxfsz_is_not_ignored() {
+    use std::os::unix::process::CommandExt;
+    let (_dir, db) = common::fresh_db();
+    sqlite_persistence_cli::Catalog::open(&db, sqlite_persistence::Options::new()).unwrap();
+    let mut command = Command::new(common::binary());
+    command
+        .args(["record", "--artifact", "a", "--count", "100000", "--db"])
+        .arg(&db)
+        .stdout(std::process::Stdio::null());
+    // SAFETY: between fork and exec, only setrlimit, which is async-signal-safe. SIGXFSZ is
+    // left at its default (terminate): the binary must ignore it itself.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256 * 1024,
+                rlim_max: 256 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let stderr = failed_cleanly(&command.output().unwrap());
+    assert!(stderr.contains("could not write to disk"), "{stderr}");
+}
+
+#[test]
+fn soak_refuses_an_existing_plain_side_and_an_endless_duration() {
+    let (dir, db) = common::fresh_db();
+    let plain = dir.path().join("catalog.db-plain");
+    std::fs::write(&plain, b"someone's data").unwrap();
+    let output = Command::new(common::binary())
+        .args(["soak", "--seconds", "1", "--compare", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let stderr = failed_cleanly(&output);
+    assert!(stderr.contains("catalog.db-plain exists"), "{stderr}");
+    assert_eq!(std::fs::read(&plain).unwrap(), b"someone's data");
+    assert_eq!(files_in(dir.path()), ["catalog.db-plain"]);
+    for seconds in ["18446744073709551615", "0"] {
+        let output = Command::new(common::binary())
+            .args(["soak", "--seconds", seconds, "--db"])
+            .arg(&db)
+            .output()
+            .unwrap();
+        let stderr = failed_cleanly(&output);
+        assert!(stderr.contains("--seconds from 1 to"), "{stderr}");
+    }
+}
+
+#[test]
+fn stress_ignores_files_a_user_or_an_interrupted_run_left_next_to_its_database() {
+    let (dir, db) = common::fresh_db();
+    let users = format!("{}.barrier", db.display());
+    std::fs::write(&users, b"mine").unwrap();
+    // A ready-file of an interrupted run: counted, it made the next run wait 60 s for
+    // processes that never come.
+    std::fs::write(format!("{}.barrier.ready-99999", db.display()), b"").unwrap();
+    let start = std::time::Instant::now();
+    let output = Command::new(common::binary())
+        .args([
+            "stress",
+            "--processes",
+            "2",
+            "--writes",
+            "1",
+            "--hold-ms",
+            "0",
+            "--db",
+        ])
+        .arg(&db)
+        .output()
+        .unwrap();
+    common::assert_success(&output);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(std::fs::read(&users).unwrap(), b"mine");
+    drop(dir);
+}
+
+#[cfg(unix)]
+#[test]
+fn an_interrupted_stress_stops_its_processes_and_removes_its_temporary_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let child = Command::new(common::binary())
+        .args([
+            "stress",
+            "--processes",
+            "4",
+            "--writes",
+            "500",
+            "--hold-ms",
+            "5",
+        ])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until the run's directory holds a database being written.
+    let start = std::time::Instant::now();
+    let run_dir = loop {
+        let found = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("stress.db").exists());
+        if let Some(dir) = found {
+            break dir;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no run started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&run_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the run's directory is private");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let outcome = common::collect(vec![child], std::time::Duration::from_secs(60))
+        .pop()
+        .unwrap();
+    assert!(
+        outcome.stderr.contains("error: interrupted"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().next().is_none(),
+        "the temporary directory is left"
+    );
+}

@@ -28,10 +28,10 @@ pub fn run(path: &Path, migrations: Option<&Path>, plain: bool) -> Result<()> {
     };
     let applied = db.applied_at_open();
     if applied.is_empty() {
-        println!("{}: up to date, nothing applied", path.display());
+        crate::outln!("{}: up to date, nothing applied", path.display())?;
     } else {
         for name in applied {
-            println!("applied {name}");
+            crate::outln!("applied {name}")?;
         }
     }
     Ok(())

@@ -32,40 +32,60 @@ pub fn migration_dir(dir: &Path) -> Result<FileBasedMigrations> {
     })
 }
 
-/// Runs `run` on a fresh database: `--db PATH` (which must not exist), else `NAME` in a new
-/// temporary directory, removed afterwards. Never `$DATABASE_URL`: a load test must not
-/// touch a real database.
+/// Runs `run` on a fresh database: `--db PATH` (which must not exist, nor its plain side's
+/// `PATH-plain`), else `NAME` in a new private temporary directory, removed afterwards.
+/// Never `$DATABASE_URL`: a load test must not touch a real database. SIGINT and SIGTERM stop
+/// the run's processes and still remove the directory.
 pub fn on_fresh_db<T>(
     db: Option<PathBuf>,
     name: &str,
     run: impl FnOnce(&Path) -> Result<T>,
 ) -> Result<T> {
+    crate::harness::interrupt::catch();
     let (dir, db) = match db {
         Some(db) => (None, std::path::absolute(&db).unwrap_or(db)),
         None => {
-            let dir = std::env::temp_dir()
-                .join(format!("sqlite-persistence-{name}-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-                operation: "create",
-                path: dir.clone(),
-                source,
-            })?;
+            let dir = private_temp_dir(name)?;
             let db = dir.join(format!("{name}.db"));
             (Some(dir), db)
         }
     };
-    let result = if db.exists() {
-        Err(Error::Usage {
+    let result = match [db.clone(), plain_path(&db)]
+        .into_iter()
+        .find(|p| p.exists())
+    {
+        Some(existing) => Err(Error::Usage {
             what: "database path",
-            reason: format!("{} exists; {name} needs a fresh file", db.display()),
-        })
-    } else {
-        run(&db)
+            reason: format!("{} exists; {name} needs a fresh file", existing.display()),
+        }),
+        None => run(&db),
     };
     if let Some(dir) = dir {
         let _ = std::fs::remove_dir_all(dir);
     }
     result
+}
+
+/// A new directory only this user may enter, whatever the umask, named for `name`, this
+/// process and the time (never one left by an earlier run).
+fn private_temp_dir(name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "sqlite-persistence-{name}-{}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| Error::Io {
+            operation: "create",
+            path: dir.clone(),
+            source,
+        })?;
+    Ok(dir)
 }
 
 /// The plain side's database next to `db`.

@@ -34,9 +34,9 @@ pub struct Args {
 pub fn run(path: &Path, args: &Args, started: Instant) -> Result<()> {
     // Before opening: a bad name must not create or migrate a database.
     validate_artifact_name(&args.artifact)?;
-    let print = |recorded: Recorded, ready: Duration| {
+    let print = |recorded: Recorded, ready: Duration| -> Result<()> {
         if args.json {
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::json!({
                     "artifact": recorded.artifact,
@@ -45,23 +45,24 @@ pub fn run(path: &Path, args: &Args, started: Instant) -> Result<()> {
                     "attempts": recorded.attempts,
                     "ready_us": ready.as_micros() as u64,
                 })
-            );
+            )?;
         } else {
-            println!("{} version {}", recorded.artifact, recorded.version);
+            crate::outln!("{} version {}", recorded.artifact, recorded.version)?;
         }
+        Ok(())
     };
     if args.plain {
         let catalog = PlainCatalog::open(path)?;
         let ready = started.elapsed();
         for _ in 0..args.count {
-            print(catalog.record_holding(&args.artifact, args.hold)?, ready);
+            print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;
         }
     } else {
         let options = Options::new().fair_queue(!args.no_fair_queue);
         let catalog = Catalog::open(path, options)?;
         let ready = started.elapsed();
         for _ in 0..args.count {
-            print(catalog.record_holding(&args.artifact, args.hold)?, ready);
+            print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;
         }
     }
     Ok(())

@@ -20,6 +20,9 @@ use crate::harness::children::{remove_side_files, run_together};
 use crate::harness::table::{self, Column};
 use crate::plain::PlainCatalog;
 
+/// The longest soak: 30 days.
+const MAX_SECONDS: u64 = 30 * 24 * 3600;
+
 /// The artifacts the workers share, so that they contend.
 const ARTIFACTS: [&str; 4] = ["soak-a", "soak-b", "soak-c", "soak-d"];
 
@@ -85,7 +88,9 @@ pub fn work(path: &Path, seconds: u64, plain: bool) -> Result<(), Error> {
         Store::Layer(Box::new(Catalog::open(path, Options::new())?))
     };
     let mut rng = SmallRng::from_os_rng();
-    let end = Instant::now() + Duration::from_secs(seconds);
+    let end = Instant::now()
+        .checked_add(Duration::from_secs(seconds.min(MAX_SECONDS)))
+        .expect("30 days from now is a time");
     let mut reads = 0u64;
     while Instant::now() < end {
         let artifact = ARTIFACTS[rng.random_range(0..ARTIFACTS.len())];
@@ -94,10 +99,10 @@ pub fn work(path: &Path, seconds: u64, plain: bool) -> Result<(), Error> {
                 Store::Layer(catalog) => catalog.record(artifact)?,
                 Store::Plain(catalog) => catalog.record_holding(artifact, Duration::ZERO)?,
             };
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::json!({"artifact": artifact, "version": recorded.version})
-            );
+            )?;
             continue;
         }
         let (latest, versions) = match &store {
@@ -121,7 +126,7 @@ pub fn work(path: &Path, seconds: u64, plain: bool) -> Result<(), Error> {
         }
         reads += 1;
     }
-    println!("{}", serde_json::json!({ "reads": reads }));
+    crate::outln!("{}", serde_json::json!({ "reads": reads }))?;
     Ok(())
 }
 
@@ -133,10 +138,12 @@ pub fn run(
     compare: bool,
     json: bool,
 ) -> Result<(), Error> {
-    if processes == 0 || seconds == 0 {
+    if processes == 0 || !(1..=MAX_SECONDS).contains(&seconds) {
         return Err(Error::Usage {
             what: "soak load",
-            reason: "--processes and --seconds must be at least 1".to_owned(),
+            reason: format!(
+                "--processes must be at least 1, and --seconds from 1 to {MAX_SECONDS} (30 days)"
+            ),
         });
     }
     let reports = on_fresh_db(db, "soak", |db| {
@@ -155,12 +162,12 @@ pub fn run(
     })?;
     if json {
         let sides: Vec<_> = reports.iter().map(Report::json).collect();
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({ "load": {"processes": processes, "seconds": seconds}, "sides": sides })
-        );
+        )?;
     } else {
-        print_table(processes, seconds, &reports);
+        print_table(processes, seconds, &reports)?;
     }
     clean_or_error("soak", reports[0].clean())
 }
@@ -321,10 +328,13 @@ impl Column for Report {
 }
 
 /// The side-by-side table.
-pub fn print_table(processes: usize, seconds: u64, reports: &[Report]) {
-    println!(
+///
+/// # Errors
+/// [`Error::Output`] if standard output cannot be written.
+pub fn print_table(processes: usize, seconds: u64, reports: &[Report]) -> Result<(), Error> {
+    crate::outln!(
         "soak: {processes} processes mixing reads and writes for {seconds} s on one fresh file"
-    );
+    )?;
     let rows: [Row; 7] = [
         ("failed processes", |r| {
             format!("{} of {}", r.failed, r.processes)
@@ -340,7 +350,7 @@ pub fn print_table(processes: usize, seconds: u64, reports: &[Report]) {
             format!("{:.0}", r.acknowledged as f64 / r.seconds)
         }),
     ];
-    table::print(&rows, reports);
+    table::print(&rows, reports)
 }
 
 #[cfg(test)]

@@ -18,13 +18,12 @@ pub fn run(path: &Path, migrations: Option<&Path>, json: bool) -> Result<()> {
         Some(dir) => Status::read(path, migration_dir(dir)?, &Options::new())?,
         None => Status::read(path, MIGRATIONS, &Options::new())?,
     };
-    print_status(&status, json);
-    Ok(())
+    print_status(&status, json)
 }
 
-fn print_status(status: &Status, json: bool) {
+fn print_status(status: &Status, json: bool) -> Result<()> {
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({
                 "path": status.path,
@@ -48,8 +47,8 @@ fn print_status(status: &Status, json: bool) {
                     "shm": status.sizes.shm,
                 },
             })
-        );
-        return;
+        )?;
+        return Ok(());
     }
     let list = |items: &[String]| {
         if items.is_empty() {
@@ -59,9 +58,9 @@ fn print_status(status: &Status, json: bool) {
         }
     };
     let size = |bytes: Option<u64>| bytes.map_or("-".to_owned(), |b| format!("{b} B"));
-    println!("database      {}", status.path.display());
-    println!("exists        {}", if status.exists { "yes" } else { "no" });
-    println!(
+    crate::outln!("database      {}", status.path.display())?;
+    crate::outln!("exists        {}", if status.exists { "yes" } else { "no" })?;
+    crate::outln!(
         "filesystem    {}{}",
         status.filesystem.as_deref().unwrap_or("-"),
         if status.network_filesystem {
@@ -69,12 +68,12 @@ fn print_status(status: &Status, json: bool) {
         } else {
             ""
         }
-    );
-    println!(
+    )?;
+    crate::outln!(
         "journal mode  {}",
         status.journal_mode.as_deref().unwrap_or("-")
-    );
-    println!(
+    )?;
+    crate::outln!(
         "app id        {}",
         status.application_id.map_or("-".to_owned(), |id| {
             let text: String = id
@@ -84,28 +83,29 @@ fn print_status(status: &Status, json: bool) {
                 .collect();
             format!("{id:#010x} ({text})")
         })
-    );
-    println!("applied       {}", list(&status.applied));
-    println!("pending       {}", list(&status.pending));
-    println!("unknown       {}", list(&status.unknown));
-    println!(
+    )?;
+    crate::outln!("applied       {}", list(&status.applied))?;
+    crate::outln!("pending       {}", list(&status.pending))?;
+    crate::outln!("unknown       {}", list(&status.unknown))?;
+    crate::outln!(
         "checksums     {} verified, edited {}, unrecorded {}",
         status.checksums.verified,
         list(&status.checksums.edited),
         list(&status.checksums.unrecorded)
-    );
-    println!(
+    )?;
+    crate::outln!(
         "integrity     {}",
         if status.integrity.is_empty() {
             "-".to_owned()
         } else {
             status.integrity.join("; ")
         }
-    );
-    println!(
+    )?;
+    crate::outln!(
         "sizes         database {}, wal {}, shm {}",
         size(status.sizes.database),
         size(status.sizes.wal),
         size(status.sizes.shm)
-    );
+    )?;
+    Ok(())
 }

@@ -67,14 +67,14 @@ pub fn run(db: Option<PathBuf>, load: Load, compare: bool, json: bool) -> Result
     })?;
     if json {
         let sides: Vec<_> = reports.iter().map(|r| r.json(load)).collect();
-        println!(
+        crate::outln!(
             "{}",
             serde_json::json!({ "load": {
             "processes": load.processes, "writes": load.writes, "hold_ms": load.hold_ms,
         }, "sides": sides })
-        );
+        )?;
     } else {
-        print_table(load, &reports);
+        print_table(load, &reports)?;
     }
     clean_or_error("stress", reports[0].clean(load))
 }
@@ -245,12 +245,18 @@ impl Column for Report {
 }
 
 /// The side-by-side table.
-pub fn print_table(load: Load, reports: &[Report]) {
+///
+/// # Errors
+/// [`Error::Output`] if standard output cannot be written.
+pub fn print_table(load: Load, reports: &[Report]) -> Result<(), Error> {
     let fair = (load.processes as u64 * load.hold_ms) as f64;
-    println!(
+    crate::outln!(
         "stress: {} processes x {} writes, each holding the write lock {} ms; fair wait {} ms",
-        load.processes, load.writes, load.hold_ms, fair
-    );
+        load.processes,
+        load.writes,
+        load.hold_ms,
+        fair
+    )?;
     let ms = |v: f64| {
         if v.is_nan() {
             "-".to_owned()
@@ -320,5 +326,5 @@ pub fn print_table(load: Load, reports: &[Report]) {
             Box::new(|r| format!("{:.0} writes/s", r.acknowledged as f64 / r.seconds)),
         ),
     ];
-    table::print(&rows, reports);
+    table::print(&rows, reports)
 }

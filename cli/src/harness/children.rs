@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::interrupt;
 use crate::error::Error;
 
 /// What one process did.
@@ -36,6 +37,14 @@ pub fn remove_side_files(db: &Path) {
         let mut name = db.as_os_str().to_owned();
         name.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(name));
+    }
+}
+
+/// Kills and reaps `children`.
+fn stop<'a>(children: impl Iterator<Item = &'a mut Child>) {
+    for child in children {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -72,7 +81,16 @@ pub fn run_together(
         path: PathBuf::from("the running binary"),
         source,
     })?;
-    let barrier = PathBuf::from(format!("{}.barrier", db.display()));
+    // A name of this run's own: a file a user or an interrupted run left is never touched,
+    // nor counted as ready.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let barrier = PathBuf::from(format!(
+        "{}.barrier-{}-{nanos}",
+        db.display(),
+        std::process::id()
+    ));
     let mut children: Vec<Child> = Vec::with_capacity(n);
     for _ in 0..n {
         let child = Command::new(&exe)
@@ -136,6 +154,10 @@ fn release_and_collect(
         if ready == n {
             break;
         }
+        if interrupt::interrupted() {
+            stop(children.iter_mut());
+            return Err(Error::Interrupted);
+        }
         if start.elapsed() > Duration::from_secs(60) {
             children.iter_mut().for_each(|c| drop(c.kill()));
             return Err(Error::Run {
@@ -145,7 +167,11 @@ fn release_and_collect(
         std::thread::sleep(Duration::from_millis(2));
     }
     let released = Instant::now();
-    std::fs::write(barrier, b"go").map_err(|e| io("release the barrier in", e))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(barrier)
+        .map_err(|e| io("release the barrier in", e))?;
     let progress = std::io::stderr().is_terminal();
     // Read every child's output while it runs: a child that fills its pipe (64 KiB, some
     // 800 JSON lines) would block in write() until someone reads.
@@ -176,6 +202,10 @@ fn release_and_collect(
                 }
                 None => i += 1,
             }
+        }
+        if interrupt::interrupted() {
+            stop(running.iter_mut().map(|(c, _, _)| c));
+            return Err(Error::Interrupted);
         }
         if released.elapsed() > limit {
             running.iter_mut().for_each(|(c, _, _)| drop(c.kill()));

@@ -12,7 +12,13 @@ pub trait Column {
 
 /// Prints one row per `(name, cell)` with one column per report (as wide as its widest
 /// cell), then each report's failures by cause.
-pub fn print<R: Column, F: Fn(&R) -> String>(rows: &[(&str, F)], reports: &[R]) {
+///
+/// # Errors
+/// [`Error::Output`](crate::Error::Output) if standard output cannot be written.
+pub fn print<R: Column, F: Fn(&R) -> String>(
+    rows: &[(&str, F)],
+    reports: &[R],
+) -> crate::Result<()> {
     let cells: Vec<Vec<String>> = reports
         .iter()
         .map(|r| rows.iter().map(|(_, cell)| cell(r)).collect())
@@ -30,22 +36,23 @@ pub fn print<R: Column, F: Fn(&R) -> String>(rows: &[(&str, F)], reports: &[R]) 
                 + 4
         })
         .collect();
-    print!("{:first$}", "");
+    crate::out!("{:first$}", "")?;
     for (r, width) in reports.iter().zip(&widths) {
-        print!("{:>width$}", r.label());
+        crate::out!("{:>width$}", r.label())?;
     }
-    println!();
+    crate::outln!()?;
     for (i, (name, _)) in rows.iter().enumerate() {
-        print!("{name:first$}");
+        crate::out!("{name:first$}")?;
         for (c, width) in cells.iter().zip(&widths) {
-            print!("{:>width$}", c[i]);
+            crate::out!("{:>width$}", c[i])?;
         }
-        println!();
+        crate::outln!()?;
     }
     for r in reports.iter().filter(|r| !r.causes().is_empty()) {
-        println!("{} failures by cause:", r.label());
+        crate::outln!("{} failures by cause:", r.label())?;
         for (cause, n) in r.causes() {
-            println!("  {n:>4} x {cause}");
+            crate::outln!("  {n:>4} x {cause}")?;
         }
     }
+    Ok(())
 }

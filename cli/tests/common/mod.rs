@@ -245,9 +245,19 @@ pub fn output_unprivileged(
     configure(&mut command)
         .current_dir("/")
         .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .unwrap()
+        .gid(NOBODY);
+    // Another test may fork while the copy is open for writing: its child holds that
+    // descriptor until it execs, and exec of the copy fails with ETXTBSY meanwhile.
+    let start = Instant::now();
+    loop {
+        match command.output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                assert!(start.elapsed() < Duration::from_secs(10), "{e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result.unwrap(),
+        }
+    }
 }
 
 #[cfg(unix)]
