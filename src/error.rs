@@ -257,6 +257,15 @@ pub enum Error {
         name: String,
     },
 
+    /// A migration's SQL has `BEGIN`, `COMMIT`, `END` or `ROLLBACK`: it would end the batch's
+    /// transaction and commit part of the batch. It was refused when SQLite prepared that
+    /// statement; the whole batch was rolled back.
+    #[error("migration {name} controls its own transaction")]
+    TransactionControl {
+        /// The migration's name.
+        name: String,
+    },
+
     /// The database has applied migrations this binary does not know: it was migrated by a
     /// newer (or a different) program.
     #[error(
@@ -444,8 +453,12 @@ impl Error {
                  (Options::allow_edited_migrations accepts them)"
             }
             Error::Migration { .. } => {
-                "the whole batch was rolled back and the database is as it was; fix the \
-                 migration and open again"
+                "the whole batch was rolled back, its bookkeeping too; fix the migration and \
+                 open again"
+            }
+            Error::TransactionControl { .. } => {
+                "each migration runs inside the batch's one transaction: remove BEGIN, COMMIT, \
+                 END and ROLLBACK from it (SAVEPOINT and RELEASE may stay)"
             }
             Error::Corrupt { .. } => "restore it from a backup",
             Error::NameTooLong { .. } => {

@@ -13,7 +13,7 @@ use crate::retry::RetryPolicy;
 /// |---|---|---|
 /// | `busy_timeout` | 5 s | what sqlx, rusqlite, Django and Rails use |
 /// | `journal_mode` | WAL | readers and the writer do not block each other |
-/// | `synchronous` | NORMAL under WAL, FULL otherwise | durable and never corrupt, fewer fsyncs |
+/// | `synchronous` | NORMAL under WAL, FULL otherwise | never corrupt; under WAL a power loss can take back the last commits ([`Synchronous::Full`] makes each durable) |
 /// | `foreign_keys` | on | constraints declared are constraints enforced |
 /// | `journal_size_limit` | 64 MiB | a WAL that grew once is truncated back (Rails 8) |
 /// | `cache_size` | 16 MiB per connection | |

@@ -63,9 +63,15 @@ impl fmt::Display for JournalMode {
 pub enum Synchronous {
     /// Never waits: a power loss can corrupt the file.
     Off,
-    /// Under WAL, durable up to the last checkpoint and never corrupt; the production choice.
+    /// Under WAL, never corrupt, but not durable: commits are not synced one by one, so a
+    /// power loss or an OS crash can take back the last acknowledged commits (a crash of the
+    /// process alone cannot). The default under WAL: the usual choice where a lost last
+    /// second is acceptable.
     Normal,
-    /// Waits at every commit; the safe choice for rollback-journal mode.
+    /// Waits for the disk at every commit: an acknowledged commit survives a power loss. The
+    /// default in rollback-journal modes; choose it under WAL where every acknowledged write
+    /// must survive (`Options::synchronous(Synchronous::Full)`), at the cost of an fsync per
+    /// commit.
     Full,
     /// As `Full`, and also syncs the directory after deleting a rollback journal.
     Extra,

@@ -301,3 +301,45 @@ fn a_library_user_stamps_their_own_application_id_and_another_application_refuse
         ["0"]
     );
 }
+
+#[test]
+fn a_migration_that_ends_the_batchs_transaction_is_refused_and_nothing_of_the_batch_stays() {
+    let (dir, db) = common::fresh_db();
+    let source = migrations(
+        &dir.path().join("m"),
+        &[
+            ONE,
+            (
+                "2026-01-01-000002_commits",
+                "CREATE TABLE two (x INTEGER); COMMIT; CREATE TABLE two_b (x INTEGER);",
+                None,
+            ),
+            (
+                "2026-01-01-000003_fails",
+                "INSERT INTO nope VALUES (1);",
+                None,
+            ),
+        ],
+    );
+    let error = Database::open(&db, source).unwrap_err();
+    match &error {
+        Error::TransactionControl { name } => assert_eq!(name, "2026-01-01-000002_commits"),
+        other => panic!("expected TransactionControl, got {other}"),
+    }
+    assert!(error.hint().unwrap().contains("COMMIT"), "{error}");
+    // Neither "one", nor "two", nor the bookkeeping: the batch is all or nothing.
+    assert!(tables(&db).is_empty(), "{:?}", tables(&db));
+    // A trigger's BEGIN ... END is no transaction statement.
+    let (dir, db) = common::fresh_db();
+    let source = migrations(
+        &dir.path().join("m"),
+        &[(
+            "2026-01-01-000001_trigger",
+            "CREATE TABLE t (x INTEGER); CREATE TABLE log (x INTEGER);
+             CREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO log VALUES (new.x); END;",
+            None,
+        )],
+    );
+    let opened = Database::open(&db, source).unwrap();
+    assert_eq!(opened.applied_at_open(), ["2026-01-01-000001_trigger"]);
+}

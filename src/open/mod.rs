@@ -3,6 +3,7 @@
 
 mod checksums;
 mod filesystem;
+mod guard;
 mod plan;
 mod preflight;
 mod target;
@@ -142,11 +143,9 @@ impl Opening<'_> {
         if memory {
             // Each connection to :memory: is its own database: set up the pool's only one,
             // and never let r2d2 close it.
-            let pool = builder
-                .idle_timeout(None)
-                .max_lifetime(None)
-                .build(manager)
-                .map_err(|source| Error::Pool { source })?;
+            let pool =
+                guard::guarded(|| builder.idle_timeout(None).max_lifetime(None).build(manager))
+                    .map_err(|source| Error::Pool { source })?;
             let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
             let setup = self.set_up(&mut conn, source)?;
             drop(conn);
@@ -154,13 +153,13 @@ impl Opening<'_> {
         }
         preflight::prepare(self.target.path(), self.options)?;
         // A dedicated connection: its errors are typed, where r2d2 would keep a string.
+        // Guarded: the migrations run on it (see `guard`).
         let mut conn =
-            SqliteConnection::establish(&self.target.url(Access::Create)).map_err(|source| {
-                Error::Open {
+            guard::guarded(|| SqliteConnection::establish(&self.target.url(Access::Create)))
+                .map_err(|source| Error::Open {
                     path: self.target.path().to_owned(),
                     source,
-                }
-            })?;
+                })?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let setup = self.set_up(&mut conn, source)?;
         let pool = builder.build_unchecked(manager);

@@ -16,6 +16,7 @@ use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnect
 use diesel_migrations::MigrationHarness;
 
 use super::checksums;
+use super::guard;
 use super::target::Target;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
@@ -298,11 +299,17 @@ impl Source {
         for &i in &plan.pending {
             let k = &self.known[i];
             tracing::debug!(migration = %k.name, "applying migration");
-            conn.run_migration(&*self.migrations[i])
-                .map_err(|source| Error::Migration {
+            let (result, ends_the_transaction) =
+                guard::migrating(|| conn.run_migration(&*self.migrations[i]));
+            if ends_the_transaction {
+                return Err(Error::TransactionControl {
                     name: k.name.clone(),
-                    source,
-                })?;
+                });
+            }
+            result.map_err(|source| Error::Migration {
+                name: k.name.clone(),
+                source,
+            })?;
             applied.push(k.name.clone());
         }
         for &i in plan.pending.iter().chain(&plan.unrecorded) {
