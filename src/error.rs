@@ -174,6 +174,16 @@ pub enum Error {
         target: PathBuf,
     },
 
+    /// A file SQLite opens next to the database (`-journal`, `-wal`, `-shm`) cannot be used:
+    /// it is not a regular file, or this user may not write it.
+    #[error("{path} {problem}")]
+    SideFile {
+        /// The side file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
     /// SQLite could not open the file.
     #[error("cannot open database {path}")]
     Open {
@@ -468,6 +478,11 @@ impl Error {
             Error::DanglingSymlink { .. } => {
                 "create the database where the link points (or point the link at an existing \
                  database), or pass the real path"
+            }
+            Error::SideFile { .. } => {
+                "SQLite opens the database's -journal, -wal and -shm files by name: remove this \
+                 one if nothing uses the database, or give it to the database's owner (a \
+                 -journal or -wal may hold committed data: back it up first)"
             }
             Error::StillOpen { .. } => {
                 "a pooled connection or a clone of Database::pool outlived the handle; drop \

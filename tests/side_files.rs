@@ -121,3 +121,32 @@ fn a_lock_file_root_creates_belongs_to_the_databases_owner() {
     let meta = std::fs::metadata(side(&path, "-lock")).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (common::NOBODY, common::NOBODY));
 }
+
+#[test]
+fn a_fifo_where_sqlite_expects_its_journal_or_wal_is_refused_at_once_by_name() {
+    for suffix in ["-journal", "-wal"] {
+        let (_dir, path) = fresh_db();
+        drop(Options::new().open(&path, MIGRATIONS).unwrap());
+        common::wait_closed(&path);
+        let fifo = side(&path, suffix);
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        // On a thread with a bounded wait: SQLite alone would block forever opening it.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let opening = path.clone();
+        std::thread::spawn(move || {
+            let _ = sender.send(Options::new().open(&opening, MIGRATIONS).map(drop));
+        });
+        let outcome = receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("opening with a FIFO {suffix} hangs"));
+        match outcome {
+            Err(Error::SideFile { path: p, problem }) => {
+                assert_eq!(p, fifo);
+                assert!(problem.contains("not a regular file"), "{problem}");
+            }
+            other => panic!("{suffix}: expected SideFile, got {other:?}"),
+        }
+    }
+}

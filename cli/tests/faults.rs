@@ -558,6 +558,46 @@ fn a_lock_file_the_owner_cannot_open_is_done_without_and_the_owners_writes_go_on
     assert_eq!(common::stored_versions(&db), [1, 2]);
 }
 
+#[cfg(unix)]
+#[test]
+fn another_users_wal_next_to_the_database_is_named_and_nothing_changes() {
+    if !common::is_root() {
+        eprintln!("not root: cannot make files of two users, nothing checked");
+        return;
+    }
+    let (dir, db) = common::fresh_db();
+    Catalog::open(&db, Options::new())
+        .unwrap()
+        .record("a")
+        .unwrap();
+    common::wait_closed(&db);
+    // The service user's database; root left a -wal and -shm next to it.
+    std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let side = format!("{}{suffix}", db.display());
+        std::fs::write(&side, b"").unwrap();
+        common::set_mode(std::path::Path::new(&side), 0o644);
+    }
+    let before = std::fs::read(&db).unwrap();
+    let output = common::output_unprivileged(|command| {
+        command.args(["record", "--artifact", "a", "--db"]).arg(&db)
+    });
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}-wal is not writable by this user",
+            db.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "the database changed"
+    );
+}
+
 fn soak(compare: bool) -> serde_json::Value {
     let (_dir, db) = common::fresh_db();
     let mut command = Command::new(common::binary());

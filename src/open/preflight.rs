@@ -78,6 +78,7 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
             path: dir.to_owned(),
         });
     }
+    check_side_files(path)?;
     match std::fs::metadata(path) {
         Ok(meta) => {
             if !writable(path) {
@@ -100,6 +101,46 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path, options.create_mode),
         Err(source) => Err(io(FileOperation::ReadMetadata, path)(source)),
     }
+}
+
+/// SQLite's own files next to the database, which it opens by name: each that exists must be
+/// a regular file (a FIFO would make SQLite wait forever, a link would send it elsewhere) that
+/// this process may write (another user's makes SQLite fail with "readonly database" or
+/// "unable to open database file", without naming the file).
+fn check_side_files(path: &Path) -> Result<()> {
+    for suffix in ["-journal", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let side = std::path::PathBuf::from(name);
+        let meta = match std::fs::symlink_metadata(&side) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(Error::Io {
+                    operation: FileOperation::ReadMetadata,
+                    path: side,
+                    source,
+                })
+            }
+        };
+        let file_type = meta.file_type();
+        let problem = if file_type.is_symlink() {
+            "is a symbolic link"
+        } else if file_type.is_dir() {
+            "is a directory"
+        } else if !file_type.is_file() {
+            "is not a regular file (a FIFO, a socket or a device)"
+        } else if !writable(&side) {
+            "is not writable by this user"
+        } else {
+            continue;
+        };
+        return Err(Error::SideFile {
+            path: side,
+            problem,
+        });
+    }
+    Ok(())
 }
 
 /// Whether this process may write `path` (its effective ids, as the open will use them).
