@@ -133,11 +133,14 @@ impl fmt::Display for FileOperation {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The path cannot be handed to SQLite (not UTF-8, empty, or contains a NUL byte).
-    #[error("database path {path} is not valid UTF-8 without NUL bytes")]
+    /// The path cannot name a SQLite file: not UTF-8, empty, a NUL byte, URI parameters, or
+    /// another engine's URL.
+    #[error("database path {path} {reason}")]
     InvalidPath {
         /// The path as given.
         path: PathBuf,
+        /// What is wrong with it, such as `is empty`.
+        reason: &'static str,
     },
 
     /// The database path names a directory.

@@ -35,20 +35,44 @@ const MEMORY: &str = ":memory:";
 impl Target {
     /// `":memory:"` is the in-memory database; anything else a file, made absolute (so that a
     /// later `chdir` cannot change which file the pool opens) and checked to be a path SQLite
-    /// can be handed.
-    pub(crate) fn new(path: &Path) -> Result<Self> {
-        if path == Path::new(MEMORY) {
+    /// can be handed. The URL forms a `DATABASE_URL` often has (`sqlite://PATH`,
+    /// `sqlite:PATH`, `file:PATH`) name the file `PATH`; URI parameters (`?`, `#`) and other
+    /// engines' URLs are refused, not taken for a file name.
+    pub(crate) fn new(given: &Path) -> Result<Self> {
+        let invalid = |reason| Error::InvalidPath {
+            path: given.to_owned(),
+            reason,
+        };
+        let text = given
+            .to_str()
+            .ok_or_else(|| invalid("is not valid UTF-8"))?;
+        if text.contains('\0') {
+            return Err(invalid("contains a NUL byte"));
+        }
+        if ["postgres://", "postgresql://", "mysql://"]
+            .iter()
+            .any(|scheme| text.starts_with(scheme))
+        {
+            return Err(invalid("is the URL of another database engine"));
+        }
+        let text = ["sqlite://", "sqlite:", "file:"]
+            .iter()
+            .find_map(|scheme| text.strip_prefix(scheme))
+            .unwrap_or(text);
+        if text == MEMORY {
             return Ok(Target::Memory);
         }
-        let text = path
-            .to_str()
-            .filter(|text| !text.is_empty() && !text.contains('\0'))
-            .ok_or_else(|| Error::InvalidPath {
-                path: path.to_owned(),
-            })?;
+        if text.is_empty() {
+            return Err(invalid("is empty"));
+        }
+        if text.contains(['?', '#']) {
+            return Err(invalid(
+                "has URI parameters (? or #): the layer sets the open mode itself",
+            ));
+        }
         let path = std::path::absolute(text).map_err(|source| Error::Io {
             operation: FileOperation::ResolvePath,
-            path: path.to_owned(),
+            path: given.to_owned(),
             source,
         })?;
         let uri = file_uri(path.to_str().expect("an absolute UTF-8 path stays UTF-8"));
@@ -95,9 +119,11 @@ impl Target {
     }
 }
 
-/// `file:` and the path with the characters SQLite's URI parser would read as syntax escaped.
+/// `file://` (an empty authority) and the absolute path, with the characters SQLite's URI
+/// parser would read as syntax escaped. The empty authority keeps a path that starts with
+/// `//` a path: `file://abs/x.db` would name a host `abs`.
 fn file_uri(path: &str) -> String {
-    let mut uri = String::from("file:");
+    let mut uri = String::from("file://");
     for c in path.chars() {
         match c {
             '%' => uri.push_str("%25"),
@@ -116,16 +142,39 @@ mod tests {
     #[test]
     fn urls_escape_what_sqlite_would_read_as_uri_syntax() {
         let target = Target::new(Path::new("/tmp/a b/x.db")).unwrap();
-        assert_eq!(target.url(Access::Create), "file:/tmp/a b/x.db?mode=rwc");
-        let target = Target::new(Path::new("/tmp/50%?#.db")).unwrap();
-        assert_eq!(
-            target.url(Access::ReadOnly),
-            "file:/tmp/50%25%3F%23.db?mode=ro"
-        );
-        assert!(matches!(
-            Target::new(Path::new("")),
-            Err(Error::InvalidPath { .. })
-        ));
+        assert_eq!(target.url(Access::Create), "file:///tmp/a b/x.db?mode=rwc");
+        let target = Target::new(Path::new("/tmp/50%.db")).unwrap();
+        assert_eq!(target.url(Access::ReadOnly), "file:///tmp/50%25.db?mode=ro");
+        assert_eq!(file_uri("/a?b#c"), "file:///a%3Fb%23c");
+        // A path beginning with // stays a path, not a host.
+        let target = Target::new(Path::new("//tmp/x.db")).unwrap();
+        assert_eq!(target.url(Access::Create), "file:////tmp/x.db?mode=rwc");
+    }
+
+    #[test]
+    fn url_forms_name_the_file_and_parameters_or_other_engines_are_refused() {
+        for given in ["sqlite:///tmp/x.db", "sqlite:/tmp/x.db", "file:/tmp/x.db"] {
+            let target = Target::new(Path::new(given)).unwrap();
+            assert_eq!(target.path(), Path::new("/tmp/x.db"), "{given}");
+        }
+        assert!(Target::new(Path::new("sqlite::memory:"))
+            .unwrap()
+            .is_memory());
+        for (given, reason) in [
+            ("", "is empty"),
+            ("sqlite://", "is empty"),
+            ("file:x.db?mode=ro", "URI parameters"),
+            ("x.db?cache=shared", "URI parameters"),
+            ("x.db#frag", "URI parameters"),
+            ("postgres://u@h/db", "another database engine"),
+        ] {
+            match Target::new(Path::new(given)) {
+                Err(Error::InvalidPath { reason: r, .. }) => {
+                    assert!(r.contains(reason), "{given}: {r}")
+                }
+                other => panic!("{given}: {other:?}"),
+            }
+        }
     }
 
     #[test]

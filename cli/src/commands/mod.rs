@@ -13,11 +13,11 @@ use diesel_migrations::FileBasedMigrations;
 
 use crate::error::{Error, Result};
 
-/// The database a command works on: `--db PATH`, else `$DATABASE_URL` (a path, or a
-/// `sqlite://` URL), else `catalog.db`.
+/// The database a command works on: `--db PATH`, else `$DATABASE_URL`, else `catalog.db`.
+/// The library reads the URL forms (`sqlite://PATH`, `sqlite:PATH`, `file:PATH`).
 pub fn database_path(cli_db: Option<PathBuf>) -> PathBuf {
-    cli_db.unwrap_or_else(|| match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(&url)),
+    cli_db.unwrap_or_else(|| match std::env::var_os("DATABASE_URL") {
+        Some(url) if !url.is_empty() => PathBuf::from(url),
         _ => PathBuf::from("catalog.db"),
     })
 }
