@@ -408,6 +408,16 @@ pub enum Error {
         connections: usize,
     },
 
+    /// A thread the layer needs could not be started: the process or its user is at the
+    /// thread limit (`ulimit -u`, `RLIMIT_NPROC`, a cgroup's `pids.max`).
+    #[error("cannot start a thread for {what}: {cause}")]
+    NoThread {
+        /// What the thread was for.
+        what: &'static str,
+        /// What the spawning code said.
+        cause: String,
+    },
+
     /// SQLite could not write the database to disk: the disk is full, or a file-size limit,
     /// a quota or an I/O error stopped it. The transaction was rolled back; the file is
     /// consistent and takes writes again once there is room.
@@ -486,6 +496,10 @@ impl Error {
                 "SQLite opens the database's -journal, -wal and -shm files by name: remove this \
                  one if nothing uses the database, or give it to the database's owner (a \
                  -journal or -wal may hold committed data: back it up first)"
+            }
+            Error::NoThread { .. } => {
+                "the process or its user is at the thread limit (ulimit -u, RLIMIT_NPROC, a \
+                 cgroup's pids.max); raise it, or run fewer threads or processes"
             }
             Error::StillOpen { .. } => {
                 "a pooled connection or a clone of Database::pool outlived the handle; drop \

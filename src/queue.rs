@@ -229,15 +229,47 @@ impl WriteQueue {
         }
         let (sender, receiver) = mpsc::sync_channel(1);
         let failed = self.io_error(FileOperation::LockQueue);
-        std::thread::spawn(move || {
-            let locked = file.lock().map(|()| file).map_err(failed);
-            // If the caller timed out, the send fails and the file (and lock) is dropped.
-            let _ = sender.send(locked);
-        });
+        let helper = std::thread::Builder::new()
+            .name("sqlite-persistence-queue".to_owned())
+            .spawn(move || {
+                let locked = file.lock().map(|()| file).map_err(failed);
+                // If the caller timed out, the send fails and the file (and lock) is dropped.
+                let _ = sender.send(locked);
+            });
+        if let Err(error) = helper {
+            // At the process's or the user's thread limit: poll instead of blocking in a
+            // helper. Bounded still, no longer in arrival order.
+            tracing::warn!(
+                queue = %self.path.display(),
+                error = %error,
+                "cannot start the write queue's waiting thread; polling for the turn"
+            );
+            return self.poll(timeout);
+        }
         match receiver.recv_timeout(timeout) {
             Ok(Ok(file)) => Ok(Turn::new(self.path.clone(), file)),
             Ok(Err(error)) => Err(Wait::Failed(error)),
             Err(_) => Err(Wait::TimedOut),
+        }
+    }
+
+    /// Waits at most `timeout` for the lock by trying it every few milliseconds.
+    fn poll(&self, timeout: Duration) -> Result<Turn, Wait> {
+        let start = Instant::now();
+        let file = self.open().map_err(Wait::Failed)?;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Turn::new(self.path.clone(), file)),
+                Err(TryLockError::WouldBlock) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(TryLockError::WouldBlock) => return Err(Wait::TimedOut),
+                Err(TryLockError::Error(source)) => {
+                    return Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
+                        source,
+                    )))
+                }
+            }
         }
     }
 }

@@ -492,3 +492,36 @@ fn an_interrupted_stress_stops_its_processes_and_removes_its_temporary_directory
         "the temporary directory is left"
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn at_the_thread_limit_a_command_fails_with_a_message_not_a_panic() {
+    use std::os::unix::process::CommandExt;
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    if common::is_root() {
+        // RLIMIT_NPROC binds only other users: the file and directory become theirs.
+        std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    }
+    let output = common::output_unprivileged(|command| {
+        command.args(["record", "--artifact", "a", "--db"]).arg(&db);
+        // SAFETY: between fork and exec, only setrlimit, which is async-signal-safe. One
+        // process, no thread beside it.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 1,
+                    rlim_max: 1,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    });
+    let stderr = failed_cleanly(&output);
+    assert!(stderr.contains("cannot start a thread"), "{stderr}");
+    assert!(stderr.contains("hint: "), "{stderr}");
+}

@@ -143,9 +143,10 @@ impl Opening<'_> {
         if memory {
             // Each connection to :memory: is its own database: set up the pool's only one,
             // and never let r2d2 close it.
-            let pool =
+            let pool = no_panic_on_thread_limit(|| {
                 guard::guarded(|| builder.idle_timeout(None).max_lifetime(None).build(manager))
-                    .map_err(|source| Error::Pool { source })?;
+            })?
+            .map_err(|source| Error::Pool { source })?;
             let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
             let setup = self.set_up(&mut conn, source)?;
             drop(conn);
@@ -162,7 +163,7 @@ impl Opening<'_> {
                 })?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let setup = self.set_up(&mut conn, source)?;
-        let pool = builder.build_unchecked(manager);
+        let pool = no_panic_on_thread_limit(|| builder.build_unchecked(manager))?;
         // Open the pool's first connection before closing this one: the last connection
         // to close checkpoints the WAL and deletes it, which the next open pays for.
         drop(pool.get().map_err(|source| Error::Pool { source })?);
@@ -293,6 +294,34 @@ impl Opening<'_> {
             actual,
         }
     }
+}
+
+/// Builds an r2d2 pool, whose scheduler starts threads and panics if it cannot (at a
+/// process's or user's thread limit): [`Error::NoThread`] instead. Until a thread has been
+/// started once in this process, one is tried first, so that the usual case (no thread at
+/// all can be started) is an error without a panic's message; the panic is caught too.
+fn no_panic_on_thread_limit<T>(build: impl FnOnce() -> T) -> Result<T> {
+    static STARTED_ONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let what = "the connection pool's scheduler";
+    if !STARTED_ONE.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::Builder::new()
+            .spawn(|| {})
+            .map(|probe| drop(probe.join()))
+            .map_err(|e| Error::NoThread {
+                what,
+                cause: e.to_string(),
+            })?;
+        STARTED_ONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).map_err(|panic| {
+        let cause = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic")
+            .to_owned();
+        Error::NoThread { what, cause }
+    })
 }
 
 /// r2d2 reports a connection it could not open only through its error handler, then keeps

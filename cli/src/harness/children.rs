@@ -51,14 +51,18 @@ fn stop<'a>(children: impl Iterator<Item = &'a mut Child>) {
 /// A thread reading one pipe of a child to its end.
 type Drain = std::thread::JoinHandle<String>;
 
-fn drain(pipe: Option<impl Read + Send + 'static>) -> Drain {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
+fn drain(pipe: Option<impl Read + Send + 'static>) -> Result<Drain, Error> {
+    std::thread::Builder::new()
+        .spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+        .map_err(|e| Error::Run {
+            reason: format!("cannot start a thread to read a process's output: {e}"),
+        })
 }
 
 /// Starts `n` processes of this binary with `args` and `--db db`, releases them together once
@@ -175,14 +179,20 @@ fn release_and_collect(
     let progress = std::io::stderr().is_terminal();
     // Read every child's output while it runs: a child that fills its pipe (64 KiB, some
     // 800 JSON lines) would block in write() until someone reads.
-    let mut running: Vec<(Child, Drain, Drain)> = children
-        .into_iter()
-        .map(|mut child| {
-            let stdout = drain(child.stdout.take());
-            let stderr = drain(child.stderr.take());
-            (child, stdout, stderr)
-        })
-        .collect();
+    let mut running: Vec<(Child, Drain, Drain)> = Vec::with_capacity(n);
+    let mut children = children.into_iter();
+    while let Some(mut child) = children.next() {
+        let drains =
+            drain(child.stdout.take()).and_then(|stdout| Ok((stdout, drain(child.stderr.take())?)));
+        match drains {
+            Ok((stdout, stderr)) => running.push((child, stdout, stderr)),
+            Err(error) => {
+                stop(std::iter::once(&mut child).chain(children.as_mut_slice()));
+                stop(running.iter_mut().map(|(c, _, _)| c));
+                return Err(error);
+            }
+        }
+    }
     let mut outputs = Vec::with_capacity(n);
     while !running.is_empty() {
         let mut i = 0;
