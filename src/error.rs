@@ -279,6 +279,16 @@ pub enum Error {
         name: String,
     },
 
+    /// The file has tables but no migration history and no application id of its own:
+    /// another program's database. Nothing was written.
+    #[error("database {path} has tables but no migration history: {}", tables.join(", "))]
+    UnmanagedDatabase {
+        /// The database file.
+        path: PathBuf,
+        /// Its tables.
+        tables: Vec<String>,
+    },
+
     /// The database has applied migrations this binary does not know: it was migrated by a
     /// newer (or a different) program.
     #[error(
@@ -460,6 +470,11 @@ impl Error {
                 "SQLite kept the old mode: WAL needs shared memory, which this VFS or \
                  filesystem does not offer; use a local filesystem, or ask for a rollback \
                  journal mode"
+            }
+            Error::UnmanagedDatabase { .. } => {
+                "it looks like another program's database: open another file, or, for a \
+                 database made before the application used migrations, accept it with \
+                 Options::allow_unmanaged_tables (the migrations then run on top of its tables)"
             }
             Error::NonTransactionalMigration { .. } => {
                 "a metadata.toml without run_in_transaction counts as false; set \

@@ -22,6 +22,7 @@ use crate::retry::RetryPolicy;
 /// | `retry` | [`RetryPolicy::new`]: 30 s deadline | |
 /// | `allow_unknown_migrations` | no | a database migrated by a newer binary is refused |
 /// | `allow_edited_migrations` | no | an applied migration whose SQL changed is refused |
+/// | `allow_unmanaged_tables` | no | a file with tables but no migration history (another program's) is refused |
 /// | `application_id` | none | set it to stamp your files and refuse other applications' |
 /// | `create_mode` | `0o600` | a new database (and its `-wal`, `-shm`, `-lock`) is private |
 /// | `pool_size` | 8 | |
@@ -49,6 +50,7 @@ pub struct Options {
     pub(crate) retry: RetryPolicy,
     pub(crate) allow_unknown_migrations: bool,
     pub(crate) allow_edited_migrations: bool,
+    pub(crate) allow_unmanaged_tables: bool,
     pub(crate) application_id: Option<u32>,
     pub(crate) create_mode: u32,
     pub(crate) pool_size: u32,
@@ -76,6 +78,7 @@ impl Options {
             retry: RetryPolicy::new(),
             allow_unknown_migrations: false,
             allow_edited_migrations: false,
+            allow_unmanaged_tables: false,
             application_id: None,
             create_mode: 0o600,
             pool_size: 8,
@@ -186,6 +189,17 @@ impl Options {
     /// recorded checksums are left as they are. Defaults to refusing it.
     pub fn allow_edited_migrations(mut self, allow: bool) -> Self {
         self.allow_edited_migrations = allow;
+        self
+    }
+
+    /// Accept a database that has tables but no migration history (no
+    /// `__diesel_schema_migrations`, no application id of its own), as one created before
+    /// the application used migrations: the pending migrations then run on top of its
+    /// tables. By default such a file is taken for another program's and refused before
+    /// anything is written ([`Error::UnmanagedDatabase`](crate::Error::UnmanagedDatabase)):
+    /// it is not converted to WAL, stamped or given side files. Defaults to refusing it.
+    pub fn allow_unmanaged_tables(mut self, allow: bool) -> Self {
+        self.allow_unmanaged_tables = allow;
         self
     }
 

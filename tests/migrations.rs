@@ -343,3 +343,43 @@ fn a_migration_that_ends_the_batchs_transaction_is_refused_and_nothing_of_the_ba
     let opened = Database::open(&db, source).unwrap();
     assert_eq!(opened.applied_at_open(), ["2026-01-01-000001_trigger"]);
 }
+
+#[test]
+fn another_programs_database_is_refused_before_anything_is_written() {
+    let (dir, db) = common::fresh_db();
+    {
+        // Another program's database, in its own rollback journal, with a table that clashes.
+        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        conn.batch_execute(
+            "CREATE TABLE theirs (x INTEGER); INSERT INTO theirs VALUES (42);
+             CREATE TABLE counters (name TEXT);",
+        )
+        .unwrap();
+    }
+    let bytes = fs::read(&db).unwrap();
+    let error = app().open(&db, MIGRATIONS).unwrap_err();
+    match &error {
+        Error::UnmanagedDatabase { tables, .. } => assert_eq!(tables, &["counters", "theirs"]),
+        other => panic!("expected UnmanagedDatabase, got {other}"),
+    }
+    assert!(error.hint().unwrap().contains("allow_unmanaged_tables"));
+    // Not converted to WAL, not stamped, no side files.
+    assert!(fs::read(&db).unwrap() == bytes, "the file changed");
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["app.db"]);
+    // A database made before the application used migrations, accepted explicitly.
+    let (_dir, db) = common::fresh_db();
+    {
+        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        conn.batch_execute("CREATE TABLE legacy (x INTEGER);")
+            .unwrap();
+    }
+    let opened = app()
+        .allow_unmanaged_tables(true)
+        .open(&db, MIGRATIONS)
+        .unwrap();
+    assert_eq!(opened.applied_at_open().len(), VERSIONS.len());
+}

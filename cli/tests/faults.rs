@@ -323,11 +323,14 @@ fn foreign_holder(db: &Path, hold: Duration) -> Child {
     child
 }
 
-/// busy_timeout well below the foreign hold, so the retry policy has to outlast it.
+/// busy_timeout well below the foreign hold, so the retry policy has to outlast it. The
+/// foreign process creates its own table in the file (before the catalog's migrations, on a
+/// new file), which is accepted explicitly.
 fn patient(deadline: Duration) -> Options {
     Options::new()
         .busy_timeout(Duration::from_millis(200))
         .retry(RetryPolicy::new().max_elapsed(deadline))
+        .allow_unmanaged_tables(true)
 }
 
 #[test]

@@ -12,7 +12,7 @@ use diesel::connection::SimpleConnection;
 use diesel::migration::{Migration, MigrationSource};
 use diesel::sql_types::Integer;
 use diesel::sqlite::Sqlite;
-use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
+use diesel::{sql_query, Connection, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 use diesel_migrations::MigrationHarness;
 
 use super::checksums;
@@ -53,6 +53,9 @@ pub(crate) struct State {
     pub checksums: BTreeMap<String, String>,
     /// `PRAGMA application_id`; 0 when never set.
     pub application_id: u32,
+    /// The file's tables, read only when it has no migration history (Diesel's table is
+    /// missing): a file with tables but no history was made by another program.
+    pub unmanaged_tables: Vec<String>,
 }
 
 /// What the source and a database's state say together; indices are into the source's
@@ -87,6 +90,8 @@ pub(crate) enum Refusal {
     Edited(Vec<String>),
     /// A pending migration that would run outside the batch's transaction.
     NonTransactional(String),
+    /// Tables without a migration history.
+    Unmanaged(Vec<String>),
 }
 
 impl Refusal {
@@ -102,6 +107,7 @@ impl Refusal {
             Refusal::Unknown(versions) => Error::UnknownMigrations { path, versions },
             Refusal::Edited(names) => Error::EditedMigrations { path, names },
             Refusal::NonTransactional(name) => Error::NonTransactionalMigration { name },
+            Refusal::Unmanaged(tables) => Error::UnmanagedDatabase { path, tables },
         }
     }
 }
@@ -136,9 +142,9 @@ pub(crate) fn plan(known: &[Known], state: State, application_id: Option<u32>) -
     plan
 }
 
-/// The refusals, most fundamental first: another application's file, a newer binary's
-/// history, edited history, then a pending migration that could not run inside the batch's
-/// transaction. An accepted edit (the options allow it) is logged at `warn`.
+/// The refusals, most fundamental first: another application's file (its id, or tables
+/// without a migration history), a newer binary's history, edited history, then a pending
+/// migration that could not run inside the batch's transaction. An accepted edit (the options allow it) is logged at `warn`.
 pub(crate) fn check(
     known: &[Known],
     plan: &Plan,
@@ -149,6 +155,14 @@ pub(crate) fn check(
         if found != 0 && found != expected {
             return Err(Refusal::Foreign { expected, found });
         }
+    }
+    let ours = options.application_id.is_some() && plan.state.application_id != 0;
+    if !plan.state.unmanaged_tables.is_empty()
+        && !plan.pending.is_empty()
+        && !ours
+        && !options.allow_unmanaged_tables
+    {
+        return Err(Refusal::Unmanaged(plan.state.unmanaged_tables.clone()));
     }
     if !plan.unknown.is_empty() && !options.allow_unknown_migrations {
         return Err(Refusal::Unknown(plan.unknown.clone()));
@@ -198,9 +212,16 @@ struct ApplicationId {
 }
 
 impl State {
-    /// Reads the state. Diesel's own `applied_migrations` runs `CREATE TABLE IF NOT EXISTS`
-    /// first, a write; this reads the bookkeeping only if it exists.
+    /// Reads the state, in one read transaction (a savepoint inside the batch's), so that
+    /// every part of it comes from one snapshot: read statement by statement, a process could
+    /// see no migration history, then the tables another process's batch had just committed.
+    /// Diesel's own `applied_migrations` runs `CREATE TABLE IF NOT EXISTS` first, a write;
+    /// this reads the bookkeeping only if it exists.
     pub(crate) fn read(conn: &mut SqliteConnection) -> QueryResult<Self> {
+        conn.transaction(Self::read_in)
+    }
+
+    fn read_in(conn: &mut SqliteConnection) -> QueryResult<Self> {
         let applied = if checksums::table_exists(conn, DIESEL_TABLE)? {
             sql_query(format!("SELECT version FROM {DIESEL_TABLE}"))
                 .load::<Version>(conn)?
@@ -213,10 +234,24 @@ impl State {
         let application_id = sql_query("PRAGMA application_id")
             .get_result::<ApplicationId>(conn)?
             .application_id as u32;
+        let unmanaged_tables = if applied.is_empty() {
+            sql_query(
+                "SELECT name AS version FROM sqlite_master WHERE type = 'table' \
+                 AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_\\_%' ESCAPE '\\' \
+                 ORDER BY name",
+            )
+            .load::<Version>(conn)?
+            .into_iter()
+            .map(|row| row.version)
+            .collect()
+        } else {
+            Vec::new()
+        };
         Ok(State {
             applied,
             checksums: checksums::recorded(conn)?,
             application_id,
+            unmanaged_tables,
         })
     }
 }
@@ -346,6 +381,15 @@ mod tests {
                 .filter_map(|(v, sum)| sum.map(|s| (v.to_string(), s.to_owned())))
                 .collect(),
             application_id,
+            unmanaged_tables: Vec::new(),
+        }
+    }
+
+    /// A file with `tables` and no migration history, carrying `application_id`.
+    fn unmanaged(tables: &[&str], application_id: u32) -> State {
+        State {
+            unmanaged_tables: tables.iter().map(|t| t.to_string()).collect(),
+            ..state(&[], application_id)
         }
     }
 
@@ -540,6 +584,37 @@ mod tests {
                 )
             },
             Case {
+                pending: vec![0, 1, 2],
+                refusal: Some(Refusal::Unmanaged(vec!["theirs".to_owned()])),
+                ..case(
+                    "another program's tables, no history",
+                    unmanaged(&["theirs"], 0),
+                )
+            },
+            Case {
+                pending: vec![0, 1, 2],
+                options: Options::new().allow_unmanaged_tables(true),
+                ..case("unmanaged tables, allowed", unmanaged(&["theirs"], 0))
+            },
+            Case {
+                pending: vec![0, 1, 2],
+                options: Options::new().application_id(APP),
+                ..case(
+                    "our own id: tables are ours even without history",
+                    unmanaged(&["counters"], APP),
+                )
+            },
+            Case {
+                pending: vec![0, 1, 2],
+                stamp: Some(APP),
+                options: Options::new().application_id(APP),
+                refusal: Some(Refusal::Unmanaged(vec!["theirs".to_owned()])),
+                ..case(
+                    "no id, tables, no history: not ours to stamp",
+                    unmanaged(&["theirs"], 0),
+                )
+            },
+            Case {
                 known: vec![known("1", None), known("2", Some("b"))],
                 verified: 1,
                 ..case(
@@ -591,6 +666,10 @@ mod tests {
         assert!(matches!(
             Refusal::NonTransactional("2".into()).at(path),
             Error::NonTransactionalMigration { .. }
+        ));
+        assert!(matches!(
+            Refusal::Unmanaged(vec!["t".into()]).at(path),
+            Error::UnmanagedDatabase { .. }
         ));
     }
 }
