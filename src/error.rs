@@ -569,6 +569,19 @@ impl From<DieselError> for Error {
     }
 }
 
+impl From<Error> for DieselError {
+    /// Lets a `write` or `read` closure return Diesel's own `QueryResult<T>`: a layer error
+    /// that carries Diesel's error ([`Error::Query`], [`Error::Storage`]) gives it back as it
+    /// is; any other (such as [`Error::Busy`]) is boxed in `QueryBuilderError`, from which it
+    /// can be downcast.
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Query { source, .. } | Error::Storage { source, .. } => source,
+            other => DieselError::QueryBuilderError(Box::new(other)),
+        }
+    }
+}
+
 /// SQLITE_FULL ("database or disk is full": no space, or the page limit) and SQLITE_IOERR
 /// ("disk I/O error", with the extended codes Diesel does not expose: a write that a
 /// file-size limit or a quota cut short is IOERR_WRITE, not FULL).

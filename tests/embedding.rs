@@ -287,3 +287,36 @@ fn close_returns_once_every_connection_is_closed_or_says_which_stayed_open() {
     );
     drop(held);
 }
+
+#[test]
+fn a_closure_may_return_diesels_own_query_result() {
+    let (_dir, path) = fresh_db();
+    let db = quick_busy().open(&path, MIGRATIONS).unwrap();
+    // A lock on BEGIN is the layer's to retry, whatever the closure returns.
+    let holder = hold_write_lock(&path, Duration::from_millis(600));
+    let value: i64 = db.write(|conn| bump_in(conn, "a")).unwrap();
+    holder.join().unwrap();
+    assert_eq!(value, 1);
+    let seen: Vec<i64> = db
+        .read(|conn| {
+            use common::schema::events;
+            events::table.select(events::value).load(conn)
+        })
+        .unwrap();
+    assert_eq!(seen, [1]);
+    // Past the deadline, the layer's Busy comes back inside Diesel's error.
+    let db = quick_busy()
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(300)))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let holder = hold_write_lock(&path, Duration::from_millis(1500));
+    let error = db.write(|conn| bump_in(conn, "a")).unwrap_err();
+    holder.join().unwrap();
+    match error {
+        diesel::result::Error::QueryBuilderError(inner) => {
+            let layer = inner.downcast_ref::<Error>().expect("the layer's error");
+            assert!(matches!(layer, Error::Busy { .. }), "{layer}");
+        }
+        other => panic!("expected the boxed Busy, got {other:?}"),
+    }
+}
