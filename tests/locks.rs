@@ -10,6 +10,20 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use sqlite_persistence::{Error, JournalMode, Operation, Options, RetryPolicy};
 
+/// Asserts `error` is the layer giving up on a `write` while the database stayed locked.
+fn assert_busy_write(error: &Error) {
+    assert!(
+        matches!(
+            error,
+            Error::Busy {
+                operation: Operation::Write,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
 fn quick_busy() -> Options {
     // busy_timeout far below the hold, so the retry policy has to do the waiting.
     Options::new().busy_timeout(Duration::from_millis(50))
@@ -182,16 +196,7 @@ fn a_stuck_queue_holder_gives_the_typed_timeout_error_within_the_deadline() {
     let start = Instant::now();
     let error = bump(&db, "a").unwrap_err();
     let took = start.elapsed();
-    assert!(
-        matches!(
-            error,
-            Error::Busy {
-                operation: Operation::Write,
-                ..
-            }
-        ),
-        "{error}"
-    );
+    assert_busy_write(&error);
     assert!(common::chain(&error).contains("write queue"), "{error}");
     assert!(
         took >= deadline && took < deadline + Duration::from_millis(500),
@@ -216,16 +221,7 @@ fn a_write_gives_up_at_its_deadline_not_a_busy_timeout_later() {
     let error = bump(&db, "a").unwrap_err();
     let took = start.elapsed();
     holder.join().unwrap();
-    assert!(
-        matches!(
-            error,
-            Error::Busy {
-                operation: Operation::Write,
-                ..
-            }
-        ),
-        "{error}"
-    );
+    assert_busy_write(&error);
     assert!(took < deadline + Duration::from_millis(500), "{took:?}");
     // The connection's own busy_timeout is back: a write behind a short holder waits in
     // SQLite, in one attempt.

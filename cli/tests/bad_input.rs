@@ -354,7 +354,6 @@ fn a_closed_pipe_or_a_full_disk_on_stdout_is_an_error_not_a_panic() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_file_size_limit_is_a_storage_error_even_where_sigxfsz_is_not_ignored() {
-    use std::os::unix::process::CommandExt;
     let (_dir, db) = common::fresh_db();
     sqlite_persistence_cli::Catalog::open(&db, sqlite_persistence::Options::new()).unwrap();
     let mut command = Command::new(common::binary());
@@ -362,20 +361,8 @@ fn a_file_size_limit_is_a_storage_error_even_where_sigxfsz_is_not_ignored() {
         .args(["record", "--artifact", "a", "--count", "100000", "--db"])
         .arg(&db)
         .stdout(std::process::Stdio::null());
-    // SAFETY: between fork and exec, only setrlimit, which is async-signal-safe. SIGXFSZ is
-    // left at its default (terminate): the binary must ignore it itself.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 256 * 1024,
-                rlim_max: 256 * 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // SIGXFSZ is left at its default (terminate): the binary must ignore it itself.
+    common::limit(&mut command, libc::RLIMIT_FSIZE, 256 * 1024);
     let stderr = failed_cleanly(&command.output().unwrap());
     assert!(stderr.contains("could not write to disk"), "{stderr}");
 }
@@ -496,7 +483,6 @@ fn an_interrupted_stress_stops_its_processes_and_removes_its_temporary_directory
 #[cfg(target_os = "linux")]
 #[test]
 fn at_the_thread_limit_a_command_fails_with_a_message_not_a_panic() {
-    use std::os::unix::process::CommandExt;
     let (dir, db) = common::fresh_db();
     populated(&db);
     if common::is_root() {
@@ -506,20 +492,8 @@ fn at_the_thread_limit_a_command_fails_with_a_message_not_a_panic() {
     }
     let output = common::output_unprivileged(|command| {
         command.args(["record", "--artifact", "a", "--db"]).arg(&db);
-        // SAFETY: between fork and exec, only setrlimit, which is async-signal-safe. One
-        // process, no thread beside it.
-        unsafe {
-            command.pre_exec(|| {
-                let limit = libc::rlimit {
-                    rlim_cur: 1,
-                    rlim_max: 1,
-                };
-                if libc::setrlimit(libc::RLIMIT_NPROC, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        }
+        // One process, no thread beside it.
+        common::limit(command, libc::RLIMIT_NPROC, 1)
     });
     let stderr = failed_cleanly(&output);
     assert!(stderr.contains("cannot start a thread"), "{stderr}");

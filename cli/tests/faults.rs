@@ -437,18 +437,12 @@ fn a_file_size_limit_fails_writes_with_the_typed_error_and_the_file_takes_writes
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec, only async-signal-safe calls (setrlimit, signal).
+    // No file of this process may grow past 256 KiB, as on a full disk.
+    common::limit(&mut command, libc::RLIMIT_FSIZE, 256 * 1024);
+    // SAFETY: between fork and exec, only signal, which is async-signal-safe. Without the
+    // signal ignored, SIGXFSZ would kill it instead of failing the write.
     unsafe {
         command.pre_exec(|| {
-            // No file of this process may grow past 256 KiB, as on a full disk; without the
-            // signal ignored, SIGXFSZ would kill it instead of failing the write.
-            let limit = libc::rlimit {
-                rlim_cur: 256 * 1024,
-                rlim_max: 256 * 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             Ok(())
         });
@@ -527,6 +521,21 @@ fn a_group_shares_a_database_whose_lock_file_another_member_created() {
     assert_eq!(common::stored_versions(&db), [1, 2]);
 }
 
+/// A catalog with version 1 recorded, closed, then given (file and directory) to `nobody`:
+/// a service user's database that root is about to meddle with.
+#[cfg(unix)]
+fn service_users_database() -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, db) = common::fresh_db();
+    Catalog::open(&db, Options::new())
+        .unwrap()
+        .record("a")
+        .unwrap();
+    common::wait_closed(&db);
+    std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    (dir, db)
+}
+
 #[cfg(unix)]
 #[test]
 fn a_lock_file_the_owner_cannot_open_is_done_without_and_the_owners_writes_go_on() {
@@ -534,16 +543,9 @@ fn a_lock_file_the_owner_cannot_open_is_done_without_and_the_owners_writes_go_on
         eprintln!("not root: cannot make files of two users, nothing checked");
         return;
     }
-    let (dir, db) = common::fresh_db();
-    Catalog::open(&db, Options::new())
-        .unwrap()
-        .record("a")
-        .unwrap();
-    common::wait_closed(&db);
-    // The service user's database, with a -lock only root may open (as an older version,
-    // or root with another tool, left it).
-    std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
-    std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    let (_dir, db) = service_users_database();
+    // With a -lock only root may open (as an older version, or root with another tool, left
+    // it).
     let lock = format!("{}-lock", db.display());
     common::set_mode(std::path::Path::new(&lock), 0o600);
     let output = common::output_unprivileged(|command| {
@@ -568,15 +570,8 @@ fn another_users_wal_next_to_the_database_is_named_and_nothing_changes() {
         eprintln!("not root: cannot make files of two users, nothing checked");
         return;
     }
-    let (dir, db) = common::fresh_db();
-    Catalog::open(&db, Options::new())
-        .unwrap()
-        .record("a")
-        .unwrap();
-    common::wait_closed(&db);
-    // The service user's database; root left a -wal and -shm next to it.
-    std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
-    std::os::unix::fs::chown(dir.path(), Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    let (_dir, db) = service_users_database();
+    // Root left a -wal and -shm next to it.
     for suffix in ["-wal", "-shm"] {
         let side = format!("{}{suffix}", db.display());
         std::fs::write(&side, b"").unwrap();

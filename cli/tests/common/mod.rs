@@ -260,6 +260,29 @@ pub fn output_unprivileged(
     }
 }
 
+/// `command` runs with `resource` limited to `value` (`setrlimit` in the child, before exec).
+#[cfg(target_os = "linux")]
+pub fn limit(
+    command: &mut Command,
+    resource: libc::__rlimit_resource_t,
+    value: libc::rlim_t,
+) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec, only setrlimit, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            if libc::setrlimit(resource, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 #[cfg(unix)]
 pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
