@@ -124,13 +124,19 @@ impl Database {
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) and commits it, running the whole
     /// closure again while the database is locked (see [`RetryPolicy`](crate::RetryPolicy)).
     ///
-    /// `E` is your error type: it must convert from Diesel's and this crate's errors, and keep
-    /// them in its source chain (a `#[from]` or `#[source]` field) so lock errors are found.
-    /// This crate's [`Error`] does all that.
+    /// `E` is your error type: it must convert from Diesel's and this crate's errors. A lock on
+    /// the layer's own `BEGIN IMMEDIATE` or `COMMIT` is retried whatever `E` does with it; one
+    /// raised by a statement of `f` is found through `E`'s source chain (a `#[from]` or
+    /// `#[source]` field). This crate's [`Error`] and Diesel's own error both work.
+    ///
+    /// The pool's connection is taken first, then the cross-process write turn (see
+    /// [`Options::fair_queue`]), so that no process holds the turn while it waits for its own
+    /// pool; every attempt waits in SQLite at most the time left before the deadline.
     ///
     /// # Errors
     /// What `f` returns (after a rollback); [`Error::Busy`] if the database stayed locked
-    /// past the policy's deadline; [`Error::Pool`] if no connection could be had.
+    /// past the policy's deadline; [`Error::Pool`] if no connection could be had;
+    /// [`Error::Reentrant`] inside a `write` or `read` of this database on this thread.
     ///
     /// # Examples
     /// ```

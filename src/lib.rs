@@ -44,6 +44,9 @@
 //! - **Writes**: `BEGIN IMMEDIATE`, retried as a whole on lock errors with a wall-clock
 //!   deadline ([`RetryPolicy`]); writers of this crate queue for the lock on a sidecar
 //!   file, `<database>-lock`, in arrival order ([`Options::fair_queue`]).
+//! - **Embedding**: a nested `write`, `read` or `connection` of the same database on one
+//!   thread is refused at once ([`Error::Reentrant`]); dropping the handle, or
+//!   [`Database::close`], returns once every connection is closed and the WAL checkpointed.
 //! - **Errors** are one [`Error`] enum with context and the cause chain kept;
 //!   [`Error::is_lock_error`] tells a lock error from the rest, [`Error::hint`] what to do
 //!   about a refusal. Every retry is a `tracing` event (`operation`, `attempt`, `delay_ms`,
