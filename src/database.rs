@@ -181,9 +181,16 @@ impl Database {
         // The pool slot first, then the cross-process turn: a process never holds the turn
         // while it waits for its own pool.
         let mut conn = self.checkout()?;
+        // One deadline for the whole write: what the pool wait left of it.
+        let policy = self.options.retry.max_elapsed(
+            self.options
+                .retry
+                .deadline()
+                .saturating_sub(asked.elapsed()),
+        );
         let outcome = locked(
             self.queue.as_ref(),
-            &self.options.retry,
+            &policy,
             &SystemClock,
             Operation::Write,
             |attempt| {

@@ -230,3 +230,37 @@ fn a_write_gives_up_at_its_deadline_not_a_busy_timeout_later() {
     holder.join().unwrap();
     assert_eq!((value, stats.attempts), (1, 1));
 }
+
+#[test]
+fn waiting_for_the_pool_counts_against_the_same_deadline() {
+    let (_dir, path) = fresh_db();
+    let deadline = Duration::from_secs(1);
+    let db = quick_busy()
+        .pool_size(1)
+        .retry(RetryPolicy::new().max_elapsed(deadline))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let holder = hold_write_lock(&path, Duration::from_secs(3));
+    std::thread::scope(|s| {
+        let (held, is_held) = std::sync::mpsc::channel();
+        let db = &db;
+        // The pool's only connection is busy for most of the deadline...
+        s.spawn(move || {
+            db.read(|_| -> sqlite_persistence::Result<()> {
+                held.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(700));
+                Ok(())
+            })
+            .unwrap();
+        });
+        is_held.recv_timeout(Duration::from_secs(10)).unwrap();
+        // ...and then the database is locked: the write gives up at its one deadline, not a
+        // whole deadline after the pool wait.
+        let start = Instant::now();
+        let error = bump(db, "a").unwrap_err();
+        let took = start.elapsed();
+        assert_busy_write(&error);
+        assert!(took < deadline + Duration::from_millis(500), "{took:?}");
+    });
+    holder.join().unwrap();
+}

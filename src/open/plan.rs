@@ -222,7 +222,8 @@ impl State {
     }
 
     fn read_in(conn: &mut SqliteConnection) -> QueryResult<Self> {
-        let applied = if checksums::table_exists(conn, DIESEL_TABLE)? {
+        let has_history = checksums::table_exists(conn, DIESEL_TABLE)?;
+        let applied = if has_history {
             sql_query(format!("SELECT version FROM {DIESEL_TABLE}"))
                 .load::<Version>(conn)?
                 .into_iter()
@@ -234,7 +235,7 @@ impl State {
         let application_id = sql_query("PRAGMA application_id")
             .get_result::<ApplicationId>(conn)?
             .application_id as u32;
-        let unmanaged_tables = if applied.is_empty() {
+        let unmanaged_tables = if !has_history {
             sql_query(
                 "SELECT name AS version FROM sqlite_master WHERE type = 'table' \
                  AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_\\_%' ESCAPE '\\' \
