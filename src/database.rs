@@ -245,6 +245,18 @@ impl Database {
         self.checkout()
     }
 
+    /// Runs `f` on a pooled connection as `operation`, refused inside a `write` or `read` of
+    /// this database on this thread.
+    pub(crate) fn with_connection<T>(
+        &self,
+        operation: Operation,
+        f: impl FnOnce(&mut SqliteConnection) -> Result<T>,
+    ) -> Result<T> {
+        let _inside = Inside::enter(self.id, operation)?;
+        let mut conn = self.checkout()?;
+        f(&mut conn)
+    }
+
     fn checkout(&self) -> Result<PooledSqlite> {
         self.pool().get().map_err(|source| Error::Pool { source })
     }

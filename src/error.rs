@@ -47,6 +47,8 @@ pub enum Operation {
     Query,
     /// [`Database::connection`](crate::Database::connection).
     Connection,
+    /// [`Database::backup_to`](crate::Database::backup_to).
+    Backup,
 }
 
 impl Operation {
@@ -66,6 +68,7 @@ impl Operation {
             Operation::ReadStatus => "read status",
             Operation::Query => "query",
             Operation::Connection => "connection",
+            Operation::Backup => "backup",
         }
     }
 }
@@ -96,6 +99,8 @@ pub enum FileOperation {
     OpenQueue,
     /// `flock` of the write queue's sidecar.
     LockQueue,
+    /// Syncing a backup, or linking it into place.
+    WriteBackup,
 }
 
 impl FileOperation {
@@ -110,6 +115,7 @@ impl FileOperation {
             FileOperation::CreateQueue => "create the write queue file",
             FileOperation::OpenQueue => "open the write queue file",
             FileOperation::LockQueue => "lock the write queue file",
+            FileOperation::WriteBackup => "write the backup",
         }
     }
 }
@@ -418,6 +424,13 @@ pub enum Error {
         connections: usize,
     },
 
+    /// The destination of a backup exists; it was left as it is.
+    #[error("backup destination {path} exists")]
+    BackupExists {
+        /// The destination.
+        path: PathBuf,
+    },
+
     /// A thread the layer needs could not be started: the process or its user is at the
     /// thread limit (`ulimit -u`, `RLIMIT_NPROC`, a cgroup's `pids.max`).
     #[error("cannot start a thread for {what}: {cause}")]
@@ -511,6 +524,10 @@ impl Error {
                 "SQLite opens the database's -journal, -wal and -shm files by name: remove this \
                  one if nothing uses the database, or give it to the database's owner (a \
                  -journal or -wal may hold committed data: back it up first)"
+            }
+            Error::BackupExists { .. } => {
+                "a backup never replaces a file: choose a new name, or remove the old backup \
+                 first"
             }
             Error::NoThread { .. } => {
                 "the process or its user is at the thread limit (ulimit -u, RLIMIT_NPROC, a \

@@ -58,6 +58,7 @@
 //! | [`Options`] | the builder: pragmas, journal mode, retry policy, migration checks, pool; [`Options::open`] |
 //! | [`Database`] | an open database: [`write`](Database::write), [`read`](Database::read), [`connection`](Database::connection) |
 //! | [`WriteStats`] | what a [`Database::write_measured`] waited and how many attempts it took |
+//! | [`Backup`] | what a [`Database::backup_to`] (a verified online backup) wrote |
 //! | [`SqlitePool`], [`PooledSqlite`] | the r2d2 pool of a `Database` and a connection borrowed from it |
 //! | [`ConnectionCustomizer`] | the r2d2 hook that applies the pragmas, for a pool of your own |
 //! | [`JournalMode`], [`Synchronous`], [`TempStore`] | typed pragma values |
@@ -71,6 +72,7 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod backup;
 mod closing;
 mod customizer;
 mod database;
@@ -82,6 +84,7 @@ mod queue;
 mod retry;
 mod status;
 
+pub use backup::Backup;
 pub use customizer::ConnectionCustomizer;
 pub use database::{Database, PooledSqlite, SqlitePool, WriteStats};
 pub use error::{is_lock_error, BoxError, Error, FileOperation, Operation, Result};

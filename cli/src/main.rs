@@ -96,6 +96,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a verified copy of the database to a new file while other processes go on
+    /// writing: a consistent snapshot, synced and integrity-checked before it appears.
+    Backup {
+        /// The backup file; it must not exist.
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+        /// One JSON object: path, bytes, elapsed_ms.
+        #[arg(long)]
+        json: bool,
+    },
     /// One soak process (what `soak` starts).
     #[command(hide = true)]
     SoakWorker {
@@ -211,6 +221,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             commands::record::run(&path, &args, started)
         }
         Command::SoakWorker { seconds, plain } => commands::soak::work(&path, seconds, plain),
+        Command::Backup { to, json } => commands::backup::run(&path, &to, json),
         Command::Status { migrations, json } => {
             commands::status::run(&path, migrations.as_deref(), json)
         }

@@ -661,3 +661,59 @@ fn plain_diesel_setup_fails_under_the_same_soak() {
         "the plain setup survived 8 soaks"
     );
 }
+
+#[test]
+fn kill_9_during_a_backup_leaves_a_complete_backup_or_none() {
+    let (dir, db) = common::fresh_db();
+    let catalog = Catalog::open(&db, Options::new()).unwrap();
+    catalog
+        .database()
+        .write(|conn| -> sqlite_persistence::Result<()> {
+            // Some 15 MB, so that a backup takes a while to kill.
+            Ok(conn.batch_execute(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000)
+                 INSERT INTO artifacts (name) SELECT 'artifact-' || x || hex(randomblob(50)) FROM c;",
+            )?)
+        })
+        .unwrap();
+    drop(catalog);
+    let backup = |to: &Path| {
+        let mut command = Command::new(common::binary());
+        command
+            .args(["backup", "--db"])
+            .arg(&db)
+            .arg("--to")
+            .arg(to)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    };
+    let start = Instant::now();
+    assert!(backup(&dir.path().join("timed.db"))
+        .status()
+        .unwrap()
+        .success());
+    let window = start.elapsed();
+    let mut rng = seeded_rng();
+    let (mut absent, mut complete) = (0, 0);
+    for trial in 0..20 {
+        let to = dir.path().join(format!("backup-{trial}.db"));
+        let mut child = backup(&to).spawn().unwrap();
+        std::thread::sleep(window.mul_f64(rng.random_range(0.0..1.0)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if !to.exists() {
+            absent += 1;
+            continue;
+        }
+        complete += 1;
+        assert_eq!(integrity(&to), ["ok"], "trial {trial}");
+        assert_eq!(
+            common::query_strings(&to, "SELECT CAST(count(*) AS TEXT) AS value FROM artifacts"),
+            ["100000"],
+            "trial {trial}"
+        );
+    }
+    eprintln!("20 kills during backups: {absent} left no backup, {complete} a complete one");
+    assert!(absent > 0, "no kill landed during a backup");
+}

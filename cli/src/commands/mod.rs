@@ -1,5 +1,6 @@
 //! The commands, and what they share.
 
+pub mod backup;
 pub mod migrate;
 pub mod record;
 pub mod soak;
