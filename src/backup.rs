@@ -7,7 +7,7 @@
 //! a temporary name, synced, checked with `integrity_check`, and only then linked into place
 //! (which fails rather than replace a file that appeared meanwhile); the directory is synced
 //! last. A process killed on the way leaves at most the temporary file, never a partial
-//! backup at the destination.
+//! backup at the destination; the next backup to that destination removes it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -80,6 +80,7 @@ impl Database {
         if !dir.is_dir() {
             return Err(Error::MissingDirectory { path: dir });
         }
+        remove_stale_temporaries(&destination);
         let temporary = temporary_beside(&destination);
         let written = self
             .copy_to(&temporary)
@@ -138,6 +139,35 @@ fn temporary_beside(destination: &Path) -> PathBuf {
         .file_name()
         .map_or_else(|| "backup".into(), |n| n.to_string_lossy());
     destination.with_file_name(format!(".{name}.backup-{}-{nanos}", std::process::id()))
+}
+
+/// Removes the temporary files that backups to `destination` by processes that no longer
+/// exist (killed on the way) left beside it. A live process's file is left alone.
+fn remove_stale_temporaries(destination: &Path) {
+    let (Some(dir), Some(name)) = (destination.parent(), destination.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.backup-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Syncs the copy and checks it. Opened `immutable`: nothing else uses it, and no `-wal` or

@@ -107,3 +107,28 @@ fn an_in_memory_database_can_be_backed_up_to_a_file() {
     let restored = Database::open(&backup.path, MIGRATIONS).unwrap();
     assert_eq!(values(&restored, "a").unwrap(), [1]);
 }
+
+#[cfg(unix)]
+#[test]
+fn the_next_backup_removes_what_a_killed_one_left_beside_its_destination() {
+    let (dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    // A process that has exited, and a live one (this one).
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = dir.path().join(format!(".backup.db.backup-{dead}-7"));
+    let live = dir
+        .path()
+        .join(format!(".backup.db.backup-{}-8", std::process::id()));
+    let other = dir.path().join(format!(".other.db.backup-{dead}-9"));
+    for file in [&stale, &live, &other] {
+        std::fs::write(file, b"partial").unwrap();
+    }
+    db.backup_to(dir.path().join("backup.db")).unwrap();
+    assert!(
+        !stale.exists(),
+        "the dead process's temporary file is removed"
+    );
+    assert!(live.exists() && other.exists(), "{:?}", names(dir.path()));
+}
