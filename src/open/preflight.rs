@@ -130,7 +130,9 @@ fn check_side_files(path: &Path) -> Result<()> {
             "is a directory"
         } else if !file_type.is_file() {
             "is not a regular file (a FIFO, a socket or a device)"
-        } else if !writable(&side) {
+        } else if !writable(&side) && side.exists() {
+            // (A file that vanished meanwhile, as SQLite's transient -journal of another
+            // process's transaction does, is no problem.)
             "is not writable by this user"
         } else {
             continue;
