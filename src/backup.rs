@@ -117,6 +117,7 @@ impl Database {
                 &self.options().retry,
                 &SystemClock,
                 Operation::Backup,
+                self.path(),
                 |_| {
                     // A failed attempt may leave a partial file, which VACUUM INTO refuses.
                     let _ = std::fs::remove_file(temporary);

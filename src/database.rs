@@ -193,6 +193,7 @@ impl Database {
             &policy,
             &SystemClock,
             Operation::Write,
+            &self.path,
             |attempt| {
                 within(&mut conn, self.options.busy_timeout, attempt.left, |conn| {
                     transaction(conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {
@@ -226,10 +227,16 @@ impl Database {
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
         let mut conn = self.checkout()?;
-        retry_attempts(&self.options.retry, &SystemClock, Operation::Read, |_| {
-            let mut read_only = QueryOnly::on(&mut conn)?;
-            transaction(read_only.conn(), "BEGIN", Operation::Read, &mut f)
-        })
+        retry_attempts(
+            &self.options.retry,
+            &SystemClock,
+            Operation::Read,
+            &self.path,
+            |_| {
+                let mut read_only = QueryOnly::on(&mut conn)?;
+                transaction(read_only.conn(), "BEGIN", Operation::Read, &mut f)
+            },
+        )
         .map(|outcome| outcome.value)
     }
 

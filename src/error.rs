@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use diesel::result::Error as DieselError;
 
+use crate::holders::Holder;
 use crate::pragma::JournalMode;
 
 /// A boxed error that can cross threads, as `diesel_migrations` reports its own.
@@ -215,8 +216,9 @@ pub enum Error {
 
     /// The database stayed locked until the retry policy gave up.
     #[error(
-        "{operation} gave up after {attempts} attempts in {:.1} s: the database stayed locked",
-        elapsed.as_secs_f64()
+        "{operation} gave up after {attempts} attempts in {:.1} s: the database stayed locked{}",
+        elapsed.as_secs_f64(),
+        by(holders)
     )]
     Busy {
         /// The operation that was retried.
@@ -229,6 +231,9 @@ pub enum Error {
         /// The last lock error, or the write queue's time-out.
         #[source]
         source: BoxError,
+        /// Who held the write queue or SQLite's write lock when it gave up, from the OS lock
+        /// table (Linux; empty elsewhere, or if the holder had just let go).
+        holders: Vec<Holder>,
     },
 
     /// The file is not, and could not be put, in the journal mode the options ask for.
@@ -452,6 +457,15 @@ pub enum Error {
         #[source]
         source: DieselError,
     },
+}
+
+/// ` by process 7 (sqlite3) holding the write lock, ...`, or nothing.
+fn by(holders: &[Holder]) -> String {
+    if holders.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = holders.iter().map(Holder::to_string).collect();
+    format!(" by {}", names.join(", "))
 }
 
 impl Error {
@@ -909,6 +923,7 @@ mod tests {
             attempts: 3,
             elapsed: Duration::from_secs(1),
             source: Box::new(locked),
+            holders: Vec::new(),
         };
         assert!(exhausted.is_lock_error());
         assert_eq!(

@@ -65,6 +65,7 @@
 //! | [`RetryPolicy`], [`Delays`] | when lock errors are retried, and the schedule of sleeps |
 //! | [`Status`], [`Checksums`], [`FileSizes`] | a database's state, read without changing it |
 //! | [`Error`], [`Operation`], [`FileOperation`], [`Result`], [`BoxError`] | errors and the steps they name |
+//! | [`Holder`], [`HeldLock`] | who held the lock a write gave up on ([`Error::Busy`]) |
 //! | [`is_lock_error`] | the one classifier of SQLite's lock errors, for Diesel's error type |
 //!
 //! The user's guide, with every default and what happens on each fault, is the README;
@@ -77,6 +78,7 @@ mod closing;
 mod customizer;
 mod database;
 mod error;
+mod holders;
 mod open;
 mod options;
 mod pragma;
@@ -88,6 +90,7 @@ pub use backup::Backup;
 pub use customizer::ConnectionCustomizer;
 pub use database::{Database, PooledSqlite, SqlitePool, WriteStats};
 pub use error::{is_lock_error, BoxError, Error, FileOperation, Operation, Result};
+pub use holders::{HeldLock, Holder};
 pub use options::Options;
 pub use pragma::{JournalMode, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};

@@ -18,6 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
+use crate::holders::holders_of;
 use crate::retry::{retry_attempts, Attempt, Clock, RetryPolicy, Success, Try};
 
 /// The write queue of one database file.
@@ -284,13 +285,14 @@ pub(crate) fn locked<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
+    database: &Path,
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
     E: From<Error> + StdError + Send + Sync + 'static,
 {
-    let (_turn, policy) = wait_turn(queue, operation, policy)?;
-    retry_attempts(&policy, clock, operation, attempt)
+    let (_turn, policy) = wait_turn(queue, operation, policy, database)?;
+    retry_attempts(&policy, clock, operation, database, attempt)
 }
 
 /// Takes a turn in `queue` (if there is one) for `operation`, waiting at most the policy's
@@ -300,6 +302,7 @@ fn wait_turn(
     queue: Option<&WriteQueue>,
     operation: Operation,
     policy: &RetryPolicy,
+    database: &Path,
 ) -> Result<(Option<Turn>, RetryPolicy)> {
     let Some(queue) = queue else {
         return Ok((None, *policy));
@@ -339,6 +342,7 @@ fn wait_turn(
                         queue.path.display()
                     ),
                 )),
+                holders: holders_of(database),
             })
         }
     }

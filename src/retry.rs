@@ -1,12 +1,14 @@
 //! The retry policy and the one loop that applies it to lock errors.
 
 use std::error::Error as StdError;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{chain_has_lock_error, error_chain, Error, Operation};
+use crate::holders::{holders_of, HeldLock};
 
 /// When and how often a locked operation is tried again.
 ///
@@ -319,6 +321,7 @@ pub(crate) fn retry_attempts<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
+    database: &Path,
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
@@ -343,6 +346,11 @@ where
             attempts,
             elapsed,
             source: last.boxed(),
+            // The write queue's turn this process holds while it retries is not the wait.
+            holders: holders_of(database)
+                .into_iter()
+                .filter(|h| !(h.pid == std::process::id() && h.lock == HeldLock::WriteQueue))
+                .collect(),
         }),
     })
 }
@@ -352,12 +360,13 @@ pub(crate) fn retry_locked<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
+    database: &Path,
     mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, E>
 where
     E: From<Error> + StdError + Send + Sync + 'static,
 {
-    retry_attempts(policy, clock, operation, |n| {
+    retry_attempts(policy, clock, operation, database, |n| {
         attempt(n).map_err(Attempt::Caller)
     })
 }

@@ -134,15 +134,20 @@ impl Status {
                     }
                 })?;
             let customizer = ConnectionCustomizer::new(options);
-            let (mode, plan) =
-                retry_locked(&options.retry, &SystemClock, Operation::ReadStatus, |_| {
+            let (mode, plan) = retry_locked(
+                &options.retry,
+                &SystemClock,
+                Operation::ReadStatus,
+                target.path(),
+                |_| {
                     customizer.apply(&mut conn)?;
                     let query = |e| Error::query(Operation::ReadStatus, e);
                     let mode = read_journal_mode(&mut conn).map_err(query)?;
                     Ok::<_, Error>((mode, source.read(&mut conn, options).map_err(query)?))
-                })
-                .map_err(|e| e.naming_bad_file(&status.path))?
-                .value;
+                },
+            )
+            .map_err(|e| e.naming_bad_file(&status.path))?
+            .value;
             status.journal_mode = Some(mode);
             status.application_id = Some(plan.state.application_id);
             status.integrity = match sql_query("PRAGMA quick_check").load::<CheckRow>(&mut conn) {

@@ -264,3 +264,54 @@ fn waiting_for_the_pool_counts_against_the_same_deadline() {
     });
     holder.join().unwrap();
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_write_that_gives_up_names_the_foreign_process_holding_the_lock() {
+    use std::io::BufRead;
+    let (_dir, path) = fresh_db();
+    let db = quick_busy()
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(500)))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    // Another program (Python's sqlite3, not this crate) holds the write lock.
+    let script = "import sqlite3, sys, time\n\
+                  c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+                  c.execute('BEGIN IMMEDIATE')\n\
+                  print('held', flush=True)\n\
+                  time.sleep(10)\n";
+    let Ok(mut holder) = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("no python3: nothing checked");
+        return;
+    };
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    let error = bump(&db, "a").unwrap_err();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    match &error {
+        Error::Busy { holders, .. } => {
+            let holder_pid = holders
+                .iter()
+                .find(|h| h.pid == holder.id())
+                .unwrap_or_else(|| panic!("{holders:?}"));
+            assert_eq!(holder_pid.lock, sqlite_persistence::HeldLock::WriteLock);
+            assert!(holder_pid.command.as_deref().unwrap().starts_with("python"));
+        }
+        other => panic!("expected Busy, got {other}"),
+    }
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("by process {} (python", holder.id())),
+        "only the foreign holder is named: {error}"
+    );
+}

@@ -87,3 +87,41 @@ fn writers_without_the_queue_and_with_it_still_interoperate() {
         (1..=120).collect::<Vec<i64>>()
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_write_that_gives_up_behind_a_writer_of_this_crate_names_it() {
+    let (_dir, db) = common::fresh_db();
+    let catalog = Catalog::open(
+        &db,
+        Options::new()
+            .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(600))),
+    )
+    .unwrap();
+    let mut holder = Command::new(common::binary())
+        .args(["record", "--artifact", "a", "--hold-ms", "5000", "--db"])
+        .arg(&db)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let probe = OpenOptions::new().read(true).open(sidecar(&db)).unwrap();
+    let start = Instant::now();
+    while probe.try_lock().is_ok() {
+        probe.unlock().unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the child never took the queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let error = catalog.record("a").unwrap_err();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!("by process {} (sqlite-persiste", holder.id()))
+            && text.contains("holding the write queue"),
+        "{text}"
+    );
+}

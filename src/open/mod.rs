@@ -225,6 +225,7 @@ impl Opening<'_> {
             &self.options.retry,
             self.clock,
             Operation::SwitchJournalMode,
+            self.target.path(),
             |_| {
                 wal::switch(conn, wanted).map_err(|e| {
                     Attempt::<Error>::Layer(Error::query(Operation::SwitchJournalMode, e))
@@ -254,6 +255,7 @@ impl Opening<'_> {
             &self.options.retry,
             self.clock,
             Operation::Migrate,
+            self.target.path(),
             |attempt| {
                 within(conn, self.options.busy_timeout, attempt.left, |conn| {
                     conn.immediate_transaction(|conn| source.apply(conn, self.target, self.options))
@@ -275,9 +277,15 @@ impl Opening<'_> {
     /// `attempt` under the retry policy, with SQLite's "not a database" and "malformed" as
     /// the typed errors naming the file.
     fn retry<T>(&self, operation: Operation, attempt: impl FnMut(Try) -> Result<T>) -> Result<T> {
-        retry_locked(&self.options.retry, self.clock, operation, attempt)
-            .map(|success| success.value)
-            .map_err(|e| e.naming_bad_file(self.target.path()))
+        retry_locked(
+            &self.options.retry,
+            self.clock,
+            operation,
+            self.target.path(),
+            attempt,
+        )
+        .map(|success| success.value)
+        .map_err(|e| e.naming_bad_file(self.target.path()))
     }
 
     fn parse_mode(&self, answer: String) -> Result<JournalMode> {

@@ -1,0 +1,191 @@
+//! Who holds a database's write lock, from the operating system's lock table: the answer an
+//! error gives when a write waited its whole deadline.
+//!
+//! Every process that writes holds OS locks the kernel lists in `/proc/locks` (Linux): the
+//! write queue's `flock` on `<database>-lock`, and SQLite's own write lock, a POSIX lock on
+//! byte 120 of `-shm` under WAL or on the database file's RESERVED byte in rollback-journal
+//! mode. So a holder is named by pid whether it uses this crate or not (the sqlite3 shell,
+//! another library). Elsewhere than Linux the list is empty.
+
+use std::fmt;
+use std::path::Path;
+
+/// A process that held a lock a write waited for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Holder {
+    /// Its process id.
+    pub pid: u32,
+    /// Its command name (`/proc/PID/comm`), if it could be read.
+    pub command: Option<String>,
+    /// The lock it held.
+    pub lock: HeldLock,
+}
+
+/// Which lock a [`Holder`] held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HeldLock {
+    /// The write queue's turn (`<database>-lock`): a writer of this crate.
+    WriteQueue,
+    /// SQLite's write lock: any writer, of this crate or not.
+    WriteLock,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "process {}", self.pid)?;
+        if let Some(command) = &self.command {
+            write!(f, " ({command})")?;
+        }
+        f.write_str(match self.lock {
+            HeldLock::WriteQueue => " holding the write queue",
+            HeldLock::WriteLock => " holding the write lock",
+        })
+    }
+}
+
+/// SQLite's lock bytes: the WAL write lock in `-shm`, and RESERVED in the database file
+/// (`PENDING_BYTE + 1`).
+const WAL_WRITE_LOCK: u64 = 120;
+const RESERVED_BYTE: u64 = 0x4000_0001;
+
+/// The processes holding the write queue or SQLite's write lock of the database at `path`,
+/// each once, as the OS lock table lists them now.
+pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(table) = std::fs::read_to_string("/proc/locks") else {
+            return Vec::new();
+        };
+        let side = |suffix: &str| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            std::path::PathBuf::from(name)
+        };
+        let files = [
+            (side("-lock"), None, HeldLock::WriteQueue),
+            (side("-shm"), Some(WAL_WRITE_LOCK), HeldLock::WriteLock),
+            (path.to_owned(), Some(RESERVED_BYTE), HeldLock::WriteLock),
+        ];
+        let mut holders: Vec<Holder> = Vec::new();
+        for (file, byte, lock) in files {
+            let Some(id) = file_id(&file) else {
+                continue;
+            };
+            for pid in lock_holders(&table, &id, byte) {
+                if !holders.iter().any(|h| h.pid == pid && h.lock == lock) {
+                    holders.push(Holder {
+                        pid,
+                        command: command_of(pid),
+                        lock,
+                    });
+                }
+            }
+        }
+        holders
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        Vec::new()
+    }
+}
+
+/// `major:minor:inode` as `/proc/locks` writes it (hex device numbers, decimal inode).
+#[cfg(target_os = "linux")]
+fn file_id(file: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(file).ok()?;
+    let dev = meta.dev();
+    Some(format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    ))
+}
+
+/// The pids holding a write lock on the file `id` (covering `byte`, for POSIX locks; any, for
+/// `flock`), from the text of `/proc/locks`. Waiters (lines with `->`) hold nothing.
+fn lock_holders<'a>(
+    table: &'a str,
+    id: &'a str,
+    byte: Option<u64>,
+) -> impl Iterator<Item = u32> + 'a {
+    table.lines().filter_map(move |line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // "1:" TYPE ADVISORY WRITE PID DEV:INODE START END
+        let [_, kind, _, mode, pid, file, start, end] = fields.as_slice() else {
+            return None;
+        };
+        if *mode != "WRITE" || *file != id {
+            return None;
+        }
+        let covers = match (byte, *kind) {
+            (None, "FLOCK") => true,
+            (Some(byte), "POSIX" | "OFDLCK") => {
+                let start: u64 = start.parse().ok()?;
+                let end = if *end == "EOF" {
+                    u64::MAX
+                } else {
+                    end.parse().ok()?
+                };
+                (start..=end).contains(&byte)
+            }
+            _ => false,
+        };
+        covers.then(|| pid.parse().ok()).flatten()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn command_of(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim_end().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "\
+1: FLOCK  ADVISORY  WRITE 25522 fe:00:10010949 0 EOF
+2: POSIX  ADVISORY  WRITE 25522 fe:00:10010963 120 120
+3: POSIX  ADVISORY  READ 25600 fe:00:10010963 124 124
+4: POSIX  ADVISORY  READ 25522 fe:00:10010930 1073741826 1073742335
+5: POSIX  ADVISORY  WRITE 26000 fe:00:10010930 1073741825 1073741825
+6: -> FLOCK  ADVISORY  WRITE 27000 fe:00:10010949 0 EOF
+7: FLOCK  ADVISORY  WRITE 28000 fe:00:99 0 EOF";
+
+    fn pids(id: &str, byte: Option<u64>) -> Vec<u32> {
+        lock_holders(TABLE, id, byte).collect()
+    }
+
+    #[test]
+    fn the_lock_table_names_writers_not_readers_nor_waiters() {
+        // The queue's flock, not the waiter queued behind it.
+        assert_eq!(pids("fe:00:10010949", None), [25522]);
+        // The WAL write lock byte; a reader's byte 124 is not it.
+        assert_eq!(pids("fe:00:10010963", Some(WAL_WRITE_LOCK)), [25522]);
+        assert!(pids("fe:00:10010963", Some(124)).is_empty());
+        // RESERVED in rollback mode; SHARED ranges held for reading are not it.
+        assert_eq!(pids("fe:00:10010930", Some(RESERVED_BYTE)), [26000]);
+        // Another file's locks are not this one's.
+        assert!(pids("fe:00:1", None).is_empty());
+    }
+
+    #[test]
+    fn a_holder_reads_as_a_clause() {
+        let holder = Holder {
+            pid: 7,
+            command: Some("sqlite3".to_owned()),
+            lock: HeldLock::WriteLock,
+        };
+        assert_eq!(
+            holder.to_string(),
+            "process 7 (sqlite3) holding the write lock"
+        );
+    }
+}
