@@ -30,6 +30,9 @@ pub enum HeldLock {
     WriteQueue,
     /// SQLite's write lock: any writer, of this crate or not.
     WriteLock,
+    /// A read transaction that reads from the WAL: until it ends, no checkpoint can pass the
+    /// frames it may read, so `-wal` cannot be reset.
+    WalReader,
 }
 
 impl fmt::Display for Holder {
@@ -41,44 +44,83 @@ impl fmt::Display for Holder {
         f.write_str(match self.lock {
             HeldLock::WriteQueue => " holding the write queue",
             HeldLock::WriteLock => " holding the write lock",
+            HeldLock::WalReader => " reading from the WAL",
         })
     }
 }
 
 /// SQLite's lock bytes: the WAL write lock in `-shm`, and RESERVED in the database file
-/// (`PENDING_BYTE + 1`).
+/// (`PENDING_BYTE + 1`); the read marks of readers that use WAL frames (1 to 4; mark 0, byte
+/// 123, reads the database file alone).
 const WAL_WRITE_LOCK: u64 = 120;
 const RESERVED_BYTE: u64 = 0x4000_0001;
+const WAL_READ_MARKS: std::ops::RangeInclusive<u64> = 124..=127;
 
 /// The processes holding the write queue or SQLite's write lock of the database at `path`,
 /// each once, as the OS lock table lists them now.
 pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
+    let side = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    listed(&[
+        (side("-lock"), "WRITE", Look::Flock, HeldLock::WriteQueue),
+        (
+            side("-shm"),
+            "WRITE",
+            Look::Byte(WAL_WRITE_LOCK),
+            HeldLock::WriteLock,
+        ),
+        (
+            path.to_owned(),
+            "WRITE",
+            Look::Byte(RESERVED_BYTE),
+            HeldLock::WriteLock,
+        ),
+    ])
+}
+
+/// The processes with a read transaction on the database at `path` that reads from its WAL
+/// (and so holds back checkpoints), each once.
+pub(crate) fn wal_readers_of(path: &Path) -> Vec<Holder> {
+    let mut shm = path.as_os_str().to_owned();
+    shm.push("-shm");
+    let shm = std::path::PathBuf::from(shm);
+    let wanted: Vec<_> = WAL_READ_MARKS
+        .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader))
+        .collect();
+    listed(&wanted)
+}
+
+/// Which locks of a file to look for.
+#[derive(Clone, Copy)]
+enum Look {
+    /// An `flock` of the whole file.
+    Flock,
+    /// A POSIX lock covering this byte.
+    Byte(u64),
+}
+
+/// The processes the OS lock table lists for each `(file, mode, look, lock)`, each
+/// `(pid, lock)` once.
+fn listed(wanted: &[(std::path::PathBuf, &str, Look, HeldLock)]) -> Vec<Holder> {
     #[cfg(target_os = "linux")]
     {
         let Ok(table) = std::fs::read_to_string("/proc/locks") else {
             return Vec::new();
         };
-        let side = |suffix: &str| {
-            let mut name = path.as_os_str().to_owned();
-            name.push(suffix);
-            std::path::PathBuf::from(name)
-        };
-        let files = [
-            (side("-lock"), None, HeldLock::WriteQueue),
-            (side("-shm"), Some(WAL_WRITE_LOCK), HeldLock::WriteLock),
-            (path.to_owned(), Some(RESERVED_BYTE), HeldLock::WriteLock),
-        ];
         let mut holders: Vec<Holder> = Vec::new();
-        for (file, byte, lock) in files {
-            let Some(id) = file_id(&file) else {
+        for (file, mode, look, lock) in wanted {
+            let Some(id) = file_id(file) else {
                 continue;
             };
-            for pid in lock_holders(&table, &id, byte) {
-                if !holders.iter().any(|h| h.pid == pid && h.lock == lock) {
+            for pid in lock_holders(&table, &id, mode, *look) {
+                if !holders.iter().any(|h| h.pid == pid && h.lock == *lock) {
                     holders.push(Holder {
                         pid,
                         command: command_of(pid),
-                        lock,
+                        lock: *lock,
                     });
                 }
             }
@@ -87,7 +129,7 @@ pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = path;
+        let _ = wanted;
         Vec::new()
     }
 }
@@ -106,12 +148,13 @@ fn file_id(file: &Path) -> Option<String> {
     ))
 }
 
-/// The pids holding a write lock on the file `id` (covering `byte`, for POSIX locks; any, for
-/// `flock`), from the text of `/proc/locks`. Waiters (lines with `->`) hold nothing.
+/// The pids holding a `mode` (`WRITE`, `READ`) lock on the file `id` as `look` says, from the
+/// text of `/proc/locks`. Waiters (lines with `->`) hold nothing.
 fn lock_holders<'a>(
     table: &'a str,
     id: &'a str,
-    byte: Option<u64>,
+    wanted_mode: &'a str,
+    look: Look,
 ) -> impl Iterator<Item = u32> + 'a {
     table.lines().filter_map(move |line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -119,12 +162,12 @@ fn lock_holders<'a>(
         let [_, kind, _, mode, pid, file, start, end] = fields.as_slice() else {
             return None;
         };
-        if *mode != "WRITE" || *file != id {
+        if *mode != wanted_mode || *file != id {
             return None;
         }
-        let covers = match (byte, *kind) {
-            (None, "FLOCK") => true,
-            (Some(byte), "POSIX" | "OFDLCK") => {
+        let covers = match (look, *kind) {
+            (Look::Flock, "FLOCK") => true,
+            (Look::Byte(byte), "POSIX" | "OFDLCK") => {
                 let start: u64 = start.parse().ok()?;
                 let end = if *end == "EOF" {
                     u64::MAX
@@ -159,21 +202,32 @@ mod tests {
 6: -> FLOCK  ADVISORY  WRITE 27000 fe:00:10010949 0 EOF
 7: FLOCK  ADVISORY  WRITE 28000 fe:00:99 0 EOF";
 
-    fn pids(id: &str, byte: Option<u64>) -> Vec<u32> {
-        lock_holders(TABLE, id, byte).collect()
+    fn pids(id: &str, mode: &str, look: Look) -> Vec<u32> {
+        lock_holders(TABLE, id, mode, look).collect()
     }
 
     #[test]
     fn the_lock_table_names_writers_not_readers_nor_waiters() {
         // The queue's flock, not the waiter queued behind it.
-        assert_eq!(pids("fe:00:10010949", None), [25522]);
+        assert_eq!(pids("fe:00:10010949", "WRITE", Look::Flock), [25522]);
         // The WAL write lock byte; a reader's byte 124 is not it.
-        assert_eq!(pids("fe:00:10010963", Some(WAL_WRITE_LOCK)), [25522]);
-        assert!(pids("fe:00:10010963", Some(124)).is_empty());
+        let shm = "fe:00:10010963";
+        assert_eq!(pids(shm, "WRITE", Look::Byte(WAL_WRITE_LOCK)), [25522]);
+        assert!(pids(shm, "WRITE", Look::Byte(124)).is_empty());
         // RESERVED in rollback mode; SHARED ranges held for reading are not it.
-        assert_eq!(pids("fe:00:10010930", Some(RESERVED_BYTE)), [26000]);
+        assert_eq!(
+            pids("fe:00:10010930", "WRITE", Look::Byte(RESERVED_BYTE)),
+            [26000]
+        );
         // Another file's locks are not this one's.
-        assert!(pids("fe:00:1", None).is_empty());
+        assert!(pids("fe:00:1", "WRITE", Look::Flock).is_empty());
+    }
+
+    #[test]
+    fn readers_of_wal_frames_are_those_holding_a_read_mark_above_zero() {
+        let shm = "fe:00:10010963";
+        assert_eq!(pids(shm, "READ", Look::Byte(124)), [25600]);
+        assert!(pids(shm, "READ", Look::Byte(125)).is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 
 use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, FileOperation, Operation, Result};
+use crate::holders::{holders_of, wal_readers_of, Holder};
 use crate::open::{read_journal_mode, Access, Filesystem, Source, State, Target};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
@@ -69,6 +70,20 @@ pub struct Status {
     pub integrity: Vec<String>,
     /// The files' sizes.
     pub sizes: FileSizes,
+    /// Frames in `-wal` (committed pages not yet, or not yet known to be, copied back into
+    /// the database file), from its size and the page size; `None` without a `-wal`.
+    pub wal_frames: Option<u64>,
+    /// Who holds the write queue or SQLite's write lock now (OS lock table, Linux).
+    pub holders: Vec<Holder>,
+    /// Who has a read transaction open that reads from the WAL, holding back checkpoints
+    /// (OS lock table, Linux).
+    pub wal_readers: Vec<Holder>,
+}
+
+#[derive(QueryableByName)]
+struct PageSize {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    page_size: i64,
 }
 
 #[derive(QueryableByName)]
@@ -121,6 +136,9 @@ impl Status {
             checksums: Checksums::default(),
             integrity: Vec::new(),
             sizes,
+            wal_frames: None,
+            holders: Vec::new(),
+            wal_readers: Vec::new(),
         };
         let plan = if status.exists {
             // Read-only: a reader never checkpoints, so even as the last connection to close
@@ -150,6 +168,17 @@ impl Status {
             .value;
             status.journal_mode = Some(mode);
             status.application_id = Some(plan.state.application_id);
+            let page_size = sql_query("PRAGMA page_size")
+                .get_result::<PageSize>(&mut conn)
+                .map_or(0, |row| row.page_size.max(0) as u64);
+            // A WAL is a 32-byte header, then frames of a 24-byte header and a page.
+            status.wal_frames = status
+                .sizes
+                .wal
+                .filter(|_| page_size > 0)
+                .map(|bytes| bytes.saturating_sub(32) / (page_size + 24));
+            status.holders = holders_of(target.path());
+            status.wal_readers = wal_readers_of(target.path());
             status.integrity = match sql_query("PRAGMA quick_check").load::<CheckRow>(&mut conn) {
                 Ok(rows) => rows.into_iter().map(|r| r.quick_check).collect(),
                 Err(error) => vec![error.to_string()],

@@ -4,7 +4,7 @@ mod common;
 
 use common::{fresh_db, MIGRATIONS, VERSIONS};
 use diesel::connection::SimpleConnection;
-use diesel::Connection;
+use diesel::prelude::*;
 use sqlite_persistence::{Options, Status};
 
 /// Not a test on its own: the child role of the WAL test. With `STATUS_WAL_DB` set, it writes
@@ -57,4 +57,51 @@ fn status_leaves_the_database_and_a_wal_of_unchecked_frames_as_they_were() {
         ),
         ["100"]
     );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn status_names_who_holds_the_write_lock_and_who_reads_from_the_wal() {
+    use std::time::Duration;
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    common::bump(&db, "a").unwrap();
+    let me = std::process::id();
+    std::thread::scope(|s| {
+        let (reading, is_reading) = std::sync::mpsc::channel();
+        let db = &db;
+        s.spawn(move || {
+            db.read(|conn| -> sqlite_persistence::Result<()> {
+                // The read transaction begins with its first statement.
+                common::schema::counters::table
+                    .count()
+                    .get_result::<i64>(conn)?;
+                reading.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(800));
+                Ok(())
+            })
+            .unwrap();
+        });
+        is_reading.recv_timeout(Duration::from_secs(10)).unwrap();
+        let holder = common::hold_write_lock(&path, Duration::from_millis(600));
+        let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+        holder.join().unwrap();
+        assert!(status.wal_frames.unwrap() > 0, "{status:?}");
+        assert!(
+            status
+                .holders
+                .iter()
+                .any(|h| h.pid == me && h.lock == sqlite_persistence::HeldLock::WriteLock),
+            "{:?}",
+            status.holders
+        );
+        assert!(
+            status.wal_readers.iter().any(|h| h.pid == me),
+            "{:?}",
+            status.wal_readers
+        );
+    });
+    // Nobody holds or reads now.
+    let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+    assert!(status.holders.is_empty(), "{:?}", status.holders);
 }

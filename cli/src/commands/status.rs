@@ -46,6 +46,9 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
                     "wal": status.sizes.wal,
                     "shm": status.sizes.shm,
                 },
+                "wal_frames": status.wal_frames,
+                "holders": holders_json(&status.holders),
+                "wal_readers": holders_json(&status.wal_readers),
             })
         )?;
         return Ok(());
@@ -107,5 +110,41 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         size(status.sizes.wal),
         size(status.sizes.shm)
     )?;
+    crate::outln!(
+        "wal frames    {}",
+        status.wal_frames.map_or("-".to_owned(), |n| n.to_string())
+    )?;
+    let people = |holders: &[sqlite_persistence::Holder]| {
+        if holders.is_empty() {
+            "none".to_owned()
+        } else {
+            holders
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    };
+    crate::outln!("holders       {}", people(&status.holders))?;
+    crate::outln!("wal readers   {}", people(&status.wal_readers))?;
     Ok(())
+}
+
+/// `[{"pid", "command", "lock"}]`.
+fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
+    holders
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "pid": h.pid,
+                "command": h.command,
+                "lock": match h.lock {
+                    sqlite_persistence::HeldLock::WriteQueue => "write queue",
+                    sqlite_persistence::HeldLock::WriteLock => "write lock",
+                    sqlite_persistence::HeldLock::WalReader => "wal reader",
+                    _ => "other",
+                },
+            })
+        })
+        .collect()
 }
