@@ -18,7 +18,7 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 
 use crate::database::Database;
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::retry::{retry_locked, SystemClock};
+use crate::retry::{retry_locked, SystemClock, DB_SYSTEM};
 
 /// A backup [`Database::backup_to`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +92,9 @@ impl Database {
         let bytes = std::fs::metadata(&destination).map_or(0, |m| m.len());
         let elapsed = started.elapsed();
         tracing::info!(
+            db.system.name = DB_SYSTEM,
+            db.namespace = %self.path().display(),
+            db.operation.name = Operation::Backup.as_str(),
             operation = Operation::Backup.as_str(),
             backup = %destination.display(),
             bytes,

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::holders::holders_of;
-use crate::retry::{retry_attempts, Attempt, Clock, RetryPolicy, Success, Try};
+use crate::retry::{
+    retry_attempts, Attempt, Clock, RetryPolicy, Success, Try, DB_SYSTEM, ERROR_TYPE_BUSY,
+};
 
 /// The write queue of one database file.
 #[derive(Debug, Clone)]
@@ -326,6 +328,10 @@ fn wait_turn(
         Err(Wait::TimedOut) => {
             let elapsed = start.elapsed();
             tracing::error!(
+                db.system.name = DB_SYSTEM,
+                db.namespace = %database.display(),
+                db.operation.name = operation.as_str(),
+                error.type = ERROR_TYPE_BUSY,
                 operation = operation.as_str(),
                 elapsed_ms = elapsed.as_millis() as u64,
                 queue = %queue.path.display(),

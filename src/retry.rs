@@ -179,6 +179,15 @@ impl Clock for SystemClock {
     }
 }
 
+/// OpenTelemetry's `db.system.name` for SQLite: with `db.namespace` (the database file),
+/// `db.operation.name` and `error.type`, an operator's subscriber can turn the layer's events
+/// into metrics without knowing its own field names (`operation`, `attempt`, `delay_ms`,
+/// `elapsed_ms`, `error`, which stay).
+pub(crate) const DB_SYSTEM: &str = "sqlite";
+
+/// `error.type` of a wait for a lock.
+pub(crate) const ERROR_TYPE_BUSY: &str = "busy";
+
 /// How a retried operation ended without success.
 #[derive(Debug)]
 pub(crate) enum Failure<E> {
@@ -216,6 +225,7 @@ pub(crate) fn retry<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
     operation: Operation,
+    database: &Path,
     is_transient: impl Fn(&E) -> bool,
     describe: impl Fn(&E) -> String,
     mut attempt: impl FnMut(Try) -> Result<T, E>,
@@ -240,6 +250,10 @@ pub(crate) fn retry<T, E>(
         let remaining = policy.max_elapsed.saturating_sub(elapsed);
         if attempts >= policy.max_attempts || remaining.is_zero() {
             tracing::error!(
+                db.system.name = DB_SYSTEM,
+                db.namespace = %database.display(),
+                db.operation.name = operation.as_str(),
+                error.type = ERROR_TYPE_BUSY,
                 operation = operation.as_str(),
                 attempt = attempts,
                 elapsed_ms = elapsed.as_millis() as u64,
@@ -254,6 +268,10 @@ pub(crate) fn retry<T, E>(
         }
         let delay = delays.next().unwrap_or(policy.max_delay).min(remaining);
         tracing::warn!(
+            db.system.name = DB_SYSTEM,
+            db.namespace = %database.display(),
+            db.operation.name = operation.as_str(),
+            error.type = ERROR_TYPE_BUSY,
             operation = operation.as_str(),
             attempt = attempts,
             delay_ms = delay.as_millis() as u64,
@@ -331,6 +349,7 @@ where
         policy,
         clock,
         operation,
+        database,
         Attempt::is_lock_error,
         Attempt::describe,
         attempt,
@@ -423,6 +442,7 @@ pub(crate) mod tests {
             policy,
             clock,
             Operation::Query,
+            Path::new("test.db"),
             |_: &&str| true,
             |e| e.to_string(),
             |_| {
@@ -479,6 +499,7 @@ pub(crate) mod tests {
             &policy,
             &clock,
             Operation::Query,
+            Path::new("test.db"),
             |_: &&str| true,
             |e| e.to_string(),
             |attempt| {
@@ -507,6 +528,7 @@ pub(crate) mod tests {
             &RetryPolicy::new(),
             &clock,
             Operation::Query,
+            Path::new("test.db"),
             |e: &&str| *e == "locked",
             |e| e.to_string(),
             |_| Err::<(), _>("syntax error"),

@@ -30,7 +30,7 @@ use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
-use crate::retry::{retry_locked, Attempt, Clock, SystemClock, Try};
+use crate::retry::{retry_locked, Attempt, Clock, SystemClock, Try, DB_SYSTEM};
 
 impl Options {
     /// Opens (creating if needed) the database at `path` with these options and applies
@@ -266,6 +266,9 @@ impl Opening<'_> {
         .value;
         if !applied.is_empty() {
             tracing::info!(
+                db.system.name = DB_SYSTEM,
+                db.namespace = %self.target.path().display(),
+                db.operation.name = Operation::Migrate.as_str(),
                 count = applied.len(),
                 migrations = %applied.join(", "),
                 "migrations applied"
