@@ -7,15 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use common::{bump, fresh_db, values, MIGRATIONS};
 use sqlite_persistence::{Database, Error, Operation, Options};
 
-fn names(dir: &std::path::Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn a_backup_taken_while_others_write_holds_every_write_acknowledged_before_it() {
     let (dir, path) = fresh_db();
@@ -44,7 +35,7 @@ fn a_backup_taken_while_others_write_holds_every_write_acknowledged_before_it() 
     assert_eq!(backup.path, destination);
     assert!(backup.bytes > 0);
     // Only the backup is there: no temporary file, no -wal or -shm of the copy.
-    assert_eq!(names(backups.path()), ["app-backup.db"]);
+    assert_eq!(common::file_names(backups.path()), ["app-backup.db"]);
     // Restoring is opening the copy: every write acknowledged before the backup, gapless.
     let restored = Options::new().open(&destination, MIGRATIONS).unwrap();
     let stored = values(&restored, "a").unwrap();
@@ -93,7 +84,7 @@ fn a_backup_never_replaces_a_file_and_leaves_nothing_when_refused() {
         ),
         "{nested}"
     );
-    let mut left = names(dir.path());
+    let mut left = common::file_names(dir.path());
     left.retain(|n| !n.starts_with("app.db"));
     assert_eq!(left, ["backup.db"]);
 }
@@ -130,5 +121,9 @@ fn the_next_backup_removes_what_a_killed_one_left_beside_its_destination() {
         !stale.exists(),
         "the dead process's temporary file is removed"
     );
-    assert!(live.exists() && other.exists(), "{:?}", names(dir.path()));
+    assert!(
+        live.exists() && other.exists(),
+        "{:?}",
+        common::file_names(dir.path())
+    );
 }

@@ -16,15 +16,6 @@ fn side(db: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(format!("{}{suffix}", db.display()))
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn a_dangling_lock_symlink_is_not_followed_and_writes_go_on_without_the_queue() {
     let (dir, path) = fresh_db();
@@ -59,7 +50,7 @@ fn a_database_path_that_is_a_dangling_symlink_is_refused_and_nothing_is_created(
     }
     assert!(error.hint().is_some());
     assert!(!target.exists());
-    assert_eq!(names(dir.path()), ["app.db"]);
+    assert_eq!(common::file_names(dir.path()), ["app.db"]);
 }
 
 #[test]
@@ -71,7 +62,11 @@ fn a_name_too_long_for_the_side_files_is_refused_before_anything_is_created() {
         matches!(error, Error::NameTooLong { max: 247, .. }),
         "{error}"
     );
-    assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+    assert!(
+        common::file_names(dir.path()).is_empty(),
+        "{:?}",
+        common::file_names(dir.path())
+    );
     // The longest name that fits works, side files and all.
     let path = dir.path().join("d".repeat(247));
     let db = Options::new().open(&path, MIGRATIONS).unwrap();

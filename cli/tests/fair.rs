@@ -17,21 +17,20 @@ fn sidecar(db: &std::path::Path) -> std::path::PathBuf {
     name.into()
 }
 
-#[test]
-fn a_holder_killed_mid_transaction_releases_the_queue_and_the_database() {
-    let (_dir, db) = common::fresh_db();
-    let catalog = Catalog::open(&db, Options::new()).unwrap();
-    // A real process takes the queue and the write lock and holds them 20 s...
-    let mut holder = Command::new(common::binary())
-        .args(["record", "--artifact", "a", "--hold-ms", "20000", "--db"])
-        .arg(&db)
+/// Starts a real process of the binary that takes the queue and the write lock of `db` and
+/// holds them `hold_ms`; returns once it holds the queue (waiting at most 20 s).
+fn holder_of_the_queue(db: &std::path::Path, hold_ms: u32) -> std::process::Child {
+    let holder = Command::new(common::binary())
+        .args(["record", "--artifact", "a", "--hold-ms"])
+        .arg(hold_ms.to_string())
+        .arg("--db")
+        .arg(db)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let probe = OpenOptions::new().write(true).open(sidecar(&db)).unwrap();
+    let probe = OpenOptions::new().read(true).open(sidecar(db)).unwrap();
     let start = Instant::now();
-    // Wait (bounded) until the child holds the queue.
     while probe.try_lock().is_ok() {
         probe.unlock().unwrap();
         assert!(
@@ -40,6 +39,15 @@ fn a_holder_killed_mid_transaction_releases_the_queue_and_the_database() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    holder
+}
+
+#[test]
+fn a_holder_killed_mid_transaction_releases_the_queue_and_the_database() {
+    let (_dir, db) = common::fresh_db();
+    let catalog = Catalog::open(&db, Options::new()).unwrap();
+    // A real process takes the queue and the write lock and holds them 20 s...
+    let mut holder = holder_of_the_queue(&db, 20_000);
     // ...and is killed (SIGKILL) while holding them.
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -98,23 +106,7 @@ fn a_write_that_gives_up_behind_a_writer_of_this_crate_names_it() {
             .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(600))),
     )
     .unwrap();
-    let mut holder = Command::new(common::binary())
-        .args(["record", "--artifact", "a", "--hold-ms", "5000", "--db"])
-        .arg(&db)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let probe = OpenOptions::new().read(true).open(sidecar(&db)).unwrap();
-    let start = Instant::now();
-    while probe.try_lock().is_ok() {
-        probe.unlock().unwrap();
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the child never took the queue"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut holder = holder_of_the_queue(&db, 5000);
     let error = catalog.record("a").unwrap_err();
     holder.kill().unwrap();
     holder.wait().unwrap();
