@@ -20,7 +20,7 @@ use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
-use crate::retry::{retry_attempts, Attempt, SystemClock};
+use crate::retry::{retry_attempts, Attempt, RetryPolicy, SystemClock};
 
 /// The r2d2 pool of a [`Database`]: every connection carries the [`Options`]' pragmas.
 pub type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
@@ -181,13 +181,7 @@ impl Database {
         // The pool slot first, then the cross-process turn: a process never holds the turn
         // while it waits for its own pool.
         let mut conn = self.checkout()?;
-        // One deadline for the whole write: what the pool wait left of it.
-        let policy = self.options.retry.max_elapsed(
-            self.options
-                .retry
-                .deadline()
-                .saturating_sub(asked.elapsed()),
-        );
+        let policy = self.policy_left(asked);
         let outcome = locked(
             self.queue.as_ref(),
             &policy,
@@ -226,9 +220,10 @@ impl Database {
         E: From<Error> + From<DieselError> + StdError + Send + Sync + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
+        let asked = Instant::now();
         let mut conn = self.checkout()?;
         retry_attempts(
-            &self.options.retry,
+            &self.policy_left(asked),
             &SystemClock,
             Operation::Read,
             &self.path,
@@ -250,6 +245,13 @@ impl Database {
     pub fn connection(&self) -> Result<PooledSqlite> {
         Inside::check(self.id, Operation::Connection)?;
         self.checkout()
+    }
+
+    /// The retry policy with what is left of its deadline since `asked`: the wait for a
+    /// pooled connection counts against the one deadline of the operation.
+    fn policy_left(&self, asked: Instant) -> RetryPolicy {
+        let retry = self.options.retry;
+        retry.max_elapsed(retry.deadline().saturating_sub(asked.elapsed()))
     }
 
     /// Runs `f` on a pooled connection as `operation`, refused inside a `write` or `read` of
