@@ -11,10 +11,12 @@
 //! retry policy) still decide.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
@@ -27,6 +29,94 @@ use crate::retry::{
 #[derive(Debug, Clone)]
 pub(crate) struct WriteQueue {
     path: Arc<Path>,
+    /// Blocks in `flock` for this process's waiting threads.
+    waiter: Arc<Waiter>,
+}
+
+/// The one thread per queue that blocks in `flock` on behalf of this process's waiting
+/// threads, in their arrival order, and hands each its locked description (or releases it,
+/// if the thread gave up meanwhile). `flock` has no timeout; a thread per wait would stay
+/// blocked after its caller gave up, one more for every timed-out write behind a stuck
+/// holder. The thread exits when no request came for [`WAITER_IDLE`].
+#[derive(Debug, Default)]
+struct Waiter {
+    state: Mutex<Waiting>,
+    arrived: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    requests: VecDeque<Request>,
+    /// Whether the waiter thread runs.
+    running: bool,
+}
+
+/// One thread's wait: its description of the sidecar, where to deliver it locked, and
+/// whether it gave up.
+#[derive(Debug)]
+struct Request {
+    file: File,
+    deliver: mpsc::SyncSender<std::io::Result<File>>,
+    gave_up: Arc<AtomicBool>,
+}
+
+/// How long the waiter thread stays for another request before it exits.
+const WAITER_IDLE: Duration = Duration::from_secs(5);
+
+impl Waiter {
+    /// Queues `request`, starting the waiter thread if none runs; gives the request back if
+    /// no thread could be started (at the thread limit).
+    fn submit(self: &Arc<Self>, request: Request) -> std::result::Result<(), Request> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.requests.push_back(request);
+        if state.running {
+            self.arrived.notify_one();
+            return Ok(());
+        }
+        let waiter = Arc::clone(self);
+        match std::thread::Builder::new()
+            .name("sqlite-persistence-queue".to_owned())
+            .spawn(move || waiter.serve())
+        {
+            Ok(_) => {
+                state.running = true;
+                Ok(())
+            }
+            Err(_) => Err(state.requests.pop_back().expect("just queued")),
+        }
+    }
+
+    fn serve(&self) {
+        loop {
+            let Request {
+                file,
+                deliver,
+                gave_up,
+            } = {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if let Some(request) = state.requests.pop_front() {
+                        break request;
+                    }
+                    let (next, wait) = self
+                        .arrived
+                        .wait_timeout(state, WAITER_IDLE)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    state = next;
+                    if wait.timed_out() && state.requests.is_empty() {
+                        state.running = false;
+                        return;
+                    }
+                }
+            };
+            if gave_up.load(Ordering::SeqCst) {
+                continue;
+            }
+            // If the thread gave up while this blocked, the send fails and the file, and
+            // with it the lock, is dropped.
+            let _ = deliver.send(file.lock().map(|()| file));
+        }
+    }
 }
 
 /// A place in the queue: the lock is held until this is dropped.
@@ -132,6 +222,7 @@ impl WriteQueue {
     pub(crate) fn new(database: &Path, sidecar: PathBuf) -> Option<Self> {
         let queue = Self {
             path: sidecar.into(),
+            waiter: Arc::default(),
         };
         match queue.create(database).and_then(|()| queue.open().map(drop)) {
             Ok(()) => Some(queue),
@@ -213,9 +304,9 @@ impl WriteQueue {
     }
 
     /// Waits at most `timeout` for the lock. Uncontended, this is one non-blocking `flock` on
-    /// this thread's kept description (opened the first time); contended, a helper thread blocks in `flock` (which has no
-    /// timeout of its own) and hands the lock over, or drops it at once if the caller
-    /// already gave up.
+    /// this thread's kept description (opened the first time); contended, the queue's one
+    /// waiter thread blocks in `flock` (which has no timeout of its own) for this thread, in
+    /// arrival order, and hands the lock over, or drops it if this thread already gave up.
     pub(crate) fn turn(&self, timeout: Duration) -> Result<Turn, Wait> {
         let file = match take_idle(&self.path) {
             Some(file) => file,
@@ -230,29 +321,32 @@ impl WriteQueue {
                 )))
             }
         }
-        let (sender, receiver) = mpsc::sync_channel(1);
-        let failed = self.io_error(FileOperation::LockQueue);
-        let helper = std::thread::Builder::new()
-            .name("sqlite-persistence-queue".to_owned())
-            .spawn(move || {
-                let locked = file.lock().map(|()| file).map_err(failed);
-                // If the caller timed out, the send fails and the file (and lock) is dropped.
-                let _ = sender.send(locked);
-            });
-        if let Err(error) = helper {
-            // At the process's or the user's thread limit: poll instead of blocking in a
-            // helper. Bounded still, no longer in arrival order.
+        let (deliver, receiver) = mpsc::sync_channel(1);
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let request = Request {
+            file,
+            deliver,
+            gave_up: Arc::clone(&gave_up),
+        };
+        if let Err(request) = self.waiter.submit(request) {
+            // At the process's or the user's thread limit: poll instead. Bounded still, no
+            // longer in arrival order.
+            drop(request);
             tracing::warn!(
                 queue = %self.path.display(),
-                error = %error,
                 "cannot start the write queue's waiting thread; polling for the turn"
             );
             return self.poll(timeout);
         }
         match receiver.recv_timeout(timeout) {
             Ok(Ok(file)) => Ok(Turn::new(self.path.clone(), file)),
-            Ok(Err(error)) => Err(Wait::Failed(error)),
-            Err(_) => Err(Wait::TimedOut),
+            Ok(Err(source)) => Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
+                source,
+            ))),
+            Err(_) => {
+                gave_up.store(true, Ordering::SeqCst);
+                Err(Wait::TimedOut)
+            }
         }
     }
 

@@ -315,3 +315,33 @@ fn a_write_that_gives_up_names_the_foreign_process_holding_the_lock() {
         "only the foreign holder is named: {error}"
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn writes_timing_out_behind_a_stuck_queue_holder_leave_no_threads_behind() {
+    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(20)))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    bump(&db, "warm").unwrap();
+    let stuck = std::fs::OpenOptions::new()
+        .read(true)
+        .open(format!("{}-lock", path.display()))
+        .unwrap();
+    stuck.lock().unwrap();
+    let before = threads();
+    for _ in 0..100 {
+        assert_busy_write(&bump(&db, "a").unwrap_err());
+    }
+    let after = threads();
+    // One waiter thread for the queue, whatever the number of writes that gave up (other
+    // tests of this file run threads of their own meanwhile: a little slack).
+    assert!(
+        after <= before + 4,
+        "{before} threads before, {after} after"
+    );
+    drop(stuck);
+    assert_eq!(bump(&db, "a").unwrap().0, 1);
+}
