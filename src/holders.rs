@@ -10,6 +10,8 @@
 use std::fmt;
 use std::path::Path;
 
+use crate::side::side_file;
+
 /// A process that held a lock a write waited for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -59,11 +61,7 @@ const WAL_READ_MARKS: std::ops::RangeInclusive<u64> = 124..=127;
 /// The processes holding the write queue or SQLite's write lock of the database at `path`,
 /// each once, as the OS lock table lists them now.
 pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
-    let side = |suffix: &str| {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        std::path::PathBuf::from(name)
-    };
+    let side = |suffix| side_file(path, suffix);
     listed(&[
         (side("-lock"), "WRITE", Look::Flock, HeldLock::WriteQueue),
         (
@@ -84,9 +82,7 @@ pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
 /// The processes with a read transaction on the database at `path` that reads from its WAL
 /// (and so holds back checkpoints), each once.
 pub(crate) fn wal_readers_of(path: &Path) -> Vec<Holder> {
-    let mut shm = path.as_os_str().to_owned();
-    shm.push("-shm");
-    let shm = std::path::PathBuf::from(shm);
+    let shm = side_file(path, "-shm");
     let wanted: Vec<_> = WAL_READ_MARKS
         .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader))
         .collect();

@@ -84,6 +84,7 @@ mod options;
 mod pragma;
 mod queue;
 mod retry;
+mod side;
 mod status;
 
 pub use backup::Backup;

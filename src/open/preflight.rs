@@ -19,6 +19,7 @@ use std::path::Path;
 use super::filesystem::{self, Filesystem};
 use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
+use crate::side::side_file;
 
 /// SQLite's smallest page size: a database file is at least one page long.
 const MIN_PAGE: u64 = 512;
@@ -109,9 +110,7 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
 /// "unable to open database file", without naming the file).
 fn check_side_files(path: &Path) -> Result<()> {
     for suffix in ["-journal", "-wal", "-shm"] {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        let side = std::path::PathBuf::from(name);
+        let side = side_file(path, suffix);
         let meta = match std::fs::symlink_metadata(&side) {
             Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,

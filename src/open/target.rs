@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, FileOperation, Result};
+use crate::side::side_file;
 
 /// The database a path names.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,9 +114,7 @@ impl Target {
         let Target::File { path, .. } = self else {
             return None;
         };
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        Some(PathBuf::from(name))
+        Some(side_file(path, suffix))
     }
 }
 
