@@ -38,7 +38,14 @@ pub struct ConnectionCustomizer {
 
 impl ConnectionCustomizer {
     /// A customizer that applies `options`' pragmas.
+    ///
+    /// The first one made registers, for the rest of the process, an SQLite auto-extension
+    /// that gives every connection opened afterwards a function returning its own handle
+    /// (`sqlite_persistence_handle()`, which a trigger or view cannot call): the layer reads
+    /// SQLite's result codes through it, which Diesel does not expose, to tell a lock error
+    /// from a trigger that raises the same message.
     pub fn new(options: &Options) -> Self {
+        crate::codes::register();
         Self {
             pragmas: options.connection_pragmas(),
             open: None,
@@ -51,14 +58,18 @@ impl ConnectionCustomizer {
         self
     }
 
-    /// Applies the pragmas to one connection.
+    /// Applies the pragmas to one connection, and has it record the result code of its
+    /// failed statements (Diesel's default instrumentation, if one is set, still sees every
+    /// event).
     ///
     /// # Errors
     /// [`Error::Query`] if SQLite rejects a pragma, for example "file is not a database"
     /// (the pragmas after `busy_timeout` are the first statements that read the file).
     pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
         conn.batch_execute(&self.pragmas)
-            .map_err(|source| Error::query(Operation::ApplyPragmas, source))
+            .map_err(|source| Error::query(Operation::ApplyPragmas, source))?;
+        crate::codes::attach(conn);
+        Ok(())
     }
 }
 
@@ -90,6 +101,7 @@ pub(crate) fn within<T>(
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCustomizer {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         conn.batch_execute(&self.pragmas)
+            .map(|()| crate::codes::attach(conn))
             .and_then(|()| match &self.open {
                 Some(open) => open.track(conn),
                 None => Ok(()),

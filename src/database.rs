@@ -1,7 +1,6 @@
 //! The handle of an open database: write, read, connection.
 
 use std::cell::{Cell, RefCell};
-use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,11 +9,11 @@ use std::time::{Duration, Instant};
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::migration::MigrationSource;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
-use diesel::result::Error as DieselError;
 use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
 use crate::closing::OpenConnections;
+use crate::codes;
 use crate::customizer::within;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
@@ -124,10 +123,17 @@ impl Database {
     /// Runs `f` in a write transaction (`BEGIN IMMEDIATE`) and commits it, running the whole
     /// closure again while the database is locked (see [`RetryPolicy`](crate::RetryPolicy)).
     ///
-    /// `E` is your error type: it must convert from Diesel's and this crate's errors. A lock on
-    /// the layer's own `BEGIN IMMEDIATE` or `COMMIT` is retried whatever `E` does with it; one
-    /// raised by a statement of `f` is found through `E`'s source chain (a `#[from]` or
-    /// `#[source]` field). This crate's [`Error`] and Diesel's own error both work.
+    /// `E` is your error type; it must convert from this crate's [`Error`] (to convert
+    /// Diesel's too lets `?` work in `f`): your own enum, this crate's `Error`, Diesel's
+    /// `QueryResult`, `anyhow::Error` and `Box<dyn Error>` all work. Whether a failure was a
+    /// lock does not depend on `E`: the layer classifies its own `BEGIN IMMEDIATE` and
+    /// `COMMIT` itself, and a failure of `f` by SQLite's result code of the statement of `f`
+    /// that failed last, so a lock is retried even if `E` keeps only a message, and a
+    /// trigger's `RAISE(ABORT, 'database is locked')` is returned at once. (A connection
+    /// whose Diesel instrumentation you replaced has no result codes; then Diesel's error,
+    /// this crate's and a boxed error are classified by message, see [`is_lock_error`].)
+    ///
+    /// [`is_lock_error`]: crate::is_lock_error
     ///
     /// The pool's connection is taken first, then the cross-process write turn (see
     /// [`Options::fair_queue`]), so that no process holds the turn while it waits for its own
@@ -160,7 +166,7 @@ impl Database {
     pub fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
-        E: From<Error> + From<DieselError> + StdError + Send + Sync + 'static,
+        E: From<Error> + 'static,
     {
         self.write_measured(f).map(|(value, _)| value)
     }
@@ -173,7 +179,7 @@ impl Database {
     pub fn write_measured<T, E, F>(&self, mut f: F) -> Result<(T, WriteStats), E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
-        E: From<Error> + From<DieselError> + StdError + Send + Sync + 'static,
+        E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Write)?;
         let asked = Instant::now();
@@ -217,7 +223,7 @@ impl Database {
     pub fn read<T, E, F>(&self, mut f: F) -> Result<T, E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
-        E: From<Error> + From<DieselError> + StdError + Send + Sync + 'static,
+        E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
         let asked = Instant::now();
@@ -358,7 +364,11 @@ impl Drop for Database {
 /// if not. The layer's own statements (`begin`, COMMIT, ROLLBACK) fail as
 /// [`Attempt::Layer`], classified by the layer whatever `E` is: a lock error there is retried
 /// even when the caller's error type hides Diesel's error.
-fn transaction<T, E>(
+///
+/// When `f` fails, its error is classified by the SQLite result code of the statement that
+/// failed last on `conn` (see `codes`), read before the rollback: a lock error is found
+/// whatever `E` is, and a trigger's `RAISE(ABORT, 'database is locked')` is not one.
+fn transaction<T, E: 'static>(
     conn: &mut SqliteConnection,
     begin: &str,
     operation: Operation,
@@ -366,14 +376,17 @@ fn transaction<T, E>(
 ) -> Result<T, Attempt<E>> {
     let layer = |source| Attempt::Layer(Error::query(operation, source));
     AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(layer)?;
+    // What was recorded before belongs to earlier statements.
+    let _ = codes::take(conn);
     match f(conn) {
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(conn).map_err(layer)?;
             Ok(value)
         }
         Err(error) => {
+            let lock = codes::lock_failure(codes::take(conn), &error);
             AnsiTransactionManager::rollback_transaction(conn).map_err(layer)?;
-            Err(Attempt::Caller(error))
+            Err(Attempt::Caller { error, lock })
         }
     }
 }

@@ -679,10 +679,12 @@ const LOCK_MESSAGES: [&str; 5] = [
 /// (SQLITE_BUSY and its extended codes), "database table is locked" and "database schema is
 /// locked" (SQLITE_LOCKED), "locking protocol" (SQLITE_PROTOCOL) and "database schema has
 /// changed" (SQLITE_SCHEMA), however Diesel wrapped them (a failed COMMIT included).
-/// Diesel 2.3 does not expose SQLite's result codes, so the message is all there is to go by.
+/// Everything else (constraint violations, syntax errors, "file is not a database", a full
+/// disk) is not a lock error.
 ///
-/// This is the crate's only classifier; everything else (constraint violations, syntax
-/// errors, "file is not a database", a full disk) is returned at once without retrying.
+/// Diesel 2.3 keeps only the message of SQLite's error, so this goes by the message, and a
+/// trigger's `RAISE(ABORT, 'database is locked')` looks like a lock to it. `write` and `read`
+/// do not rely on it for their closures' statements: they read SQLite's result code itself.
 pub fn is_lock_error(error: &DieselError) -> bool {
     match error {
         DieselError::DatabaseError(_, info) => is_lock_message(info.message()),
@@ -708,24 +710,6 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Whether any error in `error`'s source chain is a lock error, as Diesel's error or ours.
-///
-/// This is how the retry loops classify a caller's own error type: keep the Diesel error
-/// (or this crate's) as the `#[source]`/`#[from]` of your variant and it is found.
-pub(crate) fn chain_has_lock_error(error: &(dyn StdError + 'static)) -> bool {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(diesel) = e.downcast_ref::<DieselError>() {
-            return is_lock_error(diesel);
-        }
-        if let Some(ours) = e.downcast_ref::<Error>() {
-            return ours.is_lock_error();
-        }
-        current = e.source();
-    }
-    false
 }
 
 #[cfg(test)]
@@ -903,7 +887,7 @@ mod tests {
     fn crate_error_and_wrapping_errors_are_classified_through_the_chain() {
         let locked: Error = db_error(DatabaseErrorKind::Unknown, "database is locked").into();
         assert!(locked.is_lock_error());
-        assert!(chain_has_lock_error(&locked));
+        assert!(crate::codes::lock_in_chain(&locked).is_some());
 
         #[derive(Debug, thiserror::Error)]
         enum AppError {
@@ -913,8 +897,8 @@ mod tests {
             Domain,
         }
         let wrapped = AppError::from(db_error(DatabaseErrorKind::Unknown, "database is locked"));
-        assert!(chain_has_lock_error(&wrapped));
-        assert!(!chain_has_lock_error(&AppError::Domain));
+        assert!(crate::codes::lock_in_chain(&wrapped).is_some());
+        assert!(crate::codes::lock_in_chain(&AppError::Domain).is_none());
 
         let constraint: Error = db_error(DatabaseErrorKind::UniqueViolation, "UNIQUE").into();
         assert!(!constraint.is_lock_error());

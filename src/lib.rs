@@ -75,6 +75,7 @@
 
 mod backup;
 mod closing;
+mod codes;
 mod customizer;
 mod database;
 mod error;

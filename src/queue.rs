@@ -12,7 +12,6 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::error::Error as StdError;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -385,7 +384,7 @@ pub(crate) fn locked<T, E>(
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
-    E: From<Error> + StdError + Send + Sync + 'static,
+    E: From<Error> + 'static,
 {
     let (_turn, policy) = wait_turn(queue, operation, policy, database)?;
     retry_attempts(&policy, clock, operation, database, attempt)

@@ -1,13 +1,13 @@
 //! The retry policy and the one loop that applies it to lock errors.
 
-use std::error::Error as StdError;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{chain_has_lock_error, error_chain, Error, Operation};
+use crate::codes::{lock_in_value, SqliteFailure};
+use crate::error::{error_chain, Error, Operation};
 use crate::holders::{holders_of, HeldLock};
 
 /// When and how often a locked operation is tried again.
@@ -286,13 +286,16 @@ pub(crate) fn retry<T, E>(
 /// What one attempt of a layer operation failed with. The layer's own statements (`BEGIN`,
 /// `COMMIT`, the pool, pragmas) fail as [`Attempt::Layer`] and are classified by the layer
 /// whatever the caller's error type is; the caller's closure fails as [`Attempt::Caller`],
-/// classified through its source chain.
+/// classified when it is made (from SQLite's result code where the connection recorded one).
 #[derive(Debug)]
 pub(crate) enum Attempt<E> {
     /// A statement of the layer's.
     Layer(Error),
-    /// The caller's closure.
-    Caller(E),
+    /// The caller's closure, with the lock error it failed with if it was one.
+    Caller {
+        error: E,
+        lock: Option<SqliteFailure>,
+    },
 }
 
 impl<E> From<Error> for Attempt<E> {
@@ -301,25 +304,39 @@ impl<E> From<Error> for Attempt<E> {
     }
 }
 
-impl<E: StdError + From<Error> + Send + Sync + 'static> Attempt<E> {
+impl<E: From<Error> + 'static> Attempt<E> {
+    /// The caller's error, classified by what it is (no result code known).
+    pub(crate) fn caller(error: E) -> Self {
+        let lock = lock_in_value(&error);
+        Attempt::Caller { error, lock }
+    }
+
     fn is_lock_error(&self) -> bool {
         match self {
             Attempt::Layer(error) => error.is_lock_error(),
-            Attempt::Caller(error) => chain_has_lock_error(error),
+            Attempt::Caller { lock, .. } => lock.is_some(),
         }
     }
 
+    /// The error, for the retry events: only lock errors are described.
     fn describe(&self) -> String {
         match self {
             Attempt::Layer(error) => error_chain(error),
-            Attempt::Caller(error) => error_chain(error),
+            Attempt::Caller {
+                lock: Some(lock), ..
+            } => lock.to_string(),
+            Attempt::Caller { lock: None, .. } => "the closure's error".to_owned(),
         }
     }
 
-    fn boxed(self) -> crate::error::BoxError {
+    /// The lock error, as [`Error::Busy`] carries it.
+    fn into_lock(self) -> crate::error::BoxError {
         match self {
             Attempt::Layer(error) => Box::new(error),
-            Attempt::Caller(error) => Box::new(error),
+            Attempt::Caller { lock, .. } => Box::new(lock.unwrap_or_else(|| SqliteFailure {
+                code: None,
+                message: "the closure's error".to_owned(),
+            })),
         }
     }
 
@@ -327,7 +344,7 @@ impl<E: StdError + From<Error> + Send + Sync + 'static> Attempt<E> {
     fn into_caller(self) -> E {
         match self {
             Attempt::Layer(error) => E::from(error),
-            Attempt::Caller(error) => error,
+            Attempt::Caller { error, .. } => error,
         }
     }
 }
@@ -343,7 +360,7 @@ pub(crate) fn retry_attempts<T, E>(
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
 ) -> Result<Success<T>, E>
 where
-    E: From<Error> + StdError + Send + Sync + 'static,
+    E: From<Error> + 'static,
 {
     retry(
         policy,
@@ -364,7 +381,7 @@ where
             operation,
             attempts,
             elapsed,
-            source: last.boxed(),
+            source: last.into_lock(),
             // The write queue's turn this process holds while it retries is not the wait.
             holders: holders_of(database)
                 .into_iter()
@@ -383,10 +400,10 @@ pub(crate) fn retry_locked<T, E>(
     mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, E>
 where
-    E: From<Error> + StdError + Send + Sync + 'static,
+    E: From<Error> + 'static,
 {
     retry_attempts(policy, clock, operation, database, |n| {
-        attempt(n).map_err(Attempt::Caller)
+        attempt(n).map_err(Attempt::caller)
     })
 }
 

@@ -7,9 +7,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bump, bump_in, fresh_db, hold_write_lock, values, MIGRATIONS};
+use common::{bump, bump_in, fresh_db, hold_lock, hold_write_lock, values, MIGRATIONS};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use sqlite_persistence::{Database, Error, Operation, Options, RetryPolicy};
+use sqlite_persistence::{Database, Error, JournalMode, Operation, Options, RetryPolicy};
 
 /// The most common application error: Diesel's error and the layer's, both transparent, so
 /// that neither is in the source chain the retry loop walks.
@@ -69,6 +70,110 @@ fn a_lock_on_begin_is_retried_whatever_the_callers_error_type() {
     holder.join().unwrap();
     assert_eq!(value, 2);
     assert_eq!(values(&db, "a").unwrap(), [1, 2]);
+}
+
+/// A read with the error type it names, its error shown as a string.
+type ReadAs = fn(&Database) -> Result<Vec<i64>, String>;
+
+/// Reads the `a` counter's values in `db`'s read transaction, as `E`.
+fn read_values<E>(db: &Database) -> Result<Vec<i64>, E>
+where
+    E: From<Error> + From<diesel::result::Error> + 'static,
+{
+    use common::schema::events;
+    db.read(|conn| -> Result<Vec<i64>, E> { Ok(events::table.select(events::value).load(conn)?) })
+}
+
+#[test]
+fn a_lock_inside_the_closure_is_retried_whatever_the_callers_error_type() {
+    // In rollback-journal mode a writer's EXCLUSIVE lock stops readers at their first
+    // SELECT, inside the closure, where only the closure's error type carries the error.
+    let (_dir, path) = fresh_db();
+    let db = quick_busy()
+        .journal_mode(JournalMode::Delete)
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    bump(&db, "a").unwrap();
+    let hold = Duration::from_millis(600);
+    let reads: [(&str, ReadAs); 6] = [
+        ("Transparent", |db| {
+            read_values::<Transparent>(db).map_err(|e| e.to_string())
+        }),
+        ("Stringly", |db| {
+            read_values::<Stringly>(db).map_err(|e| e.to_string())
+        }),
+        ("anyhow::Error", |db| {
+            read_values::<anyhow::Error>(db).map_err(|e| e.to_string())
+        }),
+        ("Box<dyn Error>", |db| {
+            read_values::<Box<dyn std::error::Error>>(db).map_err(|e| e.to_string())
+        }),
+        ("Box<dyn Error + Send + Sync>", |db| {
+            read_values::<Box<dyn std::error::Error + Send + Sync>>(db).map_err(|e| e.to_string())
+        }),
+        ("QueryResult", |db| {
+            read_values::<diesel::result::Error>(db).map_err(|e| e.to_string())
+        }),
+    ];
+    for (name, read) in reads {
+        let holder = hold_lock(&path, "BEGIN EXCLUSIVE", hold);
+        let start = Instant::now();
+        let seen = read(&db);
+        holder.join().unwrap();
+        assert_eq!(seen.as_deref(), Ok(&[1][..]), "{name}");
+        assert!(
+            start.elapsed() >= hold - Duration::from_millis(300),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_trigger_raising_database_is_locked_is_not_taken_for_a_lock() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_secs(5)))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    db.write(|conn| -> sqlite_persistence::Result<()> {
+        diesel::sql_query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON counters WHEN NEW.name = 'refused' \
+             BEGIN SELECT RAISE(ABORT, 'database is locked'); END",
+        )
+        .execute(conn)?;
+        Ok(())
+    })
+    .unwrap();
+    for kind in ["Error", "Transparent", "anyhow::Error"] {
+        let start = Instant::now();
+        let message = match kind {
+            "Error" => bump_with::<Error>(&db).map_err(|e| format!("{e:?}")),
+            "Transparent" => bump_with::<Transparent>(&db).map_err(|e| format!("{e:?}")),
+            _ => bump_with::<anyhow::Error>(&db).map_err(|e| format!("{e:?}")),
+        }
+        .unwrap_err();
+        // Returned at once as the trigger's error, not retried until the deadline.
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{kind}: {:?}",
+            start.elapsed()
+        );
+        assert!(!message.contains("Busy"), "{kind}: {message}");
+        assert!(message.contains("database is locked"), "{kind}: {message}");
+    }
+    // The layer's classifier by message cannot tell, as documented.
+    let error = db
+        .connection()
+        .unwrap()
+        .batch_execute("INSERT INTO counters (name) VALUES ('refused')");
+    assert!(sqlite_persistence::is_lock_error(&error.unwrap_err()));
+}
+
+fn bump_with<E>(db: &Database) -> Result<i64, E>
+where
+    E: From<Error> + From<diesel::result::Error> + 'static,
+{
+    db.write(|conn| -> Result<i64, E> { Ok(bump_in(conn, "refused")?) })
 }
 
 #[test]

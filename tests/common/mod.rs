@@ -91,11 +91,17 @@ pub fn query_strings(db: &Path, sql: &str) -> Vec<String> {
 /// Holds a write lock on `db` from another connection for `hold`, on its own thread;
 /// returns once the lock is held.
 pub fn hold_write_lock(db: &Path, hold: Duration) -> thread::JoinHandle<()> {
+    hold_lock(db, "BEGIN IMMEDIATE", hold)
+}
+
+/// Holds the lock that `begin` takes on `db` from another connection for `hold`, on its own
+/// thread; returns once the lock is held.
+pub fn hold_lock(db: &Path, begin: &'static str, hold: Duration) -> thread::JoinHandle<()> {
     let url = db.to_str().unwrap().to_owned();
     let (locked, is_locked) = mpsc::channel();
     let holder = thread::spawn(move || {
         let mut conn = SqliteConnection::establish(&url).unwrap();
-        conn.batch_execute("BEGIN IMMEDIATE").unwrap();
+        conn.batch_execute(begin).unwrap();
         locked.send(()).unwrap();
         thread::sleep(hold);
         conn.batch_execute("COMMIT").unwrap();

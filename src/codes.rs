@@ -1,0 +1,401 @@
+//! SQLite's result codes for the statements of a closure, whatever error type it returns.
+//!
+//! Diesel 2.3 keeps only the message of a failed statement, and "database is locked" is also
+//! what a trigger's `RAISE(ABORT, 'database is locked')` says. SQLite's extended result code
+//! tells them apart (`SQLITE_BUSY` against `SQLITE_CONSTRAINT_TRIGGER`), but Diesel does not
+//! hand out the `sqlite3` handle to ask it with. So:
+//! - a process-wide auto-extension gives every connection opened after the first
+//!   [`ConnectionCustomizer`](crate::ConnectionCustomizer) a SQL function,
+//!   `sqlite_persistence_handle()`, that returns the connection's own handle. It is
+//!   `SQLITE_DIRECTONLY`: a trigger or view in the file cannot call it;
+//! - the customizer asks each pooled connection for its handle once, and installs a Diesel
+//!   [`Instrumentation`] that, at the end of every statement, reads the connection's
+//!   extended result code, while it is still the statement's (before Diesel or the caller
+//!   run anything else);
+//! - `write` and `read` take what it recorded when their closure fails, and retry only if
+//!   the statement that failed last failed with a lock code.
+//!
+//! Diesel's `set_default_instrumentation` keeps working (the layer's instrumentation forwards
+//! every event to it). A connection whose instrumentation the application replaced has no
+//! codes, and its closure's errors are classified as [`is_lock_error`](crate::is_lock_error)
+//! does, by message.
+
+use std::any::Any;
+use std::error::Error as StdError;
+use std::ffi::{c_int, CStr};
+use std::fmt;
+use std::sync::Once;
+
+use diesel::connection::{get_default_instrumentation, Instrumentation, InstrumentationEvent};
+use diesel::result::Error as DieselError;
+use diesel::{Connection, RunQueryDsl, SqliteConnection};
+use libsqlite3_sys as ffi;
+
+use crate::error::{is_lock_error, BoxError, Error};
+
+const HANDLE_FUNCTION: &CStr = c"sqlite_persistence_handle";
+
+unsafe extern "C" fn handle(
+    context: *mut ffi::sqlite3_context,
+    _argc: c_int,
+    _argv: *mut *mut ffi::sqlite3_value,
+) {
+    // SAFETY: SQLite calls a function with a valid context; the handle is the connection
+    // running it.
+    unsafe {
+        let db = ffi::sqlite3_context_db_handle(context);
+        ffi::sqlite3_result_int64(context, db as usize as i64);
+    }
+}
+
+unsafe extern "C" fn install(
+    db: *mut ffi::sqlite3,
+    _error: *mut *mut std::ffi::c_char,
+    _api: *const ffi::sqlite3_api_routines,
+) -> c_int {
+    // SAFETY: SQLite calls this with the handle of the connection it is opening. A failure
+    // only leaves the connection without codes.
+    unsafe {
+        ffi::sqlite3_create_function_v2(
+            db,
+            HANDLE_FUNCTION.as_ptr(),
+            0,
+            ffi::SQLITE_UTF8 | ffi::SQLITE_DIRECTONLY,
+            std::ptr::null_mut(),
+            Some(handle),
+            None,
+            None,
+            None,
+        );
+    }
+    ffi::SQLITE_OK
+}
+
+/// Registers the auto-extension, once per process; connections opened from now on have
+/// `sqlite_persistence_handle()`.
+pub(crate) fn register() {
+    static ONCE: Once = Once::new();
+    // SAFETY: `install` has the signature SQLite calls auto-extensions with.
+    ONCE.call_once(|| unsafe {
+        ffi::sqlite3_auto_extension(Some(install));
+    });
+}
+
+/// How the statement that failed last failed, as SQLite reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SqliteFailure {
+    /// The extended result code; `None` when only the message was known.
+    pub code: Option<c_int>,
+    pub message: String,
+}
+
+impl SqliteFailure {
+    /// Whether it is one of SQLite's transient lock errors: `SQLITE_BUSY`, `SQLITE_LOCKED`,
+    /// `SQLITE_PROTOCOL` or `SQLITE_SCHEMA` and their extended codes; without a code, by
+    /// message.
+    pub(crate) fn is_lock(&self) -> bool {
+        match self.code {
+            Some(code) => matches!(
+                code & 0xff,
+                ffi::SQLITE_BUSY | ffi::SQLITE_LOCKED | ffi::SQLITE_PROTOCOL | ffi::SQLITE_SCHEMA
+            ),
+            None => true,
+        }
+    }
+}
+
+impl fmt::Display for SqliteFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(code) = self.code {
+            write!(f, " (SQLite result code {code})")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for SqliteFailure {}
+
+/// The layer's instrumentation on a pooled connection: records the result code of the
+/// statement that failed last, and forwards every event to the application's default
+/// instrumentation.
+struct ResultCodes {
+    /// The connection's own `sqlite3` handle. Only read while the connection runs a
+    /// statement, on its thread; the connection owns this value, so never after it closed.
+    handle: usize,
+    failure: Option<SqliteFailure>,
+    inner: Option<Box<dyn Instrumentation>>,
+}
+
+impl Instrumentation for ResultCodes {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        if let InstrumentationEvent::FinishQuery { query, error, .. } = &event {
+            // SAFETY: `handle` is this connection's, which is open while it runs a statement;
+            // reading the error code and message does not change them.
+            let code = unsafe { ffi::sqlite3_extended_errcode(self.handle as *mut ffi::sqlite3) };
+            match code & 0xff {
+                // Diesel reports a failed step of a `load` as finished without an error; the
+                // code still says so. After success the code is OK (or ROW/DONE).
+                ffi::SQLITE_OK | ffi::SQLITE_ROW | ffi::SQLITE_DONE if error.is_none() => {
+                    // A later statement that worked means the failure was handled, except the
+                    // rollback of a nested transaction that the failure itself caused.
+                    if self.failure.is_some() && !is_transaction_control(&query.to_string()) {
+                        self.failure = None;
+                    }
+                }
+                _ => {
+                    let message = match error {
+                        Some(DieselError::DatabaseError(_, info)) => info.message().to_owned(),
+                        Some(other) => other.to_string(),
+                        // SAFETY: as above; SQLite owns the returned string until the next
+                        // call on the connection, and it is copied at once.
+                        None => unsafe {
+                            CStr::from_ptr(ffi::sqlite3_errmsg(self.handle as *mut ffi::sqlite3))
+                                .to_string_lossy()
+                                .into_owned()
+                        },
+                    };
+                    self.failure = Some(SqliteFailure {
+                        code: Some(code),
+                        message,
+                    });
+                }
+            }
+        }
+        if let Some(inner) = &mut self.inner {
+            inner.on_connection_event(event);
+        }
+    }
+}
+
+fn is_transaction_control(sql: &str) -> bool {
+    let head = sql.trim_start().as_bytes();
+    ["ROLLBACK", "RELEASE", "SAVEPOINT"].iter().any(|word| {
+        head.len() >= word.len() && head[..word.len()].eq_ignore_ascii_case(word.as_bytes())
+    })
+}
+
+/// Installs the recording instrumentation on `conn`. A connection opened before
+/// [`register`] (or whose handle function is gone) keeps Diesel's and gets no codes.
+pub(crate) fn attach(conn: &mut SqliteConnection) {
+    diesel::define_sql_function! {
+        fn sqlite_persistence_handle() -> diesel::sql_types::BigInt;
+    }
+    match diesel::select(sqlite_persistence_handle()).get_result::<i64>(conn) {
+        Ok(handle) if handle != 0 => conn.set_instrumentation(ResultCodes {
+            handle: handle as usize,
+            failure: None,
+            inner: get_default_instrumentation(),
+        }),
+        Ok(_) | Err(_) => tracing::debug!(
+            "no result codes on this connection (opened before the layer registered its \
+             auto-extension); lock errors are told by their message"
+        ),
+    }
+}
+
+/// What `conn` recorded of the statements run since the last call.
+pub(crate) enum Recorded {
+    /// The layer's instrumentation is not on the connection.
+    Unknown,
+    /// No statement failed, or the last failure was followed by one that worked.
+    Clean,
+    /// The statement that failed last.
+    Failed(SqliteFailure),
+}
+
+/// Takes (and clears) what `conn` recorded.
+pub(crate) fn take(conn: &mut SqliteConnection) -> Recorded {
+    match conn.instrumentation().downcast_mut::<ResultCodes>() {
+        None => Recorded::Unknown,
+        Some(codes) => match codes.failure.take() {
+            None => Recorded::Clean,
+            Some(failure) => Recorded::Failed(failure),
+        },
+    }
+}
+
+/// The lock error a closure failed with, if it failed with one: from the result code of the
+/// connection's last failed statement when there is one, else from the error value itself
+/// (Diesel's error, the layer's, or a boxed error's source chain, by message).
+pub(crate) fn lock_failure<E: 'static>(recorded: Recorded, error: &E) -> Option<SqliteFailure> {
+    match recorded {
+        Recorded::Failed(failure) => failure.is_lock().then_some(failure),
+        Recorded::Clean | Recorded::Unknown => lock_in_value(error),
+    }
+}
+
+/// The lock error in `error`, found by downcasting it to the error types the layer knows.
+pub(crate) fn lock_in_value<E: 'static>(error: &E) -> Option<SqliteFailure> {
+    let any = error as &dyn Any;
+    let chain: &(dyn StdError + 'static) = if let Some(diesel) = any.downcast_ref::<DieselError>() {
+        diesel
+    } else if let Some(ours) = any.downcast_ref::<Error>() {
+        ours
+    } else if let Some(boxed) = any.downcast_ref::<BoxError>() {
+        &**boxed
+    } else if let Some(boxed) = any.downcast_ref::<Box<dyn StdError + Send>>() {
+        &**boxed
+    } else if let Some(boxed) = any.downcast_ref::<Box<dyn StdError>>() {
+        &**boxed
+    } else {
+        return None;
+    };
+    lock_in_chain(chain)
+}
+
+/// The first lock error in `error`'s source chain, as Diesel's error or the layer's.
+pub(crate) fn lock_in_chain(error: &(dyn StdError + 'static)) -> Option<SqliteFailure> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let lock = if let Some(diesel) = e.downcast_ref::<DieselError>() {
+            Some(is_lock_error(diesel))
+        } else {
+            e.downcast_ref::<Error>().map(Error::is_lock_error)
+        };
+        match lock {
+            Some(true) => {
+                return Some(SqliteFailure {
+                    code: None,
+                    message: crate::error::error_chain(e),
+                })
+            }
+            Some(false) => return None,
+            None => current = e.source(),
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::connection::SimpleConnection;
+
+    fn recording() -> SqliteConnection {
+        register();
+        let mut conn = SqliteConnection::establish(":memory:").unwrap();
+        attach(&mut conn);
+        conn.batch_execute(
+            "CREATE TABLE t (x INTEGER); \
+             CREATE TRIGGER fake BEFORE INSERT ON t WHEN NEW.x < 0 \
+             BEGIN SELECT RAISE(ABORT, 'database is locked'); END;",
+        )
+        .unwrap();
+        conn
+    }
+
+    fn failed(recorded: Recorded) -> SqliteFailure {
+        match recorded {
+            Recorded::Failed(failure) => failure,
+            Recorded::Unknown => panic!("no codes on the connection"),
+            Recorded::Clean => panic!("nothing recorded"),
+        }
+    }
+
+    #[test]
+    fn a_trigger_saying_database_is_locked_is_not_a_lock() {
+        let mut conn = recording();
+        let error = diesel::sql_query("INSERT INTO t VALUES (-1)")
+            .execute(&mut conn)
+            .unwrap_err();
+        // By message, the classifier cannot tell.
+        assert!(is_lock_error(&error), "{error}");
+        let failure = failed(take(&mut conn));
+        assert_eq!(failure.code, Some(ffi::SQLITE_CONSTRAINT_TRIGGER));
+        assert_eq!(failure.message, "database is locked");
+        assert!(!failure.is_lock());
+        assert!(matches!(take(&mut conn), Recorded::Clean));
+    }
+
+    #[test]
+    fn a_failed_load_is_recorded_though_diesel_reports_it_without_an_error() {
+        use diesel::dsl::sql;
+        use diesel::sql_types::BigInt;
+        let mut conn = recording();
+        // A failure while preparing.
+        let error = diesel::select(sql::<BigInt>("(SELECT x FROM missing)"))
+            .load::<i64>(&mut conn)
+            .unwrap_err();
+        let failure = failed(take(&mut conn));
+        assert_eq!(failure.code, Some(ffi::SQLITE_ERROR));
+        assert!(error.to_string().contains("missing"), "{error}");
+        // A failure while stepping, which Diesel's event reports as no error.
+        diesel::select(sql::<BigInt>("abs(-9223372036854775807 - 1)"))
+            .load::<i64>(&mut conn)
+            .unwrap_err();
+        let failure = failed(take(&mut conn));
+        assert!(failure.message.contains("overflow"), "{failure}");
+    }
+
+    #[test]
+    fn a_handled_failure_is_cleared_by_the_next_statement_but_not_by_a_rollback() {
+        let mut conn = recording();
+        let insert_fake = |conn: &mut SqliteConnection| {
+            diesel::sql_query("INSERT INTO t VALUES (-1)")
+                .execute(conn)
+                .unwrap_err()
+        };
+        insert_fake(&mut conn);
+        diesel::sql_query("INSERT INTO t VALUES (1)")
+            .execute(&mut conn)
+            .unwrap();
+        assert!(matches!(take(&mut conn), Recorded::Clean));
+        // Diesel's nested transaction rolls back to its savepoint after the failure.
+        let result = conn.transaction(|conn| -> diesel::QueryResult<()> {
+            conn.transaction(|conn| {
+                insert_fake(conn);
+                Err(DieselError::RollbackTransaction)
+            })
+        });
+        assert!(result.is_err());
+        assert_eq!(
+            failed(take(&mut conn)).code,
+            Some(ffi::SQLITE_CONSTRAINT_TRIGGER)
+        );
+    }
+
+    #[test]
+    fn the_default_instrumentation_still_sees_every_event() {
+        use std::cell::Cell;
+        thread_local! {
+            // Per thread: other tests' connections, opened meanwhile, count on theirs.
+            static SEEN: Cell<usize> = const { Cell::new(0) };
+        }
+        struct Count;
+        impl Instrumentation for Count {
+            fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+                if matches!(event, InstrumentationEvent::FinishQuery { .. }) {
+                    SEEN.with(|seen| seen.set(seen.get() + 1));
+                }
+            }
+        }
+        // Only this test sets a default.
+        diesel::connection::set_default_instrumentation(|| Some(Box::new(Count))).unwrap();
+        let mut conn = recording();
+        diesel::connection::set_default_instrumentation(|| None).unwrap();
+        let before = SEEN.with(Cell::get);
+        conn.batch_execute("SELECT 1").unwrap();
+        assert_eq!(SEEN.with(Cell::get), before + 1);
+    }
+
+    #[test]
+    fn without_codes_the_error_value_decides() {
+        let locked = DieselError::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            Box::new("database is locked".to_owned()),
+        );
+        assert!(lock_failure(Recorded::Unknown, &locked).is_some());
+        let boxed: Box<dyn StdError> = Box::new(locked);
+        assert!(lock_failure(Recorded::Clean, &boxed).is_some());
+        assert!(lock_failure(Recorded::Clean, &DieselError::NotFound).is_none());
+        // A type the layer cannot look into.
+        assert!(lock_failure(Recorded::Unknown, &"database is locked").is_none());
+        // A recorded code wins over the message.
+        let trigger = SqliteFailure {
+            code: Some(ffi::SQLITE_CONSTRAINT_TRIGGER),
+            message: "database is locked".into(),
+        };
+        assert!(lock_failure(Recorded::Failed(trigger), &boxed).is_none());
+    }
+}
