@@ -1,7 +1,8 @@
 //! The promises an application relies on when it embeds the layer: retry whatever its error
-//! type, nested calls refused at once instead of hanging, no process holding the write turn
-//! while it waits for its own pool, a panicking read leaving no read-only connection behind,
-//! any deadline accepted.
+//! type (and only of real locks, told by SQLite's result code), nested calls refused at once
+//! instead of hanging, no process holding the write turn while it waits for its own pool, a
+//! panicking read leaving no read-only connection behind, any deadline accepted, a clean
+//! exit, the durable setting in force when asked.
 
 mod common;
 
@@ -424,4 +425,43 @@ fn a_closure_may_return_diesels_own_query_result() {
         }
         other => panic!("expected the boxed Busy, got {other:?}"),
     }
+}
+
+/// `PRAGMA synchronous` as a connection of `db` reports it.
+fn synchronous_of(conn: &mut SqliteConnection) -> i32 {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        synchronous: i32,
+    }
+    diesel::sql_query("PRAGMA synchronous")
+        .get_result::<Row>(conn)
+        .unwrap()
+        .synchronous
+}
+
+#[test]
+fn every_connection_is_durable_when_asked_and_normal_under_wal_by_default() {
+    use sqlite_persistence::Synchronous;
+    let (_dir, path) = fresh_db();
+    // The default under WAL: NORMAL (1), which a power loss can take the last commits back
+    // from, as the options table says.
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    assert_eq!(synchronous_of(&mut db.connection().unwrap()), 1);
+    drop(db);
+    // The durable setting, FULL (2), on every connection of the pool, not just the first.
+    let db = Options::new()
+        .synchronous(Synchronous::Full)
+        .pool_size(3)
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let mut held: Vec<_> = (0..3).map(|_| db.connection().unwrap()).collect();
+    for conn in &mut held {
+        assert_eq!(synchronous_of(conn), 2);
+    }
+    drop(held);
+    let in_write = db
+        .write(|conn| -> sqlite_persistence::Result<i32> { Ok(synchronous_of(conn)) })
+        .unwrap();
+    assert_eq!(in_write, 2);
 }
