@@ -175,23 +175,41 @@ fn is_transaction_control(sql: &str) -> bool {
     })
 }
 
-/// Installs the recording instrumentation on `conn`. A connection opened before
-/// [`register`] (or whose handle function is gone) keeps Diesel's and gets no codes.
-pub(crate) fn attach(conn: &mut SqliteConnection) {
-    diesel::define_sql_function! {
-        fn sqlite_persistence_handle() -> diesel::sql_types::BigInt;
+/// Installs the recording instrumentation on `conn`, and, with `checkpoints` (the WAL size
+/// to warn at), the layer's checkpoint hook (see `checkpoint`). A connection opened before
+/// [`register`] (or whose handle function is gone) keeps Diesel's instrumentation and
+/// SQLite's automatic checkpoint.
+pub(crate) fn attach(conn: &mut SqliteConnection, checkpoints: Option<u64>) {
+    #[derive(diesel::QueryableByName)]
+    struct Handle {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        handle: i64,
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        page_size: i32,
     }
-    match diesel::select(sqlite_persistence_handle()).get_result::<i64>(conn) {
-        Ok(handle) if handle != 0 => conn.set_instrumentation(ResultCodes {
-            handle: handle as usize,
-            failure: None,
-            inner: get_default_instrumentation(),
-        }),
-        Ok(_) | Err(_) => tracing::debug!(
+    let found = diesel::sql_query(
+        "SELECT sqlite_persistence_handle() AS handle, page_size FROM pragma_page_size()",
+    )
+    .get_result::<Handle>(conn);
+    let Ok(Handle { handle, page_size }) = found else {
+        tracing::debug!(
             "no result codes on this connection (opened before the layer registered its \
              auto-extension); lock errors are told by their message"
-        ),
+        );
+        return;
+    };
+    if let Some(warn_bytes) = checkpoints {
+        // SAFETY: `handle` is `conn`'s own, open, and used on this thread.
+        let page_size = u32::try_from(page_size).unwrap_or(4096);
+        unsafe {
+            crate::checkpoint::install(handle as usize as *mut ffi::sqlite3, page_size, warn_bytes)
+        };
     }
+    conn.set_instrumentation(ResultCodes {
+        handle: handle as usize,
+        failure: None,
+        inner: get_default_instrumentation(),
+    });
 }
 
 /// What `conn` recorded of the statements run since the last call.
@@ -275,7 +293,7 @@ mod tests {
     fn recording() -> SqliteConnection {
         register();
         let mut conn = SqliteConnection::establish(":memory:").unwrap();
-        attach(&mut conn);
+        attach(&mut conn, None);
         conn.batch_execute(
             "CREATE TABLE t (x INTEGER); \
              CREATE TRIGGER fake BEFORE INSERT ON t WHEN NEW.x < 0 \

@@ -32,6 +32,8 @@ use crate::options::Options;
 #[derive(Debug, Clone)]
 pub struct ConnectionCustomizer {
     pragmas: String,
+    /// The WAL size to warn at, when the layer checkpoints.
+    checkpoints: Option<u64>,
     /// A `Database`'s count of its pool's open connections.
     open: Option<Arc<OpenConnections>>,
 }
@@ -48,6 +50,7 @@ impl ConnectionCustomizer {
         crate::codes::register();
         Self {
             pragmas: options.connection_pragmas(),
+            checkpoints: options.checkpoint_warning(),
             open: None,
         }
     }
@@ -68,7 +71,7 @@ impl ConnectionCustomizer {
     pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
         conn.batch_execute(&self.pragmas)
             .map_err(|source| Error::query(Operation::ApplyPragmas, source))?;
-        crate::codes::attach(conn);
+        crate::codes::attach(conn, self.checkpoints);
         Ok(())
     }
 }
@@ -101,7 +104,7 @@ pub(crate) fn within<T>(
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCustomizer {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         conn.batch_execute(&self.pragmas)
-            .map(|()| crate::codes::attach(conn))
+            .map(|()| crate::codes::attach(conn, self.checkpoints))
             .and_then(|()| match &self.open {
                 Some(open) => open.track(conn),
                 None => Ok(()),

@@ -89,6 +89,31 @@ pub(crate) fn wal_readers_of(path: &Path) -> Vec<Holder> {
     listed(&wanted)
 }
 
+/// The processes whose read transaction keeps a checkpoint of the database at `path` from
+/// passing frame `frames` (the WAL's last): those holding a read mark whose value, in the
+/// `-shm` file's checkpoint header, is below it. SQLite keeps the read marks in native byte
+/// order at offset 100 of `-shm` (after two 48-byte copies of the WAL-index header and the
+/// backfill count); mark `i` is locked on byte `123 + i`.
+pub(crate) fn pinning_readers_of(path: &Path, frames: u32) -> Vec<Holder> {
+    use std::os::unix::fs::FileExt;
+    let shm = side_file(path, "-shm");
+    let mut marks = [0u8; 20];
+    let read = std::fs::File::open(&shm).and_then(|file| file.read_exact_at(&mut marks, 100));
+    if read.is_err() {
+        return Vec::new();
+    }
+    let wanted: Vec<_> = WAL_READ_MARKS
+        .filter(|byte| {
+            let i = (*byte - 123) as usize * 4;
+            let mark = u32::from_ne_bytes(marks[i..i + 4].try_into().expect("4 bytes"));
+            // 0xffffffff: the mark is unused.
+            mark < frames
+        })
+        .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader))
+        .collect();
+    listed(&wanted)
+}
+
 /// Which locks of a file to look for.
 #[derive(Clone, Copy)]
 enum Look {

@@ -74,6 +74,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backup;
+mod checkpoint;
 mod closing;
 mod codes;
 mod customizer;

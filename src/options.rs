@@ -27,6 +27,7 @@ use crate::retry::RetryPolicy;
 /// | `create_mode` | `0o600` | a new database (and its `-wal`, `-shm`, `-lock`) is private |
 /// | `pool_size` | 8 | |
 /// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
+/// | `wal_shipping` | off | the layer checkpoints, and warns naming the reader that pins a growing WAL |
 ///
 /// # Examples
 /// ```
@@ -44,6 +45,7 @@ pub struct Options {
     pub(crate) synchronous: Option<Synchronous>,
     pub(crate) foreign_keys: bool,
     pub(crate) journal_size_limit: Option<u64>,
+    pub(crate) wal_shipping: bool,
     pub(crate) cache_size_kib: u32,
     pub(crate) temp_store: TempStore,
     pub(crate) mmap_size: u64,
@@ -72,6 +74,7 @@ impl Options {
             synchronous: None,
             foreign_keys: true,
             journal_size_limit: Some(64 * 1024 * 1024),
+            wal_shipping: false,
             cache_size_kib: 16 * 1024,
             temp_store: TempStore::Memory,
             mmap_size: 128 * 1024 * 1024,
@@ -244,6 +247,25 @@ impl Options {
         self
     }
 
+    /// For an external WAL shipper (Litestream, LiteFS) that owns checkpoints: the layer's
+    /// connections never checkpoint on their own (`PRAGMA wal_autocheckpoint = 0`), so every
+    /// frame stays in `-wal` until the shipper has copied it. Defaults to off: the layer's
+    /// connections then run a PASSIVE checkpoint after a commit once the WAL holds 1000
+    /// frames (as SQLite's automatic checkpoint does), try no more than every 250 ms while a
+    /// read transaction pins the WAL (SQLite retries after every commit), and log a `warn`
+    /// event naming the process that pins it once the WAL passes `journal_size_limit` (64 MiB
+    /// if there is none).
+    pub fn wal_shipping(mut self, on: bool) -> Self {
+        self.wal_shipping = on;
+        self
+    }
+
+    /// The WAL size at which a pinned WAL is warned about, or `None` when the layer does not
+    /// checkpoint (WAL shipping).
+    pub(crate) fn checkpoint_warning(&self) -> Option<u64> {
+        (!self.wal_shipping).then(|| self.journal_size_limit.unwrap_or(64 * 1024 * 1024))
+    }
+
     /// Whether writers of this crate queue for the write lock on a sidecar file,
     /// `<database>-lock` (created with the database file's permissions), with a blocking
     /// `flock` taken before `BEGIN IMMEDIATE` and released after COMMIT. The kernel wakes the
@@ -280,6 +302,9 @@ impl Options {
         );
         if let Some(limit) = self.journal_size_limit {
             sql += &format!("PRAGMA journal_size_limit = {limit};\n");
+        }
+        if self.wal_shipping {
+            sql += "PRAGMA wal_autocheckpoint = 0;\n";
         }
         sql += &format!(
             "PRAGMA cache_size = -{};\nPRAGMA temp_store = {};\nPRAGMA mmap_size = {};\n",

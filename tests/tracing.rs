@@ -3,32 +3,10 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{bump, fresh_db, hold_write_lock, MIGRATIONS};
+use common::{bump, fresh_db, hold_write_lock, Captured, MIGRATIONS};
 use sqlite_persistence::{Options, RetryPolicy};
-
-/// What the subscriber wrote.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 #[test]
 fn retries_and_giving_up_carry_the_open_telemetry_database_fields() {
@@ -39,16 +17,13 @@ fn retries_and_giving_up_carry_the_open_telemetry_database_fields() {
         .open(&path, MIGRATIONS)
         .unwrap();
     let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_max_level(tracing::Level::WARN)
-        .finish();
+    let subscriber = captured.subscriber(tracing::Level::WARN);
     let holder = hold_write_lock(&path, Duration::from_millis(1200));
     tracing::subscriber::with_default(subscriber, || {
         bump(&db, "a").unwrap_err();
     });
     holder.join().unwrap();
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.text();
     let retries: Vec<&str> = text.lines().filter(|l| l.contains("retrying")).collect();
     let gave_up: Vec<&str> = text.lines().filter(|l| l.contains("giving up")).collect();
     assert!(!retries.is_empty() && gave_up.len() == 1, "{text}");

@@ -1,0 +1,199 @@
+//! A bounded WAL: a read transaction that pins the WAL is named while the WAL grows, and the
+//! WAL is back under `journal_size_limit` soon after it ends; next to the plain setup, whose
+//! WAL stays grown and which names no one.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fresh_db, side_file_len, Captured, MIGRATIONS};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use sqlite_persistence::{Database, Options};
+
+const LIMIT: u64 = 1024 * 1024;
+
+/// Not a test on its own: the child role of the pinning tests. With `WAL_PIN_DB` set, it
+/// opens a read transaction, says "pinned", and holds it until its stdin closes (or 30 s).
+#[test]
+#[ignore = "run as a child process by the WAL tests"]
+fn pinning_reader_child() {
+    let Ok(path) = std::env::var("WAL_PIN_DB") else {
+        return;
+    };
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(30));
+        std::process::exit(3);
+    });
+    let mut conn = SqliteConnection::establish(&path).unwrap();
+    conn.batch_execute("PRAGMA busy_timeout = 5000; BEGIN; SELECT count(*) FROM counters;")
+        .unwrap();
+    println!("pinned");
+    std::io::stdout().flush().unwrap();
+    let mut rest = String::new();
+    let _ = std::io::stdin().read_line(&mut rest);
+    conn.batch_execute("COMMIT").unwrap();
+    std::process::exit(0);
+}
+
+/// Starts a process holding a read transaction on `path`; returns once it holds it.
+fn pinning_reader(path: &Path) -> Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "pinning_reader_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("WAL_PIN_DB", path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Bounded: the child exits by itself after 30 s.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|line| line.is_ok_and(|l| l == "pinned")),
+        "the reader did not start"
+    );
+    child
+}
+
+/// Ends the reader's transaction and waits for it (bounded by its own 30 s).
+fn release(mut child: Child) {
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+}
+
+/// One write of about 4 KiB (a few WAL frames).
+fn write_one(conn: &mut SqliteConnection, i: usize) {
+    diesel::sql_query("INSERT INTO counters (name) VALUES (?)")
+        .bind::<diesel::sql_types::Text, _>(format!("{i:04096}"))
+        .execute(conn)
+        .unwrap();
+}
+
+fn layer_write(db: &Database, i: usize) {
+    db.write(|conn| -> sqlite_persistence::Result<()> {
+        write_one(conn, i);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_reader_pinning_the_wal_is_named_and_the_wal_shrinks_soon_after_it_ends() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .journal_size_limit(Some(LIMIT))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let reader = pinning_reader(&path);
+    let pid = reader.id();
+    let captured = Captured::default();
+    let start = Instant::now();
+    let mut i = 0;
+    let named =
+        tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+            while start.elapsed() < Duration::from_secs(20) {
+                layer_write(&db, i);
+                i += 1;
+                if captured.text().contains("the WAL keeps growing") {
+                    return true;
+                }
+            }
+            false
+        });
+    let text = captured.text();
+    assert!(named, "no warning after {i} writes: {text}");
+    assert!(
+        text.contains(&format!("process {pid} ")) && text.contains("reading from the WAL"),
+        "{text}"
+    );
+    assert!(side_file_len(&path, "-wal") > LIMIT);
+    // At most one warning per connection per 10 s, not one per commit.
+    for _ in 0..300 {
+        layer_write(&db, i);
+        i += 1;
+    }
+    let warnings = captured.text().matches("the WAL keeps growing").count();
+    assert!(warnings <= 8, "{warnings} warnings");
+
+    release(reader);
+    let released = Instant::now();
+    while side_file_len(&path, "-wal") > LIMIT {
+        assert!(
+            released.elapsed() < Duration::from_secs(3),
+            "the WAL is still {} bytes",
+            side_file_len(&path, "-wal")
+        );
+        layer_write(&db, i);
+        i += 1;
+    }
+}
+
+#[test]
+fn the_plain_setup_keeps_a_grown_wal_and_names_no_one() {
+    let (_dir, path) = fresh_db();
+    drop(Options::new().open(&path, MIGRATIONS).unwrap());
+    let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+    conn.batch_execute("PRAGMA busy_timeout = 5000").unwrap();
+    let reader = pinning_reader(&path);
+    let captured = Captured::default();
+    tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+        for i in 0..1500 {
+            write_one(&mut conn, i);
+        }
+    });
+    let grown = side_file_len(&path, "-wal");
+    assert!(grown > 2 * LIMIT, "{grown}");
+    release(reader);
+    for i in 1500..2500 {
+        write_one(&mut conn, i);
+    }
+    // Checkpointed again, but the file keeps its size: plain Diesel sets no
+    // journal_size_limit; and nothing said who pinned it.
+    assert!(side_file_len(&path, "-wal") >= grown);
+    assert_eq!(captured.text(), "");
+}
+
+#[test]
+fn with_wal_shipping_the_layer_never_checkpoints() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .wal_shipping(true)
+        .journal_size_limit(Some(LIMIT))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    for i in 0..1000 {
+        layer_write(&db, i);
+    }
+    // Every frame is still in -wal for the shipper: nothing was backfilled (the count at
+    // offset 96 of -shm), and the WAL grew past where a checkpoint would have reset it.
+    assert_eq!(backfilled(&path), 0);
+    assert!(side_file_len(&path, "-wal") > 4 * LIMIT);
+    drop(db);
+
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .journal_size_limit(Some(LIMIT))
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    for i in 0..1000 {
+        layer_write(&db, i);
+    }
+    assert!(backfilled(&path) > 0 || side_file_len(&path, "-wal") <= 2 * LIMIT);
+}
+
+/// The WAL frames checkpointed into the database file, from `-shm`.
+fn backfilled(db: &Path) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let shm = std::fs::File::open(format!("{}-shm", db.display())).unwrap();
+    let mut count = [0u8; 4];
+    shm.read_exact_at(&mut count, 96).unwrap();
+    u32::from_ne_bytes(count)
+}
