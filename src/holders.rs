@@ -35,6 +35,10 @@ pub enum HeldLock {
     /// A read transaction that reads from the WAL: until it ends, no checkpoint can pass the
     /// frames it may read, so `-wal` cannot be reset.
     WalReader,
+    /// A read transaction begun when the WAL had nothing to add (empty, or all checkpointed):
+    /// it reads the database file alone, so until it ends no checkpoint can copy anything
+    /// into the file.
+    FileReader,
 }
 
 impl fmt::Display for Holder {
@@ -47,6 +51,7 @@ impl fmt::Display for Holder {
             HeldLock::WriteQueue => " holding the write queue",
             HeldLock::WriteLock => " holding the write lock",
             HeldLock::WalReader => " reading from the WAL",
+            HeldLock::FileReader => " reading the database file",
         })
     }
 }
@@ -57,6 +62,7 @@ impl fmt::Display for Holder {
 const WAL_WRITE_LOCK: u64 = 120;
 const RESERVED_BYTE: u64 = 0x4000_0001;
 const WAL_READ_MARKS: std::ops::RangeInclusive<u64> = 124..=127;
+const READ_MARK_ZERO: u64 = 123;
 
 /// The processes holding the write queue or SQLite's write lock of the database at `path`,
 /// each once, as the OS lock table lists them now.
@@ -90,8 +96,10 @@ pub(crate) fn wal_readers_of(path: &Path) -> Vec<Holder> {
 }
 
 /// The processes whose read transaction keeps a checkpoint of the database at `path` from
-/// passing frame `frames` (the WAL's last): those holding a read mark whose value, in the
-/// `-shm` file's checkpoint header, is below it. SQLite keeps the read marks in native byte
+/// passing frame `frames` (the WAL's last): those holding read mark 0 (a reader of the
+/// database file alone, begun when the WAL was empty or fully checkpointed: no frame can be
+/// copied into the file under it), and those holding a read mark whose value, in the `-shm`
+/// file's checkpoint header, is below `frames`. SQLite keeps the read marks in native byte
 /// order at offset 100 of `-shm` (after two 48-byte copies of the WAL-index header and the
 /// backfill count); mark `i` is locked on byte `123 + i`.
 pub(crate) fn pinning_readers_of(path: &Path, frames: u32) -> Vec<Holder> {
@@ -102,15 +110,22 @@ pub(crate) fn pinning_readers_of(path: &Path, frames: u32) -> Vec<Holder> {
     if read.is_err() {
         return Vec::new();
     }
-    let wanted: Vec<_> = WAL_READ_MARKS
-        .filter(|byte| {
-            let i = (*byte - 123) as usize * 4;
-            let mark = u32::from_ne_bytes(marks[i..i + 4].try_into().expect("4 bytes"));
-            // 0xffffffff: the mark is unused.
-            mark < frames
-        })
-        .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader))
-        .collect();
+    let mut wanted = vec![(
+        shm.clone(),
+        "READ",
+        Look::Byte(READ_MARK_ZERO),
+        HeldLock::FileReader,
+    )];
+    wanted.extend(
+        WAL_READ_MARKS
+            .filter(|byte| {
+                let i = (*byte - READ_MARK_ZERO) as usize * 4;
+                let mark = u32::from_ne_bytes(marks[i..i + 4].try_into().expect("4 bytes"));
+                // 0xffffffff: the mark is unused.
+                mark < frames
+            })
+            .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader)),
+    );
     listed(&wanted)
 }
 

@@ -142,6 +142,7 @@ fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
                     sqlite_persistence::HeldLock::WriteQueue => "write queue",
                     sqlite_persistence::HeldLock::WriteLock => "write lock",
                     sqlite_persistence::HeldLock::WalReader => "wal reader",
+                    sqlite_persistence::HeldLock::FileReader => "file reader",
                     _ => "other",
                 },
             })
