@@ -24,7 +24,7 @@ use std::any::Any;
 use std::error::Error as StdError;
 use std::ffi::{c_int, CStr};
 use std::fmt;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
 use diesel::connection::{get_default_instrumentation, Instrumentation, InstrumentationEvent};
 use diesel::result::Error as DieselError;
@@ -32,6 +32,7 @@ use diesel::{Connection, RunQueryDsl, SqliteConnection};
 use libsqlite3_sys as ffi;
 
 use crate::error::{is_lock_error, BoxError, Error};
+use crate::read_age::ReadState;
 
 const HANDLE_FUNCTION: &CStr = c"sqlite_persistence_handle";
 
@@ -124,6 +125,8 @@ struct ResultCodes {
     /// statement, on its thread; the connection owns this value, so never after it closed.
     handle: usize,
     failure: Option<SqliteFailure>,
+    /// The connection's read state, when its reads are capped.
+    read_state: Option<Arc<ReadState>>,
     inner: Option<Box<dyn Instrumentation>>,
 }
 
@@ -175,11 +178,19 @@ fn is_transaction_control(sql: &str) -> bool {
     })
 }
 
-/// Installs the recording instrumentation on `conn`, and, with `checkpoints` (the WAL size
-/// to warn at), the layer's checkpoint hook (see `checkpoint`). A connection opened before
-/// [`register`] (or whose handle function is gone) keeps Diesel's instrumentation and
-/// SQLite's automatic checkpoint.
-pub(crate) fn attach(conn: &mut SqliteConnection, checkpoints: Option<u64>) {
+/// What [`attach`] installs on a connection besides the result codes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Hooks {
+    /// The layer's checkpoint hook (see `checkpoint`), warning at this WAL size.
+    pub checkpoints: Option<u64>,
+    /// A read state, for reads with a maximum age (see `read_age`).
+    pub read_age: bool,
+}
+
+/// Installs the recording instrumentation on `conn`, and the `hooks`. A connection opened
+/// before [`register`] (or whose handle function is gone) keeps Diesel's instrumentation and
+/// SQLite's automatic checkpoint, and its reads are not capped.
+pub(crate) fn attach(conn: &mut SqliteConnection, hooks: Hooks) {
     #[derive(diesel::QueryableByName)]
     struct Handle {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -198,16 +209,21 @@ pub(crate) fn attach(conn: &mut SqliteConnection, checkpoints: Option<u64>) {
         );
         return;
     };
-    if let Some(warn_bytes) = checkpoints {
-        // SAFETY: `handle` is `conn`'s own, open, and used on this thread.
+    let db = handle as usize as *mut ffi::sqlite3;
+    if let Some(warn_bytes) = hooks.checkpoints {
         let page_size = u32::try_from(page_size).unwrap_or(4096);
-        unsafe {
-            crate::checkpoint::install(handle as usize as *mut ffi::sqlite3, page_size, warn_bytes)
-        };
+        // SAFETY: `db` is `conn`'s own handle, open, and used on this thread.
+        unsafe { crate::checkpoint::install(db, page_size, warn_bytes) };
     }
+    // SAFETY: as above.
+    let read_state = hooks
+        .read_age
+        .then(|| unsafe { crate::read_age::install(db) })
+        .flatten();
     conn.set_instrumentation(ResultCodes {
         handle: handle as usize,
         failure: None,
+        read_state,
         inner: get_default_instrumentation(),
     });
 }
@@ -220,6 +236,13 @@ pub(crate) enum Recorded {
     Clean,
     /// The statement that failed last.
     Failed(SqliteFailure),
+}
+
+/// The read state of `conn`, if its reads are capped.
+pub(crate) fn read_state(conn: &mut SqliteConnection) -> Option<Arc<ReadState>> {
+    conn.instrumentation()
+        .downcast_mut::<ResultCodes>()
+        .and_then(|codes| codes.read_state.clone())
 }
 
 /// Takes (and clears) what `conn` recorded.
@@ -293,7 +316,7 @@ mod tests {
     fn recording() -> SqliteConnection {
         register();
         let mut conn = SqliteConnection::establish(":memory:").unwrap();
-        attach(&mut conn, None);
+        attach(&mut conn, Hooks::default());
         conn.batch_execute(
             "CREATE TABLE t (x INTEGER); \
              CREATE TRIGGER fake BEFORE INSERT ON t WHEN NEW.x < 0 \

@@ -32,8 +32,8 @@ use crate::options::Options;
 #[derive(Debug, Clone)]
 pub struct ConnectionCustomizer {
     pragmas: String,
-    /// The WAL size to warn at, when the layer checkpoints.
-    checkpoints: Option<u64>,
+    /// The checkpoint hook and read state each connection gets.
+    hooks: crate::codes::Hooks,
     /// A `Database`'s count of its pool's open connections.
     open: Option<Arc<OpenConnections>>,
 }
@@ -50,7 +50,10 @@ impl ConnectionCustomizer {
         crate::codes::register();
         Self {
             pragmas: options.connection_pragmas(),
-            checkpoints: options.checkpoint_warning(),
+            hooks: crate::codes::Hooks {
+                checkpoints: options.checkpoint_warning(),
+                read_age: options.max_read_age.is_some(),
+            },
             open: None,
         }
     }
@@ -71,7 +74,7 @@ impl ConnectionCustomizer {
     pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
         conn.batch_execute(&self.pragmas)
             .map_err(|source| Error::query(Operation::ApplyPragmas, source))?;
-        crate::codes::attach(conn, self.checkpoints);
+        crate::codes::attach(conn, self.hooks);
         Ok(())
     }
 }
@@ -104,7 +107,7 @@ pub(crate) fn within<T>(
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCustomizer {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         conn.batch_execute(&self.pragmas)
-            .map(|()| crate::codes::attach(conn, self.checkpoints))
+            .map(|()| crate::codes::attach(conn, self.hooks))
             .and_then(|()| match &self.open {
                 Some(open) => open.track(conn),
                 None => Ok(()),

@@ -19,6 +19,7 @@ use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
+use crate::read_age;
 use crate::retry::{retry_attempts, Attempt, RetryPolicy, SystemClock};
 
 /// The r2d2 pool of a [`Database`]: every connection carries the [`Options`]' pragmas.
@@ -235,7 +236,24 @@ impl Database {
             &self.path,
             |_| {
                 let mut read_only = QueryOnly::on(&mut conn)?;
-                transaction(read_only.conn(), "BEGIN", Operation::Read, &mut f)
+                let conn = read_only.conn();
+                let Some(limit) = self.options.max_read_age else {
+                    return transaction(conn, "BEGIN", Operation::Read, &mut f);
+                };
+                // Declared after `read_only`, so dropped (unwinding too) before it turns
+                // query_only off.
+                let watched =
+                    codes::read_state(conn).and_then(|state| read_age::watch(&state, limit));
+                let result = transaction(conn, "BEGIN", Operation::Read, &mut f);
+                if watched.is_some_and(read_age::Watched::finish) {
+                    // The watchdog ended the transaction; whatever `f` returned was read (or
+                    // failed) outside its snapshot.
+                    return Err(Attempt::Layer(Error::ReadTooLong {
+                        path: self.path.clone(),
+                        limit,
+                    }));
+                }
+                result
             },
         )
         .map(|outcome| outcome.value)

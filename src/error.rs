@@ -419,6 +419,18 @@ pub enum Error {
         outer: Operation,
     },
 
+    /// A [`Database::read`](crate::Database::read) stayed open past
+    /// [`Options::max_read_age`](crate::Options::max_read_age): its transaction was ended so
+    /// that the WAL could be checkpointed, and whatever the closure returned is discarded (its
+    /// later statements failed, "not authorized"). Not retried.
+    #[error("read of {path} stayed open past its limit of {limit:?}")]
+    ReadTooLong {
+        /// The database file.
+        path: PathBuf,
+        /// The limit, `Options::max_read_age`.
+        limit: std::time::Duration,
+    },
+
     /// [`Database::close`](crate::Database::close) waited its deadline and connections of
     /// the pool were still open.
     #[error("database {path} still has {connections} open connections")]
@@ -546,6 +558,11 @@ impl Error {
             Error::NoThread { .. } => {
                 "the process or its user is at the thread limit (ulimit -u, RLIMIT_NPROC, a \
                  cgroup's pids.max); raise it, or run fewer threads or processes"
+            }
+            Error::ReadTooLong { .. } => {
+                "a read transaction keeps the WAL from being checkpointed for as long as it \
+                 stays open; read less at a time (several reads, by key ranges), or raise \
+                 Options::max_read_age"
             }
             Error::StillOpen { .. } => {
                 "a pooled connection or a clone of Database::pool outlived the handle; drop \

@@ -27,6 +27,7 @@ use crate::retry::RetryPolicy;
 /// | `create_mode` | `0o600` | a new database (and its `-wal`, `-shm`, `-lock`) is private |
 /// | `pool_size` | 8 | |
 /// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
+/// | `max_read_age` | none | a cap on how long a `read` may keep its snapshot (and so the WAL) |
 /// | `wal_shipping` | off | the layer checkpoints, and warns naming the reader that pins a growing WAL |
 ///
 /// # Examples
@@ -46,6 +47,7 @@ pub struct Options {
     pub(crate) foreign_keys: bool,
     pub(crate) journal_size_limit: Option<u64>,
     pub(crate) wal_shipping: bool,
+    pub(crate) max_read_age: Option<Duration>,
     pub(crate) cache_size_kib: u32,
     pub(crate) temp_store: TempStore,
     pub(crate) mmap_size: u64,
@@ -75,6 +77,7 @@ impl Options {
             foreign_keys: true,
             journal_size_limit: Some(64 * 1024 * 1024),
             wal_shipping: false,
+            max_read_age: None,
             cache_size_kib: 16 * 1024,
             temp_store: TempStore::Memory,
             mmap_size: 128 * 1024 * 1024,
@@ -244,6 +247,28 @@ impl Options {
     pub fn pool_size(mut self, size: u32) -> Self {
         assert!(size > 0, "pool_size must be at least 1");
         self.pool_size = size;
+        self
+    }
+
+    /// The longest a [`Database::read`](crate::Database::read) may keep its read transaction
+    /// open. A read transaction keeps every checkpoint from passing its snapshot, so the WAL
+    /// grows for as long as it lasts. Past the limit, a watchdog thread ends the transaction
+    /// (interrupting a running statement), every later statement of the closure fails, and
+    /// the read returns [`Error::ReadTooLong`](crate::Error::ReadTooLong). `None` (the
+    /// default) sets no limit. Only the layer's reads are capped: a transaction opened on
+    /// [`Database::connection`](crate::Database::connection), or by another program, is not;
+    /// nor is a read on a pooled connection whose Diesel instrumentation the application
+    /// replaced (the layer keeps the connection's read state there). Each capped connection
+    /// gets an SQLite authorizer (which keeps the migration guard's rule).
+    ///
+    /// # Panics
+    /// If `age` is zero.
+    pub fn max_read_age(mut self, age: Option<Duration>) -> Self {
+        assert!(
+            age != Some(Duration::ZERO),
+            "max_read_age must be above zero"
+        );
+        self.max_read_age = age;
         self
     }
 

@@ -219,3 +219,140 @@ fn backfilled(db: &Path) -> u32 {
     shm.read_exact_at(&mut count, 96).unwrap();
     u32::from_ne_bytes(count)
 }
+
+/// A layer `read` that keeps its transaction open for 3 s (a statement every 100 ms) on one
+/// thread while this thread writes (about 4 KiB each, 1 ms apart) for as long; returns the
+/// largest WAL seen and what the read returned.
+fn long_layer_read(max_read_age: Option<Duration>) -> (u64, sqlite_persistence::Result<usize>) {
+    const BIG_LIMIT: u64 = 8 * 1024 * 1024;
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .journal_size_limit(Some(BIG_LIMIT))
+        .max_read_age(max_read_age)
+        .pool_size(2)
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let mut largest = 0;
+    let read = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            db.read(|conn| -> sqlite_persistence::Result<usize> {
+                let mut rows = 0;
+                for _ in 0..30 {
+                    rows = common::schema::counters::table
+                        .count()
+                        .get_result::<i64>(conn)? as usize;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(rows)
+            })
+        });
+        let start = Instant::now();
+        let mut i = 0;
+        while start.elapsed() < Duration::from_secs(3) {
+            layer_write(&db, i);
+            i += 1;
+            largest = largest.max(side_file_len(&path, "-wal"));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        reader.join().unwrap()
+    });
+    // Whatever happened to the read, the pool's connections read and write as before.
+    layer_write(&db, usize::MAX);
+    for conn in [db.connection().unwrap(), db.connection().unwrap()].iter_mut() {
+        let query_only: i32 = diesel::select(diesel::dsl::sql::<diesel::sql_types::Integer>(
+            "(SELECT query_only FROM pragma_query_only())",
+        ))
+        .get_result(conn)
+        .unwrap();
+        assert_eq!(query_only, 0);
+    }
+    assert!(common::values(&db, "x").unwrap().is_empty());
+    assert!(largest > 0);
+    (largest / BIG_LIMIT, read)
+}
+
+#[test]
+fn a_read_kept_open_past_max_read_age_is_ended_and_the_wal_stays_within_twice_the_limit() {
+    let start = Instant::now();
+    let (times_limit, read) = long_layer_read(Some(Duration::from_millis(300)));
+    match read {
+        Err(sqlite_persistence::Error::ReadTooLong { limit, .. }) => {
+            assert_eq!(limit, Duration::from_millis(300))
+        }
+        other => panic!("expected ReadTooLong, got {other:?}"),
+    }
+    assert!(times_limit < 2, "the WAL reached {times_limit} x the limit");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn an_uncapped_read_kept_open_lets_the_wal_grow_past_twice_the_limit() {
+    let (times_limit, read) = long_layer_read(None);
+    assert!(read.is_ok(), "{read:?}");
+    assert!(
+        times_limit >= 2,
+        "the WAL reached only {times_limit} x the limit"
+    );
+}
+
+#[test]
+fn an_expired_read_fails_whether_it_runs_a_statement_or_swallows_the_errors() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .max_read_age(Some(Duration::from_millis(200)))
+        .pool_size(1)
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    // A statement still running at the limit is interrupted.
+    let start = Instant::now();
+    let error = db
+        .read(|conn| -> sqlite_persistence::Result<i64> {
+            Ok(
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                    "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+                 WHERE i < 2000000000) SELECT count(*) FROM n)",
+                ))
+                .get_result(conn)?,
+            )
+        })
+        .unwrap_err();
+    assert!(
+        matches!(error, sqlite_persistence::Error::ReadTooLong { .. }),
+        "{error}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    // A closure that ignores its failed statements and returns Ok still gets the error: its
+    // answer was not read in one snapshot. Every statement after the limit failed.
+    let mut answers = Vec::new();
+    let error = db
+        .read(|conn| -> sqlite_persistence::Result<()> {
+            answers.clear();
+            for _ in 0..6 {
+                std::thread::sleep(Duration::from_millis(100));
+                answers.push(
+                    common::schema::counters::table
+                        .count()
+                        .get_result::<i64>(conn)
+                        .is_ok(),
+                );
+            }
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(
+        matches!(error, sqlite_persistence::Error::ReadTooLong { .. }),
+        "{error}"
+    );
+    let first_failure = answers
+        .iter()
+        .position(|ok| !ok)
+        .expect("a refused statement");
+    assert!(first_failure >= 1, "{answers:?}");
+    assert!(answers[first_failure..].iter().all(|ok| !ok), "{answers:?}");
+    // The pool's only connection reads again, within the limit.
+    assert!(common::values(&db, "a").unwrap().is_empty());
+}

@@ -3,7 +3,6 @@
 
 mod checksums;
 mod filesystem;
-mod guard;
 mod plan;
 mod preflight;
 mod target;
@@ -144,7 +143,9 @@ impl Opening<'_> {
             // Each connection to :memory: is its own database: set up the pool's only one,
             // and never let r2d2 close it.
             let pool = no_panic_on_thread_limit(|| {
-                guard::guarded(|| builder.idle_timeout(None).max_lifetime(None).build(manager))
+                crate::guard::guarded(|| {
+                    builder.idle_timeout(None).max_lifetime(None).build(manager)
+                })
             })?
             .map_err(|source| Error::Pool { source })?;
             let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
@@ -156,7 +157,7 @@ impl Opening<'_> {
         // A dedicated connection: its errors are typed, where r2d2 would keep a string.
         // Guarded: the migrations run on it (see `guard`).
         let mut conn =
-            guard::guarded(|| SqliteConnection::establish(&self.target.url(Access::Create)))
+            crate::guard::guarded(|| SqliteConnection::establish(&self.target.url(Access::Create)))
                 .map_err(|source| Error::Open {
                     path: self.target.path().to_owned(),
                     source,

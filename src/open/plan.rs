@@ -16,9 +16,9 @@ use diesel::{sql_query, Connection, QueryResult, QueryableByName, RunQueryDsl, S
 use diesel_migrations::MigrationHarness;
 
 use super::checksums;
-use super::guard;
 use super::target::Target;
 use crate::error::{Error, Operation, Result};
+use crate::guard;
 use crate::options::Options;
 
 /// Diesel's bookkeeping table.

@@ -30,6 +30,13 @@ unsafe extern "C" fn authorize(
     _database: *const c_char,
     _trigger: *const c_char,
 ) -> c_int {
+    during_migration(action)
+}
+
+/// The guard's answer for `action`: `SQLITE_DENY` for a transaction statement while this
+/// thread runs a migration, else `SQLITE_OK`. For another authorizer that replaces this one
+/// on a connection and must keep the guard.
+pub(crate) fn during_migration(action: c_int) -> c_int {
     if action == ffi::SQLITE_TRANSACTION && MIGRATING.with(Cell::get) {
         DENIED.with(|denied| denied.set(true));
         ffi::SQLITE_DENY
