@@ -2,13 +2,13 @@
 //! a lock error is.
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use diesel::result::Error as DieselError;
 
 use crate::holders::Holder;
+pub(crate) use crate::operation::{FileOperation, Operation};
 use crate::pragma::JournalMode;
 
 /// A boxed error that can cross threads, as `diesel_migrations` reports its own.
@@ -16,116 +16,6 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// A step of the layer that runs statements: what [`Error::Query`], [`Error::Busy`] and
-/// [`Error::Storage`] name, and the `operation` field of every `tracing` event of a retry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Operation {
-    /// The per-connection pragmas (`busy_timeout` first).
-    ApplyPragmas,
-    /// Reading what the file records: applied migrations, their checksums, its application id.
-    ReadMigrationState,
-    /// `PRAGMA journal_mode`, read without switching.
-    ReadJournalMode,
-    /// `PRAGMA journal_mode = ...`: the once-only switch at open.
-    SwitchJournalMode,
-    /// The migration batch.
-    Migrate,
-    /// Writing `PRAGMA application_id` into a file that has none.
-    StampApplicationId,
-    /// Creating the checksum table.
-    CreateChecksumTable,
-    /// Recording a migration's checksum.
-    RecordChecksum,
-    /// [`Database::write`](crate::Database::write).
-    Write,
-    /// [`Database::read`](crate::Database::read).
-    Read,
-    /// [`Status::read`](crate::Status::read).
-    ReadStatus,
-    /// A statement of a `write` or `read` closure, converted with `?` from Diesel's error.
-    Query,
-    /// [`Database::connection`](crate::Database::connection).
-    Connection,
-    /// [`Database::backup_to`](crate::Database::backup_to).
-    Backup,
-}
-
-impl Operation {
-    /// How messages and `tracing` events name it, such as `switch journal mode`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Operation::ApplyPragmas => "apply connection pragmas",
-            Operation::ReadMigrationState => "read migration state",
-            Operation::ReadJournalMode => "read journal mode",
-            Operation::SwitchJournalMode => "switch journal mode",
-            Operation::Migrate => "migrate",
-            Operation::StampApplicationId => "stamp the application id",
-            Operation::CreateChecksumTable => "create the checksum table",
-            Operation::RecordChecksum => "record a migration checksum",
-            Operation::Write => "write",
-            Operation::Read => "read",
-            Operation::ReadStatus => "read status",
-            Operation::Query => "query",
-            Operation::Connection => "connection",
-            Operation::Backup => "backup",
-        }
-    }
-}
-
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A file-system call on a database's files: what [`Error::Io`] names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum FileOperation {
-    /// Making the path absolute.
-    ResolvePath,
-    /// `stat`.
-    ReadMetadata,
-    /// `statfs`, to tell a network filesystem.
-    FindFilesystem,
-    /// Creating a new database file with [`Options::create_mode`](crate::Options::create_mode).
-    Create,
-    /// `chmod` of a file this process created.
-    SetPermissions,
-    /// Creating the write queue's `-lock` sidecar (never through a symbolic link).
-    CreateQueue,
-    /// Opening the write queue's sidecar.
-    OpenQueue,
-    /// `flock` of the write queue's sidecar.
-    LockQueue,
-    /// Syncing a backup, or linking it into place.
-    WriteBackup,
-}
-
-impl FileOperation {
-    /// How messages name it, such as `read metadata of`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            FileOperation::ResolvePath => "resolve the path of",
-            FileOperation::ReadMetadata => "read metadata of",
-            FileOperation::FindFilesystem => "find the filesystem of",
-            FileOperation::Create => "create",
-            FileOperation::SetPermissions => "set the permissions of",
-            FileOperation::CreateQueue => "create the write queue file",
-            FileOperation::OpenQueue => "open the write queue file",
-            FileOperation::LockQueue => "lock the write queue file",
-            FileOperation::WriteBackup => "write the backup",
-        }
-    }
-}
-
-impl fmt::Display for FileOperation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Everything that can go wrong while opening, migrating, reading or writing.
 ///

@@ -8,8 +8,11 @@
 //! another library). Elsewhere than Linux the list is empty.
 
 use std::fmt;
+use std::fs::File;
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
+use crate::operation::Operation;
 use crate::side::side_file;
 
 /// A process that held a lock a write waited for.
@@ -22,6 +25,10 @@ pub struct Holder {
     pub command: Option<String>,
     /// The lock it held.
     pub lock: HeldLock,
+    /// For the write queue's holder: what it was doing, as it recorded in the queue's file.
+    pub operation: Option<Operation>,
+    /// For the write queue's holder: when it took the turn, as it recorded.
+    pub since: Option<SystemTime>,
 }
 
 /// Which lock a [`Holder`] held.
@@ -52,7 +59,14 @@ impl fmt::Display for Holder {
             HeldLock::WriteLock => " holding the write lock",
             HeldLock::WalReader => " reading from the WAL",
             HeldLock::FileReader => " reading the database file",
-        })
+        })?;
+        if let Some(held) = self.since.and_then(|since| since.elapsed().ok()) {
+            write!(f, " for {:.1} s", held.as_secs_f64())?;
+        }
+        if let Some(operation) = self.operation {
+            write!(f, " ({operation})")?;
+        }
+        Ok(())
     }
 }
 
@@ -68,7 +82,7 @@ const READ_MARK_ZERO: u64 = 123;
 /// each once, as the OS lock table lists them now.
 pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
     let side = |suffix| side_file(path, suffix);
-    listed(&[
+    let mut holders = listed(&[
         (side("-lock"), "WRITE", Look::Flock, HeldLock::WriteQueue),
         (
             side("-shm"),
@@ -82,7 +96,95 @@ pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
             Look::Byte(RESERVED_BYTE),
             HeldLock::WriteLock,
         ),
-    ])
+    ]);
+    if let Some(record) = read_record(&side("-lock")) {
+        for holder in &mut holders {
+            if holder.lock == HeldLock::WriteQueue && holder.pid == record.pid {
+                holder.operation = Some(record.operation);
+                holder.since = Some(record.since);
+            }
+        }
+    }
+    holders
+}
+
+/// What the write queue's holder writes at the start of the queue's file when it takes its
+/// turn: `SPQ1`, its pid, its operation's code, and the time (milliseconds since the Unix
+/// epoch), little-endian. Only a holder of the turn writes it, so a record whose pid the OS
+/// lock table names as the holder is that holder's (or its process's previous turn's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub pid: u32,
+    pub operation: Operation,
+    pub since: SystemTime,
+}
+
+const RECORD_MAGIC: &[u8; 4] = b"SPQ1";
+const RECORD_LEN: usize = 20;
+
+impl Record {
+    /// This process's record for `operation`, now.
+    pub(crate) fn now(operation: Operation) -> Self {
+        Self {
+            pid: std::process::id(),
+            operation,
+            since: SystemTime::now(),
+        }
+    }
+
+    fn encode(&self) -> [u8; RECORD_LEN] {
+        let millis = self
+            .since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut bytes = [0u8; RECORD_LEN];
+        bytes[..4].copy_from_slice(RECORD_MAGIC);
+        bytes[4..8].copy_from_slice(&self.pid.to_le_bytes());
+        bytes[8] = self.operation.code();
+        bytes[12..20].copy_from_slice(&millis.to_le_bytes());
+        bytes
+    }
+
+    /// The record in `bytes`, if they hold one that makes sense (anyone who may write the
+    /// database may write the file: a time in the future is refused).
+    fn decode(bytes: &[u8; RECORD_LEN]) -> Option<Self> {
+        if &bytes[..4] != RECORD_MAGIC {
+            return None;
+        }
+        let pid = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
+        let operation = Operation::from_code(bytes[8])?;
+        let millis = u64::from_le_bytes(bytes[12..20].try_into().ok()?);
+        let since = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))?;
+        (since <= SystemTime::now() + Duration::from_secs(1)).then_some(Self {
+            pid,
+            operation,
+            since,
+        })
+    }
+
+    /// Writes it at the start of the queue's `file` (open for writing). Best effort: a
+    /// holder whose record cannot be written is still named by pid.
+    pub(crate) fn write_to(&self, file: &File) {
+        use std::os::unix::fs::FileExt;
+        let _ = file.write_at(&self.encode(), 0);
+    }
+}
+
+/// The record in the queue's file `sidecar`, if it can be read (never through a symbolic
+/// link) and holds one.
+fn read_record(sidecar: &Path) -> Option<Record> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(sidecar)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = [0u8; RECORD_LEN];
+    file.read_exact_at(&mut bytes, 0).ok()?;
+    Record::decode(&bytes)
 }
 
 /// The processes with a read transaction on the database at `path` that reads from its WAL
@@ -157,6 +259,8 @@ fn listed(wanted: &[(std::path::PathBuf, &str, Look, HeldLock)]) -> Vec<Holder> 
                         pid,
                         command: command_of(pid),
                         lock: *lock,
+                        operation: None,
+                        since: None,
                     });
                 }
             }
@@ -272,10 +376,44 @@ mod tests {
             pid: 7,
             command: Some("sqlite3".to_owned()),
             lock: HeldLock::WriteLock,
+            operation: None,
+            since: None,
         };
         assert_eq!(
             holder.to_string(),
             "process 7 (sqlite3) holding the write lock"
         );
+        let holder = Holder {
+            pid: 8,
+            command: Some("worker".to_owned()),
+            lock: HeldLock::WriteQueue,
+            operation: Some(Operation::Write),
+            since: SystemTime::now().checked_sub(Duration::from_millis(3200)),
+        };
+        assert_eq!(
+            holder.to_string(),
+            "process 8 (worker) holding the write queue for 3.2 s (write)"
+        );
+    }
+
+    #[test]
+    fn a_record_reads_back_and_nonsense_is_refused() {
+        let record = Record::now(Operation::Migrate);
+        let bytes = record.encode();
+        let back = Record::decode(&bytes).unwrap();
+        assert_eq!(back.pid, record.pid);
+        assert_eq!(back.operation, Operation::Migrate);
+        let drift = record.since.duration_since(back.since).unwrap();
+        assert!(drift < Duration::from_millis(1));
+        let mut bad = bytes;
+        bad[0] = b'X';
+        assert_eq!(Record::decode(&bad), None);
+        let mut bad = bytes;
+        bad[8] = 250;
+        assert_eq!(Record::decode(&bad), None);
+        // A time far in the future, as a hostile writer of the file might put.
+        let mut bad = bytes;
+        bad[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(Record::decode(&bad), None);
     }
 }

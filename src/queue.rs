@@ -19,7 +19,7 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::holders::holders_of;
+use crate::holders::{holders_of, HeldLock, Record};
 use crate::retry::{
     retry_attempts, Attempt, Clock, RetryPolicy, Success, Try, DB_SYSTEM, ERROR_TYPE_BUSY,
 };
@@ -28,6 +28,11 @@ use crate::retry::{
 #[derive(Debug, Clone)]
 pub(crate) struct WriteQueue {
     path: Arc<Path>,
+    /// The database the queue is for, to name who holds it.
+    database: Arc<Path>,
+    /// A description of the sidecar open for writing, to record this process's turns in it
+    /// (see [`Record`]); `None` if it cannot be written.
+    record: Option<Arc<File>>,
     /// Blocks in `flock` for this process's waiting threads.
     waiter: Arc<Waiter>,
 }
@@ -58,6 +63,9 @@ struct Request {
     deliver: mpsc::SyncSender<std::io::Result<File>>,
     gave_up: Arc<AtomicBool>,
 }
+
+/// A wait for the turn this long is logged, naming the holder.
+pub(crate) const LONG_WAIT: Duration = Duration::from_secs(1);
 
 /// How long the waiter thread stays for another request before it exits.
 const WAITER_IDLE: Duration = Duration::from_secs(5);
@@ -219,12 +227,17 @@ impl WriteQueue {
     /// and `-shm`), so that the owner can still open it. A sidecar that exists is left as it
     /// is: it may be another user's, in a group that shares the database.
     pub(crate) fn new(database: &Path, sidecar: PathBuf) -> Option<Self> {
-        let queue = Self {
+        let mut queue = Self {
             path: sidecar.into(),
+            database: database.into(),
+            record: None,
             waiter: Arc::default(),
         };
         match queue.create(database).and_then(|()| queue.open().map(drop)) {
-            Ok(()) => Some(queue),
+            Ok(()) => {
+                queue.record = queue.open_for_records().map(Arc::new);
+                Some(queue)
+            }
             Err(error) => {
                 tracing::warn!(
                     queue = %queue.path.display(),
@@ -302,11 +315,37 @@ impl WriteQueue {
         Ok(file)
     }
 
+    /// The sidecar open for writing its holder record, if this process may (never through a
+    /// symbolic link, only a regular file).
+    fn open_for_records(&self) -> Option<File> {
+        let mut open = OpenOptions::new();
+        open.write(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NOFOLLOW);
+        let file = open.open(&self.path).ok()?;
+        file.metadata().ok()?.is_file().then_some(file)
+    }
+
+    /// Records in the sidecar that this process holds the turn for `operation` since now.
+    fn record(&self, turn: Turn, operation: Operation) -> Turn {
+        if let Some(file) = &self.record {
+            Record::now(operation).write_to(file);
+        }
+        turn
+    }
+
+    /// Waits at most `timeout` for the turn, for `operation` (recorded in the sidecar once
+    /// taken; a wait past [`LONG_WAIT`] is logged, naming the holder).
+    pub(crate) fn turn(&self, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
+        self.wait(timeout, operation)
+            .map(|turn| self.record(turn, operation))
+    }
+
     /// Waits at most `timeout` for the lock. Uncontended, this is one non-blocking `flock` on
     /// this thread's kept description (opened the first time); contended, the queue's one
     /// waiter thread blocks in `flock` (which has no timeout of its own) for this thread, in
     /// arrival order, and hands the lock over, or drops it if this thread already gave up.
-    pub(crate) fn turn(&self, timeout: Duration) -> Result<Turn, Wait> {
+    fn wait(&self, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
         let file = match take_idle(&self.path) {
             Some(file) => file,
             None => self.open().map_err(Wait::Failed)?,
@@ -337,7 +376,13 @@ impl WriteQueue {
             );
             return self.poll(timeout);
         }
-        match receiver.recv_timeout(timeout) {
+        let start = Instant::now();
+        let mut received = receiver.recv_timeout(timeout.min(LONG_WAIT));
+        if received.is_err() && timeout > LONG_WAIT {
+            self.log_long_wait(operation);
+            received = receiver.recv_timeout(timeout.saturating_sub(start.elapsed()));
+        }
+        match received {
             Ok(Ok(file)) => Ok(Turn::new(self.path.clone(), file)),
             Ok(Err(source)) => Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
                 source,
@@ -347,6 +392,24 @@ impl WriteQueue {
                 Err(Wait::TimedOut)
             }
         }
+    }
+
+    /// The event of a wait that has lasted [`LONG_WAIT`], naming who holds the turn.
+    fn log_long_wait(&self, operation: Operation) {
+        let holders: Vec<String> = holders_of(&self.database)
+            .iter()
+            .filter(|h| h.lock == HeldLock::WriteQueue)
+            .map(ToString::to_string)
+            .collect();
+        tracing::warn!(
+            db.system.name = DB_SYSTEM,
+            db.namespace = %self.database.display(),
+            db.operation.name = operation.as_str(),
+            operation = operation.as_str(),
+            waited_ms = LONG_WAIT.as_millis() as u64,
+            held_by = %if holders.is_empty() { "unknown".to_owned() } else { holders.join(", ") },
+            "waiting for the write queue"
+        );
     }
 
     /// Waits at most `timeout` for the lock by trying it every few milliseconds.
@@ -403,7 +466,7 @@ fn wait_turn(
         return Ok((None, *policy));
     };
     let start = Instant::now();
-    match queue.turn(policy.deadline()) {
+    match queue.turn(policy.deadline(), operation) {
         Ok(turn) => {
             let left = policy.deadline().saturating_sub(start.elapsed());
             Ok((Some(turn), policy.max_elapsed(left)))
@@ -476,17 +539,19 @@ mod tests {
     fn one_holder_at_a_time_and_a_bounded_wait() {
         let dir = tempfile::tempdir().unwrap();
         let queue = queue_of(&dir.path().join("db"));
-        let first = queue.turn(Duration::from_secs(1)).unwrap();
+        let first = queue
+            .turn(Duration::from_secs(1), Operation::Write)
+            .unwrap();
         let start = Instant::now();
         assert!(matches!(
-            queue.turn(Duration::from_millis(200)),
+            queue.turn(Duration::from_millis(200), Operation::Write),
             Err(Wait::TimedOut)
         ));
         let waited = start.elapsed();
         assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2));
         drop(first);
         // The abandoned waiter's thread got the lock and dropped it: the queue is free.
-        let again = queue.turn(Duration::from_secs(5));
+        let again = queue.turn(Duration::from_secs(5), Operation::Write);
         assert!(again.is_ok());
     }
 
@@ -494,11 +559,13 @@ mod tests {
     fn a_waiter_gets_the_lock_as_soon_as_it_is_released() {
         let dir = tempfile::tempdir().unwrap();
         let queue = queue_of(&dir.path().join("db"));
-        let held = queue.turn(Duration::from_secs(1)).unwrap();
+        let held = queue
+            .turn(Duration::from_secs(1), Operation::Write)
+            .unwrap();
         let other = queue.clone();
         let waiter = std::thread::spawn(move || {
             let start = Instant::now();
-            let turn = other.turn(Duration::from_secs(10));
+            let turn = other.turn(Duration::from_secs(10), Operation::Write);
             (turn.is_ok(), start.elapsed())
         });
         std::thread::sleep(Duration::from_millis(300));

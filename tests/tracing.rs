@@ -44,3 +44,41 @@ fn retries_and_giving_up_carry_the_open_telemetry_database_fields() {
     }
     assert!(retries.iter().all(|l| l.contains("delay_ms=")), "{text}");
 }
+
+#[test]
+fn a_long_wait_for_the_write_queue_is_logged_naming_the_holder_and_what_it_does() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    let captured = Captured::default();
+    std::thread::scope(|scope| {
+        let (held, is_held) = std::sync::mpsc::channel();
+        let db = &db;
+        scope.spawn(move || {
+            db.write(|_conn| -> sqlite_persistence::Result<()> {
+                held.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(1600));
+                Ok(())
+            })
+            .unwrap();
+        });
+        is_held.recv_timeout(Duration::from_secs(10)).unwrap();
+        tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+            bump(&db, "a").unwrap();
+        });
+    });
+    let text = captured.text();
+    let waits: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("waiting for the write queue"))
+        .collect();
+    assert_eq!(waits.len(), 1, "{text}");
+    for field in [
+        "db.operation.name=\"write\"",
+        "waited_ms=1000",
+        &format!("held_by=process {} ", std::process::id()),
+        "holding the write queue for ",
+        " s (write)",
+    ] {
+        assert!(waits[0].contains(field), "{field} missing: {}", waits[0]);
+    }
+}

@@ -113,7 +113,8 @@ fn a_write_that_gives_up_behind_a_writer_of_this_crate_names_it() {
     let text = error.to_string();
     assert!(
         text.contains(&format!("by process {} (sqlite-persiste", holder.id()))
-            && text.contains("holding the write queue"),
+            && text.contains("holding the write queue for ")
+            && text.contains(" s (write)"),
         "{text}"
     );
 }
