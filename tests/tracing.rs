@@ -63,7 +63,7 @@ fn a_long_wait_for_the_write_queue_is_logged_naming_the_holder_and_what_it_does(
         });
         is_held.recv_timeout(Duration::from_secs(10)).unwrap();
         tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
-            bump(&db, "a").unwrap();
+            bump(db, "a").unwrap();
         });
     });
     let text = captured.text();
