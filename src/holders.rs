@@ -27,7 +27,8 @@ pub struct Holder {
     pub lock: HeldLock,
     /// For the write queue's holder: what it was doing, as it recorded in the queue's file.
     pub operation: Option<Operation>,
-    /// For the write queue's holder: when it took the turn, as it recorded.
+    /// For the write queue's holder: when it took the turn, as it recorded (a process
+    /// records at most every 100 ms for one operation, so up to that much early).
     pub since: Option<SystemTime>,
 }
 

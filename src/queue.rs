@@ -33,6 +33,8 @@ pub(crate) struct WriteQueue {
     /// A description of the sidecar open for writing, to record this process's turns in it
     /// (see [`Record`]); `None` if it cannot be written.
     record: Option<Arc<File>>,
+    /// The operation and time of this process's last record.
+    recorded: Arc<Mutex<Option<(Operation, Instant)>>>,
     /// Blocks in `flock` for this process's waiting threads.
     waiter: Arc<Waiter>,
 }
@@ -63,6 +65,9 @@ struct Request {
     deliver: mpsc::SyncSender<std::io::Result<File>>,
     gave_up: Arc<AtomicBool>,
 }
+
+/// A process records its turns in the sidecar at most this often, for one operation.
+const RECORD_EVERY: Duration = Duration::from_millis(100);
 
 /// A wait for the turn this long is logged, naming the holder.
 pub(crate) const LONG_WAIT: Duration = Duration::from_secs(1);
@@ -231,6 +236,7 @@ impl WriteQueue {
             path: sidecar.into(),
             database: database.into(),
             record: None,
+            recorded: Arc::default(),
             waiter: Arc::default(),
         };
         match queue.create(database).and_then(|()| queue.open().map(drop)) {
@@ -326,10 +332,21 @@ impl WriteQueue {
         file.metadata().ok()?.is_file().then_some(file)
     }
 
-    /// Records in the sidecar that this process holds the turn for `operation` since now.
+    /// Records in the sidecar that this process holds the turn for `operation` since now;
+    /// skipped if its last record, for the same operation, is under [`RECORD_EVERY`] old
+    /// (a write to the file costs short writes about 1 us), so that the recorded start is
+    /// early by at most that.
     fn record(&self, turn: Turn, operation: Operation) -> Turn {
-        if let Some(file) = &self.record {
+        let Some(file) = &self.record else {
+            return turn;
+        };
+        let mut recorded = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = recorded.is_some_and(|(last, at)| {
+            last == operation && turn.taken.duration_since(at) < RECORD_EVERY
+        });
+        if !fresh {
             Record::now(operation).write_to(file);
+            *recorded = Some((operation, turn.taken));
         }
         turn
     }
