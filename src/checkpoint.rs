@@ -30,6 +30,7 @@ use libsqlite3_sys as ffi;
 
 use crate::holders::pinning_readers_of;
 use crate::retry::DB_SYSTEM;
+use crate::shm::WalIndex;
 
 /// SQLite's automatic checkpoint threshold, kept.
 const CHECKPOINT_FRAMES: c_int = 1000;
@@ -123,12 +124,14 @@ impl Checkpoints {
             let file = unsafe { CStr::from_ptr(ffi::sqlite3_db_filename(db, name)) }
                 .to_string_lossy()
                 .into_owned();
-            self.warn(Path::new(&file), log, done);
+            // SAFETY: `db` is this hook's connection, on its thread.
+            let index = unsafe { crate::shm::wal_index(db) };
+            self.warn(Path::new(&file), index, log, done);
         }
     }
 
-    fn warn(&self, database: &Path, log: u32, done: u32) {
-        let readers = pinning_readers_of(database, log);
+    fn warn(&self, database: &Path, index: Option<WalIndex>, log: u32, done: u32) {
+        let readers = index.map_or_else(Vec::new, |index| pinning_readers_of(database, &index));
         let pinned_by = if readers.is_empty() {
             "unknown".to_owned()
         } else {

@@ -238,6 +238,14 @@ pub(crate) enum Recorded {
     Failed(SqliteFailure),
 }
 
+/// The `sqlite3` handle of `conn`, if the layer's instrumentation is on it. Only for calls
+/// on `conn`'s thread while `conn` is borrowed.
+pub(crate) fn raw_handle(conn: &mut SqliteConnection) -> Option<*mut ffi::sqlite3> {
+    conn.instrumentation()
+        .downcast_mut::<ResultCodes>()
+        .map(|codes| codes.handle as *mut ffi::sqlite3)
+}
+
 /// The read state of `conn`, if its reads are capped.
 pub(crate) fn read_state(conn: &mut SqliteConnection) -> Option<Arc<ReadState>> {
     conn.instrumentation()

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::operation::Operation;
+use crate::shm::WalIndex;
 use crate::side::side_file;
 
 /// A process that held a lock a write waited for.
@@ -199,20 +200,13 @@ pub(crate) fn wal_readers_of(path: &Path) -> Vec<Holder> {
 }
 
 /// The processes whose read transaction keeps a checkpoint of the database at `path` from
-/// passing frame `frames` (the WAL's last): those holding read mark 0 (a reader of the
-/// database file alone, begun when the WAL was empty or fully checkpointed: no frame can be
-/// copied into the file under it), and those holding a read mark whose value, in the `-shm`
-/// file's checkpoint header, is below `frames`. SQLite keeps the read marks in native byte
-/// order at offset 100 of `-shm` (after two 48-byte copies of the WAL-index header and the
-/// backfill count); mark `i` is locked on byte `123 + i`.
-pub(crate) fn pinning_readers_of(path: &Path, frames: u32) -> Vec<Holder> {
-    use std::os::unix::fs::FileExt;
+/// passing the WAL's last committed frame, by its `index` (read through SQLite's mapping:
+/// see `shm`): those holding read mark 0 (a reader of the database file alone, begun when
+/// the WAL was empty or fully checkpointed: no frame can be copied into the file under it),
+/// and those holding a read mark whose value is below the last frame. Mark `i` is locked on
+/// byte `123 + i` of `-shm`.
+pub(crate) fn pinning_readers_of(path: &Path, index: &WalIndex) -> Vec<Holder> {
     let shm = side_file(path, "-shm");
-    let mut marks = [0u8; 20];
-    let read = std::fs::File::open(&shm).and_then(|file| file.read_exact_at(&mut marks, 100));
-    if read.is_err() {
-        return Vec::new();
-    }
     let mut wanted = vec![(
         shm.clone(),
         "READ",
@@ -221,12 +215,7 @@ pub(crate) fn pinning_readers_of(path: &Path, frames: u32) -> Vec<Holder> {
     )];
     wanted.extend(
         WAL_READ_MARKS
-            .filter(|byte| {
-                let i = (*byte - READ_MARK_ZERO) as usize * 4;
-                let mark = u32::from_ne_bytes(marks[i..i + 4].try_into().expect("4 bytes"));
-                // 0xffffffff: the mark is unused.
-                mark < frames
-            })
+            .filter(|byte| index.marks[(*byte - READ_MARK_ZERO) as usize] < index.committed)
             .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader)),
     );
     listed(&wanted)

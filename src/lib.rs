@@ -89,6 +89,7 @@ mod pragma;
 mod queue;
 mod read_age;
 mod retry;
+mod shm;
 mod side;
 mod status;
 

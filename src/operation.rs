@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-/// A step of the layer that runs statements: what [`Error::Query`], [`Error::Busy`] and
-/// [`Error::Storage`] name, and the `operation` field of every `tracing` event of a retry.
+/// A step of the layer that runs statements: what [`Error::Query`](crate::Error::Query), [`Error::Busy`](crate::Error::Busy) and
+/// [`Error::Storage`](crate::Error::Storage) name, and the `operation` field of every `tracing` event of a retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Operation {
@@ -65,7 +65,7 @@ impl fmt::Display for Operation {
     }
 }
 
-/// A file-system call on a database's files: what [`Error::Io`] names.
+/// A file-system call on a database's files: what [`Error::Io`](crate::Error::Io) names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum FileOperation {

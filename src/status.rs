@@ -9,7 +9,7 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 
 use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::holders::{holders_of, wal_readers_of, Holder};
+use crate::holders::{holders_of, pinning_readers_of, wal_readers_of, Holder};
 use crate::open::{read_journal_mode, Access, Filesystem, Source, State, Target};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
@@ -78,6 +78,19 @@ pub struct Status {
     /// Who has a read transaction open that reads from the WAL, holding back checkpoints
     /// (OS lock table, Linux).
     pub wal_readers: Vec<Holder>,
+    /// Frames of the WAL holding committed transactions, from the WAL index (`-shm`);
+    /// `None` without one.
+    pub wal_committed_frames: Option<u32>,
+    /// How many of them the last checkpoint copied into the database file.
+    pub wal_checkpointed_frames: Option<u32>,
+    /// Whether the database file alone holds every committed transaction (no WAL, an empty
+    /// one, or one checkpointed to its end): then a copy of the file alone is the whole
+    /// database. `false` when the WAL holds frames not copied back, or frames that no WAL
+    /// index describes (a crashed writer's, which the next open recovers).
+    pub database_complete: bool,
+    /// The readers that keep the WAL from being checkpointed to its end: by their read
+    /// marks in `-shm` and the OS lock table (Linux).
+    pub pinning_readers: Vec<Holder>,
 }
 
 #[derive(QueryableByName)]
@@ -139,6 +152,10 @@ impl Status {
             wal_frames: None,
             holders: Vec::new(),
             wal_readers: Vec::new(),
+            wal_committed_frames: None,
+            wal_checkpointed_frames: None,
+            database_complete: true,
+            pinning_readers: Vec::new(),
         };
         let plan = if status.exists {
             // Read-only: a reader never checkpoints, so even as the last connection to close
@@ -179,6 +196,20 @@ impl Status {
                 .map(|bytes| bytes.saturating_sub(32) / (page_size + 24));
             status.holders = holders_of(target.path());
             status.wal_readers = wal_readers_of(target.path());
+            // Through SQLite's mapping of -shm: opening it here, and closing it, would drop
+            // every POSIX lock this process holds on it (see `shm`).
+            // SAFETY: the handle is `conn`'s, on this thread, between statements.
+            let index = crate::codes::raw_handle(&mut conn)
+                .and_then(|db| unsafe { crate::shm::wal_index(db) });
+            status.wal_committed_frames = index.map(|index| index.committed);
+            status.wal_checkpointed_frames = index.map(|index| index.checkpointed);
+            status.database_complete = match index {
+                Some(index) => index.checkpointed >= index.committed,
+                None => status.sizes.wal.unwrap_or(0) == 0,
+            };
+            if let Some(index) = index.filter(|index| index.checkpointed < index.committed) {
+                status.pinning_readers = pinning_readers_of(target.path(), &index);
+            }
             status.integrity = match sql_query("PRAGMA quick_check").load::<CheckRow>(&mut conn) {
                 Ok(rows) => rows.into_iter().map(|r| r.quick_check).collect(),
                 Err(error) => vec![error.to_string()],

@@ -105,3 +105,150 @@ fn status_names_who_holds_the_write_lock_and_who_reads_from_the_wal() {
     let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
     assert!(status.holders.is_empty(), "{:?}", status.holders);
 }
+
+/// Runs a PASSIVE checkpoint on one of `db`'s connections.
+fn checkpoint(db: &sqlite_persistence::Database) {
+    use diesel::connection::SimpleConnection;
+    db.connection()
+        .unwrap()
+        .batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+        .unwrap();
+}
+
+#[test]
+fn status_says_whether_the_file_alone_is_complete_who_pins_the_wal_and_what_the_holder_does() {
+    use sqlite_persistence::{HeldLock, Operation};
+    use std::time::Duration;
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    common::bump(&db, "a").unwrap();
+    // Commits in the WAL, not copied back: the file alone is not the whole database.
+    let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+    assert!(!status.database_complete, "{status:?}");
+    let committed = status.wal_committed_frames.unwrap();
+    assert!(committed > 0 && status.wal_checkpointed_frames.unwrap() < committed);
+    checkpoint(&db);
+    let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+    assert!(status.database_complete, "{status:?}");
+    assert!(status.pinning_readers.is_empty());
+
+    let me = std::process::id();
+    std::thread::scope(|s| {
+        let (reading, is_reading) = std::sync::mpsc::channel();
+        let (writing, is_writing) = std::sync::mpsc::channel();
+        let db = &db;
+        s.spawn(move || {
+            db.read(|conn| -> sqlite_persistence::Result<()> {
+                common::schema::counters::table
+                    .count()
+                    .get_result::<i64>(conn)?;
+                reading.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(1500));
+                Ok(())
+            })
+            .unwrap();
+        });
+        is_reading.recv_timeout(Duration::from_secs(10)).unwrap();
+        // Commits after the reader's snapshot: a checkpoint cannot copy them back.
+        common::bump(db, "a").unwrap();
+        checkpoint(db);
+        s.spawn(move || {
+            db.write(|_conn| -> sqlite_persistence::Result<()> {
+                writing.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(600));
+                Ok(())
+            })
+            .unwrap();
+        });
+        is_writing.recv_timeout(Duration::from_secs(10)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+        assert!(!status.database_complete, "{status:?}");
+        // The reader began on a checkpointed WAL, so it reads the database file alone (read
+        // mark 0), under which no frame can be copied into the file.
+        assert!(
+            status
+                .pinning_readers
+                .iter()
+                .any(|h| h.pid == me && h.lock == HeldLock::FileReader),
+            "{:?}",
+            status.pinning_readers
+        );
+        let queue = status
+            .holders
+            .iter()
+            .find(|h| h.lock == HeldLock::WriteQueue)
+            .expect("the write queue's holder");
+        assert_eq!(queue.pid, me);
+        assert_eq!(queue.operation, Some(Operation::Write));
+        let held = queue.since.unwrap().elapsed().unwrap();
+        assert!(held >= Duration::from_millis(50) && held < Duration::from_secs(5));
+    });
+    checkpoint(&db);
+    let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+    assert!(status.database_complete, "{status:?}");
+    assert_eq!(status.wal_checkpointed_frames, status.wal_committed_frames);
+}
+
+/// The POSIX locks this process holds on `file`, as `/proc/locks` lists them (Linux).
+fn my_posix_locks_on(file: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(file).unwrap();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        (meta.dev() >> 8) & 0xfff,
+        meta.dev() & 0xff,
+        meta.ino()
+    );
+    let me = std::process::id().to_string();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&"POSIX")
+                && fields.get(4) == Some(&me.as_str())
+                && fields.get(5) == Some(&id.as_str())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn reading_the_wal_index_keeps_this_processs_own_sqlite_locks() {
+    use std::time::Duration;
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    common::bump(&db, "a").unwrap();
+    let shm = std::path::PathBuf::from(format!("{}-shm", path.display()));
+    std::thread::scope(|s| {
+        let (reading, is_reading) = std::sync::mpsc::channel();
+        let (checked, is_checked) = std::sync::mpsc::channel::<()>();
+        let db = &db;
+        s.spawn(move || {
+            db.read(|conn| -> sqlite_persistence::Result<()> {
+                common::schema::counters::table
+                    .count()
+                    .get_result::<i64>(conn)?;
+                reading.send(()).unwrap();
+                let _ = is_checked.recv_timeout(Duration::from_secs(10));
+                Ok(())
+            })
+            .unwrap();
+        });
+        is_reading.recv_timeout(Duration::from_secs(10)).unwrap();
+        let before = my_posix_locks_on(&shm);
+        assert!(!before.is_empty(), "the read holds locks on -shm");
+        // Status reads the WAL index; closing a descriptor of -shm of its own would drop
+        // every one of these locks (the read mark, and the lock that says the index is in
+        // use, which another process takes as leave to rebuild it).
+        let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+        assert!(status.wal_committed_frames.is_some());
+        let after = my_posix_locks_on(&shm);
+        checked.send(()).unwrap();
+        assert!(
+            after.len() >= before.len(),
+            "before {before:?}\nafter {after:?}"
+        );
+    });
+}

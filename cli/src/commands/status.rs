@@ -47,8 +47,12 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
                     "shm": status.sizes.shm,
                 },
                 "wal_frames": status.wal_frames,
+                "wal_committed_frames": status.wal_committed_frames,
+                "wal_checkpointed_frames": status.wal_checkpointed_frames,
+                "database_complete": status.database_complete,
                 "holders": holders_json(&status.holders),
                 "wal_readers": holders_json(&status.wal_readers),
+                "pinning_readers": holders_json(&status.pinning_readers),
             })
         )?;
         return Ok(());
@@ -125,8 +129,24 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
                 .join("; ")
         }
     };
+    crate::outln!(
+        "checkpointed  {}",
+        match (status.wal_checkpointed_frames, status.wal_committed_frames) {
+            (Some(done), Some(committed)) => format!("{done} of {committed} committed frames"),
+            _ => "-".to_owned(),
+        }
+    )?;
+    crate::outln!(
+        "file alone    {}",
+        if status.database_complete {
+            "complete (holds every commit)"
+        } else {
+            "incomplete (the WAL holds commits not copied back yet)"
+        }
+    )?;
     crate::outln!("holders       {}", people(&status.holders))?;
     crate::outln!("wal readers   {}", people(&status.wal_readers))?;
+    crate::outln!("pinned by     {}", people(&status.pinning_readers))?;
     Ok(())
 }
 
@@ -138,6 +158,8 @@ fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
             serde_json::json!({
                 "pid": h.pid,
                 "command": h.command,
+                "operation": h.operation.map(|o| o.as_str()),
+                "since_unix_ms": h.since.and_then(|s| s.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64),
                 "lock": match h.lock {
                     sqlite_persistence::HeldLock::WriteQueue => "write queue",
                     sqlite_persistence::HeldLock::WriteLock => "write lock",

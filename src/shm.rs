@@ -1,0 +1,73 @@
+//! Reading the WAL index (`-shm`) through SQLite's own mapping of it.
+//!
+//! A process must never open and close a descriptor of `-shm` itself: closing any descriptor
+//! of a file drops every POSIX lock the process holds on it, SQLite's read marks and its
+//! "this index is in use" lock included, and another process could then rebuild the index
+//! under this one's connections. So the index is read where SQLite has mapped it, through
+//! the connection's VFS file (`xShmMap` of region 0, without extending it).
+
+use std::ffi::c_void;
+
+use libsqlite3_sys as ffi;
+
+/// What the WAL index header and its checkpoint information say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalIndex {
+    /// Frames of the WAL holding committed transactions (`mxFrame`).
+    pub committed: u32,
+    /// How many of them have been copied into the database file (`nBackfill`).
+    pub checkpointed: u32,
+    /// The five read marks (`aReadMark`); `u32::MAX` for an unused one.
+    pub marks: [u32; 5],
+}
+
+/// SQLite's WAL-index page size, the size of region 0.
+const REGION: i32 = 32768;
+
+/// The WAL index of the main database of the connection `db`, if it is in WAL mode and has
+/// mapped its index.
+///
+/// # Safety
+/// `db` must be an open connection, used by the calling thread and not inside a statement
+/// of this thread (SQLite's mutex serializes other threads).
+pub(crate) unsafe fn wal_index(db: *mut ffi::sqlite3) -> Option<WalIndex> {
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: `db` is open; FILE_POINTER writes the main database's `sqlite3_file*`.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            db,
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_FILE_POINTER,
+            (&mut file as *mut *mut ffi::sqlite3_file).cast::<c_void>(),
+        )
+    };
+    if rc != ffi::SQLITE_OK || file.is_null() {
+        return None;
+    }
+    // SAFETY: a file SQLite handed out has its methods, alive while the connection is open.
+    let methods = unsafe { (*file).pMethods };
+    if methods.is_null() || unsafe { (*methods).iVersion } < 2 {
+        return None;
+    }
+    let map = unsafe { (*methods).xShmMap }?;
+    let mut region: *mut c_void = std::ptr::null_mut();
+    // SAFETY: region 0 without extending: SQLite maps it if the file has it, else leaves
+    // the pointer null. A read-only index answers SQLITE_READONLY with the pointer set.
+    let rc = unsafe { map(file, 0, REGION, 0, &mut region) };
+    if !(rc == ffi::SQLITE_OK || rc == ffi::SQLITE_READONLY) || region.is_null() {
+        return None;
+    }
+    let word = |at: usize| {
+        // SAFETY: region 0 is 32 KiB; the offsets are within its first 120 bytes. Other
+        // processes write it concurrently, hence the volatile reads.
+        unsafe { std::ptr::read_volatile(region.cast::<u8>().add(at).cast::<u32>()) }
+    };
+    // isInit, the byte at offset 12 of the header.
+    // SAFETY: as above.
+    let init = unsafe { std::ptr::read_volatile(region.cast::<u8>().add(12)) };
+    (init != 0).then(|| WalIndex {
+        committed: word(16),
+        checkpointed: word(96),
+        marks: [word(100), word(104), word(108), word(112), word(116)],
+    })
+}
