@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of BENCHMARKS.md, each side by side with its baseline in one run.
-# Needs python3 for the contention and warm-start scripts. Takes about 3 minutes.
+# Needs python3 for the contention, warm-start, pinned-WAL and backup scripts. Takes about
+# 5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
@@ -18,3 +19,5 @@ for i in 1 2; do echo "== contention, fair queue on and off ($i)"; scripts/conte
 for i in 1 2 3; do echo "== throughput ($i)"; throughput 8 2000; throughput 1 16000; done
 echo "== warm start"; scripts/warm_start.py 40; scripts/warm_start.py 40
 echo "== uncontended write"; cargo bench -q --bench uncontended 2>/dev/null | grep "uncontended write"
+echo "== pinned WAL"; scripts/pinned_wal.py
+echo "== backups during a soak"; scripts/backup_soak.py 10 1000 2

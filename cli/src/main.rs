@@ -92,6 +92,10 @@ enum Command {
         /// Also run the plain Diesel setup under the same load, side by side.
         #[arg(long)]
         compare: bool,
+        /// Also back this crate's side up this often during the run, and check that each
+        /// backup holds every write acknowledged before it began.
+        #[arg(long, value_name = "MS")]
+        backup_every_ms: Option<u64>,
         /// One JSON object with every figure.
         #[arg(long)]
         json: bool,
@@ -189,8 +193,12 @@ fn run(cli: Cli) -> Result<(), Error> {
             processes,
             seconds,
             compare,
+            backup_every_ms,
             json,
-        } => return commands::soak::run(cli.db, processes, seconds, compare, json),
+        } => {
+            let backup_every = backup_every_ms.map(|ms| Duration::from_millis(ms.max(1)));
+            return commands::soak::run(cli.db, processes, seconds, compare, backup_every, json);
+        }
         _ => {}
     }
     let path = database_path(cli.db);

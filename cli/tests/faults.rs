@@ -596,7 +596,7 @@ fn another_users_wal_next_to_the_database_is_named_and_nothing_changes() {
     );
 }
 
-fn soak(compare: bool) -> serde_json::Value {
+fn soak(compare: bool, backup_every_ms: Option<u64>) -> serde_json::Value {
     let (_dir, db) = common::fresh_db();
     let mut command = Command::new(common::binary());
     command.args([
@@ -611,6 +611,9 @@ fn soak(compare: bool) -> serde_json::Value {
     command.arg(&db);
     if compare {
         command.arg("--compare");
+    }
+    if let Some(ms) = backup_every_ms {
+        command.args(["--backup-every-ms", &ms.to_string()]);
     }
     let outcome = common::collect(
         vec![command
@@ -628,7 +631,8 @@ fn soak(compare: bool) -> serde_json::Value {
 
 #[test]
 fn soak_of_eight_processes_mixing_reads_and_writes_loses_nothing() {
-    let report = soak(false);
+    // With a backup every 300 ms meanwhile: each holds every write acknowledged before it.
+    let report = soak(false, Some(300));
     let ours = &report["sides"][0];
     assert_eq!(ours["clean"], true, "{ours}");
     assert_eq!(ours["failed_processes"], 0);
@@ -638,6 +642,11 @@ fn soak_of_eight_processes_mixing_reads_and_writes_loses_nothing() {
     assert!(acknowledged > 100, "{ours}");
     assert_eq!(ours["stored_versions"].as_u64().unwrap(), acknowledged);
     assert!(ours["reads"].as_u64().unwrap() > 100, "{ours}");
+    let backups = &ours["backups"];
+    assert!(backups["taken"].as_u64().unwrap() >= 2, "{ours}");
+    for zero in ["failed", "missing_writes", "not_ok"] {
+        assert_eq!(backups[zero], 0, "{ours}");
+    }
 }
 
 /// The proof that the soak can fail: the plain Diesel setup under the same load.
@@ -647,7 +656,7 @@ fn plain_diesel_setup_fails_under_the_same_soak() {
     // to eight tries, so that this test itself is not flaky.
     let mut plain_failures = Vec::new();
     for _ in 0..8 {
-        let report = soak(true);
+        let report = soak(true, None);
         let plain = &report["sides"][1];
         assert_eq!(plain["label"], "plain diesel");
         if plain["failed_processes"].as_u64().unwrap() > 0 {
