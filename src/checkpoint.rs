@@ -103,6 +103,11 @@ impl Checkpoints {
         let (log, done) = (log as u32, done as u32);
         if done >= log {
             state.quiet_until = None;
+            // SAFETY: as the caller promises; the string is copied at once.
+            let file = unsafe { CStr::from_ptr(ffi::sqlite3_db_filename(db, name)) }
+                .to_string_lossy()
+                .into_owned();
+            crate::holders::record_checkpoint(Path::new(&file));
             if std::mem::take(&mut state.pinned) {
                 tracing::info!(
                     db.system.name = DB_SYSTEM,

@@ -172,18 +172,67 @@ impl Record {
     }
 }
 
-/// The record in the queue's file `sidecar`, if it can be read (never through a symbolic
-/// link) and holds one.
-fn read_record(sidecar: &Path) -> Option<Record> {
+/// Where, after the holder record, a connection of this crate that completed a checkpoint
+/// records when (`SPC1` and milliseconds since the Unix epoch, little-endian).
+const CHECKPOINT_AT: u64 = 24;
+const CHECKPOINT_MAGIC: &[u8; 4] = b"SPC1";
+
+/// Records in the queue's file of `database` that a checkpoint completed now. Best effort,
+/// and only into a regular file that exists (never through a symbolic link, never creating
+/// it): the file's flock descriptions are others', so closing this one takes no lock away.
+pub(crate) fn record_checkpoint(database: &Path) {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Ok(file) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(side_file(database, "-lock"))
+    else {
+        return;
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return;
+    }
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(CHECKPOINT_MAGIC);
+    bytes[4..].copy_from_slice(&millis.to_le_bytes());
+    let _ = file.write_at(&bytes, CHECKPOINT_AT);
+}
+
+/// When a connection of this crate last completed a checkpoint of `database`, as recorded in
+/// its queue's file.
+pub(crate) fn last_checkpoint_of(database: &Path) -> Option<SystemTime> {
+    use std::os::unix::fs::FileExt;
+    let file = open_sidecar(&side_file(database, "-lock"))?;
+    let mut bytes = [0u8; 12];
+    file.read_exact_at(&mut bytes, CHECKPOINT_AT).ok()?;
+    if &bytes[..4] != CHECKPOINT_MAGIC {
+        return None;
+    }
+    let millis = u64::from_le_bytes(bytes[4..].try_into().ok()?);
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))?;
+    (at <= SystemTime::now() + Duration::from_secs(1)).then_some(at)
+}
+
+/// The queue's file `sidecar` open for reading, if it is a regular file (never through a
+/// symbolic link).
+fn open_sidecar(sidecar: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(sidecar)
         .ok()?;
-    if !file.metadata().ok()?.is_file() {
-        return None;
-    }
+    file.metadata().ok()?.is_file().then_some(file)
+}
+
+/// The record in the queue's file `sidecar`, if it can be read (never through a symbolic
+/// link) and holds one.
+fn read_record(sidecar: &Path) -> Option<Record> {
+    use std::os::unix::fs::FileExt;
+    let file = open_sidecar(sidecar)?;
     let mut bytes = [0u8; RECORD_LEN];
     file.read_exact_at(&mut bytes, 0).ok()?;
     Record::decode(&bytes)

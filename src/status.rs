@@ -9,7 +9,7 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 
 use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::holders::{holders_of, pinning_readers_of, wal_readers_of, Holder};
+use crate::holders::{holders_of, last_checkpoint_of, pinning_readers_of, wal_readers_of, Holder};
 use crate::open::{read_journal_mode, Access, Filesystem, Source, State, Target};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
@@ -91,6 +91,9 @@ pub struct Status {
     /// The readers that keep the WAL from being checkpointed to its end: by their read
     /// marks in `-shm` and the OS lock table (Linux).
     pub pinning_readers: Vec<Holder>,
+    /// When a connection of this crate last completed a checkpoint (recorded in the write
+    /// queue's file; not SQLite's own checkpoint when the last connection closes).
+    pub last_checkpoint: Option<std::time::SystemTime>,
 }
 
 #[derive(QueryableByName)]
@@ -156,6 +159,7 @@ impl Status {
             wal_checkpointed_frames: None,
             database_complete: true,
             pinning_readers: Vec::new(),
+            last_checkpoint: None,
         };
         let plan = if status.exists {
             // Read-only: a reader never checkpoints, so even as the last connection to close
@@ -195,6 +199,7 @@ impl Status {
                 .filter(|_| page_size > 0)
                 .map(|bytes| bytes.saturating_sub(32) / (page_size + 24));
             status.holders = holders_of(target.path());
+            status.last_checkpoint = last_checkpoint_of(target.path());
             status.wal_readers = wal_readers_of(target.path());
             // Through SQLite's mapping of -shm: opening it here, and closing it, would drop
             // every POSIX lock this process holds on it (see `shm`).

@@ -252,3 +252,33 @@ fn reading_the_wal_index_keeps_this_processs_own_sqlite_locks() {
         );
     });
 }
+
+#[test]
+fn status_says_when_a_connection_of_this_crate_last_completed_a_checkpoint() {
+    use diesel::sql_types::Text;
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    common::bump(&db, "a").unwrap();
+    assert_eq!(
+        Status::read(&path, MIGRATIONS, &Options::new())
+            .unwrap()
+            .last_checkpoint,
+        None
+    );
+    // The layer checkpoints after a commit at 1000 frames: about 4 KiB a write.
+    for i in 0..600 {
+        db.write(|conn| -> sqlite_persistence::Result<()> {
+            diesel::sql_query("INSERT INTO counters (name) VALUES (?)")
+                .bind::<Text, _>(format!("{i:04096}"))
+                .execute(conn)?;
+            Ok(())
+        })
+        .unwrap();
+    }
+    let at = Status::read(&path, MIGRATIONS, &Options::new())
+        .unwrap()
+        .last_checkpoint
+        .expect("a checkpoint recorded");
+    let ago = at.elapsed().unwrap_or_default();
+    assert!(ago < std::time::Duration::from_secs(30), "{ago:?}");
+}

@@ -53,6 +53,10 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
                 "holders": holders_json(&status.holders),
                 "wal_readers": holders_json(&status.wal_readers),
                 "pinning_readers": holders_json(&status.pinning_readers),
+                "last_checkpoint_unix_ms": status
+                    .last_checkpoint
+                    .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_millis() as u64),
             })
         )?;
         return Ok(());
@@ -134,6 +138,17 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         match (status.wal_checkpointed_frames, status.wal_committed_frames) {
             (Some(done), Some(committed)) => format!("{done} of {committed} committed frames"),
             _ => "-".to_owned(),
+        }
+    )?;
+    crate::outln!(
+        "checkpoint    {}",
+        match status.last_checkpoint.map(|at| at.elapsed()) {
+            Some(Ok(ago)) => format!(
+                "{:.1} s ago (the last one this crate's connections made)",
+                ago.as_secs_f64()
+            ),
+            Some(Err(_)) => "just now".to_owned(),
+            None => "none recorded".to_owned(),
         }
     )?;
     crate::outln!(
