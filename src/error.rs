@@ -321,6 +321,14 @@ pub enum Error {
         limit: std::time::Duration,
     },
 
+    /// The tokio runtime shut down before a call of the async handle (feature `tokio`) could
+    /// run; nothing of it reached the database.
+    #[error("{operation} cancelled: the runtime is shutting down")]
+    Cancelled {
+        /// The call.
+        operation: Operation,
+    },
+
     /// [`Database::close`](crate::Database::close) waited its deadline and connections of
     /// the pool were still open.
     #[error("database {path} still has {connections} open connections")]
@@ -454,6 +462,7 @@ impl Error {
                  stays open; read less at a time (several reads, by key ranges), or raise \
                  Options::max_read_age"
             }
+            Error::Cancelled { .. } => "finish the database's calls before the runtime shuts down",
             Error::StillOpen { .. } => {
                 "a pooled connection or a clone of Database::pool outlived the handle; drop \
                  them before closing"

@@ -67,6 +67,7 @@
 //! | [`Error`], [`Operation`], [`FileOperation`], [`Result`], [`BoxError`] | errors and the steps they name |
 //! | [`Holder`], [`HeldLock`] | who held the lock a write gave up on ([`Error::Busy`]) |
 //! | [`is_lock_error`] | the one classifier of SQLite's lock errors, for Diesel's error type |
+//! | `AsyncDatabase` | (feature `tokio`) the same handle for async code: calls run as blocking work, bounded by the pool, cancellation-safe |
 //!
 //! The user's guide, with every default and what happens on each fault, is the README;
 //! the command line `sqlite-persistence` (load tests, status) is a separate package.
@@ -92,7 +93,12 @@ mod retry;
 mod shm;
 mod side;
 mod status;
+#[cfg(feature = "tokio")]
+mod tokio;
 
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use self::tokio::AsyncDatabase;
 pub use backup::Backup;
 pub use customizer::ConnectionCustomizer;
 pub use database::{Database, PooledSqlite, SqlitePool, WriteStats};

@@ -1,0 +1,518 @@
+//! The async handle: no runtime worker ever waits for a lock, a dropped future never leaves
+//! a transaction open or applies a write twice, and a panicking closure leaves the handle
+//! usable. Cross-process cases run real processes of this test binary.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{fresh_db, MIGRATIONS};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::BigInt;
+use rand::{Rng, SeedableRng};
+use sqlite_persistence::{AsyncDatabase, Database, Options};
+
+/// Runs this test binary's child role `role` with `env` set; stdout piped.
+fn child(role: &str, env: &[(&str, String)]) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([role, "--exact", "--ignored", "--nocapture"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn().unwrap()
+}
+
+/// Waits (bounded by the child's own limit) until `child` prints `line`.
+fn wait_for_line(child: &mut Child, line: &str) -> BufReader<std::process::ChildStdout> {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    loop {
+        text.clear();
+        assert!(
+            out.read_line(&mut text).unwrap() > 0,
+            "the child ended before saying {line}"
+        );
+        if text.trim_end() == line {
+            return out;
+        }
+    }
+}
+
+/// Exits the process after `seconds`, so that no child outlives a broken test.
+fn bounded(seconds: u64) {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(seconds));
+        std::process::exit(3);
+    });
+}
+
+/// Not a test on its own: holds the write lock of `ASYNC_HOLD_DB` for `ASYNC_HOLD_MS`.
+#[test]
+#[ignore = "run as a child process by the async tests"]
+fn lock_holder_child() {
+    let Ok(path) = std::env::var("ASYNC_HOLD_DB") else {
+        return;
+    };
+    bounded(30);
+    let hold: u64 = std::env::var("ASYNC_HOLD_MS").unwrap().parse().unwrap();
+    let mut conn = SqliteConnection::establish(&path).unwrap();
+    conn.batch_execute("PRAGMA busy_timeout = 5000; BEGIN IMMEDIATE;")
+        .unwrap();
+    println!("held");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_millis(hold));
+    conn.batch_execute("COMMIT").unwrap();
+    std::process::exit(0);
+}
+
+/// Starts a process that holds `db`'s write lock for `hold`; returns once it holds it.
+fn hold_in_another_process(db: &Path, hold: Duration) -> Child {
+    let mut holder = child(
+        "lock_holder_child",
+        &[
+            ("ASYNC_HOLD_DB", db.display().to_string()),
+            ("ASYNC_HOLD_MS", hold.as_millis().to_string()),
+        ],
+    );
+    wait_for_line(&mut holder, "held");
+    holder
+}
+
+/// The jobs table of the cancellation test: no key, so a write applied twice shows.
+fn create_jobs(db: &Path) {
+    let db = Database::open(db, MIGRATIONS).unwrap();
+    db.write(|conn| -> sqlite_persistence::Result<()> {
+        conn.batch_execute("CREATE TABLE jobs (id BIGINT NOT NULL)")?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// Not a test on its own: 8 tasks of one process write `ASYNC_WRITES` jobs between them
+/// through the async handle once `ASYNC_GO` exists, each future dropped at a random moment
+/// with probability one half. Prints `{"id", "committed", "started"}` per job once every
+/// blocking task has finished.
+#[test]
+#[ignore = "run as a child process by the async tests"]
+fn cancelling_writer_child() {
+    let Ok(path) = std::env::var("ASYNC_CANCEL_DB") else {
+        return;
+    };
+    bounded(120);
+    let first: i64 = std::env::var("ASYNC_FIRST_ID").unwrap().parse().unwrap();
+    let writes: i64 = std::env::var("ASYNC_WRITES").unwrap().parse().unwrap();
+    let go = std::env::var("ASYNC_GO").unwrap();
+    // A multi-thread runtime runs each call within one poll of its future (which can then be
+    // dropped only before the call began); a current-thread one on a blocking thread (where
+    // the future can also be dropped while the call runs).
+    let runtime = match std::env::var("ASYNC_FLAVOR").unwrap().as_str() {
+        "multi" => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    };
+    let started: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    let committed = runtime.block_on(async {
+        let db = AsyncDatabase::open(&path, MIGRATIONS).await.unwrap();
+        println!("ready");
+        std::io::stdout().flush().unwrap();
+        while !Path::new(&go).exists() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let tasks: Vec<_> = (0..8)
+            .map(|task| {
+                let (db, started) = (db.clone(), Arc::clone(&started));
+                tokio::spawn(async move {
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(first as u64 + task);
+                    let mut committed = Vec::new();
+                    for id in (first..first + writes).filter(|id| id % 8 == task as i64) {
+                        let started = Arc::clone(&started);
+                        let write = db.write(move |conn| -> sqlite_persistence::Result<()> {
+                            started.lock().unwrap().insert(id);
+                            // Work that takes a while, so that timeouts also fire mid-write.
+                            std::thread::sleep(Duration::from_millis(1));
+                            diesel::sql_query("INSERT INTO jobs (id) VALUES (?)")
+                                .bind::<BigInt, _>(id)
+                                .execute(conn)?;
+                            Ok(())
+                        });
+                        if rng.random_bool(0.5) {
+                            let after = Duration::from_micros(rng.random_range(0..3000));
+                            if let Ok(result) = tokio::time::timeout(after, write).await {
+                                result.unwrap();
+                                committed.push(id);
+                            }
+                        } else {
+                            write.await.unwrap();
+                            committed.push(id);
+                        }
+                    }
+                    committed
+                })
+            })
+            .collect();
+        let mut committed = HashSet::new();
+        for task in tasks {
+            committed.extend(task.await.unwrap());
+        }
+        committed
+    });
+    // Dropping the runtime waits for every blocking task, the orphaned writes included.
+    drop(runtime);
+    let started = started.lock().unwrap();
+    for id in first..first + writes {
+        println!(
+            "{}",
+            serde_like(id, committed.contains(&id), started.contains(&id))
+        );
+    }
+    std::process::exit(0);
+}
+
+fn serde_like(id: i64, committed: bool, started: bool) -> String {
+    format!("{id} {committed} {started}")
+}
+
+#[test]
+fn cancelled_writes_never_leave_a_transaction_open_nor_apply_twice() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (dir, path) = fresh_db();
+    create_jobs(&path);
+    let go = dir.path().join("go");
+    let per_process = 500;
+    let mut children: Vec<Child> = (0..2)
+        .map(|i| {
+            child(
+                "cancelling_writer_child",
+                &[
+                    ("ASYNC_CANCEL_DB", path.display().to_string()),
+                    ("ASYNC_FIRST_ID", (i * per_process).to_string()),
+                    ("ASYNC_WRITES", per_process.to_string()),
+                    ("ASYNC_GO", go.display().to_string()),
+                    (
+                        "ASYNC_FLAVOR",
+                        if i == 0 { "multi" } else { "current" }.to_owned(),
+                    ),
+                ],
+            )
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .iter_mut()
+        .map(|c| wait_for_line(c, "ready"))
+        .collect();
+    std::fs::write(&go, b"").unwrap();
+    let mut reports = BTreeMap::new();
+    for (mut child, out) in children.into_iter().zip(outputs) {
+        for line in out.lines() {
+            let line = line.unwrap();
+            let fields: Vec<&str> = line.split(' ').collect();
+            if let [id, committed, started] = fields.as_slice() {
+                reports.insert(
+                    id.parse::<i64>().unwrap(),
+                    (*committed == "true", *started == "true"),
+                );
+            }
+        }
+        assert!(child.wait().unwrap().success());
+    }
+    // Cancelled after they began (the current-thread process only): each stored at most once.
+    let began_then_cancelled = reports.values().filter(|(c, s)| !c && *s).count();
+    assert_eq!(reports.len(), 2 * per_process as usize);
+
+    // No transaction is left open: another process writes within 1 s.
+    let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+    let start = Instant::now();
+    conn.batch_execute(
+        "PRAGMA busy_timeout = 1000; BEGIN IMMEDIATE; INSERT INTO jobs (id) VALUES (-1); COMMIT;",
+    )
+    .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(1));
+
+    #[derive(QueryableByName)]
+    struct Job {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    let mut stored: BTreeMap<i64, usize> = BTreeMap::new();
+    for job in diesel::sql_query("SELECT id FROM jobs WHERE id >= 0")
+        .load::<Job>(&mut conn)
+        .unwrap()
+    {
+        *stored.entry(job.id).or_default() += 1;
+    }
+    let (mut committed, mut never_began, mut cancelled) = (0, 0, 0);
+    for (id, (was_committed, started)) in &reports {
+        let times = stored.get(id).copied().unwrap_or(0);
+        assert!(times <= 1, "job {id} stored {times} times");
+        if *was_committed {
+            committed += 1;
+            assert_eq!(times, 1, "job {id} reported committed is not stored");
+        } else {
+            cancelled += 1;
+            if !started {
+                never_began += 1;
+                assert_eq!(times, 0, "job {id} cancelled before it began is stored");
+            }
+        }
+    }
+    // The random cancellations (half the futures get a timeout of up to 3 ms) did cancel,
+    // both before and after writes began.
+    assert!(committed > 300 && cancelled > 20, "{committed} {cancelled}");
+    assert!(never_began > 0, "no write was cancelled before it began");
+    assert!(
+        began_then_cancelled > 0,
+        "no write was cancelled while it ran"
+    );
+}
+
+/// The cross-process tests of this binary take turns: a timing test beside two busy child
+/// processes on two cores would measure them.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// How late the ticks of a 10 ms timer on this current-thread runtime ran while `load` ran
+/// as a task, over `span`: the 99th percentile and the worst.
+async fn timer_lateness<F>(span: Duration, load: F) -> (Duration, Duration)
+where
+    F: std::future::Future<Output = ()> + 'static,
+{
+    let load = tokio::task::spawn_local(load);
+    let mut interval = tokio::time::interval(Duration::from_millis(10));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = tokio::time::Instant::now();
+    let mut late = Vec::new();
+    let mut n = 0u32;
+    while start.elapsed() < span {
+        interval.tick().await;
+        let due = start + Duration::from_millis(10) * n;
+        late.push(tokio::time::Instant::now().saturating_duration_since(due));
+        n += 1;
+    }
+    load.await.unwrap();
+    late.sort();
+    (late[late.len() * 99 / 100], late[late.len() - 1])
+}
+
+#[test]
+fn waiting_for_a_lock_never_blocks_the_runtime_thread() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (_dir, path) = fresh_db();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    // 8 writes wait on a lock another process holds for 2 s.
+    let db = local
+        .block_on(&runtime, AsyncDatabase::open(&path, MIGRATIONS))
+        .unwrap();
+    let holder = hold_in_another_process(&path, Duration::from_secs(2));
+    let writes_db = db.clone();
+    let (p99, worst) = local.block_on(
+        &runtime,
+        timer_lateness(Duration::from_millis(2500), async move {
+            let writes: Vec<_> = (0..8)
+                .map(|i| {
+                    let db = writes_db.clone();
+                    tokio::task::spawn_local(async move {
+                        db.write(move |conn| -> sqlite_persistence::Result<i64> {
+                            Ok(common::bump_in(conn, &format!("t{i}"))?)
+                        })
+                        .await
+                    })
+                })
+                .collect();
+            for write in writes {
+                assert_eq!(write.await.unwrap().unwrap(), 1);
+            }
+        }),
+    );
+    assert!(holder.wait_with_output().unwrap().status.success());
+    // Within 5 ms of schedule (99 ticks in 100; the worst, on a shared machine, within the
+    // scheduler's noise, far below the 2 s a blocked thread would show).
+    assert!(
+        p99 <= Duration::from_millis(5),
+        "the timer ran {p99:?} late (p99)"
+    );
+    assert!(
+        worst <= Duration::from_millis(50),
+        "the timer ran {worst:?} late"
+    );
+
+    // The blocking handle called from a task blocks the runtime's only thread instead.
+    let holder = hold_in_another_process(&path, Duration::from_secs(1));
+    let blocking = db.clone();
+    let (_, worst) = local.block_on(
+        &runtime,
+        timer_lateness(Duration::from_millis(1500), async move {
+            common::bump(blocking.blocking(), "blocking").unwrap();
+        }),
+    );
+    assert!(holder.wait_with_output().unwrap().status.success());
+    assert!(worst >= Duration::from_millis(500), "only {worst:?} late");
+}
+
+#[test]
+fn waiting_for_a_lock_never_blocks_a_worker_of_a_multi_thread_runtime() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (_dir, path) = fresh_db();
+    // One worker: if a write blocked it, nothing else could run.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = AsyncDatabase::open(&path, MIGRATIONS).await.unwrap();
+        let holder = hold_in_another_process(&path, Duration::from_secs(2));
+        // The timer runs first, on schedule from now; the writes come once it ticked.
+        let (ticking, is_ticking) = tokio::sync::oneshot::channel();
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(10));
+            let start = tokio::time::Instant::now();
+            let mut late = Vec::new();
+            let mut ticking = Some(ticking);
+            for n in 0..200u32 {
+                interval.tick().await;
+                let due = start + Duration::from_millis(10) * n;
+                late.push(tokio::time::Instant::now().saturating_duration_since(due));
+                if let Some(ticking) = ticking.take() {
+                    let _ = ticking.send(());
+                }
+            }
+            late.sort();
+            (late[late.len() * 99 / 100], late[late.len() - 1])
+        });
+        is_ticking.await.unwrap();
+        let writes: Vec<_> = (0..8)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    db.write(move |conn| -> sqlite_persistence::Result<i64> {
+                        Ok(common::bump_in(conn, &format!("m{i}"))?)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let (p99, worst) = ticker.await.unwrap();
+        for write in writes {
+            assert_eq!(write.await.unwrap().unwrap(), 1);
+        }
+        assert!(holder.wait_with_output().unwrap().status.success());
+        assert!(
+            p99 <= Duration::from_millis(5),
+            "the timer ran {p99:?} late (p99)"
+        );
+        assert!(
+            worst <= Duration::from_millis(50),
+            "the timer ran {worst:?} late"
+        );
+    });
+}
+
+#[test]
+fn a_panicking_closure_leaves_the_handle_usable() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (_dir, path) = fresh_db();
+        let db = AsyncDatabase::open_with(Options::new().pool_size(1), &path, MIGRATIONS)
+            .await
+            .unwrap();
+        let panicking = db.clone();
+        let joined = tokio::spawn(async move {
+            panicking
+                .write(|conn| -> sqlite_persistence::Result<()> {
+                    common::bump_in(conn, "a")?;
+                    panic!("the closure panics");
+                })
+                .await
+        })
+        .await;
+        assert!(joined.unwrap_err().is_panic());
+        let joined = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.read(|_conn| -> sqlite_persistence::Result<()> { panic!("a read panics") })
+                    .await
+            }
+        })
+        .await;
+        assert!(joined.unwrap_err().is_panic());
+        // The only connection is back in the pool, writable, and nothing of the panicking
+        // write was committed.
+        let value = db
+            .write(|conn| -> sqlite_persistence::Result<i64> { Ok(common::bump_in(conn, "a")?) })
+            .await
+            .unwrap();
+        assert_eq!(value, 1);
+        let seen: Vec<i64> = db
+            .read(|conn| {
+                use common::schema::events;
+                events::table.select(events::value).load(conn)
+            })
+            .await
+            .unwrap();
+        assert_eq!(seen, [1]);
+    });
+}
+
+#[test]
+fn a_future_dropped_before_its_write_began_never_runs_it() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (_dir, path) = fresh_db();
+        let db = AsyncDatabase::open_with(Options::new().pool_size(1), &path, MIGRATIONS)
+            .await
+            .unwrap();
+        // The only slot is busy for 300 ms.
+        let busy = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.write(|conn| -> sqlite_persistence::Result<i64> {
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(common::bump_in(conn, "busy")?)
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ran = Arc::new(Mutex::new(false));
+        let flag = Arc::clone(&ran);
+        let waiting = db.write(move |conn| -> sqlite_persistence::Result<i64> {
+            *flag.lock().unwrap() = true;
+            Ok(common::bump_in(conn, "dropped")?)
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(50), waiting)
+            .await
+            .is_err());
+        busy.await.unwrap().unwrap();
+        // Whatever runs next on the slot, the dropped write is not among it.
+        db.write(|conn| -> sqlite_persistence::Result<i64> { Ok(common::bump_in(conn, "after")?) })
+            .await
+            .unwrap();
+        assert!(!*ran.lock().unwrap());
+        assert!(common::values(db.blocking(), "dropped").unwrap().is_empty());
+    });
+}
