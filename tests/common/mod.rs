@@ -110,6 +110,38 @@ pub fn hold_lock(db: &Path, begin: &'static str, hold: Duration) -> thread::Join
     holder
 }
 
+/// A lock held by another connection on its own thread until [`Held::release`] (or 30 s).
+pub struct Held {
+    release: mpsc::Sender<()>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Held {
+    /// Commits, and waits for the thread.
+    pub fn release(self) {
+        let _ = self.release.send(());
+        self.thread.join().unwrap();
+    }
+}
+
+/// Holds the lock that `begin` takes on `db` until released: for a test that must look at
+/// the lock while it is held, however slowly a loaded machine runs it.
+pub fn hold_lock_until_released(db: &Path, begin: &'static str) -> Held {
+    let url = db.to_str().unwrap().to_owned();
+    let (locked, is_locked) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let thread = thread::spawn(move || {
+        let mut conn = SqliteConnection::establish(&url).unwrap();
+        conn.batch_execute("PRAGMA busy_timeout = 10000").unwrap();
+        conn.batch_execute(begin).unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv_timeout(Duration::from_secs(30));
+        conn.batch_execute("COMMIT").unwrap();
+    });
+    is_locked.recv_timeout(Duration::from_secs(10)).unwrap();
+    Held { release, thread }
+}
+
 /// Waits (at most 10 s) until every connection to `db` is closed, which SQLite marks by
 /// checkpointing and removing `-wal`. r2d2 may close a dropped pool's last connection a
 /// moment later on its own thread (its worker holds the pool while it connects), so a test
