@@ -221,9 +221,10 @@ fn backfilled(db: &Path) -> u32 {
         .unwrap()
 }
 
-/// A layer `read` that keeps its transaction open for 3 s (a statement every 100 ms) on one
-/// thread while this thread writes (about 4 KiB each, 1 ms apart) for as long; returns the
-/// largest WAL seen and what the read returned.
+/// A layer `read` that keeps its transaction open (a statement every 100 ms) on one thread
+/// while this thread writes (about 4 KiB each, 1 ms apart): for 3 s with a cap, or, without
+/// one, until the WAL passes 3 x the limit (at most 20 s, however slow the machine). Returns
+/// the largest WAL seen, in multiples of the limit, and what the read returned.
 fn long_layer_read(max_read_age: Option<Duration>) -> (u64, sqlite_persistence::Result<usize>) {
     const BIG_LIMIT: u64 = 8 * 1024 * 1024;
     let (_dir, path) = fresh_db();
@@ -234,27 +235,37 @@ fn long_layer_read(max_read_age: Option<Duration>) -> (u64, sqlite_persistence::
         .open(&path, MIGRATIONS)
         .unwrap();
     let mut largest = 0;
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let read = std::thread::scope(|scope| {
         let reader = scope.spawn(|| {
             db.read(|conn| -> sqlite_persistence::Result<usize> {
-                let mut rows = 0;
-                for _ in 0..30 {
-                    rows = common::schema::counters::table
+                let start = Instant::now();
+                loop {
+                    let rows = common::schema::counters::table
                         .count()
                         .get_result::<i64>(conn)? as usize;
+                    if stop.load(std::sync::atomic::Ordering::SeqCst)
+                        || start.elapsed() > Duration::from_secs(20)
+                    {
+                        return Ok(rows);
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Ok(rows)
             })
         });
         let start = Instant::now();
         let mut i = 0;
-        while start.elapsed() < Duration::from_secs(3) {
+        let enough = |largest: u64, elapsed: Duration| match max_read_age {
+            Some(_) => elapsed >= Duration::from_secs(3),
+            None => largest > 3 * BIG_LIMIT || elapsed >= Duration::from_secs(20),
+        };
+        while !enough(largest, start.elapsed()) {
             layer_write(&db, i);
             i += 1;
             largest = largest.max(side_file_len(&path, "-wal"));
             std::thread::sleep(Duration::from_millis(1));
         }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
         reader.join().unwrap()
     });
     // Whatever happened to the read, the pool's connections read and write as before.
