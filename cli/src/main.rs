@@ -59,6 +59,10 @@ enum Command {
         /// Use the plain Diesel setup instead of this crate (the baseline for comparisons).
         #[arg(long, hide = true)]
         plain: bool,
+        /// Use the lean hand-written setup instead of this crate (one connection,
+        /// `immediate_transaction`: the baseline for one process's speed).
+        #[arg(long, hide = true, conflicts_with = "plain")]
+        lean: bool,
     },
     /// Start N real processes of this binary on a fresh database, each recording K versions,
     /// and report failures, consistency, time to ready, lock waits and throughput. A
@@ -217,6 +221,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             json,
             no_fair_queue,
             plain,
+            lean,
         } => {
             let args = commands::record::Args {
                 artifact,
@@ -225,6 +230,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 json,
                 no_fair_queue,
                 plain,
+                lean,
             };
             commands::record::run(&path, &args, started)
         }

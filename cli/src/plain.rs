@@ -21,6 +21,70 @@ use sqlite_persistence::{PooledSqlite, SqlitePool};
 use crate::catalog::{record_next, validate_artifact_name, Recorded, MIGRATIONS};
 use crate::error::{Error, Result};
 
+/// The lean baseline: what a careful Diesel user writes by hand. One connection, no pool;
+/// `busy_timeout` 5 s and WAL; `run_pending_migrations`; each write in an
+/// `immediate_transaction` (the write lock up front), no retry. The strongest plain setup
+/// for one process's speed (it has none of the layer's guarantees under concurrency).
+pub struct LeanCatalog {
+    conn: std::cell::RefCell<SqliteConnection>,
+}
+
+impl std::fmt::Debug for LeanCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeanCatalog").finish_non_exhaustive()
+    }
+}
+
+impl LeanCatalog {
+    /// Opens one connection, sets the pragmas and runs `run_pending_migrations`.
+    ///
+    /// # Errors
+    /// Whatever the lean setup meets.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let url = path.as_ref().to_string_lossy().into_owned();
+        let mut conn = SqliteConnection::establish(&url).map_err(|source| Error::Open {
+            path: path.as_ref().to_owned(),
+            source,
+        })?;
+        conn.batch_execute("PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;")
+            .map_err(|source| Error::Query {
+                operation: "set the pragmas",
+                source,
+            })?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map_err(|source| Error::Baseline {
+                operation: "run_pending_migrations",
+                source,
+            })?;
+        Ok(Self {
+            conn: std::cell::RefCell::new(conn),
+        })
+    }
+
+    /// Records the next version in an `immediate_transaction`, without retrying.
+    ///
+    /// # Errors
+    /// "database is locked" past `busy_timeout`.
+    pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
+        validate_artifact_name(artifact)?;
+        let asked = Instant::now();
+        let version = self
+            .conn
+            .borrow_mut()
+            .immediate_transaction(|conn| record_next(conn, artifact, hold))
+            .map_err(|source| Error::Query {
+                operation: "record a version",
+                source,
+            })?;
+        Ok(Recorded {
+            artifact: artifact.to_owned(),
+            version,
+            wait: asked.elapsed().saturating_sub(hold),
+            attempts: 1,
+        })
+    }
+}
+
 #[derive(Debug)]
 struct PlainCustomizer;
 

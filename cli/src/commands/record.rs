@@ -7,7 +7,7 @@ use sqlite_persistence::Options;
 
 use crate::catalog::{validate_artifact_name, Catalog, Recorded};
 use crate::error::Result;
-use crate::plain::PlainCatalog;
+use crate::plain::{LeanCatalog, PlainCatalog};
 
 /// What `record` is asked to do.
 #[derive(Debug, Clone)]
@@ -24,6 +24,8 @@ pub struct Args {
     pub no_fair_queue: bool,
     /// The plain Diesel setup instead of the library.
     pub plain: bool,
+    /// The lean hand-written setup instead of the library.
+    pub lean: bool,
 }
 
 /// Records `args.count` versions of `args.artifact` in `path`; `started` is when the process
@@ -51,7 +53,13 @@ pub fn run(path: &Path, args: &Args, started: Instant) -> Result<()> {
         }
         Ok(())
     };
-    if args.plain {
+    if args.lean {
+        let catalog = LeanCatalog::open(path)?;
+        let ready = started.elapsed();
+        for _ in 0..args.count {
+            print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;
+        }
+    } else if args.plain {
         let catalog = PlainCatalog::open(path)?;
         let ready = started.elapsed();
         for _ in 0..args.count {
