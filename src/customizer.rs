@@ -106,8 +106,14 @@ pub(crate) fn within<T>(
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCustomizer {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        conn.batch_execute(&self.pragmas)
-            .map(|()| crate::codes::attach(conn, self.hooks))
+        // The connection the open prepared (with `apply`) and hands to the pool first has
+        // the pragmas and the hooks already.
+        let prepared = crate::codes::raw_handle(conn).is_some();
+        let prepare = |conn: &mut SqliteConnection| {
+            conn.batch_execute(&self.pragmas)
+                .map(|()| crate::codes::attach(conn, self.hooks))
+        };
+        (if prepared { Ok(()) } else { prepare(conn) })
             .and_then(|()| match &self.open {
                 Some(open) => open.track(conn),
                 None => Ok(()),

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
 use diesel::migration::MigrationSource;
-use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
@@ -17,16 +16,11 @@ use crate::codes;
 use crate::customizer::within;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
+use crate::pool::{PooledSqlite, SqlitePool};
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
 use crate::read_age;
 use crate::retry::{retry_attempts, Attempt, RetryPolicy, SystemClock};
-
-/// The r2d2 pool of a [`Database`]: every connection carries the [`Options`]' pragmas.
-pub type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
-
-/// A connection borrowed from a [`Database`]'s pool.
-pub type PooledSqlite = PooledConnection<ConnectionManager<SqliteConnection>>;
 
 /// What one [`Database::write_measured`] cost: how long it waited for the write lock and
 /// how many attempts it took. For an application's metrics on lock contention.

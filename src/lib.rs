@@ -59,7 +59,7 @@
 //! | [`Database`] | an open database: [`write`](Database::write), [`read`](Database::read), [`connection`](Database::connection) |
 //! | [`WriteStats`] | what a [`Database::write_measured`] waited and how many attempts it took |
 //! | [`Backup`] | what a [`Database::backup_to`] (a verified online backup) wrote |
-//! | [`SqlitePool`], [`PooledSqlite`] | the r2d2 pool of a `Database` and a connection borrowed from it |
+//! | [`SqlitePool`], [`PooledSqlite`], [`SqliteManager`] | the r2d2 pool of a `Database`, a connection borrowed from it, and its connection manager |
 //! | [`ConnectionCustomizer`] | the r2d2 hook that applies the pragmas, for a pool of your own |
 //! | [`JournalMode`], [`Synchronous`], [`TempStore`] | typed pragma values |
 //! | [`RetryPolicy`], [`Delays`] | when lock errors are retried, and the schedule of sleeps |
@@ -86,6 +86,7 @@ mod holders;
 mod open;
 mod operation;
 mod options;
+mod pool;
 mod pragma;
 mod queue;
 mod read_age;
@@ -101,7 +102,8 @@ mod tokio;
 pub use self::tokio::AsyncDatabase;
 pub use backup::Backup;
 pub use customizer::ConnectionCustomizer;
-pub use database::{Database, PooledSqlite, SqlitePool, WriteStats};
+pub use database::{Database, WriteStats};
+pub use pool::{PooledSqlite, SqliteManager, SqlitePool};
 pub use error::{is_lock_error, BoxError, Error, Result};
 pub use holders::{HeldLock, Holder};
 pub use operation::{FileOperation, Operation};

@@ -16,7 +16,10 @@ use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 use diesel::sqlite::Sqlite;
 use diesel::{Connection, SqliteConnection};
 use diesel_migrations::MigrationHarness;
-use sqlite_persistence::{PooledSqlite, SqlitePool};
+/// The plain setup's pool: Diesel's own connection manager.
+type PlainPool = Pool<ConnectionManager<SqliteConnection>>;
+/// A connection of it.
+pub type PlainConnection = diesel::r2d2::PooledConnection<ConnectionManager<SqliteConnection>>;
 
 use crate::catalog::{record_next, validate_artifact_name, Recorded, MIGRATIONS};
 use crate::error::{Error, Result};
@@ -100,7 +103,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for PlainCustomi
 /// The catalog opened the plain way.
 #[derive(Debug)]
 pub struct PlainCatalog {
-    pool: SqlitePool,
+    pool: PlainPool,
 }
 
 impl PlainCatalog {
@@ -143,7 +146,7 @@ impl PlainCatalog {
     ///
     /// # Errors
     /// [`Error::Pool`] if r2d2 could not hand one out.
-    pub fn connection(&self) -> Result<PooledSqlite> {
+    pub fn connection(&self) -> Result<PlainConnection> {
         self.pool.get().map_err(|source| Error::Pool { source })
     }
 

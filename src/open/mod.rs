@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::migration::MigrationSource;
-use diesel::r2d2::{ConnectionManager, HandleError, Pool};
+use diesel::r2d2::{HandleError, Pool};
 use diesel::sqlite::Sqlite;
 use diesel::{Connection, SqliteConnection};
 
@@ -27,6 +27,7 @@ use crate::customizer::{within, ConnectionCustomizer};
 use crate::database::Database;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
+use crate::pool::SqliteManager;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
 use crate::retry::{retry_locked, Attempt, Clock, SystemClock, Try, DB_SYSTEM};
@@ -138,13 +139,18 @@ impl Opening<'_> {
             )
             .error_handler(Box::new(LogPoolErrors))
             .connection_customizer(Box::new(customizer.clone().counting(Arc::clone(open))));
-        let manager = ConnectionManager::<SqliteConnection>::new(self.target.url(Access::Create));
+        let url = self.target.url(Access::Create);
         if memory {
             // Each connection to :memory: is its own database: set up the pool's only one,
             // and never let r2d2 close it.
+            let manager = SqliteManager::new(url, None);
             let pool = no_panic_on_thread_limit(|| {
                 crate::guard::guarded(|| {
-                    builder.idle_timeout(None).max_lifetime(None).build(manager)
+                    builder
+                        .thread_pool(crate::pool::scheduler())
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .build(manager)
                 })
             })?
             .map_err(|source| Error::Pool { source })?;
@@ -156,19 +162,24 @@ impl Opening<'_> {
         preflight::prepare(self.target.path(), self.options)?;
         // A dedicated connection: its errors are typed, where r2d2 would keep a string.
         // Guarded: the migrations run on it (see `guard`).
-        let mut conn =
-            crate::guard::guarded(|| SqliteConnection::establish(&self.target.url(Access::Create)))
-                .map_err(|source| Error::Open {
-                    path: self.target.path().to_owned(),
-                    source,
-                })?;
+        let mut conn = crate::guard::guarded(|| SqliteConnection::establish(&url)).map_err(
+            |source| Error::Open {
+                path: self.target.path().to_owned(),
+                source,
+            },
+        )?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let setup = self.set_up(&mut conn, source)?;
-        let pool = no_panic_on_thread_limit(|| builder.build_unchecked(manager))?;
-        // Open the pool's first connection before closing this one: the last connection
-        // to close checkpoints the WAL and deletes it, which the next open pays for.
+        // The pool hands this connection out first: one SQLite connection before the first
+        // write, not two. Checked out once now, so that it is counted among the pool's open
+        // connections (and closed, checkpointing, when the handle is).
+        let manager = SqliteManager::new(url, Some(conn));
+        let pool = no_panic_on_thread_limit(|| {
+            builder
+                .thread_pool(crate::pool::scheduler())
+                .build_unchecked(manager)
+        })?;
         drop(pool.get().map_err(|source| Error::Pool { source })?);
-        drop(conn);
         Ok((pool, setup))
     }
 
