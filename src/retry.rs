@@ -124,10 +124,7 @@ impl RetryPolicy {
         Delays {
             policy: *self,
             retry: 0,
-            rng: match self.seed {
-                Some(seed) => SmallRng::seed_from_u64(seed),
-                None => SmallRng::from_os_rng(),
-            },
+            rng: None,
         }
     }
 }
@@ -137,7 +134,9 @@ impl RetryPolicy {
 pub struct Delays {
     policy: RetryPolicy,
     retry: u32,
-    rng: SmallRng,
+    /// Seeded at the first jittered delay: most writes never retry, and seeding from the OS
+    /// is a system call.
+    rng: Option<SmallRng>,
 }
 
 impl Iterator for Delays {
@@ -155,7 +154,12 @@ impl Iterator for Delays {
             return Some(capped);
         }
         let micros = u64::try_from(capped.as_micros()).unwrap_or(u64::MAX);
-        Some(Duration::from_micros(self.rng.random_range(0..=micros)))
+        let seed = self.policy.seed;
+        let rng = self.rng.get_or_insert_with(|| match seed {
+            Some(seed) => SmallRng::seed_from_u64(seed),
+            None => SmallRng::from_os_rng(),
+        });
+        Some(Duration::from_micros(rng.random_range(0..=micros)))
     }
 }
 

@@ -162,12 +162,13 @@ impl Opening<'_> {
         preflight::prepare(self.target.path(), self.options)?;
         // A dedicated connection: its errors are typed, where r2d2 would keep a string.
         // Guarded: the migrations run on it (see `guard`).
-        let mut conn = crate::guard::guarded(|| SqliteConnection::establish(&url)).map_err(
-            |source| Error::Open {
-                path: self.target.path().to_owned(),
-                source,
-            },
-        )?;
+        let mut conn =
+            crate::guard::guarded(|| SqliteConnection::establish(&url)).map_err(|source| {
+                Error::Open {
+                    path: self.target.path().to_owned(),
+                    source,
+                }
+            })?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let setup = self.set_up(&mut conn, source)?;
         // The pool hands this connection out first: one SQLite connection before the first
