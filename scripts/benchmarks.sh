@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of BENCHMARKS.md, each side by side with its baseline in one run.
 # Needs python3 for the contention, warm-start, pinned-WAL and backup scripts. Takes about
-# 5 minutes.
+# 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
@@ -21,3 +21,5 @@ echo "== warm start"; scripts/warm_start.py 40; scripts/warm_start.py 40
 echo "== uncontended write"; cargo bench -q --bench uncontended 2>/dev/null | grep "uncontended write"
 echo "== pinned WAL"; scripts/pinned_wal.py
 echo "== backups during a soak"; scripts/backup_soak.py 10 1000 2
+echo "== threads of one process"; cargo bench -q --bench threads 2>/dev/null | grep "threads x"
+echo "== pictures"; scripts/plots.py
