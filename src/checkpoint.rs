@@ -160,13 +160,6 @@ impl Checkpoints {
     }
 }
 
-unsafe extern "C" fn never_called(
-    _context: *mut ffi::sqlite3_context,
-    _argc: c_int,
-    _argv: *mut *mut ffi::sqlite3_value,
-) {
-}
-
 unsafe extern "C" fn release(data: *mut c_void) {
     // SAFETY: `data` is the `Box<Checkpoints>` leaked in `install`, released once, by SQLite
     // destroying the function at close.
@@ -190,18 +183,7 @@ pub(crate) unsafe fn install(db: *mut ffi::sqlite3, page_size: u32, warn_bytes: 
     // SAFETY: `db` is open; SQLite owns `checkpoints` from here and releases it at close (or
     // at once, if registering fails).
     unsafe {
-        let rc = ffi::sqlite3_create_function_v2(
-            db,
-            OWNER_FUNCTION.as_ptr(),
-            0,
-            ffi::SQLITE_UTF8 | ffi::SQLITE_DIRECTONLY,
-            checkpoints as *mut c_void,
-            Some(never_called),
-            None,
-            None,
-            Some(release),
-        );
-        if rc != ffi::SQLITE_OK {
+        if !crate::owned::until_close(db, OWNER_FUNCTION, checkpoints as *mut c_void, release) {
             return false;
         }
         ffi::sqlite3_wal_hook(db, Some(after_commit), checkpoints as *mut c_void);

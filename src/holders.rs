@@ -238,36 +238,38 @@ fn read_record(sidecar: &Path) -> Option<Record> {
     Record::decode(&bytes)
 }
 
-/// The processes with a read transaction on the database at `path` that reads from its WAL
-/// (and so holds back checkpoints), each once.
+/// The processes with a read transaction open on the database at `path` (which holds back
+/// checkpoints), each once per kind: reading from the WAL (read marks 1 to 4), or reading the
+/// database file alone (read mark 0, taken when the WAL had nothing to add).
 pub(crate) fn wal_readers_of(path: &Path) -> Vec<Holder> {
-    let shm = side_file(path, "-shm");
-    let wanted: Vec<_> = WAL_READ_MARKS
-        .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader))
-        .collect();
-    listed(&wanted)
+    readers_of(path, |_| true)
 }
 
 /// The processes whose read transaction keeps a checkpoint of the database at `path` from
 /// passing the WAL's last committed frame, by its `index` (read through SQLite's mapping:
 /// see `shm`): those holding read mark 0 (a reader of the database file alone, begun when
 /// the WAL was empty or fully checkpointed: no frame can be copied into the file under it),
-/// and those holding a read mark whose value is below the last frame. Mark `i` is locked on
-/// byte `123 + i` of `-shm`.
+/// and those holding a read mark whose value is below the last frame.
 pub(crate) fn pinning_readers_of(path: &Path, index: &WalIndex) -> Vec<Holder> {
+    readers_of(path, |mark| index.marks[mark] < index.committed)
+}
+
+/// The holders of read mark 0, and of the marks 1 to 4 that `wanted` keeps (by index). Mark
+/// `i` is locked on byte `123 + i` of `-shm`.
+fn readers_of(path: &Path, wanted: impl Fn(usize) -> bool) -> Vec<Holder> {
     let shm = side_file(path, "-shm");
-    let mut wanted = vec![(
+    let mut looks = vec![(
         shm.clone(),
         "READ",
         Look::Byte(READ_MARK_ZERO),
         HeldLock::FileReader,
     )];
-    wanted.extend(
+    looks.extend(
         WAL_READ_MARKS
-            .filter(|byte| index.marks[(*byte - READ_MARK_ZERO) as usize] < index.committed)
+            .filter(|byte| wanted((*byte - READ_MARK_ZERO) as usize))
             .map(|byte| (shm.clone(), "READ", Look::Byte(byte), HeldLock::WalReader)),
     );
-    listed(&wanted)
+    listed(&looks)
 }
 
 /// Which locks of a file to look for.

@@ -86,6 +86,7 @@ mod holders;
 mod open;
 mod operation;
 mod options;
+mod owned;
 mod pool;
 mod pragma;
 mod queue;

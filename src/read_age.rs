@@ -61,13 +61,6 @@ unsafe extern "C" fn authorize(
     crate::guard::during_migration(action)
 }
 
-unsafe extern "C" fn never_called(
-    _context: *mut ffi::sqlite3_context,
-    _argc: c_int,
-    _argv: *mut *mut ffi::sqlite3_value,
-) {
-}
-
 unsafe extern "C" fn release(data: *mut c_void) {
     // SAFETY: the reference `install` gave SQLite, released once, when SQLite destroys the
     // function at close (or at once if registering failed).
@@ -89,18 +82,7 @@ pub(crate) unsafe fn install(db: *mut ffi::sqlite3) -> Option<Arc<ReadState>> {
     let shared = Arc::into_raw(Arc::clone(&state)) as *mut c_void;
     // SAFETY: `db` is open; SQLite owns `shared` from here.
     unsafe {
-        let rc = ffi::sqlite3_create_function_v2(
-            db,
-            OWNER_FUNCTION.as_ptr(),
-            0,
-            ffi::SQLITE_UTF8 | ffi::SQLITE_DIRECTONLY,
-            shared,
-            Some(never_called),
-            None,
-            None,
-            Some(release),
-        );
-        if rc != ffi::SQLITE_OK {
+        if !crate::owned::until_close(db, OWNER_FUNCTION, shared, release) {
             return None;
         }
         ffi::sqlite3_set_authorizer(db, Some(authorize), shared);

@@ -75,8 +75,9 @@ pub struct Status {
     pub wal_frames: Option<u64>,
     /// Who holds the write queue or SQLite's write lock now (OS lock table, Linux).
     pub holders: Vec<Holder>,
-    /// Who has a read transaction open that reads from the WAL, holding back checkpoints
-    /// (OS lock table, Linux).
+    /// Who has a read transaction open, holding back checkpoints (OS lock table, Linux): as
+    /// [`HeldLock::WalReader`](crate::HeldLock::WalReader) if it reads from the WAL, as
+    /// [`HeldLock::FileReader`](crate::HeldLock::FileReader) if it reads the file alone.
     pub wal_readers: Vec<Holder>,
     /// Frames of the WAL holding committed transactions, from the WAL index (`-shm`);
     /// `None` without one.

@@ -62,48 +62,29 @@ fn status_leaves_the_database_and_a_wal_of_unchecked_frames_as_they_were() {
 #[cfg(target_os = "linux")]
 #[test]
 fn status_names_who_holds_the_write_lock_and_who_reads_from_the_wal() {
-    use std::time::Duration;
     let (_dir, path) = fresh_db();
     let db = Options::new().open(&path, MIGRATIONS).unwrap();
     common::bump(&db, "a").unwrap();
     let me = std::process::id();
-    std::thread::scope(|s| {
-        let (reading, is_reading) = std::sync::mpsc::channel();
-        let (done, is_done) = std::sync::mpsc::channel::<()>();
-        let db = &db;
-        s.spawn(move || {
-            db.read(|conn| -> sqlite_persistence::Result<()> {
-                // The read transaction begins with its first statement.
-                common::schema::counters::table
-                    .count()
-                    .get_result::<i64>(conn)?;
-                reading.send(()).unwrap();
-                // Until the status is read, however slowly a loaded machine runs this.
-                let _ = is_done.recv_timeout(Duration::from_secs(30));
-                Ok(())
-            })
-            .unwrap();
-        });
-        is_reading.recv_timeout(Duration::from_secs(10)).unwrap();
+    let status = common::while_reading(&db, || {
         let holder = common::hold_lock_until_released(&path, "BEGIN IMMEDIATE");
         let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
         holder.release();
-        done.send(()).unwrap();
-        assert!(status.wal_frames.unwrap() > 0, "{status:?}");
-        assert!(
-            status
-                .holders
-                .iter()
-                .any(|h| h.pid == me && h.lock == sqlite_persistence::HeldLock::WriteLock),
-            "{:?}",
-            status.holders
-        );
-        assert!(
-            status.wal_readers.iter().any(|h| h.pid == me),
-            "{:?}",
-            status.wal_readers
-        );
+        status
     });
+    assert!(status.wal_frames.unwrap() > 0, "{status:?}");
+    assert!(
+        status
+            .holders
+            .iter()
+            .any(|h| h.pid == me && h.lock == sqlite_persistence::HeldLock::WriteLock),
+        "{:?}",
+        status.holders
+    );
+    // The reader is named: as a reader of the WAL, or, had its snapshot begun on a WAL
+    // checkpointed to its end (read mark 0: seen once among tests run side by side), as a
+    // reader of the file alone.
+    assert!(status.wal_readers.iter().any(|h| h.pid == me), "{status:?}");
     // Nobody holds or reads now.
     let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
     assert!(status.holders.is_empty(), "{:?}", status.holders);
@@ -136,62 +117,50 @@ fn status_says_whether_the_file_alone_is_complete_who_pins_the_wal_and_what_the_
     assert!(status.pinning_readers.is_empty());
 
     let me = std::process::id();
-    std::thread::scope(|s| {
-        let (reading, is_reading) = std::sync::mpsc::channel();
-        let (writing, is_writing) = std::sync::mpsc::channel();
-        // Both hold on until the status is read, however slowly a loaded machine runs this.
-        let (read_done, end_read) = std::sync::mpsc::channel::<()>();
-        let (write_done, end_write) = std::sync::mpsc::channel::<()>();
-        let db = &db;
-        s.spawn(move || {
-            db.read(|conn| -> sqlite_persistence::Result<()> {
-                common::schema::counters::table
-                    .count()
-                    .get_result::<i64>(conn)?;
-                reading.send(()).unwrap();
-                let _ = end_read.recv_timeout(Duration::from_secs(30));
-                Ok(())
-            })
-            .unwrap();
-        });
-        is_reading.recv_timeout(Duration::from_secs(10)).unwrap();
+    let status = common::while_reading(&db, || {
         // Commits after the reader's snapshot: a checkpoint cannot copy them back.
-        common::bump(db, "a").unwrap();
-        checkpoint(db);
-        s.spawn(move || {
-            db.write(|_conn| -> sqlite_persistence::Result<()> {
-                writing.send(()).unwrap();
-                let _ = end_write.recv_timeout(Duration::from_secs(30));
-                Ok(())
-            })
-            .unwrap();
-        });
-        is_writing.recv_timeout(Duration::from_secs(10)).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
-        write_done.send(()).unwrap();
-        read_done.send(()).unwrap();
-        assert!(!status.database_complete, "{status:?}");
-        // The reader began on a checkpointed WAL, so it reads the database file alone (read
-        // mark 0), under which no frame can be copied into the file.
-        assert!(
+        common::bump(&db, "a").unwrap();
+        checkpoint(&db);
+        // And a writer holding the queue, until the status is read.
+        std::thread::scope(|s| {
+            let (writing, is_writing) = std::sync::mpsc::channel();
+            let (done, is_done) = std::sync::mpsc::channel::<()>();
+            let db = &db;
+            s.spawn(move || {
+                db.write(|_conn| -> sqlite_persistence::Result<()> {
+                    writing.send(()).unwrap();
+                    let _ = is_done.recv_timeout(Duration::from_secs(30));
+                    Ok(())
+                })
+                .unwrap();
+            });
+            is_writing.recv_timeout(Duration::from_secs(10)).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+            done.send(()).unwrap();
             status
-                .pinning_readers
-                .iter()
-                .any(|h| h.pid == me && h.lock == HeldLock::FileReader),
-            "{:?}",
-            status.pinning_readers
-        );
-        let queue = status
-            .holders
-            .iter()
-            .find(|h| h.lock == HeldLock::WriteQueue)
-            .expect("the write queue's holder");
-        assert_eq!(queue.pid, me);
-        assert_eq!(queue.operation, Some(Operation::Write));
-        let held = queue.since.unwrap().elapsed().unwrap();
-        assert!(held >= Duration::from_millis(50) && held < Duration::from_secs(30));
+        })
     });
+    assert!(!status.database_complete, "{status:?}");
+    // The reader began on a checkpointed WAL, so it reads the database file alone (read
+    // mark 0), under which no frame can be copied into the file.
+    assert!(
+        status
+            .pinning_readers
+            .iter()
+            .any(|h| h.pid == me && h.lock == HeldLock::FileReader),
+        "{:?}",
+        status.pinning_readers
+    );
+    let queue = status
+        .holders
+        .iter()
+        .find(|h| h.lock == HeldLock::WriteQueue)
+        .expect("the write queue's holder");
+    assert_eq!(queue.pid, me);
+    assert_eq!(queue.operation, Some(Operation::Write));
+    let held = queue.since.unwrap().elapsed().unwrap();
+    assert!(held >= Duration::from_millis(50) && held < Duration::from_secs(30));
     checkpoint(&db);
     let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
     assert!(status.database_complete, "{status:?}");
@@ -224,41 +193,24 @@ fn my_posix_locks_on(file: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn reading_the_wal_index_keeps_this_processs_own_sqlite_locks() {
-    use std::time::Duration;
     let (_dir, path) = fresh_db();
     let db = Options::new().open(&path, MIGRATIONS).unwrap();
     common::bump(&db, "a").unwrap();
     let shm = std::path::PathBuf::from(format!("{}-shm", path.display()));
-    std::thread::scope(|s| {
-        let (reading, is_reading) = std::sync::mpsc::channel();
-        let (checked, is_checked) = std::sync::mpsc::channel::<()>();
-        let db = &db;
-        s.spawn(move || {
-            db.read(|conn| -> sqlite_persistence::Result<()> {
-                common::schema::counters::table
-                    .count()
-                    .get_result::<i64>(conn)?;
-                reading.send(()).unwrap();
-                let _ = is_checked.recv_timeout(Duration::from_secs(10));
-                Ok(())
-            })
-            .unwrap();
-        });
-        is_reading.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (before, after) = common::while_reading(&db, || {
         let before = my_posix_locks_on(&shm);
-        assert!(!before.is_empty(), "the read holds locks on -shm");
         // Status reads the WAL index; closing a descriptor of -shm of its own would drop
         // every one of these locks (the read mark, and the lock that says the index is in
         // use, which another process takes as leave to rebuild it).
         let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
         assert!(status.wal_committed_frames.is_some());
-        let after = my_posix_locks_on(&shm);
-        checked.send(()).unwrap();
-        assert!(
-            after.len() >= before.len(),
-            "before {before:?}\nafter {after:?}"
-        );
+        (before, my_posix_locks_on(&shm))
     });
+    assert!(!before.is_empty(), "the read holds locks on -shm");
+    assert!(
+        after.len() >= before.len(),
+        "before {before:?}\nafter {after:?}"
+    );
 }
 
 #[test]

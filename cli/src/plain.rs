@@ -69,23 +69,38 @@ impl LeanCatalog {
     /// # Errors
     /// "database is locked" past `busy_timeout`.
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
-        validate_artifact_name(artifact)?;
-        let asked = Instant::now();
-        let version = self
-            .conn
-            .borrow_mut()
-            .immediate_transaction(|conn| record_next(conn, artifact, hold))
-            .map_err(|source| Error::Query {
-                operation: "record a version",
-                source,
-            })?;
-        Ok(Recorded {
-            artifact: artifact.to_owned(),
-            version,
-            wait: asked.elapsed().saturating_sub(hold),
-            attempts: 1,
+        record_once(artifact, hold, |record| {
+            Ok(self.conn.borrow_mut().immediate_transaction(record))
         })
     }
+}
+
+/// Records the next version of `artifact` once, with `transaction` (a baseline's own kind of
+/// transaction around the statements), without retrying. The wait is from asking to commit,
+/// less the simulated work: a deferred `BEGIN` returns at once, and its waiting happens
+/// inside the statements (the busy handler).
+fn record_once(
+    artifact: &str,
+    hold: Duration,
+    transaction: impl FnOnce(
+        &mut dyn FnMut(&mut SqliteConnection) -> diesel::QueryResult<i64>,
+    ) -> Result<diesel::QueryResult<i64>>,
+) -> Result<Recorded> {
+    validate_artifact_name(artifact)?;
+    let asked = Instant::now();
+    let version =
+        transaction(&mut |conn| record_next(conn, artifact, hold))?.map_err(|source| {
+            Error::Query {
+                operation: "record a version",
+                source,
+            }
+        })?;
+    Ok(Recorded {
+        artifact: artifact.to_owned(),
+        version,
+        wait: asked.elapsed().saturating_sub(hold),
+        attempts: 1,
+    })
 }
 
 #[derive(Debug)]
@@ -155,22 +170,9 @@ impl PlainCatalog {
     /// # Errors
     /// "database is locked" whenever another process committed first.
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
-        validate_artifact_name(artifact)?;
-        let asked = Instant::now();
-        let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;
-        let version = conn
-            .transaction(|conn| record_next(conn, artifact, hold))
-            .map_err(|source| Error::Query {
-                operation: "record a version",
-                source,
-            })?;
-        Ok(Recorded {
-            artifact: artifact.to_owned(),
-            version,
-            // A deferred BEGIN returns at once; the waiting happens inside the statements
-            // (the busy handler). So: from asking to commit, less the simulated work.
-            wait: asked.elapsed().saturating_sub(hold),
-            attempts: 1,
+        record_once(artifact, hold, |record| {
+            let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;
+            Ok((*conn).transaction(record))
         })
     }
 }

@@ -110,6 +110,29 @@ pub fn hold_lock(db: &Path, begin: &'static str, hold: Duration) -> thread::Join
     holder
 }
 
+/// Runs `f` while another thread has a `read` of `db` open (its transaction begun, by a first
+/// statement), then ends the read: for a test that looks at a reader, however slowly a
+/// loaded machine runs it.
+pub fn while_reading<T>(db: &Database, f: impl FnOnce() -> T) -> T {
+    thread::scope(|s| {
+        let (reading, is_reading) = mpsc::channel();
+        let (done, is_done) = mpsc::channel::<()>();
+        s.spawn(move || {
+            db.read(|conn| -> sqlite_persistence::Result<()> {
+                counters::table.count().get_result::<i64>(conn)?;
+                reading.send(()).unwrap();
+                let _ = is_done.recv_timeout(Duration::from_secs(30));
+                Ok(())
+            })
+            .unwrap();
+        });
+        is_reading.recv_timeout(Duration::from_secs(10)).unwrap();
+        let value = f();
+        done.send(()).unwrap();
+        value
+    })
+}
+
 /// A lock held by another connection on its own thread until [`Held::release`] (or 30 s).
 pub struct Held {
     release: mpsc::Sender<()>,

@@ -160,7 +160,7 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         }
     )?;
     crate::outln!("holders       {}", people(&status.holders))?;
-    crate::outln!("wal readers   {}", people(&status.wal_readers))?;
+    crate::outln!("readers       {}", people(&status.wal_readers))?;
     crate::outln!("pinned by     {}", people(&status.pinning_readers))?;
     Ok(())
 }
