@@ -28,8 +28,10 @@ const REGION: i32 = 32768;
 /// mapped its index.
 ///
 /// # Safety
-/// `db` must be an open connection, used by the calling thread and not inside a statement
-/// of this thread (SQLite's mutex serializes other threads).
+/// `db` must be an open connection in WAL mode, used by the calling thread, and inside a
+/// transaction (or its WAL hook): it then holds its own reference to the index and its
+/// mapping. Outside one, `xShmMap` may open a reference of its own for the connection, whose
+/// later release SQLite does not expect (tests run side by side lost a read lock that way).
 pub(crate) unsafe fn wal_index(db: *mut ffi::sqlite3) -> Option<WalIndex> {
     let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: `db` is open; FILE_POINTER writes the main database's `sqlite3_file*`.

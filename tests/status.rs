@@ -66,11 +66,13 @@ fn status_names_who_holds_the_write_lock_and_who_reads_from_the_wal() {
     let db = Options::new().open(&path, MIGRATIONS).unwrap();
     common::bump(&db, "a").unwrap();
     let me = std::process::id();
-    let status = common::while_reading(&db, || {
+    let (status, table) = common::while_reading(&db, || {
         let holder = common::hold_lock_until_released(&path, "BEGIN IMMEDIATE");
+        let before = common::lock_table(&path);
         let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+        let table = format!("BEFORE {before}\nAFTER {}", common::lock_table(&path));
         holder.release();
-        status
+        (status, table)
     });
     assert!(status.wal_frames.unwrap() > 0, "{status:?}");
     assert!(
@@ -78,13 +80,17 @@ fn status_names_who_holds_the_write_lock_and_who_reads_from_the_wal() {
             .holders
             .iter()
             .any(|h| h.pid == me && h.lock == sqlite_persistence::HeldLock::WriteLock),
-        "{:?}",
-        status.holders
+        "{:?}: {}",
+        status.holders,
+        common::lock_table(&path)
     );
     // The reader is named: as a reader of the WAL, or, had its snapshot begun on a WAL
     // checkpointed to its end (read mark 0: seen once among tests run side by side), as a
     // reader of the file alone.
-    assert!(status.wal_readers.iter().any(|h| h.pid == me), "{status:?}");
+    assert!(
+        status.wal_readers.iter().any(|h| h.pid == me),
+        "{status:?}: {table}"
+    );
     // Nobody holds or reads now.
     let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
     assert!(status.holders.is_empty(), "{:?}", status.holders);
@@ -137,10 +143,12 @@ fn status_says_whether_the_file_alone_is_complete_who_pins_the_wal_and_what_the_
             is_writing.recv_timeout(Duration::from_secs(10)).unwrap();
             std::thread::sleep(Duration::from_millis(100));
             let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
+            let table = common::lock_table(&path);
             done.send(()).unwrap();
-            status
+            (status, table)
         })
     });
+    let (status, table) = status;
     assert!(!status.database_complete, "{status:?}");
     // The reader began on a checkpointed WAL, so it reads the database file alone (read
     // mark 0), under which no frame can be copied into the file.
@@ -156,7 +164,7 @@ fn status_says_whether_the_file_alone_is_complete_who_pins_the_wal_and_what_the_
         .holders
         .iter()
         .find(|h| h.lock == HeldLock::WriteQueue)
-        .expect("the write queue's holder");
+        .unwrap_or_else(|| panic!("no holder of the write queue: {status:?}: {table}"));
     assert_eq!(queue.pid, me);
     assert_eq!(queue.operation, Some(Operation::Write));
     let held = queue.since.unwrap().elapsed().unwrap();

@@ -257,3 +257,20 @@ pub fn side_file_len(db: &Path, suffix: &str) -> u64 {
         .map(|m| m.len())
         .unwrap_or(0)
 }
+
+/// For a failing assertion about locks: the inode numbers of `db` and its `-shm` and `-wal`,
+/// and the OS lock table (Linux), as they are now.
+pub fn lock_table(db: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |suffix: &str| {
+        std::fs::metadata(format!("{}{suffix}", db.display()))
+            .map_or("-".to_owned(), |m| format!("{:x}:{}", m.dev(), m.ino()))
+    };
+    format!(
+        "db {} shm {} wal {}; /proc/locks:\n{}",
+        ino(""),
+        ino("-shm"),
+        ino("-wal"),
+        std::fs::read_to_string("/proc/locks").unwrap_or_default()
+    )
+}
