@@ -116,21 +116,6 @@ impl Drop for Watch {
     }
 }
 
-/// How a call ended, for the log of an orphaned one.
-trait Outcome {
-    fn outcome(&self) -> &'static str;
-}
-
-impl<T, E> Outcome for std::result::Result<T, E> {
-    fn outcome(&self) -> &'static str {
-        if self.is_ok() {
-            "committed"
-        } else {
-            "failed"
-        }
-    }
-}
-
 impl AsyncDatabase {
     /// Opens the database at `path` with [`Options::new`], as [`Database::open`] does, on a
     /// blocking thread: the migrations run off the runtime's workers.
@@ -280,7 +265,11 @@ impl AsyncDatabase {
                 tracing::info!(
                     db.namespace = %database.path().display(),
                     operation = operation.as_str(),
-                    outcome = ended.as_ref().map_or("panicked", Outcome::outcome),
+                    outcome = match &ended {
+                        Ok(Ok(_)) => "committed",
+                        Ok(Err(_)) => "failed",
+                        Err(_) => "panicked",
+                    },
                     "finished after its caller dropped it"
                 );
             }

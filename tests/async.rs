@@ -5,9 +5,9 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,44 +18,6 @@ use diesel::sql_types::BigInt;
 use rand::{Rng, SeedableRng};
 use sqlite_persistence::{AsyncDatabase, Database, Options};
 
-/// Runs this test binary's child role `role` with `env` set; stdout piped.
-fn child(role: &str, env: &[(&str, String)]) -> Child {
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args([role, "--exact", "--ignored", "--nocapture"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    command.spawn().unwrap()
-}
-
-/// Waits (bounded by the child's own limit) until `child` prints `line`.
-fn wait_for_line(child: &mut Child, line: &str) -> BufReader<std::process::ChildStdout> {
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut text = String::new();
-    loop {
-        text.clear();
-        assert!(
-            out.read_line(&mut text).unwrap() > 0,
-            "the child ended before saying {line}"
-        );
-        if text.trim_end() == line {
-            return out;
-        }
-    }
-}
-
-/// Exits the process after `seconds`, so that no child outlives a broken test.
-fn bounded(seconds: u64) {
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(seconds));
-        std::process::exit(3);
-    });
-}
-
 /// Not a test on its own: holds the write lock of `ASYNC_HOLD_DB` for `ASYNC_HOLD_MS`.
 #[test]
 #[ignore = "run as a child process by the async tests"]
@@ -63,7 +25,7 @@ fn lock_holder_child() {
     let Ok(path) = std::env::var("ASYNC_HOLD_DB") else {
         return;
     };
-    bounded(30);
+    common::exit_after(30);
     let hold: u64 = std::env::var("ASYNC_HOLD_MS").unwrap().parse().unwrap();
     let mut conn = SqliteConnection::establish(&path).unwrap();
     conn.batch_execute("PRAGMA busy_timeout = 5000; BEGIN IMMEDIATE;")
@@ -77,14 +39,14 @@ fn lock_holder_child() {
 
 /// Starts a process that holds `db`'s write lock for `hold`; returns once it holds it.
 fn hold_in_another_process(db: &Path, hold: Duration) -> Child {
-    let mut holder = child(
+    let mut holder = common::child_role(
         "lock_holder_child",
         &[
             ("ASYNC_HOLD_DB", db.display().to_string()),
             ("ASYNC_HOLD_MS", hold.as_millis().to_string()),
         ],
     );
-    wait_for_line(&mut holder, "held");
+    common::wait_for_line(&mut holder, "held");
     holder
 }
 
@@ -100,15 +62,15 @@ fn create_jobs(db: &Path) {
 
 /// Not a test on its own: 8 tasks of one process write `ASYNC_WRITES` jobs between them
 /// through the async handle once `ASYNC_GO` exists, each future dropped at a random moment
-/// with probability one half. Prints `{"id", "committed", "started"}` per job once every
-/// blocking task has finished.
+/// with probability one half. Prints a line `ID COMMITTED STARTED` per job (the flags
+/// `true` or `false`) once every blocking task has finished.
 #[test]
 #[ignore = "run as a child process by the async tests"]
 fn cancelling_writer_child() {
     let Ok(path) = std::env::var("ASYNC_CANCEL_DB") else {
         return;
     };
-    bounded(120);
+    common::exit_after(120);
     let first: i64 = std::env::var("ASYNC_FIRST_ID").unwrap().parse().unwrap();
     let writes: i64 = std::env::var("ASYNC_WRITES").unwrap().parse().unwrap();
     let go = std::env::var("ASYNC_GO").unwrap();
@@ -176,16 +138,9 @@ fn cancelling_writer_child() {
     drop(runtime);
     let started = started.lock().unwrap();
     for id in first..first + writes {
-        println!(
-            "{}",
-            serde_like(id, committed.contains(&id), started.contains(&id))
-        );
+        println!("{id} {} {}", committed.contains(&id), started.contains(&id));
     }
     std::process::exit(0);
-}
-
-fn serde_like(id: i64, committed: bool, started: bool) -> String {
-    format!("{id} {committed} {started}")
 }
 
 #[test]
@@ -199,7 +154,7 @@ fn cancelled_writes_never_leave_a_transaction_open_nor_apply_twice() {
     let per_process = 500;
     let mut children: Vec<Child> = (0..2)
         .map(|i| {
-            child(
+            common::child_role(
                 "cancelling_writer_child",
                 &[
                     ("ASYNC_CANCEL_DB", path.display().to_string()),
@@ -216,7 +171,7 @@ fn cancelled_writes_never_leave_a_transaction_open_nor_apply_twice() {
         .collect();
     let outputs: Vec<_> = children
         .iter_mut()
-        .map(|c| wait_for_line(c, "ready"))
+        .map(|c| common::wait_for_line(c, "ready"))
         .collect();
     std::fs::write(&go, b"").unwrap();
     let mut reports = BTreeMap::new();

@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::{fresh_db, side_file_len, Captured, MIGRATIONS};
@@ -24,10 +24,7 @@ fn pinning_reader_child() {
     let Ok(path) = std::env::var("WAL_PIN_DB") else {
         return;
     };
-    std::thread::spawn(|| {
-        std::thread::sleep(Duration::from_secs(30));
-        std::process::exit(3);
-    });
+    common::exit_after(30);
     let mut conn = SqliteConnection::establish(&path).unwrap();
     conn.batch_execute("PRAGMA busy_timeout = 5000; BEGIN; SELECT count(*) FROM counters;")
         .unwrap();
@@ -41,25 +38,11 @@ fn pinning_reader_child() {
 
 /// Starts a process holding a read transaction on `path`; returns once it holds it.
 fn pinning_reader(path: &Path) -> Child {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "pinning_reader_child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("WAL_PIN_DB", path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Bounded: the child exits by itself after 30 s.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert!(
-        lines.any(|line| line.is_ok_and(|l| l == "pinned")),
-        "the reader did not start"
+    let mut child = common::child_role(
+        "pinning_reader_child",
+        &[("WAL_PIN_DB", path.display().to_string())],
     );
+    common::wait_for_line(&mut child, "pinned");
     child
 }
 

@@ -274,3 +274,49 @@ pub fn lock_table(db: &Path) -> String {
         std::fs::read_to_string("/proc/locks").unwrap_or_default()
     )
 }
+
+/// Runs this test binary's child role `role` (an ignored test that acts only when its
+/// environment is set) with `env` set; its stdin and stdout piped.
+pub fn child_role(role: &str, env: &[(&str, String)]) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([role, "--exact", "--ignored", "--nocapture"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn().unwrap()
+}
+
+/// Waits (bounded by the child's own limit, see [`exit_after`]) until `child` prints `line`;
+/// returns the rest of its output.
+pub fn wait_for_line(
+    child: &mut std::process::Child,
+    line: &str,
+) -> std::io::BufReader<std::process::ChildStdout> {
+    use std::io::BufRead;
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut text = String::new();
+    loop {
+        text.clear();
+        assert!(
+            out.read_line(&mut text).unwrap() > 0,
+            "the child ended before saying {line}"
+        );
+        if text.trim_end() == line {
+            return out;
+        }
+    }
+}
+
+/// In a child role: exits the process after `seconds`, so that no child outlives a broken
+/// test.
+pub fn exit_after(seconds: u64) {
+    thread::spawn(move || {
+        thread::sleep(Duration::from_secs(seconds));
+        std::process::exit(3);
+    });
+}
