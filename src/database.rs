@@ -78,9 +78,8 @@ impl Database {
         applied: Vec<String>,
         queue: Option<WriteQueue>,
     ) -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id: next_id(),
             pool: Some(pool),
             open,
             path,
@@ -433,6 +432,12 @@ impl Drop for QueryOnly<'_> {
     }
 }
 
+/// A new handle id, for telling handles apart in [`Inside`].
+pub(crate) fn next_id() -> u64 {
+    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 thread_local! {
     /// The databases (by handle id) this thread is inside a `write` or `read` of, innermost
     /// last, with the operation.
@@ -440,20 +445,20 @@ thread_local! {
 }
 
 /// This thread is inside an operation of one database while this lives.
-struct Inside {
+pub(crate) struct Inside {
     id: u64,
 }
 
 impl Inside {
     /// [`Error::Reentrant`] if this thread is already inside an operation of database `id`.
-    fn check(id: u64, operation: Operation) -> Result<()> {
+    pub(crate) fn check(id: u64, operation: Operation) -> Result<()> {
         INSIDE.with_borrow(|inside| match inside.iter().find(|(i, _)| *i == id) {
             Some(&(_, outer)) => Err(Error::Reentrant { operation, outer }),
             None => Ok(()),
         })
     }
 
-    fn enter(id: u64, operation: Operation) -> Result<Self> {
+    pub(crate) fn enter(id: u64, operation: Operation) -> Result<Self> {
         Self::check(id, operation)?;
         INSIDE.with_borrow_mut(|inside| inside.push((id, operation)));
         Ok(Self { id })

@@ -94,6 +94,61 @@ pub enum Error {
         source: diesel::ConnectionError,
     },
 
+    /// The URL's scheme names an engine this build does not open (`mysql://`, `http://`),
+    /// or one whose Cargo feature is off.
+    #[error("cannot open {url}: the scheme {scheme}:// is not one of this build's engines ({enabled})")]
+    UnsupportedUrl {
+        /// The URL, without its password.
+        url: String,
+        /// Its scheme.
+        scheme: String,
+        /// The schemes this build opens, by engine.
+        enabled: &'static str,
+    },
+
+    /// `$DATABASE_URL` is unset, empty or not UTF-8.
+    #[error("DATABASE_URL is not set")]
+    NoDatabaseUrl,
+
+    /// No session could be opened on the PostgreSQL server.
+    #[error("cannot connect to {url}")]
+    Connect {
+        /// The URL, without its password.
+        url: String,
+        /// What libpq said.
+        #[source]
+        source: diesel::ConnectionError,
+    },
+
+    /// The PostgreSQL server answers this role's sessions in a language other than English,
+    /// and the role may not change that (`lc_messages` is a superuser setting).
+    #[error("{url} sends messages in {found:?}; the layer needs them in English")]
+    ServerMessages {
+        /// The URL, without its password.
+        url: String,
+        /// The session's `lc_messages`.
+        found: String,
+    },
+
+    /// Another process held PostgreSQL's migration lock (a session lock, while it applied a
+    /// migration that cannot run in a transaction); waited for with the retry policy.
+    #[error("another process holds the migration lock of {url}")]
+    MigrationLockHeld {
+        /// The URL, without its password.
+        url: String,
+    },
+
+    /// The connection to the PostgreSQL server was lost while `COMMIT` was in flight: the
+    /// transaction may have committed or not. It is not run again; read back to find out.
+    #[error("{operation}: the connection was lost during COMMIT; whether it committed is unknown")]
+    CommitOutcomeUnknown {
+        /// The operation whose commit was lost.
+        operation: Operation,
+        /// Diesel's error.
+        #[source]
+        source: DieselError,
+    },
+
     /// A statement failed; `operation` says which step ran it.
     #[error("{operation} failed")]
     Query {
@@ -436,6 +491,19 @@ impl Error {
                  END and ROLLBACK from it (SAVEPOINT and RELEASE may stay)"
             }
             Error::Corrupt { .. } => "restore it from a backup",
+            Error::UnsupportedUrl { .. } => {
+                "SQLite takes a path, sqlite:// or file:; PostgreSQL postgres:// or \
+                 postgresql:// (Cargo feature postgres)"
+            }
+            Error::ServerMessages { .. } => {
+                "the layer tells a deadlock and a lock timeout by the server's message; have \
+                 a superuser run ALTER ROLE <role> SET lc_messages = 'C' (or the same for \
+                 the database)"
+            }
+            Error::CommitOutcomeUnknown { .. } => {
+                "read back what the write should have stored before running it again; make \
+                 writes idempotent (a unique key per request) where this matters"
+            }
             Error::NameTooLong { .. } => {
                 "SQLite names its side files after the database (FILE-journal, FILE-wal, \
                  FILE-shm) and the write queue uses FILE-lock: choose a shorter name"

@@ -80,6 +80,7 @@ mod closing;
 mod codes;
 mod customizer;
 mod database;
+mod engine;
 mod error;
 mod guard;
 mod holders;
@@ -88,6 +89,8 @@ mod operation;
 mod options;
 mod owned;
 mod pool;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod pragma;
 mod queue;
 mod read_age;
@@ -104,11 +107,15 @@ pub use self::tokio::AsyncDatabase;
 pub use backup::Backup;
 pub use customizer::ConnectionCustomizer;
 pub use database::{Database, WriteStats};
+pub use engine::{AnyConnection, AnyDatabase, AnyMigrations, Engine, DATABASE_URL};
 pub use error::{is_lock_error, BoxError, Error, Result};
 pub use holders::{HeldLock, Holder};
 pub use operation::{FileOperation, Operation};
 pub use options::Options;
 pub use pool::{PooledSqlite, SqliteManager, SqlitePool};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{PgDatabase, PgFailure, PgManager, PgPool, PooledPg};
 pub use pragma::{JournalMode, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};
 pub use status::{Checksums, FileSizes, Status};

@@ -35,6 +35,10 @@ pub enum Operation {
     Connection,
     /// [`Database::backup_to`](crate::Database::backup_to).
     Backup,
+    /// A PostgreSQL session's settings (timeouts, message language).
+    ConfigureSession,
+    /// Taking PostgreSQL's advisory lock for the migration batch.
+    MigrationLock,
 }
 
 impl Operation {
@@ -55,6 +59,8 @@ impl Operation {
             Operation::Query => "query",
             Operation::Connection => "connection",
             Operation::Backup => "backup",
+            Operation::ConfigureSession => "configure the session",
+            Operation::MigrationLock => "take the migration lock",
         }
     }
 }

@@ -30,6 +30,15 @@ use crate::retry::RetryPolicy;
 /// | `max_read_age` | none | a cap on how long a `read` may keep its snapshot (and so the WAL) |
 /// | `wal_shipping` | off | the layer checkpoints, and warns naming the reader that pins a growing WAL |
 ///
+/// PostgreSQL (feature `postgres`) uses `retry`, the migration checks, `application_id` and
+/// `pool_size` as above, and three settings of its own:
+///
+/// | setting | default | why |
+/// |---|---|---|
+/// | `statement_timeout` | 30 s | a runaway query of a `write` or `read` ends (migrations have none) |
+/// | `lock_timeout` | 5 s, and never past the retry deadline | a wait for a row or table lock ends, and the transaction runs again |
+/// | `idle_in_transaction_timeout` | 60 s | a transaction left open on a borrowed connection does not hold its locks forever |
+///
 /// # Examples
 /// ```
 /// use std::time::Duration;
@@ -59,6 +68,9 @@ pub struct Options {
     pub(crate) create_mode: u32,
     pub(crate) pool_size: u32,
     pub(crate) fair_queue: bool,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) idle_in_transaction_timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -89,6 +101,9 @@ impl Options {
             create_mode: 0o600,
             pool_size: 8,
             fair_queue: true,
+            statement_timeout: Some(Duration::from_secs(30)),
+            lock_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Some(Duration::from_secs(60)),
         }
     }
 
@@ -300,6 +315,44 @@ impl Options {
     /// where the directory is read-only or locks are unreliable. Defaults to on.
     pub fn fair_queue(mut self, on: bool) -> Self {
         self.fair_queue = on;
+        self
+    }
+
+    /// PostgreSQL's `statement_timeout` for the sessions of a
+    /// [`PgDatabase`](crate::PgDatabase): a statement running longer is cancelled (SQLSTATE
+    /// 57014), and the `write` or `read` returns that error (it is not retried: running it
+    /// again would take as long). The migration batch runs without one. `None` sets none.
+    /// Defaults to 30 s.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// PostgreSQL's `lock_timeout`: how long one statement waits for a row or table lock
+    /// before the server cancels it (55P03); the `write` then runs again as a whole, as
+    /// after a deadlock or a serialization failure, until the retry deadline. Each attempt
+    /// also waits at most what is left of that deadline. Defaults to 5 s.
+    ///
+    /// # Panics
+    /// If `timeout` is zero (which PostgreSQL reads as "wait forever").
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        assert!(!timeout.is_zero(), "lock_timeout must be above zero");
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// PostgreSQL's `idle_in_transaction_session_timeout`: a session that keeps a
+    /// transaction open without running a statement for this long is ended by the server,
+    /// which rolls the transaction back and releases its locks. The analogue of
+    /// [`Options::max_read_age`] for a server. `None` sets none. Defaults to 60 s.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn idle_in_transaction_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_in_transaction_timeout = timeout;
         self
     }
 

@@ -232,6 +232,33 @@ pub(crate) fn retry<T, E>(
     database: &Path,
     is_transient: impl Fn(&E) -> bool,
     describe: impl Fn(&E) -> String,
+    attempt: impl FnMut(Try) -> Result<T, E>,
+) -> Result<Success<T>, Failure<E>> {
+    let namespace = database.display();
+    let db = Db {
+        system: DB_SYSTEM,
+        namespace: &namespace,
+    };
+    retry_in(policy, clock, operation, db, is_transient, describe, attempt)
+}
+
+/// The database a retried operation works on, as its `tracing` events name it.
+#[derive(Clone, Copy)]
+pub(crate) struct Db<'a> {
+    /// OpenTelemetry's `db.system.name`.
+    pub system: &'static str,
+    /// `db.namespace`: the file, or the server's database.
+    pub namespace: &'a dyn std::fmt::Display,
+}
+
+/// [`retry`] for any engine: its events name `db`.
+pub(crate) fn retry_in<T, E>(
+    policy: &RetryPolicy,
+    clock: &dyn Clock,
+    operation: Operation,
+    db: Db<'_>,
+    is_transient: impl Fn(&E) -> bool,
+    describe: impl Fn(&E) -> String,
     mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, Failure<E>> {
     let start = clock.now();
@@ -254,8 +281,8 @@ pub(crate) fn retry<T, E>(
         let remaining = policy.max_elapsed.saturating_sub(elapsed);
         if attempts >= policy.max_attempts || remaining.is_zero() {
             tracing::error!(
-                db.system.name = DB_SYSTEM,
-                db.namespace = %database.display(),
+                db.system.name = db.system,
+                db.namespace = %db.namespace,
                 db.operation.name = operation.as_str(),
                 error.type = ERROR_TYPE_BUSY,
                 operation = operation.as_str(),
@@ -272,8 +299,8 @@ pub(crate) fn retry<T, E>(
         }
         let delay = delays.next().unwrap_or(policy.max_delay).min(remaining);
         tracing::warn!(
-            db.system.name = DB_SYSTEM,
-            db.namespace = %database.display(),
+            db.system.name = db.system,
+            db.namespace = %db.namespace,
             db.operation.name = operation.as_str(),
             error.type = ERROR_TYPE_BUSY,
             operation = operation.as_str(),

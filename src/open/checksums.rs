@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use diesel::connection::{BoxableConnection, SimpleConnection};
 use diesel::migration::Migration;
 use diesel::sql_types::{BigInt, Text};
-use diesel::sqlite::Sqlite;
+use diesel::backend::Backend;
 use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 
 /// The side table. Its name starts with `__` like Diesel's own bookkeeping table; exclude it
@@ -32,7 +32,7 @@ impl SimpleConnection for Recorder {
     }
 }
 
-impl BoxableConnection<Sqlite> for Recorder {
+impl<DB: Backend> BoxableConnection<DB> for Recorder {
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -49,7 +49,7 @@ impl BoxableConnection<Sqlite> for Recorder {
 ///
 /// FNV-1a detects edits, not deliberate collisions; it needs no dependency and is stable
 /// across Rust versions, which `std`'s hasher is not.
-pub(crate) fn checksum(migration: &dyn Migration<Sqlite>) -> Option<String> {
+pub(crate) fn checksum<DB: Backend>(migration: &dyn Migration<DB>) -> Option<String> {
     let mut recorder = Recorder::default();
     migration.run(&mut recorder).ok()?;
     if recorder.sql.is_empty() {
@@ -61,7 +61,7 @@ pub(crate) fn checksum(migration: &dyn Migration<Sqlite>) -> Option<String> {
     ))
 }
 
-fn fnv1a64(text: &str) -> u64 {
+pub(crate) fn fnv1a64(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -138,6 +138,7 @@ pub(crate) fn record(
 mod tests {
     use super::*;
     use diesel::migration::MigrationSource;
+    use diesel::sqlite::Sqlite;
 
     #[test]
     fn fnv1a64_matches_the_reference_values() {

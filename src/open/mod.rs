@@ -1,9 +1,9 @@
 //! Opening has one home: target, preflight, first connection, what the file records, the
 //! journal mode, the migrations, then the pool.
 
-mod checksums;
+pub(crate) mod checksums;
 mod filesystem;
-mod plan;
+pub(crate) mod plan;
 mod preflight;
 mod target;
 mod wal;

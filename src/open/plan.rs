@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use diesel::connection::SimpleConnection;
 use diesel::migration::{Migration, MigrationSource};
 use diesel::sql_types::Integer;
+use diesel::backend::Backend;
 use diesel::sqlite::Sqlite;
 use diesel::{sql_query, Connection, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 use diesel_migrations::MigrationHarness;
@@ -39,8 +40,8 @@ pub(crate) struct Known {
 
 /// A migration source's migrations, listed once, in version order, with what the planner
 /// needs of each (`known[i]` describes `migrations[i]`).
-pub(crate) struct Source {
-    migrations: Vec<Box<dyn Migration<Sqlite>>>,
+pub(crate) struct Source<DB: Backend = Sqlite> {
+    migrations: Vec<Box<dyn Migration<DB>>>,
     known: Vec<Known>,
 }
 
@@ -149,6 +150,7 @@ pub(crate) fn check(
     known: &[Known],
     plan: &Plan,
     options: &Options,
+    engine: Batch,
 ) -> std::result::Result<(), Refusal> {
     if let Some(expected) = options.application_id {
         let found = plan.state.application_id;
@@ -180,10 +182,23 @@ pub(crate) fn check(
     // Inside the batch's transaction, Diesel would run such a migration in the transaction
     // anyway (VACUUM fails, PRAGMA foreign_keys = OFF is silently ignored); outside it, the
     // batch would not be atomic. Refuse before touching anything.
-    if let Some(&i) = plan.pending.iter().find(|&&i| !known[i].transactional) {
-        return Err(Refusal::NonTransactional(known[i].name.clone()));
+    if engine == Batch::OneTransaction {
+        if let Some(&i) = plan.pending.iter().find(|&&i| !known[i].transactional) {
+            return Err(Refusal::NonTransactional(known[i].name.clone()));
+        }
     }
     Ok(())
+}
+
+/// How an engine applies a batch that holds a migration with `run_in_transaction = false`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Batch {
+    /// Always in one transaction: such a migration is refused (SQLite).
+    OneTransaction,
+    /// In one transaction when every pending migration allows it, else each migration in
+    /// its own, the others in autocommit, under a session lock (PostgreSQL).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    SplitWhenNeeded,
 }
 
 /// The names of `known[i]` for each index.
@@ -257,12 +272,12 @@ impl State {
     }
 }
 
-impl Source {
+impl<DB: Backend> Source<DB> {
     /// Lists `source`'s migrations once, in version order, with each one's checksum.
     ///
     /// # Errors
     /// [`Error::MigrationSource`] if the source cannot list them.
-    pub(crate) fn list<S: MigrationSource<Sqlite>>(source: S) -> Result<Self> {
+    pub(crate) fn list<S: MigrationSource<DB>>(source: S) -> Result<Self> {
         let mut migrations = source
             .migrations()
             .map_err(|source| Error::MigrationSource { source })?;
@@ -284,19 +299,27 @@ impl Source {
         plan(&self.known, state, options.application_id)
     }
 
+    /// The names of the migrations at `indices`.
+    pub(crate) fn names(&self, indices: &[usize]) -> Vec<String> {
+        names(&self.known, indices)
+    }
+
+    /// The migrations, and what the planner knows of each (same indices).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn migrations(&self) -> (&[Box<dyn Migration<DB>>], &[Known]) {
+        (&self.migrations, &self.known)
+    }
+}
+
+impl Source<Sqlite> {
     /// The plan for the database `conn` is open on, read without writing.
     pub(crate) fn read(&self, conn: &mut SqliteConnection, options: &Options) -> QueryResult<Plan> {
         Ok(self.plan(State::read(conn)?, options))
     }
 
-    /// [`check`] against this source.
+    /// [`check`] against this source, for a SQLite batch.
     pub(crate) fn check(&self, plan: &Plan, options: &Options) -> std::result::Result<(), Refusal> {
-        check(&self.known, plan, options)
-    }
-
-    /// The names of the migrations at `indices`.
-    pub(crate) fn names(&self, indices: &[usize]) -> Vec<String> {
-        names(&self.known, indices)
+        check(&self.known, plan, options, Batch::OneTransaction)
     }
 
     /// The batch, inside the caller's write transaction (`BEGIN IMMEDIATE`): re-reads and
@@ -634,7 +657,7 @@ mod tests {
             assert_eq!(plan.stamp, c.stamp, "{}: stamp", c.name);
             assert_eq!(plan.state, c.state, "{}: state kept", c.name);
             assert_eq!(
-                check(&c.known, &plan, &c.options).err(),
+                check(&c.known, &plan, &c.options, Batch::OneTransaction).err(),
                 c.refusal,
                 "{}: refusal",
                 c.name

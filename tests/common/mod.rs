@@ -320,3 +320,6 @@ pub fn exit_after(seconds: u64) {
         std::process::exit(3);
     });
 }
+
+#[cfg(feature = "postgres")]
+pub mod pg;

@@ -1,0 +1,278 @@
+//! The engine a URL names, chosen by its scheme alone (never by trying connection types in
+//! turn: SQLite accepts any string as a file name), and a handle to either.
+
+use diesel::migration::MigrationSource;
+#[cfg(feature = "postgres")]
+use diesel::pg::Pg;
+use diesel::sqlite::Sqlite;
+
+use crate::database::Database;
+use crate::error::{Error, Result};
+use crate::options::Options;
+#[cfg(feature = "postgres")]
+use crate::postgres::PgDatabase;
+
+/// A database engine of this crate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Engine {
+    /// A SQLite file: a path, `sqlite://PATH`, `sqlite:PATH`, `file:PATH` or `:memory:`.
+    Sqlite,
+    /// A PostgreSQL server: `postgres://` or `postgresql://` (feature `postgres`).
+    Postgres,
+}
+
+/// The schemes this build opens, for [`Error::UnsupportedUrl`].
+#[cfg(feature = "postgres")]
+const ENABLED: &str = "sqlite: a path, sqlite:, file:; postgres: postgres://, postgresql://";
+#[cfg(not(feature = "postgres"))]
+const ENABLED: &str =
+    "sqlite: a path, sqlite:, file:; postgres:// needs the Cargo feature postgres";
+
+impl Engine {
+    /// The engine `url` names, by its scheme: `postgres://` and `postgresql://` are
+    /// PostgreSQL; a path, `sqlite:` and `file:` are SQLite; any other `scheme://` is
+    /// refused, as is PostgreSQL when the `postgres` feature is off.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedUrl`], naming the scheme and the engines this build has.
+    ///
+    /// # Examples
+    /// ```
+    /// use sqlite_persistence::Engine;
+    ///
+    /// assert_eq!(Engine::of("data/app.db").unwrap(), Engine::Sqlite);
+    /// assert_eq!(Engine::of("sqlite:///srv/app.db").unwrap(), Engine::Sqlite);
+    /// assert!(Engine::of("mysql://db/app").is_err());
+    /// ```
+    pub fn of(url: &str) -> Result<Engine> {
+        let lower = url.trim_start().to_ascii_lowercase();
+        if lower.starts_with("sqlite:") || lower.starts_with("file:") {
+            return Ok(Engine::Sqlite);
+        }
+        let Some(scheme) = scheme(&lower) else {
+            return Ok(Engine::Sqlite);
+        };
+        match scheme {
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => Ok(Engine::Postgres),
+            _ => Err(Error::UnsupportedUrl {
+                url: redacted(url),
+                scheme: scheme.to_owned(),
+                enabled: ENABLED,
+            }),
+        }
+    }
+}
+
+/// The scheme of `url` when it has the form `scheme://`.
+fn scheme(url: &str) -> Option<&str> {
+    let (scheme, _) = url.split_once("://")?;
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then_some(scheme)
+}
+
+/// `url` as errors show it.
+fn redacted(url: &str) -> String {
+    #[cfg(feature = "postgres")]
+    return crate::postgres::redact(url);
+    #[cfg(not(feature = "postgres"))]
+    match url.split_once("://") {
+        Some((scheme, _)) => format!("{scheme}://..."),
+        None => url.to_owned(),
+    }
+}
+
+/// [`Error::UnsupportedUrl`] unless `url` names `engine`.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn expect(url: &str, engine: Engine) -> Result<()> {
+    let found = Engine::of(url)?;
+    if found == engine {
+        return Ok(());
+    }
+    Err(Error::UnsupportedUrl {
+        url: redacted(url),
+        scheme: scheme(&url.to_ascii_lowercase())
+            .unwrap_or("sqlite")
+            .to_owned(),
+        enabled: match engine {
+            Engine::Sqlite => "this call opens SQLite; use Options::open_url for any engine",
+            Engine::Postgres => "this call opens PostgreSQL; use Options::open_url for any engine",
+        },
+    })
+}
+
+/// Migrations that every engine of this build can run: a Diesel migration source of each
+/// backend (`embed_migrations!` and `FileBasedMigrations` are).
+#[cfg(feature = "postgres")]
+pub trait AnyMigrations: MigrationSource<Sqlite> + MigrationSource<Pg> {}
+#[cfg(feature = "postgres")]
+impl<T: MigrationSource<Sqlite> + MigrationSource<Pg>> AnyMigrations for T {}
+
+/// Migrations that every engine of this build can run: a Diesel migration source of each
+/// backend (`embed_migrations!` and `FileBasedMigrations` are).
+#[cfg(not(feature = "postgres"))]
+pub trait AnyMigrations: MigrationSource<Sqlite> {}
+#[cfg(not(feature = "postgres"))]
+impl<T: MigrationSource<Sqlite>> AnyMigrations for T {}
+
+/// A database of whichever engine its URL named ([`Options::open_url`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AnyDatabase {
+    /// A SQLite file.
+    Sqlite(Database),
+    /// A PostgreSQL database.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    Postgres(PgDatabase),
+}
+
+/// The connection a closure of [`AnyDatabase::write`] or [`AnyDatabase::read`] is given.
+#[non_exhaustive]
+pub enum AnyConnection<'a> {
+    /// A SQLite connection.
+    Sqlite(&'a mut diesel::SqliteConnection),
+    /// A PostgreSQL session.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    Postgres(&'a mut diesel::PgConnection),
+}
+
+impl AnyDatabase {
+    /// Its engine.
+    pub fn engine(&self) -> Engine {
+        match self {
+            AnyDatabase::Sqlite(_) => Engine::Sqlite,
+            #[cfg(feature = "postgres")]
+            AnyDatabase::Postgres(_) => Engine::Postgres,
+        }
+    }
+
+    /// [`Database::write`] or [`PgDatabase::write`]: `f` gets the engine's connection.
+    ///
+    /// # Errors
+    /// As the engine's `write`.
+    pub fn write<T, E, F>(&self, mut f: F) -> Result<T, E>
+    where
+        F: FnMut(AnyConnection<'_>) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        match self {
+            AnyDatabase::Sqlite(db) => db.write(|conn| f(AnyConnection::Sqlite(conn))),
+            #[cfg(feature = "postgres")]
+            AnyDatabase::Postgres(db) => db.write(|conn| f(AnyConnection::Postgres(conn))),
+        }
+    }
+
+    /// [`Database::read`] or [`PgDatabase::read`]: `f` gets the engine's connection.
+    ///
+    /// # Errors
+    /// As the engine's `read`.
+    pub fn read<T, E, F>(&self, mut f: F) -> Result<T, E>
+    where
+        F: FnMut(AnyConnection<'_>) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        match self {
+            AnyDatabase::Sqlite(db) => db.read(|conn| f(AnyConnection::Sqlite(conn))),
+            #[cfg(feature = "postgres")]
+            AnyDatabase::Postgres(db) => db.read(|conn| f(AnyConnection::Postgres(conn))),
+        }
+    }
+
+    /// The names of the migrations this open applied.
+    pub fn applied_at_open(&self) -> &[String] {
+        match self {
+            AnyDatabase::Sqlite(db) => db.applied_at_open(),
+            #[cfg(feature = "postgres")]
+            AnyDatabase::Postgres(db) => db.applied_at_open(),
+        }
+    }
+}
+
+/// The environment variable [`Options::open_database_url`] reads.
+pub const DATABASE_URL: &str = "DATABASE_URL";
+
+impl Options {
+    /// Opens `url` with the engine its scheme names (see [`Engine::of`]): a SQLite file as
+    /// [`Options::open`] does, a PostgreSQL database as [`Options::open_postgres`] does.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedUrl`] for a scheme this build does not open; else the engine's
+    /// open errors.
+    ///
+    /// # Examples
+    /// ```
+    /// use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+    /// use sqlite_persistence::{AnyDatabase, Engine, Options};
+    ///
+    /// const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    ///
+    /// # fn main() -> sqlite_persistence::Result<()> {
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    /// let db = Options::new().open_url(&url, MIGRATIONS)?;
+    /// assert_eq!(db.engine(), Engine::Sqlite);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn open_url<S: AnyMigrations>(self, url: &str, migrations: S) -> Result<AnyDatabase> {
+        match Engine::of(url)? {
+            Engine::Sqlite => self.open(url, migrations).map(AnyDatabase::Sqlite),
+            #[cfg(feature = "postgres")]
+            Engine::Postgres => self
+                .open_postgres(url, migrations)
+                .map(AnyDatabase::Postgres),
+            #[cfg(not(feature = "postgres"))]
+            Engine::Postgres => unreachable!("Engine::of refuses PostgreSQL without its feature"),
+        }
+    }
+
+    /// [`Options::open_url`] on `$DATABASE_URL`.
+    ///
+    /// # Errors
+    /// [`Error::NoDatabaseUrl`] if it is unset, empty or not UTF-8; else as
+    /// [`Options::open_url`].
+    pub fn open_database_url<S: AnyMigrations>(self, migrations: S) -> Result<AnyDatabase> {
+        match std::env::var(DATABASE_URL) {
+            Ok(url) if !url.trim().is_empty() => self.open_url(&url, migrations),
+            _ => Err(Error::NoDatabaseUrl),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_alone_chooses_the_engine() {
+        for sqlite in [
+            "app.db",
+            "/srv/app.db",
+            "sqlite:///srv/app.db",
+            "file:app.db",
+            ":memory:",
+            "dir:with:colons/app.db",
+        ] {
+            assert_eq!(Engine::of(sqlite).unwrap(), Engine::Sqlite, "{sqlite}");
+        }
+        for other in ["mysql://u:secret@h/db", "http://h/x", "redis://h"] {
+            let error = Engine::of(other).unwrap_err();
+            assert!(matches!(error, Error::UnsupportedUrl { .. }), "{other}");
+            assert!(!error.to_string().contains("secret"), "{error}");
+        }
+        #[cfg(feature = "postgres")]
+        for pg in ["postgres://h/db", "postgresql:///db?host=/tmp", "PostgreSQL://h"] {
+            assert_eq!(Engine::of(pg).unwrap(), Engine::Postgres, "{pg}");
+        }
+        #[cfg(not(feature = "postgres"))]
+        {
+            let error = Engine::of("postgres://h/db").unwrap_err();
+            assert!(error.to_string().contains("feature postgres"), "{error}");
+        }
+    }
+}

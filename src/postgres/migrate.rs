@@ -1,0 +1,328 @@
+//! Migrations on PostgreSQL, exactly once across processes and machines.
+//!
+//! - Every pending migration allows a transaction (the usual case): one `READ COMMITTED`
+//!   transaction takes `pg_advisory_xact_lock` on the database's key (waiting at most
+//!   `lock_timeout` and what is left of the deadline per attempt, retried with the policy),
+//!   re-reads what is applied under the lock, applies the whole batch with its bookkeeping,
+//!   and commits; a crash rolls it all back and the server releases the lock.
+//! - A pending migration with `run_in_transaction = false` (`CREATE INDEX CONCURRENTLY`):
+//!   the lock is a session lock, asked for with `pg_try_advisory_lock` in autocommit and the
+//!   policy's jittered backoff. Waiting for it inside a transaction would deadlock with the
+//!   holder's `CREATE INDEX CONCURRENTLY`, which waits for every older transaction. Each
+//!   migration then runs in its own transaction (or none) with its bookkeeping.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::pg::Pg;
+use diesel::sql_types::{BigInt, Bool, Integer, Text};
+use diesel::{sql_query, Connection, PgConnection, QueryResult, QueryableByName, RunQueryDsl};
+use diesel_migrations::MigrationHarness;
+
+use super::failure::{self, PgFailure};
+use super::session::millis;
+use super::PgAttempt;
+use crate::error::{Error, Operation, Result};
+use crate::open::checksums::{self, TABLE as CHECKSUMS};
+use crate::open::plan::{check, plan, Batch, Known, Plan, State};
+use crate::open::Source;
+use crate::options::Options;
+use crate::retry::Try;
+
+/// Diesel's bookkeeping table.
+const DIESEL_TABLE: &str = "__diesel_schema_migrations";
+
+/// The layer's owner table: PostgreSQL has no `application_id`, so one row holds it.
+pub(crate) const OWNER_TABLE: &str = "__sqlite_persistence_owner";
+
+/// The first half of the advisory lock key when the options set no application id: "SQLP".
+const DEFAULT_KEY: i32 = 0x5351_4c50;
+
+#[derive(QueryableByName)]
+struct Name {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+#[derive(QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = Bool)]
+    flag: bool,
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(QueryableByName)]
+struct Checksum {
+    #[diesel(sql_type = Text)]
+    version: String,
+    #[diesel(sql_type = Text)]
+    checksum: String,
+}
+
+/// Whether `table` exists in the session's search path.
+fn exists(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
+    Ok(sql_query("SELECT to_regclass($1) IS NOT NULL AS flag")
+        .bind::<Text, _>(table)
+        .get_result::<Flag>(conn)?
+        .flag)
+}
+
+/// What the database records, statement by statement: inside the batch's transaction, under
+/// the lock, where no other migrator can commit meanwhile; or in a read-only snapshot.
+pub(crate) fn read_state(conn: &mut PgConnection) -> QueryResult<State> {
+    let has_history = exists(conn, DIESEL_TABLE)?;
+    let applied: BTreeSet<String> = if has_history {
+        sql_query(format!("SELECT version AS name FROM {DIESEL_TABLE}"))
+            .load::<Name>(conn)?
+            .into_iter()
+            .map(|row| row.name)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let checksums: BTreeMap<String, String> = if exists(conn, CHECKSUMS)? {
+        sql_query(format!("SELECT version, checksum FROM {CHECKSUMS}"))
+            .load::<Checksum>(conn)?
+            .into_iter()
+            .map(|row| (row.version, row.checksum))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let application_id = if exists(conn, OWNER_TABLE)? {
+        sql_query(format!(
+            "SELECT coalesce(max(application_id), 0) AS id FROM {OWNER_TABLE}"
+        ))
+        .get_result::<Id>(conn)?
+        .id as u32
+    } else {
+        0
+    };
+    let unmanaged_tables = if has_history {
+        Vec::new()
+    } else {
+        sql_query(
+            "SELECT c.relname AS name FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') \
+             AND c.relname NOT LIKE '\\_\\_%' ORDER BY 1",
+        )
+        .load::<Name>(conn)?
+        .into_iter()
+        .map(|row| row.name)
+        .collect()
+    };
+    Ok(State {
+        applied,
+        checksums,
+        application_id,
+        unmanaged_tables,
+    })
+}
+
+/// [`read_state`] in one read-only snapshot.
+pub(crate) fn read_snapshot(conn: &mut PgConnection) -> QueryResult<State> {
+    conn.build_transaction()
+        .repeatable_read()
+        .read_only()
+        .run(read_state)
+}
+
+/// The plan for `source` on `state`, and its refusal if any.
+pub(crate) fn planned(
+    source: &Source<Pg>,
+    state: State,
+    options: &Options,
+) -> std::result::Result<Plan, crate::open::plan::Refusal> {
+    let (_, known) = source.migrations();
+    let plan = plan(known, state, options.application_id);
+    check(known, &plan, options, Batch::SplitWhenNeeded)?;
+    Ok(plan)
+}
+
+/// The advisory lock key of this application on the database `conn` is connected to.
+pub(crate) fn lock_key(conn: &mut PgConnection, options: &Options) -> QueryResult<(i32, i32)> {
+    let database = sql_query("SELECT current_database()::text AS name")
+        .get_result::<Name>(conn)?
+        .name;
+    let first = options.application_id.map_or(DEFAULT_KEY, |id| id as i32);
+    Ok((first, checksums::fnv1a64(&database) as i32))
+}
+
+/// Whether a plan holds a pending migration that cannot run in a transaction.
+pub(crate) fn needs_session_lock(known: &[Known], plan: &Plan) -> bool {
+    plan.pending.iter().any(|&i| !known[i].transactional)
+}
+
+/// The whole batch in one transaction, as one attempt of the retry loop: lock, re-read,
+/// re-check, apply, record, commit. Returns the names applied.
+pub(crate) fn batch(
+    conn: &mut PgConnection,
+    source: &Source<Pg>,
+    options: &Options,
+    shown: &std::path::Path,
+    key: (i32, i32),
+    attempt: Try,
+) -> Result<Vec<String>, PgAttempt<Error>> {
+    let layer = |operation| move |source| PgAttempt::Layer(Error::query(operation, source));
+    AnsiTransactionManager::begin_transaction_sql(conn, "BEGIN ISOLATION LEVEL READ COMMITTED")
+        .map_err(layer(Operation::Migrate))?;
+    let result = (|| {
+        conn.batch_execute(&format!(
+            "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0",
+            millis(Some(options.lock_timeout.min(attempt.left)))
+        ))
+        .map_err(layer(Operation::Migrate))?;
+        sql_query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind::<Integer, _>(key.0)
+            .bind::<Integer, _>(key.1)
+            .execute(conn)
+            .map_err(layer(Operation::MigrationLock))?;
+        let state = read_state(conn).map_err(layer(Operation::ReadMigrationState))?;
+        let plan =
+            planned(source, state, options).map_err(|r| PgAttempt::Layer(r.at(shown)))?;
+        apply(conn, source, &plan, &plan.pending, true).map_err(PgAttempt::Layer)
+    })();
+    match result {
+        Ok(applied) => {
+            AnsiTransactionManager::commit_transaction(conn).map_err(|source| {
+                match failure::failure(&source) {
+                    Some(PgFailure {
+                        kind: failure::Transient::ConnectionLost,
+                        ..
+                    }) => PgAttempt::Layer(Error::CommitOutcomeUnknown {
+                        operation: Operation::Migrate,
+                        source,
+                    }),
+                    _ => layer(Operation::Migrate)(source),
+                }
+            })?;
+            Ok(applied)
+        }
+        Err(error) => {
+            let _ = AnsiTransactionManager::rollback_transaction(conn);
+            Err(error)
+        }
+    }
+}
+
+/// Applies `pending` (indices into the source) in order with their bookkeeping, stamps the
+/// owner and records the checksums the plan lacks; `in_transaction` when the caller's
+/// transaction holds the whole batch (else each migration that allows one gets its own).
+pub(crate) fn apply(
+    conn: &mut PgConnection,
+    source: &Source<Pg>,
+    plan: &Plan,
+    pending: &[usize],
+    in_transaction: bool,
+) -> Result<Vec<String>> {
+    let (migrations, known) = source.migrations();
+    let query = |operation| move |source| Error::query(operation, source);
+    let bookkeeping = |conn: &mut PgConnection| -> Result<()> {
+        if let Some(id) = plan.stamp {
+            conn.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {OWNER_TABLE} (\
+                   application_id BIGINT NOT NULL, \
+                   only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row)); \
+                 INSERT INTO {OWNER_TABLE} (application_id) VALUES ({id}) \
+                   ON CONFLICT (only_row) DO NOTHING;"
+            ))
+            .map_err(query(Operation::StampApplicationId))?;
+        }
+        if !plan.pending.is_empty() {
+            // Diesel's own read creates its bookkeeping table, which run_migration writes to.
+            conn.applied_migrations()
+                .map_err(|source| Error::Migration {
+                    name: DIESEL_TABLE.to_owned(),
+                    source,
+                })?;
+        }
+        if !plan.pending.is_empty() || !plan.unrecorded.is_empty() {
+            conn.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {CHECKSUMS} (
+                    version TEXT PRIMARY KEY NOT NULL,
+                    name TEXT NOT NULL,
+                    checksum TEXT NOT NULL,
+                    recorded_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                )"
+            ))
+            .map_err(query(Operation::CreateChecksumTable))?;
+        }
+        for &i in &plan.unrecorded {
+            record(conn, &known[i])?;
+        }
+        Ok(())
+    };
+    if in_transaction {
+        bookkeeping(conn)?;
+    } else {
+        conn.transaction(|conn| bookkeeping(conn))?;
+    }
+    let mut applied = Vec::new();
+    for &i in pending {
+        let k = &known[i];
+        tracing::debug!(migration = %k.name, "applying migration");
+        let run = |conn: &mut PgConnection| -> Result<()> {
+            conn.run_migration(&*migrations[i])
+                .map_err(|source| Error::Migration {
+                    name: k.name.clone(),
+                    source,
+                })?;
+            record(conn, k)
+        };
+        if in_transaction || !k.transactional {
+            run(conn)?;
+        } else {
+            conn.transaction(|conn| run(conn))?;
+        }
+        applied.push(k.name.clone());
+    }
+    Ok(applied)
+}
+
+/// Records one migration's checksum (replacing it after a revert and a re-run).
+fn record(conn: &mut PgConnection, k: &Known) -> Result<()> {
+    let Some(checksum) = &k.checksum else {
+        return Ok(());
+    };
+    sql_query(format!(
+        "INSERT INTO {CHECKSUMS} (version, name, checksum) VALUES ($1, $2, $3) \
+         ON CONFLICT (version) DO UPDATE SET name = excluded.name, checksum = excluded.checksum"
+    ))
+    .bind::<Text, _>(&k.version)
+    .bind::<Text, _>(&k.name)
+    .bind::<Text, _>(checksum)
+    .execute(conn)
+    .map(drop)
+    .map_err(|source| Error::query(Operation::RecordChecksum, source))
+}
+
+/// One try for the session lock, in autocommit.
+pub(crate) fn try_session_lock(conn: &mut PgConnection, key: (i32, i32)) -> QueryResult<bool> {
+    Ok(sql_query("SELECT pg_try_advisory_lock($1, $2) AS flag")
+        .bind::<Integer, _>(key.0)
+        .bind::<Integer, _>(key.1)
+        .get_result::<Flag>(conn)?
+        .flag)
+}
+
+/// Releases the session lock.
+pub(crate) fn release_session_lock(conn: &mut PgConnection, key: (i32, i32)) -> QueryResult<()> {
+    sql_query("SELECT pg_advisory_unlock($1, $2)")
+        .bind::<Integer, _>(key.0)
+        .bind::<Integer, _>(key.1)
+        .execute(conn)
+        .map(drop)
+}
+
+/// Turns the statement timeout off for this session's migrations (a migration may rewrite a
+/// large table), and back to the options' value afterwards.
+pub(crate) fn statement_timeout(conn: &mut PgConnection, timeout: Option<Duration>) -> QueryResult<()> {
+    conn.batch_execute(&format!("SET statement_timeout = {}", millis(timeout)))
+}

@@ -1,0 +1,497 @@
+//! PostgreSQL, behind the same contract as SQLite: open and migrate exactly once, `write`
+//! run again as a whole on a conflict, `read` in a snapshot, typed errors, tracing.
+
+mod failure;
+mod migrate;
+mod session;
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::migration::MigrationSource;
+use diesel::pg::Pg;
+use diesel::sql_types::Text;
+use diesel::{sql_query, PgConnection, QueryableByName, RunQueryDsl};
+
+pub use failure::PgFailure;
+pub(crate) use session::redact;
+pub use session::{PgManager, PgPool, PooledPg};
+
+use self::failure::Transient;
+use self::session::{Server, SessionError, Settings};
+use crate::database::{next_id, Inside, WriteStats};
+use crate::error::{Error, Operation, Result};
+use crate::open::Source;
+use crate::options::Options;
+use crate::retry::{retry_in, Db, Failure, RetryPolicy, SystemClock, Try};
+
+/// OpenTelemetry's `db.system.name` for PostgreSQL.
+const DB_SYSTEM: &str = "postgresql";
+
+/// One PostgreSQL database, migrated, with a bounded pool of sessions: the same contract as
+/// [`Database`](crate::Database) on a server.
+///
+/// # Reads and writes
+/// - [`write`](PgDatabase::write) runs its closure in a `SERIALIZABLE` transaction, so that
+///   it means what a SQLite write means: as if it ran alone. On a serialization failure
+///   (40001), a deadlock (40P01), a lock wait past `lock_timeout` (55P03) or a connection
+///   lost before `COMMIT` was sent, the whole closure runs again, with the retry policy's
+///   jittered backoff and deadline, on a fresh session if the old one was lost; so it is
+///   `FnMut` and must not have effects outside the database that cannot repeat. A
+///   connection lost while `COMMIT` was in flight is [`Error::CommitOutcomeUnknown`]: the
+///   transaction may or may not have committed, and it is never run again silently.
+/// - [`read`](PgDatabase::read) runs its closure in `REPEATABLE READ READ ONLY`: one
+///   consistent snapshot, and any write in it is an error.
+///
+/// PostgreSQL queues lock waiters itself, so there is no write queue; the pool
+/// ([`Options::pool_size`]) bounds the sessions a process opens.
+///
+/// # Server messages
+/// Diesel does not expose SQLSTATE codes; a deadlock and a lock timeout are told by the
+/// server's message. The open checks that the sessions get English messages
+/// (`lc_messages` `C`, `POSIX` or `en_*`), sets `lc_messages = 'C'` per session where the
+/// role may, and refuses ([`Error::ServerMessages`]) where it may not.
+#[derive(Debug)]
+pub struct PgDatabase {
+    id: u64,
+    pool: PgPool,
+    server: Server,
+    /// The URL without its password, as events name the database.
+    shown_url: String,
+    options: Options,
+    applied: Vec<String>,
+}
+
+/// What one attempt of a PostgreSQL operation failed with: a statement of the layer's, or
+/// the caller's closure with the transient failure it met, if any.
+#[derive(Debug)]
+pub(crate) enum PgAttempt<E> {
+    Layer(Error),
+    Caller {
+        error: E,
+        transient: Option<PgFailure>,
+    },
+}
+
+impl<E> From<Error> for PgAttempt<E> {
+    fn from(error: Error) -> Self {
+        PgAttempt::Layer(error)
+    }
+}
+
+impl<E: From<Error>> PgAttempt<E> {
+    /// The transient failure behind this attempt's failure, if it was one.
+    fn transient(&self) -> Option<PgFailure> {
+        match self {
+            PgAttempt::Layer(error) => layer_transient(error),
+            PgAttempt::Caller { transient, .. } => transient.clone(),
+        }
+    }
+
+    fn into_caller(self) -> E {
+        match self {
+            PgAttempt::Layer(error) => E::from(error),
+            PgAttempt::Caller { error, .. } => error,
+        }
+    }
+}
+
+/// The transient failure in one of the layer's own errors.
+fn layer_transient(error: &Error) -> Option<PgFailure> {
+    match error {
+        Error::Query { source, .. } => failure::failure(source),
+        Error::Pool { .. } => None,
+        _ => None,
+    }
+}
+
+#[derive(QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = Text)]
+    setting: String,
+}
+
+/// Whether the server's messages for this session are in English: `lc_messages` is `C`,
+/// `POSIX`, empty (the server's default, read from its environment at start: taken as
+/// English only when the server was started that way, which the layer cannot see) or
+/// `en...`.
+fn english(lc_messages: &str) -> bool {
+    let value = lc_messages.trim();
+    value.is_empty()
+        || value.eq_ignore_ascii_case("C")
+        || value.eq_ignore_ascii_case("POSIX")
+        || value.starts_with("C.")
+        || value.to_ascii_lowercase().starts_with("en")
+}
+
+impl Options {
+    /// Opens the PostgreSQL database at `url` (`postgres://` or `postgresql://`, any form
+    /// libpq takes, a Unix socket directory in `host=` too) with these options, and applies
+    /// `migrations`' pending migrations exactly once however many processes and machines
+    /// start together (see the module docs of the migration batch in the README).
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedUrl`] for a URL of another scheme; [`Error::Connect`] if no
+    /// session could be opened; [`Error::ServerMessages`] (see [`PgDatabase`]); the
+    /// migration refusals and failures of [`Options::open`] ([`Error::ForeignDatabase`],
+    /// [`Error::UnknownMigrations`], [`Error::EditedMigrations`],
+    /// [`Error::UnmanagedDatabase`], [`Error::Migration`]); [`Error::Busy`] if another
+    /// process held the migration lock past the retry deadline.
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn open_postgres<S: MigrationSource<Pg>>(self, url: &str, migrations: S) -> Result<PgDatabase> {
+        crate::engine::expect(url, crate::engine::Engine::Postgres)?;
+        let server = Server::new(url);
+        let shown = PathBuf::from(server.shown());
+        let source = Source::<Pg>::list(migrations)?;
+        let started = Instant::now();
+        let mut settings = Settings::new(&self);
+        let connect = |settings: &Settings| {
+            session::connect(server.url(), settings).map_err(|error| match error {
+                SessionError::Connect(source) => Error::Connect {
+                    url: server.shown().to_owned(),
+                    source,
+                },
+                SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
+            })
+        };
+        let mut conn = connect(&settings)?;
+        let lc = sql_query("SELECT current_setting('lc_messages') AS setting")
+            .get_result::<Setting>(&mut conn)
+            .map_err(|source| Error::query(Operation::ConfigureSession, source))?
+            .setting;
+        if !english(&lc) {
+            settings.english_messages = true;
+            if conn.batch_execute("SET lc_messages = 'C'").is_err() {
+                return Err(Error::ServerMessages {
+                    url: server.shown().to_owned(),
+                    found: lc,
+                });
+            }
+        }
+        let applied = self.migrate_postgres(&mut conn, &source, &shown, started)?;
+        // Migrations ran without a statement timeout; the pooled sessions get the options'.
+        let manager = PgManager::new(&server, settings);
+        let pool = PgPool::builder()
+            .max_size(self.pool_size)
+            .min_idle(Some(0))
+            // A lost session is noticed by the statement that meets it and retried; a
+            // round trip to test every checkout would cost each write one more.
+            .test_on_check_out(false)
+            .connection_timeout(self.retry.deadline().max(Duration::from_millis(1)))
+            .build_unchecked(manager);
+        drop(conn);
+        Ok(PgDatabase {
+            id: next_id(),
+            pool,
+            shown_url: server.shown().to_owned(),
+            server,
+            options: self,
+            applied,
+        })
+    }
+
+    /// The migration step of [`Options::open_postgres`], on the open's session.
+    fn migrate_postgres(
+        &self,
+        conn: &mut PgConnection,
+        source: &Source<Pg>,
+        shown: &Path,
+        started: Instant,
+    ) -> Result<Vec<String>> {
+        let read = |conn: &mut PgConnection| {
+            migrate::read_snapshot(conn).map_err(|e| Error::query(Operation::ReadMigrationState, e))
+        };
+        let plan = migrate::planned(source, read(conn)?, self).map_err(|r| r.at(shown))?;
+        if !plan.needs_write() {
+            return Ok(Vec::new());
+        }
+        let key = migrate::lock_key(conn, self)
+            .map_err(|e| Error::query(Operation::MigrationLock, e))?;
+        let (_, known) = source.migrations();
+        let policy = self.policy_left(started);
+        let db = Db {
+            system: DB_SYSTEM,
+            namespace: &shown.display(),
+        };
+        if !migrate::needs_session_lock(known, &plan) {
+            return retry_pg(&policy, db, Operation::Migrate, |attempt| {
+                migrate::batch(conn, source, self, shown, key, attempt)
+            });
+        }
+        // A migration that cannot run in a transaction is pending: wait for the lock in
+        // autocommit, never inside a transaction.
+        retry_pg(&policy, db, Operation::MigrationLock, |_| {
+            match migrate::try_session_lock(conn, key) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
+                    url: shown.display().to_string(),
+                })),
+                Err(source) => Err(PgAttempt::Layer(Error::query(Operation::MigrationLock, source))),
+            }
+        })?;
+        let result = (|| {
+            migrate::statement_timeout(conn, None)
+                .map_err(|e| Error::query(Operation::Migrate, e))?;
+            let state = read(conn)?;
+            let plan = migrate::planned(source, state, self).map_err(|r| r.at(shown))?;
+            let applied = migrate::apply(conn, source, &plan, &plan.pending, false)?;
+            migrate::statement_timeout(conn, self.statement_timeout)
+                .map_err(|e| Error::query(Operation::Migrate, e))?;
+            Ok(applied)
+        })();
+        // Released at once; a crash (or a lost session) releases it on the server.
+        if let Err(error) = migrate::release_session_lock(conn, key) {
+            tracing::warn!(
+                db.system.name = DB_SYSTEM,
+                db.namespace = %shown.display(),
+                error = %error,
+                "cannot release the migration lock; the server releases it when the session ends"
+            );
+        }
+        result
+    }
+
+    /// The retry policy with what is left of its deadline since `asked`.
+    fn policy_left(&self, asked: Instant) -> RetryPolicy {
+        let retry = self.retry;
+        retry.max_elapsed(retry.deadline().saturating_sub(asked.elapsed()))
+    }
+}
+
+/// [`retry_in`] for PostgreSQL: transient failures are retried; exhaustion becomes
+/// [`Error::Busy`] carrying the last one.
+fn retry_pg<T, E: From<Error>>(
+    policy: &RetryPolicy,
+    db: Db<'_>,
+    operation: Operation,
+    attempt: impl FnMut(Try) -> Result<T, PgAttempt<E>>,
+) -> Result<T, E> {
+    let is_transient = |a: &PgAttempt<E>| {
+        a.transient().is_some()
+            || matches!(a, PgAttempt::Layer(Error::MigrationLockHeld { .. }))
+    };
+    let describe = |a: &PgAttempt<E>| match (a, a.transient()) {
+        (_, Some(failure)) => failure.to_string(),
+        (PgAttempt::Layer(error), None) => crate::error::error_chain(error),
+        (PgAttempt::Caller { .. }, None) => "the closure's error".to_owned(),
+    };
+    retry_in(policy, &SystemClock, operation, db, is_transient, describe, attempt)
+        .map(|success| success.value)
+        .map_err(|failure| match failure {
+            Failure::Permanent(error) => error.into_caller(),
+            Failure::Exhausted {
+                attempts,
+                elapsed,
+                last,
+            } => {
+                let source: crate::error::BoxError = match (last.transient(), last) {
+                    (Some(failure), _) => Box::new(failure),
+                    (None, PgAttempt::Layer(error)) => Box::new(error),
+                    (None, PgAttempt::Caller { .. }) => "the closure's error".into(),
+                };
+                E::from(Error::Busy {
+                    operation,
+                    attempts,
+                    elapsed,
+                    source,
+                    holders: Vec::new(),
+                })
+            }
+        })
+}
+
+impl PgDatabase {
+    /// Opens the PostgreSQL database at `url` with [`Options::new`] and applies `migrations`'
+    /// pending migrations.
+    ///
+    /// # Errors
+    /// See [`Options::open_postgres`].
+    pub fn open<S: MigrationSource<Pg>>(url: &str, migrations: S) -> Result<Self> {
+        Options::new().open_postgres(url, migrations)
+    }
+
+    /// Runs `f` in a `SERIALIZABLE` transaction and commits it, running the whole closure
+    /// again on a serialization failure, a deadlock, a lock timeout or a connection lost
+    /// before `COMMIT` (see the type's docs), until the retry policy's deadline.
+    ///
+    /// `E` is your error type, as for [`Database::write`](crate::Database::write): whether a
+    /// failure is transient is read from the statement of `f` that failed last, whatever `E`
+    /// keeps of it.
+    ///
+    /// # Errors
+    /// What `f` returns (after a rollback); [`Error::Busy`] if the failures went on past the
+    /// deadline; [`Error::CommitOutcomeUnknown`] if the session was lost while `COMMIT` was
+    /// in flight; [`Error::Pool`] if no session could be had; [`Error::Reentrant`] inside a
+    /// `write` or `read` of this database on this thread.
+    pub fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        self.write_measured(f).map(|(value, _)| value)
+    }
+
+    /// [`write`](PgDatabase::write), also returning how long it waited (until the attempt
+    /// that committed began) and how many attempts it took.
+    ///
+    /// # Errors
+    /// As [`write`](PgDatabase::write).
+    pub fn write_measured<T, E, F>(&self, mut f: F) -> Result<(T, WriteStats), E>
+    where
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        let _inside = Inside::enter(self.id, Operation::Write)?;
+        let asked = Instant::now();
+        let began = Cell::new(asked);
+        let mut attempts = 0;
+        let value = retry_pg(
+            &self.options.policy_left(asked),
+            self.db(),
+            Operation::Write,
+            |attempt| {
+                attempts = attempt.number;
+                let mut conn = self.checkout()?;
+                let begin = format!(
+                    "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}",
+                    session::millis(Some(self.options.lock_timeout.min(attempt.left)))
+                );
+                transaction(&mut conn, &begin, Operation::Write, |conn| {
+                    began.set(Instant::now());
+                    f(conn)
+                })
+            },
+        )?;
+        Ok((
+            value,
+            WriteStats {
+                wait: began.get() - asked,
+                attempts,
+            },
+        ))
+    }
+
+    /// Runs `f` in a `REPEATABLE READ READ ONLY` transaction: one snapshot; a write in it
+    /// fails (25006). Run again on the same transient failures as a write.
+    ///
+    /// # Errors
+    /// What `f` returns; [`Error::Busy`], [`Error::Pool`] and [`Error::Reentrant`] as for
+    /// [`write`](PgDatabase::write).
+    pub fn read<T, E, F>(&self, mut f: F) -> Result<T, E>
+    where
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        let _inside = Inside::enter(self.id, Operation::Read)?;
+        let asked = Instant::now();
+        retry_pg(
+            &self.options.policy_left(asked),
+            self.db(),
+            Operation::Read,
+            |attempt| {
+                let mut conn = self.checkout()?;
+                let begin = format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}",
+                    session::millis(Some(self.options.lock_timeout.min(attempt.left)))
+                );
+                // A read that committed is done, whatever became of its COMMIT.
+                transaction(&mut conn, &begin, Operation::Read, &mut f)
+            },
+        )
+    }
+
+    /// A session from the pool, with the layer's settings, for work that needs one
+    /// directly.
+    ///
+    /// # Errors
+    /// [`Error::Pool`] if no session could be had in time; [`Error::Reentrant`] inside a
+    /// `write` or `read` of this database on this thread.
+    pub fn connection(&self) -> Result<PooledPg> {
+        Inside::check(self.id, Operation::Connection)?;
+        self.checkout()
+    }
+
+    fn checkout(&self) -> Result<PooledPg> {
+        self.pool.get().map_err(|source| Error::Pool { source })
+    }
+
+    fn db(&self) -> Db<'_> {
+        Db {
+            system: DB_SYSTEM,
+            namespace: &self.shown_url,
+        }
+    }
+
+    /// The pool itself.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The URL, without its password.
+    pub fn url(&self) -> &str {
+        self.server.shown()
+    }
+
+    /// The names of the migrations this open applied (empty if another process had applied
+    /// them, or nothing was pending).
+    pub fn applied_at_open(&self) -> &[String] {
+        &self.applied
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+}
+
+/// Runs `f` in a transaction begun with `begin` (which may set `LOCAL` settings after the
+/// `BEGIN`), committing if it succeeds and rolling back if not. A failure of `f` is
+/// classified by the statement that failed last on `conn`; a lost session while `COMMIT` was
+/// in flight is [`Error::CommitOutcomeUnknown`], never retried.
+fn transaction<T, E: 'static>(
+    conn: &mut PgConnection,
+    begin: &str,
+    operation: Operation,
+    f: impl FnOnce(&mut PgConnection) -> Result<T, E>,
+) -> Result<T, PgAttempt<E>> {
+    let layer = |source| PgAttempt::Layer(Error::query(operation, source));
+    AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(layer)?;
+    let _ = failure::take(conn);
+    match f(conn) {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn).map_err(|source| {
+                if operation == Operation::Write
+                    && failure::transient(&source) == Some(Transient::ConnectionLost)
+                {
+                    PgAttempt::Layer(Error::CommitOutcomeUnknown { operation, source })
+                } else {
+                    layer(source)
+                }
+            })?;
+            Ok(value)
+        }
+        Err(error) => {
+            let transient = failure::closure_failure(failure::take(conn), &error);
+            // A lost session cannot roll back; the server has done so.
+            let _ = AnsiTransactionManager::rollback_transaction(conn);
+            Err(PgAttempt::Caller { error, transient })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn english_message_settings_are_recognised() {
+        for lc in ["", "C", "C.UTF-8", "POSIX", "en_US.UTF-8", "en_GB"] {
+            assert!(english(lc), "{lc}");
+        }
+        for lc in ["de_DE.UTF-8", "fr_FR", "ja_JP.UTF-8"] {
+            assert!(!english(lc), "{lc}");
+        }
+    }
+}

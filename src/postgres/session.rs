@@ -1,0 +1,231 @@
+//! A PostgreSQL server as the layer names it, and the sessions it opens there: the settings
+//! every pooled connection gets, and the r2d2 manager that never hands out a lost one.
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{ManageConnection, Pool, PooledConnection, R2D2Connection};
+use diesel::{Connection, PgConnection};
+
+use super::failure::{self, Recorder};
+use crate::options::Options;
+
+/// The r2d2 pool of a [`PgDatabase`](crate::PgDatabase).
+pub type PgPool = Pool<PgManager>;
+
+/// A connection borrowed from a [`PgDatabase`](crate::PgDatabase)'s pool.
+pub type PooledPg = PooledConnection<PgManager>;
+
+/// A server's URL, and the same with its password removed, which is all errors and `tracing`
+/// events ever show.
+#[derive(Clone)]
+pub(crate) struct Server {
+    url: String,
+    shown: String,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl Server {
+    pub(crate) fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            shown: redact(url),
+        }
+    }
+
+    /// The URL to connect with.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL without its password.
+    pub(crate) fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+/// `url` with the password of its user information (`user:secret@`) and of a `password=`
+/// parameter replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let mut shown = url[..scheme_end].to_owned();
+    match authority.rfind('@') {
+        Some(at) => {
+            let user_info = &authority[..at];
+            match user_info.find(':') {
+                Some(colon) => {
+                    shown.push_str(&user_info[..colon]);
+                    shown.push_str(":***");
+                }
+                None => shown.push_str(user_info),
+            }
+            shown.push_str(&authority[at..]);
+        }
+        None => shown.push_str(authority),
+    }
+    let tail = &rest[authority_end..];
+    match tail.split_once('?') {
+        None => shown.push_str(tail),
+        Some((path, query)) => {
+            shown.push_str(path);
+            shown.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    _ => param.to_owned(),
+                })
+                .collect();
+            shown.push_str(&params.join("&"));
+        }
+    }
+    shown
+}
+
+/// The settings every session of the layer's starts with: the options' timeouts, and, when
+/// the server would otherwise answer in another language, English messages (the layer tells
+/// a deadlock and a lock timeout by their message).
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub statement_timeout: Option<Duration>,
+    pub lock_timeout: Duration,
+    pub idle_in_transaction_timeout: Option<Duration>,
+    pub english_messages: bool,
+}
+
+impl Settings {
+    pub(crate) fn new(options: &Options) -> Self {
+        Self {
+            statement_timeout: options.statement_timeout,
+            lock_timeout: options.lock_timeout,
+            idle_in_transaction_timeout: options.idle_in_transaction_timeout,
+            english_messages: false,
+        }
+    }
+
+    /// The `SET` statements, one batch.
+    pub(crate) fn sql(&self) -> String {
+        let mut sql = format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}; \
+             SET idle_in_transaction_session_timeout = {};",
+            millis(self.statement_timeout),
+            millis(Some(self.lock_timeout)),
+            millis(self.idle_in_transaction_timeout),
+        );
+        if self.english_messages {
+            sql.push_str(" SET lc_messages = 'C';");
+        }
+        sql
+    }
+}
+
+/// A timeout setting in milliseconds; `0` (PostgreSQL's "none") for `None`, at least 1 ms
+/// otherwise (0 would turn it off).
+pub(crate) fn millis(timeout: Option<Duration>) -> u128 {
+    timeout.map_or(0, |t| t.as_millis().clamp(1, i32::MAX as u128))
+}
+
+/// Opens a session: connects, installs the failure recorder, applies `settings`.
+pub(crate) fn connect(url: &str, settings: &Settings) -> Result<PgConnection, SessionError> {
+    let mut conn = PgConnection::establish(url).map_err(SessionError::Connect)?;
+    conn.set_instrumentation(Recorder::new());
+    conn.batch_execute(&settings.sql())
+        .map_err(SessionError::Settings)?;
+    Ok(conn)
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    #[error(transparent)]
+    Connect(diesel::ConnectionError),
+    #[error("cannot apply the session settings")]
+    Settings(#[source] diesel::result::Error),
+}
+
+/// The connection manager of a [`PgPool`]: Diesel's, except that each session starts with
+/// the layer's settings and its failure recorder, and that a connection that was lost is
+/// closed instead of going back to the pool (Diesel's check only looks at its transaction
+/// state, which a failed `BEGIN` leaves clean).
+pub struct PgManager {
+    url: String,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for PgManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgManager")
+            .field("url", &redact(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgManager {
+    pub(crate) fn new(server: &Server, settings: Settings) -> Self {
+        Self {
+            url: server.url().to_owned(),
+            settings,
+        }
+    }
+}
+
+impl ManageConnection for PgManager {
+    type Connection = PgConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<PgConnection, diesel::r2d2::Error> {
+        connect(&self.url, &self.settings).map_err(|error| match error {
+            SessionError::Connect(e) => diesel::r2d2::Error::ConnectionError(e),
+            SessionError::Settings(e) => diesel::r2d2::Error::QueryError(e),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut PgConnection) -> bool {
+        std::thread::panicking() || failure::lost(conn) || R2D2Connection::is_broken(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_never_shown() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cret@db.example:5432/app",
+                "postgres://app:***@db.example:5432/app",
+            ),
+            ("postgresql://app@db/app", "postgresql://app@db/app"),
+            (
+                "postgresql:///t1?host=/tmp/x&user=postgres&password=p@ss",
+                "postgresql:///t1?host=/tmp/x&user=postgres&password=***",
+            ),
+            ("postgresql://u:p%40w@h", "postgresql://u:***@h"),
+        ] {
+            assert_eq!(redact(url), shown);
+        }
+    }
+
+    #[test]
+    fn timeouts_are_milliseconds_and_none_is_zero() {
+        assert_eq!(millis(None), 0);
+        assert_eq!(millis(Some(Duration::from_micros(10))), 1);
+        assert_eq!(millis(Some(Duration::from_secs(5))), 5000);
+    }
+}

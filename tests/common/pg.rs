@@ -1,0 +1,219 @@
+//! A real PostgreSQL server for the tests: `PG_TEST_URL` if set, else a private throwaway
+//! cluster this test binary starts once (`initdb` into a temporary directory, as the
+//! `postgres` user when run as root, listening only on a Unix socket there, `fsync=off`) and
+//! a watcher process stops and removes when the binary exits. Each test gets a database of
+//! its own.
+//!
+//! Without a server (no `initdb` found) the PostgreSQL tests say that they skipped and why;
+//! with `PG_TESTS_REQUIRED=1` (CI) they fail instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+
+/// The environment variable naming an existing server (a URL to a database the tests may
+/// create databases from, such as `postgres`).
+pub const PG_TEST_URL: &str = "PG_TEST_URL";
+
+/// Set to `1` where the PostgreSQL tests must run (CI): a missing server fails them.
+pub const PG_TESTS_REQUIRED: &str = "PG_TESTS_REQUIRED";
+
+/// The server: the URL of its maintenance database.
+struct Server {
+    base: String,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+
+/// A URL of a fresh, empty database on the test server, or `None` (after saying why) when
+/// there is no server and none is required.
+pub fn fresh_database() -> Option<String> {
+    let server = match SERVER.get_or_init(start) {
+        Ok(server) => server,
+        Err(why) => {
+            if std::env::var(PG_TESTS_REQUIRED).as_deref() == Ok("1") {
+                panic!("PostgreSQL tests are required ({PG_TESTS_REQUIRED}=1) but cannot run: {why}");
+            }
+            eprintln!("skipped: no PostgreSQL server for this test: {why}");
+            return None;
+        }
+    };
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "t_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut conn = PgConnection::establish(&server.base)
+        .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
+    conn.batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    Some(with_database(&server.base, &name))
+}
+
+/// `url` with its database replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = head.find("://").map_or(0, |i| i + 3);
+    let path_start = head[authority_start..]
+        .find('/')
+        .map_or(head.len(), |i| authority_start + i);
+    let mut out = format!("{}/{name}", &head[..path_start]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+fn start() -> Result<Server, String> {
+    if let Ok(url) = std::env::var(PG_TEST_URL) {
+        if !url.is_empty() {
+            return Ok(Server { base: url });
+        }
+    }
+    let bin = bindir().ok_or("no initdb: install PostgreSQL's server (Debian: postgresql), or set PG_TEST_URL")?;
+    let dir = tempfile::Builder::new()
+        .prefix("sp-pg-")
+        .tempdir_in("/tmp")
+        .map_err(|e| format!("cannot make a directory for the cluster: {e}"))?
+        .keep();
+    let root = super::is_root();
+    let as_owner = |program: &str| -> Command {
+        if root {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(bin.join(program));
+            command
+        } else {
+            Command::new(bin.join(program))
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+    }
+    if root {
+        let status = Command::new("chown")
+            .args(["postgres:"])
+            .arg(&dir)
+            .status()
+            .map_err(|e| format!("chown: {e}"))?;
+        if !status.success() {
+            return Err("there is no postgres user to run the cluster as (running as root)".into());
+        }
+    }
+    let data = dir.join("data");
+    run(as_owner("initdb")
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]))?;
+    let options = format!(
+        "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=400",
+        dir.display()
+    );
+    run(as_owner("pg_ctl")
+        .arg("-D")
+        .arg(&data)
+        .args(["-w", "-t", "60", "-l"])
+        .arg(dir.join("log"))
+        .args(["-o", &options, "start"]))?;
+    watch(&dir, &bin, root);
+    Ok(Server {
+        base: format!("postgresql:///postgres?host={}&user=postgres", dir.display()),
+    })
+}
+
+/// The server's programs: `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.
+fn bindir() -> Option<PathBuf> {
+    let from_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    let mut candidates: Vec<PathBuf> = from_config.into_iter().collect();
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .collect();
+    versions.sort();
+    candidates.extend(versions.into_iter().rev());
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("initdb").exists() && dir.join("pg_ctl").exists())
+}
+
+fn run(command: &mut Command) -> Result<(), String> {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{command:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Starts a detached watcher that stops the cluster and removes its directory once this
+/// process has exited.
+fn watch(dir: &Path, bin: &Path, root: bool) {
+    use std::os::unix::process::CommandExt;
+    let runuser = if root { "runuser -u postgres -- " } else { "" };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
+         {runuser}'{bin}/pg_ctl' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; \
+         rm -rf '{dir}'",
+        pid = std::process::id(),
+        bin = bin.display(),
+        dir = dir.display(),
+    );
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // Its own session: a Ctrl-C of the test run must not stop it before it cleans up.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    command.spawn().expect("cannot start the cluster's watcher");
+}
+
+/// A plain session on `url`, for setting up and checking.
+pub fn connect(url: &str) -> PgConnection {
+    PgConnection::establish(url).unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+/// Waits (at most `limit`) until `check` is true, polling every 20 ms.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

@@ -1,0 +1,275 @@
+//! PostgreSQL: the same contract as SQLite, against a real server (see `common::pg`), with
+//! real OS processes started together on a barrier. Each guarantee has a test beside it
+//! that shows the plain Diesel setup failing under the same load.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, FileBasedMigrations, MigrationHarness};
+use sqlite_persistence::{Error, Options, PgDatabase, RetryPolicy};
+
+use common::pg;
+
+/// The test schema on PostgreSQL.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("tests/pg_migrations");
+
+#[derive(QueryableByName, Debug)]
+struct Value {
+    #[diesel(sql_type = BigInt)]
+    value: i64,
+}
+
+#[derive(QueryableByName, Debug)]
+struct Name {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+fn strings(conn: &mut PgConnection, sql: &str) -> Vec<String> {
+    diesel::sql_query(sql)
+        .load::<Name>(conn)
+        .unwrap()
+        .into_iter()
+        .map(|row| row.name)
+        .collect()
+}
+
+fn number(conn: &mut PgConnection, sql: &str) -> i64 {
+    diesel::sql_query(sql).get_result::<Value>(conn).unwrap().value
+}
+
+/// Read-then-write on counter `name`: the lost update that plain READ COMMITTED lets
+/// through, and that SERIALIZABLE turns into a retried conflict.
+fn increment(conn: &mut PgConnection, name: &str) -> QueryResult<i64> {
+    diesel::sql_query("INSERT INTO counters (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind::<Text, _>(name)
+        .execute(conn)?;
+    let value = diesel::sql_query("SELECT value FROM counters WHERE name = $1")
+        .bind::<Text, _>(name)
+        .get_result::<Value>(conn)?
+        .value
+        + 1;
+    diesel::sql_query("UPDATE counters SET value = $2 WHERE name = $1")
+        .bind::<Text, _>(name)
+        .bind::<BigInt, _>(value)
+        .execute(conn)?;
+    diesel::sql_query("INSERT INTO events (counter, value) VALUES ($1, $2)")
+        .bind::<Text, _>(name)
+        .bind::<BigInt, _>(value)
+        .execute(conn)?;
+    Ok(value)
+}
+
+#[test]
+fn open_migrates_once_writes_and_reads() {
+    let Some(url) = pg::fresh_database() else { return };
+    let db = PgDatabase::open(&url, MIGRATIONS).unwrap();
+    assert_eq!(db.applied_at_open().len(), 2);
+    let value = db
+        .write(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+    assert_eq!(value, 1);
+    let read = db
+        .read(|conn| -> sqlite_persistence::Result<i64> {
+            Ok(number(conn, "SELECT value FROM counters WHERE name = 'a'"))
+        })
+        .unwrap();
+    assert_eq!(read, 1);
+    // A write inside a read is refused by the server.
+    let error = db
+        .read(|conn| increment(conn, "b").map_err(Error::from))
+        .unwrap_err();
+    assert!(common::chain(&error).contains("read-only"), "{error}");
+
+    let again = PgDatabase::open(&url, MIGRATIONS).unwrap();
+    assert!(again.applied_at_open().is_empty());
+    let mut conn = pg::connect(&url);
+    assert_eq!(
+        strings(
+            &mut conn,
+            "SELECT version AS name FROM __diesel_schema_migrations ORDER BY 1"
+        ),
+        common::VERSIONS
+    );
+    assert_eq!(
+        number(
+            &mut conn,
+            "SELECT count(*) AS value FROM __sqlite_persistence_checksums"
+        ),
+        2
+    );
+    // The URL in errors and events has no password.
+    assert!(!db.url().contains("secret"));
+}
+
+#[test]
+fn a_foreign_schema_ahead_or_edited_database_is_refused_before_anything_is_written() {
+    let Some(url) = pg::fresh_database() else { return };
+    Options::new()
+        .application_id(common::APPLICATION_ID)
+        .open_postgres(&url, MIGRATIONS)
+        .unwrap();
+    let error = Options::new()
+        .application_id(7)
+        .open_postgres(&url, MIGRATIONS)
+        .unwrap_err();
+    assert!(matches!(error, Error::ForeignDatabase { found, .. } if found == common::APPLICATION_ID), "{error}");
+
+    // A newer binary applied a migration this one does not know.
+    let mut conn = pg::connect(&url);
+    conn.batch_execute("INSERT INTO __diesel_schema_migrations (version) VALUES ('20991231000000')")
+        .unwrap();
+    let error = PgDatabase::open(&url, MIGRATIONS).unwrap_err();
+    assert!(matches!(error, Error::UnknownMigrations { .. }), "{error}");
+    conn.batch_execute("DELETE FROM __diesel_schema_migrations WHERE version = '20991231000000'")
+        .unwrap();
+
+    // An applied migration's SQL changed.
+    conn.batch_execute(
+        "UPDATE __sqlite_persistence_checksums SET checksum = 'fnv1a64:0000000000000000' \
+         WHERE version = '20261201000001'",
+    )
+    .unwrap();
+    let error = PgDatabase::open(&url, MIGRATIONS).unwrap_err();
+    assert!(matches!(error, Error::EditedMigrations { .. }), "{error}");
+
+    // Another program's tables, no history.
+    let Some(other) = pg::fresh_database() else { return };
+    pg::connect(&other)
+        .batch_execute("CREATE TABLE invoices (id INT)")
+        .unwrap();
+    let error = PgDatabase::open(&other, MIGRATIONS).unwrap_err();
+    assert!(matches!(error, Error::UnmanagedDatabase { .. }), "{error}");
+    assert_eq!(
+        strings(
+            &mut pg::connect(&other),
+            "SELECT tablename::text AS name FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        ["invoices"]
+    );
+}
+
+#[test]
+fn a_url_of_another_engine_is_refused_naming_the_scheme() {
+    let error = Options::new()
+        .open_postgres("mysql://app:secret@db/app", MIGRATIONS)
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("mysql://") && !text.contains("secret"), "{text}");
+    let error = Options::new()
+        .open_postgres("/tmp/app.db", MIGRATIONS)
+        .unwrap_err();
+    assert!(matches!(error, Error::UnsupportedUrl { .. }), "{error}");
+}
+
+#[test]
+fn a_connection_lost_before_commit_is_retried_on_a_fresh_session() {
+    let Some(url) = pg::fresh_database() else { return };
+    let db = Options::new().pool_size(1).open_postgres(&url, MIGRATIONS).unwrap();
+    let mut runs = 0;
+    let value = db
+        .write(|conn| -> sqlite_persistence::Result<i64> {
+            runs += 1;
+            let value = increment(conn, "a")?;
+            if runs == 1 {
+                // The server ends this session in the middle of the transaction.
+                conn.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")?;
+            }
+            Ok(value)
+        })
+        .unwrap();
+    assert_eq!((value, runs), (1, 2));
+    // The pool's one slot holds a working session again.
+    db.write(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+}
+
+#[test]
+fn a_connection_lost_during_commit_is_an_unknown_outcome_never_run_again() {
+    let Some(url) = pg::fresh_database() else { return };
+    let db = PgDatabase::open(&url, MIGRATIONS).unwrap();
+    // A deferred trigger fires at COMMIT and ends its own session there.
+    pg::connect(&url)
+        .batch_execute(
+            "CREATE TABLE doomed (x INT);
+             CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER die AFTER INSERT ON doomed
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION die();",
+        )
+        .unwrap();
+    let mut runs = 0;
+    let error = db
+        .write(|conn| -> sqlite_persistence::Result<()> {
+            runs += 1;
+            conn.batch_execute("INSERT INTO doomed VALUES (1)")?;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(matches!(error, Error::CommitOutcomeUnknown { .. }), "{error:?}");
+    assert_eq!(runs, 1);
+    assert!(error.hint().is_some());
+}
+
+#[test]
+fn a_row_lock_held_past_the_deadline_is_a_typed_error_naming_the_wait() {
+    let Some(url) = pg::fresh_database() else { return };
+    let db = Options::new()
+        .lock_timeout(Duration::from_millis(300))
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(1500)))
+        .open_postgres(&url, MIGRATIONS)
+        .unwrap();
+    db.write(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+    let mut foreign = pg::connect(&url);
+    foreign
+        .batch_execute("BEGIN; SELECT * FROM counters WHERE name = 'a' FOR UPDATE")
+        .unwrap();
+    let start = Instant::now();
+    let error = db
+        .write(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap_err();
+    let waited = start.elapsed();
+    let Error::Busy {
+        attempts, elapsed, ..
+    } = &error
+    else {
+        panic!("{error:?}");
+    };
+    assert!(*attempts >= 2, "{error}");
+    assert!(*elapsed >= Duration::from_millis(1400), "{error}");
+    assert!(waited < Duration::from_millis(2500), "{waited:?}");
+    let text = common::chain(&error);
+    assert!(text.contains("lock timeout"), "{text}");
+    foreign.batch_execute("ROLLBACK").unwrap();
+}
+
+#[test]
+fn plain_diesel_waits_for_a_row_lock_without_end() {
+    let Some(url) = pg::fresh_database() else { return };
+    let mut conn = pg::connect(&url);
+    conn.run_pending_migrations(MIGRATIONS).unwrap();
+    increment(&mut conn, "a").unwrap();
+    let mut foreign = pg::connect(&url);
+    foreign
+        .batch_execute("BEGIN; SELECT * FROM counters WHERE name = 'a' FOR UPDATE")
+        .unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let plain = std::thread::spawn(move || {
+        let result = conn.transaction(|conn| increment(conn, "a"));
+        done.send(()).unwrap();
+        result
+    });
+    // Still waiting after twice the layer's deadline in the test above.
+    assert!(finished.recv_timeout(Duration::from_secs(3)).is_err());
+    foreign.batch_execute("ROLLBACK").unwrap();
+    finished.recv_timeout(Duration::from_secs(10)).unwrap();
+    plain.join().unwrap().unwrap();
+}
