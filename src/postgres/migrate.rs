@@ -65,12 +65,21 @@ struct Checksum {
     checksum: String,
 }
 
-/// Whether `table` exists in the session's search path.
+/// Whether `table` exists in a schema of the session's search path.
+///
+/// Read from `pg_class` with the statement's snapshot, not with `to_regclass`: name lookups
+/// go through the session's catalog cache, which a session that waited for the advisory
+/// lock has not refreshed (taking an advisory lock reads no invalidation messages), so it
+/// would miss the tables the previous holder committed while the snapshot sees them.
 fn exists(conn: &mut PgConnection, table: &str) -> QueryResult<bool> {
-    Ok(sql_query("SELECT to_regclass($1) IS NOT NULL AS flag")
-        .bind::<Text, _>(table)
-        .get_result::<Flag>(conn)?
-        .flag)
+    Ok(sql_query(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relname = $1 AND n.nspname = ANY (current_schemas(false))) AS flag",
+    )
+    .bind::<Text, _>(table)
+    .get_result::<Flag>(conn)?
+    .flag)
 }
 
 /// What the database records, statement by statement: inside the batch's transaction, under
