@@ -266,7 +266,11 @@ mod tests {
             assert!(!error.to_string().contains("secret"), "{error}");
         }
         #[cfg(feature = "postgres")]
-        for pg in ["postgres://h/db", "postgresql:///db?host=/tmp", "PostgreSQL://h"] {
+        for pg in [
+            "postgres://h/db",
+            "postgresql:///db?host=/tmp",
+            "PostgreSQL://h",
+        ] {
             assert_eq!(Engine::of(pg).unwrap(), Engine::Postgres, "{pg}");
         }
         #[cfg(not(feature = "postgres"))]

@@ -96,7 +96,9 @@ pub enum Error {
 
     /// The URL's scheme names an engine this build does not open (`mysql://`, `http://`),
     /// or one whose Cargo feature is off.
-    #[error("cannot open {url}: the scheme {scheme}:// is not one of this build's engines ({enabled})")]
+    #[error(
+        "cannot open {url}: the scheme {scheme}:// is not one of this build's engines ({enabled})"
+    )]
     UnsupportedUrl {
         /// The URL, without its password.
         url: String,

@@ -239,7 +239,15 @@ pub(crate) fn retry<T, E>(
         system: DB_SYSTEM,
         namespace: &namespace,
     };
-    retry_in(policy, clock, operation, db, is_transient, describe, attempt)
+    retry_in(
+        policy,
+        clock,
+        operation,
+        db,
+        is_transient,
+        describe,
+        attempt,
+    )
 }
 
 /// The database a retried operation works on, as its `tracing` events name it.

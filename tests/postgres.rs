@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use diesel_migrations::{embed_migrations, EmbeddedMigrations, FileBasedMigrations, MigrationHarness};
+use diesel_migrations::{
+    embed_migrations, EmbeddedMigrations, FileBasedMigrations, MigrationHarness,
+};
 use sqlite_persistence::{Error, Options, PgDatabase, RetryPolicy};
 
 use common::pg;
@@ -40,7 +42,10 @@ fn strings(conn: &mut PgConnection, sql: &str) -> Vec<String> {
 }
 
 fn number(conn: &mut PgConnection, sql: &str) -> i64 {
-    diesel::sql_query(sql).get_result::<Value>(conn).unwrap().value
+    diesel::sql_query(sql)
+        .get_result::<Value>(conn)
+        .unwrap()
+        .value
 }
 
 /// Read-then-write on counter `name`: the lost update that plain READ COMMITTED lets
@@ -67,7 +72,9 @@ fn increment(conn: &mut PgConnection, name: &str) -> QueryResult<i64> {
 
 #[test]
 fn open_migrates_once_writes_and_reads() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let db = PgDatabase::open(&url, MIGRATIONS).unwrap();
     assert_eq!(db.applied_at_open().len(), 2);
     let value = db
@@ -109,7 +116,9 @@ fn open_migrates_once_writes_and_reads() {
 
 #[test]
 fn a_foreign_schema_ahead_or_edited_database_is_refused_before_anything_is_written() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     Options::new()
         .application_id(common::APPLICATION_ID)
         .open_postgres(&url, MIGRATIONS)
@@ -118,12 +127,17 @@ fn a_foreign_schema_ahead_or_edited_database_is_refused_before_anything_is_writt
         .application_id(7)
         .open_postgres(&url, MIGRATIONS)
         .unwrap_err();
-    assert!(matches!(error, Error::ForeignDatabase { found, .. } if found == common::APPLICATION_ID), "{error}");
+    assert!(
+        matches!(error, Error::ForeignDatabase { found, .. } if found == common::APPLICATION_ID),
+        "{error}"
+    );
 
     // A newer binary applied a migration this one does not know.
     let mut conn = pg::connect(&url);
-    conn.batch_execute("INSERT INTO __diesel_schema_migrations (version) VALUES ('20991231000000')")
-        .unwrap();
+    conn.batch_execute(
+        "INSERT INTO __diesel_schema_migrations (version) VALUES ('20991231000000')",
+    )
+    .unwrap();
     let error = PgDatabase::open(&url, MIGRATIONS).unwrap_err();
     assert!(matches!(error, Error::UnknownMigrations { .. }), "{error}");
     conn.batch_execute("DELETE FROM __diesel_schema_migrations WHERE version = '20991231000000'")
@@ -139,7 +153,9 @@ fn a_foreign_schema_ahead_or_edited_database_is_refused_before_anything_is_writt
     assert!(matches!(error, Error::EditedMigrations { .. }), "{error}");
 
     // Another program's tables, no history.
-    let Some(other) = pg::fresh_database() else { return };
+    let Some(other) = pg::fresh_database() else {
+        return;
+    };
     pg::connect(&other)
         .batch_execute("CREATE TABLE invoices (id INT)")
         .unwrap();
@@ -160,7 +176,10 @@ fn a_url_of_another_engine_is_refused_naming_the_scheme() {
         .open_postgres("mysql://app:secret@db/app", MIGRATIONS)
         .unwrap_err();
     let text = error.to_string();
-    assert!(text.contains("mysql://") && !text.contains("secret"), "{text}");
+    assert!(
+        text.contains("mysql://") && !text.contains("secret"),
+        "{text}"
+    );
     let error = Options::new()
         .open_postgres("/tmp/app.db", MIGRATIONS)
         .unwrap_err();
@@ -169,8 +188,13 @@ fn a_url_of_another_engine_is_refused_naming_the_scheme() {
 
 #[test]
 fn a_connection_lost_before_commit_is_retried_on_a_fresh_session() {
-    let Some(url) = pg::fresh_database() else { return };
-    let db = Options::new().pool_size(1).open_postgres(&url, MIGRATIONS).unwrap();
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let db = Options::new()
+        .pool_size(1)
+        .open_postgres(&url, MIGRATIONS)
+        .unwrap();
     let mut runs = 0;
     let value = db
         .write(|conn| -> sqlite_persistence::Result<i64> {
@@ -191,7 +215,9 @@ fn a_connection_lost_before_commit_is_retried_on_a_fresh_session() {
 
 #[test]
 fn a_connection_lost_during_commit_is_an_unknown_outcome_never_run_again() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let db = PgDatabase::open(&url, MIGRATIONS).unwrap();
     // A deferred trigger fires at COMMIT and ends its own session there.
     pg::connect(&url)
@@ -211,14 +237,19 @@ fn a_connection_lost_during_commit_is_an_unknown_outcome_never_run_again() {
             Ok(())
         })
         .unwrap_err();
-    assert!(matches!(error, Error::CommitOutcomeUnknown { .. }), "{error:?}");
+    assert!(
+        matches!(error, Error::CommitOutcomeUnknown { .. }),
+        "{error:?}"
+    );
     assert_eq!(runs, 1);
     assert!(error.hint().is_some());
 }
 
 #[test]
 fn a_row_lock_held_past_the_deadline_is_a_typed_error_naming_the_wait() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let db = Options::new()
         .lock_timeout(Duration::from_millis(300))
         .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(1500)))
@@ -251,7 +282,9 @@ fn a_row_lock_held_past_the_deadline_is_a_typed_error_naming_the_wait() {
 
 #[test]
 fn plain_diesel_waits_for_a_row_lock_without_end() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let mut conn = pg::connect(&url);
     conn.run_pending_migrations(MIGRATIONS).unwrap();
     increment(&mut conn, "a").unwrap();
@@ -294,11 +327,19 @@ fn run_together(n: usize, env: &[(&str, String)]) -> Vec<Outcome> {
     let barrier = dir.path().join("go");
     let mut env = env.to_vec();
     env.push(("SP_BARRIER", barrier.display().to_string()));
-    let children: Vec<_> = (0..n).map(|_| common::child_role("pg_child", &env)).collect();
+    let children: Vec<_> = (0..n)
+        .map(|_| common::child_role("pg_child", &env))
+        .collect();
     let ready = || {
         std::fs::read_dir(dir.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("ready-"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("ready-")
+            })
             .count()
     };
     assert!(
@@ -351,7 +392,13 @@ fn pg_child() {
     let count: u32 = std::env::var("SP_PG_COUNT").map_or(1, |c| c.parse().unwrap());
     let counter = std::env::var("SP_PG_COUNTER").unwrap_or_else(|_| "hot".into());
     let result = match std::env::var("SP_PG_DIR") {
-        Ok(dir) => job(&url, plain, count, &counter, FileBasedMigrations::from_path(dir).unwrap()),
+        Ok(dir) => job(
+            &url,
+            plain,
+            count,
+            &counter,
+            FileBasedMigrations::from_path(dir).unwrap(),
+        ),
         Err(_) => job(&url, plain, count, &counter, MIGRATIONS),
     };
     match result {
@@ -362,7 +409,13 @@ fn pg_child() {
 
 /// Opens (migrating), then makes `count` increments of `counter`. Returns the migrations
 /// applied and the attempts the writes took (layer), or the failed writes (plain).
-fn job<S>(url: &str, plain: bool, count: u32, counter: &str, migrations: S) -> Result<(u32, u32), String>
+fn job<S>(
+    url: &str,
+    plain: bool,
+    count: u32,
+    counter: &str,
+    migrations: S,
+) -> Result<(u32, u32), String>
 where
     S: diesel::migration::MigrationSource<diesel::pg::Pg>,
 {
@@ -371,7 +424,8 @@ where
     }
     if plain {
         let mut conn = PgConnection::establish(url).map_err(|e| chain(&e))?;
-        conn.run_pending_migrations(migrations).map_err(|e| e.to_string())?;
+        conn.run_pending_migrations(migrations)
+            .map_err(|e| e.to_string())?;
         let mut failed = 0;
         let mut first = None;
         for _ in 0..count {
@@ -401,7 +455,10 @@ where
 fn assert_consistent(url: &str, counter: &str, acknowledged: i64) {
     let mut conn = pg::connect(url);
     assert_eq!(
-        strings(&mut conn, "SELECT version AS name FROM __diesel_schema_migrations ORDER BY 1"),
+        strings(
+            &mut conn,
+            "SELECT version AS name FROM __diesel_schema_migrations ORDER BY 1"
+        ),
         common::VERSIONS
     );
     let value = number(
@@ -425,7 +482,9 @@ fn env(url: &str, plain: bool, count: u32) -> Vec<(&'static str, String)> {
 
 #[test]
 fn a_cold_storm_of_64_processes_migrates_once_and_every_write_lands() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let outcomes = run_together(64, &env(&url, false, 1));
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.ok).collect();
     assert!(failed.is_empty(), "{failed:#?}");
@@ -438,7 +497,9 @@ fn a_cold_storm_of_64_processes_migrates_once_and_every_write_lands() {
 
 #[test]
 fn plain_diesel_fails_in_the_same_cold_storm() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let outcomes = run_together(64, &env(&url, true, 1));
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.ok).collect();
     assert!(
@@ -446,12 +507,18 @@ fn plain_diesel_fails_in_the_same_cold_storm() {
         "no plain process failed: {:#?}",
         &outcomes[..3]
     );
-    eprintln!("plain: {} of 64 failed, e.g. {}", failed.len(), failed[0].line);
+    eprintln!(
+        "plain: {} of 64 failed, e.g. {}",
+        failed.len(),
+        failed[0].line
+    );
 }
 
 #[test]
 fn conflicting_writers_are_retried_and_every_write_is_stored_once() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     PgDatabase::open(&url, MIGRATIONS).unwrap();
     let outcomes = run_together(8, &env(&url, false, 25));
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.ok).collect();
@@ -465,7 +532,9 @@ fn conflicting_writers_are_retried_and_every_write_is_stored_once() {
 
 #[test]
 fn plain_diesel_loses_or_fails_conflicting_writes() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     PgDatabase::open(&url, MIGRATIONS).unwrap();
     let outcomes = run_together(8, &env(&url, true, 25));
     let failed = outcomes.iter().filter(|o| !o.ok).count();
@@ -475,8 +544,13 @@ fn plain_diesel_loses_or_fails_conflicting_writes() {
     );
     // Read-then-write in READ COMMITTED: two writers read the same value; one's update is
     // lost, or its event collides with the other's.
-    assert!(failed > 0 || value < 200, "plain: {failed} failed, value {value}");
-    eprintln!("plain: {failed} of 8 processes had failed writes; the counter reached {value} of 200");
+    assert!(
+        failed > 0 || value < 200,
+        "plain: {failed} failed, value {value}"
+    );
+    eprintln!(
+        "plain: {failed} of 8 processes had failed writes; the counter reached {value} of 200"
+    );
 }
 
 /// A migrations directory with `migrations` (name, up.sql, run_in_transaction).
@@ -523,20 +597,35 @@ fn kill_mid_batch(url: &str, dir: &Path, plain: bool) {
 }
 
 const SLOW_BATCH: [(&str, &str, bool); 2] = [
-    ("2026-12-01-000001_first", "CREATE TABLE first_table (x INT);", true),
-    ("2026-12-01-000002_slow", "CREATE TABLE second_table (x INT); SELECT pg_sleep(2);", true),
+    (
+        "2026-12-01-000001_first",
+        "CREATE TABLE first_table (x INT);",
+        true,
+    ),
+    (
+        "2026-12-01-000002_slow",
+        "CREATE TABLE second_table (x INT); SELECT pg_sleep(2);",
+        true,
+    ),
 ];
 
 #[test]
 fn a_migrating_process_killed_mid_batch_leaves_nothing_half_applied() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     migrations_dir(dir.path(), &SLOW_BATCH);
     kill_mid_batch(&url, dir.path(), false);
     let mut conn = pg::connect(&url);
-    let tables = "SELECT tablename::text AS name FROM pg_tables WHERE schemaname = 'public' ORDER BY 1";
+    let tables =
+        "SELECT tablename::text AS name FROM pg_tables WHERE schemaname = 'public' ORDER BY 1";
     // The batch is one transaction: nothing of it is visible, not even its bookkeeping.
-    assert!(strings(&mut conn, tables).is_empty(), "{:?}", strings(&mut conn, tables));
+    assert!(
+        strings(&mut conn, tables).is_empty(),
+        "{:?}",
+        strings(&mut conn, tables)
+    );
     // The next start waits for the dead session's lock (its backend ends after the sleep)
     // and completes the batch.
     let db = PgDatabase::open(&url, FileBasedMigrations::from_path(dir.path()).unwrap()).unwrap();
@@ -554,16 +643,23 @@ fn a_migrating_process_killed_mid_batch_leaves_nothing_half_applied() {
 
 #[test]
 fn plain_diesel_killed_mid_batch_leaves_it_half_applied() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     migrations_dir(dir.path(), &SLOW_BATCH);
     kill_mid_batch(&url, dir.path(), true);
     let mut conn = pg::connect(&url);
     // Diesel commits each migration on its own: the first is applied and recorded, the
     // second not.
-    assert!(pg::wait_until(Duration::from_secs(10), || !running(&url, "pg_sleep")));
+    assert!(pg::wait_until(Duration::from_secs(10), || !running(
+        &url, "pg_sleep"
+    )));
     assert_eq!(
-        strings(&mut conn, "SELECT version AS name FROM __diesel_schema_migrations"),
+        strings(
+            &mut conn,
+            "SELECT version AS name FROM __diesel_schema_migrations"
+        ),
         ["20261201000001"]
     );
 }
@@ -584,7 +680,9 @@ const CONCURRENT_INDEX: [(&str, &str, bool); 2] = [
 
 #[test]
 fn a_concurrent_index_migration_racing_16_waiting_processes_never_deadlocks() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     migrations_dir(dir.path(), &CONCURRENT_INDEX);
     let mut vars = env(&url, false, 0);
@@ -607,7 +705,9 @@ fn a_concurrent_index_migration_racing_16_waiting_processes_never_deadlocks() {
 
 #[test]
 fn waiting_for_the_migration_lock_inside_a_transaction_deadlocks_with_a_concurrent_index() {
-    let Some(url) = pg::fresh_database() else { return };
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
     let mut holder = pg::connect(&url);
     holder
         .batch_execute(
@@ -625,7 +725,10 @@ fn waiting_for_the_migration_lock_inside_a_transaction_deadlocks_with_a_concurre
         let _ = conn.batch_execute("ROLLBACK");
         result
     });
-    assert!(pg::wait_until(Duration::from_secs(10), || running(&url, "pg_advisory_xact_lock")));
+    assert!(pg::wait_until(Duration::from_secs(10), || running(
+        &url,
+        "pg_advisory_xact_lock"
+    )));
     let index = holder.batch_execute("CREATE INDEX CONCURRENTLY big_x ON big (x)");
     let _ = holder.batch_execute("SELECT pg_advisory_unlock(1, 2)");
     let waited = waiter.join().unwrap();

@@ -9,10 +9,10 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 
+use diesel::backend::Backend;
 use diesel::connection::{BoxableConnection, SimpleConnection};
 use diesel::migration::Migration;
 use diesel::sql_types::{BigInt, Text};
-use diesel::backend::Backend;
 use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 
 /// The side table. Its name starts with `__` like Diesel's own bookkeeping table; exclude it

@@ -8,10 +8,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use diesel::backend::Backend;
 use diesel::connection::SimpleConnection;
 use diesel::migration::{Migration, MigrationSource};
 use diesel::sql_types::Integer;
-use diesel::backend::Backend;
 use diesel::sqlite::Sqlite;
 use diesel::{sql_query, Connection, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 use diesel_migrations::MigrationHarness;

@@ -251,6 +251,9 @@ mod tests {
             by_message("canceling statement due to statement timeout"),
             None
         );
-        assert_eq!(by_message("duplicate key value violates unique constraint \"t_pkey\""), None);
+        assert_eq!(
+            by_message("duplicate key value violates unique constraint \"t_pkey\""),
+            None
+        );
     }
 }

@@ -194,8 +194,7 @@ pub(crate) fn batch(
             .execute(conn)
             .map_err(layer(Operation::MigrationLock))?;
         let state = read_state(conn).map_err(layer(Operation::ReadMigrationState))?;
-        let plan =
-            planned(source, state, options).map_err(|r| PgAttempt::Layer(r.at(shown)))?;
+        let plan = planned(source, state, options).map_err(|r| PgAttempt::Layer(r.at(shown)))?;
         apply(conn, source, &plan, &plan.pending, true).map_err(PgAttempt::Layer)
     })();
     match result {
@@ -332,6 +331,9 @@ pub(crate) fn release_session_lock(conn: &mut PgConnection, key: (i32, i32)) -> 
 
 /// Turns the statement timeout off for this session's migrations (a migration may rewrite a
 /// large table), and back to the options' value afterwards.
-pub(crate) fn statement_timeout(conn: &mut PgConnection, timeout: Option<Duration>) -> QueryResult<()> {
+pub(crate) fn statement_timeout(
+    conn: &mut PgConnection,
+    timeout: Option<Duration>,
+) -> QueryResult<()> {
     conn.batch_execute(&format!("SET statement_timeout = {}", millis(timeout)))
 }

@@ -140,7 +140,11 @@ impl Options {
     /// [`Error::UnmanagedDatabase`], [`Error::Migration`]); [`Error::Busy`] if another
     /// process held the migration lock past the retry deadline.
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-    pub fn open_postgres<S: MigrationSource<Pg>>(self, url: &str, migrations: S) -> Result<PgDatabase> {
+    pub fn open_postgres<S: MigrationSource<Pg>>(
+        self,
+        url: &str,
+        migrations: S,
+    ) -> Result<PgDatabase> {
         crate::engine::expect(url, crate::engine::Engine::Postgres)?;
         let server = Server::new(url);
         let shown = PathBuf::from(server.shown());
@@ -207,8 +211,8 @@ impl Options {
         if !plan.needs_write() {
             return Ok(Vec::new());
         }
-        let key = migrate::lock_key(conn, self)
-            .map_err(|e| Error::query(Operation::MigrationLock, e))?;
+        let key =
+            migrate::lock_key(conn, self).map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let (_, known) = source.migrations();
         let policy = self.policy_left(started);
         let db = Db {
@@ -222,15 +226,21 @@ impl Options {
         }
         // A migration that cannot run in a transaction is pending: wait for the lock in
         // autocommit, never inside a transaction.
-        retry_pg(&policy, db, Operation::MigrationLock, |_| {
-            match migrate::try_session_lock(conn, key) {
+        retry_pg(
+            &policy,
+            db,
+            Operation::MigrationLock,
+            |_| match migrate::try_session_lock(conn, key) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
                     url: shown.display().to_string(),
                 })),
-                Err(source) => Err(PgAttempt::Layer(Error::query(Operation::MigrationLock, source))),
-            }
-        })?;
+                Err(source) => Err(PgAttempt::Layer(Error::query(
+                    Operation::MigrationLock,
+                    source,
+                ))),
+            },
+        )?;
         let result = (|| {
             migrate::statement_timeout(conn, None)
                 .map_err(|e| Error::query(Operation::Migrate, e))?;
@@ -269,37 +279,44 @@ fn retry_pg<T, E: From<Error>>(
     attempt: impl FnMut(Try) -> Result<T, PgAttempt<E>>,
 ) -> Result<T, E> {
     let is_transient = |a: &PgAttempt<E>| {
-        a.transient().is_some()
-            || matches!(a, PgAttempt::Layer(Error::MigrationLockHeld { .. }))
+        a.transient().is_some() || matches!(a, PgAttempt::Layer(Error::MigrationLockHeld { .. }))
     };
     let describe = |a: &PgAttempt<E>| match (a, a.transient()) {
         (_, Some(failure)) => failure.to_string(),
         (PgAttempt::Layer(error), None) => crate::error::error_chain(error),
         (PgAttempt::Caller { .. }, None) => "the closure's error".to_owned(),
     };
-    retry_in(policy, &SystemClock, operation, db, is_transient, describe, attempt)
-        .map(|success| success.value)
-        .map_err(|failure| match failure {
-            Failure::Permanent(error) => error.into_caller(),
-            Failure::Exhausted {
+    retry_in(
+        policy,
+        &SystemClock,
+        operation,
+        db,
+        is_transient,
+        describe,
+        attempt,
+    )
+    .map(|success| success.value)
+    .map_err(|failure| match failure {
+        Failure::Permanent(error) => error.into_caller(),
+        Failure::Exhausted {
+            attempts,
+            elapsed,
+            last,
+        } => {
+            let source: crate::error::BoxError = match (last.transient(), last) {
+                (Some(failure), _) => Box::new(failure),
+                (None, PgAttempt::Layer(error)) => Box::new(error),
+                (None, PgAttempt::Caller { .. }) => "the closure's error".into(),
+            };
+            E::from(Error::Busy {
+                operation,
                 attempts,
                 elapsed,
-                last,
-            } => {
-                let source: crate::error::BoxError = match (last.transient(), last) {
-                    (Some(failure), _) => Box::new(failure),
-                    (None, PgAttempt::Layer(error)) => Box::new(error),
-                    (None, PgAttempt::Caller { .. }) => "the closure's error".into(),
-                };
-                E::from(Error::Busy {
-                    operation,
-                    attempts,
-                    elapsed,
-                    source,
-                    holders: Vec::new(),
-                })
-            }
-        })
+                source,
+                holders: Vec::new(),
+            })
+        }
+    })
 }
 
 impl PgDatabase {

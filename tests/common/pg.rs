@@ -37,7 +37,9 @@ pub fn fresh_database() -> Option<String> {
         Ok(server) => server,
         Err(why) => {
             if std::env::var(PG_TESTS_REQUIRED).as_deref() == Ok("1") {
-                panic!("PostgreSQL tests are required ({PG_TESTS_REQUIRED}=1) but cannot run: {why}");
+                panic!(
+                    "PostgreSQL tests are required ({PG_TESTS_REQUIRED}=1) but cannot run: {why}"
+                );
             }
             eprintln!("skipped: no PostgreSQL server for this test: {why}");
             return None;
@@ -80,7 +82,8 @@ fn start() -> Result<Server, String> {
             return Ok(Server { base: url });
         }
     }
-    let bin = bindir().ok_or("no initdb: install PostgreSQL's server (Debian: postgresql), or set PG_TEST_URL")?;
+    let bin = bindir()
+        .ok_or("no initdb: install PostgreSQL's server (Debian: postgresql), or set PG_TEST_URL")?;
     let dir = tempfile::Builder::new()
         .prefix("sp-pg-")
         .tempdir_in("/tmp")
@@ -90,7 +93,9 @@ fn start() -> Result<Server, String> {
     let as_owner = |program: &str| -> Command {
         if root {
             let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(bin.join(program));
+            command
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join(program));
             command
         } else {
             Command::new(bin.join(program))
@@ -112,10 +117,16 @@ fn start() -> Result<Server, String> {
         }
     }
     let data = dir.join("data");
-    run(as_owner("initdb")
-        .arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"]))?;
+    run(as_owner("initdb").arg("-D").arg(&data).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "--no-sync",
+        "-E",
+        "UTF8",
+        "--locale=C",
+    ]))?;
     let options = format!(
         "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off \
          -c full_page_writes=off -c max_connections=400",
@@ -129,7 +140,10 @@ fn start() -> Result<Server, String> {
         .args(["-o", &options, "start"]))?;
     watch(&dir, &bin, root);
     Ok(Server {
-        base: format!("postgresql:///postgres?host={}&user=postgres", dir.display()),
+        base: format!(
+            "postgresql:///postgres?host={}&user=postgres",
+            dir.display()
+        ),
     })
 }
 
@@ -184,9 +198,11 @@ fn watch(dir: &Path, bin: &Path, root: bool) {
         bin = bin.display(),
         dir = dir.display(),
     );
+    // `sh` starts the watcher in the background and exits: the watcher is not this
+    // process's child, and outlives it.
     let mut command = Command::new("sh");
     command
-        .args(["-c", &script])
+        .args(["-c", &format!("( {script} ) &")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -198,7 +214,8 @@ fn watch(dir: &Path, bin: &Path, root: bool) {
             Ok(())
         });
     }
-    command.spawn().expect("cannot start the cluster's watcher");
+    let status = command.status().expect("cannot start the cluster's watcher");
+    assert!(status.success(), "cannot start the cluster's watcher: {status}");
 }
 
 /// A plain session on `url`, for setting up and checking.
