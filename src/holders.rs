@@ -48,12 +48,23 @@ pub enum HeldLock {
     /// it reads the database file alone, so until it ends no checkpoint can copy anything
     /// into the file.
     FileReader,
+    /// PostgreSQL: the advisory lock of the migration batch (its `pid` is the server
+    /// process of the session, its `command` the session's `application_name`).
+    MigrationLock,
+    /// PostgreSQL: a session whose write transaction was open before the wait began, and
+    /// still was when it gave up: what a row or table lock wait most likely waited for.
+    ServerTransaction,
 }
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "process {}", self.pid)?;
-        if let Some(command) = &self.command {
+        match self.lock {
+            HeldLock::MigrationLock | HeldLock::ServerTransaction => {
+                write!(f, "server process {}", self.pid)?
+            }
+            _ => write!(f, "process {}", self.pid)?,
+        }
+        if let Some(command) = self.command.as_ref().filter(|c| !c.is_empty()) {
             write!(f, " ({command})")?;
         }
         f.write_str(match self.lock {
@@ -61,6 +72,8 @@ impl fmt::Display for Holder {
             HeldLock::WriteLock => " holding the write lock",
             HeldLock::WalReader => " reading from the WAL",
             HeldLock::FileReader => " reading the database file",
+            HeldLock::MigrationLock => " holding the migration lock",
+            HeldLock::ServerTransaction => " in a write transaction",
         })?;
         if let Some(held) = self.since.and_then(|since| since.elapsed().ok()) {
             write!(f, " for {:.1} s", held.as_secs_f64())?;

@@ -267,11 +267,27 @@ fn a_row_lock_held_past_the_deadline_is_a_typed_error_naming_the_wait() {
         .unwrap_err();
     let waited = start.elapsed();
     let Error::Busy {
-        attempts, elapsed, ..
+        attempts,
+        elapsed,
+        holders,
+        ..
     } = &error
     else {
         panic!("{error:?}");
     };
+    // The foreign session is named: its server process, in a write transaction.
+    let foreign_pid = number(&mut foreign, "SELECT pg_backend_pid()::bigint AS value");
+    assert!(
+        holders.iter().any(|h| i64::from(h.pid) == foreign_pid
+            && h.lock == sqlite_persistence::HeldLock::ServerTransaction),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("server process {foreign_pid}")),
+        "{error}"
+    );
     assert!(*attempts >= 2, "{error}");
     assert!(*elapsed >= Duration::from_millis(1400), "{error}");
     assert!(waited < Duration::from_millis(2500), "{waited:?}");

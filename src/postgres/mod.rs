@@ -2,6 +2,7 @@
 //! run again as a whole on a conflict, `read` in a snapshot, typed errors, tracing.
 
 mod failure;
+mod holders;
 mod migrate;
 mod session;
 
@@ -23,6 +24,7 @@ use self::failure::Transient;
 use self::session::{Server, SessionError, Settings};
 use crate::database::{next_id, Inside, WriteStats};
 use crate::error::{Error, Operation, Result};
+use crate::holders::Holder;
 use crate::open::Source;
 use crate::options::Options;
 use crate::retry::{retry_in, Db, Failure, RetryPolicy, SystemClock, Try};
@@ -219,10 +221,18 @@ impl Options {
             system: DB_SYSTEM,
             namespace: &shown.display(),
         };
+        // Who held the lock, read on the session that gave up waiting for it.
+        let conn = std::cell::RefCell::new(conn);
+        let lock_holders =
+            |_: &_, _| holders::migration_lock(&mut conn.borrow_mut(), key).unwrap_or_default();
         if !migrate::needs_session_lock(known, &plan) {
-            return retry_pg(&policy, db, Operation::Migrate, |attempt| {
-                migrate::batch(conn, source, self, shown, key, attempt)
-            });
+            return retry_pg(
+                &policy,
+                db,
+                Operation::Migrate,
+                |attempt| migrate::batch(&mut conn.borrow_mut(), source, self, shown, key, attempt),
+                lock_holders,
+            );
         }
         // A migration that cannot run in a transaction is pending: wait for the lock in
         // autocommit, never inside a transaction.
@@ -230,7 +240,7 @@ impl Options {
             &policy,
             db,
             Operation::MigrationLock,
-            |_| match migrate::try_session_lock(conn, key) {
+            |_| match migrate::try_session_lock(&mut conn.borrow_mut(), key) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
                     url: shown.display().to_string(),
@@ -240,7 +250,9 @@ impl Options {
                     source,
                 ))),
             },
+            lock_holders,
         )?;
+        let conn = conn.into_inner();
         let result = (|| {
             migrate::statement_timeout(conn, None)
                 .map_err(|e| Error::query(Operation::Migrate, e))?;
@@ -277,6 +289,7 @@ fn retry_pg<T, E: From<Error>>(
     db: Db<'_>,
     operation: Operation,
     attempt: impl FnMut(Try) -> Result<T, PgAttempt<E>>,
+    holders: impl FnOnce(&PgAttempt<E>, Duration) -> Vec<Holder>,
 ) -> Result<T, E> {
     let is_transient = |a: &PgAttempt<E>| {
         a.transient().is_some() || matches!(a, PgAttempt::Layer(Error::MigrationLockHeld { .. }))
@@ -303,6 +316,7 @@ fn retry_pg<T, E: From<Error>>(
             elapsed,
             last,
         } => {
+            let holders = holders(&last, elapsed);
             let source: crate::error::BoxError = match (last.transient(), last) {
                 (Some(failure), _) => Box::new(failure),
                 (None, PgAttempt::Layer(error)) => Box::new(error),
@@ -313,7 +327,7 @@ fn retry_pg<T, E: From<Error>>(
                 attempts,
                 elapsed,
                 source,
-                holders: Vec::new(),
+                holders,
             })
         }
     })
@@ -380,6 +394,7 @@ impl PgDatabase {
                     f(conn)
                 })
             },
+            |last, waited| self.lock_holders(last, waited),
         )?;
         Ok((
             value,
@@ -413,10 +428,22 @@ impl PgDatabase {
                     "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}",
                     session::millis(Some(self.options.lock_timeout.min(attempt.left)))
                 );
-                // A read that committed is done, whatever became of its COMMIT.
                 transaction(&mut conn, &begin, Operation::Read, &mut f)
             },
+            |last, waited| self.lock_holders(last, waited),
         )
+    }
+
+    /// After a lock wait gave up: the sessions whose write transactions were open for the
+    /// whole wait, read on a session of the pool (if one is free within a second).
+    fn lock_holders<E: From<Error>>(&self, last: &PgAttempt<E>, waited: Duration) -> Vec<Holder> {
+        if !matches!(last.transient(), Some(f) if f.kind == Transient::LockTimeout) {
+            return Vec::new();
+        }
+        let Ok(mut conn) = self.pool.get_timeout(Duration::from_secs(1)) else {
+            return Vec::new();
+        };
+        holders::write_transactions(&mut conn, waited).unwrap_or_default()
     }
 
     /// A session from the pool, with the layer's settings, for work that needs one

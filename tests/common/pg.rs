@@ -214,8 +214,13 @@ fn watch(dir: &Path, bin: &Path, root: bool) {
             Ok(())
         });
     }
-    let status = command.status().expect("cannot start the cluster's watcher");
-    assert!(status.success(), "cannot start the cluster's watcher: {status}");
+    let status = command
+        .status()
+        .expect("cannot start the cluster's watcher");
+    assert!(
+        status.success(),
+        "cannot start the cluster's watcher: {status}"
+    );
 }
 
 /// A plain session on `url`, for setting up and checking.

@@ -1,0 +1,75 @@
+//! Who holds what a PostgreSQL operation waited for, from the server's own views
+//! (`pg_locks`, `pg_stat_activity`), for [`Error::Busy`](crate::Error::Busy) and the status.
+
+use std::time::{Duration, SystemTime};
+
+use diesel::sql_types::{Double, Integer, Nullable, Text};
+use diesel::{sql_query, PgConnection, QueryResult, QueryableByName, RunQueryDsl};
+
+use crate::holders::{HeldLock, Holder};
+
+#[derive(QueryableByName)]
+struct Session {
+    #[diesel(sql_type = Integer)]
+    pid: i32,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Nullable<Double>)]
+    since: Option<f64>,
+}
+
+impl Session {
+    fn holder(self, lock: HeldLock) -> Holder {
+        Holder {
+            pid: self.pid as u32,
+            command: Some(self.name),
+            lock,
+            operation: None,
+            since: self
+                .since
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .map(|s| SystemTime::UNIX_EPOCH + s),
+        }
+    }
+}
+
+/// The sessions holding the migration lock `key` of this database.
+pub(crate) fn migration_lock(conn: &mut PgConnection, key: (i32, i32)) -> QueryResult<Vec<Holder>> {
+    Ok(sql_query(
+        "SELECT l.pid, coalesce(a.application_name, '') AS name, \
+           extract(epoch FROM coalesce(a.xact_start, a.query_start))::float8 AS since \
+         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND l.classid = ($1::bigint & 4294967295)::oid \
+           AND l.objid = ($2::bigint & 4294967295)::oid \
+         ORDER BY l.pid",
+    )
+    .bind::<Integer, _>(key.0)
+    .bind::<Integer, _>(key.1)
+    .load::<Session>(conn)?
+    .into_iter()
+    .map(|s| s.holder(HeldLock::MigrationLock))
+    .collect())
+}
+
+/// The sessions of this database (other than `conn`'s) whose write transaction has been
+/// open for at least `open_for`, oldest first: what a lock wait that long waited for.
+pub(crate) fn write_transactions(
+    conn: &mut PgConnection,
+    open_for: Duration,
+) -> QueryResult<Vec<Holder>> {
+    Ok(sql_query(
+        "SELECT pid, coalesce(application_name, '') AS name, \
+           extract(epoch FROM xact_start)::float8 AS since \
+         FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+           AND backend_xid IS NOT NULL AND xact_start <= now() - make_interval(secs => $1) \
+         ORDER BY xact_start LIMIT 8",
+    )
+    .bind::<Double, _>(open_for.as_secs_f64())
+    .load::<Session>(conn)?
+    .into_iter()
+    .map(|s| s.holder(HeldLock::ServerTransaction))
+    .collect())
+}
