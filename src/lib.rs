@@ -115,7 +115,7 @@ pub use options::Options;
 pub use pool::{PooledSqlite, SqliteManager, SqlitePool};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::{PgDatabase, PgFailure, PgManager, PgPool, PooledPg};
+pub use postgres::{PgDatabase, PgFailure, PgManager, PgPool, PgStatus, PooledPg};
 pub use pragma::{JournalMode, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};
 pub use status::{Checksums, FileSizes, Status};

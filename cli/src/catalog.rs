@@ -130,37 +130,53 @@ impl Catalog {
     }
 }
 
-/// Claims the next version of `artifact`: reads the latest and writes the next. Safe only in
-/// a transaction that holds the write lock from its start; the plain Diesel baseline runs it
-/// in a deferred one to show what happens otherwise.
-pub fn record_next(
-    conn: &mut SqliteConnection,
-    artifact: &str,
-    hold: Duration,
-) -> QueryResult<i64> {
-    diesel::insert_into(artifacts::table)
-        .values(artifacts::name.eq(artifact))
-        .on_conflict_do_nothing()
-        .execute(conn)?;
-    let (id, latest): (i32, i64) = artifacts::table
-        .filter(artifacts::name.eq(artifact))
-        .select((artifacts::id, artifacts::latest_version))
-        .first(conn)?;
-    let version = latest + 1;
-    diesel::update(artifacts::table.find(id))
-        .set(artifacts::latest_version.eq(version))
-        .execute(conn)?;
-    diesel::insert_into(artifact_versions::table)
-        .values((
-            artifact_versions::artifact_id.eq(id),
-            artifact_versions::version.eq(version),
-        ))
-        .execute(conn)?;
-    if !hold.is_zero() {
-        std::thread::sleep(hold);
-    }
-    Ok(version)
+/// Defines `$name`, which claims the next version of `artifact` on a `$conn`: reads the
+/// latest and writes the next. The same statements on each engine.
+macro_rules! record_next_on {
+    ($(#[$attr:meta])* $name:ident, $conn:ty) => {
+        $(#[$attr])*
+        pub fn $name(conn: &mut $conn, artifact: &str, hold: Duration) -> QueryResult<i64> {
+            diesel::insert_into(artifacts::table)
+                .values(artifacts::name.eq(artifact))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            let (id, latest): (i32, i64) = artifacts::table
+                .filter(artifacts::name.eq(artifact))
+                .select((artifacts::id, artifacts::latest_version))
+                .first(conn)?;
+            let version = latest + 1;
+            diesel::update(artifacts::table.find(id))
+                .set(artifacts::latest_version.eq(version))
+                .execute(conn)?;
+            diesel::insert_into(artifact_versions::table)
+                .values((
+                    artifact_versions::artifact_id.eq(id),
+                    artifact_versions::version.eq(version),
+                ))
+                .execute(conn)?;
+            if !hold.is_zero() {
+                std::thread::sleep(hold);
+            }
+            Ok(version)
+        }
+    };
 }
+
+record_next_on!(
+    /// Claims the next version of `artifact`: reads the latest and writes the next. Safe only
+    /// in a transaction that holds the write lock from its start; the plain Diesel baseline
+    /// runs it in a deferred one to show what happens otherwise.
+    record_next,
+    SqliteConnection
+);
+
+#[cfg(feature = "postgres")]
+record_next_on!(
+    /// [`record_next`] on PostgreSQL: safe in a `SERIALIZABLE` transaction that runs again on
+    /// a conflict; the plain baseline runs it in Diesel's default (`READ COMMITTED`) one.
+    record_next_pg,
+    diesel::PgConnection
+);
 
 /// Characters that are not shown, or that reorder the text around them (Unicode's format
 /// characters and the bidirectional controls): two names that look the same must be the same.

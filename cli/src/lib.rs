@@ -9,6 +9,8 @@ pub mod commands;
 pub mod error;
 pub mod harness;
 pub mod output;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod plain;
 pub mod schema;
 

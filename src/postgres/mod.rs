@@ -5,6 +5,7 @@ mod failure;
 mod holders;
 mod migrate;
 mod session;
+mod status;
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use diesel::{sql_query, PgConnection, QueryableByName, RunQueryDsl};
 pub use failure::PgFailure;
 pub(crate) use session::redact;
 pub use session::{PgManager, PgPool, PooledPg};
+pub use status::PgStatus;
 
 use self::failure::Transient;
 use self::session::{Server, SessionError, Settings};

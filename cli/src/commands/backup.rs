@@ -13,6 +13,7 @@ use crate::error::Result;
 /// # Errors
 /// As [`Catalog::open`] and `Database::backup_to`.
 pub fn run(path: &Path, to: &Path, json: bool) -> Result<()> {
+    crate::commands::sqlite_only(path, "backup")?;
     let catalog = Catalog::open(path, Options::new())?;
     let backup = catalog.database().backup_to(to)?;
     if json {

@@ -15,6 +15,10 @@ use crate::plain::PlainCatalog;
 /// # Errors
 /// As [`Options::open`] (or the plain setup's).
 pub fn run(path: &Path, migrations: Option<&Path>, plain: bool) -> Result<()> {
+    #[cfg(feature = "postgres")]
+    if let Some(url) = crate::commands::postgres_url(path)? {
+        return migrate_postgres(&url, migrations, plain);
+    }
     if plain {
         match migrations {
             Some(dir) => PlainCatalog::open_with(path, migration_dir(dir)?)?,
@@ -26,13 +30,47 @@ pub fn run(path: &Path, migrations: Option<&Path>, plain: bool) -> Result<()> {
         Some(dir) => Options::new().open(path, migration_dir(dir)?)?,
         None => Catalog::open(path, Options::new())?.into_database(),
     };
-    let applied = db.applied_at_open();
+    report(&path.display().to_string(), db.applied_at_open())
+}
+
+/// Prints what an open applied.
+fn report(database: &str, applied: &[String]) -> Result<()> {
     if applied.is_empty() {
-        crate::outln!("{}: up to date, nothing applied", path.display())?;
+        crate::outln!("{database}: up to date, nothing applied")?;
     } else {
         for name in applied {
             crate::outln!("applied {name}")?;
         }
     }
     Ok(())
+}
+
+/// [`run`] on PostgreSQL.
+#[cfg(feature = "postgres")]
+fn migrate_postgres(url: &str, migrations: Option<&Path>, plain: bool) -> Result<()> {
+    use crate::pg::{PgCatalog, PlainPgCatalog};
+    if plain {
+        if migrations.is_some() {
+            return Err(crate::error::Error::Usage {
+                what: "migrate --plain",
+                reason: "on PostgreSQL the plain setup applies the catalog's migrations only"
+                    .to_owned(),
+            });
+        }
+        PlainPgCatalog::open(url)?;
+        return Ok(());
+    }
+    let db = match migrations {
+        Some(dir) => Options::new().open_postgres(url, migration_dir(dir)?)?,
+        None => {
+            return {
+                let catalog = PgCatalog::open(url, Options::new())?;
+                report(
+                    catalog.database().url(),
+                    catalog.database().applied_at_open(),
+                )
+            }
+        }
+    };
+    report(db.url(), db.applied_at_open())
 }

@@ -15,12 +15,41 @@ use diesel_migrations::FileBasedMigrations;
 use crate::error::{Error, Result};
 
 /// The database a command works on: `--db PATH`, else `$DATABASE_URL`, else `catalog.db`.
-/// The library reads the URL forms (`sqlite://PATH`, `sqlite:PATH`, `file:PATH`).
+/// The library reads the URL forms (`sqlite://PATH`, `sqlite:PATH`, `file:PATH`) and, with
+/// the `postgres` feature, PostgreSQL's (`postgres://`, `postgresql://`).
 pub fn database_path(cli_db: Option<PathBuf>) -> PathBuf {
     cli_db.unwrap_or_else(|| match std::env::var_os("DATABASE_URL") {
         Some(url) if !url.is_empty() => PathBuf::from(url),
         _ => PathBuf::from("catalog.db"),
     })
+}
+
+/// The PostgreSQL URL `db` names, if it names one (by its scheme, as the library decides).
+///
+/// # Errors
+/// A URL of a scheme this build does not open.
+pub fn postgres_url(db: &Path) -> Result<Option<String>> {
+    let text = db.to_string_lossy();
+    match sqlite_persistence::Engine::of(&text)? {
+        sqlite_persistence::Engine::Sqlite => Ok(None),
+        _ => Ok(Some(text.into_owned())),
+    }
+}
+
+/// A command that works on SQLite files only, refused for a PostgreSQL URL.
+///
+/// # Errors
+/// [`Error::Usage`] for a PostgreSQL URL.
+pub fn sqlite_only(db: &Path, command: &'static str) -> Result<()> {
+    match postgres_url(db)? {
+        None => Ok(()),
+        Some(_) => Err(Error::Usage {
+            what: command,
+            reason: "it works on SQLite files; PostgreSQL has its own tools (pg_dump, \
+                     pg_stat_activity)"
+                .to_owned(),
+        }),
+    }
 }
 
 /// A Diesel migrations directory, as `diesel migration` lays it out.
@@ -69,7 +98,7 @@ pub fn on_fresh_db<T>(
 
 /// A new directory only this user may enter, whatever the umask, named for `name`, this
 /// process and the time (never one left by an earlier run).
-fn private_temp_dir(name: &str) -> Result<PathBuf> {
+pub fn private_temp_dir(name: &str) -> Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -53,6 +53,10 @@ pub fn run(path: &Path, args: &Args, started: Instant) -> Result<()> {
         }
         Ok(())
     };
+    #[cfg(feature = "postgres")]
+    if let Some(url) = crate::commands::postgres_url(path)? {
+        return record_postgres(&url, args, started, print);
+    }
     if args.lean {
         let catalog = LeanCatalog::open(path)?;
         let ready = started.elapsed();
@@ -68,6 +72,38 @@ pub fn run(path: &Path, args: &Args, started: Instant) -> Result<()> {
     } else {
         let options = Options::new().fair_queue(!args.no_fair_queue);
         let catalog = Catalog::open(path, options)?;
+        let ready = started.elapsed();
+        for _ in 0..args.count {
+            print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`run`] on PostgreSQL: the catalog there, or its plain baseline.
+#[cfg(feature = "postgres")]
+fn record_postgres(
+    url: &str,
+    args: &Args,
+    started: Instant,
+    print: impl Fn(Recorded, Duration) -> Result<()>,
+) -> Result<()> {
+    use crate::pg::{PgCatalog, PlainPgCatalog};
+    if args.lean {
+        return Err(crate::error::Error::Usage {
+            what: "record --lean",
+            reason: "the lean baseline is one SQLite connection; use --plain on PostgreSQL"
+                .to_owned(),
+        });
+    }
+    if args.plain {
+        let catalog = PlainPgCatalog::open(url)?;
+        let ready = started.elapsed();
+        for _ in 0..args.count {
+            print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;
+        }
+    } else {
+        let catalog = PgCatalog::open(url, Options::new())?;
         let ready = started.elapsed();
         for _ in 0..args.count {
             print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;

@@ -87,6 +87,7 @@ fn unix_ms(time: SystemTime) -> u64 {
 /// `{"artifact", "version", "us" (how long the write took), "at_ms" (when it was
 /// acknowledged)}` after its commit, and `{"reads": N}` at the end.
 pub fn work(path: &Path, seconds: u64, plain: bool) -> Result<(), Error> {
+    crate::commands::sqlite_only(path, "soak")?;
     enum Store {
         Layer(Box<Catalog>),
         Plain(PlainCatalog),
@@ -154,6 +155,9 @@ pub fn run(
     backup_every: Option<Duration>,
     json: bool,
 ) -> Result<(), Error> {
+    if let Some(db) = &db {
+        crate::commands::sqlite_only(db, "soak")?;
+    }
     if processes == 0 || !(1..=MAX_SECONDS).contains(&seconds) {
         return Err(Error::Usage {
             what: "soak load",
@@ -312,7 +316,7 @@ pub fn run_side(
         let (db, stop) = (db.to_owned(), Arc::clone(&stop));
         std::thread::spawn(move || take_backups(&db, every, &stop))
     });
-    let together = run_together(label, db, &args, processes, limit);
+    let together = run_together(label, db, None, &args, processes, limit);
     stop.store(true, Ordering::SeqCst);
     let taken = match backups {
         Some(thread) => thread.join().unwrap_or_default(),

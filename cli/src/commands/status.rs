@@ -14,6 +14,10 @@ use crate::error::Result;
 /// # Errors
 /// As [`Status::read`], and a migrations directory that cannot be read.
 pub fn run(path: &Path, migrations: Option<&Path>, json: bool) -> Result<()> {
+    #[cfg(feature = "postgres")]
+    if let Some(url) = crate::commands::postgres_url(path)? {
+        return postgres(&url, migrations, json);
+    }
     let status = match migrations {
         Some(dir) => Status::read(path, migration_dir(dir)?, &Options::new())?,
         None => Status::read(path, MIGRATIONS, &Options::new())?,
@@ -84,17 +88,7 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         "journal mode  {}",
         status.journal_mode.as_deref().unwrap_or("-")
     )?;
-    crate::outln!(
-        "app id        {}",
-        status.application_id.map_or("-".to_owned(), |id| {
-            let text: String = id
-                .to_be_bytes()
-                .iter()
-                .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
-                .collect();
-            format!("{id:#010x} ({text})")
-        })
-    )?;
+    crate::outln!("app id        {}", application_id(status.application_id))?;
     crate::outln!("applied       {}", list(&status.applied))?;
     crate::outln!("pending       {}", list(&status.pending))?;
     crate::outln!("unknown       {}", list(&status.unknown))?;
@@ -165,6 +159,18 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// An application id in hex and as four characters, or `-`.
+fn application_id(id: Option<u32>) -> String {
+    id.map_or("-".to_owned(), |id| {
+        let text: String = id
+            .to_be_bytes()
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+            .collect();
+        format!("{id:#010x} ({text})")
+    })
+}
+
 /// `[{"pid", "command", "lock"}]`.
 fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
     holders
@@ -180,9 +186,86 @@ fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
                     sqlite_persistence::HeldLock::WriteLock => "write lock",
                     sqlite_persistence::HeldLock::WalReader => "wal reader",
                     sqlite_persistence::HeldLock::FileReader => "file reader",
+                    sqlite_persistence::HeldLock::MigrationLock => "migration lock",
+                    sqlite_persistence::HeldLock::ServerTransaction => "write transaction",
                     _ => "other",
                 },
             })
         })
         .collect()
+}
+
+/// [`run`] on PostgreSQL: the catalog's migrations (and lock key) unless `migrations` names
+/// others.
+#[cfg(feature = "postgres")]
+fn postgres(url: &str, migrations: Option<&Path>, json: bool) -> Result<()> {
+    use sqlite_persistence::PgStatus;
+    let status = match migrations {
+        Some(dir) => PgStatus::read(url, migration_dir(dir)?, &Options::new())?,
+        None => PgStatus::read(
+            url,
+            crate::pg::PG_MIGRATIONS,
+            &Options::new().application_id(crate::catalog::APPLICATION_ID),
+        )?,
+    };
+    if json {
+        crate::outln!(
+            "{}",
+            serde_json::json!({
+                "url": status.url,
+                "database": status.database,
+                "server_version": status.server_version,
+                "application_id": status.application_id,
+                "applied": status.applied,
+                "pending": status.pending,
+                "unknown": status.unknown,
+                "checksums": {
+                    "verified": status.checksums.verified,
+                    "edited": status.checksums.edited,
+                    "unrecorded": status.checksums.unrecorded,
+                },
+                "unmanaged_tables": status.unmanaged_tables,
+                "migration_lock": holders_json(&status.migration_lock),
+                "sessions": status.sessions,
+            })
+        )?;
+        return Ok(());
+    }
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "0".to_owned()
+        } else {
+            format!("{}: {}", items.len(), items.join(", "))
+        }
+    };
+    crate::outln!("database      {} ({})", status.url, status.database)?;
+    crate::outln!("server        PostgreSQL {}", status.server_version)?;
+    crate::outln!("app id        {}", application_id(status.application_id))?;
+    crate::outln!("applied       {}", list(&status.applied))?;
+    crate::outln!("pending       {}", list(&status.pending))?;
+    crate::outln!("unknown       {}", list(&status.unknown))?;
+    crate::outln!(
+        "checksums     {} verified, edited {}, unrecorded {}",
+        status.checksums.verified,
+        list(&status.checksums.edited),
+        list(&status.checksums.unrecorded)
+    )?;
+    if !status.unmanaged_tables.is_empty() {
+        crate::outln!("unmanaged     {}", list(&status.unmanaged_tables))?;
+    }
+    let holders: Vec<String> = status
+        .migration_lock
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    crate::outln!(
+        "migrating     {}",
+        if holders.is_empty() {
+            "nobody".to_owned()
+        } else {
+            holders.join(", ")
+        }
+    )?;
+    crate::outln!("sessions      {}", status.sessions)?;
+    Ok(())
 }

@@ -58,13 +58,24 @@ pub fn run(db: Option<PathBuf>, load: Load, compare: bool, json: bool) -> Result
             reason: "--processes and --writes must be at least 1".to_owned(),
         });
     }
-    let reports = on_fresh_db(db, "stress", |db| {
-        let mut reports = vec![run_side("sqlite-persistence", db, load, false)?];
-        if compare {
-            reports.push(run_side("plain diesel", &plain_path(db), load, true)?);
-        }
-        Ok(reports)
-    })?;
+    #[cfg(feature = "postgres")]
+    let server = match &db {
+        Some(db) => crate::commands::postgres_url(db)?,
+        None => None,
+    };
+    #[cfg(not(feature = "postgres"))]
+    let server: Option<String> = None;
+    let reports = match server {
+        #[cfg(feature = "postgres")]
+        Some(url) => on_fresh_server_databases(&url, load, compare)?,
+        _ => on_fresh_db(db, "stress", |db| {
+            let mut reports = vec![run_side("sqlite-persistence", db, load, false)?];
+            if compare {
+                reports.push(run_side("plain diesel", &plain_path(db), load, true)?);
+            }
+            Ok(reports)
+        })?,
+    };
     if json {
         let sides: Vec<_> = reports.iter().map(|r| r.json(load)).collect();
         crate::outln!(
@@ -82,6 +93,29 @@ pub fn run(db: Option<PathBuf>, load: Load, compare: bool, json: bool) -> Result
 /// The longest a side may run before its processes are killed.
 const LIMIT: Duration = Duration::from_secs(300);
 
+/// The PostgreSQL side of `stress`: fresh databases on the server of `url` (one per side,
+/// dropped afterwards; the database `url` names is never touched).
+#[cfg(feature = "postgres")]
+fn on_fresh_server_databases(url: &str, load: Load, compare: bool) -> Result<Vec<Report>, Error> {
+    crate::harness::interrupt::catch();
+    let fresh = crate::pg::FreshDatabases::create(url, "stress", if compare { 2 } else { 1 })?;
+    let dir = crate::commands::private_temp_dir("stress")?;
+    let urls = fresh.urls();
+    let result = (|| {
+        let run = |label, url: &String, plain| {
+            let report = run_side_in(label, Path::new(url), Some(&dir), load, plain)?;
+            Ok::<_, Error>(report)
+        };
+        let mut reports = vec![run("sqlite-persistence", &urls[0], false)?];
+        if compare {
+            reports.push(run("plain diesel", &urls[1], true)?);
+        }
+        Ok(reports)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 /// Runs `load` against a fresh database at `db` with this binary (`plain` for the baseline).
 pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Result<Report, Error> {
     if db.exists() {
@@ -90,6 +124,18 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
             reason: format!("{} exists; stress needs a fresh file", db.display()),
         });
     }
+    run_side_in(label, db, None, load, plain)
+}
+
+/// [`run_side`] on a database that is known to be fresh: a file (barrier files beside it) or
+/// a server's (barrier files in `barrier_dir`).
+fn run_side_in(
+    label: &'static str,
+    db: &Path,
+    barrier_dir: Option<&Path>,
+    load: Load,
+    plain: bool,
+) -> Result<Report, Error> {
     let mut args: Vec<String> = ["record", "--artifact", "stress", "--json", "--count"]
         .map(String::from)
         .into();
@@ -99,7 +145,7 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
     if plain {
         args.push("--plain".to_owned());
     }
-    let (outputs, seconds) = run_together(label, db, &args, load.processes, LIMIT)?;
+    let (outputs, seconds) = run_together(label, db, barrier_dir, &args, load.processes, LIMIT)?;
     let mut report = Report {
         label,
         seconds,
@@ -128,8 +174,13 @@ pub fn run_side(label: &'static str, db: &Path, load: Load, plain: bool) -> Resu
             *report.causes.entry(cause.to_owned()).or_default() += 1;
         }
     }
-    check_file(db, &mut report)?;
-    remove_side_files(db);
+    if barrier_dir.is_some() {
+        #[cfg(feature = "postgres")]
+        check_server(&db.to_string_lossy(), &mut report)?;
+    } else {
+        check_file(db, &mut report)?;
+        remove_side_files(db);
+    }
     report.wait_ms.sort_by(f64::total_cmp);
     report.ready_ms.sort_by(f64::total_cmp);
     Ok(report)
@@ -153,29 +204,54 @@ struct Count {
 
 /// Reads what really is in the file: versions stored, distinct and gapless; migrations.
 fn check_file(db: &Path, report: &mut Report) -> Result<(), Error> {
-    let query = |source| Error::Query {
-        operation: "check the stress database",
-        source,
-    };
     let mut conn =
         SqliteConnection::establish(&db.to_string_lossy()).map_err(|source| Error::Open {
             path: db.to_owned(),
             source,
         })?;
-    let exists = |conn: &mut SqliteConnection, table: &str| -> Result<bool, Error> {
-        Ok(diesel::sql_query(format!(
-            "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '{table}'"
-        ))
-        .get_result::<Count>(conn)
-        .map_err(query)?
-        .n > 0)
+    check(
+        &mut conn,
+        "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '{table}'",
+        report,
+    )
+}
+
+/// [`check_file`] for a server's database.
+#[cfg(feature = "postgres")]
+fn check_server(url: &str, report: &mut Report) -> Result<(), Error> {
+    let mut conn = crate::pg::connect(url)?;
+    check(
+        &mut conn,
+        "SELECT count(*) AS n FROM pg_tables WHERE schemaname = current_schema() \
+         AND tablename = '{table}'",
+        report,
+    )
+}
+
+/// The checks of [`check_file`] on `conn`; `exists` counts the tables named `{table}`.
+fn check<C>(conn: &mut C, exists: &str, report: &mut Report) -> Result<(), Error>
+where
+    C: diesel::Connection,
+    diesel::query_builder::SqlQuery: diesel::query_dsl::LoadQuery<'static, C, Count>
+        + diesel::query_dsl::LoadQuery<'static, C, Counts>,
+{
+    let query = |source| Error::Query {
+        operation: "check the stress database",
+        source,
     };
-    if exists(&mut conn, "artifact_versions")? {
+    let exists = |conn: &mut C, table: &str| -> Result<bool, Error> {
+        Ok(diesel::sql_query(exists.replace("{table}", table))
+            .get_result::<Count>(conn)
+            .map_err(query)?
+            .n
+            > 0)
+    };
+    if exists(conn, "artifact_versions")? {
         let counts = diesel::sql_query(
             "SELECT count(*) AS rows, count(DISTINCT version) AS distinct_versions, \
              coalesce(max(version), 0) AS max_version FROM artifact_versions",
         )
-        .get_result::<Counts>(&mut conn)
+        .get_result::<Counts>(conn)
         .map_err(query)?;
         report.stored = counts.rows;
         report.distinct_gapless =
@@ -183,10 +259,10 @@ fn check_file(db: &Path, report: &mut Report) -> Result<(), Error> {
     } else {
         report.distinct_gapless = true;
     }
-    if exists(&mut conn, "__diesel_schema_migrations")? {
+    if exists(conn, "__diesel_schema_migrations")? {
         report.migrations =
             diesel::sql_query("SELECT count(*) AS n FROM __diesel_schema_migrations")
-                .get_result::<Count>(&mut conn)
+                .get_result::<Count>(conn)
                 .map_err(query)?
                 .n;
     }

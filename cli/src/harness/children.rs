@@ -68,9 +68,11 @@ fn drain(pipe: Option<impl Read + Send + 'static>) -> Result<Drain, Error> {
 /// Starts `n` processes of this binary with `args` and `--db db`, releases them together once
 /// all are ready, and waits (at most `limit`, then kills them) for all to end. Returns their
 /// outputs and the seconds from the release to the last exit. Shows progress on a terminal.
+/// The barrier files go next to a database file, in `barrier_dir` for a server's database.
 pub fn run_together(
     label: &str,
     db: &Path,
+    barrier_dir: Option<&Path>,
     args: &[String],
     n: usize,
     limit: Duration,
@@ -90,11 +92,14 @@ pub fn run_together(
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    let barrier = PathBuf::from(format!(
-        "{}.barrier-{}-{nanos}",
-        db.display(),
-        std::process::id()
-    ));
+    let barrier = match barrier_dir {
+        Some(dir) => dir.join(format!("barrier-{}-{nanos}", std::process::id())),
+        None => PathBuf::from(format!(
+            "{}.barrier-{}-{nanos}",
+            db.display(),
+            std::process::id()
+        )),
+    };
     let mut children: Vec<Child> = Vec::with_capacity(n);
     for _ in 0..n {
         let child = Command::new(&exe)
@@ -117,7 +122,7 @@ pub fn run_together(
         }
     }
     let ready_prefix = format!("{}.ready-", barrier.file_name().unwrap().to_string_lossy());
-    let dir = db.parent().unwrap_or(Path::new("."));
+    let dir = barrier.parent().unwrap_or(Path::new("."));
     let result = release_and_collect(label, &barrier, &ready_prefix, dir, children, limit);
     let _ = std::fs::remove_file(&barrier);
     if let Ok(entries) = std::fs::read_dir(dir) {

@@ -1,0 +1,117 @@
+//! What a PostgreSQL database records, read without migrating or writing anything.
+
+use diesel::migration::MigrationSource;
+use diesel::pg::Pg;
+use diesel::sql_types::{BigInt, Text};
+use diesel::{sql_query, QueryableByName, RunQueryDsl};
+
+use super::session::{self, Server, SessionError, Settings};
+use super::{holders, migrate};
+use crate::error::{Error, Operation, Result};
+use crate::holders::Holder;
+use crate::open::plan::plan;
+use crate::open::Source;
+use crate::options::Options;
+use crate::status::Checksums;
+
+/// A PostgreSQL database's state, as `status` shows it: the server, the migrations applied,
+/// pending and unknown, the checksums, the owner, and who holds the migration lock. Read in
+/// one read-only snapshot; nothing is created or written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PgStatus {
+    /// The URL, without its password.
+    pub url: String,
+    /// The database's name on the server.
+    pub database: String,
+    /// `server_version`.
+    pub server_version: String,
+    /// The application id in the layer's owner table; `None` when it has none.
+    pub application_id: Option<u32>,
+    /// Applied migrations the source knows, by name, in version order.
+    pub applied: Vec<String>,
+    /// Migrations of the source not applied yet.
+    pub pending: Vec<String>,
+    /// Versions applied that the source does not know (a newer binary's).
+    pub unknown: Vec<String>,
+    /// Checksums of the applied migrations against the source's SQL.
+    pub checksums: Checksums,
+    /// Tables present without a migration history (another program's database).
+    pub unmanaged_tables: Vec<String>,
+    /// The sessions holding the migration lock now.
+    pub migration_lock: Vec<Holder>,
+    /// Sessions connected to this database, this one excluded.
+    pub sessions: u32,
+}
+
+#[derive(QueryableByName)]
+struct About {
+    #[diesel(sql_type = Text)]
+    database: String,
+    #[diesel(sql_type = Text)]
+    version: String,
+    #[diesel(sql_type = BigInt)]
+    sessions: i64,
+}
+
+impl PgStatus {
+    /// Reads the state of the database at `url` against `migrations`, with `options`'
+    /// application id (which also makes the migration lock's key).
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedUrl`], [`Error::Connect`], [`Error::MigrationSource`], and
+    /// [`Error::Query`] if a read fails.
+    pub fn read<S: MigrationSource<Pg>>(
+        url: &str,
+        migrations: S,
+        options: &Options,
+    ) -> Result<Self> {
+        crate::engine::expect(url, crate::engine::Engine::Postgres)?;
+        let source = Source::<Pg>::list(migrations)?;
+        let server = Server::new(url);
+        let mut conn = session::connect(server.url(), &Settings::new(options)).map_err(
+            |error| match error {
+                SessionError::Connect(source) => Error::Connect {
+                    url: server.shown().to_owned(),
+                    source,
+                },
+                SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
+            },
+        )?;
+        let query = |e| Error::query(Operation::ReadStatus, e);
+        let state = migrate::read_snapshot(&mut conn).map_err(query)?;
+        let about = sql_query(
+            "SELECT current_database()::text AS database, current_setting('server_version') AS version, \
+             (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+              AND pid <> pg_backend_pid()) AS sessions",
+        )
+        .get_result::<About>(&mut conn)
+        .map_err(query)?;
+        let key = migrate::lock_key(&mut conn, options).map_err(query)?;
+        let migration_lock = holders::migration_lock(&mut conn, key).map_err(query)?;
+        let (_, known) = source.migrations();
+        let plan = plan(known, state, options.application_id);
+        let names = |indices: &[usize]| source.names(indices);
+        let pending: std::collections::BTreeSet<usize> = plan.pending.iter().copied().collect();
+        let applied = (0..known.len())
+            .filter(|i| !pending.contains(i))
+            .collect::<Vec<_>>();
+        Ok(PgStatus {
+            url: server.shown().to_owned(),
+            database: about.database,
+            server_version: about.version,
+            application_id: (plan.state.application_id != 0).then_some(plan.state.application_id),
+            applied: names(&applied),
+            pending: names(&plan.pending),
+            unknown: plan.unknown.clone(),
+            checksums: Checksums {
+                verified: plan.verified,
+                edited: names(&plan.edited),
+                unrecorded: names(&plan.unrecorded),
+            },
+            unmanaged_tables: plan.state.unmanaged_tables.clone(),
+            migration_lock,
+            sessions: about.sessions.max(0) as u32,
+        })
+    }
+}
