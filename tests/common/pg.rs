@@ -7,6 +7,8 @@
 //! Without a server (no `initdb` found) the PostgreSQL tests say that they skipped and why;
 //! with `PG_TESTS_REQUIRED=1` (CI) they fail instead.
 
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
