@@ -51,6 +51,9 @@ pub enum HeldLock {
     /// PostgreSQL: the advisory lock of the migration batch (its `pid` is the server
     /// process of the session, its `command` the session's `application_name`).
     MigrationLock,
+    /// PostgreSQL: the write queue's turn (a session advisory lock that writers which met a
+    /// conflict take before they run again; see [`Options::fair_queue`](crate::Options::fair_queue)).
+    ServerWriteQueue,
     /// PostgreSQL: a session whose write transaction was open before the wait began, and
     /// still was when it gave up: what a row or table lock wait most likely waited for.
     ServerTransaction,
@@ -59,7 +62,7 @@ pub enum HeldLock {
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.lock {
-            HeldLock::MigrationLock | HeldLock::ServerTransaction => {
+            HeldLock::MigrationLock | HeldLock::ServerWriteQueue | HeldLock::ServerTransaction => {
                 write!(f, "server process {}", self.pid)?
             }
             _ => write!(f, "process {}", self.pid)?,
@@ -73,6 +76,7 @@ impl fmt::Display for Holder {
             HeldLock::WalReader => " reading from the WAL",
             HeldLock::FileReader => " reading the database file",
             HeldLock::MigrationLock => " holding the migration lock",
+            HeldLock::ServerWriteQueue => " holding the write queue",
             HeldLock::ServerTransaction => " in a write transaction",
         })?;
         if let Some(held) = self.since.and_then(|since| since.elapsed().ok()) {

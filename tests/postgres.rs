@@ -187,6 +187,52 @@ fn a_url_of_another_engine_is_refused_naming_the_scheme() {
 }
 
 #[test]
+fn conflicting_threads_take_turns_and_leave_no_turn_held() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let db = std::sync::Arc::new(PgDatabase::open(&url, MIGRATIONS).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                (0..25)
+                    .map(|_| {
+                        db.write_measured(|conn| -> sqlite_persistence::Result<i64> {
+                            let value = increment(conn, "hot")?;
+                            // Held long enough for the others to conflict.
+                            std::thread::sleep(Duration::from_millis(2));
+                            Ok(value)
+                        })
+                        .unwrap()
+                        .1
+                        .attempts
+                    })
+                    .sum::<u32>()
+            })
+        })
+        .collect();
+    let attempts: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(
+        number(
+            &mut pg::connect(&url),
+            "SELECT value FROM counters WHERE name = 'hot'"
+        ),
+        100
+    );
+    assert!(attempts > 100, "no conflict happened: {attempts}");
+    // The handle is open, its sessions idle in the pool: none holds an advisory lock.
+    assert_eq!(
+        number(
+            &mut pg::connect(&url),
+            "SELECT count(*) AS value FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        0
+    );
+}
+
+#[test]
 fn a_connection_lost_before_commit_is_retried_on_a_fresh_session() {
     let Some(url) = pg::fresh_database() else {
         return;

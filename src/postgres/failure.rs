@@ -187,6 +187,14 @@ pub(crate) fn lost(conn: &mut PgConnection) -> bool {
         .is_some_and(|recorder| recorder.lost)
 }
 
+/// Marks `conn` as not to be handed out again.
+pub(crate) fn discard(conn: &mut PgConnection) {
+    use diesel::Connection;
+    if let Some(recorder) = conn.instrumentation().downcast_mut::<Recorder>() {
+        recorder.lost = true;
+    }
+}
+
 /// The transient failure a closure failed with, if any: from the statement that failed last
 /// on its connection when one was recorded, else from the error value itself (Diesel's error,
 /// the layer's, or a boxed error's source chain).

@@ -33,8 +33,13 @@ impl Session {
     }
 }
 
-/// The sessions holding the migration lock `key` of this database.
-pub(crate) fn migration_lock(conn: &mut PgConnection, key: (i32, i32)) -> QueryResult<Vec<Holder>> {
+/// The sessions holding the advisory lock `key` of this database (the migration lock, or the
+/// write queue's turn), as holders of `lock`.
+pub(crate) fn advisory(
+    conn: &mut PgConnection,
+    key: (i32, i32),
+    lock: HeldLock,
+) -> QueryResult<Vec<Holder>> {
     Ok(sql_query(
         "SELECT l.pid, coalesce(a.application_name, '') AS name, \
            extract(epoch FROM coalesce(a.xact_start, a.query_start))::float8 AS since \
@@ -49,7 +54,7 @@ pub(crate) fn migration_lock(conn: &mut PgConnection, key: (i32, i32)) -> QueryR
     .bind::<Integer, _>(key.1)
     .load::<Session>(conn)?
     .into_iter()
-    .map(|s| s.holder(HeldLock::MigrationLock))
+    .map(|s| s.holder(lock))
     .collect())
 }
 

@@ -4,6 +4,7 @@
 mod failure;
 mod holders;
 mod migrate;
+mod queue;
 mod session;
 mod status;
 
@@ -26,7 +27,7 @@ use self::failure::Transient;
 use self::session::{Server, SessionError, Settings};
 use crate::database::{next_id, Inside, WriteStats};
 use crate::error::{Error, Operation, Result};
-use crate::holders::Holder;
+use crate::holders::{HeldLock, Holder};
 use crate::open::Source;
 use crate::options::Options;
 use crate::retry::{retry_in, Db, Failure, RetryPolicy, SystemClock, Try};
@@ -64,6 +65,10 @@ pub struct PgDatabase {
     server: Server,
     /// The URL without its password, as events name the database.
     shown_url: String,
+    /// The advisory lock of the write queue (see `queue`).
+    queue_key: (i32, i32),
+    /// When this handle's writes last met a conflict.
+    conflicts: queue::Conflicts,
     options: Options,
     applied: Vec<String>,
 }
@@ -178,7 +183,10 @@ impl Options {
                 });
             }
         }
-        let applied = self.migrate_postgres(&mut conn, &source, &shown, started)?;
+        let key = migrate::lock_key(&mut conn, &self)
+            .map_err(|e| Error::query(Operation::MigrationLock, e))?;
+        let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started)?;
+        let queue_key = (key.0, key.1.wrapping_add(1));
         // Migrations ran without a statement timeout; the pooled sessions get the options'.
         let manager = PgManager::new(&server, settings);
         let pool = PgPool::builder()
@@ -194,6 +202,8 @@ impl Options {
             id: next_id(),
             pool,
             shown_url: server.shown().to_owned(),
+            queue_key,
+            conflicts: queue::Conflicts::default(),
             server,
             options: self,
             applied,
@@ -206,6 +216,7 @@ impl Options {
         conn: &mut PgConnection,
         source: &Source<Pg>,
         shown: &Path,
+        key: (i32, i32),
         started: Instant,
     ) -> Result<Vec<String>> {
         let read = |conn: &mut PgConnection| {
@@ -215,8 +226,6 @@ impl Options {
         if !plan.needs_write() {
             return Ok(Vec::new());
         }
-        let key =
-            migrate::lock_key(conn, self).map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let (_, known) = source.migrations();
         let policy = self.policy_left(started);
         let db = Db {
@@ -225,8 +234,10 @@ impl Options {
         };
         // Who held the lock, read on the session that gave up waiting for it.
         let conn = std::cell::RefCell::new(conn);
-        let lock_holders =
-            |_: &_, _| holders::migration_lock(&mut conn.borrow_mut(), key).unwrap_or_default();
+        let lock_holders = |_: &_, _| {
+            holders::advisory(&mut conn.borrow_mut(), key, HeldLock::MigrationLock)
+                .unwrap_or_default()
+        };
         if !migrate::needs_session_lock(known, &plan) {
             return retry_pg(
                 &policy,
@@ -380,24 +391,59 @@ impl PgDatabase {
         let asked = Instant::now();
         let began = Cell::new(asked);
         let mut attempts = 0;
+        // The session of the attempts, kept across them while it holds the queue's turn.
+        let mut held: Option<PooledPg> = None;
+        let mut queued = false;
         let value = retry_pg(
             &self.options.policy_left(asked),
             self.db(),
             Operation::Write,
             |attempt| {
                 attempts = attempt.number;
-                let mut conn = self.checkout()?;
+                let conn = match &mut held {
+                    Some(conn) => conn,
+                    None => held.insert(self.checkout()?),
+                };
+                let contended = attempt.number > 1 || self.conflicts.recent();
+                if contended && !queued && self.options.fair_queue {
+                    let asked_turn = Instant::now();
+                    queue::take(
+                        conn,
+                        self.queue_key,
+                        attempt.left,
+                        self.options.lock_timeout,
+                    )
+                    .map_err(|source| PgAttempt::Layer(Error::query(Operation::Write, source)))?;
+                    // Others were queued: the contention goes on.
+                    if asked_turn.elapsed() > queue::CONTENDED_WAIT {
+                        self.conflicts.met();
+                    }
+                    queued = true;
+                }
                 let begin = format!(
                     "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}",
                     session::millis(Some(self.options.lock_timeout.min(attempt.left)))
                 );
-                transaction(&mut conn, &begin, Operation::Write, |conn| {
+                let result = transaction(conn, &begin, Operation::Write, |conn| {
                     began.set(Instant::now());
                     f(conn)
-                })
+                });
+                if matches!(&result, Err(e) if e.transient().is_some()) {
+                    self.conflicts.met();
+                }
+                if result.is_err() && failure::lost(conn) {
+                    // The server ended the session, and the turn with it.
+                    held = None;
+                    queued = false;
+                }
+                result
             },
             |last, waited| self.lock_holders(last, waited),
-        )?;
+        );
+        if let (Some(conn), true) = (&mut held, queued) {
+            queue::give_back(conn, self.queue_key);
+        }
+        let value = value?;
         Ok((
             value,
             WriteStats {
@@ -436,8 +482,9 @@ impl PgDatabase {
         )
     }
 
-    /// After a lock wait gave up: the sessions whose write transactions were open for the
-    /// whole wait, read on a session of the pool (if one is free within a second).
+    /// After a lock wait gave up: the sessions holding the write queue's turn, and those
+    /// whose write transactions were open for the whole wait, read on a session of the pool
+    /// (if one is free within a second).
     fn lock_holders<E: From<Error>>(&self, last: &PgAttempt<E>, waited: Duration) -> Vec<Holder> {
         if !matches!(last.transient(), Some(f) if f.kind == Transient::LockTimeout) {
             return Vec::new();
@@ -445,7 +492,10 @@ impl PgDatabase {
         let Ok(mut conn) = self.pool.get_timeout(Duration::from_secs(1)) else {
             return Vec::new();
         };
-        holders::write_transactions(&mut conn, waited).unwrap_or_default()
+        let mut holders = holders::advisory(&mut conn, self.queue_key, HeldLock::ServerWriteQueue)
+            .unwrap_or_default();
+        holders.extend(holders::write_transactions(&mut conn, waited).unwrap_or_default());
+        holders
     }
 
     /// A session from the pool, with the layer's settings, for work that needs one

@@ -88,7 +88,9 @@ impl PgStatus {
         .get_result::<About>(&mut conn)
         .map_err(query)?;
         let key = migrate::lock_key(&mut conn, options).map_err(query)?;
-        let migration_lock = holders::migration_lock(&mut conn, key).map_err(query)?;
+        let migration_lock =
+            holders::advisory(&mut conn, key, crate::holders::HeldLock::MigrationLock)
+                .map_err(query)?;
         let (_, known) = source.migrations();
         let plan = plan(known, state, options.application_id);
         let names = |indices: &[usize]| source.names(indices);

@@ -187,6 +187,7 @@ fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
                     sqlite_persistence::HeldLock::WalReader => "wal reader",
                     sqlite_persistence::HeldLock::FileReader => "file reader",
                     sqlite_persistence::HeldLock::MigrationLock => "migration lock",
+                    sqlite_persistence::HeldLock::ServerWriteQueue => "write queue (server)",
                     sqlite_persistence::HeldLock::ServerTransaction => "write transaction",
                     _ => "other",
                 },

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""PostgreSQL: the cold storm and the contention workloads of BENCHMARKS.md, this crate against
+plain Diesel on PostgreSQL (run_pending_migrations, default transactions), side by side in one
+run of `stress --compare` each round, on fresh databases of a throwaway server this script
+starts (initdb into a temporary directory, as the postgres user when run as root, Unix socket
+only, fsync=off) and stops. PG_BENCH_URL=postgresql://... uses an existing server instead (the
+role needs CREATEDB). Build first: cargo build --release.
+usage: scripts/pg_bench.py [ROUNDS] (default 5)"""
+import json, os, shutil, subprocess, sys, tempfile, statistics
+
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+binary = os.path.join(root, "target", "release", "sqlite-persistence")
+rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+
+
+def start_server():
+    if os.environ.get("PG_BENCH_URL"):
+        return os.environ["PG_BENCH_URL"], None
+    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
+    d = tempfile.mkdtemp(prefix="sp-pgbench-", dir="/tmp")
+    os.chmod(d, 0o755)
+    as_owner = []
+    if os.geteuid() == 0:
+        shutil.chown(d, "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(as_owner + [f"{bindir}/initdb", "-D", f"{d}/data", "-A", "trust", "-U", "postgres",
+                               "--no-sync"], check=True, capture_output=True)
+    subprocess.run(as_owner + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-w", "-l", f"{d}/log", "-o",
+                               f"-k {d} -c listen_addresses='' -c fsync=off -c max_connections=400",
+                               "start"], check=True, capture_output=True)
+    return f"postgresql:///postgres?host={d}&user=postgres", (as_owner, bindir, d)
+
+
+def stop_server(server):
+    if server is None:
+        return
+    as_owner, bindir, d = server
+    subprocess.run(as_owner + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-m", "immediate", "stop"],
+                   capture_output=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def stress(url, processes, writes, hold):
+    out = subprocess.run([binary, "stress", "--compare", "--json", "--db", url, "--processes",
+                          str(processes), "--writes", str(writes), "--hold-ms", str(hold)],
+                         capture_output=True, text=True, timeout=900)
+    return json.loads(out.stdout)["sides"]
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+url, server = start_server()
+try:
+    for name, (n, k, h) in {"cold storm: 64 processes x 1 write": (64, 1, 0),
+                            "contention: 32 processes x 20 writes x 10 ms": (32, 20, 10)}.items():
+        runs = [stress(url, n, k, h) for _ in range(rounds)]
+        print(f"## {name} ({rounds} rounds; medians, and the range of failures)")
+        print("| side | failed processes | acknowledged writes | stored, distinct and gapless | "
+              "ready p50 | wait p50 | wait p99 | wait max (x fair) | writes/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for i in range(2):
+            sides = [r[i] for r in runs]
+            failed = [s["failed_processes"] for s in sides]
+            fair = sides[0]["fair_wait_ms"]
+            wmax = median([s["wait_ms"]["max"] for s in sides])
+            ratio = f" ({wmax / fair:.2f} x)" if fair else ""
+            print(f"| {sides[0]['label']} | {min(failed)}-{max(failed)} of {n} "
+                  f"| {median([s['acknowledged_writes'] for s in sides]):.0f} of {n * k} "
+                  f"| {sum(s['distinct_gapless'] and s['stored_versions'] == s['acknowledged_writes'] for s in sides)} of {rounds} rounds "
+                  f"| {median([s['ready_ms']['p50'] for s in sides]):.0f} ms "
+                  f"| {median([s['wait_ms']['p50'] for s in sides]):.0f} ms "
+                  f"| {median([s['wait_ms']['p99'] for s in sides]):.0f} ms "
+                  f"| {wmax:.0f} ms{ratio} "
+                  f"| {median([s['writes_per_second'] for s in sides]):.0f} |")
+        causes = {}
+        for r in runs:
+            for cause, count in r[1]["failures_by_cause"].items():
+                causes[cause] = causes.get(cause, 0) + count
+        for cause, count in sorted(causes.items(), key=lambda c: -c[1])[:4]:
+            print(f"- plain: {count} x {cause[:160]}")
+        print()
+finally:
+    stop_server(server)
