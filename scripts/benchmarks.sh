@@ -22,4 +22,5 @@ echo "== uncontended write"; cargo bench -q --bench uncontended 2>/dev/null | gr
 echo "== pinned WAL"; scripts/pinned_wal.py
 echo "== backups during a soak"; scripts/backup_soak.py 10 1000 2
 echo "== threads of one process"; cargo bench -q --bench threads 2>/dev/null | grep "threads x"
+echo "== PostgreSQL: cold storm and contention"; scripts/pg_bench.py 5
 echo "== pictures"; scripts/plots.py

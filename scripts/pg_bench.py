@@ -41,10 +41,17 @@ def stop_server(server):
 
 
 def stress(url, processes, writes, hold):
-    out = subprocess.run([binary, "stress", "--compare", "--json", "--db", url, "--processes",
-                          str(processes), "--writes", str(writes), "--hold-ms", str(hold)],
-                         capture_output=True, text=True, timeout=900)
-    return json.loads(out.stdout)["sides"]
+    """This crate, plain Diesel (one `stress --compare` run), then this crate without its
+    write queue (`stress --no-fair-queue`), alternating in each round."""
+    def run(extra):
+        out = subprocess.run([binary, "stress", "--json", "--db", url, "--processes", str(processes),
+                              "--writes", str(writes), "--hold-ms", str(hold)] + extra,
+                             capture_output=True, text=True, timeout=900)
+        return json.loads(out.stdout)["sides"]
+    sides = run(["--compare"])
+    queue_off = run(["--no-fair-queue"])[0]
+    queue_off["label"] = "sqlite-persistence, no write queue"
+    return sides + [queue_off]
 
 
 def median(values):
@@ -61,7 +68,7 @@ try:
         print("| side | failed processes | acknowledged writes | stored, distinct and gapless | "
               "ready p50 | wait p50 | wait p99 | wait max (x fair) | writes/s |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for i in range(2):
+        for i in range(3):
             sides = [r[i] for r in runs]
             failed = [s["failed_processes"] for s in sides]
             fair = sides[0]["fair_wait_ms"]

@@ -80,6 +80,9 @@ enum Command {
         /// Also run the plain Diesel setup under the same load, side by side.
         #[arg(long)]
         compare: bool,
+        /// This crate's side without its write queue (`record --no-fair-queue`).
+        #[arg(long)]
+        no_fair_queue: bool,
         /// One JSON object with every figure.
         #[arg(long)]
         json: bool,
@@ -184,12 +187,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             writes,
             hold_ms,
             compare,
+            no_fair_queue,
             json,
         } => {
             let load = commands::stress::Load {
                 processes,
                 writes,
                 hold_ms,
+                fair_queue: !no_fair_queue,
             };
             return commands::stress::run(cli.db, load, compare, json);
         }

@@ -22,6 +22,8 @@ pub struct Load {
     pub writes: u32,
     /// How long each write transaction holds the lock.
     pub hold_ms: u64,
+    /// Whether this crate's side queues its writers (`--no-fair-queue` turns it off).
+    pub fair_queue: bool,
 }
 
 /// What one side of the run measured.
@@ -144,6 +146,8 @@ fn run_side_in(
     args.push(load.hold_ms.to_string());
     if plain {
         args.push("--plain".to_owned());
+    } else if !load.fair_queue {
+        args.push("--no-fair-queue".to_owned());
     }
     let (outputs, seconds) = run_together(label, db, barrier_dir, &args, load.processes, LIMIT)?;
     let mut report = Report {
