@@ -6,7 +6,7 @@ use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
 use diesel::sqlite::Sqlite;
 
-use crate::database::Database;
+use crate::database::{Database, WriteStats};
 use crate::error::{Error, Result};
 use crate::options::Options;
 #[cfg(feature = "postgres")]
@@ -164,6 +164,23 @@ impl AnyDatabase {
             AnyDatabase::Sqlite(db) => db.write(|conn| f(AnyConnection::Sqlite(conn))),
             #[cfg(feature = "postgres")]
             AnyDatabase::Postgres(db) => db.write(|conn| f(AnyConnection::Postgres(conn))),
+        }
+    }
+
+    /// [`Database::write_measured`] or [`PgDatabase::write_measured`]: `f` gets the engine's
+    /// connection.
+    ///
+    /// # Errors
+    /// As the engine's `write`.
+    pub fn write_measured<T, E, F>(&self, mut f: F) -> Result<(T, WriteStats), E>
+    where
+        F: FnMut(AnyConnection<'_>) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        match self {
+            AnyDatabase::Sqlite(db) => db.write_measured(|conn| f(AnyConnection::Sqlite(conn))),
+            #[cfg(feature = "postgres")]
+            AnyDatabase::Postgres(db) => db.write_measured(|conn| f(AnyConnection::Postgres(conn))),
         }
     }
 

@@ -4,4 +4,4 @@ CREATE TABLE events (
     counter TEXT NOT NULL REFERENCES counters (name),
     value BIGINT NOT NULL CHECK (value > 0),
     PRIMARY KEY (counter, value)
-) WITHOUT ROWID;
+);
