@@ -1,8 +1,7 @@
 //! The handle of an open database: write, read, connection.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,24 +14,14 @@ use crate::closing::OpenConnections;
 use crate::codes;
 use crate::customizer::within;
 use crate::error::{Error, Operation, Result};
+use crate::handle::WriteStats;
+use crate::handle::{next_id, Inside};
 use crate::options::Options;
 use crate::pool::{PooledSqlite, SqlitePool};
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
 use crate::read_age;
 use crate::retry::{retry_attempts, Attempt, RetryPolicy, SystemClock};
-
-/// What one [`Database::write_measured`] cost: how long it waited for the write lock and
-/// how many attempts it took. For an application's metrics on lock contention.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WriteStats {
-    /// From asking to write until the write transaction that committed began (holding the
-    /// write lock): the time spent waiting for other writers, retries included.
-    pub wait: Duration,
-    /// How many times the transaction was started (1 when it never met a lock).
-    pub attempts: u32,
-}
 
 /// One SQLite database file, opened, in WAL, migrated, and ready for many processes.
 ///
@@ -429,48 +418,5 @@ impl Drop for QueryOnly<'_> {
                 "cannot turn query_only off on a pooled connection"
             );
         }
-    }
-}
-
-/// A new handle id, for telling handles apart in [`Inside`].
-pub(crate) fn next_id() -> u64 {
-    static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-thread_local! {
-    /// The databases (by handle id) this thread is inside a `write` or `read` of, innermost
-    /// last, with the operation.
-    static INSIDE: RefCell<Vec<(u64, Operation)>> = const { RefCell::new(Vec::new()) };
-}
-
-/// This thread is inside an operation of one database while this lives.
-pub(crate) struct Inside {
-    id: u64,
-}
-
-impl Inside {
-    /// [`Error::Reentrant`] if this thread is already inside an operation of database `id`.
-    pub(crate) fn check(id: u64, operation: Operation) -> Result<()> {
-        INSIDE.with_borrow(|inside| match inside.iter().find(|(i, _)| *i == id) {
-            Some(&(_, outer)) => Err(Error::Reentrant { operation, outer }),
-            None => Ok(()),
-        })
-    }
-
-    pub(crate) fn enter(id: u64, operation: Operation) -> Result<Self> {
-        Self::check(id, operation)?;
-        INSIDE.with_borrow_mut(|inside| inside.push((id, operation)));
-        Ok(Self { id })
-    }
-}
-
-impl Drop for Inside {
-    fn drop(&mut self) {
-        INSIDE.with_borrow_mut(|inside| {
-            if let Some(i) = inside.iter().rposition(|(id, _)| *id == self.id) {
-                inside.remove(i);
-            }
-        });
     }
 }

@@ -4,10 +4,13 @@
 use diesel::migration::MigrationSource;
 #[cfg(feature = "postgres")]
 use diesel::pg::Pg;
+#[cfg(feature = "sqlite")]
 use diesel::sqlite::Sqlite;
 
-use crate::database::{Database, WriteStats};
+#[cfg(feature = "sqlite")]
+use crate::database::Database;
 use crate::error::{Error, Result};
+use crate::handle::WriteStats;
 use crate::options::Options;
 #[cfg(feature = "postgres")]
 use crate::postgres::PgDatabase;
@@ -23,11 +26,11 @@ pub enum Engine {
 }
 
 /// The schemes this build opens, for [`Error::UnsupportedUrl`].
-#[cfg(feature = "postgres")]
-const ENABLED: &str = "sqlite: a path, sqlite:, file:; postgres: postgres://, postgresql://";
-#[cfg(not(feature = "postgres"))]
-const ENABLED: &str =
-    "sqlite: a path, sqlite:, file:; postgres:// needs the Cargo feature postgres";
+const ENABLED: &str = match (cfg!(feature = "sqlite"), cfg!(feature = "postgres")) {
+    (true, true) => "sqlite: a path, sqlite:, file:; postgres: postgres://, postgresql://",
+    (true, false) => "sqlite: a path, sqlite:, file:; postgres:// needs the Cargo feature postgres",
+    _ => "postgres: postgres://, postgresql://; a path needs the Cargo feature sqlite",
+};
 
 impl Engine {
     /// The engine `url` names, by its scheme: `postgres://` and `postgresql://` are
@@ -106,23 +109,31 @@ pub(crate) fn expect(url: &str, engine: Engine) -> Result<()> {
 
 /// Migrations that every engine of this build can run: a Diesel migration source of each
 /// backend (`embed_migrations!` and `FileBasedMigrations` are).
-#[cfg(feature = "postgres")]
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
 pub trait AnyMigrations: MigrationSource<Sqlite> + MigrationSource<Pg> {}
-#[cfg(feature = "postgres")]
+#[cfg(all(feature = "sqlite", feature = "postgres"))]
 impl<T: MigrationSource<Sqlite> + MigrationSource<Pg>> AnyMigrations for T {}
 
 /// Migrations that every engine of this build can run: a Diesel migration source of each
 /// backend (`embed_migrations!` and `FileBasedMigrations` are).
-#[cfg(not(feature = "postgres"))]
+#[cfg(all(feature = "sqlite", not(feature = "postgres")))]
 pub trait AnyMigrations: MigrationSource<Sqlite> {}
-#[cfg(not(feature = "postgres"))]
+#[cfg(all(feature = "sqlite", not(feature = "postgres")))]
 impl<T: MigrationSource<Sqlite>> AnyMigrations for T {}
+
+/// Migrations that every engine of this build can run: a Diesel migration source of each
+/// backend (`embed_migrations!` and `FileBasedMigrations` are).
+#[cfg(all(not(feature = "sqlite"), feature = "postgres"))]
+pub trait AnyMigrations: MigrationSource<Pg> {}
+#[cfg(all(not(feature = "sqlite"), feature = "postgres"))]
+impl<T: MigrationSource<Pg>> AnyMigrations for T {}
 
 /// A database of whichever engine its URL named ([`Options::open_url`]).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum AnyDatabase {
     /// A SQLite file.
+    #[cfg(feature = "sqlite")]
     Sqlite(Database),
     /// A PostgreSQL database.
     #[cfg(feature = "postgres")]
@@ -134,6 +145,7 @@ pub enum AnyDatabase {
 #[non_exhaustive]
 pub enum AnyConnection<'a> {
     /// A SQLite connection.
+    #[cfg(feature = "sqlite")]
     Sqlite(&'a mut diesel::SqliteConnection),
     /// A PostgreSQL session.
     #[cfg(feature = "postgres")]
@@ -145,6 +157,7 @@ impl AnyDatabase {
     /// Its engine.
     pub fn engine(&self) -> Engine {
         match self {
+            #[cfg(feature = "sqlite")]
             AnyDatabase::Sqlite(_) => Engine::Sqlite,
             #[cfg(feature = "postgres")]
             AnyDatabase::Postgres(_) => Engine::Postgres,
@@ -161,6 +174,7 @@ impl AnyDatabase {
         E: From<Error> + 'static,
     {
         match self {
+            #[cfg(feature = "sqlite")]
             AnyDatabase::Sqlite(db) => db.write(|conn| f(AnyConnection::Sqlite(conn))),
             #[cfg(feature = "postgres")]
             AnyDatabase::Postgres(db) => db.write(|conn| f(AnyConnection::Postgres(conn))),
@@ -178,6 +192,7 @@ impl AnyDatabase {
         E: From<Error> + 'static,
     {
         match self {
+            #[cfg(feature = "sqlite")]
             AnyDatabase::Sqlite(db) => db.write_measured(|conn| f(AnyConnection::Sqlite(conn))),
             #[cfg(feature = "postgres")]
             AnyDatabase::Postgres(db) => db.write_measured(|conn| f(AnyConnection::Postgres(conn))),
@@ -194,6 +209,7 @@ impl AnyDatabase {
         E: From<Error> + 'static,
     {
         match self {
+            #[cfg(feature = "sqlite")]
             AnyDatabase::Sqlite(db) => db.read(|conn| f(AnyConnection::Sqlite(conn))),
             #[cfg(feature = "postgres")]
             AnyDatabase::Postgres(db) => db.read(|conn| f(AnyConnection::Postgres(conn))),
@@ -203,6 +219,7 @@ impl AnyDatabase {
     /// The names of the migrations this open applied.
     pub fn applied_at_open(&self) -> &[String] {
         match self {
+            #[cfg(feature = "sqlite")]
             AnyDatabase::Sqlite(db) => db.applied_at_open(),
             #[cfg(feature = "postgres")]
             AnyDatabase::Postgres(db) => db.applied_at_open(),
@@ -238,7 +255,14 @@ impl Options {
     /// ```
     pub fn open_url<S: AnyMigrations>(self, url: &str, migrations: S) -> Result<AnyDatabase> {
         match Engine::of(url)? {
+            #[cfg(feature = "sqlite")]
             Engine::Sqlite => self.open(url, migrations).map(AnyDatabase::Sqlite),
+            #[cfg(not(feature = "sqlite"))]
+            Engine::Sqlite => Err(Error::UnsupportedUrl {
+                url: redacted(url),
+                scheme: "sqlite".to_owned(),
+                enabled: ENABLED,
+            }),
             #[cfg(feature = "postgres")]
             Engine::Postgres => self
                 .open_postgres(url, migrations)

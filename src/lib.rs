@@ -72,53 +72,80 @@
 //! The user's guide, with every default and what happens on each fault, is the README;
 //! the command line `sqlite-persistence` (load tests, status) is a separate package.
 #![warn(missing_docs)]
+// A PostgreSQL-only build leaves out the SQLite engine, which alone uses some shared helpers
+// (pragma names, the write queue's operation codes, the file-naming error mapping).
+#![cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "sqlite")]
 mod backup;
+#[cfg(feature = "sqlite")]
 mod checkpoint;
+#[cfg(feature = "sqlite")]
 mod closing;
+#[cfg(feature = "sqlite")]
 mod codes;
+#[cfg(feature = "sqlite")]
 mod customizer;
+#[cfg(feature = "sqlite")]
 mod database;
 mod engine;
 mod error;
+#[cfg(feature = "sqlite")]
 mod guard;
+mod handle;
 mod holders;
 mod open;
 mod operation;
 mod options;
+#[cfg(feature = "sqlite")]
 mod owned;
+#[cfg(feature = "sqlite")]
 mod pool;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod pragma;
+#[cfg(feature = "sqlite")]
 mod queue;
+#[cfg(feature = "sqlite")]
 mod read_age;
 mod retry;
+#[cfg(feature = "sqlite")]
 mod shm;
+#[cfg(feature = "sqlite")]
 mod side;
+#[cfg(feature = "sqlite")]
 mod status;
 #[cfg(feature = "tokio")]
 mod tokio;
 
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
+compile_error!("sqlite-persistence needs an engine: enable the feature `sqlite` or `postgres`");
+
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use self::tokio::AsyncDatabase;
+#[cfg(feature = "sqlite")]
 pub use backup::Backup;
+#[cfg(feature = "sqlite")]
 pub use customizer::ConnectionCustomizer;
-pub use database::{Database, WriteStats};
+#[cfg(feature = "sqlite")]
+pub use database::Database;
 pub use engine::{AnyConnection, AnyDatabase, AnyMigrations, Engine, DATABASE_URL};
 pub use error::{is_lock_error, BoxError, Error, Result};
+pub use handle::{Checksums, WriteStats};
 pub use holders::{HeldLock, Holder};
 pub use operation::{FileOperation, Operation};
 pub use options::Options;
+#[cfg(feature = "sqlite")]
 pub use pool::{PooledSqlite, SqliteManager, SqlitePool};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PgDatabase, PgFailure, PgManager, PgPool, PgStatus, PooledPg};
 pub use pragma::{JournalMode, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};
-pub use status::{Checksums, FileSizes, Status};
+#[cfg(feature = "sqlite")]
+pub use status::{FileSizes, Status};
 
 /// The README's example, compiled and run as a doctest so that the user's guide stays true.
 #[cfg(doctest)]

@@ -1,13 +1,18 @@
 //! The retry policy and the one loop that applies it to lock errors.
 
+#[cfg(feature = "sqlite")]
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+#[cfg(feature = "sqlite")]
 use crate::codes::{lock_in_value, SqliteFailure};
-use crate::error::{error_chain, Error, Operation};
+use crate::error::Operation;
+#[cfg(feature = "sqlite")]
+use crate::error::{error_chain, Error};
+#[cfg(feature = "sqlite")]
 use crate::holders::{holders_of, HeldLock};
 
 /// When and how often a locked operation is tried again.
@@ -225,6 +230,7 @@ pub(crate) struct Success<T> {
 /// Runs `attempt` until it succeeds, fails with an error `is_transient` rejects, or the
 /// policy is exhausted. Each retry is logged at `warn`, exhaustion at `error`, with the
 /// error as `describe` renders it.
+#[cfg(feature = "sqlite")]
 pub(crate) fn retry<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
@@ -327,6 +333,7 @@ pub(crate) fn retry_in<T, E>(
 /// whatever the caller's error type is; the caller's closure fails as [`Attempt::Caller`],
 /// classified when it is made (from SQLite's result code where the connection recorded one).
 #[derive(Debug)]
+#[cfg(feature = "sqlite")]
 pub(crate) enum Attempt<E> {
     /// A statement of the layer's.
     Layer(Error),
@@ -337,12 +344,14 @@ pub(crate) enum Attempt<E> {
     },
 }
 
+#[cfg(feature = "sqlite")]
 impl<E> From<Error> for Attempt<E> {
     fn from(error: Error) -> Self {
         Attempt::Layer(error)
     }
 }
 
+#[cfg(feature = "sqlite")]
 impl<E: From<Error> + 'static> Attempt<E> {
     /// The caller's error, classified by what it is (no result code known).
     pub(crate) fn caller(error: E) -> Self {
@@ -391,6 +400,7 @@ impl<E: From<Error> + 'static> Attempt<E> {
 /// [`retry`] for the layer's operations: lock errors are retried (the layer's own by the
 /// layer's classifier, the caller's anywhere in their source chain), and exhaustion becomes
 /// [`Error::Busy`] carrying the last lock error.
+#[cfg(feature = "sqlite")]
 pub(crate) fn retry_attempts<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
@@ -431,6 +441,7 @@ where
 }
 
 /// [`retry_attempts`] for an operation whose every error is the caller's type.
+#[cfg(feature = "sqlite")]
 pub(crate) fn retry_locked<T, E>(
     policy: &RetryPolicy,
     clock: &dyn Clock,
@@ -446,7 +457,7 @@ where
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite"))]
 pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;

@@ -9,6 +9,7 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 
 use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, FileOperation, Operation, Result};
+use crate::handle::Checksums;
 use crate::holders::{holders_of, last_checkpoint_of, pinning_readers_of, wal_readers_of, Holder};
 use crate::open::{read_journal_mode, Access, Filesystem, Source, State, Target};
 use crate::options::Options;
@@ -24,19 +25,6 @@ pub struct FileSizes {
     pub wal: Option<u64>,
     /// The WAL index (`-shm`).
     pub shm: Option<u64>,
-}
-
-/// What the recorded checksums of applied migrations say against the binary's SQL.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Checksums {
-    /// Applied migrations whose recorded checksum matches.
-    pub verified: usize,
-    /// Applied migrations whose SQL changed since they ran (an open refuses these).
-    pub edited: Vec<String>,
-    /// Applied migrations with no checksum recorded yet (applied by plain Diesel or an older
-    /// layer); the next open that migrates records them.
-    pub unrecorded: Vec<String>,
 }
 
 /// A database's state as [`Status::read`] found it.

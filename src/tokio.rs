@@ -21,7 +21,8 @@ use diesel::migration::MigrationSource;
 use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
-use crate::database::{Database, WriteStats};
+use crate::database::Database;
+use crate::handle::WriteStats;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 

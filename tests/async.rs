@@ -256,11 +256,12 @@ where
     lateness
 }
 
-/// Within 5 ms of schedule: 99 ticks in 100, and the worst, on a shared machine, within the
-/// scheduler's noise, far below the seconds a blocked thread would show.
+/// Within 15 ms of schedule: 99 ticks in 100, and the worst, on a shared machine, within the
+/// scheduler's noise, far below the half second and more a blocked thread shows (a build
+/// running beside the test once made p99 5.7 ms).
 fn assert_on_schedule(p99: Duration, worst: Duration) {
     assert!(
-        p99 <= Duration::from_millis(5),
+        p99 <= Duration::from_millis(15),
         "the timer ran {p99:?} late (p99)"
     );
     assert!(

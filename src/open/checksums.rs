@@ -7,13 +7,11 @@
 //! records what it is asked to execute.
 
 use std::any::Any;
-use std::collections::BTreeMap;
 
 use diesel::backend::Backend;
 use diesel::connection::{BoxableConnection, SimpleConnection};
 use diesel::migration::Migration;
-use diesel::sql_types::{BigInt, Text};
-use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
+use diesel::QueryResult;
 
 /// The side table. Its name starts with `__` like Diesel's own bookkeeping table; exclude it
 /// from `diesel print-schema` as you would that one.
@@ -67,74 +65,89 @@ pub(crate) fn fnv1a64(text: &str) -> u64 {
     })
 }
 
-#[derive(QueryableByName)]
-struct Count {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
+#[cfg(feature = "sqlite")]
+pub(crate) use sqlite_tables::*;
 
-/// Whether `table` exists, read without writing (Diesel's own reads of its bookkeeping table
-/// create it first).
-pub(crate) fn table_exists(conn: &mut SqliteConnection, table: &str) -> QueryResult<bool> {
-    Ok(
-        sql_query("SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = ?")
-            .bind::<Text, _>(table)
-            .get_result::<Count>(conn)?
-            .n
-            > 0,
-    )
-}
+/// The SQLite side.
+#[cfg(feature = "sqlite")]
+mod sqlite_tables {
+    use std::collections::BTreeMap;
 
-#[derive(QueryableByName)]
-struct Row {
-    #[diesel(sql_type = Text)]
-    version: String,
-    #[diesel(sql_type = Text)]
-    checksum: String,
-}
+    use diesel::connection::SimpleConnection;
+    use diesel::sql_types::{BigInt, Text};
+    use diesel::{sql_query, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
 
-/// The recorded checksums by version; empty if the table does not exist (yet).
-pub(crate) fn recorded(conn: &mut SqliteConnection) -> QueryResult<BTreeMap<String, String>> {
-    if !table_exists(conn, TABLE)? {
-        return Ok(BTreeMap::new());
+    use super::TABLE;
+
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
     }
-    Ok(sql_query(format!("SELECT version, checksum FROM {TABLE}"))
-        .load::<Row>(conn)?
-        .into_iter()
-        .map(|row| (row.version, row.checksum))
-        .collect())
+
+    /// Whether `table` exists, read without writing (Diesel's own reads of its bookkeeping table
+    /// create it first).
+    pub(crate) fn table_exists(conn: &mut SqliteConnection, table: &str) -> QueryResult<bool> {
+        Ok(
+            sql_query("SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = ?")
+                .bind::<Text, _>(table)
+                .get_result::<Count>(conn)?
+                .n
+                > 0,
+        )
+    }
+
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        version: String,
+        #[diesel(sql_type = Text)]
+        checksum: String,
+    }
+
+    /// The recorded checksums by version; empty if the table does not exist (yet).
+    pub(crate) fn recorded(conn: &mut SqliteConnection) -> QueryResult<BTreeMap<String, String>> {
+        if !table_exists(conn, TABLE)? {
+            return Ok(BTreeMap::new());
+        }
+        Ok(sql_query(format!("SELECT version, checksum FROM {TABLE}"))
+            .load::<Row>(conn)?
+            .into_iter()
+            .map(|row| (row.version, row.checksum))
+            .collect())
+    }
+
+    /// Creates the table if needed; inside the migration batch's transaction.
+    pub(crate) fn create_table(conn: &mut SqliteConnection) -> QueryResult<()> {
+        conn.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {TABLE} (
+                version TEXT PRIMARY KEY NOT NULL,
+                name TEXT NOT NULL,
+                checksum TEXT NOT NULL,
+                recorded_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+            )"
+        ))
+    }
+
+    /// Records (or replaces, after a revert and a re-run) one migration's checksum.
+    pub(crate) fn record(
+        conn: &mut SqliteConnection,
+        version: &str,
+        name: &str,
+        checksum: &str,
+    ) -> QueryResult<()> {
+        sql_query(format!(
+            "INSERT OR REPLACE INTO {TABLE} (version, name, checksum) VALUES (?, ?, ?)"
+        ))
+        .bind::<Text, _>(version)
+        .bind::<Text, _>(name)
+        .bind::<Text, _>(checksum)
+        .execute(conn)
+        .map(drop)
+    }
 }
 
-/// Creates the table if needed; inside the migration batch's transaction.
-pub(crate) fn create_table(conn: &mut SqliteConnection) -> QueryResult<()> {
-    conn.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {TABLE} (
-            version TEXT PRIMARY KEY NOT NULL,
-            name TEXT NOT NULL,
-            checksum TEXT NOT NULL,
-            recorded_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-        )"
-    ))
-}
-
-/// Records (or replaces, after a revert and a re-run) one migration's checksum.
-pub(crate) fn record(
-    conn: &mut SqliteConnection,
-    version: &str,
-    name: &str,
-    checksum: &str,
-) -> QueryResult<()> {
-    sql_query(format!(
-        "INSERT OR REPLACE INTO {TABLE} (version, name, checksum) VALUES (?, ?, ?)"
-    ))
-    .bind::<Text, _>(version)
-    .bind::<Text, _>(name)
-    .bind::<Text, _>(checksum)
-    .execute(conn)
-    .map(drop)
-}
-
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite"))]
 mod tests {
     use super::*;
     use diesel::migration::MigrationSource;

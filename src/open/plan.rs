@@ -9,17 +9,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use diesel::backend::Backend;
-use diesel::connection::SimpleConnection;
 use diesel::migration::{Migration, MigrationSource};
-use diesel::sql_types::Integer;
-use diesel::sqlite::Sqlite;
-use diesel::{sql_query, Connection, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection};
-use diesel_migrations::MigrationHarness;
 
 use super::checksums;
-use super::target::Target;
-use crate::error::{Error, Operation, Result};
-use crate::guard;
+use crate::error::{Error, Result};
 use crate::options::Options;
 
 /// Diesel's bookkeeping table.
@@ -40,7 +33,7 @@ pub(crate) struct Known {
 
 /// A migration source's migrations, listed once, in version order, with what the planner
 /// needs of each (`known[i]` describes `migrations[i]`).
-pub(crate) struct Source<DB: Backend = Sqlite> {
+pub(crate) struct Source<DB: Backend> {
     migrations: Vec<Box<dyn Migration<DB>>>,
     known: Vec<Known>,
 }
@@ -214,61 +207,74 @@ impl Plan {
     }
 }
 
-#[derive(QueryableByName)]
-struct Version {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    version: String,
-}
+/// The SQLite side.
+#[cfg(feature = "sqlite")]
+mod state_sqlite {
+    use diesel::sql_types::Integer;
+    use diesel::{
+        sql_query, Connection, QueryResult, QueryableByName, RunQueryDsl, SqliteConnection,
+    };
 
-#[derive(QueryableByName)]
-struct ApplicationId {
-    #[diesel(sql_type = Integer)]
-    application_id: i32,
-}
+    use std::collections::BTreeSet;
 
-impl State {
-    /// Reads the state, in one read transaction (a savepoint inside the batch's), so that
-    /// every part of it comes from one snapshot: read statement by statement, a process could
-    /// see no migration history, then the tables another process's batch had just committed.
-    /// Diesel's own `applied_migrations` runs `CREATE TABLE IF NOT EXISTS` first, a write;
-    /// this reads the bookkeeping only if it exists.
-    pub(crate) fn read(conn: &mut SqliteConnection) -> QueryResult<Self> {
-        conn.transaction(Self::read_in)
+    use super::{checksums, State, DIESEL_TABLE};
+
+    #[derive(QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        version: String,
     }
 
-    fn read_in(conn: &mut SqliteConnection) -> QueryResult<Self> {
-        let has_history = checksums::table_exists(conn, DIESEL_TABLE)?;
-        let applied = if has_history {
-            sql_query(format!("SELECT version FROM {DIESEL_TABLE}"))
+    #[derive(QueryableByName)]
+    struct ApplicationId {
+        #[diesel(sql_type = Integer)]
+        application_id: i32,
+    }
+
+    impl State {
+        /// Reads the state, in one read transaction (a savepoint inside the batch's), so that
+        /// every part of it comes from one snapshot: read statement by statement, a process could
+        /// see no migration history, then the tables another process's batch had just committed.
+        /// Diesel's own `applied_migrations` runs `CREATE TABLE IF NOT EXISTS` first, a write;
+        /// this reads the bookkeeping only if it exists.
+        pub(crate) fn read(conn: &mut SqliteConnection) -> QueryResult<Self> {
+            conn.transaction(Self::read_in)
+        }
+
+        fn read_in(conn: &mut SqliteConnection) -> QueryResult<Self> {
+            let has_history = checksums::table_exists(conn, DIESEL_TABLE)?;
+            let applied = if has_history {
+                sql_query(format!("SELECT version FROM {DIESEL_TABLE}"))
+                    .load::<Version>(conn)?
+                    .into_iter()
+                    .map(|row| row.version)
+                    .collect()
+            } else {
+                BTreeSet::new()
+            };
+            let application_id = sql_query("PRAGMA application_id")
+                .get_result::<ApplicationId>(conn)?
+                .application_id as u32;
+            let unmanaged_tables = if !has_history {
+                sql_query(
+                    "SELECT name AS version FROM sqlite_master WHERE type = 'table' \
+                     AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_\\_%' ESCAPE '\\' \
+                     ORDER BY name",
+                )
                 .load::<Version>(conn)?
                 .into_iter()
                 .map(|row| row.version)
                 .collect()
-        } else {
-            BTreeSet::new()
-        };
-        let application_id = sql_query("PRAGMA application_id")
-            .get_result::<ApplicationId>(conn)?
-            .application_id as u32;
-        let unmanaged_tables = if !has_history {
-            sql_query(
-                "SELECT name AS version FROM sqlite_master WHERE type = 'table' \
-                 AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_\\_%' ESCAPE '\\' \
-                 ORDER BY name",
-            )
-            .load::<Version>(conn)?
-            .into_iter()
-            .map(|row| row.version)
-            .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(State {
-            applied,
-            checksums: checksums::recorded(conn)?,
-            application_id,
-            unmanaged_tables,
-        })
+            } else {
+                Vec::new()
+            };
+            Ok(State {
+                applied,
+                checksums: checksums::recorded(conn)?,
+                application_id,
+                unmanaged_tables,
+            })
+        }
     }
 }
 
@@ -311,74 +317,97 @@ impl<DB: Backend> Source<DB> {
     }
 }
 
-impl Source<Sqlite> {
-    /// The plan for the database `conn` is open on, read without writing.
-    pub(crate) fn read(&self, conn: &mut SqliteConnection, options: &Options) -> QueryResult<Plan> {
-        Ok(self.plan(State::read(conn)?, options))
-    }
+/// The SQLite side.
+#[cfg(feature = "sqlite")]
+mod source_sqlite {
+    use diesel::connection::SimpleConnection;
+    use diesel::sqlite::Sqlite;
+    use diesel::{QueryResult, SqliteConnection};
+    use diesel_migrations::MigrationHarness;
 
-    /// [`check`] against this source, for a SQLite batch.
-    pub(crate) fn check(&self, plan: &Plan, options: &Options) -> std::result::Result<(), Refusal> {
-        check(&self.known, plan, options, Batch::OneTransaction)
-    }
+    use super::super::target::Target;
+    use super::{check, checksums, Batch, Plan, Refusal, Source, State, DIESEL_TABLE};
+    use crate::error::{Error, Operation, Result};
+    use crate::guard;
+    use crate::options::Options;
 
-    /// The batch, inside the caller's write transaction (`BEGIN IMMEDIATE`): re-reads and
-    /// re-checks the state under the write lock (another process may have migrated
-    /// meanwhile), stamps the application id, applies every pending migration with its
-    /// bookkeeping row (Diesel's per-migration transactions nest as savepoints) and records
-    /// the checksums. Returns the names applied.
-    pub(crate) fn apply(
-        &self,
-        conn: &mut SqliteConnection,
-        target: &Target,
-        options: &Options,
-    ) -> Result<Vec<String>> {
-        let query = |operation| move |source| Error::query(operation, source);
-        let plan = self
-            .read(conn, options)
-            .map_err(query(Operation::ReadMigrationState))?;
-        self.check(&plan, options)
-            .map_err(|refusal| refusal.at(target.path()))?;
-        if let Some(id) = plan.stamp {
-            conn.batch_execute(&format!("PRAGMA application_id = {}", id as i32))
-                .map_err(query(Operation::StampApplicationId))?;
+    impl Source<Sqlite> {
+        /// The plan for the database `conn` is open on, read without writing.
+        pub(crate) fn read(
+            &self,
+            conn: &mut SqliteConnection,
+            options: &Options,
+        ) -> QueryResult<Plan> {
+            Ok(self.plan(State::read(conn)?, options))
         }
-        if !plan.pending.is_empty() {
-            // Diesel's own read creates its bookkeeping table, which run_migration writes to.
-            conn.applied_migrations()
-                .map_err(|source| Error::Migration {
-                    name: DIESEL_TABLE.to_owned(),
+
+        /// [`check`] against this source, for a SQLite batch.
+        pub(crate) fn check(
+            &self,
+            plan: &Plan,
+            options: &Options,
+        ) -> std::result::Result<(), Refusal> {
+            check(&self.known, plan, options, Batch::OneTransaction)
+        }
+
+        /// The batch, inside the caller's write transaction (`BEGIN IMMEDIATE`): re-reads and
+        /// re-checks the state under the write lock (another process may have migrated
+        /// meanwhile), stamps the application id, applies every pending migration with its
+        /// bookkeeping row (Diesel's per-migration transactions nest as savepoints) and records
+        /// the checksums. Returns the names applied.
+        pub(crate) fn apply(
+            &self,
+            conn: &mut SqliteConnection,
+            target: &Target,
+            options: &Options,
+        ) -> Result<Vec<String>> {
+            let query = |operation| move |source| Error::query(operation, source);
+            let plan = self
+                .read(conn, options)
+                .map_err(query(Operation::ReadMigrationState))?;
+            self.check(&plan, options)
+                .map_err(|refusal| refusal.at(target.path()))?;
+            if let Some(id) = plan.stamp {
+                conn.batch_execute(&format!("PRAGMA application_id = {}", id as i32))
+                    .map_err(query(Operation::StampApplicationId))?;
+            }
+            if !plan.pending.is_empty() {
+                // Diesel's own read creates its bookkeeping table, which run_migration writes to.
+                conn.applied_migrations()
+                    .map_err(|source| Error::Migration {
+                        name: DIESEL_TABLE.to_owned(),
+                        source,
+                    })?;
+            }
+            if !plan.pending.is_empty() || !plan.unrecorded.is_empty() {
+                checksums::create_table(conn).map_err(query(Operation::CreateChecksumTable))?;
+            }
+            let mut applied = Vec::new();
+            for &i in &plan.pending {
+                let k = &self.known[i];
+                tracing::debug!(migration = %k.name, "applying migration");
+                let (result, ends_the_transaction) =
+                    guard::migrating(|| conn.run_migration(&*self.migrations[i]));
+                if ends_the_transaction {
+                    return Err(Error::TransactionControl {
+                        name: k.name.clone(),
+                    });
+                }
+                result.map_err(|source| Error::Migration {
+                    name: k.name.clone(),
                     source,
                 })?;
-        }
-        if !plan.pending.is_empty() || !plan.unrecorded.is_empty() {
-            checksums::create_table(conn).map_err(query(Operation::CreateChecksumTable))?;
-        }
-        let mut applied = Vec::new();
-        for &i in &plan.pending {
-            let k = &self.known[i];
-            tracing::debug!(migration = %k.name, "applying migration");
-            let (result, ends_the_transaction) =
-                guard::migrating(|| conn.run_migration(&*self.migrations[i]));
-            if ends_the_transaction {
-                return Err(Error::TransactionControl {
-                    name: k.name.clone(),
-                });
+                applied.push(k.name.clone());
             }
-            result.map_err(|source| Error::Migration {
-                name: k.name.clone(),
-                source,
-            })?;
-            applied.push(k.name.clone());
-        }
-        for &i in plan.pending.iter().chain(&plan.unrecorded) {
-            let k = &self.known[i];
-            if let Some(checksum) = &k.checksum {
-                checksums::record(conn, &k.version, &k.name, checksum)
-                    .map_err(query(Operation::RecordChecksum))?;
+            for &i in plan.pending.iter().chain(&plan.unrecorded) {
+                let k = &self.known[i];
+                if let Some(checksum) = &k.checksum {
+                    checksums::record(conn, &k.version, &k.name, checksum)
+                        .map_err(query(Operation::RecordChecksum))?;
+                }
             }
+            Ok(applied)
         }
-        Ok(applied)
     }
 }
 

@@ -25,8 +25,8 @@ pub use status::PgStatus;
 
 use self::failure::Transient;
 use self::session::{Server, SessionError, Settings};
-use crate::database::{next_id, Inside, WriteStats};
 use crate::error::{Error, Operation, Result};
+use crate::handle::{next_id, Inside, WriteStats};
 use crate::holders::{HeldLock, Holder};
 use crate::open::Source;
 use crate::options::Options;

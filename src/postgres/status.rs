@@ -8,11 +8,11 @@ use diesel::{sql_query, QueryableByName, RunQueryDsl};
 use super::session::{self, Server, SessionError, Settings};
 use super::{holders, migrate};
 use crate::error::{Error, Operation, Result};
+use crate::handle::Checksums;
 use crate::holders::Holder;
 use crate::open::plan::plan;
 use crate::open::Source;
 use crate::options::Options;
-use crate::status::Checksums;
 
 /// A PostgreSQL database's state, as `status` shows it: the server, the migrations applied,
 /// pending and unknown, the checksums, the owner, and who holds the migration lock. Read in

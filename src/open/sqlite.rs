@@ -1,0 +1,349 @@
+//! The SQLite opening flow: target, preflight, first connection, what the file records, the
+//! journal mode, the migrations, then the pool.
+
+use super::{preflight, wal, Access, Source, Target};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::migration::MigrationSource;
+use diesel::r2d2::{HandleError, Pool};
+use diesel::sqlite::Sqlite;
+use diesel::{Connection, SqliteConnection};
+
+use crate::closing::OpenConnections;
+use crate::customizer::{within, ConnectionCustomizer};
+use crate::database::Database;
+use crate::error::{Error, Operation, Result};
+use crate::options::Options;
+use crate::pool::SqliteManager;
+use crate::pragma::JournalMode;
+use crate::queue::{locked, WriteQueue};
+use crate::retry::{retry_locked, Attempt, Clock, SystemClock, Try, DB_SYSTEM};
+
+impl Options {
+    /// Opens (creating if needed) the database at `path` with these options and applies
+    /// `migrations`' pending migrations. `":memory:"` opens a private in-memory database
+    /// (its pool holds its one connection).
+    ///
+    /// In order: the migration source is listed; the file is checked before SQLite opens it
+    /// (not a directory, its directory exists and is writable, the filesystem is not a
+    /// network one under WAL, an existing file is writable and at least one page long)
+    /// and a missing one is created with [`Options::create_mode`]; a dedicated
+    /// connection opens it and gets the pragmas; what the file records (application id,
+    /// applied migrations and their checksums) is read and checked; the journal mode is put
+    /// in force (see [`Options::journal_mode`]); the migrations are applied atomically and
+    /// exactly once across processes; then the pool is built. Every refusal comes before
+    /// the first write, so a refused file is left byte-for-byte as it was.
+    ///
+    /// # Errors
+    /// [`Error::MigrationSource`]; [`Error::InvalidPath`], [`Error::IsADirectory`],
+    /// [`Error::MissingDirectory`], [`Error::Open`]; [`Error::NetworkFilesystem`];
+    /// [`Error::ReadOnlyDirectory`], [`Error::ReadOnlyFile`]; [`Error::NotADatabase`],
+    /// [`Error::Corrupt`]; [`Error::ForeignDatabase`]; [`Error::UnknownMigrations`],
+    /// [`Error::EditedMigrations`], [`Error::NonTransactionalMigration`];
+    /// [`Error::JournalMode`] when the file stays in another mode; [`Error::Migration`]
+    /// (nothing of the batch is applied); [`Error::Storage`] when the disk is full;
+    /// [`Error::Busy`] when the database stayed locked past the retry deadline.
+    ///
+    /// # Examples
+    /// ```
+    /// use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+    /// use sqlite_persistence::{JournalMode, Options};
+    ///
+    /// const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+    ///
+    /// # fn main() -> sqlite_persistence::Result<()> {
+    /// let db = Options::new().pool_size(4).open(":memory:", MIGRATIONS)?;
+    /// assert_eq!(db.journal_mode(), JournalMode::Memory);
+    /// assert_eq!(db.applied_at_open().len(), 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn open<S: MigrationSource<Sqlite>>(
+        self,
+        path: impl AsRef<Path>,
+        migrations: S,
+    ) -> Result<Database> {
+        let source = Source::list(migrations)?;
+        let target = Target::new(path.as_ref())?;
+        let opening = Opening {
+            target: &target,
+            options: &self,
+            clock: &SystemClock,
+        };
+        let open = Arc::new(OpenConnections::default());
+        let (pool, setup) = opening.run(&source, &open)?;
+        Ok(Database::new(
+            pool,
+            open,
+            target.path().to_owned(),
+            self,
+            setup.journal_mode,
+            setup.applied,
+            setup.queue,
+        ))
+    }
+}
+
+/// The longest r2d2 is asked to wait for a connection.
+const POOL_WAIT_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// One open in progress: the target and the options, which every step and every error of
+/// the open takes from here.
+struct Opening<'a> {
+    target: &'a Target,
+    options: &'a Options,
+    clock: &'a dyn Clock,
+}
+
+/// What the set-up on the first connection did.
+struct SetUp {
+    journal_mode: JournalMode,
+    applied: Vec<String>,
+    queue: Option<WriteQueue>,
+}
+
+impl Opening<'_> {
+    fn run(
+        &self,
+        source: &Source<Sqlite>,
+        open: &Arc<OpenConnections>,
+    ) -> Result<(crate::SqlitePool, SetUp)> {
+        let _span = tracing::info_span!("open", path = %self.target.path().display()).entered();
+        let customizer = ConnectionCustomizer::new(self.options);
+        let memory = self.target.is_memory();
+        let builder = Pool::builder()
+            .max_size(if memory { 1 } else { self.options.pool_size })
+            .min_idle(Some(if memory { 1 } else { 0 }))
+            .test_on_check_out(false)
+            // r2d2 panics on a zero timeout (a zero retry deadline still means "try once"),
+            // and on one that overflows an Instant (a deadline of Duration::MAX: a year is as
+            // good as forever for a pool wait).
+            .connection_timeout(
+                self.options
+                    .retry
+                    .deadline()
+                    .clamp(Duration::from_secs(1), POOL_WAIT_LIMIT),
+            )
+            .error_handler(Box::new(LogPoolErrors))
+            .connection_customizer(Box::new(customizer.clone().counting(Arc::clone(open))));
+        let url = self.target.url(Access::Create);
+        if memory {
+            // Each connection to :memory: is its own database: set up the pool's only one,
+            // and never let r2d2 close it.
+            let manager = SqliteManager::new(url, None);
+            let pool = no_panic_on_thread_limit(|| {
+                crate::guard::guarded(|| {
+                    builder
+                        .thread_pool(crate::pool::scheduler())
+                        .idle_timeout(None)
+                        .max_lifetime(None)
+                        .build(manager)
+                })
+            })?
+            .map_err(|source| Error::Pool { source })?;
+            let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
+            let setup = self.set_up(&mut conn, source)?;
+            drop(conn);
+            return Ok((pool, setup));
+        }
+        preflight::prepare(self.target.path(), self.options)?;
+        // A dedicated connection: its errors are typed, where r2d2 would keep a string.
+        // Guarded: the migrations run on it (see `guard`).
+        let mut conn =
+            crate::guard::guarded(|| SqliteConnection::establish(&url)).map_err(|source| {
+                Error::Open {
+                    path: self.target.path().to_owned(),
+                    source,
+                }
+            })?;
+        self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
+        let setup = self.set_up(&mut conn, source)?;
+        // The pool hands this connection out first: one SQLite connection before the first
+        // write, not two. Checked out once now, so that it is counted among the pool's open
+        // connections (and closed, checkpointing, when the handle is).
+        let manager = SqliteManager::new(url, Some(conn));
+        let pool = no_panic_on_thread_limit(|| {
+            builder
+                .thread_pool(crate::pool::scheduler())
+                .build_unchecked(manager)
+        })?;
+        drop(pool.get().map_err(|source| Error::Pool { source })?);
+        Ok((pool, setup))
+    }
+
+    /// On the first connection: read and check what the file records (its owner, its
+    /// migration history) before writing anything, so that a refused file keeps even its
+    /// journal mode; then the write queue, the journal mode and the migrations.
+    fn set_up(&self, conn: &mut SqliteConnection, source: &Source<Sqlite>) -> Result<SetUp> {
+        let plan = self.retry(Operation::ReadMigrationState, |_| {
+            source
+                .read(conn, self.options)
+                .map_err(|e| Error::query(Operation::ReadMigrationState, e))
+        })?;
+        source
+            .check(&plan, self.options)
+            .map_err(|refusal| refusal.at(self.target.path()))?;
+        let queue = match self.target.side_file("-lock") {
+            Some(sidecar) if self.options.fair_queue => {
+                WriteQueue::new(self.target.path(), sidecar)
+            }
+            _ => None,
+        };
+        let journal_mode = self.journal_mode(conn, queue.as_ref())?;
+        let applied = if plan.needs_write() {
+            self.migrate(conn, source, queue.as_ref())?
+        } else {
+            Vec::new()
+        };
+        Ok(SetUp {
+            journal_mode,
+            applied,
+            queue,
+        })
+    }
+
+    /// Puts the file in the options' journal mode and returns the mode in force: read
+    /// first, switched only when needed, the answer checked. In-memory databases report
+    /// `memory` and cannot be WAL: that is accepted.
+    fn journal_mode(
+        &self,
+        conn: &mut SqliteConnection,
+        queue: Option<&WriteQueue>,
+    ) -> Result<JournalMode> {
+        let wanted = self.options.journal_mode;
+        let found = self.retry(Operation::ReadJournalMode, |_| {
+            wal::read(conn).map_err(|e| Error::query(Operation::ReadJournalMode, e))
+        })?;
+        let found = self.parse_mode(found)?;
+        match wal::decide(found, wanted) {
+            wal::Decision::Keep(mode) => return Ok(mode),
+            wal::Decision::Refuse => return Err(self.mode_error(found)),
+            wal::Decision::Switch => {}
+        }
+        let answer = locked(
+            queue,
+            &self.options.retry,
+            self.clock,
+            Operation::SwitchJournalMode,
+            self.target.path(),
+            |_| {
+                wal::switch(conn, wanted).map_err(|e| {
+                    Attempt::<Error>::Layer(Error::query(Operation::SwitchJournalMode, e))
+                })
+            },
+        )?
+        .value;
+        match self.parse_mode(answer)? {
+            mode if mode == wanted => {
+                tracing::info!(journal_mode = %mode, "journal mode switched");
+                Ok(mode)
+            }
+            other => Err(self.mode_error(other)),
+        }
+    }
+
+    /// Applies what the plan says in one `BEGIN IMMEDIATE` under the write turn, retried as a
+    /// whole on lock errors; returns the names applied (empty if another process did it).
+    fn migrate(
+        &self,
+        conn: &mut SqliteConnection,
+        source: &Source<Sqlite>,
+        queue: Option<&WriteQueue>,
+    ) -> Result<Vec<String>> {
+        let applied = locked(
+            queue,
+            &self.options.retry,
+            self.clock,
+            Operation::Migrate,
+            self.target.path(),
+            |attempt| {
+                within(conn, self.options.busy_timeout, attempt.left, |conn| {
+                    conn.immediate_transaction(|conn| source.apply(conn, self.target, self.options))
+                })
+                .map_err(Attempt::<Error>::Layer)
+            },
+        )?
+        .value;
+        if !applied.is_empty() {
+            tracing::info!(
+                db.system.name = DB_SYSTEM,
+                db.namespace = %self.target.path().display(),
+                db.operation.name = Operation::Migrate.as_str(),
+                count = applied.len(),
+                migrations = %applied.join(", "),
+                "migrations applied"
+            );
+        }
+        Ok(applied)
+    }
+
+    /// `attempt` under the retry policy, with SQLite's "not a database" and "malformed" as
+    /// the typed errors naming the file.
+    fn retry<T>(&self, operation: Operation, attempt: impl FnMut(Try) -> Result<T>) -> Result<T> {
+        retry_locked(
+            &self.options.retry,
+            self.clock,
+            operation,
+            self.target.path(),
+            attempt,
+        )
+        .map(|success| success.value)
+        .map_err(|e| e.naming_bad_file(self.target.path()))
+    }
+
+    fn parse_mode(&self, answer: String) -> Result<JournalMode> {
+        JournalMode::parse(&answer).ok_or_else(|| Error::UnknownJournalMode {
+            path: self.target.path().to_owned(),
+            answer,
+        })
+    }
+
+    fn mode_error(&self, actual: JournalMode) -> Error {
+        Error::JournalMode {
+            path: self.target.path().to_owned(),
+            expected: self.options.journal_mode,
+            actual,
+        }
+    }
+}
+
+/// Builds an r2d2 pool, whose scheduler starts threads and panics if it cannot (at a
+/// process's or user's thread limit): [`Error::NoThread`] instead. Until a thread has been
+/// started once in this process, one is tried first, so that the usual case (no thread at
+/// all can be started) is an error without a panic's message; the panic is caught too.
+fn no_panic_on_thread_limit<T>(build: impl FnOnce() -> T) -> Result<T> {
+    static STARTED_ONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let what = "the connection pool's scheduler";
+    if !STARTED_ONE.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::Builder::new()
+            .spawn(|| {})
+            .map(|probe| drop(probe.join()))
+            .map_err(|e| Error::NoThread {
+                what,
+                cause: e.to_string(),
+            })?;
+        STARTED_ONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).map_err(|panic| {
+        let cause = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic")
+            .to_owned();
+        Error::NoThread { what, cause }
+    })
+}
+
+/// r2d2 reports a connection it could not open only through its error handler, then keeps
+/// trying until `connection_timeout`; log each such error with its real cause.
+#[derive(Debug)]
+struct LogPoolErrors;
+
+impl HandleError<diesel::r2d2::Error> for LogPoolErrors {
+    fn handle_error(&self, error: diesel::r2d2::Error) {
+        tracing::error!(operation = "open pooled connection", error = %error, "pool error");
+    }
+}
