@@ -22,8 +22,8 @@ use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
 use crate::database::Database;
-use crate::handle::WriteStats;
 use crate::error::{Error, Operation, Result};
+use crate::handle::WriteStats;
 use crate::options::Options;
 
 /// A [`Database`] for async code: every call runs as blocking work (within the calling

@@ -363,3 +363,36 @@ fn plain_diesel_waits_for_a_row_lock_without_end() {
     finished.recv_timeout(Duration::from_secs(10)).unwrap();
     plain.join().unwrap().unwrap();
 }
+
+#[test]
+fn a_migration_that_ends_the_transaction_is_refused_before_anything_runs() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (name, up) in [
+        ("2026-12-01-000001_first", "CREATE TABLE first_table (x INT);"),
+        (
+            "2026-12-01-000002_commits",
+            "CREATE TABLE second_table (x INT);\n-- a stray COMMIT would commit the batch so far\nCOMMIT;\nCREATE TABLE third_table (x INT);",
+        ),
+    ] {
+        let m = dir.path().join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(m.join("up.sql"), up).unwrap();
+        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
+    }
+    let source = diesel_migrations::FileBasedMigrations::from_path(dir.path()).unwrap();
+    let error = PgDatabase::open(&url, source).unwrap_err();
+    assert!(
+        matches!(&error, Error::TransactionControl { name } if name.ends_with("_commits")),
+        "{error:?}"
+    );
+    assert!(error.hint().is_some());
+    // Nothing ran: not the first migration, not the bookkeeping.
+    assert!(strings(
+        &mut pg::connect(&url),
+        "SELECT tablename::text AS name FROM pg_tables WHERE schemaname = 'public'"
+    )
+    .is_empty());
+}

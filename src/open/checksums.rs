@@ -48,15 +48,19 @@ impl<DB: Backend> BoxableConnection<DB> for Recorder {
 /// FNV-1a detects edits, not deliberate collisions; it needs no dependency and is stable
 /// across Rust versions, which `std`'s hasher is not.
 pub(crate) fn checksum<DB: Backend>(migration: &dyn Migration<DB>) -> Option<String> {
-    let mut recorder = Recorder::default();
-    migration.run(&mut recorder).ok()?;
-    if recorder.sql.is_empty() {
-        return None;
-    }
+    let sql = sql(migration)?;
     Some(format!(
         "fnv1a64:{:016x}",
-        fnv1a64(&recorder.sql.replace("\r\n", "\n"))
+        fnv1a64(&sql.replace("\r\n", "\n"))
     ))
+}
+
+/// The SQL `migration` runs through `batch_execute`, recorded without running it; `None`
+/// for one that runs none (or needs a real connection).
+pub(crate) fn sql<DB: Backend>(migration: &dyn Migration<DB>) -> Option<String> {
+    let mut recorder = Recorder::default();
+    migration.run(&mut recorder).ok()?;
+    (!recorder.sql.is_empty()).then_some(recorder.sql)
 }
 
 pub(crate) fn fnv1a64(text: &str) -> u64 {

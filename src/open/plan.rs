@@ -86,6 +86,10 @@ pub(crate) enum Refusal {
     NonTransactional(String),
     /// Tables without a migration history.
     Unmanaged(Vec<String>),
+    /// A pending migration whose SQL ends the batch's transaction (found by reading it, on
+    /// PostgreSQL; SQLite's authorizer refuses the statement as it is prepared).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    TransactionControl(String),
 }
 
 impl Refusal {
@@ -102,6 +106,7 @@ impl Refusal {
             Refusal::Edited(names) => Error::EditedMigrations { path, names },
             Refusal::NonTransactional(name) => Error::NonTransactionalMigration { name },
             Refusal::Unmanaged(tables) => Error::UnmanagedDatabase { path, tables },
+            Refusal::TransactionControl(name) => Error::TransactionControl { name },
         }
     }
 }

@@ -25,7 +25,7 @@ use super::session::millis;
 use super::PgAttempt;
 use crate::error::{Error, Operation, Result};
 use crate::open::checksums::{self, TABLE as CHECKSUMS};
-use crate::open::plan::{check, plan, Batch, Known, Plan, State};
+use crate::open::plan::{check, plan, Batch, Known, Plan, Refusal, State};
 use crate::open::Source;
 use crate::options::Options;
 use crate::retry::Try;
@@ -148,10 +148,17 @@ pub(crate) fn planned(
     source: &Source<Pg>,
     state: State,
     options: &Options,
-) -> std::result::Result<Plan, crate::open::plan::Refusal> {
-    let (_, known) = source.migrations();
+) -> std::result::Result<Plan, Refusal> {
+    let (migrations, known) = source.migrations();
     let plan = plan(known, state, options.application_id);
     check(known, &plan, options, Batch::SplitWhenNeeded)?;
+    for &i in &plan.pending {
+        let sql = checksums::sql(&*migrations[i]).unwrap_or_default();
+        if let Some(command) = super::guard::transaction_command(&sql) {
+            tracing::debug!(migration = %known[i].name, command, "migration ends the transaction");
+            return Err(Refusal::TransactionControl(known[i].name.clone()));
+        }
+    }
     Ok(plan)
 }
 

@@ -2,6 +2,7 @@
 //! run again as a whole on a conflict, `read` in a snapshot, typed errors, tracing.
 
 mod failure;
+mod guard;
 mod holders;
 mod migrate;
 mod queue;
