@@ -396,3 +396,55 @@ fn a_migration_that_ends_the_transaction_is_refused_before_anything_runs() {
     )
     .is_empty());
 }
+
+#[test]
+fn a_deadlock_between_two_writes_is_retried_and_both_commit() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let db = std::sync::Arc::new(PgDatabase::open(&url, MIGRATIONS).unwrap());
+    pg::connect(&url)
+        .batch_execute("INSERT INTO counters (name) VALUES ('a'), ('b')")
+        .unwrap();
+    // Each write locks one row, waits for the other to lock the other row, then wants it.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let captured = common::Captured::default();
+    let writers: Vec<_> = [("a", "b"), ("b", "a")]
+        .into_iter()
+        .map(|(first, second)| {
+            let (db, barrier, captured) = (db.clone(), barrier.clone(), captured.clone());
+            std::thread::spawn(move || {
+                let _events =
+                    tracing::subscriber::set_default(captured.subscriber(tracing::Level::WARN));
+                let mut runs = 0;
+                let (_, stats) = db
+                    .write_measured(|conn| -> sqlite_persistence::Result<()> {
+                        runs += 1;
+                        let bump = "UPDATE counters SET value = value + 1 WHERE name = ";
+                        conn.batch_execute(&format!("{bump}'{first}'"))?;
+                        if runs == 1 {
+                            barrier.wait();
+                        }
+                        conn.batch_execute(&format!("{bump}'{second}'"))?;
+                        Ok(())
+                    })
+                    .unwrap();
+                stats.attempts
+            })
+        })
+        .collect();
+    let attempts: Vec<u32> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    // One of them was chosen as the deadlock's victim (or met a serialization failure) and
+    // ran again.
+    assert!(attempts.iter().any(|&a| a > 1), "{attempts:?}");
+    // The retry event says why.
+    let events = captured.text();
+    assert!(events.contains("deadlock: deadlock detected"), "{events}");
+    assert_eq!(
+        number(
+            &mut pg::connect(&url),
+            "SELECT sum(value)::bigint AS value FROM counters"
+        ),
+        4
+    );
+}
