@@ -312,6 +312,10 @@ impl Database {
         let Some(pool) = self.pool.take() else {
             return 0;
         };
+        // A turn this process kept for its next write is given back now.
+        if let Some(queue) = &self.queue {
+            queue.release_kept();
+        }
         let state = pool.state();
         let checked_out = (state.connections - state.idle_connections) as usize;
         drop(pool);

@@ -37,6 +37,131 @@ pub(crate) struct WriteQueue {
     recorded: Arc<Mutex<Option<(Operation, Instant)>>>,
     /// Blocks in `flock` for this process's waiting threads.
     waiter: Arc<Waiter>,
+    /// This process's turn, kept for a moment after a short write.
+    linger: Arc<Linger>,
+}
+
+/// The turn of a process that writes back to back, kept between its short writes.
+///
+/// Handing the `flock` to another process costs a context switch or two: for writes of a
+/// few microseconds, more than the write. So after a short turn (under [`YIELD_AFTER`]) of a
+/// process that has written before, the locked description is kept for [`LINGER`]; the
+/// process's next write (from any of its threads) takes it without a system call. A streak
+/// of such turns ends [`MAX_STREAK`] after it began: the turn is then released as after a
+/// long one (closed, and the CPU yielded), so other processes wait at most that much longer
+/// per streak. A thread of its own releases a kept turn nobody took.
+#[derive(Debug, Default)]
+struct Linger {
+    state: Mutex<Lingering>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Lingering {
+    /// The kept turn's locked description and when its streak began.
+    kept: Option<(File, Instant)>,
+    /// When the kept turn is released if no write takes it.
+    release_at: Option<Instant>,
+    /// Turns this process has taken: the first never lingers (a process that writes once,
+    /// then exits, starts no thread for it).
+    turns: u64,
+    /// Whether the releasing thread runs, and whether it waits without a deadline.
+    releaser: bool,
+    idle: bool,
+}
+
+/// How long a short turn is kept for the same process's next write.
+const LINGER: Duration = Duration::from_micros(200);
+
+/// The longest a process keeps the turn through a streak of short writes.
+const MAX_STREAK: Duration = Duration::from_millis(1);
+
+impl Linger {
+    /// The kept turn, if there is one.
+    fn take(&self) -> Option<(File, Instant)> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.turns += 1;
+        let kept = state.kept.take()?;
+        state.release_at = None;
+        Some(kept)
+    }
+
+    /// Keeps `file` (locked, its streak begun at `streak`) for the next write, or gives it
+    /// back if it is not to be kept.
+    fn keep(self: &Arc<Self>, file: File, streak: Instant) -> std::result::Result<(), File> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.turns < 2 || state.kept.is_some() {
+            return Err(file);
+        }
+        if !state.releaser {
+            let linger = Arc::clone(self);
+            let started = std::thread::Builder::new()
+                .name("sqlite-persistence-linger".to_owned())
+                .spawn(move || linger.release_unclaimed());
+            if started.is_err() {
+                return Err(file);
+            }
+            state.releaser = true;
+        }
+        state.kept = Some((file, streak));
+        state.release_at = Some(Instant::now() + LINGER);
+        if state.idle {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Releases the kept turn now (the handle closes).
+    fn release(&self) {
+        let kept = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.release_at = None;
+            state.kept.take()
+        };
+        drop(kept);
+    }
+
+    /// The releasing thread: closes a kept turn at its deadline; exits after
+    /// [`WAITER_IDLE`] without one.
+    fn release_unclaimed(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match state.release_at {
+                Some(at) if Instant::now() >= at => {
+                    state.release_at = None;
+                    let kept = state.kept.take();
+                    drop(state);
+                    // Closing the description releases the lock.
+                    drop(kept);
+                    state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                }
+                Some(at) => {
+                    // Not woken at every deadline while writes go on keeping the turn (each
+                    // keep moves it): at most every [`MAX_STREAK`], so a kept turn nobody takes
+                    // is held at most that much longer.
+                    let left = at.saturating_duration_since(Instant::now()).max(MAX_STREAK);
+                    state = self
+                        .wake
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                None => {
+                    state.idle = true;
+                    let (next, wait) = self
+                        .wake
+                        .wait_timeout(state, WAITER_IDLE)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    state = next;
+                    state.idle = false;
+                    if wait.timed_out() && state.release_at.is_none() {
+                        state.releaser = false;
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The one thread per queue that blocks in `flock` on behalf of this process's waiting
@@ -137,6 +262,9 @@ pub(crate) struct Turn {
     path: Arc<Path>,
     file: Option<File>,
     taken: Instant,
+    /// When this process's streak of short turns began (see [`Linger`]).
+    streak: Instant,
+    linger: Option<Arc<Linger>>,
 }
 
 /// The most sidecar descriptions a thread keeps open between turns.
@@ -170,11 +298,14 @@ fn give_back(path: Arc<Path>, file: File) {
 const YIELD_AFTER: Duration = Duration::from_millis(1);
 
 impl Turn {
-    fn new(path: Arc<Path>, file: File) -> Self {
+    fn new(path: Arc<Path>, file: File, linger: &Arc<Linger>) -> Self {
+        let taken = Instant::now();
         Self {
             path,
             file: Some(file),
-            taken: Instant::now(),
+            taken,
+            streak: taken,
+            linger: Some(Arc::clone(linger)),
         }
     }
 }
@@ -191,7 +322,20 @@ impl Drop for Turn {
         let Some(file) = self.file.take() else {
             return;
         };
-        if self.taken.elapsed() >= YIELD_AFTER {
+        let now = Instant::now();
+        let short = now.saturating_duration_since(self.taken) < YIELD_AFTER;
+        let streaking = now.saturating_duration_since(self.streak) < MAX_STREAK;
+        let file = match &self.linger {
+            Some(linger) if short && streaking && !std::thread::panicking() => {
+                match linger.keep(file, self.streak) {
+                    Ok(()) => return,
+                    Err(file) => file,
+                }
+            }
+            _ => file,
+        };
+        // A streak that ran its length ends as a long turn does.
+        if !short || !streaking {
             drop(file);
             std::thread::yield_now();
         } else if file.unlock().is_ok() {
@@ -238,6 +382,7 @@ impl WriteQueue {
             record: None,
             recorded: Arc::default(),
             waiter: Arc::default(),
+            linger: Arc::default(),
         };
         match queue.create(database).and_then(|()| queue.open().map(drop)) {
             Ok(()) => {
@@ -363,12 +508,17 @@ impl WriteQueue {
     /// waiter thread blocks in `flock` (which has no timeout of its own) for this thread, in
     /// arrival order, and hands the lock over, or drops it if this thread already gave up.
     fn wait(&self, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
+        if let Some((file, streak)) = self.linger.take() {
+            let mut turn = Turn::new(self.path.clone(), file, &self.linger);
+            turn.streak = streak;
+            return Ok(turn);
+        }
         let file = match take_idle(&self.path) {
             Some(file) => file,
             None => self.open().map_err(Wait::Failed)?,
         };
         match file.try_lock() {
-            Ok(()) => return Ok(Turn::new(self.path.clone(), file)),
+            Ok(()) => return Ok(Turn::new(self.path.clone(), file, &self.linger)),
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(source)) => {
                 return Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
@@ -400,7 +550,7 @@ impl WriteQueue {
             received = receiver.recv_timeout(timeout.saturating_sub(start.elapsed()));
         }
         match received {
-            Ok(Ok(file)) => Ok(Turn::new(self.path.clone(), file)),
+            Ok(Ok(file)) => Ok(Turn::new(self.path.clone(), file, &self.linger)),
             Ok(Err(source)) => Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
                 source,
             ))),
@@ -409,6 +559,11 @@ impl WriteQueue {
                 Err(Wait::TimedOut)
             }
         }
+    }
+
+    /// Releases this process's kept turn, if it has one (the database is closing).
+    pub(crate) fn release_kept(&self) {
+        self.linger.release();
     }
 
     /// The event of a wait that has lasted [`LONG_WAIT`], naming who holds the turn.
@@ -435,7 +590,7 @@ impl WriteQueue {
         let file = self.open().map_err(Wait::Failed)?;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Turn::new(self.path.clone(), file)),
+                Ok(()) => return Ok(Turn::new(self.path.clone(), file, &self.linger)),
                 Err(TryLockError::WouldBlock) if start.elapsed() < timeout => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -550,6 +705,80 @@ mod tests {
         assert_eq!(sidecar_mode(0o666), 0o666);
         assert_eq!(sidecar_mode(0o100644), 0o600);
         assert_eq!(sidecar_mode(0o444), 0o000);
+    }
+
+    /// Whether another open file description gets the lock at once.
+    fn free(db: &Path) -> bool {
+        let file = File::open(sidecar(db)).unwrap();
+        let free = file.try_lock().is_ok();
+        drop(file);
+        free
+    }
+
+    #[test]
+    fn a_short_turn_is_kept_for_the_next_write_then_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let queue = queue_of(&db);
+        let short = || {
+            drop(
+                queue
+                    .turn(Duration::from_secs(1), Operation::Write)
+                    .unwrap(),
+            )
+        };
+        // The first turn of a process is never kept: one that writes once starts no thread.
+        short();
+        assert!(free(&db));
+        // The second is kept for a moment ...
+        short();
+        assert!(!free(&db), "the turn was not kept");
+        // ... and released when nobody takes it.
+        let start = Instant::now();
+        while !free(&db) {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "the kept turn was never released"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(start.elapsed() < LINGER + MAX_STREAK + Duration::from_millis(50));
+        // Closing the database gives a kept turn back at once.
+        short();
+        assert!(!free(&db));
+        queue.release_kept();
+        assert!(free(&db));
+    }
+
+    #[test]
+    fn a_streak_of_short_turns_lets_a_waiter_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let queue = queue_of(&db);
+        let stop = Arc::new(AtomicBool::new(false));
+        // One thread takes short turns back to back, as a process writing in a loop does.
+        let writer = {
+            let (queue, stop) = (queue.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    drop(
+                        queue
+                            .turn(Duration::from_secs(5), Operation::Write)
+                            .unwrap(),
+                    );
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        // Another process's writer (its own queue, its own descriptions) still gets a turn.
+        let other = queue_of(&db);
+        let start = Instant::now();
+        let turn = other.turn(Duration::from_secs(5), Operation::Write);
+        let waited = start.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        drop(turn.unwrap());
+        writer.join().unwrap();
+        assert!(waited < Duration::from_millis(500), "waited {waited:?}");
     }
 
     #[test]
