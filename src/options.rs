@@ -314,6 +314,10 @@ impl Options {
     /// that ignore the file still meet SQLite's own locks and the retry policy. Turn it off
     /// where the directory is read-only or locks are unreliable. Defaults to on.
     ///
+    /// A process that writes back to back keeps its turn for 200 us after a short write (one
+    /// under 1 ms), so that its next write needs no hand-over to another process; such a
+    /// streak lasts at most 1 ms, so another process waits at most that much longer for it.
+    ///
     /// On PostgreSQL the queue is a session advisory lock, and only writers that have met a
     /// conflict use it: a write that failed on a serialization failure, a deadlock or a lock
     /// timeout takes its turn (waited for in the server's lock queue, in arrival order, in
