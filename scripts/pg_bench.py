@@ -4,12 +4,15 @@ plain Diesel on PostgreSQL (run_pending_migrations, default transactions), side 
 run of `stress --compare` each round, on fresh databases of a throwaway server this script
 starts (initdb into a temporary directory, as the postgres user when run as root, Unix socket
 only, fsync=off) and stops. PG_BENCH_URL=postgresql://... uses an existing server instead (the
-role needs CREATEDB). Build first: cargo build --release.
+role needs CREATEDB). It builds the command line with its `postgres` feature into
+target/pg (the default build links no libpq).
 usage: scripts/pg_bench.py [ROUNDS] (default 5)"""
 import json, os, shutil, subprocess, sys, tempfile, statistics
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-binary = os.path.join(root, "target", "release", "sqlite-persistence")
+subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "postgres", "--target-dir",
+                os.path.join(root, "target", "pg")], cwd=root, check=True)
+binary = os.path.join(root, "target", "pg", "release", "sqlite-persistence")
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 
 
