@@ -68,6 +68,14 @@
 //! | [`Holder`], [`HeldLock`] | who held the lock a write gave up on ([`Error::Busy`]) |
 //! | [`is_lock_error`] | the one classifier of SQLite's lock errors, for Diesel's error type |
 //! | `AsyncDatabase` | (feature `tokio`) the same handle for async code: calls run as blocking work, bounded by the pool, cancellation-safe |
+//! | [`Engine`], [`AnyDatabase`], [`AnyConnection`], [`AnyMigrations`], [`DATABASE_URL`] | the engine a URL's scheme names, and a database of either ([`Options::open_url`], [`Options::open_database_url`]) |
+//! | `PgDatabase`, `PgStatus`, `PgPool`, `PgManager`, `PooledPg`, `PgFailure`, `PgFailureKind` | (feature `postgres`) the same contract on PostgreSQL: `Options::open_postgres`, migrations under an advisory lock, `SERIALIZABLE` writes run again on a conflict, `REPEATABLE READ READ ONLY` reads |
+//!
+//! # Engines
+//! The features choose the engines: `sqlite` (the default) and `postgres`, each of which
+//! builds without the other. The engine of a URL is chosen by its scheme alone, never by
+//! trying connection types in turn: a path, `sqlite:` or `file:` is SQLite;
+//! `postgres://` or `postgresql://` PostgreSQL; any other scheme is refused, naming it.
 //!
 //! The user's guide, with every default and what happens on each fault, is the README;
 //! the command line `sqlite-persistence` (load tests, status) is a separate package.
@@ -141,7 +149,7 @@ pub use options::Options;
 pub use pool::{PooledSqlite, SqliteManager, SqlitePool};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::{PgDatabase, PgFailure, PgManager, PgPool, PgStatus, PooledPg};
+pub use postgres::{PgDatabase, PgFailure, PgFailureKind, PgManager, PgPool, PgStatus, PooledPg};
 pub use pragma::{JournalMode, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};
 #[cfg(feature = "sqlite")]

@@ -109,6 +109,25 @@ fn open_migrates_once_writes_and_reads() {
     );
     // The URL in errors and events has no password.
     assert!(!db.url().contains("secret"));
+    // Its sessions carry this program's name, as pg_stat_activity (and the holders an error
+    // names) show them.
+    let held = db.connection().unwrap();
+    let program = std::env::current_exe()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let names = strings(
+        &mut conn,
+        "SELECT application_name::text AS name FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    );
+    assert!(
+        !names.is_empty() && names.iter().all(|n| *n == program),
+        "{names:?}"
+    );
+    drop(held);
 }
 
 #[test]

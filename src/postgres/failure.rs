@@ -17,9 +17,10 @@ use diesel::PgConnection;
 
 use crate::error::{BoxError, Error};
 
-/// A failure that running the transaction again can cure.
+/// Which failure a [`PgFailure`] was: one that running the transaction again can cure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Transient {
+#[non_exhaustive]
+pub enum PgFailureKind {
     /// 40001 `serialization_failure`: a `SERIALIZABLE` transaction met a concurrent one.
     Serialization,
     /// 40P01 `deadlock_detected`: the server cancelled this transaction to break a cycle.
@@ -30,23 +31,37 @@ pub(crate) enum Transient {
     ConnectionLost,
 }
 
-impl Transient {
-    /// What it is, for errors and `tracing` events.
-    pub(crate) fn as_str(self) -> &'static str {
+impl PgFailureKind {
+    /// What it is, as errors and `tracing` events say it.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Transient::Serialization => "serialization failure",
-            Transient::Deadlock => "deadlock",
-            Transient::LockTimeout => "lock timeout",
-            Transient::ConnectionLost => "connection lost",
+            PgFailureKind::Serialization => "serialization failure",
+            PgFailureKind::Deadlock => "deadlock",
+            PgFailureKind::LockTimeout => "lock timeout",
+            PgFailureKind::ConnectionLost => "connection lost",
         }
     }
 }
 
-/// A failed statement that running the transaction again can cure, with the server's message.
+/// A failed statement that running the transaction again can cure, with the server's message:
+/// what [`Error::Busy`](crate::Error::Busy) carries as its source when a PostgreSQL
+/// operation gave up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PgFailure {
-    pub(crate) kind: Transient,
+    pub(crate) kind: PgFailureKind,
     pub(crate) message: String,
+}
+
+impl PgFailure {
+    /// Which failure it was.
+    pub fn kind(&self) -> PgFailureKind {
+        self.kind
+    }
+
+    /// The server's (or libpq's) message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl fmt::Display for PgFailure {
@@ -63,11 +78,11 @@ const IN_FAILED_TRANSACTION: &str =
     "current transaction is aborted, commands ignored until end of transaction block";
 
 /// Whether `error` is one running the transaction again can cure, and which.
-pub(crate) fn transient(error: &DieselError) -> Option<Transient> {
+pub(crate) fn transient(error: &DieselError) -> Option<PgFailureKind> {
     match error {
         DieselError::DatabaseError(kind, info) => match kind {
-            DatabaseErrorKind::SerializationFailure => Some(Transient::Serialization),
-            DatabaseErrorKind::ClosedConnection => Some(Transient::ConnectionLost),
+            DatabaseErrorKind::SerializationFailure => Some(PgFailureKind::Serialization),
+            DatabaseErrorKind::ClosedConnection => Some(PgFailureKind::ConnectionLost),
             _ => by_message(info.message()),
         },
         DieselError::RollbackErrorOnCommit { commit_error, .. } => transient(commit_error),
@@ -76,18 +91,18 @@ pub(crate) fn transient(error: &DieselError) -> Option<Transient> {
 }
 
 /// 40P01 and 55P03, by the server's (English) message.
-fn by_message(message: &str) -> Option<Transient> {
+fn by_message(message: &str) -> Option<PgFailureKind> {
     if message == "deadlock detected" {
-        Some(Transient::Deadlock)
+        Some(PgFailureKind::Deadlock)
     } else if message == "canceling statement due to lock timeout"
         || message.starts_with("could not obtain lock on ")
     {
-        Some(Transient::LockTimeout)
+        Some(PgFailureKind::LockTimeout)
     } else if message.starts_with("server closed the connection unexpectedly")
         || message.starts_with("no connection to the server")
         || message.starts_with("terminating connection due to ")
     {
-        Some(Transient::ConnectionLost)
+        Some(PgFailureKind::ConnectionLost)
     } else {
         None
     }
@@ -133,7 +148,7 @@ impl Instrumentation for Recorder {
                     if info.message() == IN_FAILED_TRANSACTION => {}
                 Some(error) => {
                     let failure = failure(error);
-                    if matches!(&failure, Some(f) if f.kind == Transient::ConnectionLost) {
+                    if matches!(&failure, Some(f) if f.kind == PgFailureKind::ConnectionLost) {
                         self.lost = true;
                     }
                     self.last = Some(failure);
@@ -241,18 +256,21 @@ mod tests {
 
     #[test]
     fn deadlocks_lock_timeouts_and_lost_connections_are_told_by_message() {
-        assert_eq!(by_message("deadlock detected"), Some(Transient::Deadlock));
+        assert_eq!(
+            by_message("deadlock detected"),
+            Some(PgFailureKind::Deadlock)
+        );
         assert_eq!(
             by_message("canceling statement due to lock timeout"),
-            Some(Transient::LockTimeout)
+            Some(PgFailureKind::LockTimeout)
         );
         assert_eq!(
             by_message("could not obtain lock on row in relation \"jobs\""),
-            Some(Transient::LockTimeout)
+            Some(PgFailureKind::LockTimeout)
         );
         assert_eq!(
             by_message("terminating connection due to administrator command"),
-            Some(Transient::ConnectionLost)
+            Some(PgFailureKind::ConnectionLost)
         );
         // A statement timeout is the application's limit: never retried.
         assert_eq!(

@@ -209,7 +209,7 @@ pub(crate) fn batch(
             AnsiTransactionManager::commit_transaction(conn).map_err(|source| {
                 match failure::failure(&source) {
                     Some(PgFailure {
-                        kind: failure::Transient::ConnectionLost,
+                        kind: failure::PgFailureKind::ConnectionLost,
                         ..
                     }) => PgAttempt::Layer(Error::CommitOutcomeUnknown {
                         operation: Operation::Migrate,

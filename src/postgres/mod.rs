@@ -19,12 +19,11 @@ use diesel::pg::Pg;
 use diesel::sql_types::Text;
 use diesel::{sql_query, PgConnection, QueryableByName, RunQueryDsl};
 
-pub use failure::PgFailure;
+pub use failure::{PgFailure, PgFailureKind};
 pub(crate) use session::redact;
 pub use session::{PgManager, PgPool, PooledPg};
 pub use status::PgStatus;
 
-use self::failure::Transient;
 use self::session::{Server, SessionError, Settings};
 use crate::error::{Error, Operation, Result};
 use crate::handle::{next_id, Inside, WriteStats};
@@ -160,7 +159,7 @@ impl Options {
         let shown = PathBuf::from(server.shown());
         let source = Source::<Pg>::list(migrations)?;
         let started = Instant::now();
-        let mut settings = Settings::new(&self);
+        let mut settings = Settings::new(&self, url);
         let connect = |settings: &Settings| {
             session::connect(server.url(), settings).map_err(|error| match error {
                 SessionError::Connect(source) => Error::Connect {
@@ -487,7 +486,7 @@ impl PgDatabase {
     /// whose write transactions were open for the whole wait, read on a session of the pool
     /// (if one is free within a second).
     fn lock_holders<E: From<Error>>(&self, last: &PgAttempt<E>, waited: Duration) -> Vec<Holder> {
-        if !matches!(last.transient(), Some(f) if f.kind == Transient::LockTimeout) {
+        if !matches!(last.transient(), Some(f) if f.kind == PgFailureKind::LockTimeout) {
             return Vec::new();
         }
         let Ok(mut conn) = self.pool.get_timeout(Duration::from_secs(1)) else {
@@ -560,7 +559,7 @@ fn transaction<T, E: 'static>(
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(conn).map_err(|source| {
                 if operation == Operation::Write
-                    && failure::transient(&source) == Some(Transient::ConnectionLost)
+                    && failure::transient(&source) == Some(PgFailureKind::ConnectionLost)
                 {
                     PgAttempt::Layer(Error::CommitOutcomeUnknown { operation, source })
                 } else {

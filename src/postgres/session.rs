@@ -101,15 +101,21 @@ pub(crate) struct Settings {
     pub lock_timeout: Duration,
     pub idle_in_transaction_timeout: Option<Duration>,
     pub english_messages: bool,
+    /// `application_name`, unless the URL sets one: what `pg_stat_activity`, the server's
+    /// log and the layer's own [`Holder`](crate::Holder)s name the session by.
+    pub application_name: Option<String>,
 }
 
 impl Settings {
-    pub(crate) fn new(options: &Options) -> Self {
+    pub(crate) fn new(options: &Options, url: &str) -> Self {
         Self {
             statement_timeout: options.statement_timeout,
             lock_timeout: options.lock_timeout,
             idle_in_transaction_timeout: options.idle_in_transaction_timeout,
             english_messages: false,
+            application_name: (!url.to_ascii_lowercase().contains("application_name="))
+                .then(program_name)
+                .flatten(),
         }
     }
 
@@ -125,8 +131,25 @@ impl Settings {
         if self.english_messages {
             sql.push_str(" SET lc_messages = 'C';");
         }
+        if let Some(name) = &self.application_name {
+            sql.push_str(&format!(" SET application_name = '{name}';"));
+        }
         sql
     }
+}
+
+/// This program's name, as a session's `application_name`: the executable's file name, kept
+/// to the characters that need no quoting, at most 63 bytes (the server's limit).
+fn program_name() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let name: String = exe
+        .file_name()?
+        .to_string_lossy()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(63)
+        .collect();
+    (!name.is_empty()).then_some(name)
 }
 
 /// A timeout setting in milliseconds; `0` (PostgreSQL's "none") for `None`, at least 1 ms

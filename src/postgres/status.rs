@@ -69,15 +69,18 @@ impl PgStatus {
         crate::engine::expect(url, crate::engine::Engine::Postgres)?;
         let source = Source::<Pg>::list(migrations)?;
         let server = Server::new(url);
-        let mut conn = session::connect(server.url(), &Settings::new(options)).map_err(
-            |error| match error {
-                SessionError::Connect(source) => Error::Connect {
-                    url: server.shown().to_owned(),
-                    source,
-                },
-                SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
-            },
-        )?;
+        let mut conn =
+            session::connect(server.url(), &Settings::new(options, url)).map_err(|error| {
+                match error {
+                    SessionError::Connect(source) => Error::Connect {
+                        url: server.shown().to_owned(),
+                        source,
+                    },
+                    SessionError::Settings(source) => {
+                        Error::query(Operation::ConfigureSession, source)
+                    }
+                }
+            })?;
         let query = |e| Error::query(Operation::ReadStatus, e);
         let state = migrate::read_snapshot(&mut conn).map_err(query)?;
         let about = sql_query(
