@@ -602,3 +602,60 @@ fn waiting_for_the_migration_lock_inside_a_transaction_deadlocks_with_a_concurre
         .any(|e| e.to_string().contains("deadlock detected"));
     assert!(deadlock, "index: {index:?}, waiter: {waited:?}");
 }
+
+/// PostgreSQL: an open that waits for another process's migration batch past its deadline
+/// gives up with the typed error, naming the process's server session that holds the lock;
+/// one with time enough waits for it and finds everything applied.
+#[test]
+fn a_migration_lock_held_past_the_deadline_names_its_holder() {
+    let Some(db) = fresh(Engine::Postgres) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    migrations_dir(dir.path(), &slow_batch(Engine::Postgres));
+    let barrier_dir = tempfile::tempdir().unwrap();
+    let barrier = barrier_dir.path().join("go");
+    std::fs::write(&barrier, "").unwrap();
+    let mut vars = env(&db.url, false, 0);
+    vars.push(("SP_DIR", dir.path().display().to_string()));
+    vars.push(("SP_BARRIER", barrier.display().to_string()));
+    let child = common::child_role("engine_child", &vars);
+    assert!(
+        pg::wait_until(Duration::from_secs(30), || running(&db.url, "pg_sleep")),
+        "the migration never started"
+    );
+    let holder_pid = Plain::open(&db.url).number(
+        "SELECT pid::bigint AS value FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE '%pg_sleep%' \
+         AND query NOT LIKE '%pg_stat_activity%'",
+    );
+    let source = || FileBasedMigrations::from_path(dir.path()).unwrap();
+    let start = std::time::Instant::now();
+    let error = Options::new()
+        .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(500)))
+        .open_url(&db.url, source())
+        .unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        start.elapsed()
+    );
+    let Error::Busy { holders, .. } = &error else {
+        panic!("{error:?}")
+    };
+    assert!(
+        holders
+            .iter()
+            .any(|h| i64::from(h.pid) == holder_pid && h.lock == HeldLock::MigrationLock),
+        "{error}"
+    );
+    // With the default deadline, the next open waits for the batch and applies nothing.
+    let opened = Options::new().open_url(&db.url, source()).unwrap();
+    assert!(opened.applied_at_open().is_empty());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("result ok applied=2"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
