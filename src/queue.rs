@@ -53,7 +53,6 @@ pub(crate) struct WriteQueue {
 #[derive(Debug, Default)]
 struct Linger {
     state: Mutex<Lingering>,
-    wake: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -65,9 +64,8 @@ struct Lingering {
     /// Turns this process has taken: the first never lingers (a process that writes once,
     /// then exits, starts no thread for it).
     turns: u64,
-    /// Whether the releasing thread runs, and whether it waits without a deadline.
+    /// Whether the releasing thread runs.
     releaser: bool,
-    idle: bool,
 }
 
 /// How long a short turn is kept for the same process's next write.
@@ -105,9 +103,6 @@ impl Linger {
         }
         state.kept = Some((file, streak));
         state.release_at = Some(Instant::now() + LINGER);
-        if state.idle {
-            self.wake.notify_one();
-        }
         Ok(())
     }
 
@@ -121,45 +116,35 @@ impl Linger {
         drop(kept);
     }
 
-    /// The releasing thread: closes a kept turn at its deadline; exits after
-    /// [`WAITER_IDLE`] without one.
+    /// The releasing thread: closes a kept turn past its deadline, looking every
+    /// [`MAX_STREAK`] (so that keeping a turn never has to wake it: a write's path makes no
+    /// system call for it); exits after [`WAITER_IDLE`] without a kept turn.
     fn release_unclaimed(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut active = Instant::now();
         loop {
+            let now = Instant::now();
             match state.release_at {
-                Some(at) if Instant::now() >= at => {
+                Some(at) if now >= at => {
                     state.release_at = None;
                     let kept = state.kept.take();
                     drop(state);
                     // Closing the description releases the lock.
                     drop(kept);
                     state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    active = now;
+                    continue;
                 }
-                Some(at) => {
-                    // Not woken at every deadline while writes go on keeping the turn (each
-                    // keep moves it): at most every [`MAX_STREAK`], so a kept turn nobody takes
-                    // is held at most that much longer.
-                    let left = at.saturating_duration_since(Instant::now()).max(MAX_STREAK);
-                    state = self
-                        .wake
-                        .wait_timeout(state, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                Some(_) => active = now,
+                None if now.saturating_duration_since(active) >= WAITER_IDLE => {
+                    state.releaser = false;
+                    return;
                 }
-                None => {
-                    state.idle = true;
-                    let (next, wait) = self
-                        .wake
-                        .wait_timeout(state, WAITER_IDLE)
-                        .unwrap_or_else(PoisonError::into_inner);
-                    state = next;
-                    state.idle = false;
-                    if wait.timed_out() && state.release_at.is_none() {
-                        state.releaser = false;
-                        return;
-                    }
-                }
+                None => {}
             }
+            drop(state);
+            std::thread::sleep(MAX_STREAK);
+            state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
@@ -334,12 +319,15 @@ impl Drop for Turn {
             }
             _ => file,
         };
-        // A streak that ran its length ends as a long turn does.
-        if !short || !streaking {
+        if !short {
             drop(file);
             std::thread::yield_now();
         } else if file.unlock().is_ok() {
             give_back(self.path.clone(), file);
+            // A streak that ran its length: let a waiter the kernel has just woken in.
+            if !streaking {
+                std::thread::yield_now();
+            }
         }
         // (If unlocking failed, dropping the file closed it, which releases the lock.)
     }
