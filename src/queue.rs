@@ -53,6 +53,7 @@ pub(crate) struct WriteQueue {
 #[derive(Debug, Default)]
 struct Linger {
     state: Mutex<Lingering>,
+    wake: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -64,12 +65,16 @@ struct Lingering {
     /// Turns this process has taken: the first never lingers (a process that writes once,
     /// then exits, starts no thread for it).
     turns: u64,
-    /// Whether the releasing thread runs.
+    /// Whether the releasing thread runs, and whether it sleeps until a turn is kept.
     releaser: bool,
+    idle: bool,
 }
 
 /// How long a short turn is kept for the same process's next write.
 const LINGER: Duration = Duration::from_micros(200);
+
+/// How long after this process last kept a turn the releasing thread keeps looking.
+const ACTIVE: Duration = Duration::from_millis(20);
 
 /// The longest a process keeps the turn through a streak of short writes.
 const MAX_STREAK: Duration = Duration::from_millis(1);
@@ -103,6 +108,9 @@ impl Linger {
         }
         state.kept = Some((file, streak));
         state.release_at = Some(Instant::now() + LINGER);
+        if state.idle {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -116,9 +124,10 @@ impl Linger {
         drop(kept);
     }
 
-    /// The releasing thread: closes a kept turn past its deadline, looking every
-    /// [`MAX_STREAK`] (so that keeping a turn never has to wake it: a write's path makes no
-    /// system call for it); exits after [`WAITER_IDLE`] without a kept turn.
+    /// The releasing thread: closes a kept turn past its deadline. While this process keeps
+    /// turns (within [`ACTIVE`] of the last one) it looks every [`MAX_STREAK`], so that
+    /// keeping a turn costs a write's path no system call; after that it sleeps until a turn
+    /// is kept again (which then wakes it), and exits after [`WAITER_IDLE`] without one.
     fn release_unclaimed(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut active = Instant::now();
@@ -136,9 +145,20 @@ impl Linger {
                     continue;
                 }
                 Some(_) => active = now,
-                None if now.saturating_duration_since(active) >= WAITER_IDLE => {
-                    state.releaser = false;
-                    return;
+                None if now.saturating_duration_since(active) >= ACTIVE => {
+                    state.idle = true;
+                    let (next, wait) = self
+                        .wake
+                        .wait_timeout(state, WAITER_IDLE)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    state = next;
+                    state.idle = false;
+                    if wait.timed_out() && state.release_at.is_none() {
+                        state.releaser = false;
+                        return;
+                    }
+                    active = Instant::now();
+                    continue;
                 }
                 None => {}
             }
@@ -319,15 +339,12 @@ impl Drop for Turn {
             }
             _ => file,
         };
-        if !short {
+        // A streak that ran its length ends as a long turn does.
+        if !short || !streaking {
             drop(file);
             std::thread::yield_now();
         } else if file.unlock().is_ok() {
             give_back(self.path.clone(), file);
-            // A streak that ran its length: let a waiter the kernel has just woken in.
-            if !streaking {
-                std::thread::yield_now();
-            }
         }
         // (If unlocking failed, dropping the file closed it, which releases the lock.)
     }
