@@ -142,7 +142,9 @@ impl Instrumentation for ResultCodes {
                 ffi::SQLITE_OK | ffi::SQLITE_ROW | ffi::SQLITE_DONE if error.is_none() => {
                     // A later statement that worked means the failure was handled, except the
                     // rollback of a nested transaction that the failure itself caused.
-                    if self.failure.is_some() && !is_transaction_control(&query.to_string()) {
+                    if self.failure.is_some()
+                        && !crate::handle::is_savepoint_control(&query.to_string())
+                    {
                         self.failure = None;
                     }
                 }
@@ -169,13 +171,6 @@ impl Instrumentation for ResultCodes {
             inner.on_connection_event(event);
         }
     }
-}
-
-fn is_transaction_control(sql: &str) -> bool {
-    let head = sql.trim_start().as_bytes();
-    ["ROLLBACK", "RELEASE", "SAVEPOINT"].iter().any(|word| {
-        head.len() >= word.len() && head[..word.len()].eq_ignore_ascii_case(word.as_bytes())
-    })
 }
 
 /// What [`attach`] installs on a connection besides the result codes.

@@ -74,3 +74,13 @@ impl Drop for Inside {
         });
     }
 }
+
+/// Whether `sql` is a rollback, a savepoint or its release: statements that follow a failed
+/// one without handling it (the rollback of a nested transaction the failure itself caused),
+/// so the engines' failure recorders keep the failure across them.
+pub(crate) fn is_savepoint_control(sql: &str) -> bool {
+    let head = sql.trim_start().as_bytes();
+    ["ROLLBACK", "RELEASE", "SAVEPOINT"].iter().any(|word| {
+        head.len() >= word.len() && head[..word.len()].eq_ignore_ascii_case(word.as_bytes())
+    })
+}

@@ -155,7 +155,9 @@ impl Instrumentation for Recorder {
                 }
                 // A later statement that worked means the failure was handled, except the
                 // rollback of a savepoint that the failure itself caused.
-                None if !is_transaction_control(&query.to_string()) => self.last = None,
+                None if !crate::handle::is_savepoint_control(&query.to_string()) => {
+                    self.last = None
+                }
                 None => {}
             }
         }
@@ -163,13 +165,6 @@ impl Instrumentation for Recorder {
             inner.on_connection_event(event);
         }
     }
-}
-
-fn is_transaction_control(sql: &str) -> bool {
-    let head = sql.trim_start().as_bytes();
-    ["ROLLBACK", "RELEASE", "SAVEPOINT"].iter().any(|word| {
-        head.len() >= word.len() && head[..word.len()].eq_ignore_ascii_case(word.as_bytes())
-    })
 }
 
 /// What `conn`'s recorder holds of the statements since the last call, cleared.

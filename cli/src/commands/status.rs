@@ -65,13 +65,6 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         )?;
         return Ok(());
     }
-    let list = |items: &[String]| {
-        if items.is_empty() {
-            "0".to_owned()
-        } else {
-            format!("{}: {}", items.len(), items.join(", "))
-        }
-    };
     let size = |bytes: Option<u64>| bytes.map_or("-".to_owned(), |b| format!("{b} B"));
     crate::outln!("database      {}", status.path.display())?;
     crate::outln!("exists        {}", if status.exists { "yes" } else { "no" })?;
@@ -88,15 +81,10 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
         "journal mode  {}",
         status.journal_mode.as_deref().unwrap_or("-")
     )?;
-    crate::outln!("app id        {}", application_id(status.application_id))?;
-    crate::outln!("applied       {}", list(&status.applied))?;
-    crate::outln!("pending       {}", list(&status.pending))?;
-    crate::outln!("unknown       {}", list(&status.unknown))?;
-    crate::outln!(
-        "checksums     {} verified, edited {}, unrecorded {}",
-        status.checksums.verified,
-        list(&status.checksums.edited),
-        list(&status.checksums.unrecorded)
+    print_migrations(
+        status.application_id,
+        [&status.applied, &status.pending, &status.unknown],
+        &status.checksums,
     )?;
     crate::outln!(
         "integrity     {}",
@@ -156,6 +144,35 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
     crate::outln!("holders       {}", people(&status.holders))?;
     crate::outln!("readers       {}", people(&status.wal_readers))?;
     crate::outln!("pinned by     {}", people(&status.pinning_readers))?;
+    Ok(())
+}
+
+/// `N: a, b, c`, or `0`.
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "0".to_owned()
+    } else {
+        format!("{}: {}", items.len(), items.join(", "))
+    }
+}
+
+/// The lines both engines' status shows: the owner, the applied, pending and unknown
+/// migrations, and the checksums.
+fn print_migrations(
+    application: Option<u32>,
+    [applied, pending, unknown]: [&[String]; 3],
+    checksums: &sqlite_persistence::Checksums,
+) -> Result<()> {
+    crate::outln!("app id        {}", application_id(application))?;
+    crate::outln!("applied       {}", list(applied))?;
+    crate::outln!("pending       {}", list(pending))?;
+    crate::outln!("unknown       {}", list(unknown))?;
+    crate::outln!(
+        "checksums     {} verified, edited {}, unrecorded {}",
+        checksums.verified,
+        list(&checksums.edited),
+        list(&checksums.unrecorded)
+    )?;
     Ok(())
 }
 
@@ -232,24 +249,12 @@ fn postgres(url: &str, migrations: Option<&Path>, json: bool) -> Result<()> {
         )?;
         return Ok(());
     }
-    let list = |items: &[String]| {
-        if items.is_empty() {
-            "0".to_owned()
-        } else {
-            format!("{}: {}", items.len(), items.join(", "))
-        }
-    };
     crate::outln!("database      {} ({})", status.url, status.database)?;
     crate::outln!("server        PostgreSQL {}", status.server_version)?;
-    crate::outln!("app id        {}", application_id(status.application_id))?;
-    crate::outln!("applied       {}", list(&status.applied))?;
-    crate::outln!("pending       {}", list(&status.pending))?;
-    crate::outln!("unknown       {}", list(&status.unknown))?;
-    crate::outln!(
-        "checksums     {} verified, edited {}, unrecorded {}",
-        status.checksums.verified,
-        list(&status.checksums.edited),
-        list(&status.checksums.unrecorded)
+    print_migrations(
+        status.application_id,
+        [&status.applied, &status.pending, &status.unknown],
+        &status.checksums,
     )?;
     if !status.unmanaged_tables.is_empty() {
         crate::outln!("unmanaged     {}", list(&status.unmanaged_tables))?;
