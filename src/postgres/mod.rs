@@ -50,7 +50,8 @@ const DB_SYSTEM: &str = "postgresql";
 /// - [`read`](PgDatabase::read) runs its closure in `REPEATABLE READ READ ONLY`: one
 ///   consistent snapshot, and any write in it is an error.
 ///
-/// PostgreSQL queues lock waiters itself, so there is no write queue; the pool
+/// PostgreSQL queues lock waiters itself; the layer's write queue (a session advisory lock)
+/// serves only writers that met a conflict, see [`Options::fair_queue`]. The pool
 /// ([`Options::pool_size`]) bounds the sessions a process opens.
 ///
 /// # Server messages
