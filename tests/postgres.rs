@@ -45,27 +45,9 @@ fn number(conn: &mut PgConnection, sql: &str) -> i64 {
         .value
 }
 
-/// Read-then-write on counter `name`: the lost update that plain READ COMMITTED lets
-/// through, and that SERIALIZABLE turns into a retried conflict.
-fn increment(conn: &mut PgConnection, name: &str) -> QueryResult<i64> {
-    diesel::sql_query("INSERT INTO counters (name) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind::<Text, _>(name)
-        .execute(conn)?;
-    let value = diesel::sql_query("SELECT value FROM counters WHERE name = $1")
-        .bind::<Text, _>(name)
-        .get_result::<Value>(conn)?
-        .value
-        + 1;
-    diesel::sql_query("UPDATE counters SET value = $2 WHERE name = $1")
-        .bind::<Text, _>(name)
-        .bind::<BigInt, _>(value)
-        .execute(conn)?;
-    diesel::sql_query("INSERT INTO events (counter, value) VALUES ($1, $2)")
-        .bind::<Text, _>(name)
-        .bind::<BigInt, _>(value)
-        .execute(conn)?;
-    Ok(value)
-}
+/// Read-then-write on counter `name` (and its event): the lost update that plain `READ
+/// COMMITTED` lets through, and that `SERIALIZABLE` turns into a retried conflict.
+use common::bump_in_pg as increment;
 
 #[test]
 fn open_migrates_once_writes_and_reads() {

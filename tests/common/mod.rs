@@ -39,24 +39,43 @@ pub fn bump(db: &Database, name: &str) -> sqlite_persistence::Result<(i64, Write
     db.write_measured(|conn| -> sqlite_persistence::Result<i64> { Ok(bump_in(conn, name)?) })
 }
 
-/// The statements of [`bump`], in whatever transaction `conn` is in.
-pub fn bump_in(conn: &mut SqliteConnection, name: &str) -> QueryResult<i64> {
-    diesel::insert_into(counters::table)
-        .values(counters::name.eq(name))
-        .on_conflict_do_nothing()
-        .execute(conn)?;
-    let value: i64 = counters::table
-        .find(name)
-        .select(counters::value)
-        .first(conn)?;
-    diesel::update(counters::table.find(name))
-        .set(counters::value.eq(value + 1))
-        .execute(conn)?;
-    diesel::insert_into(events::table)
-        .values((events::counter.eq(name), events::value.eq(value + 1)))
-        .execute(conn)?;
-    Ok(value + 1)
+/// Defines `$name`, the statements of [`bump`] on a `$conn`, in whatever transaction it is
+/// in: the same statements on each engine.
+macro_rules! bump_on {
+    ($(#[$attr:meta])* $name:ident, $conn:ty) => {
+        $(#[$attr])*
+        pub fn $name(conn: &mut $conn, name: &str) -> QueryResult<i64> {
+            diesel::insert_into(counters::table)
+                .values(counters::name.eq(name))
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+            let value: i64 = counters::table
+                .find(name)
+                .select(counters::value)
+                .first(conn)?;
+            diesel::update(counters::table.find(name))
+                .set(counters::value.eq(value + 1))
+                .execute(conn)?;
+            diesel::insert_into(events::table)
+                .values((events::counter.eq(name), events::value.eq(value + 1)))
+                .execute(conn)?;
+            Ok(value + 1)
+        }
+    };
 }
+
+bump_on!(
+    /// The statements of [`bump`], in whatever transaction `conn` is in.
+    bump_in,
+    SqliteConnection
+);
+
+#[cfg(feature = "postgres")]
+bump_on!(
+    /// [`bump_in`] on PostgreSQL.
+    bump_in_pg,
+    diesel::PgConnection
+);
 
 /// Every value `name` took, ascending, read through the layer.
 pub fn values(db: &Database, name: &str) -> sqlite_persistence::Result<Vec<i64>> {
