@@ -45,6 +45,21 @@ pub struct Recorded {
     pub attempts: u32,
 }
 
+impl Recorded {
+    /// The version a layer's write of `artifact` recorded, with what the write cost.
+    pub(crate) fn written(
+        artifact: &str,
+        (version, stats): (i64, sqlite_persistence::WriteStats),
+    ) -> Self {
+        Self {
+            artifact: artifact.to_owned(),
+            version,
+            wait: stats.wait,
+            attempts: stats.attempts,
+        }
+    }
+}
+
 impl Catalog {
     /// Opens (creating and migrating if needed) the catalog at `path`, with the catalog's
     /// [`APPLICATION_ID`] in place of any the options set.
@@ -76,17 +91,12 @@ impl Catalog {
     /// As [`record`](Catalog::record).
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
         validate_artifact_name(artifact)?;
-        let (version, stats) =
-            self.db
-                .write_measured(|conn| -> sqlite_persistence::Result<i64> {
-                    Ok(record_next(conn, artifact, hold)?)
-                })?;
-        Ok(Recorded {
-            artifact: artifact.to_owned(),
-            version,
-            wait: stats.wait,
-            attempts: stats.attempts,
-        })
+        let written = self
+            .db
+            .write_measured(|conn| -> sqlite_persistence::Result<i64> {
+                Ok(record_next(conn, artifact, hold)?)
+            })?;
+        Ok(Recorded::written(artifact, written))
     }
 
     /// Every recorded version of `artifact`, ascending (empty if it is unknown).

@@ -1,7 +1,7 @@
 //! The catalog on PostgreSQL: the same store over [`PgDatabase`], its plain Diesel baseline,
 //! and fresh databases for the load tests.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -11,6 +11,7 @@ use sqlite_persistence::{Error as LayerError, Options, PgDatabase};
 
 use crate::catalog::{record_next_pg, validate_artifact_name, Recorded, APPLICATION_ID};
 use crate::error::{Error, Result};
+use crate::plain::record_once;
 use crate::schema::{artifact_versions, artifacts};
 
 /// The catalog's migrations for PostgreSQL (`cli/pg_migrations/`): the same versions and
@@ -42,17 +43,12 @@ impl PgCatalog {
     /// A bad name; else as [`PgDatabase::write`].
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
         validate_artifact_name(artifact)?;
-        let (version, stats) =
-            self.db
-                .write_measured(|conn| -> sqlite_persistence::Result<i64> {
-                    Ok(record_next_pg(conn, artifact, hold)?)
-                })?;
-        Ok(Recorded {
-            artifact: artifact.to_owned(),
-            version,
-            wait: stats.wait,
-            attempts: stats.attempts,
-        })
+        let written = self
+            .db
+            .write_measured(|conn| -> sqlite_persistence::Result<i64> {
+                Ok(record_next_pg(conn, artifact, hold)?)
+            })?;
+        Ok(Recorded::written(artifact, written))
     }
 
     /// Every recorded version of `artifact`, ascending.
@@ -111,20 +107,9 @@ impl PlainPgCatalog {
     /// # Errors
     /// A duplicate version whenever two writers read the same latest one.
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
-        validate_artifact_name(artifact)?;
-        let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;
-        let asked = Instant::now();
-        let version = conn
-            .transaction(|conn| record_next_pg(conn, artifact, hold))
-            .map_err(|source| Error::Query {
-                operation: "record a version",
-                source,
-            })?;
-        Ok(Recorded {
-            artifact: artifact.to_owned(),
-            version,
-            wait: asked.elapsed().saturating_sub(hold),
-            attempts: 1,
+        record_once(artifact, hold, record_next_pg, |record| {
+            let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;
+            Ok((*conn).transaction(record))
         })
     }
 }

@@ -69,31 +69,30 @@ impl LeanCatalog {
     /// # Errors
     /// "database is locked" past `busy_timeout`.
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
-        record_once(artifact, hold, |record| {
+        record_once(artifact, hold, record_next, |record| {
             Ok(self.conn.borrow_mut().immediate_transaction(record))
         })
     }
 }
 
 /// Records the next version of `artifact` once, with `transaction` (a baseline's own kind of
-/// transaction around the statements), without retrying. The wait is from asking to commit,
-/// less the simulated work: a deferred `BEGIN` returns at once, and its waiting happens
-/// inside the statements (the busy handler).
-fn record_once(
+/// transaction around the statements `record` runs), without retrying. The wait is from
+/// asking to commit, less the simulated work: a deferred `BEGIN` returns at once, and its
+/// waiting happens inside the statements (the busy handler).
+pub(crate) fn record_once<C>(
     artifact: &str,
     hold: Duration,
+    record: fn(&mut C, &str, Duration) -> diesel::QueryResult<i64>,
     transaction: impl FnOnce(
-        &mut dyn FnMut(&mut SqliteConnection) -> diesel::QueryResult<i64>,
+        &mut dyn FnMut(&mut C) -> diesel::QueryResult<i64>,
     ) -> Result<diesel::QueryResult<i64>>,
 ) -> Result<Recorded> {
     validate_artifact_name(artifact)?;
     let asked = Instant::now();
     let version =
-        transaction(&mut |conn| record_next(conn, artifact, hold))?.map_err(|source| {
-            Error::Query {
-                operation: "record a version",
-                source,
-            }
+        transaction(&mut |conn| record(conn, artifact, hold))?.map_err(|source| Error::Query {
+            operation: "record a version",
+            source,
         })?;
     Ok(Recorded {
         artifact: artifact.to_owned(),
@@ -170,7 +169,7 @@ impl PlainCatalog {
     /// # Errors
     /// "database is locked" whenever another process committed first.
     pub fn record_holding(&self, artifact: &str, hold: Duration) -> Result<Recorded> {
-        record_once(artifact, hold, |record| {
+        record_once(artifact, hold, record_next, |record| {
             let mut conn = self.pool.get().map_err(|source| Error::Pool { source })?;
             Ok((*conn).transaction(record))
         })

@@ -39,11 +39,7 @@ fn print_status(status: &Status, json: bool) -> Result<()> {
                 "applied": status.applied,
                 "pending": status.pending,
                 "unknown": status.unknown,
-                "checksums": {
-                    "verified": status.checksums.verified,
-                    "edited": status.checksums.edited,
-                    "unrecorded": status.checksums.unrecorded,
-                },
+                "checksums": checksums_json(&status.checksums),
                 "integrity": status.integrity,
                 "sizes": {
                     "database": status.sizes.database,
@@ -188,6 +184,15 @@ fn application_id(id: Option<u32>) -> String {
     })
 }
 
+/// `{"verified", "edited", "unrecorded"}`.
+fn checksums_json(checksums: &sqlite_persistence::Checksums) -> serde_json::Value {
+    serde_json::json!({
+        "verified": checksums.verified,
+        "edited": checksums.edited,
+        "unrecorded": checksums.unrecorded,
+    })
+}
+
 /// `[{"pid", "command", "lock"}]`.
 fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
     holders
@@ -237,11 +242,7 @@ fn postgres(url: &str, migrations: Option<&Path>, json: bool) -> Result<()> {
                 "applied": status.applied,
                 "pending": status.pending,
                 "unknown": status.unknown,
-                "checksums": {
-                    "verified": status.checksums.verified,
-                    "edited": status.checksums.edited,
-                    "unrecorded": status.checksums.unrecorded,
-                },
+                "checksums": checksums_json(&status.checksums),
                 "unmanaged_tables": status.unmanaged_tables,
                 "migration_lock": holders_json(&status.migration_lock),
                 "sessions": status.sessions,
