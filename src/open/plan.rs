@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::options::Options;
 
 /// Diesel's bookkeeping table.
-const DIESEL_TABLE: &str = "__diesel_schema_migrations";
+pub(crate) const DIESEL_TABLE: &str = "__diesel_schema_migrations";
 
 /// One migration of the source, as the planner sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

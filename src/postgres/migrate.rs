@@ -25,13 +25,10 @@ use super::session::millis;
 use super::PgAttempt;
 use crate::error::{Error, Operation, Result};
 use crate::open::checksums::{self, TABLE as CHECKSUMS};
-use crate::open::plan::{check, plan, Batch, Known, Plan, Refusal, State};
+use crate::open::plan::{check, plan, Batch, Known, Plan, Refusal, State, DIESEL_TABLE};
 use crate::open::Source;
 use crate::options::Options;
 use crate::retry::Try;
-
-/// Diesel's bookkeeping table.
-const DIESEL_TABLE: &str = "__diesel_schema_migrations";
 
 /// The layer's owner table: PostgreSQL has no `application_id`, so one row holds it.
 pub(crate) const OWNER_TABLE: &str = "__sqlite_persistence_owner";

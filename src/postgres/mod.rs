@@ -64,8 +64,6 @@ pub struct PgDatabase {
     id: u64,
     pool: PgPool,
     server: Server,
-    /// The URL without its password, as events name the database.
-    shown_url: String,
     /// The advisory lock of the write queue (see `queue`).
     queue_key: (i32, i32),
     /// When this handle's writes last met a conflict.
@@ -202,7 +200,6 @@ impl Options {
         Ok(PgDatabase {
             id: next_id(),
             pool,
-            shown_url: server.shown().to_owned(),
             queue_key,
             conflicts: queue::Conflicts::default(),
             server,
@@ -517,7 +514,7 @@ impl PgDatabase {
     fn db(&self) -> Db<'_> {
         Db {
             system: DB_SYSTEM,
-            namespace: &self.shown_url,
+            namespace: self.server.namespace(),
         }
     }
 

@@ -47,6 +47,11 @@ impl Server {
     pub(crate) fn shown(&self) -> &str {
         &self.shown
     }
+
+    /// The URL without its password, as `tracing` events name the database.
+    pub(crate) fn namespace(&self) -> &dyn std::fmt::Display {
+        &self.shown
+    }
 }
 
 /// `url` with the password of its user information (`user:secret@`) and of a `password=`
