@@ -30,7 +30,7 @@ use crate::handle::{next_id, Inside, WriteStats};
 use crate::holders::{HeldLock, Holder};
 use crate::open::Source;
 use crate::options::Options;
-use crate::retry::{retry_in, Db, Failure, RetryPolicy, SystemClock, Try};
+use crate::retry::{retry_in, Db, Failure, RetryPolicy, Success, SystemClock, Try};
 
 /// OpenTelemetry's `db.system.name` for PostgreSQL.
 const DB_SYSTEM: &str = "postgresql";
@@ -110,7 +110,6 @@ impl<E: From<Error>> PgAttempt<E> {
 fn layer_transient(error: &Error) -> Option<PgFailure> {
     match error {
         Error::Query { source, .. } => failure::failure(source),
-        Error::Pool { .. } => None,
         _ => None,
     }
 }
@@ -243,7 +242,8 @@ impl Options {
                 Operation::Migrate,
                 |attempt| migrate::batch(&mut conn.borrow_mut(), source, self, shown, key, attempt),
                 lock_holders,
-            );
+            )
+            .map(|success| success.value);
         }
         // A migration that cannot run in a transaction is pending: wait for the lock in
         // autocommit, never inside a transaction.
@@ -301,7 +301,7 @@ fn retry_pg<T, E: From<Error>>(
     operation: Operation,
     attempt: impl FnMut(Try) -> Result<T, PgAttempt<E>>,
     holders: impl FnOnce(&PgAttempt<E>, Duration) -> Vec<Holder>,
-) -> Result<T, E> {
+) -> Result<Success<T>, E> {
     let is_transient = |a: &PgAttempt<E>| {
         a.transient().is_some() || matches!(a, PgAttempt::Layer(Error::MigrationLockHeld { .. }))
     };
@@ -319,7 +319,6 @@ fn retry_pg<T, E: From<Error>>(
         describe,
         attempt,
     )
-    .map(|success| success.value)
     .map_err(|failure| match failure {
         Failure::Permanent(error) => error.into_caller(),
         Failure::Exhausted {
@@ -388,16 +387,14 @@ impl PgDatabase {
         let _inside = Inside::enter(self.id, Operation::Write)?;
         let asked = Instant::now();
         let began = Cell::new(asked);
-        let mut attempts = 0;
         // The session of the attempts, kept across them while it holds the queue's turn.
         let mut held: Option<PooledPg> = None;
         let mut queued = false;
-        let value = retry_pg(
+        let outcome = retry_pg(
             &self.options.policy_left(asked),
             self.db(),
             Operation::Write,
             |attempt| {
-                attempts = attempt.number;
                 let conn = match &mut held {
                     Some(conn) => conn,
                     None => held.insert(self.checkout()?),
@@ -441,7 +438,7 @@ impl PgDatabase {
         if let (Some(conn), true) = (&mut held, queued) {
             queue::give_back(conn, self.queue_key);
         }
-        let value = value?;
+        let Success { value, attempts } = outcome?;
         Ok((
             value,
             WriteStats {
@@ -478,6 +475,7 @@ impl PgDatabase {
             },
             |last, waited| self.lock_holders(last, waited),
         )
+        .map(|success| success.value)
     }
 
     /// After a lock wait gave up: the sessions holding the write queue's turn, and those
