@@ -1,7 +1,7 @@
 //! Uncontended write cost: `Database::write` (fair-queue turn, retry loop, pooled
 //! connection, BEGIN IMMEDIATE), with and without the fair queue, against a bare `immediate_transaction` on a connection with
 //! the same pragmas, on the same file. Rounds alternate so that machine noise hits both;
-//! the medians and their ratio are printed. Run: `cargo bench --bench uncontended`.
+//! the medians and the medians of each round's ratios are printed. Run: `cargo bench --bench uncontended`.
 
 use std::time::{Duration, Instant};
 
@@ -13,8 +13,8 @@ use sqlite_persistence::{ConnectionCustomizer, Options};
 /// The library's test schema (`migrations/`): counters.
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-const WRITES_PER_ROUND: u32 = 2000;
-const ROUNDS: usize = 15;
+const WRITES_PER_ROUND: u32 = 1000;
+const ROUNDS: usize = 41;
 
 fn update(conn: &mut SqliteConnection) -> QueryResult<usize> {
     diesel::sql_query("UPDATE counters SET value = value + 1").execute(conn)
@@ -22,6 +22,11 @@ fn update(conn: &mut SqliteConnection) -> QueryResult<usize> {
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
+    v[v.len() / 2]
+}
+
+fn median_f64(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -44,37 +49,43 @@ fn main() {
     // The pragmas only: not the layer's instrumentation, which reads result codes.
     bare.set_instrumentation(None::<Box<dyn Instrumentation>>);
 
-    let (mut layer, mut no_queue, mut baseline) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        for _ in 0..WRITES_PER_ROUND {
-            db.write(|c| -> sqlite_persistence::Result<usize> { Ok(update(c)?) })
-                .unwrap();
+    // Each round times WRITES_PER_ROUND writes of each of the three, in an order that
+    // rotates from round to round; each round's ratios compare writes made within a few
+    // milliseconds of each other, so that the machine's drift cancels out of their medians.
+    let mut rounds = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let mut took = [Duration::ZERO; 3];
+        for k in 0..3 {
+            let which = (round + k) % 3;
+            let start = Instant::now();
+            for _ in 0..WRITES_PER_ROUND {
+                match which {
+                    0 => db
+                        .write(|c| -> sqlite_persistence::Result<usize> { Ok(update(c)?) })
+                        .map(drop)
+                        .unwrap(),
+                    1 => unqueued
+                        .write(|c| -> sqlite_persistence::Result<usize> { Ok(update(c)?) })
+                        .map(drop)
+                        .unwrap(),
+                    _ => bare.immediate_transaction(update).map(drop).unwrap(),
+                }
+            }
+            took[which] = start.elapsed() / WRITES_PER_ROUND;
         }
-        layer.push(start.elapsed() / WRITES_PER_ROUND);
-        let start = Instant::now();
-        for _ in 0..WRITES_PER_ROUND {
-            unqueued
-                .write(|c| -> sqlite_persistence::Result<usize> { Ok(update(c)?) })
-                .unwrap();
-        }
-        no_queue.push(start.elapsed() / WRITES_PER_ROUND);
-        let start = Instant::now();
-        for _ in 0..WRITES_PER_ROUND {
-            bare.immediate_transaction(update).unwrap();
-        }
-        baseline.push(start.elapsed() / WRITES_PER_ROUND);
+        rounds.push(took);
     }
-    let (layer, no_queue, baseline) = (median(layer), median(no_queue), median(baseline));
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let of = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
+    let ratio = |i: usize| median_f64(rounds.iter().map(|r| us(r[i]) / us(r[2])).collect());
     println!(
         "uncontended write: Database::write {:.1} us ({:.3} x), without the fair queue {:.1} us \
-         ({:.3} x), bare immediate_transaction {:.1} us (median of {ROUNDS} alternating rounds \
-         of {WRITES_PER_ROUND})",
-        us(layer),
-        us(layer) / us(baseline),
-        us(no_queue),
-        us(no_queue) / us(baseline),
-        us(baseline),
+         ({:.3} x), bare immediate_transaction {:.1} us (medians of {ROUNDS} rounds of \
+         {WRITES_PER_ROUND} each, in rotating order; the ratios are medians of each round's)",
+        us(of(0)),
+        ratio(0),
+        us(of(1)),
+        ratio(1),
+        us(of(2)),
     );
 }
