@@ -21,7 +21,7 @@ use crate::pool::{PooledSqlite, SqlitePool};
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
 use crate::read_age;
-use crate::retry::{retry_attempts, Attempt, RetryPolicy, SystemClock};
+use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, SystemClock};
 
 /// One SQLite database file, opened, in WAL, migrated, and ready for many processes.
 ///
@@ -151,7 +151,7 @@ impl Database {
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        self.write_measured(f).map(|(value, _)| value)
+        self.write_timed(f, false).map(|(value, _)| value)
     }
 
     /// [`write`](Database::write), also returning how long it waited and how many attempts
@@ -159,7 +159,17 @@ impl Database {
     ///
     /// # Errors
     /// As [`write`](Database::write).
-    pub fn write_measured<T, E, F>(&self, mut f: F) -> Result<(T, WriteStats), E>
+    pub fn write_measured<T, E, F>(&self, f: F) -> Result<(T, WriteStats), E>
+    where
+        F: FnMut(&mut SqliteConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        self.write_timed(f, true)
+    }
+
+    /// [`write_measured`](Database::write_measured); the wait is measured (a clock read in
+    /// the transaction) only if `measure`, else it is zero.
+    fn write_timed<T, E, F>(&self, mut f: F, measure: bool) -> Result<(T, WriteStats), E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
@@ -170,17 +180,22 @@ impl Database {
         // The pool slot first, then the cross-process turn: a process never holds the turn
         // while it waits for its own pool.
         let mut conn = self.checkout()?;
-        let policy = self.policy_left(asked);
+        let (policy, now) = self.policy_left(asked);
         let outcome = locked(
             self.queue.as_ref(),
             &policy,
-            &SystemClock,
+            Started {
+                clock: &SystemClock,
+                at: now,
+            },
             Operation::Write,
             &self.path,
             |attempt| {
                 within(&mut conn, self.options.busy_timeout, attempt.left, |conn| {
                     transaction(conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {
-                        began.set(Instant::now());
+                        if measure {
+                            began.set(Instant::now());
+                        }
                         f(conn)
                     })
                 })
@@ -211,9 +226,13 @@ impl Database {
         let _inside = Inside::enter(self.id, Operation::Read)?;
         let asked = Instant::now();
         let mut conn = self.checkout()?;
+        let (policy, now) = self.policy_left(asked);
         retry_attempts(
-            &self.policy_left(asked),
-            &SystemClock,
+            &policy,
+            Started {
+                clock: &SystemClock,
+                at: now,
+            },
             Operation::Read,
             &self.path,
             |_| {
@@ -253,11 +272,15 @@ impl Database {
         self.checkout()
     }
 
-    /// The retry policy with what is left of its deadline since `asked`: the wait for a
-    /// pooled connection counts against the one deadline of the operation.
-    fn policy_left(&self, asked: Instant) -> RetryPolicy {
+    /// The retry policy with what is left of its deadline since `asked`, and now: the wait
+    /// for a pooled connection counts against the one deadline of the operation.
+    fn policy_left(&self, asked: Instant) -> (RetryPolicy, Instant) {
         let retry = self.options.retry;
-        retry.max_elapsed(retry.deadline().saturating_sub(asked.elapsed()))
+        let now = Instant::now();
+        let left = retry
+            .deadline()
+            .saturating_sub(now.saturating_duration_since(asked));
+        (retry.max_elapsed(left), now)
     }
 
     /// Runs `f` on a pooled connection as `operation`, refused inside a `write` or `read` of

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::holders::{holders_of, HeldLock, Record};
 use crate::retry::{
-    retry_attempts, Attempt, Clock, RetryPolicy, Success, Try, DB_SYSTEM, ERROR_TYPE_BUSY,
+    retry_attempts, Attempt, RetryPolicy, Started, Success, Try, DB_SYSTEM, ERROR_TYPE_BUSY,
 };
 
 /// The write queue of one database file.
@@ -48,8 +48,10 @@ pub(crate) struct WriteQueue {
 /// process that has written before, the locked description is kept for [`LINGER`]; the
 /// process's next write (from any of its threads) takes it without a system call. A streak
 /// of such turns ends [`MAX_STREAK`] after it began: the turn is then released as after a
-/// long one (closed, and the CPU yielded), so other processes wait at most that much longer
-/// per streak. A thread of its own releases a kept turn nobody took.
+/// long one (closed, and the CPU yielded). A streak thus holds the turn no longer than one
+/// 10 ms write would, and the hand-overs between processes writing back to back cost them
+/// about 1 % of their time instead of a third. A thread of its own releases a kept turn
+/// nobody took.
 #[derive(Debug, Default)]
 struct Linger {
     state: Mutex<Lingering>,
@@ -76,8 +78,14 @@ const LINGER: Duration = Duration::from_micros(200);
 /// How long after this process last kept a turn the releasing thread keeps looking.
 const ACTIVE: Duration = Duration::from_millis(20);
 
-/// The longest a process keeps the turn through a streak of short writes.
-const MAX_STREAK: Duration = Duration::from_millis(1);
+/// The longest a process keeps the turn through a streak of short writes: long enough that a
+/// hand-over (tens of microseconds of wake-ups, context switches and a page cache that
+/// another process's commits made stale) is amortized over hundreds of short writes, so that
+/// fewer than one write in a hundred waits for another process's streak.
+const MAX_STREAK: Duration = Duration::from_millis(10);
+
+/// How often the releasing thread looks for a kept turn past its [`LINGER`].
+const POLL: Duration = Duration::from_millis(1);
 
 impl Linger {
     /// The kept turn, if there is one.
@@ -91,7 +99,12 @@ impl Linger {
 
     /// Keeps `file` (locked, its streak begun at `streak`) for the next write, or gives it
     /// back if it is not to be kept.
-    fn keep(self: &Arc<Self>, file: File, streak: Instant) -> std::result::Result<(), File> {
+    fn keep(
+        self: &Arc<Self>,
+        file: File,
+        streak: Instant,
+        now: Instant,
+    ) -> std::result::Result<(), File> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.turns < 2 || state.kept.is_some() {
             return Err(file);
@@ -107,7 +120,7 @@ impl Linger {
             state.releaser = true;
         }
         state.kept = Some((file, streak));
-        state.release_at = Some(Instant::now() + LINGER);
+        state.release_at = Some(now + LINGER);
         if state.idle {
             self.wake.notify_one();
         }
@@ -125,7 +138,7 @@ impl Linger {
     }
 
     /// The releasing thread: closes a kept turn past its deadline. While this process keeps
-    /// turns (within [`ACTIVE`] of the last one) it looks every [`MAX_STREAK`], so that
+    /// turns (within [`ACTIVE`] of the last one) it looks every [`POLL`], so that
     /// keeping a turn costs a write's path no system call; after that it sleeps until a turn
     /// is kept again (which then wakes it), and exits after [`WAITER_IDLE`] without one.
     fn release_unclaimed(&self) {
@@ -163,7 +176,7 @@ impl Linger {
                 None => {}
             }
             drop(state);
-            std::thread::sleep(MAX_STREAK);
+            std::thread::sleep(POLL);
             state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         }
     }
@@ -303,8 +316,8 @@ fn give_back(path: Arc<Path>, file: File) {
 const YIELD_AFTER: Duration = Duration::from_millis(1);
 
 impl Turn {
-    fn new(path: Arc<Path>, file: File, linger: &Arc<Linger>) -> Self {
-        let taken = Instant::now();
+    /// The turn `file` locks, taken at `taken`.
+    fn new(path: Arc<Path>, file: File, linger: &Arc<Linger>, taken: Instant) -> Self {
         Self {
             path,
             file: Some(file),
@@ -332,7 +345,7 @@ impl Drop for Turn {
         let streaking = now.saturating_duration_since(self.streak) < MAX_STREAK;
         let file = match &self.linger {
             Some(linger) if short && streaking && !std::thread::panicking() => {
-                match linger.keep(file, self.streak) {
+                match linger.keep(file, self.streak, now) {
                     Ok(()) => return,
                     Err(file) => file,
                 }
@@ -501,10 +514,16 @@ impl WriteQueue {
         turn
     }
 
-    /// Waits at most `timeout` for the turn, for `operation` (recorded in the sidecar once
-    /// taken; a wait past [`LONG_WAIT`] is logged, naming the holder).
-    pub(crate) fn turn(&self, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
-        self.wait(timeout, operation)
+    /// Waits at most `timeout` from `start` (now) for the turn, for `operation` (recorded in
+    /// the sidecar once taken; a wait past [`LONG_WAIT`] is logged, naming the holder). A
+    /// turn had without waiting was taken at `start`.
+    pub(crate) fn turn(
+        &self,
+        start: Instant,
+        timeout: Duration,
+        operation: Operation,
+    ) -> Result<Turn, Wait> {
+        self.wait(start, timeout, operation)
             .map(|turn| self.record(turn, operation))
     }
 
@@ -512,9 +531,9 @@ impl WriteQueue {
     /// this thread's kept description (opened the first time); contended, the queue's one
     /// waiter thread blocks in `flock` (which has no timeout of its own) for this thread, in
     /// arrival order, and hands the lock over, or drops it if this thread already gave up.
-    fn wait(&self, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
+    fn wait(&self, start: Instant, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
         if let Some((file, streak)) = self.linger.take() {
-            let mut turn = Turn::new(self.path.clone(), file, &self.linger);
+            let mut turn = Turn::new(self.path.clone(), file, &self.linger, start);
             turn.streak = streak;
             return Ok(turn);
         }
@@ -523,7 +542,7 @@ impl WriteQueue {
             None => self.open().map_err(Wait::Failed)?,
         };
         match file.try_lock() {
-            Ok(()) => return Ok(Turn::new(self.path.clone(), file, &self.linger)),
+            Ok(()) => return Ok(Turn::new(self.path.clone(), file, &self.linger, start)),
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(source)) => {
                 return Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
@@ -546,16 +565,20 @@ impl WriteQueue {
                 queue = %self.path.display(),
                 "cannot start the write queue's waiting thread; polling for the turn"
             );
-            return self.poll(timeout);
+            return self.poll(start, timeout);
         }
-        let start = Instant::now();
         let mut received = receiver.recv_timeout(timeout.min(LONG_WAIT));
         if received.is_err() && timeout > LONG_WAIT {
             self.log_long_wait(operation);
             received = receiver.recv_timeout(timeout.saturating_sub(start.elapsed()));
         }
         match received {
-            Ok(Ok(file)) => Ok(Turn::new(self.path.clone(), file, &self.linger)),
+            Ok(Ok(file)) => Ok(Turn::new(
+                self.path.clone(),
+                file,
+                &self.linger,
+                Instant::now(),
+            )),
             Ok(Err(source)) => Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
                 source,
             ))),
@@ -590,12 +613,18 @@ impl WriteQueue {
     }
 
     /// Waits at most `timeout` for the lock by trying it every few milliseconds.
-    fn poll(&self, timeout: Duration) -> Result<Turn, Wait> {
-        let start = Instant::now();
+    fn poll(&self, start: Instant, timeout: Duration) -> Result<Turn, Wait> {
         let file = self.open().map_err(Wait::Failed)?;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Turn::new(self.path.clone(), file, &self.linger)),
+                Ok(()) => {
+                    return Ok(Turn::new(
+                        self.path.clone(),
+                        file,
+                        &self.linger,
+                        Instant::now(),
+                    ))
+                }
                 Err(TryLockError::WouldBlock) if start.elapsed() < timeout => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -614,11 +643,11 @@ impl WriteQueue {
 /// policy until it succeeds or fails for good; the turn is held throughout. Queueing and
 /// retrying share one deadline. This is how the journal-mode switch, the migration batch
 /// and every `write` take the write lock: the turn is never awaited while holding a SQLite
-/// lock, because it comes first.
+/// lock, because it comes first. The deadline counts from when it `started`.
 pub(crate) fn locked<T, E>(
     queue: Option<&WriteQueue>,
     policy: &RetryPolicy,
-    clock: &dyn Clock,
+    started: Started<'_>,
     operation: Operation,
     database: &Path,
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
@@ -626,15 +655,24 @@ pub(crate) fn locked<T, E>(
 where
     E: From<Error> + 'static,
 {
-    let (_turn, policy) = wait_turn(queue, operation, policy, database)?;
-    retry_attempts(&policy, clock, operation, database, attempt)
+    let (turn, policy) = wait_turn(queue, started.at, operation, policy, database)?;
+    // A turn had at once was taken when the operation started: no clock read for the retry
+    // loop's start.
+    let attempts = match &turn {
+        Some(turn) if turn.taken != started.at => Started::now(started.clock),
+        _ => started,
+    };
+    let outcome = retry_attempts(&policy, attempts, operation, database, attempt);
+    drop(turn);
+    outcome
 }
 
 /// Takes a turn in `queue` (if there is one) for `operation`, waiting at most the policy's
-/// deadline. Returns the turn and the policy left for the operation itself: its deadline
+/// deadline from `start` (now). Returns the turn and the policy left for the operation itself: its deadline
 /// shortened by the time spent queueing, so that the whole stays within one deadline.
 fn wait_turn(
     queue: Option<&WriteQueue>,
+    start: Instant,
     operation: Operation,
     policy: &RetryPolicy,
     database: &Path,
@@ -642,10 +680,12 @@ fn wait_turn(
     let Some(queue) = queue else {
         return Ok((None, *policy));
     };
-    let start = Instant::now();
-    match queue.turn(policy.deadline(), operation) {
+    match queue.turn(start, policy.deadline(), operation) {
         Ok(turn) => {
-            let left = policy.deadline().saturating_sub(start.elapsed());
+            // (No clock read: a turn had without waiting was taken at `start`.)
+            let left = policy
+                .deadline()
+                .saturating_sub(turn.taken.saturating_duration_since(start));
             Ok((Some(turn), policy.max_elapsed(left)))
         }
         Err(Wait::Failed(error)) => {
@@ -728,7 +768,7 @@ mod tests {
         let short = || {
             drop(
                 queue
-                    .turn(Duration::from_secs(1), Operation::Write)
+                    .turn(Instant::now(), Duration::from_secs(1), Operation::Write)
                     .unwrap(),
             )
         };
@@ -747,7 +787,7 @@ mod tests {
             );
             std::thread::sleep(Duration::from_micros(200));
         }
-        assert!(start.elapsed() < LINGER + MAX_STREAK + Duration::from_millis(50));
+        assert!(start.elapsed() < LINGER + POLL + Duration::from_millis(50));
         // Closing the database gives a kept turn back at once.
         short();
         assert!(!free(&db));
@@ -768,7 +808,7 @@ mod tests {
                 while !stop.load(Ordering::SeqCst) {
                     drop(
                         queue
-                            .turn(Duration::from_secs(5), Operation::Write)
+                            .turn(Instant::now(), Duration::from_secs(5), Operation::Write)
                             .unwrap(),
                     );
                 }
@@ -778,7 +818,7 @@ mod tests {
         // Another process's writer (its own queue, its own descriptions) still gets a turn.
         let other = queue_of(&db);
         let start = Instant::now();
-        let turn = other.turn(Duration::from_secs(5), Operation::Write);
+        let turn = other.turn(Instant::now(), Duration::from_secs(5), Operation::Write);
         let waited = start.elapsed();
         stop.store(true, Ordering::SeqCst);
         drop(turn.unwrap());
@@ -791,18 +831,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = queue_of(&dir.path().join("db"));
         let first = queue
-            .turn(Duration::from_secs(1), Operation::Write)
+            .turn(Instant::now(), Duration::from_secs(1), Operation::Write)
             .unwrap();
         let start = Instant::now();
         assert!(matches!(
-            queue.turn(Duration::from_millis(200), Operation::Write),
+            queue.turn(start, Duration::from_millis(200), Operation::Write),
             Err(Wait::TimedOut)
         ));
         let waited = start.elapsed();
         assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2));
         drop(first);
         // The abandoned waiter's thread got the lock and dropped it: the queue is free.
-        let again = queue.turn(Duration::from_secs(5), Operation::Write);
+        let again = queue.turn(Instant::now(), Duration::from_secs(5), Operation::Write);
         assert!(again.is_ok());
     }
 
@@ -811,12 +851,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = queue_of(&dir.path().join("db"));
         let held = queue
-            .turn(Duration::from_secs(1), Operation::Write)
+            .turn(Instant::now(), Duration::from_secs(1), Operation::Write)
             .unwrap();
         let other = queue.clone();
         let waiter = std::thread::spawn(move || {
             let start = Instant::now();
-            let turn = other.turn(Duration::from_secs(10), Operation::Write);
+            let turn = other.turn(start, Duration::from_secs(10), Operation::Write);
             (turn.is_ok(), start.elapsed())
         });
         std::thread::sleep(Duration::from_millis(300));

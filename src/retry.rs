@@ -175,6 +175,25 @@ pub(crate) trait Clock: Send + Sync {
     fn sleep(&self, duration: Duration);
 }
 
+/// A clock and the time of it at which an operation started: its deadline counts from there.
+/// The caller reads it (see [`Started::now`]) or passes a time it just read, one clock read
+/// less on the path of every write.
+#[derive(Clone, Copy)]
+pub(crate) struct Started<'a> {
+    pub clock: &'a dyn Clock,
+    pub at: Instant,
+}
+
+impl<'a> Started<'a> {
+    /// Starting now by `clock`.
+    pub(crate) fn now(clock: &'a dyn Clock) -> Self {
+        Self {
+            clock,
+            at: clock.now(),
+        }
+    }
+}
+
 /// The real clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct SystemClock;
@@ -233,7 +252,7 @@ pub(crate) struct Success<T> {
 #[cfg(feature = "sqlite")]
 pub(crate) fn retry<T, E>(
     policy: &RetryPolicy,
-    clock: &dyn Clock,
+    started: Started<'_>,
     operation: Operation,
     database: &Path,
     is_transient: impl Fn(&E) -> bool,
@@ -247,7 +266,7 @@ pub(crate) fn retry<T, E>(
     };
     retry_in(
         policy,
-        clock,
+        started,
         operation,
         db,
         is_transient,
@@ -268,21 +287,26 @@ pub(crate) struct Db<'a> {
 /// [`retry`] for any engine: its events name `db`.
 pub(crate) fn retry_in<T, E>(
     policy: &RetryPolicy,
-    clock: &dyn Clock,
+    started: Started<'_>,
     operation: Operation,
     db: Db<'_>,
     is_transient: impl Fn(&E) -> bool,
     describe: impl Fn(&E) -> String,
     mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, Failure<E>> {
-    let start = clock.now();
+    let Started { clock, at: start } = started;
     let mut delays = policy.delays();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let left = policy
-            .max_elapsed
-            .saturating_sub(clock.now().saturating_duration_since(start));
+        // The first attempt starts as the loop does.
+        let left = if attempts == 1 {
+            policy.max_elapsed
+        } else {
+            policy
+                .max_elapsed
+                .saturating_sub(clock.now().saturating_duration_since(start))
+        };
         let error = match attempt(Try {
             number: attempts,
             left,
@@ -403,7 +427,7 @@ impl<E: From<Error> + 'static> Attempt<E> {
 #[cfg(feature = "sqlite")]
 pub(crate) fn retry_attempts<T, E>(
     policy: &RetryPolicy,
-    clock: &dyn Clock,
+    started: Started<'_>,
     operation: Operation,
     database: &Path,
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
@@ -413,7 +437,7 @@ where
 {
     retry(
         policy,
-        clock,
+        started,
         operation,
         database,
         Attempt::is_lock_error,
@@ -452,7 +476,7 @@ pub(crate) fn retry_locked<T, E>(
 where
     E: From<Error> + 'static,
 {
-    retry_attempts(policy, clock, operation, database, |n| {
+    retry_attempts(policy, Started::now(clock), operation, database, |n| {
         attempt(n).map_err(Attempt::caller)
     })
 }
@@ -507,7 +531,7 @@ pub(crate) mod tests {
     ) -> Result<Success<()>, Failure<&'static str>> {
         retry(
             policy,
-            clock,
+            Started::now(clock),
             Operation::Query,
             Path::new("test.db"),
             |_: &&str| true,
@@ -564,7 +588,7 @@ pub(crate) mod tests {
         let policy = RetryPolicy::new().jitter(false).initial_delay(ms(10));
         let outcome = retry(
             &policy,
-            &clock,
+            Started::now(&clock),
             Operation::Query,
             Path::new("test.db"),
             |_: &&str| true,
@@ -593,7 +617,7 @@ pub(crate) mod tests {
         let clock = FakeClock::new();
         let outcome = retry(
             &RetryPolicy::new(),
-            &clock,
+            Started::now(&clock),
             Operation::Query,
             Path::new("test.db"),
             |e: &&str| *e == "locked",

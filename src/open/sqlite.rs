@@ -19,7 +19,7 @@ use crate::options::Options;
 use crate::pool::SqliteManager;
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
-use crate::retry::{retry_locked, Attempt, Clock, SystemClock, Try, DB_SYSTEM};
+use crate::retry::{retry_locked, Attempt, Clock, Started, SystemClock, Try, DB_SYSTEM};
 
 impl Options {
     /// Opens (creating if needed) the database at `path` with these options and applies
@@ -225,7 +225,7 @@ impl Opening<'_> {
         let answer = locked(
             queue,
             &self.options.retry,
-            self.clock,
+            Started::now(self.clock),
             Operation::SwitchJournalMode,
             self.target.path(),
             |_| {
@@ -255,7 +255,7 @@ impl Opening<'_> {
         let applied = locked(
             queue,
             &self.options.retry,
-            self.clock,
+            Started::now(self.clock),
             Operation::Migrate,
             self.target.path(),
             |attempt| {

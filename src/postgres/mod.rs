@@ -30,7 +30,7 @@ use crate::handle::{next_id, Inside, WriteStats};
 use crate::holders::{HeldLock, Holder};
 use crate::open::Source;
 use crate::options::Options;
-use crate::retry::{retry_in, Db, Failure, RetryPolicy, Success, SystemClock, Try};
+use crate::retry::{retry_in, Db, Failure, RetryPolicy, Started, Success, SystemClock, Try};
 
 /// OpenTelemetry's `db.system.name` for PostgreSQL.
 const DB_SYSTEM: &str = "postgresql";
@@ -312,7 +312,7 @@ fn retry_pg<T, E: From<Error>>(
     };
     retry_in(
         policy,
-        &SystemClock,
+        Started::now(&SystemClock),
         operation,
         db,
         is_transient,
