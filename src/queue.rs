@@ -64,8 +64,9 @@ struct Lingering {
     kept: Option<(File, Instant)>,
     /// When the kept turn is released if no write takes it.
     release_at: Option<Instant>,
-    /// Turns this process has taken: the first never lingers (a process that writes once,
-    /// then exits, starts no thread for it).
+    /// Write turns this process has taken: the first never lingers (a process that writes
+    /// once, then exits, starts no thread for it), nor does the open's (the journal-mode
+    /// switch, the migrations).
     turns: u64,
     /// Whether the releasing thread runs, and whether it sleeps until a turn is kept.
     releaser: bool,
@@ -88,10 +89,12 @@ const MAX_STREAK: Duration = Duration::from_millis(10);
 const POLL: Duration = Duration::from_millis(1);
 
 impl Linger {
-    /// The kept turn, if there is one.
-    fn take(&self) -> Option<(File, Instant)> {
+    /// The kept turn, if there is one, for a turn of `operation`.
+    fn take(&self, operation: Operation) -> Option<(File, Instant)> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.turns += 1;
+        if operation == Operation::Write {
+            state.turns += 1;
+        }
         let kept = state.kept.take()?;
         state.release_at = None;
         Some(kept)
@@ -532,7 +535,7 @@ impl WriteQueue {
     /// waiter thread blocks in `flock` (which has no timeout of its own) for this thread, in
     /// arrival order, and hands the lock over, or drops it if this thread already gave up.
     fn wait(&self, start: Instant, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
-        if let Some((file, streak)) = self.linger.take() {
+        if let Some((file, streak)) = self.linger.take(operation) {
             let mut turn = Turn::new(self.path.clone(), file, &self.linger, start);
             turn.streak = streak;
             return Ok(turn);
