@@ -17,7 +17,7 @@ use crate::error::{Error, Operation, Result};
 use crate::handle::WriteStats;
 use crate::handle::{next_id, Inside};
 use crate::options::Options;
-use crate::pool::{PooledSqlite, SqlitePool};
+use crate::pool::{Checkout, Connections, PooledSqlite, SqlitePool};
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
 use crate::read_age;
@@ -46,8 +46,10 @@ use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, SystemClock};
 pub struct Database {
     /// Tells this handle apart in the thread's record of the operations it is inside.
     id: u64,
-    /// `None` once closed.
-    pool: Option<SqlitePool>,
+    /// The open's connection and the pool.
+    connections: Connections,
+    /// Whether `close` (or the drop) has run.
+    closed: bool,
     /// Its connections, counted until SQLite has closed them.
     open: Arc<OpenConnections>,
     path: PathBuf,
@@ -59,7 +61,7 @@ pub struct Database {
 
 impl Database {
     pub(crate) fn new(
-        pool: SqlitePool,
+        connections: Connections,
         open: Arc<OpenConnections>,
         path: PathBuf,
         options: Options,
@@ -69,7 +71,8 @@ impl Database {
     ) -> Self {
         Self {
             id: next_id(),
-            pool: Some(pool),
+            connections,
+            closed: false,
             open,
             path,
             options,
@@ -118,7 +121,8 @@ impl Database {
     ///
     /// [`is_lock_error`]: crate::is_lock_error
     ///
-    /// The pool's connection is taken first, then the cross-process write turn (see
+    /// The connection is taken first (the open's own, or one of the pool's: see
+    /// [`pool`](Database::pool)), then the cross-process write turn (see
     /// [`Options::fair_queue`]), so that no process holds the turn while it waits for its own
     /// pool; every attempt waits in SQLite at most the time left before the deadline.
     ///
@@ -212,7 +216,7 @@ impl Database {
 
     /// Runs `f` in a read transaction with `PRAGMA query_only` on, retrying on lock errors
     /// (WAL recovery after a crash, or a writer in rollback-journal mode). `query_only` is
-    /// turned off again before the connection goes back to the pool, even if `f` panics.
+    /// turned off again before the connection is used again, even if `f` panics.
     ///
     /// # Errors
     /// What `f` returns; an "attempt to write a readonly database" error if `f` writes;
@@ -269,7 +273,7 @@ impl Database {
     /// [`Error::Reentrant`] inside a `write` or `read` of this database on this thread.
     pub fn connection(&self) -> Result<PooledSqlite> {
         Inside::check(self.id, Operation::Connection)?;
-        self.checkout()
+        self.pool()?.get().map_err(|source| Error::Pool { source })
     }
 
     /// The retry policy with what is left of its deadline since `asked`, and now: the wait
@@ -295,21 +299,30 @@ impl Database {
         f(&mut conn)
     }
 
-    fn checkout(&self) -> Result<PooledSqlite> {
-        self.pool().get().map_err(|source| Error::Pool { source })
+    fn checkout(&self) -> Result<Checkout<'_>> {
+        self.connections.checkout()
     }
 
-    /// The pool itself. A clone of it keeps the pool, and its connections, open after this
-    /// handle is closed.
-    pub fn pool(&self) -> &SqlitePool {
-        self.pool
-            .as_ref()
-            .expect("the pool is there until the handle is closed")
+    /// The pool itself, built now if no operation needed it yet. A clone of it keeps the
+    /// pool, and its connections, open after this handle is closed.
+    ///
+    /// A handle uses the connection its open set up for one operation at a time, and builds
+    /// its pool (starting r2d2's thread) only when a second connection is needed at once:
+    /// a process that writes from one thread never starts a thread for it. The pool's first
+    /// connection is then that one, unless an operation is using it at that moment (the
+    /// pool then opens another, and the handle may briefly have one connection more than
+    /// [`Options::pool_size`]).
+    ///
+    /// # Errors
+    /// [`Error::NoThread`] if its thread cannot be started (at the process's or user's
+    /// thread limit).
+    pub fn pool(&self) -> Result<&SqlitePool> {
+        self.connections.pool()
     }
 
-    /// Closes the database: every connection of its pool is closed (the last one to close
-    /// checkpoints the WAL into the database file) before this returns, waiting at most the
-    /// retry policy's deadline for connections that are still in use.
+    /// Closes the database: every connection (the open's and the pool's) is closed (the
+    /// last one to close checkpoints the WAL into the database file) before this returns,
+    /// waiting at most the retry policy's deadline for connections that are still in use.
     ///
     /// Dropping the handle does the same, and logs instead of returning an error. r2d2 may
     /// otherwise close the last connection a moment later on its own thread, and a process
@@ -328,20 +341,18 @@ impl Database {
         }
     }
 
-    /// Drops this handle's pool and waits at most `limit` for its connections to close,
+    /// Closes this handle's connections and waits at most `limit` for them to close,
     /// except, with `spare_checked_out`, those the application still holds (they close when
     /// it drops them); returns how many are still open.
     fn shut(&mut self, spare_checked_out: bool, limit: Duration) -> usize {
-        let Some(pool) = self.pool.take() else {
+        if std::mem::replace(&mut self.closed, true) {
             return 0;
-        };
+        }
         // A turn this process kept for its next write is given back now.
         if let Some(queue) = &self.queue {
             queue.release_kept();
         }
-        let state = pool.state();
-        let checked_out = (state.connections - state.idle_connections) as usize;
-        drop(pool);
+        let checked_out = self.connections.close();
         let left = if spare_checked_out { checked_out } else { 0 };
         self.open.wait_until_at_most(left, limit)
     }
@@ -419,7 +430,7 @@ fn transaction<T, E: 'static>(
 }
 
 /// `PRAGMA query_only` on for as long as this lives: it is per connection, and the connection
-/// goes back to the pool, so it is turned off on drop, unwinding included.
+/// serves other operations after, so it is turned off on drop, unwinding included.
 struct QueryOnly<'c>(&'c mut SqliteConnection);
 
 impl<'c> QueryOnly<'c> {

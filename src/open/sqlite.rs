@@ -4,10 +4,8 @@
 use super::{preflight, wal, Access, Source, Target};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use diesel::migration::MigrationSource;
-use diesel::r2d2::{HandleError, Pool};
 use diesel::sqlite::Sqlite;
 use diesel::{Connection, SqliteConnection};
 
@@ -16,7 +14,7 @@ use crate::customizer::{within, ConnectionCustomizer};
 use crate::database::Database;
 use crate::error::{Error, Operation, Result};
 use crate::options::Options;
-use crate::pool::SqliteManager;
+use crate::pool::{Connections, Recipe};
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
 use crate::retry::{retry_locked, Attempt, Clock, Started, SystemClock, Try, DB_SYSTEM};
@@ -73,9 +71,9 @@ impl Options {
             clock: &SystemClock,
         };
         let open = Arc::new(OpenConnections::default());
-        let (pool, setup) = opening.run(&source, &open)?;
+        let (connections, setup) = opening.run(&source, &open)?;
         Ok(Database::new(
-            pool,
+            connections,
             open,
             target.path().to_owned(),
             self,
@@ -85,9 +83,6 @@ impl Options {
         ))
     }
 }
-
-/// The longest r2d2 is asked to wait for a connection.
-const POOL_WAIT_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// One open in progress: the target and the options, which every step and every error of
 /// the open takes from here.
@@ -109,44 +104,26 @@ impl Opening<'_> {
         &self,
         source: &Source<Sqlite>,
         open: &Arc<OpenConnections>,
-    ) -> Result<(crate::SqlitePool, SetUp)> {
+    ) -> Result<(Connections, SetUp)> {
         let _span = tracing::info_span!("open", path = %self.target.path().display()).entered();
         let customizer = ConnectionCustomizer::new(self.options);
         let memory = self.target.is_memory();
-        let builder = Pool::builder()
-            .max_size(if memory { 1 } else { self.options.pool_size })
-            .min_idle(Some(if memory { 1 } else { 0 }))
-            .test_on_check_out(false)
-            // r2d2 panics on a zero timeout (a zero retry deadline still means "try once"),
-            // and on one that overflows an Instant (a deadline of Duration::MAX: a year is as
-            // good as forever for a pool wait).
-            .connection_timeout(
-                self.options
-                    .retry
-                    .deadline()
-                    .clamp(Duration::from_secs(1), POOL_WAIT_LIMIT),
-            )
-            .error_handler(Box::new(LogPoolErrors))
-            .connection_customizer(Box::new(customizer.clone().counting(Arc::clone(open))));
         let url = self.target.url(Access::Create);
+        let recipe = Recipe {
+            url: url.clone(),
+            max_size: if memory { 1 } else { self.options.pool_size },
+            wait: self.options.retry.deadline(),
+            customizer: customizer.clone().counting(Arc::clone(open)),
+            memory,
+        };
         if memory {
-            // Each connection to :memory: is its own database: set up the pool's only one,
-            // and never let r2d2 close it.
-            let manager = SqliteManager::new(url, None);
-            let pool = no_panic_on_thread_limit(|| {
-                crate::guard::guarded(|| {
-                    builder
-                        .thread_pool(crate::pool::scheduler())
-                        .idle_timeout(None)
-                        .max_lifetime(None)
-                        .build(manager)
-                })
-            })?
-            .map_err(|source| Error::Pool { source })?;
-            let mut conn = pool.get().map_err(|source| Error::Pool { source })?;
+            // Each connection to :memory: is its own database: the pool's only one is set
+            // up, and is the only one.
+            let connections = Connections::memory(recipe)?;
+            let mut conn = connections.checkout()?;
             let setup = self.set_up(&mut conn, source)?;
             drop(conn);
-            return Ok((pool, setup));
+            return Ok((connections, setup));
         }
         preflight::prepare(self.target.path(), self.options)?;
         // A dedicated connection: its errors are typed, where r2d2 would keep a string.
@@ -160,17 +137,12 @@ impl Opening<'_> {
             })?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let setup = self.set_up(&mut conn, source)?;
-        // The pool hands this connection out first: one SQLite connection before the first
-        // write, not two. Checked out once now, so that it is counted among the pool's open
-        // connections (and closed, checkpointing, when the handle is).
-        let manager = SqliteManager::new(url, Some(conn));
-        let pool = no_panic_on_thread_limit(|| {
-            builder
-                .thread_pool(crate::pool::scheduler())
-                .build_unchecked(manager)
-        })?;
-        drop(pool.get().map_err(|source| Error::Pool { source })?);
-        Ok((pool, setup))
+        // Counted among the handle's open connections (and closed, checkpointing, when the
+        // handle is), then kept for the handle's operations: no pool, and none of its
+        // threads, until a second connection is needed at once.
+        open.track(&mut conn)
+            .map_err(|e| Error::query(Operation::ApplyPragmas, e))?;
+        Ok((Connections::new(Some(conn), recipe), setup))
     }
 
     /// On the first connection: read and check what the file records (its owner, its
@@ -306,44 +278,5 @@ impl Opening<'_> {
             expected: self.options.journal_mode,
             actual,
         }
-    }
-}
-
-/// Builds an r2d2 pool, whose scheduler starts threads and panics if it cannot (at a
-/// process's or user's thread limit): [`Error::NoThread`] instead. Until a thread has been
-/// started once in this process, one is tried first, so that the usual case (no thread at
-/// all can be started) is an error without a panic's message; the panic is caught too.
-fn no_panic_on_thread_limit<T>(build: impl FnOnce() -> T) -> Result<T> {
-    static STARTED_ONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let what = "the connection pool's scheduler";
-    if !STARTED_ONE.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::Builder::new()
-            .spawn(|| {})
-            .map(|probe| drop(probe.join()))
-            .map_err(|e| Error::NoThread {
-                what,
-                cause: e.to_string(),
-            })?;
-        STARTED_ONE.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).map_err(|panic| {
-        let cause = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("a panic")
-            .to_owned();
-        Error::NoThread { what, cause }
-    })
-}
-
-/// r2d2 reports a connection it could not open only through its error handler, then keeps
-/// trying until `connection_timeout`; log each such error with its real cause.
-#[derive(Debug)]
-struct LogPoolErrors;
-
-impl HandleError<diesel::r2d2::Error> for LogPoolErrors {
-    fn handle_error(&self, error: diesel::r2d2::Error) {
-        tracing::error!(operation = "open pooled connection", error = %error, "pool error");
     }
 }
