@@ -319,7 +319,7 @@ fn a_write_that_gives_up_names_the_foreign_process_holding_the_lock() {
 #[cfg(target_os = "linux")]
 #[test]
 fn writes_timing_out_behind_a_stuck_queue_holder_leave_no_threads_behind() {
-    let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+    let threads = common::threads;
     let (_dir, path) = fresh_db();
     let db = Options::new()
         .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(20)))

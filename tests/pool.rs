@@ -11,25 +11,14 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use sqlite_persistence::{Database, Error, Options};
 
+#[cfg(target_os = "linux")]
+use common::threads;
 use common::{bump, fresh_db, values, MIGRATIONS};
 
 #[derive(QueryableByName)]
 struct Count {
     #[diesel(sql_type = BigInt)]
     n: i64,
-}
-
-/// This process's thread count.
-#[cfg(target_os = "linux")]
-fn threads() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("Threads:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Child role: opens, writes once, reads, and prints its thread count before the open,

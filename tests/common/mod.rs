@@ -25,6 +25,12 @@ pub const VERSIONS: [&str; 2] = ["20261201000001", "20261201000002"];
 /// An application id for the tests that stamp files: `Test`.
 pub const APPLICATION_ID: u32 = u32::from_be_bytes(*b"Test");
 
+/// This process's thread count.
+#[cfg(target_os = "linux")]
+pub fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
 /// A fresh temporary directory and a database path in it.
 pub fn fresh_db() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
