@@ -316,7 +316,9 @@ impl Options {
     ///
     /// A process that writes back to back keeps its turn for 200 us after a short write (one
     /// under 1 ms), so that its next write needs no hand-over to another process; such a
-    /// streak lasts at most 1 ms, so another process waits at most that much longer for it.
+    /// streak lasts at most 10 ms, as long as one 10 ms write holds the turn, so another
+    /// process waits at most that much longer for it. (A process's first write, and the
+    /// open's own turns, never keep it.)
     ///
     /// On PostgreSQL the queue is a session advisory lock, and only writers that have met a
     /// conflict use it: a write that failed on a serialization failure, a deadlock or a lock

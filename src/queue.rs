@@ -49,9 +49,9 @@ pub(crate) struct WriteQueue {
 /// process's next write (from any of its threads) takes it without a system call. A streak
 /// of such turns ends [`MAX_STREAK`] after it began: the turn is then released as after a
 /// long one (closed, and the CPU yielded). A streak thus holds the turn no longer than one
-/// 10 ms write would, and the hand-overs between processes writing back to back cost them
-/// about 1 % of their time instead of a third. A thread of its own releases a kept turn
-/// nobody took.
+/// 10 ms write would, and processes writing back to back hand it over a few dozen times a
+/// second instead of at every write (BENCHMARKS.md: 8 such processes write about as fast as
+/// one). A thread of its own releases a kept turn nobody took.
 #[derive(Debug, Default)]
 struct Linger {
     state: Mutex<Lingering>,
