@@ -595,7 +595,8 @@ impl WriteQueue {
     /// waiter thread blocks in `flock` (which has no timeout of its own) for this thread, in
     /// arrival order, and hands the lock over, or drops it if this thread already gave up.
     fn wait(&self, start: Instant, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
-        let timeout = match self.linger.ask(operation, start) {
+        // When a turn had at once is taken: `start`, unless this process gave way first.
+        let asked = match self.linger.ask(operation, start) {
             Ask::Kept(file, streak) => {
                 let mut turn = Turn::new(self.path.clone(), file, &self.linger, start);
                 turn.streak = streak;
@@ -603,17 +604,17 @@ impl WriteQueue {
             }
             Ask::GiveWay(pause) => {
                 std::thread::sleep(pause.min(timeout));
-                timeout.saturating_sub(pause)
+                Instant::now()
             }
-            Ask::Now => timeout,
+            Ask::Now => start,
         };
         let file = match take_idle(&self.path) {
             Some(file) => file,
             None => self.open().map_err(Wait::Failed)?,
         };
         match file.try_lock() {
-            Ok(()) => return Ok(Turn::new(self.path.clone(), file, &self.linger, start)),
-            Err(TryLockError::WouldBlock) => self.linger.waited(start),
+            Ok(()) => return Ok(Turn::new(self.path.clone(), file, &self.linger, asked)),
+            Err(TryLockError::WouldBlock) => self.linger.waited(asked),
             Err(TryLockError::Error(source)) => {
                 return Err(Wait::Failed(self.io_error(FileOperation::LockQueue)(
                     source,
@@ -637,7 +638,8 @@ impl WriteQueue {
             );
             return self.poll(start, timeout);
         }
-        let mut received = receiver.recv_timeout(timeout.min(LONG_WAIT));
+        let mut received =
+            receiver.recv_timeout(timeout.saturating_sub(start.elapsed()).min(LONG_WAIT));
         if received.is_err() && timeout > LONG_WAIT {
             self.log_long_wait(operation);
             received = receiver.recv_timeout(timeout.saturating_sub(start.elapsed()));
