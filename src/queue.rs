@@ -96,7 +96,8 @@ const LINGER: Duration = Duration::from_micros(200);
 /// busy machine that takes longer than the description's close and the yield. In the first
 /// rounds of 32 processes x 10 ms writes, while each process started its waiting thread,
 /// writers that asked again at once took up to 12 turns ahead of a woken waiter (max wait
-/// 1.4 x fair in some runs); waiting 300 us first kept every run within 1.1 x.
+/// 1.13 x fair at the median of 19 runs, up to 1.4 x); waiting 300 us first brought the
+/// median back to 1.08 x (BENCHMARKS.md).
 const GIVE_WAY: Duration = Duration::from_micros(300);
 
 /// How long after this process last found the turn taken it gives way after a long turn.
