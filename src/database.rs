@@ -273,7 +273,7 @@ impl Database {
     /// [`Error::Reentrant`] inside a `write` or `read` of this database on this thread.
     pub fn connection(&self) -> Result<PooledSqlite> {
         Inside::check(self.id, Operation::Connection)?;
-        self.pool()?.get().map_err(|source| Error::Pool { source })
+        self.connections.pooled()
     }
 
     /// The retry policy with what is left of its deadline since `asked`, and now: the wait

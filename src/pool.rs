@@ -56,12 +56,7 @@ impl ManageConnection for SqliteManager {
     fn connect(&self) -> Result<SqliteConnection, diesel::r2d2::Error> {
         // Never waits for the handle's own use of it: that would block r2d2's one thread
         // (and a pool checkout made inside that very operation, until its timeout).
-        let first = match self.first.try_lock() {
-            Ok(mut first) => first.take(),
-            Err(TryLockError::Poisoned(first)) => first.into_inner().take(),
-            Err(TryLockError::WouldBlock) => None,
-        };
-        match first {
+        match unless_in_use(&self.first).and_then(|mut first| first.take()) {
             Some(conn) => Ok(conn),
             None => self.inner.connect(),
         }
@@ -73,6 +68,16 @@ impl ManageConnection for SqliteManager {
 
     fn has_broken(&self, conn: &mut SqliteConnection) -> bool {
         self.inner.has_broken(conn)
+    }
+}
+
+/// The open's connection slot, unless an operation holds it now (a poisoned lock is taken:
+/// the operation that panicked closed a connection it left broken, see [`Checkout`]).
+fn unless_in_use(first: &First) -> Option<MutexGuard<'_, Option<SqliteConnection>>> {
+    match first.try_lock() {
+        Ok(first) => Some(first),
+        Err(TryLockError::Poisoned(first)) => Some(first.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
     }
 }
 
@@ -185,19 +190,20 @@ impl Connections {
     /// it, else one of the pool's (building it).
     pub(crate) fn checkout(&self) -> Result<Checkout<'_>> {
         if self.pool.get().is_none() {
-            let first = match self.first.try_lock() {
-                Ok(first) => Some(first),
-                Err(TryLockError::Poisoned(first)) => Some(first.into_inner()),
-                Err(TryLockError::WouldBlock) => None,
-            };
-            if let Some(first) = first.filter(|first| first.is_some()) {
+            if let Some(first) = unless_in_use(&self.first).filter(|first| first.is_some()) {
                 return Ok(Checkout::First(first));
             }
         }
-        self.pool()?
-            .get()
-            .map(Checkout::Pooled)
-            .map_err(|source| Error::Pool { source })
+        self.pooled().map(Checkout::Pooled)
+    }
+
+    /// A connection of the pool (building it).
+    ///
+    /// # Errors
+    /// As [`pool`](Connections::pool); [`Error::Pool`] if r2d2 could not open or hand out a
+    /// connection in time.
+    pub(crate) fn pooled(&self) -> Result<PooledSqlite> {
+        self.pool()?.get().map_err(|source| Error::Pool { source })
     }
 
     /// Closes the pool (connections still checked out close when they are given back) and

@@ -1,5 +1,5 @@
 //! Opening has one home: target, preflight, first connection, what the file records, the
-//! journal mode, the migrations, then the pool.
+//! journal mode, the migrations (the handle builds its pool later, when it first needs one).
 
 pub(crate) mod checksums;
 #[cfg(feature = "sqlite")]

@@ -1,5 +1,6 @@
 //! The SQLite opening flow: target, preflight, first connection, what the file records, the
-//! journal mode, the migrations, then the pool.
+//! journal mode, the migrations; the connection is then the handle's (its pool comes later,
+//! see `pool::Connections`).
 
 use super::{preflight, wal, Access, Source, Target};
 use std::path::Path;
