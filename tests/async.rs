@@ -256,17 +256,16 @@ where
     lateness
 }
 
-/// Within 15 ms of schedule: 99 ticks in 100, and the worst, on a shared machine, within the
-/// scheduler's noise, far below the half second and more a blocked thread shows (a build
-/// running beside the test once made p99 5.7 ms).
-fn assert_on_schedule(p99: Duration, worst: Duration) {
+/// The timer was never blocked for a large part of `held`, the time the writes waited for
+/// another process's lock: a runtime thread blocked by a waiting write shows the whole wait
+/// as lateness (at least 500 ms, asserted below with the blocking handle), a free one only
+/// the scheduler's noise, which a loaded machine can stretch to tens of milliseconds but
+/// not to half a second. (A bound of 15 ms on the 99th percentile failed 8 of 12 runs on a
+/// busy machine.)
+fn assert_not_blocked(worst: Duration, held: Duration) {
     assert!(
-        p99 <= Duration::from_millis(15),
-        "the timer ran {p99:?} late (p99)"
-    );
-    assert!(
-        worst <= Duration::from_millis(50),
-        "the timer ran {worst:?} late"
+        worst < held / 4,
+        "the timer ran {worst:?} late while the writes waited {held:?}"
     );
 }
 
@@ -311,7 +310,7 @@ fn waiting_for_a_lock_never_blocks_the_runtime_thread() {
         .unwrap();
     let holder = hold_in_another_process(&path, Duration::from_secs(2));
     let writes_db = db.clone();
-    let (p99, worst) = local.block_on(
+    let (_, worst) = local.block_on(
         &runtime,
         timer_lateness(Duration::from_millis(2500), async move {
             let writes: Vec<_> = (0..8)
@@ -331,7 +330,7 @@ fn waiting_for_a_lock_never_blocks_the_runtime_thread() {
         }),
     );
     assert!(holder.wait_with_output().unwrap().status.success());
-    assert_on_schedule(p99, worst);
+    assert_not_blocked(worst, Duration::from_secs(2));
 
     // The blocking handle called from a task blocks the runtime's only thread instead.
     let holder = hold_in_another_process(&path, Duration::from_secs(1));
@@ -376,12 +375,12 @@ fn waiting_for_a_lock_never_blocks_a_worker_of_a_multi_thread_runtime() {
                 })
             })
             .collect();
-        let (p99, worst) = ticker.await.unwrap();
+        let (_, worst) = ticker.await.unwrap();
         for write in writes {
             assert_eq!(write.await.unwrap().unwrap(), 1);
         }
         assert!(holder.wait_with_output().unwrap().status.success());
-        assert_on_schedule(p99, worst);
+        assert_not_blocked(worst, Duration::from_secs(2));
     });
 }
 

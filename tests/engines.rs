@@ -101,7 +101,7 @@ enum Plain {
 impl Plain {
     fn open(url: &str) -> Plain {
         match url.strip_prefix("sqlite://") {
-            Some(path) => Plain::Sqlite(SqliteConnection::establish(path).unwrap()),
+            Some(path) => Plain::Sqlite(common::plain_sqlite(path)),
             None => Plain::Postgres(pg::connect(url)),
         }
     }

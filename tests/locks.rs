@@ -118,7 +118,7 @@ fn read_refuses_to_write_and_leaves_the_connection_writable() {
 fn wal_switch_waits_out_a_writer_on_a_rollback_journal_file() {
     let (_dir, path) = fresh_db();
     {
-        let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        let mut conn = common::plain_sqlite(&path);
         conn.batch_execute("CREATE TABLE t (x INTEGER)").unwrap();
     }
     let holder = hold_write_lock(&path, Duration::from_millis(500));

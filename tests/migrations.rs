@@ -64,7 +64,7 @@ fn a_database_migrated_by_a_newer_binary_is_refused_and_untouched() {
         matches!(error, Error::UnknownMigrations { ref versions, .. } if versions == &VERSIONS)
     );
     {
-        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        let mut conn = common::plain_sqlite(&db);
         conn.batch_execute(
             "CREATE TABLE newer (x INTEGER);
              INSERT INTO __diesel_schema_migrations (version) VALUES ('20990101000000');",
@@ -172,7 +172,7 @@ fn nothing_pending_takes_no_write_lock() {
     app().open(&db, MIGRATIONS).unwrap();
     // Another connection holds the write lock for the whole open: a migrated database
     // opens anyway, because the fast path only reads.
-    let mut holder = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+    let mut holder = common::plain_sqlite(&db);
     holder.batch_execute("BEGIN IMMEDIATE").unwrap();
     let options = app().retry(
         sqlite_persistence::RetryPolicy::new().max_elapsed(std::time::Duration::from_millis(200)),
@@ -247,7 +247,7 @@ fn a_database_migrated_by_plain_diesel_gets_its_checksums_and_application_id_onc
     let (_dir, db) = common::fresh_db();
     {
         // What plain Diesel applications run at startup.
-        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        let mut conn = common::plain_sqlite(&db);
         conn.run_pending_migrations(MIGRATIONS).unwrap();
     }
     let status = Status::read(&db, MIGRATIONS, &Options::new()).unwrap();
@@ -349,7 +349,7 @@ fn another_programs_database_is_refused_before_anything_is_written() {
     let (dir, db) = common::fresh_db();
     {
         // Another program's database, in its own rollback journal, with a table that clashes.
-        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        let mut conn = common::plain_sqlite(&db);
         conn.batch_execute(
             "CREATE TABLE theirs (x INTEGER); INSERT INTO theirs VALUES (42);
              CREATE TABLE counters (name TEXT);",
@@ -373,7 +373,7 @@ fn another_programs_database_is_refused_before_anything_is_written() {
     // A database made before the application used migrations, accepted explicitly.
     let (_dir, db) = common::fresh_db();
     {
-        let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+        let mut conn = common::plain_sqlite(&db);
         conn.batch_execute("CREATE TABLE legacy (x INTEGER);")
             .unwrap();
     }

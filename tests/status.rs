@@ -16,7 +16,7 @@ fn leave_a_wal_child() {
     let Ok(path) = std::env::var("STATUS_WAL_DB") else {
         return;
     };
-    let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
+    let mut conn = common::plain_sqlite(&path);
     conn.batch_execute(
         "PRAGMA wal_autocheckpoint = 0;
          WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100)

@@ -94,6 +94,16 @@ pub fn values(db: &Database, name: &str) -> sqlite_persistence::Result<Vec<i64>>
     })
 }
 
+/// A plain Diesel connection to `db`, for checking or holding locks beside the layer, with
+/// `busy_timeout` set (10 s) before anything else: without it, a check that meets another
+/// connection's checkpoint or commit fails with "database is locked" instead of waiting.
+pub fn plain_sqlite(db: impl AsRef<Path>) -> SqliteConnection {
+    let db = db.as_ref();
+    let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
+    conn.set_busy_timeout(Duration::from_secs(10));
+    conn
+}
+
 /// Runs one SQL query with Diesel on its own connection and returns the rows' first column.
 pub fn query_strings(db: &Path, sql: &str) -> Vec<String> {
     use diesel::sql_types::Text;
@@ -102,9 +112,7 @@ pub fn query_strings(db: &Path, sql: &str) -> Vec<String> {
         #[diesel(sql_type = Text)]
         value: String,
     }
-    let mut conn = SqliteConnection::establish(db.to_str().unwrap()).unwrap();
-    // Another connection may be closing (and checkpointing) at this moment: wait for it.
-    conn.batch_execute("PRAGMA busy_timeout = 5000").unwrap();
+    let mut conn = plain_sqlite(db);
     diesel::sql_query(sql)
         .load::<Row>(&mut conn)
         .unwrap()
@@ -125,7 +133,7 @@ pub fn hold_lock(db: &Path, begin: &'static str, hold: Duration) -> thread::Join
     let url = db.to_str().unwrap().to_owned();
     let (locked, is_locked) = mpsc::channel();
     let holder = thread::spawn(move || {
-        let mut conn = SqliteConnection::establish(&url).unwrap();
+        let mut conn = plain_sqlite(&url);
         conn.batch_execute(begin).unwrap();
         locked.send(()).unwrap();
         thread::sleep(hold);
@@ -179,8 +187,7 @@ pub fn hold_lock_until_released(db: &Path, begin: &'static str) -> Held {
     let (locked, is_locked) = mpsc::channel();
     let (release, released) = mpsc::channel::<()>();
     let thread = thread::spawn(move || {
-        let mut conn = SqliteConnection::establish(&url).unwrap();
-        conn.batch_execute("PRAGMA busy_timeout = 10000").unwrap();
+        let mut conn = plain_sqlite(&url);
         conn.batch_execute(begin).unwrap();
         locked.send(()).unwrap();
         let _ = released.recv_timeout(Duration::from_secs(30));
