@@ -122,16 +122,6 @@ pub enum Error {
         source: diesel::ConnectionError,
     },
 
-    /// The PostgreSQL server answers this role's sessions in a language other than English,
-    /// and the role may not change that (`lc_messages` is a superuser setting).
-    #[error("{url} sends messages in {found:?}; the layer needs them in English")]
-    ServerMessages {
-        /// The URL, without its password.
-        url: String,
-        /// The session's `lc_messages`.
-        found: String,
-    },
-
     /// Another process held PostgreSQL's migration lock (a session lock, while it applied a
     /// migration that cannot run in a transaction); waited for with the retry policy.
     #[error("another process holds the migration lock of {url}")]
@@ -496,11 +486,6 @@ impl Error {
             Error::UnsupportedUrl { .. } => {
                 "SQLite takes a path, sqlite:// or file:; PostgreSQL postgres:// or \
                  postgresql:// (Cargo feature postgres)"
-            }
-            Error::ServerMessages { .. } => {
-                "the layer tells a deadlock and a lock timeout by the server's message; have \
-                 a superuser run ALTER ROLE <role> SET lc_messages = 'C' (or the same for \
-                 the database)"
             }
             Error::CommitOutcomeUnknown { .. } => {
                 "read back what the write should have stored before running it again; make \

@@ -1,11 +1,11 @@
 //! Which PostgreSQL failures go away by running the whole transaction again, and the
 //! instrumentation that records them whatever error type a closure returns.
 //!
-//! Diesel 2.3 maps SQLSTATE 40001 to `SerializationFailure` and a lost connection to
-//! `ClosedConnection`, but a deadlock (40P01) and a lock timeout (55P03) are `Unknown` with
-//! the server's message, and the SQLSTATE itself is not exposed. Those two are told by their
-//! message, which the layer can rely on because it makes sure at open that the server
-//! speaks English to its sessions (see `session`).
+//! Failures are told by their SQLSTATE, which Diesel 2.4 exposes
+//! (`DatabaseErrorInformation::sqlstate`): never by the server's message, which is in the
+//! language of the server's `lc_messages`. Only errors that carry no SQLSTATE (libpq's own,
+//! for a connection it lost) fall back to Diesel's `ClosedConnection` and libpq's English
+//! messages.
 
 use std::any::Any;
 use std::error::Error as StdError;
@@ -72,40 +72,46 @@ impl fmt::Display for PgFailure {
 
 impl StdError for PgFailure {}
 
-/// The server's message of 25P02 (`in_failed_sql_transaction`): every statement after a
-/// failed one in the same transaction. It says nothing about why the transaction failed.
-const IN_FAILED_TRANSACTION: &str =
-    "current transaction is aborted, commands ignored until end of transaction block";
+/// 25P02 (`in_failed_sql_transaction`): every statement after a failed one in the same
+/// transaction. It says nothing about why the transaction failed.
+const IN_FAILED_TRANSACTION: &str = "25P02";
 
 /// Whether `error` is one running the transaction again can cure, and which.
 pub(crate) fn transient(error: &DieselError) -> Option<PgFailureKind> {
     match error {
-        DieselError::DatabaseError(kind, info) => match kind {
-            DatabaseErrorKind::SerializationFailure => Some(PgFailureKind::Serialization),
-            DatabaseErrorKind::ClosedConnection => Some(PgFailureKind::ConnectionLost),
-            _ => by_message(info.message()),
+        DieselError::DatabaseError(kind, info) => match info.sqlstate() {
+            Some(state) => by_sqlstate(state.as_str()),
+            // libpq's own errors carry no SQLSTATE: a connection it lost.
+            None if *kind == DatabaseErrorKind::ClosedConnection => {
+                Some(PgFailureKind::ConnectionLost)
+            }
+            None => by_libpq_message(info.message()),
         },
         DieselError::RollbackErrorOnCommit { commit_error, .. } => transient(commit_error),
         _ => None,
     }
 }
 
-/// 40P01 and 55P03, by the server's (English) message.
-fn by_message(message: &str) -> Option<PgFailureKind> {
-    if message == "deadlock detected" {
-        Some(PgFailureKind::Deadlock)
-    } else if message == "canceling statement due to lock timeout"
-        || message.starts_with("could not obtain lock on ")
-    {
-        Some(PgFailureKind::LockTimeout)
-    } else if message.starts_with("server closed the connection unexpectedly")
-        || message.starts_with("no connection to the server")
-        || message.starts_with("terminating connection due to ")
-    {
-        Some(PgFailureKind::ConnectionLost)
-    } else {
-        None
+/// The transient failures, by SQLSTATE: 40001, 40P01, 55P03, and a session the server ended
+/// or lost (class 08, connection exception; 57P01-57P03, an administrator's or a crash's
+/// shutdown, or a server not yet accepting connections).
+fn by_sqlstate(state: &str) -> Option<PgFailureKind> {
+    match state {
+        "40001" => Some(PgFailureKind::Serialization),
+        "40P01" => Some(PgFailureKind::Deadlock),
+        "55P03" => Some(PgFailureKind::LockTimeout),
+        "57P01" | "57P02" | "57P03" => Some(PgFailureKind::ConnectionLost),
+        _ if state.starts_with("08") => Some(PgFailureKind::ConnectionLost),
+        _ => None,
     }
+}
+
+/// A lost connection, by libpq's own message, for an error without a SQLSTATE that Diesel
+/// did not mark `ClosedConnection`.
+fn by_libpq_message(message: &str) -> Option<PgFailureKind> {
+    (message.starts_with("server closed the connection unexpectedly")
+        || message.starts_with("no connection to the server"))
+    .then_some(PgFailureKind::ConnectionLost)
 }
 
 /// The transient failure in `error`, as a [`PgFailure`].
@@ -145,7 +151,7 @@ impl Instrumentation for Recorder {
         if let InstrumentationEvent::FinishQuery { query, error, .. } = &event {
             match error {
                 Some(DieselError::DatabaseError(_, info))
-                    if info.message() == IN_FAILED_TRANSACTION => {}
+                    if info.sqlstate().is_some_and(|s| s.as_str() == IN_FAILED_TRANSACTION) => {}
                 Some(error) => {
                     let failure = failure(error);
                     if matches!(&failure, Some(f) if f.kind == PgFailureKind::ConnectionLost) {
@@ -250,30 +256,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deadlocks_lock_timeouts_and_lost_connections_are_told_by_message() {
+    fn transient_failures_are_told_by_sqlstate_in_any_language() {
+        for (state, kind) in [
+            ("40001", Some(PgFailureKind::Serialization)),
+            ("40P01", Some(PgFailureKind::Deadlock)),
+            ("55P03", Some(PgFailureKind::LockTimeout)),
+            ("57P01", Some(PgFailureKind::ConnectionLost)),
+            ("08006", Some(PgFailureKind::ConnectionLost)),
+            // A statement timeout is the application's limit: never retried.
+            ("57014", None),
+            ("23505", None),
+            ("25P02", None),
+        ] {
+            assert_eq!(by_sqlstate(state), kind, "{state}");
+        }
         assert_eq!(
-            by_message("deadlock detected"),
-            Some(PgFailureKind::Deadlock)
-        );
-        assert_eq!(
-            by_message("canceling statement due to lock timeout"),
-            Some(PgFailureKind::LockTimeout)
-        );
-        assert_eq!(
-            by_message("could not obtain lock on row in relation \"jobs\""),
-            Some(PgFailureKind::LockTimeout)
-        );
-        assert_eq!(
-            by_message("terminating connection due to administrator command"),
+            by_libpq_message("server closed the connection unexpectedly\n"),
             Some(PgFailureKind::ConnectionLost)
         );
-        // A statement timeout is the application's limit: never retried.
+        // A server's message in another language says nothing without its SQLSTATE.
         assert_eq!(
-            by_message("canceling statement due to statement timeout"),
-            None
-        );
-        assert_eq!(
-            by_message("duplicate key value violates unique constraint \"t_pkey\""),
+            by_libpq_message("storniere Anfrage wegen Zeitüberschreitung einer Sperre"),
             None
         );
     }

@@ -13,11 +13,10 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
-use diesel::sql_types::Text;
-use diesel::{sql_query, PgConnection, QueryableByName, RunQueryDsl};
+use diesel::PgConnection;
 
 pub use failure::{PgFailure, PgFailureKind};
 pub(crate) use session::redact;
@@ -55,10 +54,9 @@ const DB_SYSTEM: &str = "postgresql";
 /// ([`Options::pool_size`]) bounds the sessions a process opens.
 ///
 /// # Server messages
-/// Diesel does not expose SQLSTATE codes; a deadlock and a lock timeout are told by the
-/// server's message. The open checks that the sessions get English messages
-/// (`lc_messages` `C`, `POSIX` or `en_*`), sets `lc_messages = 'C'` per session where the
-/// role may, and refuses ([`Error::ServerMessages`]) where it may not.
+/// Failures are told by their SQLSTATE (a serialization failure, a deadlock, a lock timeout,
+/// a lost session), never by the server's message: a server that answers in any language
+/// (`lc_messages`), and a role that may not change it, work alike.
 #[derive(Debug)]
 pub struct PgDatabase {
     id: u64,
@@ -114,25 +112,6 @@ fn layer_transient(error: &Error) -> Option<PgFailure> {
     }
 }
 
-#[derive(QueryableByName)]
-struct Setting {
-    #[diesel(sql_type = Text)]
-    setting: String,
-}
-
-/// Whether the server's messages for this session are in English: `lc_messages` is `C`,
-/// `POSIX`, empty (the server's default, read from its environment at start: taken as
-/// English only when the server was started that way, which the layer cannot see) or
-/// `en...`.
-fn english(lc_messages: &str) -> bool {
-    let value = lc_messages.trim();
-    value.is_empty()
-        || value.eq_ignore_ascii_case("C")
-        || value.eq_ignore_ascii_case("POSIX")
-        || value.starts_with("C.")
-        || value.to_ascii_lowercase().starts_with("en")
-}
-
 impl Options {
     /// Opens the PostgreSQL database at `url` (`postgres://` or `postgresql://`, any form
     /// libpq takes, a Unix socket directory in `host=` too) with these options, and applies
@@ -141,8 +120,7 @@ impl Options {
     ///
     /// # Errors
     /// [`Error::UnsupportedUrl`] for a URL of another scheme; [`Error::Connect`] if no
-    /// session could be opened; [`Error::ServerMessages`] (see [`PgDatabase`]); the
-    /// migration refusals and failures of [`Options::open`] ([`Error::ForeignDatabase`],
+    /// session could be opened; the migration refusals and failures of [`Options::open`] ([`Error::ForeignDatabase`],
     /// [`Error::UnknownMigrations`], [`Error::EditedMigrations`],
     /// [`Error::UnmanagedDatabase`], [`Error::Migration`]); [`Error::Busy`] if another
     /// process held the migration lock past the retry deadline.
@@ -157,7 +135,7 @@ impl Options {
         let shown = PathBuf::from(server.shown());
         let source = Source::<Pg>::list(migrations)?;
         let started = Instant::now();
-        let mut settings = Settings::new(&self, url);
+        let settings = Settings::new(&self, url);
         let connect = |settings: &Settings| {
             session::connect(server.url(), settings).map_err(|error| match error {
                 SessionError::Connect(source) => Error::Connect {
@@ -168,19 +146,6 @@ impl Options {
             })
         };
         let mut conn = connect(&settings)?;
-        let lc = sql_query("SELECT current_setting('lc_messages') AS setting")
-            .get_result::<Setting>(&mut conn)
-            .map_err(|source| Error::query(Operation::ConfigureSession, source))?
-            .setting;
-        if !english(&lc) {
-            settings.english_messages = true;
-            if conn.batch_execute("SET lc_messages = 'C'").is_err() {
-                return Err(Error::ServerMessages {
-                    url: server.shown().to_owned(),
-                    found: lc,
-                });
-            }
-        }
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started)?;
@@ -569,21 +534,6 @@ fn transaction<T, E: 'static>(
             // A lost session cannot roll back; the server has done so.
             let _ = AnsiTransactionManager::rollback_transaction(conn);
             Err(PgAttempt::Caller { error, transient })
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn english_message_settings_are_recognised() {
-        for lc in ["", "C", "C.UTF-8", "POSIX", "en_US.UTF-8", "en_GB"] {
-            assert!(english(lc), "{lc}");
-        }
-        for lc in ["de_DE.UTF-8", "fr_FR", "ja_JP.UTF-8"] {
-            assert!(!english(lc), "{lc}");
         }
     }
 }

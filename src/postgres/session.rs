@@ -97,15 +97,13 @@ pub(crate) fn redact(url: &str) -> String {
     shown
 }
 
-/// The settings every session of the layer's starts with: the options' timeouts, and, when
-/// the server would otherwise answer in another language, English messages (the layer tells
-/// a deadlock and a lock timeout by their message).
+/// The settings every session of the layer's starts with: the options' timeouts and its
+/// `application_name`.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
     pub statement_timeout: Option<Duration>,
     pub lock_timeout: Duration,
     pub idle_in_transaction_timeout: Option<Duration>,
-    pub english_messages: bool,
     /// `application_name`, unless the URL sets one: what `pg_stat_activity`, the server's
     /// log and the layer's own [`Holder`](crate::Holder)s name the session by.
     pub application_name: Option<String>,
@@ -117,7 +115,6 @@ impl Settings {
             statement_timeout: options.statement_timeout,
             lock_timeout: options.lock_timeout,
             idle_in_transaction_timeout: options.idle_in_transaction_timeout,
-            english_messages: false,
             application_name: (!url.to_ascii_lowercase().contains("application_name="))
                 .then(program_name)
                 .flatten(),
@@ -133,9 +130,6 @@ impl Settings {
             millis(Some(self.lock_timeout)),
             millis(self.idle_in_transaction_timeout),
         );
-        if self.english_messages {
-            sql.push_str(" SET lc_messages = 'C';");
-        }
         if let Some(name) = &self.application_name {
             sql.push_str(&format!(" SET application_name = '{name}';"));
         }
