@@ -449,3 +449,78 @@ fn a_deadlock_between_two_writes_is_retried_and_both_commit() {
         4
     );
 }
+
+/// A database whose sessions get German messages (`lc_messages` set for the database by a
+/// superuser), and a role, its owner, that may not change `lc_messages` (a superuser
+/// setting): returns that role's URL, or `None` where the server has no German locale (then
+/// the test fails under `PG_TESTS_REQUIRED`, whose `.ci/run` makes the locale).
+fn german_database_for_a_plain_role(url: &str) -> Option<String> {
+    let mut admin = pg::connect(url);
+    if let Err(e) = admin.batch_execute("SET lc_messages = 'de_DE.UTF-8'") {
+        let why = format!(
+            "no German locale on this machine ({e}); make it with `localedef -i de_DE -f \
+             UTF-8 de_DE.UTF-8` and restart the server"
+        );
+        if std::env::var(pg::PG_TESTS_REQUIRED).as_deref() == Ok("1") {
+            panic!("{why}");
+        }
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    let database = strings(&mut admin, "SELECT current_database()::text AS name").remove(0);
+    let role = format!("{database}_app");
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; ALTER DATABASE {database} OWNER TO {role}; \
+             ALTER DATABASE {database} SET lc_messages = 'de_DE.UTF-8';"
+        ))
+        .unwrap();
+    assert!(url.contains("user=postgres"), "{url}");
+    Some(url.replace("user=postgres", &format!("user={role}")))
+}
+
+#[test]
+fn a_lock_timeout_in_german_is_retried_and_a_role_that_may_not_set_lc_messages_writes() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let Some(role_url) = german_database_for_a_plain_role(&url) else {
+        return;
+    };
+    // The setup is what it claims: the role's sessions get German messages and may not
+    // change them.
+    let mut session = pg::connect(&role_url);
+    let error = diesel::sql_query("SELECT 1 / 0")
+        .execute(&mut session)
+        .unwrap_err();
+    assert_eq!(error.to_string(), "Division durch Null");
+    let error = session.batch_execute("SET lc_messages = 'C'").unwrap_err();
+    assert!(error.to_string().contains("lc_messages"), "{error}");
+    drop(session);
+
+    // The layer opens as that role (it used to refuse it) and writes.
+    let db = Options::new()
+        .lock_timeout(Duration::from_millis(300))
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_secs(60)))
+        .open_postgres(&role_url, MIGRATIONS)
+        .unwrap();
+    db.write(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+    // A foreign session holds the row for 2 s, several lock timeouts: each is reported in
+    // German ("storniere Anfrage wegen Zeitüberschreitung einer Sperre"), told by its
+    // SQLSTATE, 55P03, and retried until the holder ends; then the write commits.
+    let mut foreign = pg::connect(&url);
+    foreign
+        .batch_execute("BEGIN; SELECT * FROM counters WHERE name = 'a' FOR UPDATE")
+        .unwrap();
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        foreign.batch_execute("COMMIT").unwrap();
+    });
+    let (value, stats) = db
+        .write_measured(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+    holder.join().unwrap();
+    assert_eq!(value, 2);
+    assert!(stats.attempts >= 2, "{stats:?}");
+}

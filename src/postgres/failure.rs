@@ -151,7 +151,9 @@ impl Instrumentation for Recorder {
         if let InstrumentationEvent::FinishQuery { query, error, .. } = &event {
             match error {
                 Some(DieselError::DatabaseError(_, info))
-                    if info.sqlstate().is_some_and(|s| s.as_str() == IN_FAILED_TRANSACTION) => {}
+                    if info
+                        .sqlstate()
+                        .is_some_and(|s| s.as_str() == IN_FAILED_TRANSACTION) => {}
                 Some(error) => {
                     let failure = failure(error);
                     if matches!(&failure, Some(f) if f.kind == PgFailureKind::ConnectionLost) {
