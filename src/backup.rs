@@ -18,7 +18,8 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 
 use crate::database::Database;
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::retry::{retry_locked, SystemClock, DB_SYSTEM};
+use crate::operation::DB_SYSTEM;
+use crate::retry::{retry_locked, SystemClock};
 
 /// A backup [`Database::backup_to`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,10 +166,7 @@ fn remove_stale_temporaries(destination: &Path) {
         else {
             continue;
         };
-        // SAFETY: kill with signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        if crate::sqlite::ffi::sys::process_gone(pid) {
             let _ = std::fs::remove_file(entry.path());
         }
     }

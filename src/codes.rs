@@ -1,17 +1,13 @@
 //! SQLite's result codes for the statements of a closure, whatever error type it returns.
 //!
-//! Diesel 2.3 keeps only the message of a failed statement, and "database is locked" is also
+//! Diesel keeps only the message of a failed statement, and "database is locked" is also
 //! what a trigger's `RAISE(ABORT, 'database is locked')` says. SQLite's extended result code
-//! tells them apart (`SQLITE_BUSY` against `SQLITE_CONSTRAINT_TRIGGER`), but Diesel does not
-//! hand out the `sqlite3` handle to ask it with. So:
-//! - a process-wide auto-extension gives every connection opened after the first
-//!   [`ConnectionCustomizer`](crate::ConnectionCustomizer) a SQL function,
-//!   `sqlite_persistence_handle()`, that returns the connection's own handle. It is
-//!   `SQLITE_DIRECTONLY`: a trigger or view in the file cannot call it;
-//! - the customizer asks each pooled connection for its handle once, and installs a Diesel
-//!   [`Instrumentation`] that, at the end of every statement, reads the connection's
-//!   extended result code, while it is still the statement's (before Diesel or the caller
-//!   run anything else);
+//! tells them apart (`SQLITE_BUSY` against `SQLITE_CONSTRAINT_TRIGGER`). So:
+//! - the customizer takes each pooled connection's handle from Diesel
+//!   (`with_raw_connection`, in `sqlite::ffi`: no SQL function, no setup query that the
+//!   file's contents could break), and installs a Diesel [`Instrumentation`] that, at the
+//!   end of every statement, reads the connection's extended result code, while it is still
+//!   the statement's (before Diesel or the caller run anything else);
 //! - `write` and `read` take what it recorded when their closure fails, and retry only if
 //!   the statement that failed last failed with a lock code.
 //!
@@ -22,9 +18,9 @@
 
 use std::any::Any;
 use std::error::Error as StdError;
-use std::ffi::{c_int, CStr};
+use std::ffi::c_int;
 use std::fmt;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use diesel::connection::{get_default_instrumentation, Instrumentation, InstrumentationEvent};
 use diesel::result::Error as DieselError;
@@ -33,54 +29,7 @@ use libsqlite3_sys as ffi;
 
 use crate::error::{is_lock_error, BoxError, Error};
 use crate::read_age::ReadState;
-
-const HANDLE_FUNCTION: &CStr = c"sqlite_persistence_handle";
-
-unsafe extern "C" fn handle(
-    context: *mut ffi::sqlite3_context,
-    _argc: c_int,
-    _argv: *mut *mut ffi::sqlite3_value,
-) {
-    // SAFETY: SQLite calls a function with a valid context; the handle is the connection
-    // running it.
-    unsafe {
-        let db = ffi::sqlite3_context_db_handle(context);
-        ffi::sqlite3_result_int64(context, db as usize as i64);
-    }
-}
-
-unsafe extern "C" fn install(
-    db: *mut ffi::sqlite3,
-    _error: *mut *mut std::ffi::c_char,
-    _api: *const ffi::sqlite3_api_routines,
-) -> c_int {
-    // SAFETY: SQLite calls this with the handle of the connection it is opening. A failure
-    // only leaves the connection without codes.
-    unsafe {
-        ffi::sqlite3_create_function_v2(
-            db,
-            HANDLE_FUNCTION.as_ptr(),
-            0,
-            ffi::SQLITE_UTF8 | ffi::SQLITE_DIRECTONLY,
-            std::ptr::null_mut(),
-            Some(handle),
-            None,
-            None,
-            None,
-        );
-    }
-    ffi::SQLITE_OK
-}
-
-/// Registers the auto-extension, once per process; connections opened from now on have
-/// `sqlite_persistence_handle()`.
-pub(crate) fn register() {
-    static ONCE: Once = Once::new();
-    // SAFETY: `install` has the signature SQLite calls auto-extensions with.
-    ONCE.call_once(|| unsafe {
-        ffi::sqlite3_auto_extension(Some(install));
-    });
-}
+use crate::sqlite::ffi::RawDb;
 
 /// How the statement that failed last failed, as SQLite reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,9 +70,9 @@ impl StdError for SqliteFailure {}
 /// statement that failed last, and forwards every event to the application's default
 /// instrumentation.
 struct ResultCodes {
-    /// The connection's own `sqlite3` handle. Only read while the connection runs a
-    /// statement, on its thread; the connection owns this value, so never after it closed.
-    handle: usize,
+    /// The connection's own handle. Only read while the connection runs a statement, on its
+    /// thread; the connection owns this value, so never after it closed.
+    db: RawDb,
     failure: Option<SqliteFailure>,
     /// The connection's read state, when its reads are capped.
     read_state: Option<Arc<ReadState>>,
@@ -133,9 +82,7 @@ struct ResultCodes {
 impl Instrumentation for ResultCodes {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         if let InstrumentationEvent::FinishQuery { query, error, .. } = &event {
-            // SAFETY: `handle` is this connection's, which is open while it runs a statement;
-            // reading the error code and message does not change them.
-            let code = unsafe { ffi::sqlite3_extended_errcode(self.handle as *mut ffi::sqlite3) };
+            let code = self.db.extended_errcode();
             match code & 0xff {
                 // Diesel reports a failed step of a `load` as finished without an error; the
                 // code still says so. After success the code is OK (or ROW/DONE).
@@ -152,13 +99,7 @@ impl Instrumentation for ResultCodes {
                     let message = match error {
                         Some(DieselError::DatabaseError(_, info)) => info.message().to_owned(),
                         Some(other) => other.to_string(),
-                        // SAFETY: as above; SQLite owns the returned string until the next
-                        // call on the connection, and it is copied at once.
-                        None => unsafe {
-                            CStr::from_ptr(ffi::sqlite3_errmsg(self.handle as *mut ffi::sqlite3))
-                                .to_string_lossy()
-                                .into_owned()
-                        },
+                        None => self.db.errmsg(),
                     };
                     self.failure = Some(SqliteFailure {
                         code: Some(code),
@@ -173,7 +114,8 @@ impl Instrumentation for ResultCodes {
     }
 }
 
-/// What [`attach`] installs on a connection besides the result codes.
+/// What [`attach`] installs on a connection besides the result codes and the migration
+/// guard.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Hooks {
     /// The layer's checkpoint hook (see `checkpoint`), warning at this WAL size.
@@ -182,45 +124,41 @@ pub(crate) struct Hooks {
     pub read_age: bool,
 }
 
-/// Installs the recording instrumentation on `conn`, and the `hooks`. A connection opened
-/// before [`register`] (or whose handle function is gone) keeps Diesel's instrumentation and
-/// SQLite's automatic checkpoint, and its reads are not capped.
+/// Installs on `conn` the recording instrumentation, the migration guard, and the `hooks`.
+/// Nothing here reads the database's tables: no content of the file can keep a protection
+/// off.
 pub(crate) fn attach(conn: &mut SqliteConnection, hooks: Hooks) {
-    #[derive(diesel::QueryableByName)]
-    struct Handle {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        handle: i64,
-        #[diesel(sql_type = diesel::sql_types::Integer)]
-        page_size: i32,
-    }
-    let found = diesel::sql_query(
-        "SELECT sqlite_persistence_handle() AS handle, page_size FROM pragma_page_size()",
-    )
-    .get_result::<Handle>(conn);
-    let Ok(Handle { handle, page_size }) = found else {
-        tracing::debug!(
-            "no result codes on this connection (opened before the layer registered its \
-             auto-extension); lock errors are told by their message"
-        );
-        return;
-    };
-    let db = handle as usize as *mut ffi::sqlite3;
     if let Some(warn_bytes) = hooks.checkpoints {
-        let page_size = u32::try_from(page_size).unwrap_or(4096);
-        // SAFETY: `db` is `conn`'s own handle, open, and used on this thread.
-        unsafe { crate::checkpoint::install(db, page_size, warn_bytes) };
+        let page_size = page_size(conn);
+        crate::checkpoint::install(conn, page_size, warn_bytes);
     }
-    // SAFETY: as above.
-    let read_state = hooks
-        .read_age
-        .then(|| unsafe { crate::read_age::install(db) })
-        .flatten();
+    // The read-age authorizer, where there is one, keeps the migration guard too.
+    let read_state = hooks.read_age.then(|| ReadState::install(conn)).flatten();
+    if read_state.is_none() {
+        crate::guard::install(conn);
+    }
+    let db = RawDb::of(conn);
     conn.set_instrumentation(ResultCodes {
-        handle: handle as usize,
+        db,
         failure: None,
         read_state,
         inner: get_default_instrumentation(),
     });
+}
+
+/// The page size of `conn`'s database (`PRAGMA page_size`, a statement no table or view
+/// stands in for); SQLite's default if it cannot be read.
+fn page_size(conn: &mut SqliteConnection) -> u32 {
+    #[derive(diesel::QueryableByName)]
+    struct PageSize {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        page_size: i32,
+    }
+    diesel::sql_query("PRAGMA page_size")
+        .get_result::<PageSize>(conn)
+        .ok()
+        .and_then(|p| u32::try_from(p.page_size).ok())
+        .unwrap_or(4096)
 }
 
 /// What `conn` recorded of the statements run since the last call.
@@ -233,12 +171,9 @@ pub(crate) enum Recorded {
     Failed(SqliteFailure),
 }
 
-/// The `sqlite3` handle of `conn`, if the layer's instrumentation is on it. Only for calls
-/// on `conn`'s thread while `conn` is borrowed.
-pub(crate) fn raw_handle(conn: &mut SqliteConnection) -> Option<*mut ffi::sqlite3> {
-    conn.instrumentation()
-        .downcast_mut::<ResultCodes>()
-        .map(|codes| codes.handle as *mut ffi::sqlite3)
+/// Whether the layer prepared `conn` (its instrumentation is on it).
+pub(crate) fn is_prepared(conn: &mut SqliteConnection) -> bool {
+    conn.instrumentation().is::<ResultCodes>()
 }
 
 /// The read state of `conn`, if its reads are capped.
@@ -317,7 +252,6 @@ mod tests {
     use diesel::connection::SimpleConnection;
 
     fn recording() -> SqliteConnection {
-        register();
         let mut conn = SqliteConnection::establish(":memory:").unwrap();
         attach(&mut conn, Hooks::default());
         conn.batch_execute(

@@ -41,13 +41,12 @@ pub struct ConnectionCustomizer {
 impl ConnectionCustomizer {
     /// A customizer that applies `options`' pragmas.
     ///
-    /// The first one made registers, for the rest of the process, an SQLite auto-extension
-    /// that gives every connection opened afterwards a function returning its own handle
-    /// (`sqlite_persistence_handle()`, which a trigger or view cannot call): the layer reads
-    /// SQLite's result codes through it, which Diesel does not expose, to tell a lock error
-    /// from a trigger that raises the same message.
+    /// Each connection it prepares also records SQLite's extended result code of its failed
+    /// statements (read through the handle Diesel hands out), to tell a lock error from a
+    /// trigger that raises the same message, and gets the layer's migration guard (an
+    /// authorizer), its checkpoint hook and, with [`Options::max_read_age`], its read cap.
+    /// Nothing else in the process is touched: other connections are left as they are.
     pub fn new(options: &Options) -> Self {
-        crate::codes::register();
         Self {
             pragmas: options.connection_pragmas(),
             hooks: crate::codes::Hooks {
@@ -108,7 +107,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCu
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         // The connection the open prepared (with `apply`) and hands to the pool first has
         // the pragmas and the hooks already.
-        let prepared = crate::codes::raw_handle(conn).is_some();
+        let prepared = crate::codes::is_prepared(conn);
         let prepare = |conn: &mut SqliteConnection| {
             conn.batch_execute(&self.pragmas)
                 .map(|()| crate::codes::attach(conn, self.hooks))

@@ -80,6 +80,8 @@
 //! The user's guide, with every default and what happens on each fault, is the README;
 //! the command line `sqlite-persistence` (load tests, status) is a separate package.
 #![warn(missing_docs)]
+// `unsafe` lives in one room, `sqlite::ffi`, which allows it on its `mod` line.
+#![deny(unsafe_code)]
 // A PostgreSQL-only build leaves out the SQLite engine, which alone uses some shared helpers
 // (pragma names, the write queue's operation codes, the file-naming error mapping).
 #![cfg_attr(not(feature = "sqlite"), allow(dead_code))]
@@ -107,8 +109,6 @@ mod open;
 mod operation;
 mod options;
 #[cfg(feature = "sqlite")]
-mod owned;
-#[cfg(feature = "sqlite")]
 mod pool;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -119,9 +119,9 @@ mod queue;
 mod read_age;
 mod retry;
 #[cfg(feature = "sqlite")]
-mod shm;
-#[cfg(feature = "sqlite")]
 mod side;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 #[cfg(feature = "sqlite")]
 mod status;
 #[cfg(feature = "tokio")]

@@ -151,6 +151,15 @@ impl Operation {
     }
 }
 
+/// OpenTelemetry's `db.system.name` for SQLite: with `db.namespace` (the database file),
+/// `db.operation.name` and `error.type`, an operator's subscriber can turn the layer's events
+/// into metrics without knowing its own field names (`operation`, `attempt`, `delay_ms`,
+/// `elapsed_ms`, `error`, which stay).
+pub(crate) const DB_SYSTEM: &str = "sqlite";
+
+/// `error.type` of a wait for a lock.
+pub(crate) const ERROR_TYPE_BUSY: &str = "busy";
+
 #[cfg(test)]
 mod tests {
     use super::*;

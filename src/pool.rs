@@ -118,13 +118,11 @@ impl Recipe {
             // Each connection to :memory: is its own database: the pool's only one is made
             // now, and r2d2 never closes it.
             return no_panic_on_thread_limit(|| {
-                crate::guard::guarded(|| {
-                    builder
-                        .thread_pool(scheduler())
-                        .idle_timeout(None)
-                        .max_lifetime(None)
-                        .build(manager)
-                })
+                builder
+                    .thread_pool(scheduler())
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .build(manager)
             })?
             .map_err(|source| Error::Pool { source });
         }
@@ -224,6 +222,9 @@ impl Connections {
 }
 
 /// A connection lent for one operation.
+// Diesel 2.4's connection (inside r2d2's pooled one) is large; a checkout lives on the stack
+// for one operation, and boxing it would cost an allocation per checkout.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Checkout<'a> {
     /// The open's own connection, used directly.
     First(MutexGuard<'a, Option<SqliteConnection>>),

@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::holders::{holders_of, HeldLock, Record};
-use crate::retry::{
-    retry_attempts, Attempt, RetryPolicy, Started, Success, Try, DB_SYSTEM, ERROR_TYPE_BUSY,
-};
+use crate::operation::{DB_SYSTEM, ERROR_TYPE_BUSY};
+use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, Success, Try};
 
 /// The write queue of one database file.
 #[derive(Debug, Clone)]
@@ -507,8 +506,7 @@ impl WriteQueue {
             let (mode, owner) = owner;
             file.set_permissions(std::fs::Permissions::from_mode(mode))
                 .map_err(self.io_error(FileOperation::SetPermissions))?;
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            if let (0, Some((uid, gid))) = (unsafe { libc::geteuid() }, owner) {
+            if let (true, Some((uid, gid))) = (crate::sqlite::ffi::sys::is_root(), owner) {
                 std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
                     .map_err(self.io_error(FileOperation::SetPermissions))?;
             }

@@ -14,6 +14,9 @@ use crate::error::Operation;
 use crate::error::{error_chain, Error};
 #[cfg(feature = "sqlite")]
 use crate::holders::{holders_of, HeldLock};
+#[cfg(feature = "sqlite")]
+use crate::operation::DB_SYSTEM;
+use crate::operation::ERROR_TYPE_BUSY;
 
 /// When and how often a locked operation is tried again.
 ///
@@ -206,15 +209,6 @@ impl Clock for SystemClock {
         std::thread::sleep(duration);
     }
 }
-
-/// OpenTelemetry's `db.system.name` for SQLite: with `db.namespace` (the database file),
-/// `db.operation.name` and `error.type`, an operator's subscriber can turn the layer's events
-/// into metrics without knowing its own field names (`operation`, `attempt`, `delay_ms`,
-/// `elapsed_ms`, `error`, which stay).
-pub(crate) const DB_SYSTEM: &str = "sqlite";
-
-/// `error.type` of a wait for a lock.
-pub(crate) const ERROR_TYPE_BUSY: &str = "busy";
 
 /// How a retried operation ended without success.
 #[derive(Debug)]

@@ -193,7 +193,7 @@ impl Status {
             // Through SQLite's mapping of -shm: opening it here, and closing it, would drop
             // every POSIX lock this process holds on it (see `shm`). Inside a read
             // transaction, which holds the connection's own reference to that mapping.
-            let index = wal_index_in_read(&mut conn);
+            let index = crate::sqlite::ffi::shm::in_read(&mut conn);
             status.wal_committed_frames = index.map(|index| index.committed);
             status.wal_checkpointed_frames = index.map(|index| index.checkpointed);
             status.database_complete = match index {
@@ -221,19 +221,6 @@ impl Status {
         status.applied = plan.state.applied.into_iter().collect();
         Ok(status)
     }
-}
-
-/// The WAL index of `conn`'s database, read within a read transaction of `conn`: the
-/// connection then has the index open and mapped itself, so reading it cannot open (or later
-/// close) a reference of its own. `None` outside WAL mode, or if any step fails.
-fn wal_index_in_read(conn: &mut SqliteConnection) -> Option<crate::shm::WalIndex> {
-    use diesel::connection::SimpleConnection;
-    conn.batch_execute("BEGIN; SELECT count(*) FROM sqlite_master;")
-        .ok()?;
-    // SAFETY: the handle is `conn`'s, used on this thread, between statements.
-    let index = crate::codes::raw_handle(conn).and_then(|db| unsafe { crate::shm::wal_index(db) });
-    let _ = conn.batch_execute("COMMIT");
-    index
 }
 
 fn file_size(file: PathBuf) -> Result<Option<u64>> {

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use common::{APPLICATION_ID, MIGRATIONS, VERSIONS};
 use diesel::connection::SimpleConnection;
-use diesel::prelude::*;
 use diesel_migrations::{FileBasedMigrations, MigrationHarness};
 use sqlite_persistence::{Database, Error, Options, Status};
 

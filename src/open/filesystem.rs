@@ -60,7 +60,7 @@ impl Filesystem {
     /// # Errors
     /// The OS error of `statfs`.
     pub(crate) fn of(dir: &Path) -> io::Result<Option<Self>> {
-        statfs_type(dir).map(|magic| magic.map(Self::new))
+        crate::sqlite::ffi::sys::statfs_type(dir).map(|magic| magic.map(Self::new))
     }
 
     /// Its name if it is a network or cluster filesystem.
@@ -95,27 +95,6 @@ pub(crate) fn check(path: &Path, filesystem: Filesystem, mode: JournalMode) -> R
         }),
         _ => Ok(()),
     }
-}
-
-#[cfg(target_os = "linux")]
-fn statfs_type(dir: &Path) -> io::Result<Option<u64>> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: `statfs` only writes into `buf`, which is large enough, and reads `c_path`,
-    // a NUL-terminated string that outlives the call.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // f_type is signed and word-sized; the magic numbers are 32-bit (CIFS's has the top bit
-    // set, so it is negative where f_type is 32 bits wide).
-    Ok(Some((buf.f_type as u64) & 0xFFFF_FFFF))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn statfs_type(_dir: &Path) -> io::Result<Option<u64>> {
-    Ok(None)
 }
 
 #[cfg(test)]

@@ -144,30 +144,10 @@ fn check_side_files(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether this process may write `path` (its effective ids, as the open will use them).
 #[cfg(unix)]
-fn writable(path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: faccessat only reads the NUL-terminated string, which outlives the call.
-    let access = unsafe {
-        libc::faccessat(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            libc::W_OK,
-            libc::AT_EACCESS,
-        )
-    };
-    // A C library without AT_EACCESS says EINVAL or ENOSYS: then let SQLite find out.
-    access == 0
-        || matches!(
-            std::io::Error::last_os_error().raw_os_error(),
-            Some(libc::EINVAL | libc::ENOSYS)
-        )
-}
+use crate::sqlite::ffi::sys::writable;
 
+/// Whether this process may write `path` (elsewhere than Unix: by its permissions alone).
 #[cfg(not(unix))]
 fn writable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| !m.permissions().readonly())

@@ -14,11 +14,12 @@ use crate::closing::OpenConnections;
 use crate::customizer::{within, ConnectionCustomizer};
 use crate::database::Database;
 use crate::error::{Error, Operation, Result};
+use crate::operation::DB_SYSTEM;
 use crate::options::Options;
 use crate::pool::{Connections, Recipe};
 use crate::pragma::JournalMode;
 use crate::queue::{locked, WriteQueue};
-use crate::retry::{retry_locked, Attempt, Clock, Started, SystemClock, Try, DB_SYSTEM};
+use crate::retry::{retry_locked, Attempt, Clock, Started, SystemClock, Try};
 
 impl Options {
     /// Opens (creating if needed) the database at `path` with these options and applies
@@ -127,15 +128,12 @@ impl Opening<'_> {
             return Ok((connections, setup));
         }
         preflight::prepare(self.target.path(), self.options)?;
-        // A dedicated connection: its errors are typed, where r2d2 would keep a string.
-        // Guarded: the migrations run on it (see `guard`).
-        let mut conn =
-            crate::guard::guarded(|| SqliteConnection::establish(&url)).map_err(|source| {
-                Error::Open {
-                    path: self.target.path().to_owned(),
-                    source,
-                }
-            })?;
+        // A dedicated connection: its errors are typed, where r2d2 would keep a string. The
+        // customizer guards it (see `guard`): the migrations run on it.
+        let mut conn = SqliteConnection::establish(&url).map_err(|source| Error::Open {
+            path: self.target.path().to_owned(),
+            source,
+        })?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let setup = self.set_up(&mut conn, source)?;
         // Counted among the handle's open connections (and closed, checkpointing, when the

@@ -8,7 +8,12 @@
 
 use std::ffi::c_void;
 
+use diesel::connection::SimpleConnection;
+use diesel::sqlite::BorrowedSqliteConnection;
+use diesel::SqliteConnection;
 use libsqlite3_sys as ffi;
+
+use super::RawDb;
 
 /// What the WAL index header and its checkpoint information say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +29,30 @@ pub(crate) struct WalIndex {
 /// SQLite's WAL-index page size, the size of region 0.
 const REGION: i32 = 32768;
 
+/// The WAL index of `conn`'s database, read within a read transaction of `conn`: the
+/// connection then has the index open and mapped itself, so reading it cannot open (or later
+/// close) a reference of its own. `None` outside WAL mode, or if any step fails.
+pub(crate) fn in_read(conn: &mut SqliteConnection) -> Option<WalIndex> {
+    conn.batch_execute("BEGIN; SELECT count(*) FROM sqlite_master;")
+        .ok()?;
+    let db = RawDb::of(conn);
+    // SAFETY: `db` is `conn`'s, open, used on this thread between its statements, inside a
+    // read transaction (begun above; a failed `BEGIN` returned already).
+    let index = unsafe { wal_index(db.as_ptr()) };
+    let _ = conn.batch_execute("COMMIT");
+    index
+}
+
+/// The WAL index of the connection whose WAL hook runs with `conn`.
+pub(crate) fn in_wal_hook(conn: &mut BorrowedSqliteConnection) -> Option<WalIndex> {
+    // SAFETY: the connection is only borrowed to read its handle; it is neither moved nor
+    // replaced.
+    let db = RawDb::of(unsafe { conn.inner_mut() });
+    // SAFETY: the WAL hook runs on the connection's thread right after its commit, with the
+    // WAL index still referenced and mapped by the connection.
+    unsafe { wal_index(db.as_ptr()) }
+}
+
 /// The WAL index of the main database of the connection `db`, if it is in WAL mode and has
 /// mapped its index.
 ///
@@ -32,7 +61,7 @@ const REGION: i32 = 32768;
 /// transaction (or its WAL hook): it then holds its own reference to the index and its
 /// mapping. Outside one, `xShmMap` may open a reference of its own for the connection, whose
 /// later release SQLite does not expect (tests run side by side lost a read lock that way).
-pub(crate) unsafe fn wal_index(db: *mut ffi::sqlite3) -> Option<WalIndex> {
+unsafe fn wal_index(db: *mut ffi::sqlite3) -> Option<WalIndex> {
     let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
     // SAFETY: `db` is open; FILE_POINTER writes the main database's `sqlite3_file*`.
     let rc = unsafe {
@@ -48,9 +77,11 @@ pub(crate) unsafe fn wal_index(db: *mut ffi::sqlite3) -> Option<WalIndex> {
     }
     // SAFETY: a file SQLite handed out has its methods, alive while the connection is open.
     let methods = unsafe { (*file).pMethods };
+    // SAFETY: as above; `methods` is not null.
     if methods.is_null() || unsafe { (*methods).iVersion } < 2 {
         return None;
     }
+    // SAFETY: as above; version 2 methods have `xShmMap`.
     let map = unsafe { (*methods).xShmMap }?;
     let mut region: *mut c_void = std::ptr::null_mut();
     // SAFETY: region 0 without extending: SQLite maps it if the file has it, else leaves
