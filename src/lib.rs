@@ -77,6 +77,12 @@
 //! trying connection types in turn: a path, `sqlite:` or `file:` is SQLite;
 //! `postgres://` or `postgresql://` PostgreSQL; any other scheme is refused, naming it.
 //!
+//! # Platforms
+//! Linux, where every test runs. The SQLite engine needs Unix (its write queue, side-file
+//! checks and lock holders use POSIX file locks, modes and owners) and does not compile
+//! elsewhere; on Unix systems other than Linux, the filesystem check (`statfs`) and the
+//! names of lock holders (`/proc/locks`) are left out, and nothing there is tested.
+//!
 //! The user's guide, with every default and what happens on each fault, is the README;
 //! the command line `sqlite-persistence` (load tests, status) is a separate package.
 #![warn(missing_docs)]
@@ -126,6 +132,12 @@ mod sqlite;
 mod status;
 #[cfg(feature = "tokio")]
 mod tokio;
+
+#[cfg(all(feature = "sqlite", not(unix)))]
+compile_error!(
+    "sqlite-persistence's SQLite engine runs on Unix only (Linux is tested): its write queue, \
+     side-file checks and lock holders use POSIX file locks, file modes and owners"
+);
 
 #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
 compile_error!("sqlite-persistence needs an engine: enable the feature `sqlite` or `postgres`");
