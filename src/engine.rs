@@ -7,13 +7,13 @@ use diesel::pg::Pg;
 #[cfg(feature = "sqlite")]
 use diesel::sqlite::Sqlite;
 
-#[cfg(feature = "sqlite")]
-use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::handle::WriteStats;
 use crate::options::Options;
 #[cfg(feature = "postgres")]
 use crate::postgres::PgDatabase;
+#[cfg(feature = "sqlite")]
+use crate::sqlite::database::Database;
 
 /// A database engine of this crate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -858,7 +858,7 @@ mod tests {
     fn crate_error_and_wrapping_errors_are_classified_through_the_chain() {
         let locked: Error = db_error(DatabaseErrorKind::Unknown, "database is locked").into();
         assert!(locked.is_lock_error());
-        assert!(crate::codes::lock_in_chain(&locked).is_some());
+        assert!(crate::sqlite::codes::lock_in_chain(&locked).is_some());
 
         #[derive(Debug, thiserror::Error)]
         enum AppError {
@@ -868,8 +868,8 @@ mod tests {
             Domain,
         }
         let wrapped = AppError::from(db_error(DatabaseErrorKind::Unknown, "database is locked"));
-        assert!(crate::codes::lock_in_chain(&wrapped).is_some());
-        assert!(crate::codes::lock_in_chain(&AppError::Domain).is_none());
+        assert!(crate::sqlite::codes::lock_in_chain(&wrapped).is_some());
+        assert!(crate::sqlite::codes::lock_in_chain(&AppError::Domain).is_none());
 
         let constraint: Error = db_error(DatabaseErrorKind::UniqueViolation, "UNIQUE").into();
         assert!(!constraint.is_lock_error());

@@ -93,43 +93,19 @@
 #![cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-#[cfg(feature = "sqlite")]
-mod backup;
-#[cfg(feature = "sqlite")]
-mod checkpoint;
-#[cfg(feature = "sqlite")]
-mod closing;
-#[cfg(feature = "sqlite")]
-mod codes;
-#[cfg(feature = "sqlite")]
-mod customizer;
-#[cfg(feature = "sqlite")]
-mod database;
 mod engine;
 mod error;
-#[cfg(feature = "sqlite")]
-mod guard;
 mod handle;
 mod holders;
 mod open;
 mod operation;
 mod options;
-#[cfg(feature = "sqlite")]
-mod pool;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod pragma;
-#[cfg(feature = "sqlite")]
-mod queue;
-#[cfg(feature = "sqlite")]
-mod read_age;
 mod retry;
 #[cfg(feature = "sqlite")]
-mod side;
-#[cfg(feature = "sqlite")]
 mod sqlite;
-#[cfg(feature = "sqlite")]
-mod status;
 #[cfg(feature = "tokio")]
 mod tokio;
 
@@ -145,27 +121,27 @@ compile_error!("sqlite-persistence needs an engine: enable the feature `sqlite` 
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use self::tokio::AsyncDatabase;
-#[cfg(feature = "sqlite")]
-pub use backup::Backup;
-#[cfg(feature = "sqlite")]
-pub use customizer::ConnectionCustomizer;
-#[cfg(feature = "sqlite")]
-pub use database::Database;
 pub use engine::{AnyConnection, AnyDatabase, AnyMigrations, Engine, DATABASE_URL};
 pub use error::{is_lock_error, BoxError, Error, Result};
 pub use handle::{Checksums, WriteStats};
 pub use holders::{HeldLock, Holder};
 pub use operation::{FileOperation, Operation};
 pub use options::Options;
-#[cfg(feature = "sqlite")]
-pub use pool::{PooledSqlite, SqliteManager, SqlitePool};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PgDatabase, PgFailure, PgFailureKind, PgManager, PgPool, PgStatus, PooledPg};
 pub use pragma::{JournalMode, Synchronous, TempStore};
 pub use retry::{Delays, RetryPolicy};
 #[cfg(feature = "sqlite")]
-pub use status::{FileSizes, Status};
+pub use sqlite::backup::Backup;
+#[cfg(feature = "sqlite")]
+pub use sqlite::customizer::ConnectionCustomizer;
+#[cfg(feature = "sqlite")]
+pub use sqlite::database::Database;
+#[cfg(feature = "sqlite")]
+pub use sqlite::pool::{PooledSqlite, SqliteManager, SqlitePool};
+#[cfg(feature = "sqlite")]
+pub use sqlite::status::{FileSizes, Status};
 
 /// The README's example, compiled and run as a doctest so that the user's guide stays true.
 #[cfg(doctest)]

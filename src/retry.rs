@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-#[cfg(feature = "sqlite")]
-use crate::codes::{lock_in_value, SqliteFailure};
 use crate::error::Operation;
 #[cfg(feature = "sqlite")]
 use crate::error::{error_chain, Error};
@@ -17,6 +15,8 @@ use crate::holders::{holders_of, HeldLock};
 #[cfg(feature = "sqlite")]
 use crate::operation::DB_SYSTEM;
 use crate::operation::ERROR_TYPE_BUSY;
+#[cfg(feature = "sqlite")]
+use crate::sqlite::codes::{lock_in_value, SqliteFailure};
 
 /// When and how often a locked operation is tried again.
 ///

@@ -21,10 +21,10 @@ use diesel::migration::MigrationSource;
 use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
-use crate::database::Database;
 use crate::error::{Error, Operation, Result};
 use crate::handle::WriteStats;
 use crate::options::Options;
+use crate::sqlite::database::Database;
 
 /// A [`Database`] for async code: every call runs as blocking work (within the calling
 /// worker's `block_in_place` on a multi-thread runtime, on tokio's blocking threads on a

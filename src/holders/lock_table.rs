@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use super::{HeldLock, Holder};
 use crate::operation::Operation;
-use crate::side::side_file;
 use crate::sqlite::ffi::shm::WalIndex;
+use crate::sqlite::side::side_file;
 
 /// SQLite's lock bytes: the WAL write lock in `-shm`, and RESERVED in the database file
 /// (`PENDING_BYTE + 1`); the read marks of readers that use WAL frames (1 to 4; mark 0, byte

@@ -333,8 +333,8 @@ mod source_sqlite {
     use super::super::target::Target;
     use super::{check, checksums, Batch, Plan, Refusal, Source, State, DIESEL_TABLE};
     use crate::error::{Error, Operation, Result};
-    use crate::guard;
     use crate::options::Options;
+    use crate::sqlite::guard;
 
     impl Source<Sqlite> {
         /// The plan for the database `conn` is open on, read without writing.

@@ -19,7 +19,7 @@ use std::path::Path;
 use super::filesystem::{self, Filesystem};
 use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
-use crate::side::side_file;
+use crate::sqlite::side::side_file;
 
 /// SQLite's smallest page size: a database file is at least one page long.
 const MIN_PAGE: u64 = 512;

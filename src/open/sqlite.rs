@@ -10,16 +10,16 @@ use diesel::migration::MigrationSource;
 use diesel::sqlite::Sqlite;
 use diesel::{Connection, SqliteConnection};
 
-use crate::closing::OpenConnections;
-use crate::customizer::{within, ConnectionCustomizer};
-use crate::database::Database;
 use crate::error::{Error, Operation, Result};
 use crate::operation::DB_SYSTEM;
 use crate::options::Options;
-use crate::pool::{Connections, Recipe};
 use crate::pragma::JournalMode;
-use crate::queue::{locked, WriteQueue};
 use crate::retry::{retry_locked, Attempt, Clock, Started, SystemClock, Try};
+use crate::sqlite::closing::OpenConnections;
+use crate::sqlite::customizer::{within, ConnectionCustomizer};
+use crate::sqlite::database::Database;
+use crate::sqlite::pool::{Connections, Recipe};
+use crate::sqlite::queue::{locked, WriteQueue};
 
 impl Options {
     /// Opens (creating if needed) the database at `path` with these options and applies

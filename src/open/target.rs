@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, FileOperation, Result};
-use crate::side::side_file;
+use crate::sqlite::side::side_file;
 
 /// The database a path names.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -55,7 +55,7 @@ unsafe extern "C" fn authorize(
         return ffi::SQLITE_DENY;
     }
     // The migration guard, which this authorizer replaces on the connection.
-    if transaction && crate::guard::denies_transaction() {
+    if transaction && crate::sqlite::guard::denies_transaction() {
         return ffi::SQLITE_DENY;
     }
     ffi::SQLITE_OK

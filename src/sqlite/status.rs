@@ -7,13 +7,13 @@ use diesel::sql_types::Text;
 use diesel::sqlite::Sqlite;
 use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 
-use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::handle::Checksums;
 use crate::holders::{holders_of, last_checkpoint_of, pinning_readers_of, wal_readers_of, Holder};
 use crate::open::{read_journal_mode, Access, Filesystem, Source, State, Target};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
+use crate::sqlite::customizer::ConnectionCustomizer;
 
 /// Sizes in bytes of a database's files; `None` where the file does not exist.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -7,9 +7,9 @@ use diesel::connection::SimpleConnection;
 use diesel::r2d2::CustomizeConnection;
 use diesel::SqliteConnection;
 
-use crate::closing::OpenConnections;
 use crate::error::{Error, Operation};
 use crate::options::Options;
+use crate::sqlite::closing::OpenConnections;
 
 /// Applies [`Options`]' per-connection pragmas to every connection an r2d2 pool opens,
 /// `busy_timeout` first.
@@ -33,7 +33,7 @@ use crate::options::Options;
 pub struct ConnectionCustomizer {
     pragmas: String,
     /// The checkpoint hook and read state each connection gets.
-    hooks: crate::codes::Hooks,
+    hooks: crate::sqlite::codes::Hooks,
     /// A `Database`'s count of its pool's open connections.
     open: Option<Arc<OpenConnections>>,
 }
@@ -49,7 +49,7 @@ impl ConnectionCustomizer {
     pub fn new(options: &Options) -> Self {
         Self {
             pragmas: options.connection_pragmas(),
-            hooks: crate::codes::Hooks {
+            hooks: crate::sqlite::codes::Hooks {
                 checkpoints: options.checkpoint_warning(),
                 read_age: options.max_read_age.is_some(),
             },
@@ -73,7 +73,7 @@ impl ConnectionCustomizer {
     pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
         conn.batch_execute(&self.pragmas)
             .map_err(|source| Error::query(Operation::ApplyPragmas, source))?;
-        crate::codes::attach(conn, self.hooks);
+        crate::sqlite::codes::attach(conn, self.hooks);
         Ok(())
     }
 }
@@ -107,10 +107,10 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCu
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
         // The connection the open prepared (with `apply`) and hands to the pool first has
         // the pragmas and the hooks already.
-        let prepared = crate::codes::is_prepared(conn);
+        let prepared = crate::sqlite::codes::is_prepared(conn);
         let prepare = |conn: &mut SqliteConnection| {
             conn.batch_execute(&self.pragmas)
-                .map(|()| crate::codes::attach(conn, self.hooks))
+                .map(|()| crate::sqlite::codes::attach(conn, self.hooks))
         };
         (if prepared { Ok(()) } else { prepare(conn) })
             .and_then(|()| match &self.open {

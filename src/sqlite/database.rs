@@ -10,18 +10,18 @@ use diesel::migration::MigrationSource;
 use diesel::sqlite::Sqlite;
 use diesel::SqliteConnection;
 
-use crate::closing::OpenConnections;
-use crate::codes;
-use crate::customizer::within;
 use crate::error::{Error, Operation, Result};
 use crate::handle::WriteStats;
 use crate::handle::{next_id, Inside};
 use crate::options::Options;
-use crate::pool::{Checkout, Connections, PooledSqlite, SqlitePool};
 use crate::pragma::JournalMode;
-use crate::queue::{locked, WriteQueue};
-use crate::read_age;
 use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, SystemClock};
+use crate::sqlite::closing::OpenConnections;
+use crate::sqlite::codes;
+use crate::sqlite::customizer::within;
+use crate::sqlite::pool::{Checkout, Connections, PooledSqlite, SqlitePool};
+use crate::sqlite::queue::{locked, WriteQueue};
+use crate::sqlite::read_age;
 
 /// One SQLite database file, opened, in WAL, migrated, and ready for many processes.
 ///

@@ -28,8 +28,8 @@ use diesel::{Connection, RunQueryDsl, SqliteConnection};
 use libsqlite3_sys as ffi;
 
 use crate::error::{is_lock_error, BoxError, Error};
-use crate::read_age::ReadState;
 use crate::sqlite::ffi::RawDb;
+use crate::sqlite::read_age::ReadState;
 
 /// How the statement that failed last failed, as SQLite reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,12 +130,12 @@ pub(crate) struct Hooks {
 pub(crate) fn attach(conn: &mut SqliteConnection, hooks: Hooks) {
     if let Some(warn_bytes) = hooks.checkpoints {
         let page_size = page_size(conn);
-        crate::checkpoint::install(conn, page_size, warn_bytes);
+        crate::sqlite::checkpoint::install(conn, page_size, warn_bytes);
     }
     // The read-age authorizer, where there is one, keeps the migration guard too.
     let read_state = hooks.read_age.then(|| ReadState::install(conn)).flatten();
     if read_state.is_none() {
-        crate::guard::install(conn);
+        crate::sqlite::guard::install(conn);
     }
     let db = RawDb::of(conn);
     conn.set_instrumentation(ResultCodes {

@@ -16,10 +16,10 @@ use diesel::connection::SimpleConnection;
 use diesel::sql_types::Text;
 use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 
-use crate::database::Database;
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::operation::DB_SYSTEM;
 use crate::retry::{retry_locked, SystemClock};
+use crate::sqlite::database::Database;
 
 /// A backup [`Database::backup_to`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]

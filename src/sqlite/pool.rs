@@ -19,8 +19,8 @@ use diesel::r2d2::{
 use diesel::SqliteConnection;
 use scheduled_thread_pool::ScheduledThreadPool;
 
-use crate::customizer::ConnectionCustomizer;
 use crate::error::{Error, Result};
+use crate::sqlite::customizer::ConnectionCustomizer;
 
 /// The r2d2 pool of a [`Database`](crate::Database): every connection carries the
 /// [`Options`](crate::Options)' pragmas.
