@@ -79,13 +79,7 @@ fn scheme(url: &str) -> Option<&str> {
 
 /// `url` as errors show it.
 fn redacted(url: &str) -> String {
-    #[cfg(feature = "postgres")]
-    return crate::postgres::redact(url);
-    #[cfg(not(feature = "postgres"))]
-    match url.split_once("://") {
-        Some((scheme, _)) => format!("{scheme}://..."),
-        None => url.to_owned(),
-    }
+    crate::url::redact(url)
 }
 
 /// [`Error::UnsupportedUrl`] unless `url` names `engine`.

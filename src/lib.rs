@@ -108,6 +108,7 @@ mod retry;
 mod sqlite;
 #[cfg(feature = "tokio")]
 mod tokio;
+mod url;
 
 #[cfg(all(feature = "sqlite", not(unix)))]
 compile_error!(

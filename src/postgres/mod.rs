@@ -19,7 +19,6 @@ use diesel::pg::Pg;
 use diesel::PgConnection;
 
 pub use failure::{PgFailure, PgFailureKind};
-pub(crate) use session::redact;
 pub use session::{PgManager, PgPool, PooledPg};
 pub use status::PgStatus;
 
