@@ -19,6 +19,7 @@ use std::path::Path;
 use super::filesystem::{self, Filesystem};
 use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
+use crate::sqlite::ffi::sys::writable;
 use crate::sqlite::side::side_file;
 
 /// SQLite's smallest page size: a database file is at least one page long.
@@ -142,15 +143,6 @@ fn check_side_files(path: &Path) -> Result<()> {
         });
     }
     Ok(())
-}
-
-#[cfg(unix)]
-use crate::sqlite::ffi::sys::writable;
-
-/// Whether this process may write `path` (elsewhere than Unix: by its permissions alone).
-#[cfg(not(unix))]
-fn writable(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| !m.permissions().readonly())
 }
 
 /// Creates an empty database file (SQLite treats an empty file as a new database) with

@@ -44,9 +44,8 @@ pub(crate) const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 struct Checkpoints {
     /// The connection's main database file, if it has one.
     file: Option<PathBuf>,
-    /// Warn when a pinned WAL holds at least this many frames.
-    warn_frames: u32,
-    page_size: u32,
+    /// Warn when a pinned WAL holds at least this many bytes.
+    warn_bytes: u64,
     state: Mutex<State>,
 }
 
@@ -57,6 +56,9 @@ struct State {
     last_warning: Option<Instant>,
     /// Whether the last attempt was pinned, to log when the pin is gone.
     pinned: bool,
+    /// The database's page size, read the first time the WAL is found pinned (sizes matter
+    /// only then, so opening a connection reads nothing for it).
+    page_size: Option<u32>,
 }
 
 /// What `PRAGMA wal_checkpoint` returns.
@@ -115,46 +117,64 @@ impl Checkpoints {
         let due = state
             .last_warning
             .is_none_or(|last| now.duration_since(last) >= WARNING_INTERVAL);
-        if let (true, true, Some(file)) = (log >= self.warn_frames, due, file) {
+        let page_size = *state.page_size.get_or_insert_with(|| page_size(conn));
+        let frame = u64::from(page_size.max(512)) + 24;
+        let warn_frames = u32::try_from(self.warn_bytes / frame).unwrap_or(u32::MAX);
+        if let (true, true, Some(file)) = (log >= warn_frames, due, file) {
             state.last_warning = Some(now);
             drop(state);
             let index = shm::in_wal_hook(conn);
-            self.warn(file, index, log, done);
+            warn(file, index, log, done, page_size);
         }
-    }
-    fn warn(&self, database: &Path, index: Option<WalIndex>, log: u32, done: u32) {
-        let readers = index.map_or_else(Vec::new, |index| pinning_readers_of(database, &index));
-        let pinned_by = if readers.is_empty() {
-            "unknown".to_owned()
-        } else {
-            readers
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let bytes = u64::from(log) * (u64::from(self.page_size) + 24) + 32;
-        tracing::warn!(
-            db.system.name = DB_SYSTEM,
-            db.namespace = %database.display(),
-            wal_bytes = bytes,
-            wal_frames = log,
-            checkpointed_frames = done,
-            pinned_by = %pinned_by,
-            "the WAL keeps growing: a read transaction keeps it from being checkpointed \
-             (end long read transactions; the pinning one: {pinned_by})"
-        );
     }
 }
 
-/// Installs the layer's checkpoint hook on `conn`, whose pages are `page_size` bytes,
-/// warning once a pinned WAL holds `warn_bytes`.
-pub(crate) fn install(conn: &mut SqliteConnection, page_size: u32, warn_bytes: u64) {
-    let frame = u64::from(page_size.max(512)) + 24;
+/// The page size of `conn`'s database (`PRAGMA page_size`, a statement no table or view
+/// stands in for); SQLite's default if it cannot be read.
+fn page_size(conn: &mut BorrowedSqliteConnection) -> u32 {
+    #[derive(QueryableByName)]
+    struct PageSize {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        page_size: i32,
+    }
+    diesel::sql_query("PRAGMA page_size")
+        .get_result::<PageSize>(conn)
+        .ok()
+        .and_then(|p| u32::try_from(p.page_size).ok())
+        .unwrap_or(4096)
+}
+
+/// The `warn` event naming the readers that pin `database`'s WAL.
+fn warn(database: &Path, index: Option<WalIndex>, log: u32, done: u32, page_size: u32) {
+    let readers = index.map_or_else(Vec::new, |index| pinning_readers_of(database, &index));
+    let pinned_by = if readers.is_empty() {
+        "unknown".to_owned()
+    } else {
+        readers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let bytes = u64::from(log) * (u64::from(page_size) + 24) + 32;
+    tracing::warn!(
+        db.system.name = DB_SYSTEM,
+        db.namespace = %database.display(),
+        wal_bytes = bytes,
+        wal_frames = log,
+        checkpointed_frames = done,
+        pinned_by = %pinned_by,
+        "the WAL keeps growing: a read transaction keeps it from being checkpointed \
+         (end long read transactions; the pinning one: {pinned_by})"
+    );
+}
+
+/// Installs the layer's checkpoint hook on `conn`, warning once a pinned WAL holds
+/// `warn_bytes`.
+pub(crate) fn install(conn: &mut SqliteConnection, warn_bytes: u64) {
     let checkpoints = Checkpoints {
         file: crate::sqlite::ffi::RawDb::of(conn).main_file(),
-        warn_frames: u32::try_from(warn_bytes / frame).unwrap_or(u32::MAX),
-        page_size,
+        warn_bytes,
         state: Mutex::new(State::default()),
     };
     conn.on_wal(move |conn, schema, frames| {

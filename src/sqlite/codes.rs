@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use diesel::connection::{get_default_instrumentation, Instrumentation, InstrumentationEvent};
 use diesel::result::Error as DieselError;
-use diesel::{Connection, RunQueryDsl, SqliteConnection};
+use diesel::{Connection, SqliteConnection};
 use libsqlite3_sys as ffi;
 
 use crate::error::{is_lock_error, BoxError, Error};
@@ -129,8 +129,7 @@ pub(crate) struct Hooks {
 /// off.
 pub(crate) fn attach(conn: &mut SqliteConnection, hooks: Hooks) {
     if let Some(warn_bytes) = hooks.checkpoints {
-        let page_size = page_size(conn);
-        crate::sqlite::checkpoint::install(conn, page_size, warn_bytes);
+        crate::sqlite::checkpoint::install(conn, warn_bytes);
     }
     // The read-age authorizer, where there is one, keeps the migration guard too.
     let read_state = hooks.read_age.then(|| ReadState::install(conn)).flatten();
@@ -144,21 +143,6 @@ pub(crate) fn attach(conn: &mut SqliteConnection, hooks: Hooks) {
         read_state,
         inner: get_default_instrumentation(),
     });
-}
-
-/// The page size of `conn`'s database (`PRAGMA page_size`, a statement no table or view
-/// stands in for); SQLite's default if it cannot be read.
-fn page_size(conn: &mut SqliteConnection) -> u32 {
-    #[derive(diesel::QueryableByName)]
-    struct PageSize {
-        #[diesel(sql_type = diesel::sql_types::Integer)]
-        page_size: i32,
-    }
-    diesel::sql_query("PRAGMA page_size")
-        .get_result::<PageSize>(conn)
-        .ok()
-        .and_then(|p| u32::try_from(p.page_size).ok())
-        .unwrap_or(4096)
 }
 
 /// What `conn` recorded of the statements run since the last call.
@@ -250,6 +234,7 @@ pub(crate) fn lock_in_chain(error: &(dyn StdError + 'static)) -> Option<SqliteFa
 mod tests {
     use super::*;
     use diesel::connection::SimpleConnection;
+    use diesel::RunQueryDsl;
 
     fn recording() -> SqliteConnection {
         let mut conn = SqliteConnection::establish(":memory:").unwrap();

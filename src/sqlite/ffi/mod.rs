@@ -50,7 +50,8 @@ impl RawDb {
         RawDb(NonNull::new(raw).expect("Diesel's SQLite connection has a handle"))
     }
 
-    pub(crate) fn as_ptr(self) -> *mut sqlite3::sqlite3 {
+    /// The pointer, for the calls of this room only.
+    fn as_ptr(self) -> *mut sqlite3::sqlite3 {
         self.0.as_ptr()
     }
 
