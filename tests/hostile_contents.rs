@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::{fresh_db, MIGRATIONS};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use diesel::sql_types::Text;
 use sqlite_persistence::{Error, Options, RetryPolicy, Status};
 
 /// Names a setup query could read: the table-valued pragma functions of the pragmas the
@@ -80,17 +79,9 @@ fn views_named_like_the_setups_reads_leave_every_protection_in_force() {
         ),
     }
 
-    // The checkpoint hook: after a commit at 1000 frames (about 4 KiB a write) the layer's
-    // own checkpoint runs and is recorded.
-    for i in 0..600 {
-        db.write(|conn| -> sqlite_persistence::Result<()> {
-            diesel::sql_query("INSERT INTO counters (name) VALUES (?)")
-                .bind::<Text, _>(format!("{i:04096}"))
-                .execute(conn)?;
-            Ok(())
-        })
-        .unwrap();
-    }
+    // The checkpoint hook: after a commit at 1000 frames the layer's own checkpoint runs and
+    // is recorded.
+    common::write_past_a_checkpoint(&db);
     let status = Status::read(&path, MIGRATIONS, &Options::new()).unwrap();
     assert!(
         status.last_checkpoint.is_some(),

@@ -45,6 +45,18 @@ fn number(conn: &mut PgConnection, sql: &str) -> i64 {
         .value
 }
 
+/// A foreign session on `url` holding the row of counter `name` (`FOR UPDATE`) until it
+/// ends its transaction.
+fn foreign_row_lock(url: &str, name: &str) -> PgConnection {
+    let mut foreign = pg::connect(url);
+    foreign
+        .batch_execute(&format!(
+            "BEGIN; SELECT * FROM counters WHERE name = '{name}' FOR UPDATE"
+        ))
+        .unwrap();
+    foreign
+}
+
 /// Read-then-write on counter `name` (and its event): the lost update that plain `READ
 /// COMMITTED` lets through, and that `SERIALIZABLE` turns into a retried conflict.
 use common::bump_in_pg as increment;
@@ -301,10 +313,7 @@ fn a_row_lock_held_past_the_deadline_is_a_typed_error_naming_the_wait() {
         .unwrap();
     db.write(|conn| increment(conn, "a").map_err(Error::from))
         .unwrap();
-    let mut foreign = pg::connect(&url);
-    foreign
-        .batch_execute("BEGIN; SELECT * FROM counters WHERE name = 'a' FOR UPDATE")
-        .unwrap();
+    let mut foreign = foreign_row_lock(&url, "a");
     let start = Instant::now();
     let error = db
         .write(|conn| increment(conn, "a").map_err(Error::from))
@@ -348,10 +357,7 @@ fn plain_diesel_waits_for_a_row_lock_without_end() {
     let mut conn = pg::connect(&url);
     conn.run_pending_migrations(MIGRATIONS).unwrap();
     increment(&mut conn, "a").unwrap();
-    let mut foreign = pg::connect(&url);
-    foreign
-        .batch_execute("BEGIN; SELECT * FROM counters WHERE name = 'a' FOR UPDATE")
-        .unwrap();
+    let mut foreign = foreign_row_lock(&url, "a");
     let (done, finished) = std::sync::mpsc::channel();
     let plain = std::thread::spawn(move || {
         let result = conn.transaction(|conn| increment(conn, "a"));
@@ -509,10 +515,7 @@ fn a_lock_timeout_in_german_is_retried_and_a_role_that_may_not_set_lc_messages_w
     // A foreign session holds the row for 2 s, several lock timeouts: each is reported in
     // German ("storniere Anfrage wegen Zeitüberschreitung einer Sperre"), told by its
     // SQLSTATE, 55P03, and retried until the holder ends; then the write commits.
-    let mut foreign = pg::connect(&url);
-    foreign
-        .batch_execute("BEGIN; SELECT * FROM counters WHERE name = 'a' FOR UPDATE")
-        .unwrap();
+    let mut foreign = foreign_row_lock(&url, "a");
     let holder = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(2));
         foreign.batch_execute("COMMIT").unwrap();

@@ -4,7 +4,6 @@ mod common;
 
 use common::{fresh_db, MIGRATIONS, VERSIONS};
 use diesel::connection::SimpleConnection;
-use diesel::prelude::*;
 use sqlite_persistence::{Options, Status};
 
 /// Not a test on its own: the child role of the WAL test. With `STATUS_WAL_DB` set, it writes
@@ -240,7 +239,6 @@ fn reading_the_wal_index_keeps_this_processs_own_sqlite_locks() {
 
 #[test]
 fn status_says_when_a_connection_of_this_crate_last_completed_a_checkpoint() {
-    use diesel::sql_types::Text;
     let (_dir, path) = fresh_db();
     let db = Options::new().open(&path, MIGRATIONS).unwrap();
     common::bump(&db, "a").unwrap();
@@ -250,16 +248,8 @@ fn status_says_when_a_connection_of_this_crate_last_completed_a_checkpoint() {
             .last_checkpoint,
         None
     );
-    // The layer checkpoints after a commit at 1000 frames: about 4 KiB a write.
-    for i in 0..600 {
-        db.write(|conn| -> sqlite_persistence::Result<()> {
-            diesel::sql_query("INSERT INTO counters (name) VALUES (?)")
-                .bind::<Text, _>(format!("{i:04096}"))
-                .execute(conn)?;
-            Ok(())
-        })
-        .unwrap();
-    }
+    // The layer checkpoints after a commit at 1000 frames.
+    common::write_past_a_checkpoint(&db);
     let at = Status::read(&path, MIGRATIONS, &Options::new())
         .unwrap()
         .last_checkpoint

@@ -104,6 +104,21 @@ pub fn plain_sqlite(db: impl AsRef<Path>) -> SqliteConnection {
     conn
 }
 
+/// Writes 600 rows of about 4 KiB through the layer, one write each: past the 1000 WAL
+/// frames after which the layer's hook checkpoints.
+pub fn write_past_a_checkpoint(db: &Database) {
+    use diesel::sql_types::Text;
+    for i in 0..600 {
+        db.write(|conn| -> sqlite_persistence::Result<()> {
+            diesel::sql_query("INSERT INTO counters (name) VALUES (?)")
+                .bind::<Text, _>(format!("{i:04096}"))
+                .execute(conn)?;
+            Ok(())
+        })
+        .unwrap();
+    }
+}
+
 /// Runs one SQL query with Diesel on its own connection and returns the rows' first column.
 pub fn query_strings(db: &Path, sql: &str) -> Vec<String> {
     use diesel::sql_types::Text;
