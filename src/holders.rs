@@ -12,11 +12,6 @@ use std::time::SystemTime;
 
 use crate::operation::Operation;
 
-#[cfg(feature = "sqlite")]
-mod lock_table;
-#[cfg(feature = "sqlite")]
-pub(crate) use lock_table::*;
-
 /// A process that held a lock a write waited for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]

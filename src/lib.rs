@@ -97,7 +97,7 @@ mod engine;
 mod error;
 mod handle;
 mod holders;
-mod open;
+mod migrate;
 mod operation;
 mod options;
 #[cfg(feature = "postgres")]

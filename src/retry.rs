@@ -11,12 +11,14 @@ use crate::error::Operation;
 #[cfg(feature = "sqlite")]
 use crate::error::{error_chain, Error};
 #[cfg(feature = "sqlite")]
-use crate::holders::{holders_of, HeldLock};
+use crate::holders::HeldLock;
 #[cfg(feature = "sqlite")]
 use crate::operation::DB_SYSTEM;
 use crate::operation::ERROR_TYPE_BUSY;
 #[cfg(feature = "sqlite")]
 use crate::sqlite::codes::{lock_in_value, SqliteFailure};
+#[cfg(feature = "sqlite")]
+use crate::sqlite::lock_table::holders_of;
 
 /// When and how often a locked operation is tried again.
 ///

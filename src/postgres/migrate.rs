@@ -24,9 +24,9 @@ use super::failure::{self, PgFailure};
 use super::session::millis;
 use super::PgAttempt;
 use crate::error::{Error, Operation, Result};
-use crate::open::checksums::{self, TABLE as CHECKSUMS};
-use crate::open::plan::{check, plan, Batch, Known, Plan, Refusal, State, DIESEL_TABLE};
-use crate::open::Source;
+use crate::migrate::checksums::{self, TABLE as CHECKSUMS};
+use crate::migrate::plan::{check, plan, Batch, Known, Plan, Refusal, State, DIESEL_TABLE};
+use crate::migrate::Source;
 use crate::options::Options;
 use crate::retry::Try;
 

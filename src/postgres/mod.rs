@@ -26,7 +26,7 @@ use self::session::{Server, SessionError, Settings};
 use crate::error::{Error, Operation, Result};
 use crate::handle::{next_id, Inside, WriteStats};
 use crate::holders::{HeldLock, Holder};
-use crate::open::Source;
+use crate::migrate::Source;
 use crate::options::Options;
 use crate::retry::{retry_in, Db, Failure, RetryPolicy, Started, Success, SystemClock, Try};
 

@@ -10,8 +10,8 @@ use super::{holders, migrate};
 use crate::error::{Error, Operation, Result};
 use crate::handle::Checksums;
 use crate::holders::Holder;
-use crate::open::plan::plan;
-use crate::open::Source;
+use crate::migrate::plan::plan;
+use crate::migrate::Source;
 use crate::options::Options;
 
 /// A PostgreSQL database's state, as `status` shows it: the server, the migrations applied,

@@ -29,9 +29,9 @@ use diesel::sql_types::BigInt;
 use diesel::sqlite::BorrowedSqliteConnection;
 use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
 
-use crate::holders::pinning_readers_of;
 use crate::operation::DB_SYSTEM;
 use crate::sqlite::ffi::shm::{self, WalIndex};
+use crate::sqlite::lock_table::pinning_readers_of;
 
 /// SQLite's automatic checkpoint threshold, kept.
 const CHECKPOINT_FRAMES: u32 = 1000;
@@ -101,7 +101,7 @@ impl Checkpoints {
         if done >= log {
             state.quiet_until = None;
             if let Some(file) = file {
-                crate::holders::record_checkpoint(file);
+                crate::sqlite::lock_table::record_checkpoint(file);
             }
             if std::mem::take(&mut state.pinned) {
                 tracing::info!(

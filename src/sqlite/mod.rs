@@ -2,8 +2,7 @@
 //! and customizer, the write queue, checkpoints, the read-age cap, the migration guard,
 //! closing, status, backup, the classification of lock errors (`codes`), and what the layer
 //! asks of SQLite's C API and of the platform, in the one room that may hold `unsafe` code
-//! (`ffi`). The opening steps that are SQLite's live in `crate::open` beside the planner
-//! both engines share.
+//! (`ffi`). The migration planner both engines share is `crate::migrate`.
 
 #[allow(unsafe_code)]
 pub(crate) mod ffi;
@@ -15,6 +14,8 @@ pub(crate) mod codes;
 pub(crate) mod customizer;
 pub(crate) mod database;
 pub(crate) mod guard;
+pub(crate) mod lock_table;
+pub(crate) mod open;
 pub(crate) mod pool;
 pub(crate) mod queue;
 pub(crate) mod read_age;

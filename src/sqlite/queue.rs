@@ -19,9 +19,10 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, FileOperation, Operation, Result};
-use crate::holders::{holders_of, HeldLock, Record};
+use crate::holders::HeldLock;
 use crate::operation::{DB_SYSTEM, ERROR_TYPE_BUSY};
 use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, Success, Try};
+use crate::sqlite::lock_table::{holders_of, Record};
 
 /// The write queue of one database file.
 #[derive(Debug, Clone)]

@@ -9,11 +9,15 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::handle::Checksums;
-use crate::holders::{holders_of, last_checkpoint_of, pinning_readers_of, wal_readers_of, Holder};
-use crate::open::{read_journal_mode, Access, Filesystem, Source, State, Target};
+use crate::holders::Holder;
+use crate::migrate::{Source, State};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
 use crate::sqlite::customizer::ConnectionCustomizer;
+use crate::sqlite::lock_table::{
+    holders_of, last_checkpoint_of, pinning_readers_of, wal_readers_of,
+};
+use crate::sqlite::open::{read_journal_mode, Access, Filesystem, Target};
 
 /// Sizes in bytes of a database's files; `None` where the file does not exist.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -2,7 +2,8 @@
 //! journal mode, the migrations; the connection is then the handle's (its pool comes later,
 //! see `pool::Connections`).
 
-use super::{preflight, wal, Access, Source, Target};
+use super::{preflight, wal, Access, Target};
+use crate::migrate::Source;
 use std::path::Path;
 use std::sync::Arc;
 

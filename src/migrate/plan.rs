@@ -330,11 +330,11 @@ mod source_sqlite {
     use diesel::{QueryResult, SqliteConnection};
     use diesel_migrations::MigrationHarness;
 
-    use super::super::target::Target;
     use super::{check, checksums, Batch, Plan, Refusal, Source, State, DIESEL_TABLE};
     use crate::error::{Error, Operation, Result};
     use crate::options::Options;
     use crate::sqlite::guard;
+    use crate::sqlite::open::Target;
 
     impl Source<Sqlite> {
         /// The plan for the database `conn` is open on, read without writing.

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use super::{HeldLock, Holder};
+use crate::holders::{HeldLock, Holder};
 use crate::operation::Operation;
 use crate::sqlite::ffi::shm::WalIndex;
 use crate::sqlite::side::side_file;

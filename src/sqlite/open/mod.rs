@@ -1,0 +1,13 @@
+//! Opening a SQLite database has one home: target, preflight, first connection, what the
+//! file records, the journal mode, the migrations (the handle builds its pool later, when
+//! it first needs one).
+
+mod filesystem;
+mod opening;
+mod preflight;
+mod target;
+mod wal;
+
+pub(crate) use filesystem::Filesystem;
+pub(crate) use target::{Access, Target};
+pub(crate) use wal::read as read_journal_mode;
