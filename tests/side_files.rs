@@ -36,6 +36,36 @@ fn a_lock_that_is_a_directory_is_done_without() {
 }
 
 #[test]
+fn a_lock_that_is_a_fifo_is_done_without_instead_of_hanging_the_open() {
+    let (_dir, path) = fresh_db();
+    let lock = side(&path, "-lock");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&lock)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Opening a FIFO for reading waits for a writer: the open used to hang there for ever.
+    let (done, opened) = std::sync::mpsc::channel();
+    let opening = path.clone();
+    std::thread::spawn(move || {
+        let result = Options::new().open(&opening, MIGRATIONS).and_then(|db| {
+            let first = bump(&db, "a")?.0;
+            let second = bump(&db, "a")?.0;
+            Ok((first, second))
+        });
+        let _ = done.send(result.map_err(|e| e.to_string()));
+    });
+    let written = opened
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the open hung on a FIFO named like the write queue's file");
+    assert_eq!(written.unwrap(), (1, 2));
+    // Left as it was.
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &std::fs::symlink_metadata(&lock).unwrap().file_type()
+    ));
+}
+
+#[test]
 fn a_database_path_that_is_a_dangling_symlink_is_refused_and_nothing_is_created() {
     let (dir, path) = fresh_db();
     let target = dir.path().join("elsewhere.db");

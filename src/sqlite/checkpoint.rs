@@ -101,7 +101,7 @@ impl Checkpoints {
         if done >= log {
             state.quiet_until = None;
             if let Some(file) = file {
-                crate::sqlite::lock_table::record_checkpoint(file);
+                crate::sqlite::queue::sidecar::record_checkpoint(file);
             }
             if std::mem::take(&mut state.pinned) {
                 tracing::info!(

@@ -1,13 +1,11 @@
-//! The SQLite side of [`Holder`](super::Holder): the OS lock table (`/proc/locks`) and the
-//! records the layer keeps in `<database>-lock`.
+//! The SQLite side of [`Holder`](crate::Holder): the OS lock table (`/proc/locks`), with the
+//! holder record the write queue keeps in `<database>-lock` (`queue::sidecar`).
 
-use std::fs::File;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
 
 use crate::holders::{HeldLock, Holder};
-use crate::operation::Operation;
 use crate::sqlite::ffi::shm::WalIndex;
+use crate::sqlite::queue::sidecar::read_record;
 use crate::sqlite::side::side_file;
 
 /// SQLite's lock bytes: the WAL write lock in `-shm`, and RESERVED in the database file
@@ -37,7 +35,7 @@ pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
             HeldLock::WriteLock,
         ),
     ]);
-    if let Some(record) = read_record(&side("-lock")) {
+    if let Some(record) = read_record(path) {
         for holder in &mut holders {
             if holder.lock == HeldLock::WriteQueue && holder.pid == record.pid {
                 holder.operation = Some(record.operation);
@@ -46,134 +44,6 @@ pub(crate) fn holders_of(path: &Path) -> Vec<Holder> {
         }
     }
     holders
-}
-
-/// What the write queue's holder writes at the start of the queue's file when it takes its
-/// turn: `SPQ1`, its pid, its operation's code, and the time (milliseconds since the Unix
-/// epoch), little-endian. Only a holder of the turn writes it, so a record whose pid the OS
-/// lock table names as the holder is that holder's (or its process's previous turn's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Record {
-    pub pid: u32,
-    pub operation: Operation,
-    pub since: SystemTime,
-}
-
-const RECORD_MAGIC: &[u8; 4] = b"SPQ1";
-const RECORD_LEN: usize = 20;
-
-impl Record {
-    /// This process's record for `operation`, now.
-    pub(crate) fn now(operation: Operation) -> Self {
-        Self {
-            pid: std::process::id(),
-            operation,
-            since: SystemTime::now(),
-        }
-    }
-
-    fn encode(&self) -> [u8; RECORD_LEN] {
-        let millis = self
-            .since
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut bytes = [0u8; RECORD_LEN];
-        bytes[..4].copy_from_slice(RECORD_MAGIC);
-        bytes[4..8].copy_from_slice(&self.pid.to_le_bytes());
-        bytes[8] = self.operation.code();
-        bytes[12..20].copy_from_slice(&millis.to_le_bytes());
-        bytes
-    }
-
-    /// The record in `bytes`, if they hold one that makes sense (anyone who may write the
-    /// database may write the file: a time in the future is refused).
-    fn decode(bytes: &[u8; RECORD_LEN]) -> Option<Self> {
-        if &bytes[..4] != RECORD_MAGIC {
-            return None;
-        }
-        let pid = u32::from_le_bytes(bytes[4..8].try_into().ok()?);
-        let operation = Operation::from_code(bytes[8])?;
-        let millis = u64::from_le_bytes(bytes[12..20].try_into().ok()?);
-        let since = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))?;
-        (since <= SystemTime::now() + Duration::from_secs(1)).then_some(Self {
-            pid,
-            operation,
-            since,
-        })
-    }
-
-    /// Writes it at the start of the queue's `file` (open for writing). Best effort: a
-    /// holder whose record cannot be written is still named by pid.
-    pub(crate) fn write_to(&self, file: &File) {
-        use std::os::unix::fs::FileExt;
-        let _ = file.write_at(&self.encode(), 0);
-    }
-}
-
-/// Where, after the holder record, a connection of this crate that completed a checkpoint
-/// records when (`SPC1` and milliseconds since the Unix epoch, little-endian).
-const CHECKPOINT_AT: u64 = 24;
-const CHECKPOINT_MAGIC: &[u8; 4] = b"SPC1";
-
-/// Records in the queue's file of `database` that a checkpoint completed now. Best effort,
-/// and only into a regular file that exists (never through a symbolic link, never creating
-/// it): the file's flock descriptions are others', so closing this one takes no lock away.
-pub(crate) fn record_checkpoint(database: &Path) {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let Ok(file) = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(side_file(database, "-lock"))
-    else {
-        return;
-    };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return;
-    }
-    let millis = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let mut bytes = [0u8; 12];
-    bytes[..4].copy_from_slice(CHECKPOINT_MAGIC);
-    bytes[4..].copy_from_slice(&millis.to_le_bytes());
-    let _ = file.write_at(&bytes, CHECKPOINT_AT);
-}
-
-/// When a connection of this crate last completed a checkpoint of `database`, as recorded in
-/// its queue's file.
-pub(crate) fn last_checkpoint_of(database: &Path) -> Option<SystemTime> {
-    use std::os::unix::fs::FileExt;
-    let file = open_sidecar(&side_file(database, "-lock"))?;
-    let mut bytes = [0u8; 12];
-    file.read_exact_at(&mut bytes, CHECKPOINT_AT).ok()?;
-    if &bytes[..4] != CHECKPOINT_MAGIC {
-        return None;
-    }
-    let millis = u64::from_le_bytes(bytes[4..].try_into().ok()?);
-    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))?;
-    (at <= SystemTime::now() + Duration::from_secs(1)).then_some(at)
-}
-
-/// The queue's file `sidecar` open for reading, if it is a regular file (never through a
-/// symbolic link).
-fn open_sidecar(sidecar: &Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(sidecar)
-        .ok()?;
-    file.metadata().ok()?.is_file().then_some(file)
-}
-
-/// The record in the queue's file `sidecar`, if it can be read (never through a symbolic
-/// link) and holds one.
-fn read_record(sidecar: &Path) -> Option<Record> {
-    use std::os::unix::fs::FileExt;
-    let file = open_sidecar(sidecar)?;
-    let mut bytes = [0u8; RECORD_LEN];
-    file.read_exact_at(&mut bytes, 0).ok()?;
-    Record::decode(&bytes)
 }
 
 /// The processes with a read transaction open on the database at `path` (which holds back
@@ -311,6 +181,8 @@ fn command_of(pid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operation::Operation;
+    use std::time::{Duration, SystemTime};
 
     const TABLE: &str = "\
 1: FLOCK  ADVISORY  WRITE 25522 fe:00:10010949 0 EOF
@@ -373,26 +245,5 @@ mod tests {
             holder.to_string(),
             "process 8 (worker) holding the write queue for 3.2 s (write)"
         );
-    }
-
-    #[test]
-    fn a_record_reads_back_and_nonsense_is_refused() {
-        let record = Record::now(Operation::Migrate);
-        let bytes = record.encode();
-        let back = Record::decode(&bytes).unwrap();
-        assert_eq!(back.pid, record.pid);
-        assert_eq!(back.operation, Operation::Migrate);
-        let drift = record.since.duration_since(back.since).unwrap();
-        assert!(drift < Duration::from_millis(1));
-        let mut bad = bytes;
-        bad[0] = b'X';
-        assert_eq!(Record::decode(&bad), None);
-        let mut bad = bytes;
-        bad[8] = 250;
-        assert_eq!(Record::decode(&bad), None);
-        // A time far in the future, as a hostile writer of the file might put.
-        let mut bad = bytes;
-        bad[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(Record::decode(&bad), None);
     }
 }

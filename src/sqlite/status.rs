@@ -14,10 +14,9 @@ use crate::migrate::{Source, State};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
 use crate::sqlite::customizer::ConnectionCustomizer;
-use crate::sqlite::lock_table::{
-    holders_of, last_checkpoint_of, pinning_readers_of, wal_readers_of,
-};
+use crate::sqlite::lock_table::{holders_of, pinning_readers_of, wal_readers_of};
 use crate::sqlite::open::{read_journal_mode, Access, Filesystem, Target};
+use crate::sqlite::queue::sidecar::last_checkpoint_of;
 
 /// Sizes in bytes of a database's files; `None` where the file does not exist.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

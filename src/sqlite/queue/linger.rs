@@ -1,0 +1,208 @@
+//! The turn of a process that writes back to back, kept between its short writes, and the
+//! pause before asking again after a long turn while others queue.
+
+use std::fs::File;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::waiter::WAITER_IDLE;
+use crate::operation::Operation;
+
+/// The turn of a process that writes back to back, kept between its short writes.
+///
+/// Handing the `flock` to another process costs a context switch or two: for writes of a
+/// few microseconds, more than the write. So after a short turn (under [`YIELD_AFTER`](super::turn::YIELD_AFTER)) of a
+/// process that has written before, the locked description is kept for [`LINGER`]; the
+/// process's next write (from any of its threads) takes it without a system call. A streak
+/// of such turns ends [`MAX_STREAK`] after it began: the turn is then released as after a
+/// long one (closed, and the CPU yielded). A streak thus holds the turn no longer than one
+/// 10 ms write would, and processes writing back to back hand it over a few dozen times a
+/// second instead of at every write (BENCHMARKS.md: 8 such processes write about as fast as
+/// one). A thread of its own releases a kept turn nobody took.
+#[derive(Debug, Default)]
+pub(super) struct Linger {
+    state: Mutex<Lingering>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Lingering {
+    /// The kept turn's locked description and when its streak began.
+    kept: Option<(File, Instant)>,
+    /// When the kept turn is released if no write takes it.
+    release_at: Option<Instant>,
+    /// Write turns this process has taken: the first never lingers (a process that writes
+    /// once, then exits, starts no thread for it), nor does the open's (the journal-mode
+    /// switch, the migrations).
+    turns: u64,
+    /// Whether the releasing thread runs, and whether it sleeps until a turn is kept.
+    releaser: bool,
+    idle: bool,
+    /// When this process last found the turn taken by another.
+    waited: Option<Instant>,
+    /// When this process last gave back a long turn while others were queueing (see
+    /// [`GIVE_WAY`]).
+    gave_back: Option<Instant>,
+}
+
+/// What a process asking for the turn does first.
+pub(super) enum Ask {
+    /// Takes its kept turn (its description, locked, and when its streak began).
+    Kept(File, Instant),
+    /// Waits this long before it asks (it has just given back a long turn).
+    GiveWay(Duration),
+    /// Asks at once.
+    Now,
+}
+
+/// How long a short turn is kept for the same process's next write.
+pub(super) const LINGER: Duration = Duration::from_micros(200);
+
+/// After a long turn given back while others queue, how long the same process waits before
+/// it asks again: the waiter the kernel woke needs to be scheduled to take the lock, and on a
+/// busy machine that takes longer than the description's close and the yield. In the first
+/// rounds of 32 processes x 10 ms writes, while each process started its waiting thread,
+/// writers that asked again at once took up to 12 turns ahead of a woken waiter (max wait
+/// 1.13 x fair at the median of 19 runs, up to 1.4 x); waiting 300 us first brought the
+/// median back to 1.08 x (BENCHMARKS.md).
+pub(super) const GIVE_WAY: Duration = Duration::from_micros(300);
+
+/// How long after this process last found the turn taken it gives way after a long turn.
+pub(super) const CONTENDED: Duration = Duration::from_secs(1);
+
+/// How long after this process last kept a turn the releasing thread keeps looking.
+const ACTIVE: Duration = Duration::from_millis(20);
+
+/// The longest a process keeps the turn through a streak of short writes: long enough that a
+/// hand-over (tens of microseconds of wake-ups, context switches and a page cache that
+/// another process's commits made stale) is amortized over hundreds of short writes, so that
+/// fewer than one write in a hundred waits for another process's streak.
+pub(super) const MAX_STREAK: Duration = Duration::from_millis(10);
+
+/// How often the releasing thread looks for a kept turn past its [`LINGER`].
+pub(super) const POLL: Duration = Duration::from_millis(1);
+
+impl Linger {
+    /// What a turn of `operation` asked for `now` does first.
+    pub(super) fn ask(&self, operation: Operation, now: Instant) -> Ask {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if operation == Operation::Write {
+            state.turns += 1;
+        }
+        if let Some((file, streak)) = state.kept.take() {
+            state.release_at = None;
+            return Ask::Kept(file, streak);
+        }
+        match state
+            .gave_back
+            .map(|at| (at + GIVE_WAY).saturating_duration_since(now))
+        {
+            Some(left) if !left.is_zero() => Ask::GiveWay(left),
+            _ => Ask::Now,
+        }
+    }
+
+    /// This process found the turn taken at `now`.
+    pub(super) fn waited(&self, now: Instant) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .waited = Some(now);
+    }
+
+    /// This process gave back a long turn at `now`: its next turn gives way if others have
+    /// been queueing.
+    pub(super) fn gave_back(&self, now: Instant) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state
+            .waited
+            .is_some_and(|at| now.saturating_duration_since(at) < CONTENDED)
+        {
+            state.gave_back = Some(now);
+        }
+    }
+
+    /// Keeps `file` (locked, its streak begun at `streak`) for the next write, or gives it
+    /// back if it is not to be kept.
+    pub(super) fn keep(
+        self: &Arc<Self>,
+        file: File,
+        streak: Instant,
+        now: Instant,
+    ) -> std::result::Result<(), File> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.turns < 2 || state.kept.is_some() {
+            return Err(file);
+        }
+        if !state.releaser {
+            let linger = Arc::clone(self);
+            let started = std::thread::Builder::new()
+                .name("sqlite-persistence-linger".to_owned())
+                .spawn(move || linger.release_unclaimed());
+            if started.is_err() {
+                return Err(file);
+            }
+            state.releaser = true;
+        }
+        state.kept = Some((file, streak));
+        state.release_at = Some(now + LINGER);
+        if state.idle {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Releases the kept turn now (the handle closes).
+    pub(super) fn release(&self) {
+        let kept = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.release_at = None;
+            state.kept.take()
+        };
+        drop(kept);
+    }
+
+    /// The releasing thread: closes a kept turn past its deadline. While this process keeps
+    /// turns (within [`ACTIVE`] of the last one) it looks every [`POLL`], so that
+    /// keeping a turn costs a write's path no system call; after that it sleeps until a turn
+    /// is kept again (which then wakes it), and exits after [`WAITER_IDLE`] without one.
+    fn release_unclaimed(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut active = Instant::now();
+        loop {
+            let now = Instant::now();
+            match state.release_at {
+                Some(at) if now >= at => {
+                    state.release_at = None;
+                    let kept = state.kept.take();
+                    drop(state);
+                    // Closing the description releases the lock.
+                    drop(kept);
+                    state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    active = now;
+                    continue;
+                }
+                Some(_) => active = now,
+                None if now.saturating_duration_since(active) >= ACTIVE => {
+                    state.idle = true;
+                    let (next, wait) = self
+                        .wake
+                        .wait_timeout(state, WAITER_IDLE)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    state = next;
+                    state.idle = false;
+                    if wait.timed_out() && state.release_at.is_none() {
+                        state.releaser = false;
+                        return;
+                    }
+                    active = Instant::now();
+                    continue;
+                }
+                None => {}
+            }
+            drop(state);
+            std::thread::sleep(POLL);
+            state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}

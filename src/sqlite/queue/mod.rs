@@ -1,0 +1,545 @@
+//! The cross-process write turn: writers queue on an OS file lock next to the database
+//! instead of racing SQLite's polling busy handler; [`locked`] takes the turn, then retries
+//! the whole operation.
+//!
+//! SQLite's busy handler polls: newcomers retry every few milliseconds, old waiters every
+//! 100 ms, so under load old waiters lose again and again. A blocking `flock(2)` on a sidecar
+//! file is woken by the kernel the moment the holder releases it. The layer takes it before
+//! `BEGIN IMMEDIATE` (and around the WAL switch and migrations) and releases it after COMMIT,
+//! never waiting for it while holding a SQLite lock. It is an optimisation, never the
+//! guarantee: processes that do not use the crate ignore it and SQLite's own locks (with the
+//! retry policy) still decide.
+
+//!
+//! The mechanisms, one module each: the queue's file, the only code that opens it
+//! ([`sidecar`]); a place in the queue and how it ends ([`turn`]); the turn kept between a
+//! process's short writes ([`linger`]); the thread that blocks in `flock` for the process's
+//! waiting threads ([`waiter`]). This module composes them.
+
+mod linger;
+pub(crate) mod sidecar;
+mod turn;
+mod waiter;
+
+use std::fs::{File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, FileOperation, Operation, Result};
+use crate::holders::HeldLock;
+use crate::operation::{DB_SYSTEM, ERROR_TYPE_BUSY};
+use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, Success, Try};
+use crate::sqlite::lock_table::holders_of;
+use linger::{Ask, Linger};
+use sidecar::{Record, Sidecar};
+use turn::take_idle;
+pub(crate) use turn::Turn;
+use waiter::{Request, Waiter};
+
+/// A process records its turns in the sidecar at most this often, for one operation.
+const RECORD_EVERY: Duration = Duration::from_millis(100);
+
+/// A wait for the turn this long is logged, naming the holder.
+pub(crate) const LONG_WAIT: Duration = Duration::from_secs(1);
+
+/// The write queue of one database file.
+#[derive(Debug, Clone)]
+pub(crate) struct WriteQueue {
+    /// The queue's file, `<database>-lock`.
+    sidecar: Sidecar,
+    /// The database the queue is for, to name who holds it.
+    database: Arc<Path>,
+    /// A description of the sidecar open for writing, to record this process's turns in it
+    /// (see [`Record`]); `None` if it cannot be written.
+    record: Option<Arc<File>>,
+    /// The operation and time of this process's last record.
+    recorded: Arc<Mutex<Option<(Operation, Instant)>>>,
+    /// Blocks in `flock` for this process's waiting threads.
+    waiter: Arc<Waiter>,
+    /// This process's turn, kept for a moment after a short write.
+    linger: Arc<Linger>,
+}
+
+/// How waiting for a turn ended without one.
+#[derive(Debug)]
+pub(crate) enum Wait {
+    /// The timeout passed while another holder kept the lock.
+    TimedOut,
+    /// The lock file could not be opened or locked.
+    Failed(Error),
+}
+
+impl WriteQueue {
+    /// The queue for `database` on its `sidecar` (`<database>-lock`), or `None` (with a
+    /// warning) where the sidecar cannot be used: the queue only makes waiting fair, SQLite's
+    /// own locks and the retry policy still decide, so writers then do without it.
+    ///
+    /// The sidecar is never followed if it is a symbolic link (nor created through one). A
+    /// new one is created with its mode and owner set on its descriptor, not by path, so that
+    /// nobody can swap the path for another file in between: the database's mode, with read
+    /// permission only where the database has write permission (a user who may only read
+    /// the database has no business in the queue, and cannot hold it to stop the writers),
+    /// and, when created by root, the database's owner and group (as SQLite does for `-wal`
+    /// and `-shm`), so that the owner can still open it. A sidecar that exists is left as it
+    /// is: it may be another user's, in a group that shares the database.
+    pub(crate) fn new(database: &Path, sidecar: PathBuf) -> Option<Self> {
+        let mut queue = Self {
+            sidecar: Sidecar::new(sidecar),
+            database: database.into(),
+            record: None,
+            recorded: Arc::default(),
+            waiter: Arc::default(),
+            linger: Arc::default(),
+        };
+        match queue
+            .sidecar
+            .create(database)
+            .and_then(|()| queue.sidecar.open().map(drop))
+        {
+            Ok(()) => {
+                queue.record = queue.sidecar.open_for_records().map(Arc::new);
+                Some(queue)
+            }
+            Err(error) => {
+                tracing::warn!(
+                    queue = %queue.sidecar.path.display(),
+                    error = %crate::error::error_chain(&error),
+                    "the write queue cannot be used; writers wait with SQLite's busy handler \
+                     and the retry policy alone"
+                );
+                None
+            }
+        }
+    }
+
+    /// Records in the sidecar that this process holds the turn for `operation` since now;
+    /// skipped if its last record, for the same operation, is under [`RECORD_EVERY`] old
+    /// (a write to the file costs short writes about 1 us), so that the recorded start is
+    /// early by at most that.
+    fn record(&self, turn: Turn, operation: Operation) -> Turn {
+        let Some(file) = &self.record else {
+            return turn;
+        };
+        let mut recorded = self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = recorded.is_some_and(|(last, at)| {
+            last == operation && turn.taken.duration_since(at) < RECORD_EVERY
+        });
+        if !fresh {
+            Record::now(operation).write_to(file);
+            *recorded = Some((operation, turn.taken));
+        }
+        turn
+    }
+
+    /// Waits at most `timeout` from `start` (now) for the turn, for `operation` (recorded in
+    /// the sidecar once taken; a wait past [`LONG_WAIT`] is logged, naming the holder). A
+    /// turn had without waiting was taken at `start`.
+    pub(crate) fn turn(
+        &self,
+        start: Instant,
+        timeout: Duration,
+        operation: Operation,
+    ) -> Result<Turn, Wait> {
+        self.wait(start, timeout, operation)
+            .map(|turn| self.record(turn, operation))
+    }
+
+    /// Waits at most `timeout` for the lock. Uncontended, this is one non-blocking `flock` on
+    /// this thread's kept description (opened the first time); contended, the queue's one
+    /// waiter thread blocks in `flock` (which has no timeout of its own) for this thread, in
+    /// arrival order, and hands the lock over, or drops it if this thread already gave up.
+    fn wait(&self, start: Instant, timeout: Duration, operation: Operation) -> Result<Turn, Wait> {
+        // When a turn had at once is taken: `start`, unless this process gave way first.
+        let asked = match self.linger.ask(operation, start) {
+            Ask::Kept(file, streak) => {
+                let mut turn = Turn::new(self.sidecar.path.clone(), file, &self.linger, start);
+                turn.streak = streak;
+                return Ok(turn);
+            }
+            Ask::GiveWay(pause) => {
+                std::thread::sleep(pause.min(timeout));
+                Instant::now()
+            }
+            Ask::Now => start,
+        };
+        let file = match take_idle(&self.sidecar.path) {
+            Some(file) => file,
+            None => self.sidecar.open().map_err(Wait::Failed)?,
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                return Ok(Turn::new(
+                    self.sidecar.path.clone(),
+                    file,
+                    &self.linger,
+                    asked,
+                ))
+            }
+            Err(TryLockError::WouldBlock) => self.linger.waited(asked),
+            Err(TryLockError::Error(source)) => {
+                return Err(Wait::Failed(self
+                    .sidecar
+                    .io_error(FileOperation::LockQueue)(
+                    source
+                )))
+            }
+        }
+        let (deliver, receiver) = mpsc::sync_channel(1);
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let request = Request {
+            file,
+            deliver,
+            gave_up: Arc::clone(&gave_up),
+        };
+        if let Err(request) = self.waiter.submit(request) {
+            // At the process's or the user's thread limit: poll instead. Bounded still, no
+            // longer in arrival order.
+            drop(request);
+            tracing::warn!(
+                queue = %self.sidecar.path.display(),
+                "cannot start the write queue's waiting thread; polling for the turn"
+            );
+            return self.poll(start, timeout);
+        }
+        let mut received =
+            receiver.recv_timeout(timeout.saturating_sub(start.elapsed()).min(LONG_WAIT));
+        if received.is_err() && timeout > LONG_WAIT {
+            self.log_long_wait(operation);
+            received = receiver.recv_timeout(timeout.saturating_sub(start.elapsed()));
+        }
+        match received {
+            Ok(Ok(file)) => Ok(Turn::new(
+                self.sidecar.path.clone(),
+                file,
+                &self.linger,
+                Instant::now(),
+            )),
+            Ok(Err(source)) => Err(Wait::Failed(self
+                .sidecar
+                .io_error(FileOperation::LockQueue)(
+                source
+            ))),
+            Err(_) => {
+                gave_up.store(true, Ordering::SeqCst);
+                Err(Wait::TimedOut)
+            }
+        }
+    }
+
+    /// Releases this process's kept turn, if it has one (the database is closing).
+    pub(crate) fn release_kept(&self) {
+        self.linger.release();
+    }
+
+    /// The event of a wait that has lasted [`LONG_WAIT`], naming who holds the turn.
+    fn log_long_wait(&self, operation: Operation) {
+        let holders: Vec<String> = holders_of(&self.database)
+            .iter()
+            .filter(|h| h.lock == HeldLock::WriteQueue)
+            .map(ToString::to_string)
+            .collect();
+        tracing::warn!(
+            db.system.name = DB_SYSTEM,
+            db.namespace = %self.database.display(),
+            db.operation.name = operation.as_str(),
+            operation = operation.as_str(),
+            waited_ms = LONG_WAIT.as_millis() as u64,
+            held_by = %if holders.is_empty() { "unknown".to_owned() } else { holders.join(", ") },
+            "waiting for the write queue"
+        );
+    }
+
+    /// Waits at most `timeout` for the lock by trying it every few milliseconds.
+    fn poll(&self, start: Instant, timeout: Duration) -> Result<Turn, Wait> {
+        let file = self.sidecar.open().map_err(Wait::Failed)?;
+        loop {
+            match file.try_lock() {
+                Ok(()) => {
+                    return Ok(Turn::new(
+                        self.sidecar.path.clone(),
+                        file,
+                        &self.linger,
+                        Instant::now(),
+                    ))
+                }
+                Err(TryLockError::WouldBlock) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(TryLockError::WouldBlock) => return Err(Wait::TimedOut),
+                Err(TryLockError::Error(source)) => {
+                    return Err(Wait::Failed(self
+                        .sidecar
+                        .io_error(FileOperation::LockQueue)(
+                        source
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Takes the write turn in `queue` (if there is one), then runs `attempt` under the retry
+/// policy until it succeeds or fails for good; the turn is held throughout. Queueing and
+/// retrying share one deadline. This is how the journal-mode switch, the migration batch
+/// and every `write` take the write lock: the turn is never awaited while holding a SQLite
+/// lock, because it comes first. The deadline counts from when it `started`.
+pub(crate) fn locked<T, E>(
+    queue: Option<&WriteQueue>,
+    policy: &RetryPolicy,
+    started: Started<'_>,
+    operation: Operation,
+    database: &Path,
+    attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
+) -> Result<Success<T>, E>
+where
+    E: From<Error> + 'static,
+{
+    let (turn, policy) = wait_turn(queue, started.at, operation, policy, database)?;
+    // A turn had at once was taken when the operation started: no clock read for the retry
+    // loop's start.
+    let attempts = match &turn {
+        Some(turn) if turn.taken != started.at => Started::now(started.clock),
+        _ => started,
+    };
+    let outcome = retry_attempts(&policy, attempts, operation, database, attempt);
+    drop(turn);
+    outcome
+}
+
+/// Takes a turn in `queue` (if there is one) for `operation`, waiting at most the policy's
+/// deadline from `start` (now). Returns the turn and the policy left for the operation itself: its deadline
+/// shortened by the time spent queueing, so that the whole stays within one deadline.
+fn wait_turn(
+    queue: Option<&WriteQueue>,
+    start: Instant,
+    operation: Operation,
+    policy: &RetryPolicy,
+    database: &Path,
+) -> Result<(Option<Turn>, RetryPolicy)> {
+    let Some(queue) = queue else {
+        return Ok((None, *policy));
+    };
+    match queue.turn(start, policy.deadline(), operation) {
+        Ok(turn) => {
+            // (No clock read: a turn had without waiting was taken at `start`.)
+            let left = policy
+                .deadline()
+                .saturating_sub(turn.taken.saturating_duration_since(start));
+            Ok((Some(turn), policy.max_elapsed(left)))
+        }
+        Err(Wait::Failed(error)) => {
+            // The sidecar was usable at open and is not now (removed, replaced): do without.
+            tracing::warn!(
+                operation = operation.as_str(),
+                queue = %queue.sidecar.path.display(),
+                error = %crate::error::error_chain(&error),
+                "the write queue cannot be used; waiting with SQLite's locks alone"
+            );
+            Ok((None, *policy))
+        }
+        Err(Wait::TimedOut) => {
+            let elapsed = start.elapsed();
+            tracing::error!(
+                db.system.name = DB_SYSTEM,
+                db.namespace = %database.display(),
+                db.operation.name = operation.as_str(),
+                error.type = ERROR_TYPE_BUSY,
+                operation = operation.as_str(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                queue = %queue.sidecar.path.display(),
+                "write queue stayed locked, giving up"
+            );
+            Err(Error::Busy {
+                operation,
+                attempts: 1,
+                elapsed,
+                source: Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "another process held the write queue {} past the deadline",
+                        queue.sidecar.path.display()
+                    ),
+                )),
+                holders: holders_of(database),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linger::{CONTENDED, GIVE_WAY, LINGER, POLL};
+    use super::*;
+
+    fn sidecar(db: &Path) -> PathBuf {
+        PathBuf::from(format!("{}-lock", db.display()))
+    }
+
+    fn queue_of(db: &Path) -> WriteQueue {
+        WriteQueue::new(db, sidecar(db)).unwrap()
+    }
+
+    #[cfg(unix)]
+    /// Whether another open file description gets the lock at once.
+    fn free(db: &Path) -> bool {
+        let file = File::open(sidecar(db)).unwrap();
+        let free = file.try_lock().is_ok();
+        drop(file);
+        free
+    }
+
+    #[test]
+    fn a_short_turn_is_kept_for_the_next_write_then_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let queue = queue_of(&db);
+        let short = || {
+            drop(
+                queue
+                    .turn(Instant::now(), Duration::from_secs(1), Operation::Write)
+                    .unwrap(),
+            )
+        };
+        // The first turn of a process is never kept: one that writes once starts no thread.
+        short();
+        assert!(free(&db));
+        // The second is kept for a moment ...
+        short();
+        assert!(!free(&db), "the turn was not kept");
+        // ... and released when nobody takes it.
+        let start = Instant::now();
+        while !free(&db) {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "the kept turn was never released"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert!(start.elapsed() < LINGER + POLL + Duration::from_millis(50));
+        // Closing the database gives a kept turn back at once.
+        short();
+        assert!(!free(&db));
+        queue.release_kept();
+        assert!(free(&db));
+    }
+
+    #[test]
+    fn a_streak_of_short_turns_lets_a_waiter_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let queue = queue_of(&db);
+        let stop = Arc::new(AtomicBool::new(false));
+        // One thread takes short turns back to back, as a process writing in a loop does.
+        let writer = {
+            let (queue, stop) = (queue.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    drop(
+                        queue
+                            .turn(Instant::now(), Duration::from_secs(5), Operation::Write)
+                            .unwrap(),
+                    );
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        // Another process's writer (its own queue, its own descriptions) still gets a turn.
+        let other = queue_of(&db);
+        let start = Instant::now();
+        let turn = other.turn(Instant::now(), Duration::from_secs(5), Operation::Write);
+        let waited = start.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        drop(turn.unwrap());
+        writer.join().unwrap();
+        assert!(waited < Duration::from_millis(500), "waited {waited:?}");
+    }
+
+    #[test]
+    fn a_long_turn_given_back_while_others_queue_gives_way_before_the_next() {
+        let linger = Arc::new(Linger::default());
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Never waited: a long turn given back changes nothing.
+        linger.gave_back(t0);
+        assert!(matches!(linger.ask(Operation::Write, t0), Ask::Now));
+        // Found the turn taken, then gave a long one back: the next ask waits first ...
+        linger.waited(t0);
+        linger.gave_back(t0 + ms(10));
+        match linger.ask(Operation::Write, t0 + ms(10)) {
+            Ask::GiveWay(pause) => assert_eq!(pause, GIVE_WAY),
+            _ => panic!("did not give way"),
+        }
+        // ... only just after it: an ask after GIVE_WAY goes at once.
+        assert!(matches!(
+            linger.ask(Operation::Write, t0 + ms(10) + GIVE_WAY),
+            Ask::Now
+        ));
+        // The last wait is over a second old: no longer contended.
+        linger.gave_back(t0 + CONTENDED + ms(20));
+        assert!(matches!(
+            linger.ask(Operation::Write, t0 + CONTENDED + ms(20)),
+            Ask::Now
+        ));
+    }
+
+    #[test]
+    fn one_holder_at_a_time_and_a_bounded_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = queue_of(&dir.path().join("db"));
+        let first = queue
+            .turn(Instant::now(), Duration::from_secs(1), Operation::Write)
+            .unwrap();
+        let start = Instant::now();
+        assert!(matches!(
+            queue.turn(start, Duration::from_millis(200), Operation::Write),
+            Err(Wait::TimedOut)
+        ));
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2));
+        drop(first);
+        // The abandoned waiter's thread got the lock and dropped it: the queue is free.
+        let again = queue.turn(Instant::now(), Duration::from_secs(5), Operation::Write);
+        assert!(again.is_ok());
+    }
+
+    #[test]
+    fn a_waiter_gets_the_lock_as_soon_as_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = queue_of(&dir.path().join("db"));
+        let held = queue
+            .turn(Instant::now(), Duration::from_secs(1), Operation::Write)
+            .unwrap();
+        let other = queue.clone();
+        let waiter = std::thread::spawn(move || {
+            let start = Instant::now();
+            let turn = other.turn(start, Duration::from_secs(10), Operation::Write);
+            (turn.is_ok(), start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+        let (ok, waited) = waiter.join().unwrap();
+        assert!(ok);
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_sidecar_gets_the_database_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+        queue_of(&db);
+        let mode = std::fs::metadata(sidecar(&db))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

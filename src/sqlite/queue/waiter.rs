@@ -1,0 +1,93 @@
+//! The one thread per queue that blocks in `flock` for this process's waiting threads.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
+
+/// The one thread per queue that blocks in `flock` on behalf of this process's waiting
+/// threads, in their arrival order, and hands each its locked description (or releases it,
+/// if the thread gave up meanwhile). `flock` has no timeout; a thread per wait would stay
+/// blocked after its caller gave up, one more for every timed-out write behind a stuck
+/// holder. The thread exits when no request came for [`WAITER_IDLE`].
+#[derive(Debug, Default)]
+pub(super) struct Waiter {
+    state: Mutex<Waiting>,
+    arrived: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    requests: VecDeque<Request>,
+    /// Whether the waiter thread runs.
+    running: bool,
+}
+
+/// One thread's wait: its description of the sidecar, where to deliver it locked, and
+/// whether it gave up.
+#[derive(Debug)]
+pub(super) struct Request {
+    pub(super) file: File,
+    pub(super) deliver: mpsc::SyncSender<std::io::Result<File>>,
+    pub(super) gave_up: Arc<AtomicBool>,
+}
+
+/// How long the waiter thread stays for another request before it exits.
+pub(super) const WAITER_IDLE: Duration = Duration::from_secs(5);
+
+impl Waiter {
+    /// Queues `request`, starting the waiter thread if none runs; gives the request back if
+    /// no thread could be started (at the thread limit).
+    pub(super) fn submit(self: &Arc<Self>, request: Request) -> std::result::Result<(), Request> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.requests.push_back(request);
+        if state.running {
+            self.arrived.notify_one();
+            return Ok(());
+        }
+        let waiter = Arc::clone(self);
+        match std::thread::Builder::new()
+            .name("sqlite-persistence-queue".to_owned())
+            .spawn(move || waiter.serve())
+        {
+            Ok(_) => {
+                state.running = true;
+                Ok(())
+            }
+            Err(_) => Err(state.requests.pop_back().expect("just queued")),
+        }
+    }
+
+    fn serve(&self) {
+        loop {
+            let Request {
+                file,
+                deliver,
+                gave_up,
+            } = {
+                let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+                loop {
+                    if let Some(request) = state.requests.pop_front() {
+                        break request;
+                    }
+                    let (next, wait) = self
+                        .arrived
+                        .wait_timeout(state, WAITER_IDLE)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    state = next;
+                    if wait.timed_out() && state.requests.is_empty() {
+                        state.running = false;
+                        return;
+                    }
+                }
+            };
+            if gave_up.load(Ordering::SeqCst) {
+                continue;
+            }
+            // If the thread gave up while this blocked, the send fails and the file, and
+            // with it the lock, is dropped.
+            let _ = deliver.send(file.lock().map(|()| file));
+        }
+    }
+}
