@@ -180,22 +180,65 @@ pub(crate) trait Clock: Send + Sync {
     fn sleep(&self, duration: Duration);
 }
 
-/// A clock and the time of it at which an operation started: its deadline counts from there.
-/// The caller reads it (see [`Started::now`]) or passes a time it just read, one clock read
-/// less on the path of every write.
+/// One operation's deadline: when it started, by which clock, and how long it may take (the
+/// policy's `max_elapsed`). Made once where the operation begins, before it waits for a
+/// connection or for the write turn, and carried through those waits and every attempt:
+/// what is left is always read from it, never from a copy of the policy shortened by the
+/// waits.
 #[derive(Clone, Copy)]
-pub(crate) struct Started<'a> {
-    pub clock: &'a dyn Clock,
-    pub at: Instant,
+pub(crate) struct Deadline<'a> {
+    clock: &'a dyn Clock,
+    start: Instant,
+    limit: Duration,
+    /// The latest time this operation read the clock (its start, until it waited): the next
+    /// attempt's time left counts to it, without reading the clock again.
+    known: Instant,
 }
 
-impl<'a> Started<'a> {
-    /// Starting now by `clock`.
-    pub(crate) fn now(clock: &'a dyn Clock) -> Self {
+impl<'a> Deadline<'a> {
+    /// `policy`'s deadline for an operation that started at `start`, a time just read from
+    /// `clock`.
+    pub(crate) fn at(clock: &'a dyn Clock, start: Instant, policy: &RetryPolicy) -> Self {
         Self {
             clock,
-            at: clock.now(),
+            start,
+            limit: policy.max_elapsed,
+            known: start,
         }
+    }
+
+    /// `policy`'s deadline for an operation starting now by `clock`.
+    pub(crate) fn now(clock: &'a dyn Clock, policy: &RetryPolicy) -> Self {
+        Self::at(clock, clock.now(), policy)
+    }
+
+    /// The same deadline, the operation having read the clock at `now` (after a wait).
+    pub(crate) fn read_at(self, now: Instant) -> Self {
+        Self {
+            known: now.max(self.known),
+            ..self
+        }
+    }
+
+    /// The same deadline, with the clock read now.
+    pub(crate) fn read_now(self) -> Self {
+        self.read_at(self.clock.now())
+    }
+
+    /// The latest time this operation read the clock.
+    pub(crate) fn known(&self) -> Instant {
+        self.known
+    }
+
+    /// What is left of it at the latest time read.
+    pub(crate) fn left(&self) -> Duration {
+        self.limit
+            .saturating_sub(self.known.saturating_duration_since(self.start))
+    }
+
+    /// How long the operation has run, now.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.clock.now().saturating_duration_since(self.start)
     }
 }
 
@@ -242,35 +285,6 @@ pub(crate) struct Success<T> {
     pub attempts: u32,
 }
 
-/// Runs `attempt` until it succeeds, fails with an error `is_transient` rejects, or the
-/// policy is exhausted. Each retry is logged at `warn`, exhaustion at `error`, with the
-/// error as `describe` renders it.
-#[cfg(feature = "sqlite")]
-pub(crate) fn retry<T, E>(
-    policy: &RetryPolicy,
-    started: Started<'_>,
-    operation: Operation,
-    database: &Path,
-    is_transient: impl Fn(&E) -> bool,
-    describe: impl Fn(&E) -> String,
-    attempt: impl FnMut(Try) -> Result<T, E>,
-) -> Result<Success<T>, Failure<E>> {
-    let namespace = database.display();
-    let db = Db {
-        system: DB_SYSTEM,
-        namespace: &namespace,
-    };
-    retry_in(
-        policy,
-        started,
-        operation,
-        db,
-        is_transient,
-        describe,
-        attempt,
-    )
-}
-
 /// The database a retried operation works on, as its `tracing` events name it.
 #[derive(Clone, Copy)]
 pub(crate) struct Db<'a> {
@@ -280,39 +294,38 @@ pub(crate) struct Db<'a> {
     pub namespace: &'a dyn std::fmt::Display,
 }
 
-/// [`retry`] for any engine: its events name `db`.
+/// Runs `attempt` until it succeeds, fails with an error `is_transient` rejects, or the
+/// policy's attempts or the `deadline` run out. Each retry is logged at `warn`, exhaustion
+/// at `error`, with the error as `describe` renders it; the events name `db`.
 pub(crate) fn retry_in<T, E>(
     policy: &RetryPolicy,
-    started: Started<'_>,
+    deadline: Deadline<'_>,
     operation: Operation,
     db: Db<'_>,
     is_transient: impl Fn(&E) -> bool,
     describe: impl Fn(&E) -> String,
     mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, Failure<E>> {
-    let Started { clock, at: start } = started;
     let mut delays = policy.delays();
     let mut attempts = 0u32;
+    let mut deadline = deadline;
     loop {
         attempts += 1;
-        // The first attempt starts as the loop does.
-        let left = if attempts == 1 {
-            policy.max_elapsed
-        } else {
-            policy
-                .max_elapsed
-                .saturating_sub(clock.now().saturating_duration_since(start))
-        };
+        // The first attempt starts when the operation last read the clock.
+        if attempts > 1 {
+            deadline = deadline.read_now();
+        }
         let error = match attempt(Try {
             number: attempts,
-            left,
+            left: deadline.left(),
         }) {
             Ok(value) => return Ok(Success { value, attempts }),
             Err(error) if !is_transient(&error) => return Err(Failure::Permanent(error)),
             Err(error) => error,
         };
-        let elapsed = clock.now().saturating_duration_since(start);
-        let remaining = policy.max_elapsed.saturating_sub(elapsed);
+        deadline = deadline.read_now();
+        let elapsed = deadline.known.saturating_duration_since(deadline.start);
+        let remaining = deadline.left();
         if attempts >= policy.max_attempts || remaining.is_zero() {
             tracing::error!(
                 db.system.name = db.system,
@@ -344,7 +357,7 @@ pub(crate) fn retry_in<T, E>(
             error = %describe(&error),
             "database is locked, retrying"
         );
-        clock.sleep(delay);
+        deadline.clock.sleep(delay);
     }
 }
 
@@ -417,13 +430,13 @@ impl<E: From<Error> + 'static> Attempt<E> {
     }
 }
 
-/// [`retry`] for the layer's operations: lock errors are retried (the layer's own by the
-/// layer's classifier, the caller's anywhere in their source chain), and exhaustion becomes
-/// [`Error::Busy`] carrying the last lock error.
+/// [`retry_in`] for the layer's SQLite operations: lock errors are retried (the layer's own
+/// by the layer's classifier, the caller's anywhere in their source chain), and exhaustion
+/// becomes [`Error::Busy`] carrying the last lock error.
 #[cfg(feature = "sqlite")]
 pub(crate) fn retry_attempts<T, E>(
     policy: &RetryPolicy,
-    started: Started<'_>,
+    deadline: Deadline<'_>,
     operation: Operation,
     database: &Path,
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
@@ -431,11 +444,16 @@ pub(crate) fn retry_attempts<T, E>(
 where
     E: From<Error> + 'static,
 {
-    retry(
+    let namespace = database.display();
+    let db = Db {
+        system: DB_SYSTEM,
+        namespace: &namespace,
+    };
+    retry_in(
         policy,
-        started,
+        deadline,
         operation,
-        database,
+        db,
         Attempt::is_lock_error,
         Attempt::describe,
         attempt,
@@ -472,9 +490,13 @@ pub(crate) fn retry_locked<T, E>(
 where
     E: From<Error> + 'static,
 {
-    retry_attempts(policy, Started::now(clock), operation, database, |n| {
-        attempt(n).map_err(Attempt::caller)
-    })
+    retry_attempts(
+        policy,
+        Deadline::now(clock, policy),
+        operation,
+        database,
+        |n| attempt(n).map_err(Attempt::caller),
+    )
 }
 
 #[cfg(all(test, feature = "sqlite"))]
@@ -519,17 +541,22 @@ pub(crate) mod tests {
         Duration::from_millis(n)
     }
 
+    const TEST_DB: Db<'static> = Db {
+        system: DB_SYSTEM,
+        namespace: &"test.db",
+    };
+
     /// Runs an operation that is always locked, calling `each` at every attempt.
     fn always_locked(
         policy: &RetryPolicy,
         clock: &FakeClock,
         mut each: impl FnMut(),
     ) -> Result<Success<()>, Failure<&'static str>> {
-        retry(
+        retry_in(
             policy,
-            Started::now(clock),
+            Deadline::now(clock, policy),
             Operation::Query,
-            Path::new("test.db"),
+            TEST_DB,
             |_: &&str| true,
             |e| e.to_string(),
             |_| {
@@ -582,11 +609,11 @@ pub(crate) mod tests {
     fn succeeds_after_transient_errors_with_the_exact_schedule() {
         let clock = FakeClock::new();
         let policy = RetryPolicy::new().jitter(false).initial_delay(ms(10));
-        let outcome = retry(
+        let outcome = retry_in(
             &policy,
-            Started::now(&clock),
+            Deadline::now(&clock, &policy),
             Operation::Query,
-            Path::new("test.db"),
+            TEST_DB,
             |_: &&str| true,
             |e| e.to_string(),
             |attempt| {
@@ -611,11 +638,12 @@ pub(crate) mod tests {
     #[test]
     fn permanent_errors_return_at_once() {
         let clock = FakeClock::new();
-        let outcome = retry(
-            &RetryPolicy::new(),
-            Started::now(&clock),
+        let policy = RetryPolicy::new();
+        let outcome = retry_in(
+            &policy,
+            Deadline::now(&clock, &policy),
             Operation::Query,
-            Path::new("test.db"),
+            TEST_DB,
             |e: &&str| *e == "locked",
             |e| e.to_string(),
             |_| Err::<(), _>("syntax error"),

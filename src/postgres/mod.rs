@@ -28,7 +28,7 @@ use crate::handle::{next_id, Inside, WriteStats};
 use crate::holders::{HeldLock, Holder};
 use crate::migrate::Source;
 use crate::options::Options;
-use crate::retry::{retry_in, Db, Failure, RetryPolicy, Started, Success, SystemClock, Try};
+use crate::retry::{retry_in, Db, Deadline, Failure, RetryPolicy, Success, SystemClock, Try};
 
 /// OpenTelemetry's `db.system.name` for PostgreSQL.
 const DB_SYSTEM: &str = "postgresql";
@@ -188,7 +188,7 @@ impl Options {
             return Ok(Vec::new());
         }
         let (_, known) = source.migrations();
-        let policy = self.policy_left(started);
+        let deadline = Deadline::at(&SystemClock, started, &self.retry);
         let db = Db {
             system: DB_SYSTEM,
             namespace: &shown.display(),
@@ -201,7 +201,8 @@ impl Options {
         };
         if !migrate::needs_session_lock(known, &plan) {
             return retry_pg(
-                &policy,
+                &self.retry,
+                deadline,
                 db,
                 Operation::Migrate,
                 |attempt| migrate::batch(&mut conn.borrow_mut(), source, self, shown, key, attempt),
@@ -212,7 +213,8 @@ impl Options {
         // A migration that cannot run in a transaction is pending: wait for the lock in
         // autocommit, never inside a transaction.
         retry_pg(
-            &policy,
+            &self.retry,
+            deadline,
             db,
             Operation::MigrationLock,
             |_| match migrate::try_session_lock(&mut conn.borrow_mut(), key) {
@@ -249,18 +251,13 @@ impl Options {
         }
         result
     }
-
-    /// The retry policy with what is left of its deadline since `asked`.
-    fn policy_left(&self, asked: Instant) -> RetryPolicy {
-        let retry = self.retry;
-        retry.max_elapsed(retry.deadline().saturating_sub(asked.elapsed()))
-    }
 }
 
 /// [`retry_in`] for PostgreSQL: transient failures are retried; exhaustion becomes
 /// [`Error::Busy`] carrying the last one.
 fn retry_pg<T, E: From<Error>>(
     policy: &RetryPolicy,
+    deadline: Deadline<'_>,
     db: Db<'_>,
     operation: Operation,
     attempt: impl FnMut(Try) -> Result<T, PgAttempt<E>>,
@@ -276,7 +273,8 @@ fn retry_pg<T, E: From<Error>>(
     };
     retry_in(
         policy,
-        Started::now(&SystemClock),
+        // The attempts start now: the clock is read once more.
+        deadline.read_now(),
         operation,
         db,
         is_transient,
@@ -355,7 +353,8 @@ impl PgDatabase {
         let mut held: Option<PooledPg> = None;
         let mut queued = false;
         let outcome = retry_pg(
-            &self.options.policy_left(asked),
+            &self.options.retry,
+            Deadline::at(&SystemClock, asked, &self.options.retry),
             self.db(),
             Operation::Write,
             |attempt| {
@@ -426,7 +425,8 @@ impl PgDatabase {
         let _inside = Inside::enter(self.id, Operation::Read)?;
         let asked = Instant::now();
         retry_pg(
-            &self.options.policy_left(asked),
+            &self.options.retry,
+            Deadline::at(&SystemClock, asked, &self.options.retry),
             self.db(),
             Operation::Read,
             |attempt| {

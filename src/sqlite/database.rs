@@ -15,7 +15,7 @@ use crate::handle::WriteStats;
 use crate::handle::{next_id, Inside};
 use crate::options::Options;
 use crate::pragma::JournalMode;
-use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, SystemClock};
+use crate::retry::{retry_attempts, Attempt, Deadline, SystemClock};
 use crate::sqlite::closing::OpenConnections;
 use crate::sqlite::codes;
 use crate::sqlite::customizer::within;
@@ -183,15 +183,12 @@ impl Database {
         let began = Cell::new(asked);
         // The pool slot first, then the cross-process turn: a process never holds the turn
         // while it waits for its own pool.
+        let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let mut conn = self.checkout()?;
-        let (policy, now) = self.policy_left(asked);
         let outcome = locked(
             self.queue.as_ref(),
-            &policy,
-            Started {
-                clock: &SystemClock,
-                at: now,
-            },
+            &self.options.retry,
+            deadline.read_at(Instant::now()),
             Operation::Write,
             &self.path,
             |attempt| {
@@ -229,14 +226,11 @@ impl Database {
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
         let asked = Instant::now();
+        let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let mut conn = self.checkout()?;
-        let (policy, now) = self.policy_left(asked);
         retry_attempts(
-            &policy,
-            Started {
-                clock: &SystemClock,
-                at: now,
-            },
+            &self.options.retry,
+            deadline.read_at(Instant::now()),
             Operation::Read,
             &self.path,
             |_| {
@@ -274,17 +268,6 @@ impl Database {
     pub fn connection(&self) -> Result<PooledSqlite> {
         Inside::check(self.id, Operation::Connection)?;
         self.connections.pooled()
-    }
-
-    /// The retry policy with what is left of its deadline since `asked`, and now: the wait
-    /// for a pooled connection counts against the one deadline of the operation.
-    fn policy_left(&self, asked: Instant) -> (RetryPolicy, Instant) {
-        let retry = self.options.retry;
-        let now = Instant::now();
-        let left = retry
-            .deadline()
-            .saturating_sub(now.saturating_duration_since(asked));
-        (retry.max_elapsed(left), now)
     }
 
     /// Runs `f` on a pooled connection as `operation`, refused inside a `write` or `read` of

@@ -15,7 +15,7 @@ use crate::error::{Error, Operation, Result};
 use crate::operation::DB_SYSTEM;
 use crate::options::Options;
 use crate::pragma::JournalMode;
-use crate::retry::{retry_locked, Attempt, Clock, Started, SystemClock, Try};
+use crate::retry::{retry_locked, Attempt, Clock, Deadline, SystemClock, Try};
 use crate::sqlite::closing::OpenConnections;
 use crate::sqlite::customizer::{within, ConnectionCustomizer};
 use crate::sqlite::database::Database;
@@ -197,7 +197,7 @@ impl Opening<'_> {
         let answer = locked(
             queue,
             &self.options.retry,
-            Started::now(self.clock),
+            Deadline::now(self.clock, &self.options.retry),
             Operation::SwitchJournalMode,
             self.target.path(),
             |_| {
@@ -227,7 +227,7 @@ impl Opening<'_> {
         let applied = locked(
             queue,
             &self.options.retry,
-            Started::now(self.clock),
+            Deadline::now(self.clock, &self.options.retry),
             Operation::Migrate,
             self.target.path(),
             |attempt| {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::holders::HeldLock;
 use crate::operation::{DB_SYSTEM, ERROR_TYPE_BUSY};
-use crate::retry::{retry_attempts, Attempt, RetryPolicy, Started, Success, Try};
+use crate::retry::{retry_attempts, Attempt, Deadline, RetryPolicy, Success, Try};
 use crate::sqlite::lock_table::holders_of;
 use linger::{Ask, Linger};
 use sidecar::{Record, Sidecar};
@@ -282,13 +282,13 @@ impl WriteQueue {
 
 /// Takes the write turn in `queue` (if there is one), then runs `attempt` under the retry
 /// policy until it succeeds or fails for good; the turn is held throughout. Queueing and
-/// retrying share one deadline. This is how the journal-mode switch, the migration batch
-/// and every `write` take the write lock: the turn is never awaited while holding a SQLite
-/// lock, because it comes first. The deadline counts from when it `started`.
+/// retrying share the one `deadline`. This is how the journal-mode switch, the migration
+/// batch and every `write` take the write lock: the turn is never awaited while holding a
+/// SQLite lock, because it comes first.
 pub(crate) fn locked<T, E>(
     queue: Option<&WriteQueue>,
     policy: &RetryPolicy,
-    started: Started<'_>,
+    deadline: Deadline<'_>,
     operation: Operation,
     database: &Path,
     attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
@@ -296,39 +296,31 @@ pub(crate) fn locked<T, E>(
 where
     E: From<Error> + 'static,
 {
-    let (turn, policy) = wait_turn(queue, started.at, operation, policy, database)?;
-    // A turn had at once was taken when the operation started: no clock read for the retry
-    // loop's start.
-    let attempts = match &turn {
-        Some(turn) if turn.taken != started.at => Started::now(started.clock),
-        _ => started,
+    let turn = wait_turn(queue, deadline, operation, database)?;
+    // A turn had at once was taken when the operation last read the clock: no clock read
+    // for the first attempt.
+    let deadline = match &turn {
+        Some(turn) if turn.taken != deadline.known() => deadline.read_now(),
+        _ => deadline,
     };
-    let outcome = retry_attempts(&policy, attempts, operation, database, attempt);
+    let outcome = retry_attempts(policy, deadline, operation, database, attempt);
     drop(turn);
     outcome
 }
 
-/// Takes a turn in `queue` (if there is one) for `operation`, waiting at most the policy's
-/// deadline from `start` (now). Returns the turn and the policy left for the operation itself: its deadline
-/// shortened by the time spent queueing, so that the whole stays within one deadline.
+/// Takes a turn in `queue` (if there is one) for `operation`, waiting at most what is left
+/// of `deadline`, counted from when the operation last read the clock.
 fn wait_turn(
     queue: Option<&WriteQueue>,
-    start: Instant,
+    deadline: Deadline<'_>,
     operation: Operation,
-    policy: &RetryPolicy,
     database: &Path,
-) -> Result<(Option<Turn>, RetryPolicy)> {
+) -> Result<Option<Turn>> {
     let Some(queue) = queue else {
-        return Ok((None, *policy));
+        return Ok(None);
     };
-    match queue.turn(start, policy.deadline(), operation) {
-        Ok(turn) => {
-            // (No clock read: a turn had without waiting was taken at `start`.)
-            let left = policy
-                .deadline()
-                .saturating_sub(turn.taken.saturating_duration_since(start));
-            Ok((Some(turn), policy.max_elapsed(left)))
-        }
+    match queue.turn(deadline.known(), deadline.left(), operation) {
+        Ok(turn) => Ok(Some(turn)),
         Err(Wait::Failed(error)) => {
             // The sidecar was usable at open and is not now (removed, replaced): do without.
             tracing::warn!(
@@ -337,10 +329,10 @@ fn wait_turn(
                 error = %crate::error::error_chain(&error),
                 "the write queue cannot be used; waiting with SQLite's locks alone"
             );
-            Ok((None, *policy))
+            Ok(None)
         }
         Err(Wait::TimedOut) => {
-            let elapsed = start.elapsed();
+            let elapsed = deadline.elapsed();
             tracing::error!(
                 db.system.name = DB_SYSTEM,
                 db.namespace = %database.display(),
