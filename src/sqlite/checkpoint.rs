@@ -8,8 +8,15 @@
 //! which replaces the automatic checkpoint):
 //! - at 1000 frames, a PASSIVE checkpoint after the commit, as SQLite's would: it never waits
 //!   for readers or writers, and one that finds another checkpointer at work steps aside;
-//! - when a reader pins the WAL, no further attempt on this connection for
-//!   [`PINNED_RETRY`], instead of one per commit;
+//! - an attempt that copies no frame the one before it had not (in the same WAL) leaves the
+//!   WAL alone on this connection for 5 ms, doubling at each such attempt in a row up to
+//!   [`PINNED_RETRY`], instead of trying at every commit: a reader pinning the WAL soon
+//!   costs the writers one attempt every 250 ms. Attempts left incomplete by other writers'
+//!   transactions (each copies more than the one before) try again at the next commit, as
+//!   SQLite's would, so that writers who bypass the write queue (an application's own pool,
+//!   a plain process) still find the moment to start the WAL over;
+//! - the WAL counts as pinned once the attempts have copied nothing new for
+//!   [`PINNED_AFTER`];
 //! - when the pinned WAL passes the warning size, a `warn` event (at most one per
 //!   [`WARNING_INTERVAL`] per connection) naming the processes holding the pinning read
 //!   marks, from the OS lock table (Linux; elsewhere "unknown").
@@ -35,7 +42,14 @@ use crate::sqlite::lock_table::pinning_readers_of;
 
 /// SQLite's automatic checkpoint threshold, kept.
 const CHECKPOINT_FRAMES: u32 = 1000;
-/// How long a connection leaves a pinned WAL alone before trying again.
+/// How long the attempts of a connection must copy nothing new before it takes the WAL for
+/// pinned by a reader (a writer racing it holds it back for a transaction, not this long),
+/// and may warn.
+pub(crate) const PINNED_AFTER: Duration = Duration::from_millis(100);
+/// How long a connection leaves the WAL alone after an attempt that copied nothing new; it
+/// doubles at each such attempt in a row, up to [`PINNED_RETRY`].
+const FIRST_QUIET: Duration = Duration::from_millis(5);
+/// The longest a connection leaves a stalled WAL alone before trying again.
 pub(crate) const PINNED_RETRY: Duration = Duration::from_millis(250);
 /// At most one size warning per connection this often.
 pub(crate) const WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -56,6 +70,11 @@ struct State {
     last_warning: Option<Instant>,
     /// Whether the last attempt was pinned, to log when the pin is gone.
     pinned: bool,
+    /// What the last incomplete attempt found: the WAL's frames and those checkpointed.
+    last: Option<(u32, u32)>,
+    /// Since when the attempts have copied nothing new, and how many in a row.
+    stalled_since: Option<Instant>,
+    stalls: u32,
     /// The database's page size, read the first time the WAL is found pinned (sizes matter
     /// only then, so opening a connection reads nothing for it).
     page_size: Option<u32>,
@@ -99,6 +118,9 @@ impl Checkpoints {
         }
         let file = self.file.as_deref().filter(|_| schema == "main");
         if done >= log {
+            state.last = None;
+            state.stalls = 0;
+            state.stalled_since = None;
             state.quiet_until = None;
             if let Some(file) = file {
                 crate::sqlite::queue::sidecar::record_checkpoint(file);
@@ -112,8 +134,29 @@ impl Checkpoints {
             }
             return;
         }
+        // Progress since the last incomplete attempt: more frames copied, or a WAL started
+        // over since.
+        let progressed = state
+            .last
+            .is_none_or(|(last_log, last_done)| log < last_log || done > last_done);
+        state.last = Some((log, done));
+        if progressed {
+            // Other writers' new frames were left: try again at the next commit.
+            state.stalls = 0;
+            state.stalled_since = None;
+            return;
+        }
+        // Nothing new copied: leave the WAL alone a while, longer at each such attempt.
+        state.stalls = state.stalls.saturating_add(1);
+        let backoff = FIRST_QUIET
+            .saturating_mul(1 << (state.stalls - 1).min(16))
+            .min(PINNED_RETRY);
+        state.quiet_until = Some(now + backoff);
+        let stalled_since = *state.stalled_since.get_or_insert(now);
+        if now.saturating_duration_since(stalled_since) < PINNED_AFTER {
+            return;
+        }
         state.pinned = true;
-        state.quiet_until = Some(now + PINNED_RETRY);
         let due = state
             .last_warning
             .is_none_or(|last| now.duration_since(last) >= WARNING_INTERVAL);
