@@ -527,3 +527,49 @@ fn a_lock_timeout_in_german_is_retried_and_a_role_that_may_not_set_lc_messages_w
     assert_eq!(value, 2);
     assert!(stats.attempts >= 2, "{stats:?}");
 }
+
+/// Ends every session of the database `url` names but the caller's (as a server restart or
+/// a failover would).
+fn terminate_others(url: &str) {
+    let mut admin = pg::connect(url);
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+}
+
+#[test]
+fn sessions_lost_while_the_write_queue_is_in_use_are_replaced_at_once() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let db = Options::new()
+        .lock_timeout(Duration::from_millis(200))
+        .retry(RetryPolicy::new().max_elapsed(Duration::from_secs(5)))
+        .open_postgres(&url, MIGRATIONS)
+        .unwrap();
+    db.write(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+    // A conflict: the handle's next writes take the write queue first.
+    let mut foreign = foreign_row_lock(&url, "a");
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        foreign.batch_execute("COMMIT").unwrap();
+    });
+    let (_, stats) = db
+        .write_measured(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+    holder.join().unwrap();
+    assert!(stats.attempts >= 2, "{stats:?}");
+    // The server ends the layer's sessions; the next write meets the loss on the queue's
+    // own statement, and runs on a fresh session (it retried on the dead one until the
+    // deadline, and gave up as Busy: "connection lost: no connection to the server").
+    terminate_others(&url);
+    let (value, stats) = db
+        .write_measured(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+    assert_eq!(value, 3);
+    assert!(stats.attempts <= 3, "{stats:?}");
+}

@@ -363,34 +363,39 @@ impl PgDatabase {
                     None => held.insert(self.checkout()?),
                 };
                 let contended = attempt.number > 1 || self.conflicts.recent();
-                if contended && !queued && self.options.fair_queue {
-                    let asked_turn = Instant::now();
-                    queue::take(
-                        conn,
-                        self.queue_key,
-                        attempt.left,
-                        self.options.lock_timeout,
-                    )
-                    .map_err(|source| PgAttempt::Layer(Error::query(Operation::Write, source)))?;
-                    // Others were queued: the contention goes on.
-                    if asked_turn.elapsed() > queue::CONTENDED_WAIT {
-                        self.conflicts.met();
+                let result = (|| {
+                    if contended && !queued && self.options.fair_queue {
+                        let asked_turn = Instant::now();
+                        queue::take(
+                            conn,
+                            self.queue_key,
+                            attempt.left,
+                            self.options.lock_timeout,
+                        )
+                        .map_err(|source| {
+                            PgAttempt::Layer(Error::query(Operation::Write, source))
+                        })?;
+                        // Others were queued: the contention goes on.
+                        if asked_turn.elapsed() > queue::CONTENDED_WAIT {
+                            self.conflicts.met();
+                        }
+                        queued = true;
                     }
-                    queued = true;
-                }
-                let begin = format!(
-                    "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}",
-                    session::millis(Some(self.options.lock_timeout.min(attempt.left)))
-                );
-                let result = transaction(conn, &begin, Operation::Write, |conn| {
-                    began.set(Instant::now());
-                    f(conn)
-                });
+                    let begin = format!(
+                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}",
+                        session::millis(Some(self.options.lock_timeout.min(attempt.left)))
+                    );
+                    transaction(conn, &begin, Operation::Write, |conn| {
+                        began.set(Instant::now());
+                        f(conn)
+                    })
+                })();
                 if matches!(&result, Err(e) if e.transient().is_some()) {
                     self.conflicts.met();
                 }
+                // Whichever statement met it (the queue's too): the server ended the
+                // session, and the turn with it; the next attempt takes a fresh one.
                 if result.is_err() && failure::lost(conn) {
-                    // The server ended the session, and the turn with it.
                     held = None;
                     queued = false;
                 }
