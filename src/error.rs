@@ -430,7 +430,9 @@ impl Error {
     /// by waiting and running the whole transaction again.
     ///
     /// True for SQLite's lock errors however Diesel wrapped them, and for [`Error::Busy`]
-    /// (the retries ran out while the database stayed locked).
+    /// (the retries ran out while the database stayed locked). By message, as
+    /// [`is_lock_error`](crate::is_lock_error): a trigger raising "database is locked" is one
+    /// to it, though `write` did not retry it.
     pub fn is_lock_error(&self) -> bool {
         match self {
             Error::Query { source, .. } => is_lock_error(source),
@@ -625,9 +627,9 @@ impl Error {
     }
 }
 
-/// The messages SQLite gives the transient lock conditions. Diesel 2.3 maps every one of
-/// them to `DatabaseErrorKind::Unknown` and does not expose the extended result code, so
-/// the message is all there is to go by.
+/// The messages SQLite gives the transient lock conditions. Diesel (2.4 as 2.3) maps every
+/// one of them to `DatabaseErrorKind::Unknown` and does not put SQLite's extended result
+/// code in its error, so the message is all an error value has to go by.
 ///
 /// - `database is locked`: SQLITE_BUSY and its extended codes BUSY_RECOVERY (another process
 ///   is rebuilding the WAL index), BUSY_SNAPSHOT (a read transaction tried to write after
@@ -653,9 +655,11 @@ const LOCK_MESSAGES: [&str; 5] = [
 /// Everything else (constraint violations, syntax errors, "file is not a database", a full
 /// disk) is not a lock error.
 ///
-/// Diesel 2.3 keeps only the message of SQLite's error, so this goes by the message, and a
-/// trigger's `RAISE(ABORT, 'database is locked')` looks like a lock to it. `write` and `read`
-/// do not rely on it for their closures' statements: they read SQLite's result code itself.
+/// Diesel's error keeps only the message of SQLite's, so this goes by the message, and a
+/// trigger's `RAISE(ABORT, 'database is locked')` looks like a lock to it (so does
+/// [`Error::is_lock_error`] of the error a `write` returns for it). `write` and `read` do not
+/// rely on it for their closures' statements: they read SQLite's result code itself, and
+/// return such a trigger's error at once.
 pub fn is_lock_error(error: &DieselError) -> bool {
     match error {
         DieselError::DatabaseError(_, info) => is_lock_message(info.message()),

@@ -32,9 +32,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use diesel::connection::{Instrumentation, InstrumentationEvent};
 use diesel::sql_types::BigInt;
 use diesel::sqlite::BorrowedSqliteConnection;
-use diesel::{QueryableByName, RunQueryDsl, SqliteConnection};
+use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
 
 use crate::operation::DB_SYSTEM;
 use crate::sqlite::ffi::shm::{self, WalIndex};
@@ -80,6 +81,13 @@ struct State {
     page_size: Option<u32>,
 }
 
+/// No instrumentation: the hook's connection sees no application code.
+struct Silent;
+
+impl Instrumentation for Silent {
+    fn on_connection_event(&mut self, _event: InstrumentationEvent<'_>) {}
+}
+
 /// What `PRAGMA wal_checkpoint` returns.
 #[derive(QueryableByName)]
 struct Outcome {
@@ -98,6 +106,10 @@ impl Checkpoints {
         if state.quiet_until.is_some_and(|until| now < until) {
             return;
         }
+        // The layer's own statement, kept from the application's default instrumentation
+        // (which Diesel gives the hook's connection): one that panics on it, or fails, must
+        // not keep the WAL from being checkpointed.
+        conn.set_instrumentation(Silent);
         // A pragma statement: no table or view in the file can stand in for it.
         let sql = format!(
             "PRAGMA \"{}\".wal_checkpoint(PASSIVE)",
