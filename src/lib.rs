@@ -122,7 +122,7 @@ compile_error!("sqlite-persistence needs an engine: enable the feature `sqlite` 
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use self::tokio::AsyncDatabase;
-pub use engine::{AnyConnection, AnyDatabase, AnyMigrations, Engine, DATABASE_URL};
+pub use engine::{AnyConnection, AnyDatabase, AnyMigrations, DATABASE_URL};
 pub use error::{is_lock_error, BoxError, Error, Result};
 pub use handle::{Checksums, WriteStats};
 pub use holders::{HeldLock, Holder};
@@ -143,6 +143,7 @@ pub use sqlite::database::Database;
 pub use sqlite::pool::{PooledSqlite, SqliteManager, SqlitePool};
 #[cfg(feature = "sqlite")]
 pub use sqlite::status::{FileSizes, Status};
+pub use url::Engine;
 
 /// The README's example, compiled and run as a doctest so that the user's guide stays true.
 #[cfg(doctest)]

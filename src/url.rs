@@ -1,5 +1,90 @@
-//! URLs as errors and events show them: without a password. Engine-neutral, so that both
-//! the engine choice (`engine`) and the PostgreSQL engine use it without importing each other.
+//! What a URL says, for both engines: the engine its scheme names (never found by trying
+//! connection types in turn: SQLite accepts any string as a file name), and the URL as
+//! errors and events show it, without a password. The handles of either engine
+//! (`engine`) and the PostgreSQL engine both use it, without importing each other.
+
+use crate::error::{Error, Result};
+
+/// A database engine of this crate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Engine {
+    /// A SQLite file: a path, `sqlite://PATH`, `sqlite:PATH`, `file:PATH` or `:memory:`.
+    Sqlite,
+    /// A PostgreSQL server: `postgres://` or `postgresql://` (feature `postgres`).
+    Postgres,
+}
+
+/// The schemes this build opens, for [`Error::UnsupportedUrl`].
+pub(crate) const ENABLED: &str = match (cfg!(feature = "sqlite"), cfg!(feature = "postgres")) {
+    (true, true) => "sqlite: a path, sqlite:, file:; postgres: postgres://, postgresql://",
+    (true, false) => "sqlite: a path, sqlite:, file:; postgres:// needs the Cargo feature postgres",
+    _ => "postgres: postgres://, postgresql://; a path needs the Cargo feature sqlite",
+};
+
+impl Engine {
+    /// The engine `url` names, by its scheme: `postgres://` and `postgresql://` are
+    /// PostgreSQL; a path, `sqlite:` and `file:` are SQLite; any other `scheme://` is
+    /// refused, as is PostgreSQL when the `postgres` feature is off.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedUrl`], naming the scheme and the engines this build has.
+    ///
+    /// # Examples
+    /// ```
+    /// use sqlite_persistence::Engine;
+    ///
+    /// assert_eq!(Engine::of("data/app.db").unwrap(), Engine::Sqlite);
+    /// assert_eq!(Engine::of("sqlite:///srv/app.db").unwrap(), Engine::Sqlite);
+    /// assert!(Engine::of("mysql://db/app").is_err());
+    /// ```
+    pub fn of(url: &str) -> Result<Engine> {
+        let lower = url.trim_start().to_ascii_lowercase();
+        if lower.starts_with("sqlite:") || lower.starts_with("file:") {
+            return Ok(Engine::Sqlite);
+        }
+        let Some(scheme) = scheme(&lower) else {
+            return Ok(Engine::Sqlite);
+        };
+        match scheme {
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => Ok(Engine::Postgres),
+            _ => Err(Error::UnsupportedUrl {
+                url: redact(url),
+                scheme: scheme.to_owned(),
+                enabled: ENABLED,
+            }),
+        }
+    }
+}
+
+/// The scheme of `url` when it has the form `scheme://`.
+fn scheme(url: &str) -> Option<&str> {
+    let (scheme, _) = url.split_once("://")?;
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    valid.then_some(scheme)
+}
+
+/// [`Error::UnsupportedUrl`] unless `url` names `engine`.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+pub(crate) fn expect(url: &str, engine: Engine) -> Result<()> {
+    let found = Engine::of(url)?;
+    if found == engine {
+        return Ok(());
+    }
+    Err(Error::UnsupportedUrl {
+        url: redact(url),
+        scheme: scheme(&url.to_ascii_lowercase())
+            .unwrap_or("sqlite")
+            .to_owned(),
+        enabled: match engine {
+            Engine::Sqlite => "this call opens SQLite; use Options::open_url for any engine",
+            Engine::Postgres => "this call opens PostgreSQL; use Options::open_url for any engine",
+        },
+    })
+}
 
 /// `url` with the password of its user information (`user:secret@`) and of a `password=`
 /// parameter replaced by `***`.

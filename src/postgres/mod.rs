@@ -129,7 +129,7 @@ impl Options {
         url: &str,
         migrations: S,
     ) -> Result<PgDatabase> {
-        crate::engine::expect(url, crate::engine::Engine::Postgres)?;
+        crate::url::expect(url, crate::url::Engine::Postgres)?;
         let server = Server::new(url);
         let shown = PathBuf::from(server.shown());
         let source = Source::<Pg>::list(migrations)?;

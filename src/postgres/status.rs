@@ -66,7 +66,7 @@ impl PgStatus {
         migrations: S,
         options: &Options,
     ) -> Result<Self> {
-        crate::engine::expect(url, crate::engine::Engine::Postgres)?;
+        crate::url::expect(url, crate::url::Engine::Postgres)?;
         let source = Source::<Pg>::list(migrations)?;
         let server = Server::new(url);
         let mut conn =

@@ -11,7 +11,7 @@ use crate::operation::Operation;
 /// The turn of a process that writes back to back, kept between its short writes.
 ///
 /// Handing the `flock` to another process costs a context switch or two: for writes of a
-/// few microseconds, more than the write. So after a short turn (under [`YIELD_AFTER`](super::turn::YIELD_AFTER)) of a
+/// few microseconds, more than the write. So after a short turn (under `turn::YIELD_AFTER`) of a
 /// process that has written before, the locked description is kept for [`LINGER`]; the
 /// process's next write (from any of its threads) takes it without a system call. A streak
 /// of such turns ends [`MAX_STREAK`] after it began: the turn is then released as after a
