@@ -354,7 +354,7 @@ fn an_expired_read_fails_whether_it_runs_a_statement_or_swallows_the_errors() {
 
 /// Two threads each writing `WRITES` small rows in transactions of their own on `pool`'s
 /// connections (`get` checks one out), racing each other for the write lock; returns the
-/// largest WAL seen.
+/// WAL's mean size over the writes (sampled after each).
 fn racing_writers<C>(path: &Path, get: impl Fn() -> C + Sync) -> u64
 where
     C: std::ops::DerefMut<Target = SqliteConnection>,
@@ -366,7 +366,7 @@ where
                 let get = &get;
                 scope.spawn(move || {
                     let mut conn = get();
-                    let mut largest = 0;
+                    let mut total = 0;
                     for i in 0..WRITES {
                         conn.immediate_transaction(|conn| {
                             diesel::sql_query("INSERT INTO counters (name) VALUES (?)")
@@ -374,17 +374,13 @@ where
                                 .execute(conn)
                         })
                         .unwrap();
-                        largest = largest.max(side_file_len(path, "-wal"));
+                        total += side_file_len(path, "-wal");
                     }
-                    largest
+                    total / WRITES as u64
                 })
             })
             .collect();
-        writers
-            .into_iter()
-            .map(|w| w.join().unwrap())
-            .max()
-            .unwrap()
+        writers.into_iter().map(|w| w.join().unwrap()).sum::<u64>() / 2
     })
 }
 
@@ -392,8 +388,11 @@ where
 /// pool, racing each other) let the WAL start over about as often as SQLite's own
 /// checkpoint does for the plain setup under the same load. An attempt that the others' new
 /// frames left incomplete used to be taken for a pinning reader, and the connection then
-/// left the WAL alone for 250 ms at a time: here the WAL reached 55-62 MB against about
-/// 10 MB (and 456-655 MB against 12-25 MB in 3 s of two such threads on 1.5 KB rows).
+/// left the WAL alone for 250 ms at a time: here the WAL averaged 15-16.5 MB against
+/// 2.9-3.2 MB (and reached 456-655 MB against 12-25 MB in 3 s of two such threads on 1.5 KB
+/// rows). The mean is compared, not the largest: the largest depends on when the two
+/// threads happen to leave a moment to start over, and varied 8-86 MB for either setup
+/// from one run to the next on a loaded machine; the mean varied by a third.
 #[test]
 fn writers_racing_on_the_pool_let_the_wal_start_over_as_the_plain_setup_does() {
     let (_dir, path) = fresh_db();
@@ -423,9 +422,9 @@ fn writers_racing_on_the_pool_let_the_wal_start_over_as_the_plain_setup_does() {
         ))
         .unwrap();
     let plain = racing_writers(&plain_path, || pool.get().unwrap());
-    eprintln!("largest WAL: the layer's {layer} bytes, the plain setup's {plain}");
+    eprintln!("mean WAL: the layer's {layer} bytes, the plain setup's {plain}");
     assert!(
-        layer <= plain * 3 / 2 + 4 * LIMIT,
-        "the layer's WAL reached {layer} bytes, the plain setup's {plain}"
+        layer <= plain * 2 + LIMIT,
+        "the layer's WAL averaged {layer} bytes, the plain setup's {plain}"
     );
 }
