@@ -47,6 +47,17 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// The database path names something other than a regular file: a device (whose first
+    /// bytes SQLite would overwrite with its header), a FIFO (which would block the open), a
+    /// socket. Nothing is created or written.
+    #[error("database path {path} is {kind}, not a regular file")]
+    NotAFile {
+        /// The path as given, made absolute.
+        path: PathBuf,
+        /// What it is, such as `a block device`.
+        kind: &'static str,
+    },
+
     /// The directory the database should be in does not exist.
     #[error("the directory {path} does not exist")]
     MissingDirectory {
@@ -492,6 +503,10 @@ impl Error {
             Error::CommitOutcomeUnknown { .. } => {
                 "read back what the write should have stored before running it again; make \
                  writes idempotent (a unique key per request) where this matters"
+            }
+            Error::NotAFile { .. } => {
+                "a database is a regular file (or a path that does not exist yet, which the \
+                 open creates): check the path"
             }
             Error::NameTooLong { .. } => {
                 "SQLite names its side files after the database (FILE-journal, FILE-wal, \

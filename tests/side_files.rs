@@ -169,7 +169,7 @@ fn a_fifo_where_sqlite_expects_its_journal_or_wal_is_refused_at_once_by_name() {
         match outcome {
             Err(Error::SideFile { path: p, problem }) => {
                 assert_eq!(p, fifo);
-                assert!(problem.contains("not a regular file"), "{problem}");
+                assert_eq!(problem, "is a FIFO, not a regular file");
             }
             other => panic!("{suffix}: expected SideFile, got {other:?}"),
         }

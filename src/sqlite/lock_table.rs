@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::holders::{HeldLock, Holder};
 use crate::sqlite::ffi::shm::WalIndex;
+use crate::sqlite::files::read_regular;
 use crate::sqlite::queue::sidecar::read_record;
 use crate::sqlite::side::side_file;
 
@@ -94,7 +95,8 @@ enum Look {
 fn listed(wanted: &[(std::path::PathBuf, &str, Look, HeldLock)]) -> Vec<Holder> {
     #[cfg(target_os = "linux")]
     {
-        let Ok(table) = std::fs::read_to_string("/proc/locks") else {
+        // Never blocking: a FIFO mounted over it (a private mount namespace) fails at once.
+        let Ok(table) = read_regular(Path::new("/proc/locks"), 64 << 20) else {
             return Vec::new();
         };
         let mut holders: Vec<Holder> = Vec::new();
@@ -173,7 +175,7 @@ fn lock_holders<'a>(
 
 #[cfg(target_os = "linux")]
 fn command_of(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+    read_regular(Path::new(&format!("/proc/{pid}/comm")), 64)
         .ok()
         .map(|c| c.trim_end().to_owned())
 }

@@ -13,6 +13,7 @@ pub(crate) mod closing;
 pub(crate) mod codes;
 pub(crate) mod customizer;
 pub(crate) mod database;
+pub(crate) mod files;
 pub(crate) mod guard;
 pub(crate) mod lock_table;
 pub(crate) mod open;

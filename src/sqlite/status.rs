@@ -10,12 +10,16 @@ use diesel::{sql_query, Connection, QueryableByName, RunQueryDsl, SqliteConnecti
 use crate::error::{Error, FileOperation, Operation, Result};
 use crate::handle::Checksums;
 use crate::holders::Holder;
+use crate::migrate::plan::Plan;
 use crate::migrate::{Source, State};
 use crate::options::Options;
 use crate::retry::{retry_locked, SystemClock};
 use crate::sqlite::customizer::ConnectionCustomizer;
+use crate::sqlite::ffi::sys::{readable, writable};
 use crate::sqlite::lock_table::{holders_of, pinning_readers_of, wal_readers_of};
-use crate::sqlite::open::{read_journal_mode, Access, Filesystem, Target};
+use crate::sqlite::open::{
+    check_side_files, read_journal_mode, regular_or_missing, Access, Filesystem, Target,
+};
 use crate::sqlite::queue::sidecar::last_checkpoint_of;
 
 /// Sizes in bytes of a database's files; `None` where the file does not exist.
@@ -102,12 +106,18 @@ struct CheckRow {
 
 impl Status {
     /// Reads the state of the database at `path` against `migrations`, without creating,
-    /// writing, checkpointing or deleting anything: it opens the file read-only, so it also
-    /// works for a user who may only read the database. It runs `PRAGMA quick_check`, which
-    /// reads the whole file.
+    /// writing, checkpointing or deleting anything (not even the `-wal` and `-shm` a
+    /// read-only SQLite connection leaves behind): while no connection has the database
+    /// open, it reads the file alone and checks that nothing changed it meanwhile; else it
+    /// reads through SQLite's locks and WAL index, read-only. So it also works for a user
+    /// who may only read the database, in a directory they may not write. It runs
+    /// `PRAGMA quick_check`, which reads the whole file.
     ///
     /// # Errors
     /// [`Error::MigrationSource`], [`Error::InvalidPath`], [`Error::Open`];
+    /// [`Error::NotAFile`] when the path names a device, a FIFO or a socket;
+    /// [`Error::SideFile`] when a `-journal`, `-wal` or `-shm` beside it is not a regular
+    /// file or not readable by this user (or the WAL index is needed and cannot be made);
     /// [`Error::NotADatabase`] when the file is not a database; [`Error::Busy`] if it stayed
     /// locked.
     pub fn read<S: MigrationSource<Sqlite>>(
@@ -117,6 +127,12 @@ impl Status {
     ) -> Result<Self> {
         let source = Source::list(migrations)?;
         let target = Target::new(path.as_ref())?;
+        if !target.is_memory() {
+            // Nothing here may block: SQLite would wait forever on a FIFO in place of the
+            // database or one of its side files.
+            regular_or_missing(target.path())?;
+            check_side_files(target.path(), false)?;
+        }
         let size = |suffix: &str| match target.side_file(suffix) {
             Some(file) => file_size(file),
             None => Ok(None),
@@ -154,63 +170,7 @@ impl Status {
             last_checkpoint: None,
         };
         let plan = if status.exists {
-            // Read-only: a reader never checkpoints, so even as the last connection to close
-            // it leaves -wal as it is (whatever is in it), and a user who may only read the
-            // database can read its status.
-            let mut conn =
-                SqliteConnection::establish(&target.url(Access::ReadOnly)).map_err(|source| {
-                    Error::Open {
-                        path: status.path.clone(),
-                        source,
-                    }
-                })?;
-            let customizer = ConnectionCustomizer::new(options);
-            let (mode, plan) = retry_locked(
-                &options.retry,
-                &SystemClock,
-                Operation::ReadStatus,
-                target.path(),
-                |_| {
-                    customizer.apply(&mut conn)?;
-                    let query = |e| Error::query(Operation::ReadStatus, e);
-                    let mode = read_journal_mode(&mut conn).map_err(query)?;
-                    Ok::<_, Error>((mode, source.read(&mut conn, options).map_err(query)?))
-                },
-            )
-            .map_err(|e| e.naming_bad_file(&status.path))?
-            .value;
-            status.journal_mode = Some(mode);
-            status.application_id = Some(plan.state.application_id);
-            let page_size = sql_query("PRAGMA page_size")
-                .get_result::<PageSize>(&mut conn)
-                .map_or(0, |row| row.page_size.max(0) as u64);
-            // A WAL is a 32-byte header, then frames of a 24-byte header and a page.
-            status.wal_frames = status
-                .sizes
-                .wal
-                .filter(|_| page_size > 0)
-                .map(|bytes| bytes.saturating_sub(32) / (page_size + 24));
-            status.holders = holders_of(target.path());
-            status.last_checkpoint = last_checkpoint_of(target.path());
-            status.wal_readers = wal_readers_of(target.path());
-            // Through SQLite's mapping of -shm: opening it here, and closing it, would drop
-            // every POSIX lock this process holds on it (see `shm`). Inside a read
-            // transaction, which holds the connection's own reference to that mapping.
-            let index = crate::sqlite::ffi::shm::in_read(&mut conn);
-            status.wal_committed_frames = index.map(|index| index.committed);
-            status.wal_checkpointed_frames = index.map(|index| index.checkpointed);
-            status.database_complete = match index {
-                Some(index) => index.checkpointed >= index.committed,
-                None => status.sizes.wal.unwrap_or(0) == 0,
-            };
-            if let Some(index) = index.filter(|index| index.checkpointed < index.committed) {
-                status.pinning_readers = pinning_readers_of(target.path(), &index);
-            }
-            status.integrity = match sql_query("PRAGMA quick_check").load::<CheckRow>(&mut conn) {
-                Ok(rows) => rows.into_iter().map(|r| r.quick_check).collect(),
-                Err(error) => vec![error.to_string()],
-            };
-            plan
+            read_file(&mut status, &target, &source, options)?
         } else {
             source.plan(State::default(), options)
         };
@@ -224,6 +184,166 @@ impl Status {
         status.applied = plan.state.applied.into_iter().collect();
         Ok(status)
     }
+}
+
+/// Reads what the existing database file holds into `status`, read-only and creating
+/// nothing: from the file alone while no connection has it open (checked to be unchanged
+/// afterwards), else through SQLite's locks and WAL index.
+fn read_file(
+    status: &mut Status,
+    target: &Target,
+    source: &Source<Sqlite>,
+    options: &Options,
+) -> Result<Plan> {
+    let path = target.path();
+    let [wal, shm] =
+        ["-wal", "-shm"].map(|suffix| target.side_file(suffix).expect("a file has side files"));
+    for side in [&wal, &shm] {
+        if side.exists() && !readable(side) {
+            return Err(Error::SideFile {
+                path: side.clone(),
+                problem: "is not readable by this user, and the database cannot be read \
+                          without it",
+            });
+        }
+    }
+    let journal = target.side_file("-journal").expect("a file has side files");
+    let wal_commits = status.sizes.wal.unwrap_or(0) > 0;
+    if shm.exists() || wal_commits || journal.exists() {
+        // A connection has the database open (it keeps the WAL index), or a crashed one left
+        // commits in the WAL or a journal to roll back: SQLite's own locks and index are
+        // needed, and SQLite makes the index if it must.
+        if !shm.exists() && wal_commits && !path.parent().is_some_and(writable) {
+            return Err(Error::SideFile {
+                path: shm,
+                problem: "does not exist and this user may not create it (the directory is \
+                          not writable): the commits in the WAL cannot be read without it",
+            });
+        }
+        return read_with(status, target, source, options, Access::ReadOnly);
+    }
+    // No connection has the database open: read the file alone, so that nothing (not even
+    // SQLite's -wal and -shm, which a read-only connection leaves behind) is created. A
+    // writer starting meanwhile makes its side files before it changes the file: what was
+    // read is whole if the file and its side files are as they were.
+    for _ in 0..3 {
+        let before = Witness::of(path, &wal, &shm, &journal);
+        let plan = read_with(status, target, source, options, Access::Immutable)?;
+        if before.is_some() && Witness::of(path, &wal, &shm, &journal) == before {
+            return Ok(plan);
+        }
+    }
+    // Writers are at work: they keep the WAL index, through which a reader sees them.
+    read_with(status, target, source, options, Access::ReadOnly)
+}
+
+/// What changes when anyone writes a database: its file's identity, size and times, and its
+/// side files' existence and sizes.
+#[derive(PartialEq, Eq)]
+struct Witness {
+    file: (u64, u64, i64, i64, i64, i64),
+    wal: Option<u64>,
+    shm: bool,
+    journal: bool,
+}
+
+impl Witness {
+    fn of(path: &Path, wal: &Path, shm: &Path, journal: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            file: (
+                meta.ino(),
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+            ),
+            wal: std::fs::metadata(wal).ok().map(|m| m.len()),
+            shm: shm.exists(),
+            journal: journal.exists(),
+        })
+    }
+}
+
+/// One read-only connection with `access`, and everything `Status` reads through it.
+fn read_with(
+    status: &mut Status,
+    target: &Target,
+    source: &Source<Sqlite>,
+    options: &Options,
+    access: Access,
+) -> Result<Plan> {
+    // Read-only: a reader never checkpoints, so even as the last connection to close it
+    // leaves -wal as it is (whatever is in it), and a user who may only read the database
+    // can read its status.
+    let mut conn =
+        SqliteConnection::establish(&target.url(access)).map_err(|source| Error::Open {
+            path: status.path.clone(),
+            source,
+        })?;
+    let customizer = ConnectionCustomizer::new(options);
+    let (mode, plan) = retry_locked(
+        &options.retry,
+        &SystemClock,
+        Operation::ReadStatus,
+        target.path(),
+        |_| {
+            customizer.apply(&mut conn)?;
+            let query = |e| Error::query(Operation::ReadStatus, e);
+            let mode = read_journal_mode(&mut conn).map_err(query)?;
+            Ok::<_, Error>((mode, source.read(&mut conn, options).map_err(query)?))
+        },
+    )
+    .map_err(|e| e.naming_bad_file(&status.path))?
+    .value;
+    // Read from the file alone, SQLite sees no WAL and says "delete"; the header says what
+    // the file is in (its read and write versions are 2 in WAL mode).
+    let mode = match access {
+        Access::Immutable => match crate::sqlite::ffi::shm::header_in_read(&mut conn) {
+            Some(header) if header[18] == 2 && header[19] == 2 => "wal".to_owned(),
+            _ => mode,
+        },
+        _ => mode,
+    };
+    let wal_mode = mode == "wal";
+    status.journal_mode = Some(mode);
+    status.application_id = Some(plan.state.application_id);
+    let page_size = sql_query("PRAGMA page_size")
+        .get_result::<PageSize>(&mut conn)
+        .map_or(0, |row| row.page_size.max(0) as u64);
+    // A WAL is a 32-byte header, then frames of a 24-byte header and a page.
+    status.wal_frames = status
+        .sizes
+        .wal
+        .filter(|_| page_size > 0)
+        .map(|bytes| bytes.saturating_sub(32) / (page_size + 24));
+    status.holders = holders_of(target.path());
+    status.last_checkpoint = last_checkpoint_of(target.path());
+    status.wal_readers = wal_readers_of(target.path());
+    // Through SQLite's mapping of -shm: opening it here, and closing it, would drop every
+    // POSIX lock this process holds on it (see `shm`). Inside a read transaction, which
+    // holds the connection's own reference to that mapping.
+    // Only in WAL mode, and only through SQLite's index (none when reading the file alone):
+    // mapping it otherwise would create -shm.
+    let index = (wal_mode && access == Access::ReadOnly)
+        .then(|| crate::sqlite::ffi::shm::in_read(&mut conn))
+        .flatten();
+    status.wal_committed_frames = index.map(|index| index.committed);
+    status.wal_checkpointed_frames = index.map(|index| index.checkpointed);
+    status.database_complete = match index {
+        Some(index) => index.checkpointed >= index.committed,
+        None => status.sizes.wal.unwrap_or(0) == 0,
+    };
+    if let Some(index) = index.filter(|index| index.checkpointed < index.committed) {
+        status.pinning_readers = pinning_readers_of(target.path(), &index);
+    }
+    status.integrity = match sql_query("PRAGMA quick_check").load::<CheckRow>(&mut conn) {
+        Ok(rows) => rows.into_iter().map(|r| r.quick_check).collect(),
+        Err(error) => vec![error.to_string()],
+    };
+    Ok(plan)
 }
 
 fn file_size(file: PathBuf) -> Result<Option<u64>> {

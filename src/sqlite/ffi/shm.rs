@@ -1,4 +1,5 @@
-//! Reading the WAL index (`-shm`) through SQLite's own mapping of it.
+//! Reading the WAL index (`-shm`) through SQLite's own mapping of it, and the database
+//! file's header through SQLite's own descriptor.
 //!
 //! A process must never open and close a descriptor of `-shm` itself: closing any descriptor
 //! of a file drops every POSIX lock the process holds on it, SQLite's read marks and its
@@ -62,19 +63,8 @@ pub(crate) fn in_wal_hook(conn: &mut BorrowedSqliteConnection) -> Option<WalInde
 /// mapping. Outside one, `xShmMap` may open a reference of its own for the connection, whose
 /// later release SQLite does not expect (tests run side by side lost a read lock that way).
 unsafe fn wal_index(db: *mut ffi::sqlite3) -> Option<WalIndex> {
-    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
-    // SAFETY: `db` is open; FILE_POINTER writes the main database's `sqlite3_file*`.
-    let rc = unsafe {
-        ffi::sqlite3_file_control(
-            db,
-            c"main".as_ptr(),
-            ffi::SQLITE_FCNTL_FILE_POINTER,
-            (&mut file as *mut *mut ffi::sqlite3_file).cast::<c_void>(),
-        )
-    };
-    if rc != ffi::SQLITE_OK || file.is_null() {
-        return None;
-    }
+    // SAFETY: `db` is open (this function's contract).
+    let file = unsafe { main_file(db) }?;
     // SAFETY: a file SQLite handed out has its methods, alive while the connection is open.
     let methods = unsafe { (*file).pMethods };
     // SAFETY: as above; `methods` is not null.
@@ -103,4 +93,49 @@ unsafe fn wal_index(db: *mut ffi::sqlite3) -> Option<WalIndex> {
         checkpointed: word(96),
         marks: [word(100), word(104), word(108), word(112), word(116)],
     })
+}
+
+/// The main database's `sqlite3_file` of the open connection `db`; `None` before SQLite
+/// opened it.
+///
+/// # Safety
+/// `db` must be an open connection used by the calling thread.
+unsafe fn main_file(db: *mut ffi::sqlite3) -> Option<*mut ffi::sqlite3_file> {
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: `db` is open; FILE_POINTER writes the main database's `sqlite3_file*`.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            db,
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_FILE_POINTER,
+            (&mut file as *mut *mut ffi::sqlite3_file).cast::<c_void>(),
+        )
+    };
+    (rc == ffi::SQLITE_OK && !file.is_null()).then_some(file)
+}
+
+/// The first 100 bytes of `conn`'s database file (SQLite's header), read through the
+/// connection's own descriptor inside a read transaction: opening the file here, and
+/// closing it, would drop every POSIX lock this process holds on it (SQLite's locks of
+/// other connections included). `None` if any step fails.
+pub(crate) fn header_in_read(conn: &mut SqliteConnection) -> Option<[u8; 100]> {
+    conn.batch_execute("BEGIN; SELECT count(*) FROM sqlite_master;")
+        .ok()?;
+    let db = RawDb::of(conn);
+    let mut header = [0u8; 100];
+    // SAFETY: `db` is `conn`'s, open, used on this thread between its statements.
+    let read = unsafe { main_file(db.as_ptr()) }.is_some_and(|file| {
+        // SAFETY: a file SQLite handed out has its methods while the connection is open;
+        // `xRead` of version 1 methods reads into the 100-byte buffer, which outlives the
+        // call, and changes nothing (a short read fills the rest with zeros).
+        unsafe {
+            let methods = (*file).pMethods;
+            !methods.is_null()
+                && (*methods).xRead.is_some_and(|x_read| {
+                    x_read(file, header.as_mut_ptr().cast::<c_void>(), 100, 0) == ffi::SQLITE_OK
+                })
+        }
+    });
+    let _ = conn.batch_execute("COMMIT");
+    read.then_some(header)
 }

@@ -32,19 +32,25 @@ pub(crate) fn statfs_type(_dir: &Path) -> io::Result<Option<u64>> {
 /// Whether this process may write `path` with its effective ids, as the open will.
 #[cfg(unix)]
 pub(crate) fn writable(path: &Path) -> bool {
+    may(path, libc::W_OK)
+}
+
+/// Whether this process may read `path` with its effective ids.
+#[cfg(unix)]
+pub(crate) fn readable(path: &Path) -> bool {
+    may(path, libc::R_OK)
+}
+
+/// `faccessat` of `path` for `mode` with the effective ids.
+#[cfg(unix)]
+fn may(path: &Path, mode: libc::c_int) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
     // SAFETY: faccessat only reads the NUL-terminated string, which outlives the call.
-    let access = unsafe {
-        libc::faccessat(
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            libc::W_OK,
-            libc::AT_EACCESS,
-        )
-    };
+    let access =
+        unsafe { libc::faccessat(libc::AT_FDCWD, c_path.as_ptr(), mode, libc::AT_EACCESS) };
     // A C library without AT_EACCESS says EINVAL or ENOSYS: then let SQLite find out.
     access == 0
         || matches!(

@@ -9,5 +9,6 @@ mod target;
 mod wal;
 
 pub(crate) use filesystem::Filesystem;
+pub(crate) use preflight::{check_side_files, regular_or_missing};
 pub(crate) use target::{Access, Target};
 pub(crate) use wal::read as read_journal_mode;

@@ -20,6 +20,7 @@ use super::filesystem::{self, Filesystem};
 use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
 use crate::sqlite::ffi::sys::writable;
+use crate::sqlite::files::irregular;
 use crate::sqlite::side::side_file;
 
 /// SQLite's smallest page size: a database file is at least one page long.
@@ -41,6 +42,7 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
             path: path.to_owned(),
         });
     }
+    regular_or_missing(path)?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     if !dir.is_dir() {
         return Err(Error::MissingDirectory {
@@ -80,7 +82,7 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
             path: dir.to_owned(),
         });
     }
-    check_side_files(path)?;
+    check_side_files(path, true)?;
     match std::fs::metadata(path) {
         Ok(meta) => {
             if !writable(path) {
@@ -105,11 +107,32 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
     }
 }
 
+/// Refuses a database path (followed through links) that exists and is not a regular file:
+/// SQLite would write its header over a device's first bytes, or block on a FIFO.
+pub(crate) fn regular_or_missing(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) => match irregular(meta.file_type()) {
+            Some(kind) => Err(Error::NotAFile {
+                path: path.to_owned(),
+                kind,
+            }),
+            None => Ok(()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            operation: FileOperation::ReadMetadata,
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// SQLite's own files next to the database, which it opens by name: each that exists must be
 /// a regular file (a FIFO would make SQLite wait forever, a link would send it elsewhere) that
 /// this process may write (another user's makes SQLite fail with "readonly database" or
-/// "unable to open database file", without naming the file).
-fn check_side_files(path: &Path) -> Result<()> {
+/// "unable to open database file", without naming the file). `write: false` (a read-only
+/// look, as `Status::read`'s) leaves out the last check.
+pub(crate) fn check_side_files(path: &Path, write: bool) -> Result<()> {
     for suffix in ["-journal", "-wal", "-shm"] {
         let side = side_file(path, suffix);
         let meta = match std::fs::symlink_metadata(&side) {
@@ -123,19 +146,21 @@ fn check_side_files(path: &Path) -> Result<()> {
                 })
             }
         };
-        let file_type = meta.file_type();
-        let problem = if file_type.is_symlink() {
-            "is a symbolic link"
-        } else if file_type.is_dir() {
-            "is a directory"
-        } else if !file_type.is_file() {
-            "is not a regular file (a FIFO, a socket or a device)"
-        } else if !writable(&side) && side.exists() {
-            // (A file that vanished meanwhile, as SQLite's transient -journal of another
-            // process's transaction does, is no problem.)
-            "is not writable by this user"
-        } else {
-            continue;
+        let problem = match irregular(meta.file_type()) {
+            Some("a symbolic link") => "is a symbolic link",
+            Some("a directory") => "is a directory",
+            Some("a block device") => "is a block device, not a regular file",
+            Some("a character device") => "is a character device, not a regular file",
+            Some("a FIFO") => "is a FIFO, not a regular file",
+            Some("a socket") => "is a socket, not a regular file",
+            Some(_) => "is not a regular file",
+            None if !write => continue,
+            None if !writable(&side) && side.exists() => {
+                // (A file that vanished meanwhile, as SQLite's transient -journal of another
+                // process's transaction does, is no problem.)
+                "is not writable by this user"
+            }
+            None => continue,
         };
         return Err(Error::SideFile {
             path: side,

@@ -29,6 +29,11 @@ pub(crate) enum Access {
     Create,
     /// `ro`: read an existing file; never write, checkpoint or delete anything.
     ReadOnly,
+    /// `ro` and `immutable=1`: read the file alone, without locks and without the WAL's
+    /// index (`-shm`), for a WAL database no connection has open (no `-shm`) in a directory
+    /// this user may not write (SQLite cannot create the index there). The caller checks
+    /// that nothing changed the file meanwhile.
+    Immutable,
 }
 
 const MEMORY: &str = ":memory:";
@@ -102,6 +107,7 @@ impl Target {
                 match access {
                     Access::Create => "rwc",
                     Access::ReadOnly => "ro",
+                    Access::Immutable => "ro&immutable=1",
                 }
             ),
             Target::Memory => MEMORY.to_owned(),

@@ -15,30 +15,13 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, FileOperation, Result};
 use crate::operation::Operation;
+use crate::sqlite::files::open_regular;
 use crate::sqlite::side::side_file;
 
 /// One database's `-lock` file.
 #[derive(Debug, Clone)]
 pub(crate) struct Sidecar {
     pub(crate) path: Arc<Path>,
-}
-
-/// `path` open for reading (or for writing), if it is a regular file: never through a
-/// symbolic link, never blocking, never creating it.
-fn open_regular(path: &Path, write: bool) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .read(!write)
-        .write(write)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    if file.metadata()?.is_file() {
-        Ok(file)
-    } else {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ))
-    }
 }
 
 impl Sidecar {

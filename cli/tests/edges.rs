@@ -1,0 +1,227 @@
+//! What a hostile neighbour or a careless user puts where the database should be, through
+//! the command line: a clear `error: ` line naming the file and what it is, nothing created
+//! or written, and nothing blocking past a bound.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Runs the binary with `args` and `--db db`, killed (and the test failed) past 30 s.
+fn run_bounded(args: &[&str], db: &Path) -> common::Outcome {
+    let child = Command::new(common::binary())
+        .args(args)
+        .arg("--db")
+        .arg(db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::collect(vec![child], Duration::from_secs(30))
+        .pop()
+        .unwrap()
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Paths that name no regular file, each with what the error must call it: a character
+/// device (a link to `/dev/null`, as a typo or a planted link would be), a FIFO, a socket,
+/// and as root a block device node (of a device number no driver has, so that a regression
+/// cannot write to a real disk).
+fn not_files(
+    dir: &Path,
+) -> (
+    Vec<(PathBuf, &'static str)>,
+    std::os::unix::net::UnixListener,
+) {
+    let null = dir.join("null.db");
+    std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+    let fifo = dir.join("fifo.db");
+    mkfifo(&fifo);
+    let socket = dir.join("socket.db");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut paths = vec![
+        (null, "a character device"),
+        (fifo, "a FIFO"),
+        (socket, "a socket"),
+    ];
+    if common::is_root() {
+        let block = dir.join("block.db");
+        // Major 240 is reserved for local, experimental use: no driver answers it.
+        let status = Command::new("mknod")
+            .arg(&block)
+            .args(["b", "240", "0"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        paths.push((block, "a block device"));
+    }
+    (paths, listener)
+}
+
+/// `--db` naming a device, a FIFO or a socket: every command refuses it at once, saying what
+/// it is, and creates nothing beside it. A block device used to be written over (its first
+/// bytes became `SQLite format 3`), `/dev/null` left `-journal` and `-lock` beside its link,
+/// and `status` of a FIFO never returned.
+#[test]
+fn a_device_a_fifo_or_a_socket_as_the_database_is_refused_and_nothing_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _listener) = not_files(dir.path());
+    let before = files_in(dir.path());
+    let copy = dir.path().join("copy.db");
+    for (path, kind) in &paths {
+        for args in [
+            &["record", "--artifact", "a"][..],
+            &["migrate"],
+            &["status"],
+            &["backup", "--to", copy.to_str().unwrap()],
+        ] {
+            let outcome = run_bounded(args, path);
+            assert!(!outcome.success, "{args:?} on {kind}: {}", outcome.stdout);
+            let expected = format!("is {kind}, not a regular file");
+            assert!(
+                outcome.stderr.contains(&expected)
+                    && outcome.stderr.contains(path.to_str().unwrap()),
+                "{args:?} on {kind}: {}",
+                outcome.stderr
+            );
+            assert_eq!(files_in(dir.path()), before, "{args:?} on {kind}");
+        }
+    }
+}
+
+/// A FIFO planted in place of a file the layer or SQLite opens by name blocks nothing: the
+/// write queue's `-lock` (writers used to hang; it is done without), SQLite's `-journal`, `-wal` and `-shm`
+/// (`status` used to hang on a `-journal`), each refused with its name; and as root, in a
+/// private mount namespace, a FIFO mounted over `/proc/locks` (where the layer looks for
+/// who holds a lock) leaves `status` and `record` to finish.
+#[test]
+fn a_fifo_in_place_of_a_side_file_or_of_the_lock_table_blocks_nothing() {
+    let (dir, db) = common::fresh_db();
+    assert!(run_bounded(&["record", "--artifact", "a"], &db).success);
+    common::wait_closed(&db);
+    let lock = PathBuf::from(format!("{}-lock", db.display()));
+    std::fs::remove_file(&lock).unwrap();
+    mkfifo(&lock);
+    // Done without, as a `-lock` this user cannot open is: SQLite's own lock still keeps
+    // the writes apart.
+    let outcome = run_bounded(&["record", "--artifact", "a"], &db);
+    assert!(outcome.success, "{}", outcome.stderr);
+    std::fs::remove_file(&lock).unwrap();
+    for suffix in ["-journal", "-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", db.display()));
+        mkfifo(&side);
+        for args in [&["status"][..], &["record", "--artifact", "a"]] {
+            let outcome = run_bounded(args, &db);
+            assert!(!outcome.success, "{suffix} {args:?}");
+            assert!(
+                outcome.stderr.contains(side.to_str().unwrap())
+                    && outcome.stderr.contains("is a FIFO"),
+                "{suffix} {args:?}: {}",
+                outcome.stderr
+            );
+        }
+        std::fs::remove_file(&side).unwrap();
+    }
+    if !common::is_root() {
+        eprintln!("skipped the /proc/locks part: it needs root for a private mount namespace");
+        return;
+    }
+    let fifo = dir.path().join("locks");
+    mkfifo(&fifo);
+    for args in ["status", "record --artifact b"] {
+        let script = format!(
+            "mount --bind '{}' /proc/locks && exec '{}' {args} --db '{}'",
+            fifo.display(),
+            common::binary(),
+            db.display()
+        );
+        let child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let outcome = common::collect(vec![child], Duration::from_secs(30))
+            .pop()
+            .unwrap();
+        assert!(outcome.success, "{args}: {}", outcome.stderr);
+    }
+}
+
+/// `status` reads, and creates nothing: not on a database no connection has open (SQLite's
+/// read-only connection used to leave an empty `-wal` and a `-shm` beside it), not for a
+/// user who may only read the database in a directory they may not write (it used to fail
+/// with "attempt to write a readonly database"); where it cannot read (the owner's private
+/// `-wal` and `-shm` of a database in use), it names the file and the cause.
+#[test]
+fn status_reads_as_a_user_who_may_only_read_and_creates_nothing() {
+    let (dir, db) = common::fresh_db();
+    assert!(run_bounded(&["record", "--artifact", "a"], &db).success);
+    common::wait_closed(&db);
+    let before = files_in(dir.path());
+    let outcome = run_bounded(&["status", "--json"], &db);
+    assert!(outcome.success, "{}", outcome.stderr);
+    let status: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
+    assert_eq!(status["journal_mode"], "wal", "{status}");
+    assert_eq!(status["integrity"][0], "ok", "{status}");
+    assert_eq!(files_in(dir.path()), before);
+
+    // The database readable by all, its directory writable by its owner only.
+    common::set_mode(&db, 0o644);
+    common::set_mode(dir.path(), 0o755);
+    if !common::is_root() {
+        eprintln!("skipped the other user's part: it needs root to run as another user");
+        return;
+    }
+    let bytes = std::fs::read(&db).unwrap();
+    let output =
+        common::output_unprivileged(|command| command.args(["status", "--json", "--db"]).arg(&db));
+    common::assert_success(&output);
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["applied"].as_array().unwrap().len(), 3, "{status}");
+    assert_eq!(status["journal_mode"], "wal", "{status}");
+    assert_eq!(status["integrity"][0], "ok", "{status}");
+    assert_eq!(files_in(dir.path()), before);
+    assert!(std::fs::read(&db).unwrap() == bytes, "the file changed");
+
+    // The owner has it open: its -wal and -shm are private to it.
+    let catalog =
+        sqlite_persistence_cli::Catalog::open(&db, sqlite_persistence::Options::new()).unwrap();
+    catalog
+        .database()
+        .write(|conn| -> sqlite_persistence::Result<()> {
+            use diesel::connection::SimpleConnection;
+            Ok(conn.batch_execute("INSERT INTO artifacts (name) VALUES ('b')")?)
+        })
+        .unwrap();
+    for suffix in ["-wal", "-shm"] {
+        common::set_mode(Path::new(&format!("{}{suffix}", db.display())), 0o600);
+    }
+    let output = common::output_unprivileged(|command| command.args(["status", "--db"]).arg(&db));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "{}-wal is not readable by this user",
+            db.display()
+        )),
+        "{stderr}"
+    );
+    drop(catalog);
+}

@@ -1,0 +1,87 @@
+//! Files the layer opens or reads itself (the write queue's `-lock`, `/proc/locks`,
+//! `/proc/PID/comm`), and what a path that is not a regular file is: nothing the layer opens
+//! may block it (a FIFO planted in place of a file would, without bound), follow a link
+//! someone else planted, or be a device whose bytes SQLite would overwrite.
+
+use std::fs::{File, FileType, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// What a file that is not a regular one is, as errors say it (`a FIFO`); `None` for a
+/// regular file. A symbolic link counts as one only where it was not followed.
+pub(crate) fn irregular(file_type: FileType) -> Option<&'static str> {
+    Some(if file_type.is_file() {
+        return None;
+    } else if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    })
+}
+
+/// `path` open for reading (or for writing), if it is a regular file: never through a
+/// symbolic link, never blocking, never creating it.
+pub(crate) fn open_regular(path: &Path, write: bool) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    match irregular(file.metadata()?.file_type()) {
+        None => Ok(file),
+        Some(kind) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is {kind}, not a regular file"),
+        )),
+    }
+}
+
+/// The text of the regular file `path` (a kernel's `/proc` file counts as one), at most
+/// `limit` bytes of it; opened as [`open_regular`] does, so that a FIFO mounted or linked in
+/// its place fails at once instead of blocking.
+pub(crate) fn read_regular(path: &Path, limit: u64) -> std::io::Result<String> {
+    let mut text = String::new();
+    open_regular(path, false)?
+        .take(limit)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_at_once_and_a_regular_file_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let error = read_regular(&fifo, 100).unwrap_err();
+        assert!(error.to_string().contains("a FIFO"), "{error}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "1234567890").unwrap();
+        assert_eq!(read_regular(&file, 4).unwrap(), "1234");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(read_regular(&link, 4).is_err());
+        assert_eq!(
+            irregular(std::fs::metadata("/dev/null").unwrap().file_type()),
+            Some("a character device")
+        );
+    }
+}
