@@ -58,6 +58,14 @@ pub enum Error {
         kind: &'static str,
     },
 
+    /// The database file does not exist, and
+    /// [`Options::create_if_missing`](crate::Options::create_if_missing) is off.
+    #[error("database {path} does not exist")]
+    MissingDatabase {
+        /// The path as given, made absolute.
+        path: PathBuf,
+    },
+
     /// The directory the database should be in does not exist.
     #[error("the directory {path} does not exist")]
     MissingDirectory {
@@ -66,8 +74,9 @@ pub enum Error {
     },
 
     /// The database's file name leaves no room for SQLite's side files (`-journal`, `-wal`,
-    /// `-shm`) and the write queue's `-lock` within the filesystem's limit on a name.
-    #[error("database file name {path} is longer than {max} bytes")]
+    /// `-shm`) and the write queue's `-lock` within the filesystem's limit on a name; or a
+    /// backup's, for its temporary file and that file's journal.
+    #[error("file name {path} is longer than {max} bytes")]
     NameTooLong {
         /// The path as given, made absolute.
         path: PathBuf,
@@ -504,13 +513,17 @@ impl Error {
                 "read back what the write should have stored before running it again; make \
                  writes idempotent (a unique key per request) where this matters"
             }
+            Error::MissingDatabase { .. } => {
+                "check the path: this operation only ever uses an existing database"
+            }
             Error::NotAFile { .. } => {
                 "a database is a regular file (or a path that does not exist yet, which the \
                  open creates): check the path"
             }
             Error::NameTooLong { .. } => {
                 "SQLite names its side files after the database (FILE-journal, FILE-wal, \
-                 FILE-shm) and the write queue uses FILE-lock: choose a shorter name"
+                 FILE-shm), the write queue uses FILE-lock, and a backup writes \
+                 .FILE.backup-PID-N and its journal first: choose a shorter name"
             }
             Error::DanglingSymlink { .. } => {
                 "create the database where the link points (or point the link at an existing \
@@ -560,6 +573,13 @@ impl Error {
                  filesystems do not provide, and their locking is often broken (risk: \
                  corruption); put the database on a local disk, or opt into a rollback \
                  journal there with Options::journal_mode(JournalMode::Delete)"
+            }
+            Error::Storage {
+                operation: Operation::Backup,
+                ..
+            } => {
+                "free space on the backup's filesystem (or raise its quota or the file-size \
+                 limit): nothing was left at the destination, and the database is untouched"
             }
             Error::Storage { .. } => {
                 "free disk space, or raise the file-size limit or quota; the file is \

@@ -25,6 +25,7 @@ use crate::retry::RetryPolicy;
 /// | `allow_unmanaged_tables` | no | a file with tables but no migration history (another program's) is refused |
 /// | `application_id` | none | set it to stamp your files and refuse other applications' |
 /// | `create_mode` | `0o600` | a new database (and its `-wal`, `-shm`, `-lock`) is private |
+/// | `create_if_missing` | `true` | a missing file is created (and migrated) |
 /// | `pool_size` | 8 | |
 /// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
 /// | `max_read_age` | none | a cap on how long a `read` may keep its snapshot (and so the WAL) |
@@ -66,6 +67,7 @@ pub struct Options {
     pub(crate) allow_unmanaged_tables: bool,
     pub(crate) application_id: Option<u32>,
     pub(crate) create_mode: u32,
+    pub(crate) create_if_missing: bool,
     pub(crate) pool_size: u32,
     pub(crate) fair_queue: bool,
     pub(crate) statement_timeout: Option<Duration>,
@@ -99,6 +101,7 @@ impl Options {
             allow_unmanaged_tables: false,
             application_id: None,
             create_mode: 0o600,
+            create_if_missing: true,
             pool_size: 8,
             fair_queue: true,
             statement_timeout: Some(Duration::from_secs(30)),
@@ -252,6 +255,16 @@ impl Options {
             "create_mode must be within 0o777 and include owner read and write (0o600)"
         );
         self.create_mode = mode;
+        self
+    }
+
+    /// Whether [`open`](Options::open) creates a database file that does not exist (it
+    /// then migrates it). Defaults to `true`; with `false`, a missing file is
+    /// [`Error::MissingDatabase`](crate::Error::MissingDatabase) and nothing is created:
+    /// for tools that must only ever touch an existing database (a backup, a report).
+    /// `:memory:` is always new.
+    pub fn create_if_missing(mut self, create: bool) -> Self {
+        self.create_if_missing = create;
         self
     }
 

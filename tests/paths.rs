@@ -46,3 +46,24 @@ fn uri_parameters_and_other_engines_urls_are_refused_and_nothing_is_created() {
     }
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
 }
+
+/// With `create_if_missing(false)` a missing file is refused by name and nothing is
+/// created; an existing one opens as always.
+#[test]
+fn without_create_if_missing_a_missing_file_is_refused_and_nothing_created() {
+    let (dir, path) = fresh_db();
+    match Options::new()
+        .create_if_missing(false)
+        .open(&path, MIGRATIONS)
+    {
+        Err(Error::MissingDatabase { path: p }) => assert_eq!(p, path),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert!(common::file_names(dir.path()).is_empty());
+    drop(Options::new().open(&path, MIGRATIONS).unwrap());
+    let db = Options::new()
+        .create_if_missing(false)
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    assert_eq!(bump(&db, "a").unwrap().0, 1);
+}

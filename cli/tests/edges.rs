@@ -225,3 +225,142 @@ fn status_reads_as_a_user_who_may_only_read_and_creates_nothing() {
     );
     drop(catalog);
 }
+
+/// A populated catalog of about 1 MiB, closed.
+fn populated(db: &Path) {
+    populated_with(db, 8000);
+}
+
+/// A catalog of `rows` rows of about 180 bytes, closed.
+fn populated_with(db: &Path, rows: u32) {
+    let catalog =
+        sqlite_persistence_cli::Catalog::open(db, sqlite_persistence::Options::new()).unwrap();
+    catalog
+        .database()
+        .write(|conn| -> sqlite_persistence::Result<()> {
+            use diesel::connection::SimpleConnection;
+            Ok(conn.batch_execute(&format!(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows})
+                     INSERT INTO artifacts (name)
+                     SELECT 'artifact-' || x || '-' || hex(randomblob(80)) FROM c;"
+            ))?)
+        })
+        .unwrap();
+    drop(catalog);
+    common::wait_closed(db);
+}
+
+/// `backup` with `umask 022` and, optionally, a file-size limit.
+fn backup(db: &Path, to: &Path, size_limit: Option<u64>) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(common::binary());
+    command.args(["backup", "--to"]).arg(to).arg("--db").arg(db);
+    // SAFETY: between fork and exec, only umask, which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    if let Some(bytes) = size_limit {
+        common::limit(&mut command, libc::RLIMIT_FSIZE, bytes);
+    }
+    command.output().unwrap()
+}
+
+/// A backup is never more readable than its database: a 0600 database's copy was 0644 under
+/// `umask 022`. As root, the copy of another user's database is that user's.
+#[test]
+fn a_backup_is_no_more_readable_than_its_database() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    for (mode, name) in [(0o600, "private.db"), (0o640, "group.db")] {
+        common::set_mode(&db, mode);
+        let copy = dir.path().join(name);
+        let output = backup(&db, &copy, None);
+        common::assert_success(&output);
+        let meta = std::fs::metadata(&copy).unwrap();
+        assert_eq!(meta.mode() & 0o777, mode, "{name}");
+    }
+    if common::is_root() {
+        std::os::unix::fs::chown(&db, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+        let copy = dir.path().join("theirs.db");
+        common::assert_success(&backup(&db, &copy, None));
+        let meta = std::fs::metadata(&copy).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (common::NOBODY, common::NOBODY));
+    }
+}
+
+/// A backup stopped by a full disk (here a file-size limit, as a quota would) leaves nothing
+/// beside its destination (its temporary's journal used to stay) and its hint speaks of the
+/// backup's filesystem, not of the database; a backup of a database that does not exist
+/// creates (and migrates) nothing; a destination name with no room for the temporary's is
+/// refused as too long (it said "unable to open database file").
+#[test]
+fn a_failed_backup_leaves_nothing_and_says_why() {
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    let before = files_in(dir.path());
+    let copy = dir.path().join("copy.db");
+    let output = backup(&db, &copy, Some(256 * 1024));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("could not write to disk"), "{stderr}");
+    assert!(
+        stderr.contains("free space on the backup's filesystem"),
+        "{stderr}"
+    );
+    assert_eq!(files_in(dir.path()), before);
+
+    if common::is_root() {
+        // A full filesystem, as root can make one: a tmpfs of 256 KiB. A database larger
+        // than the copy's cache makes SQLite write a journal beside the copy, which stayed.
+        let full_dir = tempfile::tempdir().unwrap();
+        let full = full_dir.path().join("full");
+        std::fs::create_dir(&full).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(&full)
+            .status()
+            .unwrap();
+        assert!(mounted.success());
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(&full);
+        let (_big_dir, big) = common::fresh_db();
+        populated_with(&big, 200_000);
+        let output = backup(&big, &full.join("copy.db"), None);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains("disk is full"), "{stderr}");
+        assert!(
+            stderr.contains("free space on the backup's filesystem"),
+            "{stderr}"
+        );
+        assert_eq!(files_in(&full), Vec::<String>::new());
+    } else {
+        eprintln!("skipped the full filesystem: mounting a small tmpfs needs root");
+    }
+
+    let missing = dir.path().join("missing.db");
+    let output = backup(&missing, &copy, None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("database {} does not exist", missing.display())),
+        "{stderr}"
+    );
+    assert_eq!(files_in(dir.path()), before);
+
+    let long = dir.path().join(format!("{}.db", "n".repeat(240)));
+    let output = backup(&db, &long, None);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("is longer than 218 bytes"), "{stderr}");
+    assert_eq!(files_in(dir.path()), before);
+}

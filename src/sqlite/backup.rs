@@ -20,6 +20,7 @@ use crate::error::{Error, FileOperation, Operation, Result};
 use crate::operation::DB_SYSTEM;
 use crate::retry::{retry_locked, SystemClock};
 use crate::sqlite::database::Database;
+use crate::sqlite::files::create_like;
 
 /// A backup [`Database::backup_to`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,11 +48,14 @@ impl Database {
     ///
     /// The copy is compacted (`VACUUM INTO`) and in rollback-journal mode; opening it with
     /// this layer puts it back in WAL. Under WAL, a long backup holds back checkpoints, so
-    /// `-wal` grows while it runs.
+    /// `-wal` grows while it runs. The copy is never more readable than the database: it
+    /// gets the database's permission bits whatever the umask (without the group's, if its
+    /// group cannot be the database's), and as root the database's owner and group.
     ///
     /// # Errors
     /// [`Error::BackupExists`] if `destination` exists (it is left as it is);
-    /// [`Error::InvalidPath`], [`Error::MissingDirectory`]; [`Error::Busy`] if the database
+    /// [`Error::InvalidPath`], [`Error::MissingDirectory`]; [`Error::NameTooLong`] if the
+    /// name leaves no room for the temporary's (218 bytes at most); [`Error::Busy`] if the database
     /// stayed locked; [`Error::Storage`] or [`Error::Io`] if the copy could not be written,
     /// synced or linked into place; [`Error::Corrupt`] if the copy does not pass
     /// `integrity_check`; [`Error::Reentrant`] inside a `write` or `read` of this database on
@@ -81,14 +85,23 @@ impl Database {
         if !dir.is_dir() {
             return Err(Error::MissingDirectory { path: dir });
         }
+        let name = destination.file_name().map_or(0, |name| name.len());
+        if name + TEMPORARY_EXTRA > NAME_MAX {
+            return Err(Error::NameTooLong {
+                path: destination,
+                max: NAME_MAX - TEMPORARY_EXTRA,
+            });
+        }
         remove_stale_temporaries(&destination);
         let temporary = temporary_beside(&destination);
         let written = self
             .copy_to(&temporary)
             .and_then(|()| verify(&temporary))
             .and_then(|()| place(&temporary, &destination, &dir));
-        // Whatever happened, the temporary name is gone (it is linked into place on success).
-        let _ = std::fs::remove_file(&temporary);
+        // Whatever happened, the temporary name and the journal SQLite may have left beside
+        // it (a full disk stops VACUUM INTO with its journal written) are gone; the copy is
+        // linked into place on success.
+        remove_temporary(&temporary);
         written?;
         let bytes = std::fs::metadata(&destination).map_or(0, |m| m.len());
         let elapsed = started.elapsed();
@@ -110,12 +123,27 @@ impl Database {
     }
 
     /// `VACUUM INTO` the temporary file, retried while the database is locked (WAL recovery
-    /// after a crash, or a writer in rollback-journal mode).
+    /// after a crash, or a writer in rollback-journal mode). The file is created first, no
+    /// more readable than the database (`VACUUM INTO` takes an empty file; it would create
+    /// one with the umask's mode).
     fn copy_to(&self, temporary: &Path) -> Result<()> {
         let quoted = temporary
             .to_str()
             .expect("checked UTF-8")
             .replace('\'', "''");
+        let like = std::fs::metadata(self.path()).ok();
+        let create = || -> Result<()> {
+            // A failed attempt may leave a partial file, which VACUUM INTO refuses.
+            remove_temporary(temporary);
+            if let Some(like) = &like {
+                create_like(temporary, like).map_err(|source| Error::Io {
+                    operation: FileOperation::WriteBackup,
+                    path: temporary.to_owned(),
+                    source,
+                })?;
+            }
+            Ok(())
+        };
         self.with_connection(Operation::Backup, |conn| {
             retry_locked(
                 &self.options().retry,
@@ -123,14 +151,27 @@ impl Database {
                 Operation::Backup,
                 self.path(),
                 |_| {
-                    // A failed attempt may leave a partial file, which VACUUM INTO refuses.
-                    let _ = std::fs::remove_file(temporary);
+                    create()?;
                     conn.batch_execute(&format!("VACUUM INTO '{quoted}'"))
                         .map_err(|source| Error::query(Operation::Backup, source))
                 },
             )
             .map(drop)
         })
+    }
+}
+
+/// The longest file name most filesystems take (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// What the temporary's journal adds to the destination's name: `.`, `.backup-`, a pid of up
+/// to 10 digits, `-`, up to 9 digits of nanoseconds, `-journal`.
+const TEMPORARY_EXTRA: usize = 1 + 8 + 10 + 1 + 9 + 8;
+
+/// Removes the temporary file and the side files SQLite may have left beside it.
+fn remove_temporary(temporary: &Path) {
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(crate::sqlite::side::side_file(temporary, suffix));
     }
 }
 

@@ -58,6 +58,39 @@ pub(crate) fn read_regular(path: &Path, limit: u64) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// Creates `path` (which must not exist, nor be a link) no more readable than a file whose
+/// metadata is `like`: its permission bits whatever the umask, and its owner and group when
+/// this process is root. Elsewhere the new file is this user's: if its group is not `like`'s
+/// and cannot be made so, it gets no group permissions.
+pub(crate) fn create_like(path: &Path, like: &std::fs::Metadata) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut mode = like.mode() & 0o666;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(mode & 0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let made = (|| {
+        if crate::sqlite::ffi::sys::is_root() {
+            std::os::unix::fs::fchown(&file, Some(like.uid()), Some(like.gid()))?;
+        } else if file.metadata()?.gid() != like.gid()
+            && std::os::unix::fs::fchown(&file, None, Some(like.gid())).is_err()
+        {
+            mode &= !0o070;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+    })();
+    match made {
+        Ok(()) => Ok(file),
+        Err(error) => {
+            let _ = std::fs::remove_file(path);
+            Err(error)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,8 @@ use crate::error::Result;
 /// As [`Catalog::open`] and `Database::backup_to`.
 pub fn run(path: &Path, to: &Path, json: bool) -> Result<()> {
     crate::commands::sqlite_only(path, "backup")?;
-    let catalog = Catalog::open(path, Options::new())?;
+    // A backup never creates (nor migrates) the database it copies.
+    let catalog = Catalog::open(path, Options::new().create_if_missing(false))?;
     let backup = catalog.database().backup_to(to)?;
     if json {
         crate::outln!(

@@ -49,6 +49,11 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
             path: dir.to_owned(),
         });
     }
+    if !options.create_if_missing && !path.exists() {
+        return Err(Error::MissingDatabase {
+            path: path.to_owned(),
+        });
+    }
     let name = path.file_name().map_or(0, |name| name.len());
     if name + LONGEST_SUFFIX.len() > NAME_MAX {
         return Err(Error::NameTooLong {
@@ -101,6 +106,11 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
                 });
             }
             Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !options.create_if_missing => {
+            Err(Error::MissingDatabase {
+                path: path.to_owned(),
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path, options.create_mode),
         Err(source) => Err(io(FileOperation::ReadMetadata, path)(source)),
