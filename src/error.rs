@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use diesel::result::Error as DieselError;
 
+use crate::escaped::Escaped;
 use crate::holders::Holder;
 pub(crate) use crate::operation::{FileOperation, Operation};
 use crate::pragma::JournalMode;
@@ -32,7 +33,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The path cannot name a SQLite file: not UTF-8, empty, a NUL byte, URI parameters, or
     /// another engine's URL.
-    #[error("database path {path} {reason}")]
+    #[error("database path {path} {reason}", path = Escaped::path(.path))]
     InvalidPath {
         /// The path as given.
         path: PathBuf,
@@ -41,7 +42,7 @@ pub enum Error {
     },
 
     /// The database path names a directory.
-    #[error("database path {path} is a directory")]
+    #[error("database path {path} is a directory", path = Escaped::path(.path))]
     IsADirectory {
         /// The path as given, made absolute.
         path: PathBuf,
@@ -50,7 +51,7 @@ pub enum Error {
     /// The database path names something other than a regular file: a device (whose first
     /// bytes SQLite would overwrite with its header), a FIFO (which would block the open), a
     /// socket. Nothing is created or written.
-    #[error("database path {path} is {kind}, not a regular file")]
+    #[error("database path {path} is {kind}, not a regular file", path = Escaped::path(.path))]
     NotAFile {
         /// The path as given, made absolute.
         path: PathBuf,
@@ -60,14 +61,14 @@ pub enum Error {
 
     /// The database file does not exist, and
     /// [`Options::create_if_missing`](crate::Options::create_if_missing) is off.
-    #[error("database {path} does not exist")]
+    #[error("database {path} does not exist", path = Escaped::path(.path))]
     MissingDatabase {
         /// The path as given, made absolute.
         path: PathBuf,
     },
 
     /// The directory the database should be in does not exist.
-    #[error("the directory {path} does not exist")]
+    #[error("the directory {path} does not exist", path = Escaped::path(.path))]
     MissingDirectory {
         /// The missing directory.
         path: PathBuf,
@@ -76,7 +77,7 @@ pub enum Error {
     /// The database's file name leaves no room for SQLite's side files (`-journal`, `-wal`,
     /// `-shm`) and the write queue's `-lock` within the filesystem's limit on a name; or a
     /// backup's, for its temporary file and that file's journal.
-    #[error("file name {path} is longer than {max} bytes")]
+    #[error("file name {path} is longer than {max} bytes", path = Escaped::path(.path))]
     NameTooLong {
         /// The path as given, made absolute.
         path: PathBuf,
@@ -86,7 +87,7 @@ pub enum Error {
 
     /// The database path is a symbolic link to a file that does not exist: the layer does
     /// not create a database through a link.
-    #[error("database path {path} is a symbolic link to {target}, which does not exist")]
+    #[error("database path {path} is a symbolic link to {target}, which does not exist", path = Escaped::path(.path), target = Escaped::path(.target))]
     DanglingSymlink {
         /// The link.
         path: PathBuf,
@@ -96,7 +97,7 @@ pub enum Error {
 
     /// A file SQLite opens next to the database (`-journal`, `-wal`, `-shm`) cannot be used:
     /// it is not a regular file, or this user may not write it.
-    #[error("{path} {problem}")]
+    #[error("{path} {problem}", path = Escaped::path(.path))]
     SideFile {
         /// The side file.
         path: PathBuf,
@@ -105,7 +106,7 @@ pub enum Error {
     },
 
     /// SQLite could not open the file.
-    #[error("cannot open database {path}")]
+    #[error("cannot open database {path}", path = Escaped::path(.path))]
     Open {
         /// The database file.
         path: PathBuf,
@@ -116,9 +117,7 @@ pub enum Error {
 
     /// The URL's scheme names an engine this build does not open (`mysql://`, `http://`),
     /// or one whose Cargo feature is off.
-    #[error(
-        "cannot open {url}: the scheme {scheme}:// is not one of this build's engines ({enabled})"
-    )]
+    #[error("cannot open {url}: the scheme {scheme}:// is not one of this build's engines ({enabled})", url = Escaped::new(.url))]
     UnsupportedUrl {
         /// The URL, without its password.
         url: String,
@@ -133,7 +132,7 @@ pub enum Error {
     NoDatabaseUrl,
 
     /// No session could be opened on the PostgreSQL server.
-    #[error("cannot connect to {url}")]
+    #[error("cannot connect to {url}", url = Escaped::new(.url))]
     Connect {
         /// The URL, without its password.
         url: String,
@@ -144,7 +143,7 @@ pub enum Error {
 
     /// Another process held PostgreSQL's migration lock (a session lock, while it applied a
     /// migration that cannot run in a transaction); waited for with the retry policy.
-    #[error("another process holds the migration lock of {url}")]
+    #[error("another process holds the migration lock of {url}", url = Escaped::new(.url))]
     MigrationLockHeld {
         /// The URL, without its password.
         url: String,
@@ -194,7 +193,7 @@ pub enum Error {
     },
 
     /// The file is not, and could not be put, in the journal mode the options ask for.
-    #[error("database {path} is in journal mode {actual}, expected {expected}")]
+    #[error("database {path} is in journal mode {actual}, expected {expected}", path = Escaped::path(.path))]
     JournalMode {
         /// The database file.
         path: PathBuf,
@@ -205,7 +204,7 @@ pub enum Error {
     },
 
     /// SQLite answered `PRAGMA journal_mode` with a mode this crate does not know.
-    #[error("database {path} reports an unknown journal mode {answer:?}")]
+    #[error("database {path} reports an unknown journal mode {answer:?}", path = Escaped::path(.path))]
     UnknownJournalMode {
         /// The database file.
         path: PathBuf,
@@ -222,7 +221,7 @@ pub enum Error {
     },
 
     /// A migration failed; the whole batch was rolled back, so the database is as it was.
-    #[error("migration {name} failed")]
+    #[error("migration {name} failed", name = Escaped::new(.name))]
     Migration {
         /// The migration's name (its directory name).
         name: String,
@@ -232,7 +231,7 @@ pub enum Error {
     },
 
     /// A pending migration would run outside a transaction, so it cannot be applied atomically.
-    #[error("migration {name} has run_in_transaction = false")]
+    #[error("migration {name} has run_in_transaction = false", name = Escaped::new(.name))]
     NonTransactionalMigration {
         /// The migration's name.
         name: String,
@@ -241,7 +240,7 @@ pub enum Error {
     /// A migration's SQL has `BEGIN`, `COMMIT`, `END` or `ROLLBACK`: it would end the batch's
     /// transaction and commit part of the batch. It was refused when SQLite prepared that
     /// statement; the whole batch was rolled back.
-    #[error("migration {name} controls its own transaction")]
+    #[error("migration {name} controls its own transaction", name = Escaped::new(.name))]
     TransactionControl {
         /// The migration's name.
         name: String,
@@ -249,7 +248,7 @@ pub enum Error {
 
     /// The file has tables but no migration history and no application id of its own:
     /// another program's database. Nothing was written.
-    #[error("database {path} has tables but no migration history: {}", tables.join(", "))]
+    #[error("database {path} has tables but no migration history: {}", escaped_list(tables), path = Escaped::path(.path))]
     UnmanagedDatabase {
         /// The database file.
         path: PathBuf,
@@ -259,10 +258,8 @@ pub enum Error {
 
     /// The database has applied migrations this binary does not know: it was migrated by a
     /// newer (or a different) program.
-    #[error(
-        "database {path} has applied migrations this binary does not know: {}",
-        versions.join(", ")
-    )]
+    #[error("database {path} has applied migrations this binary does not know: {}",
+        escaped_list(versions), path = Escaped::path(.path))]
     UnknownMigrations {
         /// The database file.
         path: PathBuf,
@@ -272,10 +269,8 @@ pub enum Error {
 
     /// Migrations that were applied have different SQL now: somebody edited them after they
     /// ran, so the schema is not what the code says.
-    #[error(
-        "database {path} has applied migrations whose SQL changed since they ran: {}",
-        names.join(", ")
-    )]
+    #[error("database {path} has applied migrations whose SQL changed since they ran: {}",
+        escaped_list(names), path = Escaped::path(.path))]
     EditedMigrations {
         /// The database file.
         path: PathBuf,
@@ -292,7 +287,7 @@ pub enum Error {
     },
 
     /// A file-system call on the database's files failed.
-    #[error("cannot {operation} {path}")]
+    #[error("cannot {operation} {path}", path = Escaped::path(.path))]
     Io {
         /// What was attempted.
         operation: FileOperation,
@@ -305,7 +300,7 @@ pub enum Error {
 
     /// The file exists but is not a SQLite database (wrong header, shorter than a page,
     /// encrypted).
-    #[error("{path} is not a SQLite database: {reason}")]
+    #[error("{path} is not a SQLite database: {reason}", path = Escaped::path(.path), reason = Escaped::new(.reason))]
     NotADatabase {
         /// The file.
         path: PathBuf,
@@ -315,7 +310,7 @@ pub enum Error {
 
     /// The file is a damaged SQLite database (truncated, or "database disk image is
     /// malformed").
-    #[error("database {path} is damaged: {reason}")]
+    #[error("database {path} is damaged: {reason}", path = Escaped::path(.path), reason = Escaped::new(.reason))]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -325,14 +320,14 @@ pub enum Error {
 
     /// The directory the database is in cannot be written by this process: SQLite creates
     /// `-wal` and `-shm` (or `-journal`) there, and the write queue its `-lock`.
-    #[error("directory {path} is not writable")]
+    #[error("directory {path} is not writable", path = Escaped::path(.path))]
     ReadOnlyDirectory {
         /// The directory.
         path: PathBuf,
     },
 
     /// The database file cannot be written by this process.
-    #[error("database {path} is not writable")]
+    #[error("database {path} is not writable", path = Escaped::path(.path))]
     ReadOnlyFile {
         /// The file.
         path: PathBuf,
@@ -340,10 +335,8 @@ pub enum Error {
 
     /// The file carries another `PRAGMA application_id` than the one the options ask for:
     /// it belongs to another application.
-    #[error(
-        "database {path} belongs to another application: application_id {found:#010x}, \
-         expected {expected:#010x}"
-    )]
+    #[error("database {path} belongs to another application: application_id {found:#010x}, \
+         expected {expected:#010x}", path = Escaped::path(.path))]
     ForeignDatabase {
         /// The file.
         path: PathBuf,
@@ -355,7 +348,7 @@ pub enum Error {
 
     /// The database is on a network or cluster filesystem, where WAL's shared memory does not
     /// work and locks are unreliable.
-    #[error("database {path} is on a {filesystem} filesystem (statfs type {magic:#x})")]
+    #[error("database {path} is on a {filesystem} filesystem (statfs type {magic:#x})", path = Escaped::path(.path))]
     NetworkFilesystem {
         /// The database file.
         path: PathBuf,
@@ -380,7 +373,7 @@ pub enum Error {
     /// [`Options::max_read_age`](crate::Options::max_read_age): its transaction was ended so
     /// that the WAL could be checkpointed, and whatever the closure returned is discarded (its
     /// later statements failed, "not authorized"). Not retried.
-    #[error("read of {path} stayed open past its limit of {limit:?}")]
+    #[error("read of {path} stayed open past its limit of {limit:?}", path = Escaped::path(.path))]
     ReadTooLong {
         /// The database file.
         path: PathBuf,
@@ -398,7 +391,7 @@ pub enum Error {
 
     /// [`Database::close`](crate::Database::close) waited its deadline and connections of
     /// the pool were still open.
-    #[error("database {path} still has {connections} open connections")]
+    #[error("database {path} still has {connections} open connections", path = Escaped::path(.path))]
     StillOpen {
         /// The database file.
         path: PathBuf,
@@ -407,7 +400,7 @@ pub enum Error {
     },
 
     /// The destination of a backup exists; it was left as it is.
-    #[error("backup destination {path} exists")]
+    #[error("backup destination {path} exists", path = Escaped::path(.path))]
     BackupExists {
         /// The destination.
         path: PathBuf,
@@ -434,6 +427,12 @@ pub enum Error {
         #[source]
         source: DieselError,
     },
+}
+
+/// The names read from a database file, each escaped, joined by `, `.
+fn escaped_list(names: &[String]) -> String {
+    let shown: Vec<String> = names.iter().map(|n| Escaped::new(n).to_string()).collect();
+    shown.join(", ")
 }
 
 /// ` by process 7 (sqlite3) holding the write lock, ...`, or nothing.
@@ -712,11 +711,11 @@ fn is_lock_message(message: &str) -> bool {
 
 /// "a: b: c" for an error and its sources, as the retry events log it.
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
+    let mut text = Escaped::new(&error.to_string()).to_string();
     let mut source = error.source();
     while let Some(cause) = source {
         text += ": ";
-        text += &cause.to_string();
+        text += &Escaped::new(&cause.to_string()).to_string();
         source = cause.source();
     }
     text

@@ -64,7 +64,7 @@ impl fmt::Display for Holder {
             _ => write!(f, "process {}", self.pid)?,
         }
         if let Some(command) = self.command.as_ref().filter(|c| !c.is_empty()) {
-            write!(f, " ({command})")?;
+            write!(f, " ({})", crate::escaped::Escaped::new(command))?;
         }
         f.write_str(match self.lock {
             HeldLock::WriteQueue => " holding the write queue",

@@ -95,6 +95,7 @@
 
 mod engine;
 mod error;
+mod escaped;
 mod handle;
 mod holders;
 mod migrate;
@@ -124,6 +125,7 @@ compile_error!("sqlite-persistence needs an engine: enable the feature `sqlite` 
 pub use self::tokio::AsyncDatabase;
 pub use engine::{AnyConnection, AnyDatabase, AnyMigrations, DATABASE_URL};
 pub use error::{is_lock_error, BoxError, Error, Result};
+pub use escaped::Escaped;
 pub use handle::{Checksums, WriteStats};
 pub use holders::{HeldLock, Holder};
 pub use operation::{FileOperation, Operation};

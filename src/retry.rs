@@ -335,7 +335,7 @@ pub(crate) fn retry_in<T, E>(
                 operation = operation.as_str(),
                 attempt = attempts,
                 elapsed_ms = elapsed.as_millis() as u64,
-                error = %describe(&error),
+                error = %crate::escaped::Escaped::new(&describe(&error)),
                 "database stayed locked, giving up"
             );
             return Err(Failure::Exhausted {
@@ -354,7 +354,7 @@ pub(crate) fn retry_in<T, E>(
             attempt = attempts,
             delay_ms = delay.as_millis() as u64,
             elapsed_ms = elapsed.as_millis() as u64,
-            error = %describe(&error),
+            error = %crate::escaped::Escaped::new(&describe(&error)),
             "database is locked, retrying"
         );
         deadline.clock.sleep(delay);
@@ -444,7 +444,7 @@ pub(crate) fn retry_attempts<T, E>(
 where
     E: From<Error> + 'static,
 {
-    let namespace = database.display();
+    let namespace = crate::escaped::Escaped::path(database);
     let db = Db {
         system: DB_SYSTEM,
         namespace: &namespace,

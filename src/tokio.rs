@@ -264,7 +264,7 @@ impl AsyncDatabase {
             let orphaned = *phase.lock().unwrap_or_else(PoisonError::into_inner) == Phase::Orphaned;
             if orphaned {
                 tracing::info!(
-                    db.namespace = %database.path().display(),
+                    db.namespace = %crate::escaped::Escaped::path(database.path()),
                     operation = operation.as_str(),
                     outcome = match &ended {
                         Ok(Ok(_)) => "committed",

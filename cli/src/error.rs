@@ -128,13 +128,14 @@ impl Error {
     }
 }
 
-/// "a: b: c" for an error and its sources, as the command line prints it.
+/// "a: b: c" for an error and its sources, as the command line prints it, each escaped.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
+    use sqlite_persistence::Escaped;
+    let mut text = Escaped::new(&error.to_string()).to_string();
     let mut source = error.source();
     while let Some(cause) = source {
         text += ": ";
-        text += &cause.to_string();
+        text += &Escaped::new(&cause.to_string()).to_string();
         source = cause.source();
     }
     text

@@ -13,11 +13,24 @@ use crate::error::{Error, Result};
 /// # Errors
 /// [`Error::Output`] with the OS error (`Broken pipe`, `No space left on device`).
 pub fn write(args: fmt::Arguments<'_>) -> Result<()> {
+    let text = escaped_lines(&args.to_string());
     let mut stdout = std::io::stdout().lock();
     stdout
-        .write_fmt(args)
+        .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(|source| Error::Output { source })
+}
+
+/// `text` with every control character but its line ends escaped (see
+/// [`sqlite_persistence::Escaped`]): whatever came from outside (a process's name, a file
+/// name, a table's) and was not escaped where it was formatted still cannot reach the
+/// terminal as an escape sequence.
+pub fn escaped_lines(text: &str) -> String {
+    let lines: Vec<String> = text
+        .split('\n')
+        .map(|line| sqlite_persistence::Escaped::new(line).to_string())
+        .collect();
+    lines.join("\n")
 }
 
 /// `print!` that returns [`Error::Output`] instead of panicking.

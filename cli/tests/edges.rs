@@ -364,3 +364,128 @@ fn a_failed_backup_leaves_nothing_and_says_why() {
     assert!(stderr.contains("is longer than 218 bytes"), "{stderr}");
     assert_eq!(files_in(dir.path()), before);
 }
+
+/// What a hostile process names itself (`/proc/self/comm`, 15 bytes at most): an escape
+/// sequence that retitles the terminal and one that clears it.
+const HOSTILE_NAME: &str = "\x1b]0;pwned\x07\x1b[2J";
+
+/// Not a test on its own: names itself [`HOSTILE_NAME`], takes the write queue of
+/// `EDGES_HOLD_DB` (an exclusive `flock` of its `-lock`), says `held`, and holds it until
+/// its stdin closes (or 30 s pass).
+#[test]
+#[ignore = "run as a child process by the escape tests"]
+fn hostile_holder_child() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let Ok(db) = std::env::var("EDGES_HOLD_DB") else {
+        return;
+    };
+    std::thread::spawn(|| {
+        std::thread::sleep(Duration::from_secs(30));
+        std::process::exit(3);
+    });
+    // The process's name is its main thread's (`prctl(PR_SET_NAME)` names the calling
+    // thread, and tests run on threads of their own): written through `/proc`.
+    std::fs::write("/proc/self/comm", HOSTILE_NAME).unwrap();
+    let lock = std::fs::File::open(format!("{db}-lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    println!("held");
+    std::io::stdout().flush().unwrap();
+    let _ = std::io::stdin().read(&mut [0]);
+}
+
+/// A process that names itself with escape sequences and holds the write queue is named
+/// escaped (`\x1b]0;pwned\x07...`) by `status` and in `Error::Busy`: it was printed raw, and
+/// retitled and cleared the terminal of whoever read it. So are table names read from a
+/// database file and a path given by a user.
+#[test]
+fn names_from_outside_are_escaped_wherever_they_are_shown() {
+    use std::io::BufRead;
+    let (dir, db) = common::fresh_db();
+    assert!(run_bounded(&["record", "--artifact", "a"], &db).success);
+    let mut holder = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "hostile_holder_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("EDGES_HOLD_DB", &db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim_end() != "held" {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the holder ended");
+    }
+    let escaped = "\\x1b]0;pwned\\x07\\x1b[2J";
+
+    let status = run_bounded(&["status"], &db);
+    assert!(status.success, "{}", status.stderr);
+    assert!(!status.stdout.contains('\x1b'), "{}", status.stdout);
+    assert!(
+        status
+            .stdout
+            .contains(&format!("({escaped}) holding the write queue")),
+        "{}",
+        status.stdout
+    );
+
+    let options = sqlite_persistence::Options::new()
+        .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(300)));
+    let database = sqlite_persistence_cli::Catalog::open(&db, options).unwrap();
+    let error = database
+        .database()
+        .write(|conn| -> sqlite_persistence::Result<()> {
+            use diesel::connection::SimpleConnection;
+            Ok(conn.batch_execute("INSERT INTO artifacts (name) VALUES ('b')")?)
+        })
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(
+        matches!(error, sqlite_persistence::Error::Busy { .. }),
+        "{message}"
+    );
+    assert!(!message.contains('\x1b'), "{message}");
+    assert!(message.contains(escaped), "{message}");
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+
+    // A table named like an escape sequence, in a database of another program.
+    let foreign = dir.path().join("foreign.db");
+    let mut conn =
+        <diesel::SqliteConnection as diesel::Connection>::establish(foreign.to_str().unwrap())
+            .unwrap();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        "CREATE TABLE \"\x1b[2Jgone\" (x INTEGER)",
+    )
+    .unwrap();
+    drop(conn);
+    let outcome = run_bounded(&["migrate"], &foreign);
+    assert!(!outcome.success);
+    assert!(!outcome.stderr.contains('\x1b'), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("\\x1b[2Jgone"),
+        "{}",
+        outcome.stderr
+    );
+
+    // A path given with an escape sequence in it.
+    let odd = dir.path().join("\x1b]0;x\x07").join("x.db");
+    let outcome = run_bounded(&["status"], &odd);
+    assert!(!outcome.stderr.contains('\x1b'), "{}", outcome.stderr);
+    let outcome = run_bounded(&["record", "--artifact", "a"], &odd);
+    assert!(!outcome.success);
+    assert!(!outcome.stderr.contains('\x1b'), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("\\x1b]0;x\\x07"),
+        "{}",
+        outcome.stderr
+    );
+}

@@ -191,7 +191,7 @@ impl Options {
         let deadline = Deadline::at(&SystemClock, started, &self.retry);
         let db = Db {
             system: DB_SYSTEM,
-            namespace: &shown.display(),
+            namespace: &crate::escaped::Escaped::path(shown),
         };
         // Who held the lock, read on the session that gave up waiting for it.
         let conn = std::cell::RefCell::new(conn);
@@ -244,8 +244,8 @@ impl Options {
         if let Err(error) = migrate::release_session_lock(conn, key) {
             tracing::warn!(
                 db.system.name = DB_SYSTEM,
-                db.namespace = %shown.display(),
-                error = %error,
+                db.namespace = %crate::escaped::Escaped::path(shown),
+                error = %crate::escaped::Escaped::new(&error.to_string()),
                 "cannot release the migration lock; the server releases it when the session ends"
             );
         }

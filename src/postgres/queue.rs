@@ -41,7 +41,7 @@ pub(crate) fn give_back(conn: &mut PgConnection, key: (i32, i32)) {
     if let Err(error) =
         conn.batch_execute(&format!("SELECT pg_advisory_unlock({}, {})", key.0, key.1))
     {
-        tracing::warn!(error = %error, "cannot give back the write queue's turn; closing the session");
+        tracing::warn!(error = %crate::escaped::Escaped::new(&error.to_string()), "cannot give back the write queue's turn; closing the session");
         super::failure::discard(conn);
     }
 }

@@ -107,10 +107,10 @@ impl Database {
         let elapsed = started.elapsed();
         tracing::info!(
             db.system.name = DB_SYSTEM,
-            db.namespace = %self.path().display(),
+            db.namespace = %crate::escaped::Escaped::path(self.path()),
             db.operation.name = Operation::Backup.as_str(),
             operation = Operation::Backup.as_str(),
-            backup = %destination.display(),
+            backup = %crate::escaped::Escaped::path(&destination),
             bytes,
             elapsed_ms = elapsed.as_millis() as u64,
             "backup written"

@@ -214,7 +214,7 @@ fn warn(database: &Path, index: Option<WalIndex>, log: u32, done: u32, page_size
     let bytes = u64::from(log) * (u64::from(page_size) + 24) + 32;
     tracing::warn!(
         db.system.name = DB_SYSTEM,
-        db.namespace = %database.display(),
+        db.namespace = %crate::escaped::Escaped::path(database),
         wal_bytes = bytes,
         wal_frames = log,
         checkpointed_frames = done,

@@ -94,7 +94,7 @@ pub(crate) fn within<T>(
     let set = |conn: &mut SqliteConnection, timeout: Duration| {
         let millis = timeout.as_millis().max(1);
         if let Err(error) = conn.batch_execute(&format!("PRAGMA busy_timeout = {millis}")) {
-            tracing::warn!(error = %error, "cannot set busy_timeout");
+            tracing::warn!(error = %crate::escaped::Escaped::new(&error.to_string()), "cannot set busy_timeout");
         }
     };
     set(conn, left);
@@ -120,7 +120,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCu
             .map_err(|source| {
                 tracing::error!(
                     operation = Operation::ApplyPragmas.as_str(),
-                    error = %source,
+                    error = %crate::escaped::Escaped::new(&source.to_string()),
                     "cannot prepare a pooled connection"
                 );
                 diesel::r2d2::Error::QueryError(source)

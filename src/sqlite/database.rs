@@ -372,7 +372,7 @@ impl Drop for Database {
         let open = self.shut(true, DROP_WAIT);
         if open > 0 {
             tracing::warn!(
-                path = %self.path.display(),
+                path = %crate::escaped::Escaped::path(&self.path),
                 connections = open,
                 "database dropped with connections still open (a pooled connection or a \
                  clone of its pool outlived it)"
@@ -435,7 +435,7 @@ impl Drop for QueryOnly<'_> {
             // that refuses writes, which every write reports as "readonly database".
             tracing::error!(
                 operation = Operation::Read.as_str(),
-                error = %error,
+                error = %crate::escaped::Escaped::new(&error.to_string()),
                 "cannot turn query_only off on a pooled connection"
             );
         }

@@ -311,6 +311,6 @@ struct LogPoolErrors;
 
 impl HandleError<diesel::r2d2::Error> for LogPoolErrors {
     fn handle_error(&self, error: diesel::r2d2::Error) {
-        tracing::error!(operation = "open pooled connection", error = %error, "pool error");
+        tracing::error!(operation = "open pooled connection", error = %crate::escaped::Escaped::new(&error.to_string()), "pool error");
     }
 }

@@ -73,7 +73,7 @@ fn watchdog() -> Option<&'static Watchdog> {
             Ok(_) => Some(watchdog),
             Err(error) => {
                 tracing::warn!(
-                    error = %error,
+                    error = %crate::escaped::Escaped::new(&error.to_string()),
                     "cannot start the read-age watchdog thread: reads are not capped"
                 );
                 None

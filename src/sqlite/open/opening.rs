@@ -108,7 +108,9 @@ impl Opening<'_> {
         source: &Source<Sqlite>,
         open: &Arc<OpenConnections>,
     ) -> Result<(Connections, SetUp)> {
-        let _span = tracing::info_span!("open", path = %self.target.path().display()).entered();
+        let _span =
+            tracing::info_span!("open", path = %crate::escaped::Escaped::path(self.target.path()))
+                .entered();
         let customizer = ConnectionCustomizer::new(self.options);
         let memory = self.target.is_memory();
         let url = self.target.url(Access::Create);
@@ -241,7 +243,7 @@ impl Opening<'_> {
         if !applied.is_empty() {
             tracing::info!(
                 db.system.name = DB_SYSTEM,
-                db.namespace = %self.target.path().display(),
+                db.namespace = %crate::escaped::Escaped::path(self.target.path()),
                 db.operation.name = Operation::Migrate.as_str(),
                 count = applied.len(),
                 migrations = %applied.join(", "),

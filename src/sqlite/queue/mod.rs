@@ -104,7 +104,7 @@ impl WriteQueue {
             }
             Err(error) => {
                 tracing::warn!(
-                    queue = %queue.sidecar.path.display(),
+                    queue = %crate::escaped::Escaped::path(&queue.sidecar.path),
                     error = %crate::error::error_chain(&error),
                     "the write queue cannot be used; writers wait with SQLite's busy handler \
                      and the retry policy alone"
@@ -198,7 +198,7 @@ impl WriteQueue {
             // longer in arrival order.
             drop(request);
             tracing::warn!(
-                queue = %self.sidecar.path.display(),
+                queue = %crate::escaped::Escaped::path(&self.sidecar.path),
                 "cannot start the write queue's waiting thread; polling for the turn"
             );
             return self.poll(start, timeout);
@@ -242,7 +242,7 @@ impl WriteQueue {
             .collect();
         tracing::warn!(
             db.system.name = DB_SYSTEM,
-            db.namespace = %self.database.display(),
+            db.namespace = %crate::escaped::Escaped::path(&self.database),
             db.operation.name = operation.as_str(),
             operation = operation.as_str(),
             waited_ms = LONG_WAIT.as_millis() as u64,
@@ -325,7 +325,7 @@ fn wait_turn(
             // The sidecar was usable at open and is not now (removed, replaced): do without.
             tracing::warn!(
                 operation = operation.as_str(),
-                queue = %queue.sidecar.path.display(),
+                queue = %crate::escaped::Escaped::path(&queue.sidecar.path),
                 error = %crate::error::error_chain(&error),
                 "the write queue cannot be used; waiting with SQLite's locks alone"
             );
@@ -335,12 +335,12 @@ fn wait_turn(
             let elapsed = deadline.elapsed();
             tracing::error!(
                 db.system.name = DB_SYSTEM,
-                db.namespace = %database.display(),
+                db.namespace = %crate::escaped::Escaped::path(database),
                 db.operation.name = operation.as_str(),
                 error.type = ERROR_TYPE_BUSY,
                 operation = operation.as_str(),
                 elapsed_ms = elapsed.as_millis() as u64,
-                queue = %queue.sidecar.path.display(),
+                queue = %crate::escaped::Escaped::path(&queue.sidecar.path),
                 "write queue stayed locked, giving up"
             );
             Err(Error::Busy {
@@ -351,7 +351,7 @@ fn wait_turn(
                     std::io::ErrorKind::TimedOut,
                     format!(
                         "another process held the write queue {} past the deadline",
-                        queue.sidecar.path.display()
+                        crate::escaped::Escaped::path(&queue.sidecar.path)
                     ),
                 )),
                 holders: holders_of(database),
