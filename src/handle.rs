@@ -58,6 +58,11 @@ impl Inside {
         })
     }
 
+    /// The innermost operation this thread is inside, of any database.
+    pub(crate) fn current() -> Option<Operation> {
+        INSIDE.with_borrow(|inside| inside.last().map(|&(_, operation)| operation))
+    }
+
     pub(crate) fn enter(id: u64, operation: Operation) -> Result<Self> {
         Self::check(id, operation)?;
         INSIDE.with_borrow_mut(|inside| inside.push((id, operation)));

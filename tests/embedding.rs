@@ -369,18 +369,56 @@ fn close_returns_once_every_connection_is_closed_or_says_which_stayed_open() {
         "the last connection checkpointed and removed the WAL"
     );
 
-    let db = Options::new()
-        .retry(RetryPolicy::new().max_elapsed(Duration::from_millis(300)))
-        .open(&path, MIGRATIONS)
+    // With the default 30 s deadline: close does not wait for a connection the application
+    // holds (it waited the whole deadline, and named none), and names where it was taken.
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    let held = std::thread::Builder::new()
+        .name("holder".into())
+        .spawn({
+            let pool = db.pool().unwrap().clone();
+            move || pool.get().unwrap()
+        })
+        .unwrap()
+        .join()
         .unwrap();
-    let held = db.connection().unwrap();
     let start = Instant::now();
-    match db.close() {
-        Err(Error::StillOpen { connections, .. }) => assert_eq!(connections, 1),
+    let error = db.close().unwrap_err();
+    let message = error.to_string();
+    match error {
+        Error::StillOpen {
+            connections, lent, ..
+        } => {
+            assert_eq!(connections, 1, "{message}");
+            assert_eq!(lent.len(), 1, "{message}");
+        }
         other => panic!("expected StillOpen, got {other:?}"),
     }
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(
+        message.contains("taken with Database::connection or from Database::pool on thread holder"),
+        "{message}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     drop(held);
+    // A clone of the pool keeps its idle connections: named after a short grace.
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    let pool = db.pool().unwrap().clone();
+    drop(pool.get().unwrap());
+    let start = Instant::now();
+    let message = db.close().unwrap_err().to_string();
+    assert!(
+        message.contains("1 idle in a pool that a clone of Database::pool keeps"),
+        "{message}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    drop(pool);
     // A handle dropped while the application holds a connection does not wait for it.
     let db = Options::new().open(&path, MIGRATIONS).unwrap();
     let held = db.connection().unwrap();

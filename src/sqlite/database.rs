@@ -16,7 +16,7 @@ use crate::handle::{next_id, Inside};
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::retry::{retry_attempts, Attempt, Deadline, SystemClock};
-use crate::sqlite::closing::OpenConnections;
+use crate::sqlite::closing::{OpenConnections, StillOpen};
 use crate::sqlite::codes;
 use crate::sqlite::customizer::within;
 use crate::sqlite::pool::{Checkout, Connections, PooledSqlite, SqlitePool};
@@ -304,8 +304,13 @@ impl Database {
     }
 
     /// Closes the database: every connection (the open's and the pool's) is closed (the
-    /// last one to close checkpoints the WAL into the database file) before this returns,
-    /// waiting at most the retry policy's deadline for connections that are still in use.
+    /// last one to close checkpoints the WAL into the database file) before this returns.
+    ///
+    /// It does not wait for connections the application took from the pool
+    /// ([`connection`](Database::connection), [`pool`](Database::pool)) and still holds:
+    /// they close when they are given back, and [`Error::StillOpen`] says where each was
+    /// taken (thread, and how long ago). A clone of the pool keeps its idle connections
+    /// open: they are waited for 1 s, then named too.
     ///
     /// Dropping the handle does the same, and logs instead of returning an error. r2d2 may
     /// otherwise close the last connection a moment later on its own thread, and a process
@@ -315,29 +320,30 @@ impl Database {
     /// [`Error::StillOpen`] if connections stayed open: a [`PooledSqlite`] or a clone of
     /// [`pool`](Database::pool) outlived the handle.
     pub fn close(mut self) -> Result<()> {
-        match self.shut(false, self.options.retry.deadline()) {
+        let still = self.shut();
+        match still.connections {
             0 => Ok(()),
             connections => Err(Error::StillOpen {
                 path: self.path.clone(),
                 connections,
+                lent: still.lent,
             }),
         }
     }
 
-    /// Closes this handle's connections and waits at most `limit` for them to close,
-    /// except, with `spare_checked_out`, those the application still holds (they close when
-    /// it drops them); returns how many are still open.
-    fn shut(&mut self, spare_checked_out: bool, limit: Duration) -> usize {
+    /// Closes this handle's connections and waits for them to close, except the ones the
+    /// application still holds, and the idle ones of a pool it keeps (see `close`); returns
+    /// what is still open.
+    fn shut(&mut self) -> StillOpen {
         if std::mem::replace(&mut self.closed, true) {
-            return 0;
+            return StillOpen::default();
         }
         // A turn this process kept for its next write is given back now.
         if let Some(queue) = &self.queue {
             queue.release_kept();
         }
-        let checked_out = self.connections.close();
-        let left = if spare_checked_out { checked_out } else { 0 };
-        self.open.wait_until_at_most(left, limit)
+        self.connections.close();
+        self.open.wait_closed(KEPT_POOL_GRACE, CLOSE_LIMIT)
     }
 
     /// The database file (absolute), or `:memory:`.
@@ -363,17 +369,23 @@ impl Database {
     }
 }
 
-/// How long dropping a [`Database`] waits for its connections to close: long enough for the
-/// last one to checkpoint a large WAL.
-const DROP_WAIT: Duration = Duration::from_secs(10);
+/// How long a close waits for the idle connections of a pool something else keeps (a clone
+/// of it, or a connection lent out): a pool being dropped on r2d2's own thread goes within
+/// it; one that is kept does not go at all.
+const KEPT_POOL_GRACE: Duration = Duration::from_secs(1);
+
+/// The longest a close waits for the connections of a pool that is gone to close (r2d2
+/// closes them as the pool goes, perhaps on its own thread, each checkpointing).
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let open = self.shut(true, DROP_WAIT);
-        if open > 0 {
+        let still = self.shut();
+        if still.connections > 0 {
             tracing::warn!(
                 path = %crate::escaped::Escaped::path(&self.path),
-                connections = open,
+                connections = still.connections,
+                lent = %still.lent.join("; "),
                 "database dropped with connections still open (a pooled connection or a \
                  clone of its pool outlived it)"
             );

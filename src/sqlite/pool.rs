@@ -20,6 +20,7 @@ use diesel::SqliteConnection;
 use scheduled_thread_pool::ScheduledThreadPool;
 
 use crate::error::{Error, Result};
+use crate::sqlite::closing::OpenConnections;
 use crate::sqlite::customizer::ConnectionCustomizer;
 
 /// The r2d2 pool of a [`Database`](crate::Database): every connection carries the
@@ -96,10 +97,16 @@ pub(crate) struct Recipe {
     pub customizer: ConnectionCustomizer,
     /// An in-memory database: the pool holds its one connection for good.
     pub memory: bool,
+    /// The handle's open connections, which the pool's event handler tells who checked
+    /// each out.
+    pub open: Arc<OpenConnections>,
 }
 
 impl Recipe {
     fn build(&self, first: &First) -> Result<SqlitePool> {
+        // Alive until the event handler, which the pool owns, drops (with the builder, if
+        // building fails).
+        self.open.pool_built();
         let builder = Pool::builder()
             .max_size(self.max_size)
             .min_idle(Some(u32::from(self.memory)))
@@ -109,6 +116,7 @@ impl Recipe {
             // as good as forever for a pool wait).
             .connection_timeout(self.wait.clamp(Duration::from_secs(1), POOL_WAIT_LIMIT))
             .error_handler(Box::new(LogPoolErrors))
+            .event_handler(Box::new(self.open.lending()))
             .connection_customizer(Box::new(self.customizer.clone()));
         let manager = SqliteManager {
             inner: ConnectionManager::new(self.url.clone()),

@@ -120,6 +120,7 @@ impl Opening<'_> {
             wait: self.options.retry.deadline(),
             customizer: customizer.clone().counting(Arc::clone(open)),
             memory,
+            open: Arc::clone(open),
         };
         if memory {
             // Each connection to :memory: is its own database: the pool's only one is set
