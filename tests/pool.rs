@@ -224,3 +224,97 @@ fn at_the_thread_limit_writes_go_on_and_the_pool_is_a_clean_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stdout.contains("values: [1, 2]"), "{stdout}\n{stderr}");
 }
+
+/// The value of `PRAGMA name` on `conn`.
+fn pragma(conn: &mut diesel::SqliteConnection, name: &str) -> String {
+    #[derive(QueryableByName)]
+    struct Value {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    #[derive(QueryableByName)]
+    struct Mode {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        locking_mode: String,
+    }
+    match name {
+        // It has no table-valued function.
+        "locking_mode" => {
+            diesel::sql_query("PRAGMA locking_mode")
+                .get_result::<Mode>(conn)
+                .unwrap()
+                .locking_mode
+        }
+        _ => {
+            let column = if name == "busy_timeout" {
+                "timeout"
+            } else {
+                name
+            };
+            diesel::sql_query(format!(
+                "SELECT CAST({column} AS TEXT) AS value FROM pragma_{name}()"
+            ))
+            .get_result::<Value>(conn)
+            .unwrap()
+            .value
+        }
+    }
+}
+
+/// A pragma a closure (or the user of a connection taken from the pool) sets does not
+/// outlive it: `query_only = 1` inside a `write` made every later write on that pooled
+/// connection fail ("attempt to write a readonly database"), and `busy_timeout = 0`,
+/// `foreign_keys = OFF` and `locking_mode = EXCLUSIVE` (which locks every other process
+/// out) stayed. The connection is the open's own (no pool yet) and then the pool's.
+#[test]
+fn settings_a_closure_assigns_do_not_outlive_it() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new().pool_size(1).open(&path, MIGRATIONS).unwrap();
+    for round in 0..2 {
+        db.write(|conn| -> sqlite_persistence::Result<()> {
+            conn.batch_execute(
+                "PRAGMA query_only = 1; PRAGMA busy_timeout = 0; PRAGMA locking_mode = EXCLUSIVE;",
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        bump(&db, "a").unwrap();
+        // (A read has query_only on: the settings are read inside a write.)
+        let (timeout, query_only, locking) = db
+            .write(|conn| -> sqlite_persistence::Result<_> {
+                Ok((
+                    pragma(conn, "busy_timeout"),
+                    pragma(conn, "query_only"),
+                    pragma(conn, "locking_mode"),
+                ))
+            })
+            .unwrap();
+        assert_eq!(
+            (timeout.as_str(), query_only.as_str(), locking.as_str()),
+            ("5000", "0", "normal"),
+            "round {round}"
+        );
+        // Another process (here a plain connection) may write: no exclusive lock is kept.
+        let mut plain = common::plain_sqlite(&path);
+        plain
+            .batch_execute(&format!(
+                "BEGIN IMMEDIATE; INSERT INTO counters (name) VALUES ('plain-{round}'); COMMIT;"
+            ))
+            .unwrap();
+        drop(plain);
+        // The second round on the pool's connection.
+        db.pool().unwrap();
+    }
+    // A connection taken from the pool and given back with its settings changed.
+    {
+        let mut conn = db.connection().unwrap();
+        conn.batch_execute("PRAGMA query_only = 1; PRAGMA foreign_keys = OFF;")
+            .unwrap();
+    }
+    bump(&db, "a").unwrap();
+    let foreign_keys = db
+        .read(|conn| -> sqlite_persistence::Result<_> { Ok(pragma(conn, "foreign_keys")) })
+        .unwrap();
+    assert_eq!(foreign_keys, "1");
+    assert_eq!(values(&db, "a").unwrap(), [1, 2, 3]);
+}

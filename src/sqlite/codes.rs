@@ -29,6 +29,7 @@ use libsqlite3_sys as ffi;
 
 use crate::error::{is_lock_error, BoxError, Error};
 use crate::sqlite::ffi::RawDb;
+use crate::sqlite::guard::Assigned;
 use crate::sqlite::read_age::ReadState;
 
 /// How the statement that failed last failed, as SQLite reported it.
@@ -76,6 +77,8 @@ struct ResultCodes {
     failure: Option<SqliteFailure>,
     /// The connection's read state, when its reads are capped.
     read_state: Option<Arc<ReadState>>,
+    /// The settings assigned on it (by its authorizer, see `guard`).
+    assigned: Arc<Assigned>,
     inner: Option<Box<dyn Instrumentation>>,
 }
 
@@ -131,18 +134,31 @@ pub(crate) fn attach(conn: &mut SqliteConnection, hooks: Hooks) {
     if let Some(warn_bytes) = hooks.checkpoints {
         crate::sqlite::checkpoint::install(conn, warn_bytes);
     }
+    let assigned = Arc::new(Assigned::default());
     // The read-age authorizer, where there is one, keeps the migration guard too.
-    let read_state = hooks.read_age.then(|| ReadState::install(conn)).flatten();
+    let read_state = hooks
+        .read_age
+        .then(|| ReadState::install(conn, Arc::clone(&assigned)))
+        .flatten();
     if read_state.is_none() {
-        crate::sqlite::guard::install(conn);
+        crate::sqlite::guard::install(conn, Arc::clone(&assigned));
     }
     let db = RawDb::of(conn);
     conn.set_instrumentation(ResultCodes {
         db,
         failure: None,
         read_state,
+        assigned,
         inner: get_default_instrumentation(),
     });
+}
+
+/// The settings assigned on `conn` since the last call (see `guard::Assigned`); 0 on a
+/// connection the layer did not prepare.
+pub(crate) fn take_assigned(conn: &mut SqliteConnection) -> u8 {
+    conn.instrumentation()
+        .downcast_mut::<ResultCodes>()
+        .map_or(0, |codes| codes.assigned.take())
 }
 
 /// What `conn` recorded of the statements run since the last call.

@@ -78,6 +78,36 @@ impl ConnectionCustomizer {
     }
 }
 
+impl ConnectionCustomizer {
+    /// Restores the settings the layer relies on where the connection's user assigned one
+    /// (inside a `write` or `read`, or on a connection taken from the pool): the options'
+    /// pragmas, `query_only` off, `locking_mode` normal (the exclusive lock let go), and the
+    /// checkpoint hook that an assigned `wal_autocheckpoint` replaced. Costs nothing when
+    /// nothing was assigned.
+    ///
+    /// # Errors
+    /// SQLite's, if a pragma fails: the connection should then not be used again.
+    pub(crate) fn restore(&self, conn: &mut SqliteConnection) -> diesel::QueryResult<()> {
+        let assigned = crate::sqlite::codes::take_assigned(conn);
+        if assigned == 0 {
+            return Ok(());
+        }
+        tracing::debug!("restoring the connection's settings after an assigned pragma");
+        crate::sqlite::guard::own(|| {
+            conn.batch_execute(&format!(
+                "{}PRAGMA query_only = 0;\nPRAGMA locking_mode = NORMAL;\nPRAGMA schema_version;\n",
+                self.pragmas
+            ))
+        })?;
+        if assigned & crate::sqlite::guard::WAL_HOOK != 0 {
+            if let Some(warn_bytes) = self.hooks.checkpoints {
+                crate::sqlite::checkpoint::install(conn, warn_bytes);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs `f` with SQLite's busy handler waiting at most `left` (when that is shorter than
 /// `busy_timeout`, the connection's setting), so that an attempt begun just before the
 /// retry deadline does not block a whole `busy_timeout` past it. Costs a pragma only near
@@ -93,7 +123,10 @@ pub(crate) fn within<T>(
     }
     let set = |conn: &mut SqliteConnection, timeout: Duration| {
         let millis = timeout.as_millis().max(1);
-        if let Err(error) = conn.batch_execute(&format!("PRAGMA busy_timeout = {millis}")) {
+        let set = crate::sqlite::guard::own(|| {
+            conn.batch_execute(&format!("PRAGMA busy_timeout = {millis}"))
+        });
+        if let Err(error) = set {
             tracing::warn!(error = %crate::escaped::Escaped::new(&error.to_string()), "cannot set busy_timeout");
         }
     };

@@ -430,7 +430,7 @@ struct QueryOnly<'c>(&'c mut SqliteConnection);
 
 impl<'c> QueryOnly<'c> {
     fn on(conn: &'c mut SqliteConnection) -> Result<Self> {
-        conn.batch_execute("PRAGMA query_only = ON")
+        crate::sqlite::guard::own(|| conn.batch_execute("PRAGMA query_only = ON"))
             .map_err(|source| Error::query(Operation::Read, source))?;
         Ok(Self(conn))
     }
@@ -442,7 +442,9 @@ impl<'c> QueryOnly<'c> {
 
 impl Drop for QueryOnly<'_> {
     fn drop(&mut self) {
-        if let Err(error) = self.0.batch_execute("PRAGMA query_only = OFF") {
+        if let Err(error) =
+            crate::sqlite::guard::own(|| self.0.batch_execute("PRAGMA query_only = OFF"))
+        {
             // Not expected (the pragma takes no lock); the pool then hands out a connection
             // that refuses writes, which every write reports as "readonly database".
             tracing::error!(

@@ -8,8 +8,18 @@
 //! runs a migration's SQL, it denies the transaction statements (savepoints, which Diesel
 //! nests migrations in, stay allowed). Where the read-age cap sets its own authorizer on a
 //! connection, that one asks [`denies_transaction`] too.
+//!
+//! The same authorizer notes the pragmas a connection's user sets ([`Assigned`]): a setting
+//! the layer relies on (`busy_timeout`, `query_only`, `locking_mode`, the options' pragmas)
+//! changed inside a `write`, a `read` or on a connection taken from the pool would otherwise
+//! stay on the pooled connection for every later operation. The pool restores them before
+//! the connection serves again (see `ConnectionCustomizer::restore`). Diesel never caches a
+//! raw `sql_query` or `batch_execute` statement, so each such pragma is prepared, and seen,
+//! every time it runs.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use diesel::sqlite::{AuthorizerContext, AuthorizerDecision};
 use diesel::SqliteConnection;
@@ -19,6 +29,21 @@ thread_local! {
     static MIGRATING: Cell<bool> = const { Cell::new(false) };
     /// Whether a transaction statement was denied since the migration began.
     static DENIED: Cell<bool> = const { Cell::new(false) };
+    /// Whether this thread runs one of the layer's own pragmas, which no user assigned.
+    static OWN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, the layer's own statements (`query_only` around a read, `busy_timeout` near a
+/// deadline, a restore): the settings they assign are not noted as a user's.
+pub(crate) fn own<T>(f: impl FnOnce() -> T) -> T {
+    struct Done(bool);
+    impl Drop for Done {
+        fn drop(&mut self) {
+            OWN.with(|own| own.set(self.0));
+        }
+    }
+    let _done = Done(OWN.with(|own| own.replace(true)));
+    f()
 }
 
 /// Whether a transaction statement is to be denied now: this thread runs a migration (the
@@ -31,10 +56,65 @@ pub(crate) fn denies_transaction() -> bool {
     deny
 }
 
-/// Installs the guard on `conn` (replacing any authorizer it had).
-pub(crate) fn install(conn: &mut SqliteConnection) {
-    conn.on_authorize(|context| match context {
+/// The settings a connection's user assigned since the layer last restored them.
+#[derive(Debug, Default)]
+pub(crate) struct Assigned(AtomicU8);
+
+/// A setting the layer relies on was assigned.
+pub(crate) const SETTING: u8 = 1;
+/// `wal_autocheckpoint` was assigned: SQLite then replaced the layer's checkpoint hook (both
+/// are the connection's one WAL hook).
+pub(crate) const WAL_HOOK: u8 = 2;
+
+/// The pragmas whose value the layer sets or relies on, per connection.
+const SETTINGS: [&str; 10] = [
+    "busy_timeout",
+    "foreign_keys",
+    "synchronous",
+    "journal_size_limit",
+    "wal_autocheckpoint",
+    "cache_size",
+    "temp_store",
+    "mmap_size",
+    "query_only",
+    "locking_mode",
+];
+
+impl Assigned {
+    /// Notes a pragma statement being prepared: `PRAGMA name = argument` (or
+    /// `name(argument)`); one without an argument only reads.
+    pub(crate) fn note(&self, name: Option<&str>, argument: Option<&str>) {
+        let (Some(name), Some(_)) = (name, argument) else {
+            return;
+        };
+        if OWN.with(Cell::get) {
+            return;
+        }
+        if let Some(setting) = SETTINGS.iter().find(|s| s.eq_ignore_ascii_case(name)) {
+            let bits = if *setting == "wal_autocheckpoint" {
+                SETTING | WAL_HOOK
+            } else {
+                SETTING
+            };
+            self.0.fetch_or(bits, Ordering::Relaxed);
+        }
+    }
+
+    /// What was assigned since the last call.
+    pub(crate) fn take(&self) -> u8 {
+        self.0.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// Installs the guard on `conn` (replacing any authorizer it had), noting assigned settings
+/// in `assigned`.
+pub(crate) fn install(conn: &mut SqliteConnection, assigned: Arc<Assigned>) {
+    conn.on_authorize(move |context| match context {
         AuthorizerContext::Transaction(_) if denies_transaction() => AuthorizerDecision::Deny,
+        AuthorizerContext::Pragma(pragma) => {
+            assigned.note(pragma.name, pragma.argument);
+            AuthorizerDecision::Allow
+        }
         _ => AuthorizerDecision::Allow,
     });
 }
@@ -65,7 +145,7 @@ mod tests {
     #[test]
     fn transaction_statements_are_denied_only_while_migrating_on_a_guarded_connection() {
         let mut guarded = SqliteConnection::establish(":memory:").unwrap();
-        install(&mut guarded);
+        install(&mut guarded, Arc::default());
         let mut plain = SqliteConnection::establish(":memory:").unwrap();
         for conn in [&mut guarded, &mut plain] {
             conn.batch_execute("BEGIN; CREATE TABLE t (x INTEGER); COMMIT;")
@@ -87,5 +167,25 @@ mod tests {
         assert!(result.is_ok() && !denied);
         // Outside a migration the guarded connection works as any.
         guarded.batch_execute("BEGIN; COMMIT;").unwrap();
+    }
+
+    #[test]
+    fn assigned_settings_are_noted_and_reads_and_other_pragmas_are_not() {
+        let assigned = Arc::new(Assigned::default());
+        let mut conn = SqliteConnection::establish(":memory:").unwrap();
+        install(&mut conn, Arc::clone(&assigned));
+        conn.batch_execute(
+            "CREATE TABLE t (x INTEGER); PRAGMA busy_timeout; PRAGMA table_info(t); \
+             PRAGMA wal_checkpoint(PASSIVE); PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        assert_eq!(assigned.take(), 0);
+        conn.batch_execute("PRAGMA Query_Only = 1; PRAGMA query_only = 0;")
+            .unwrap();
+        assert_eq!(assigned.take(), SETTING);
+        assert_eq!(assigned.take(), 0);
+        conn.batch_execute("PRAGMA main.wal_autocheckpoint(100)")
+            .unwrap();
+        assert_eq!(assigned.take(), SETTING | WAL_HOOK);
     }
 }

@@ -40,6 +40,8 @@ type First = Arc<Mutex<Option<SqliteConnection>>>;
 pub struct SqliteManager {
     inner: ConnectionManager<SqliteConnection>,
     first: First,
+    /// Restores, at each checkout, the settings a previous user of the connection assigned.
+    customizer: ConnectionCustomizer,
 }
 
 impl std::fmt::Debug for SqliteManager {
@@ -63,8 +65,14 @@ impl ManageConnection for SqliteManager {
         }
     }
 
+    /// Run by r2d2 at every checkout: restores the settings the connection's previous user
+    /// assigned (a `PRAGMA query_only = 1` inside a `write` made every later write on the
+    /// connection fail), without a statement when none was assigned. A connection whose
+    /// settings cannot be restored is closed, and r2d2 hands out another.
     fn is_valid(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        self.inner.is_valid(conn)
+        self.customizer
+            .restore(conn)
+            .map_err(diesel::r2d2::Error::QueryError)
     }
 
     fn has_broken(&self, conn: &mut SqliteConnection) -> bool {
@@ -110,7 +118,8 @@ impl Recipe {
         let builder = Pool::builder()
             .max_size(self.max_size)
             .min_idle(Some(u32::from(self.memory)))
-            .test_on_check_out(false)
+            // The "test" restores what a previous user changed (see `is_valid`).
+            .test_on_check_out(true)
             // r2d2 panics on a zero timeout (a zero retry deadline still means "try once"),
             // and on one that overflows an Instant (a deadline of Duration::MAX: a year is
             // as good as forever for a pool wait).
@@ -121,6 +130,7 @@ impl Recipe {
         let manager = SqliteManager {
             inner: ConnectionManager::new(self.url.clone()),
             first: Arc::clone(first),
+            customizer: self.customizer.clone(),
         };
         if self.memory {
             // Each connection to :memory: is its own database: the pool's only one is made
@@ -148,6 +158,8 @@ pub(crate) struct Connections {
     pool: OnceLock<SqlitePool>,
     /// How to build it (kept: a build that failed at the thread limit is tried again).
     recipe: Mutex<Recipe>,
+    /// Restores the first connection's settings (see `SqliteManager::is_valid`).
+    customizer: Arc<ConnectionCustomizer>,
 }
 
 impl std::fmt::Debug for Connections {
@@ -164,6 +176,7 @@ impl Connections {
         Self {
             first: Arc::new(Mutex::new(first)),
             pool: OnceLock::new(),
+            customizer: Arc::new(recipe.customizer.clone()),
             recipe: Mutex::new(recipe),
         }
     }
@@ -196,8 +209,13 @@ impl Connections {
     /// it, else one of the pool's (building it).
     pub(crate) fn checkout(&self) -> Result<Checkout<'_>> {
         if self.pool.get().is_none() {
-            if let Some(first) = unless_in_use(&self.first).filter(|first| first.is_some()) {
-                return Ok(Checkout::First(first));
+            if let Some(mut first) = unless_in_use(&self.first).filter(|first| first.is_some()) {
+                let conn = first.as_mut().expect("filtered on it");
+                if self.customizer.restore(conn).is_ok() {
+                    return Ok(Checkout::First(first));
+                }
+                // Its settings could not be restored: closed, and the pool's used instead.
+                drop(first.take());
             }
         }
         self.pooled().map(Checkout::Pooled)

@@ -16,7 +16,7 @@
 //! SQLite serializes calls on one handle, so these calls from the watchdog's thread are
 //! safe beside the closure's.
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -25,6 +25,7 @@ use diesel::SqliteConnection;
 use libsqlite3_sys as ffi;
 
 use super::RawDb;
+use crate::sqlite::guard::Assigned;
 
 /// One connection's read state, shared by its owner, the watchdog and SQLite (as the
 /// authorizer's data, alive until the connection closes).
@@ -38,21 +39,45 @@ pub(crate) struct ReadState {
     expired: AtomicBool,
     /// The active read's deadline; `None` between reads and once the watchdog ended it.
     active: Mutex<Option<Instant>>,
+    /// The settings assigned on the connection (see `guard`).
+    assigned: Arc<Assigned>,
+}
+
+/// An argument of the authorizer as text; `None` for a null pointer or one not UTF-8.
+///
+/// # Safety
+/// `arg` is null or a NUL-terminated string alive for the call.
+unsafe fn text<'a>(arg: *const c_char) -> Option<&'a str> {
+    // SAFETY: as the caller promises.
+    (!arg.is_null())
+        .then(|| unsafe { CStr::from_ptr(arg) }.to_str().ok())
+        .flatten()
 }
 
 unsafe extern "C" fn authorize(
     data: *mut c_void,
     action: c_int,
-    _arg1: *const c_char,
-    _arg2: *const c_char,
+    arg1: *const c_char,
+    arg2: *const c_char,
     _database: *const c_char,
     _trigger: *const c_char,
 ) -> c_int {
     // SAFETY: `data` is the connection's `ReadState`, alive until it closes.
     let state = unsafe { &*(data as *const ReadState) };
     let transaction = action == ffi::SQLITE_TRANSACTION;
-    if state.expired.load(Ordering::Acquire) && !transaction {
-        return ffi::SQLITE_DENY;
+    if state.expired.load(Ordering::Acquire) {
+        // Only the end of the transaction the watchdog rolled back: a `BEGIN` (or a
+        // savepoint, which begins one outside a transaction) would start a read after the
+        // cap.
+        // SAFETY: SQLite passes the operation's name, alive for the call.
+        let operation = unsafe { text(arg1) };
+        if !transaction || operation.is_none_or(|op| op.eq_ignore_ascii_case("BEGIN")) {
+            return ffi::SQLITE_DENY;
+        }
+    }
+    if action == ffi::SQLITE_PRAGMA {
+        // SAFETY: SQLite passes the pragma's name and argument (or null), alive for the call.
+        unsafe { state.assigned.note(text(arg1), text(arg2)) };
     }
     // The migration guard, which this authorizer replaces on the connection.
     if transaction && crate::sqlite::guard::denies_transaction() {
@@ -70,12 +95,16 @@ unsafe extern "C" fn release(data: *mut c_void) {
 impl ReadState {
     /// Gives `conn` a read state and the authorizer that enforces it (and the migration
     /// guard); `None` if SQLite would not take it (the connection then has no cap).
-    pub(crate) fn install(conn: &mut SqliteConnection) -> Option<Arc<ReadState>> {
+    pub(crate) fn install(
+        conn: &mut SqliteConnection,
+        assigned: Arc<Assigned>,
+    ) -> Option<Arc<ReadState>> {
         let db = RawDb::of(conn);
         let state = Arc::new(ReadState {
             db,
             expired: AtomicBool::new(false),
             active: Mutex::new(None),
+            assigned,
         });
         let shared = Arc::into_raw(Arc::clone(&state)) as *mut c_void;
         // SAFETY: `db` is `conn`'s, open, used on this thread; SQLite owns `shared` from
