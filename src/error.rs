@@ -604,6 +604,12 @@ impl Error {
                  corruption); put the database on a local disk, or opt into a rollback \
                  journal there with Options::journal_mode(JournalMode::Delete)"
             }
+            Error::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) =>
+            {
+                "the process (ulimit -n) or the system is at its limit of open files: raise \
+                 it, or open fewer files at once"
+            }
             Error::Storage {
                 operation: Operation::Backup,
                 ..
@@ -669,6 +675,24 @@ impl Error {
     /// SQLite's "file is not a database" (SQLITE_NOTADB) and "database disk image is
     /// malformed" (SQLITE_CORRUPT), met by the first statements that read `path`, as the
     /// typed errors that name the file; any other error as it is.
+    /// SQLite could not open `path`: [`Error::Io`] with the OS's "too many open files" when
+    /// that is why (SQLite says only "unable to open database file"), else
+    /// [`Error::Open`].
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn open_failed(path: &std::path::Path, source: diesel::ConnectionError) -> Self {
+        match crate::sqlite::files::out_of_descriptors() {
+            Some(error) => Error::Io {
+                operation: FileOperation::OpenDatabase,
+                path: path.to_owned(),
+                source: error,
+            },
+            None => Error::Open {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
+
     pub(crate) fn naming_bad_file(self, path: &std::path::Path) -> Self {
         let Error::Query {
             source: DieselError::DatabaseError(_, info),
@@ -679,6 +703,15 @@ impl Error {
         };
         let reason = format!("SQLite says \"{}\"", info.message());
         match info.message() {
+            #[cfg(feature = "sqlite")]
+            "unable to open database file" => match crate::sqlite::files::out_of_descriptors() {
+                Some(source) => Error::Io {
+                    operation: FileOperation::OpenDatabase,
+                    path: path.to_owned(),
+                    source,
+                },
+                None => self,
+            },
             "file is not a database" => Error::NotADatabase {
                 path: path.to_owned(),
                 reason,

@@ -93,6 +93,8 @@ pub enum FileOperation {
     LockQueue,
     /// Syncing a backup, or linking it into place.
     WriteBackup,
+    /// Opening the database (SQLite's open, which found no file descriptor left).
+    OpenDatabase,
 }
 
 impl FileOperation {
@@ -108,6 +110,7 @@ impl FileOperation {
             FileOperation::OpenQueue => "open the write queue file",
             FileOperation::LockQueue => "lock the write queue file",
             FileOperation::WriteBackup => "write the backup",
+            FileOperation::OpenDatabase => "open",
         }
     }
 }

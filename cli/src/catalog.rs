@@ -206,14 +206,17 @@ fn is_invisible(c: char) -> bool {
 }
 
 /// Checks an artifact name as [`Catalog::record`] does, without touching a database: not
-/// empty, at most [`MAX_ARTIFACT_NAME`] bytes, no control, invisible or text-direction
-/// characters.
+/// empty, no white space around it, at most [`MAX_ARTIFACT_NAME`] bytes, no control,
+/// invisible or text-direction characters.
 ///
 /// # Errors
 /// [`Error::ArtifactName`] saying which rule the name breaks.
 pub fn validate_artifact_name(name: &str) -> Result<()> {
     let reason = if name.trim().is_empty() {
         "it is empty".to_owned()
+    } else if name.trim() != name {
+        // " a" and "a" would be two artifacts that print alike.
+        "it begins or ends with white space".to_owned()
     } else if name.len() > MAX_ARTIFACT_NAME {
         format!(
             "it is {} bytes long, the limit is {MAX_ARTIFACT_NAME}",

@@ -163,14 +163,18 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr; `SQLITE_PERSISTENCE_LOG` sets the filter (`warn` shows every retry,
-/// `info` migrations, `debug` each migration). Defaults to errors only.
+/// `info` migrations, `debug` each migration). Defaults to warnings (a WAL pinned by a
+/// reader, named; a long wait for the write queue, naming its holder), without the one
+/// each retry logs, which only `SQLITE_PERSISTENCE_LOG=warn` shows.
 fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
     let filter = std::env::var("SQLITE_PERSISTENCE_LOG")
         .ok()
-        .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
+        .and_then(|spec| spec.parse::<Targets>().ok())
         .unwrap_or_else(|| {
-            tracing_subscriber::filter::Targets::new()
-                .with_default(tracing_subscriber::filter::LevelFilter::ERROR)
+            Targets::new()
+                .with_default(LevelFilter::WARN)
+                .with_target("sqlite_persistence::retry", LevelFilter::ERROR)
         });
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;

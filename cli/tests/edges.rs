@@ -121,6 +121,12 @@ fn a_fifo_in_place_of_a_side_file_or_of_the_lock_table_blocks_nothing() {
     // the writes apart.
     let outcome = run_bounded(&["record", "--artifact", "a"], &db);
     assert!(outcome.success, "{}", outcome.stderr);
+    // Said by default (warnings used to be shown only with SQLITE_PERSISTENCE_LOG=warn).
+    assert!(
+        outcome.stderr.contains("WARN") && outcome.stderr.contains("-lock"),
+        "{}",
+        outcome.stderr
+    );
     std::fs::remove_file(&lock).unwrap();
     for suffix in ["-journal", "-wal", "-shm"] {
         let side = PathBuf::from(format!("{}{suffix}", db.display()));
@@ -488,4 +494,54 @@ fn names_from_outside_are_escaped_wherever_they_are_shown() {
         "{}",
         outcome.stderr
     );
+}
+
+/// What a careless user meets on the command line: with few file descriptors left the open
+/// says "Too many open files" at once (it said "unable to open database file"); an artifact
+/// name with white space around it is refused (" a" and "a" were two artifacts that print
+/// alike); a `--db` that is not UTF-8 is refused and creates nothing.
+#[test]
+fn careless_input_gets_a_clear_answer_and_creates_nothing() {
+    let (dir, db) = common::fresh_db();
+    assert!(run_bounded(&["record", "--artifact", "a"], &db).success);
+    common::wait_closed(&db);
+    let mut command = Command::new(common::binary());
+    command
+        .args(["record", "--artifact", "a", "--db"])
+        .arg(&db)
+        .stdin(Stdio::null());
+    common::limit(&mut command, libc::RLIMIT_NOFILE, 5);
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "cannot open {}: Too many open files",
+            db.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ulimit -n"), "{stderr}");
+
+    for name in [" a", "a ", "\ta"] {
+        let outcome = run_bounded(&["record", "--artifact", name], &db);
+        assert!(!outcome.success, "{name:?}");
+        assert!(
+            outcome.stderr.contains("white space") || outcome.stderr.contains("control"),
+            "{name:?}: {}",
+            outcome.stderr
+        );
+    }
+    let before = files_in(dir.path());
+    let bad = dir
+        .path()
+        .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bad\xff.db"));
+    let outcome = run_bounded(&["record", "--artifact", "a"], &bad);
+    assert!(!outcome.success);
+    assert!(
+        outcome.stderr.contains("is not valid UTF-8"),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(files_in(dir.path()), before);
 }

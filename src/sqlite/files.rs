@@ -91,6 +91,18 @@ pub(crate) fn create_like(path: &Path, like: &std::fs::Metadata) -> std::io::Res
     }
 }
 
+/// The OS error when this process (`ulimit -n`) or the system has no file descriptor left,
+/// found by opening one: SQLite reports that as "unable to open database file", like a
+/// missing permission.
+pub(crate) fn out_of_descriptors() -> Option<std::io::Error> {
+    match File::open("/dev/null") {
+        Err(error) if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            Some(error)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -278,11 +278,8 @@ fn read_with(
     // Read-only: a reader never checkpoints, so even as the last connection to close it
     // leaves -wal as it is (whatever is in it), and a user who may only read the database
     // can read its status.
-    let mut conn =
-        SqliteConnection::establish(&target.url(access)).map_err(|source| Error::Open {
-            path: status.path.clone(),
-            source,
-        })?;
+    let mut conn = SqliteConnection::establish(&target.url(access))
+        .map_err(|source| Error::open_failed(&status.path, source))?;
     let customizer = ConnectionCustomizer::new(options);
     let (mode, plan) = retry_locked(
         &options.retry,

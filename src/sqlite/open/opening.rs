@@ -134,10 +134,8 @@ impl Opening<'_> {
         preflight::prepare(self.target.path(), self.options)?;
         // A dedicated connection: its errors are typed, where r2d2 would keep a string. The
         // customizer guards it (see `guard`): the migrations run on it.
-        let mut conn = SqliteConnection::establish(&url).map_err(|source| Error::Open {
-            path: self.target.path().to_owned(),
-            source,
-        })?;
+        let mut conn = SqliteConnection::establish(&url)
+            .map_err(|source| Error::open_failed(self.target.path(), source))?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let setup = self.set_up(&mut conn, source)?;
         // Counted among the handle's open connections (and closed, checkpointing, when the
