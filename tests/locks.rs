@@ -345,3 +345,149 @@ fn writes_timing_out_behind_a_stuck_queue_holder_leave_no_threads_behind() {
     drop(stuck);
     assert_eq!(bump(&db, "a").unwrap().0, 1);
 }
+
+/// Application error shapes a closure may return, each wrapping Diesel's error (and this
+/// crate's, as `write` asks).
+mod shapes {
+    #[derive(Debug, thiserror::Error)]
+    pub enum From {
+        #[error("storage failed")]
+        Db(#[from] diesel::result::Error),
+        #[error("the database layer failed")]
+        Layer(#[from] sqlite_persistence::Error),
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the job failed")]
+    pub struct Source {
+        #[source]
+        pub source: Box<dyn std::error::Error + Send + Sync>,
+    }
+
+    impl std::convert::From<sqlite_persistence::Error> for Source {
+        fn from(error: sqlite_persistence::Error) -> Self {
+            Self {
+                source: Box::new(error),
+            }
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum Nested {
+        #[error("the service failed")]
+        Inner(#[from] From),
+    }
+
+    impl std::convert::From<sqlite_persistence::Error> for Nested {
+        fn from(error: sqlite_persistence::Error) -> Self {
+            Nested::Inner(From::Layer(error))
+        }
+    }
+
+    /// A message only.
+    #[derive(Debug)]
+    pub struct Message(pub String);
+
+    impl std::convert::From<sqlite_persistence::Error> for Message {
+        fn from(error: sqlite_persistence::Error) -> Self {
+            Message(error.to_string())
+        }
+    }
+}
+
+/// Where the closure's statement fails with a lock: a connection of another `Database` (the
+/// layer prepared it), or a plain `SqliteConnection`.
+#[derive(Clone, Copy, Debug)]
+enum Other {
+    Layer,
+    Plain,
+}
+
+/// A `write` whose closure runs its statement on `other`'s connection to a second file whose
+/// write lock another connection holds until the closure's first failure; returns the
+/// closure's attempts and whether the write succeeded.
+fn write_failing_elsewhere<E: std::fmt::Debug + From<Error> + 'static>(
+    other: Other,
+    wrap: fn(diesel::result::Error) -> E,
+) -> (u32, bool) {
+    let (_dir, path) = fresh_db();
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    let (_other_dir, other_path) = fresh_db();
+    let other_db = quick_busy().open(&other_path, MIGRATIONS).unwrap();
+    let mut held = Some(common::hold_lock_until_released(
+        &other_path,
+        "BEGIN IMMEDIATE",
+    ));
+    let mut attempts = 0;
+    let insert = || diesel::sql_query("INSERT INTO counters (name) VALUES ('elsewhere')");
+    let result = db.write(|_conn| -> Result<(), E> {
+        attempts += 1;
+        let outcome = match other {
+            Other::Layer => insert().execute(&mut *other_db.connection().unwrap()),
+            Other::Plain => {
+                let mut conn = common::plain_sqlite(&other_path);
+                conn.batch_execute("PRAGMA busy_timeout = 50").unwrap();
+                insert().execute(&mut conn)
+            }
+        };
+        // The next attempt finds the file free.
+        if let Some(held) = held.take() {
+            held.release();
+        }
+        outcome.map(drop).map_err(wrap)
+    });
+    if let Some(held) = held.take() {
+        held.release();
+    }
+    (attempts, result.is_ok())
+}
+
+/// A lock met inside a `write` on another connection (another `Database`'s, here of a second
+/// file) is retried whatever the closure's error type: every connection the layer prepared
+/// records its failures for its thread. It was retried only when the closure returned this
+/// crate's `Error`; an enum with `#[from]`, a `#[source]` field, a nested error, `anyhow`
+/// and a string failed at once. On a plain connection only the error value can tell:
+/// Diesel's error, this crate's, or a boxed one (and their source chains) are retried, an
+/// application's own type is returned at once, as the docs say.
+#[test]
+fn a_lock_on_another_connection_is_retried_whatever_the_error_type_the_layer_can_see() {
+    fn check<E: std::fmt::Debug + From<Error> + 'static>(
+        name: &str,
+        wrap: fn(diesel::result::Error) -> E,
+        retried_on_plain: bool,
+    ) {
+        assert_eq!(
+            write_failing_elsewhere(Other::Layer, wrap),
+            (2, true),
+            "{name} on another Database's connection"
+        );
+        let (attempts, ok) = write_failing_elsewhere(Other::Plain, wrap);
+        if retried_on_plain {
+            assert_eq!((attempts, ok), (2, true), "{name} on a plain connection");
+        } else {
+            assert_eq!((attempts, ok), (1, false), "{name} on a plain connection");
+        }
+    }
+    check("diesel::result::Error", |e| e, true);
+    check("sqlite_persistence::Error", Error::from, true);
+    check(
+        "Box<dyn Error + Send + Sync>",
+        |e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) },
+        true,
+    );
+    check("#[from]", shapes::From::from, false);
+    check(
+        "#[source]",
+        |e| shapes::Source {
+            source: Box::new(e),
+        },
+        false,
+    );
+    check(
+        "nested",
+        |e| shapes::Nested::from(shapes::From::from(e)),
+        false,
+    );
+    check("anyhow::Error", anyhow::Error::from, false);
+    check("a message", |e| shapes::Message(e.to_string()), false);
+}

@@ -11,6 +11,14 @@
 //! - `write` and `read` take what it recorded when their closure fails, and retry only if
 //!   the statement that failed last failed with a lock code.
 //!
+//! A closure may also fail on a connection other than the one it was given: another
+//! `Database`'s (a second file, or a second handle), taken from its pool. Every connection
+//! the layer prepared records its failures for its thread as well, so such a lock is found
+//! whatever the closure's error type. On a connection the layer did not prepare (a plain
+//! `SqliteConnection`), only the error value can tell: Diesel's error, this crate's, or a
+//! boxed error, and their source chains ([`lock_in_value`]); an application's own type
+//! (`anyhow::Error`, an enum with `#[from]`) hides it.
+//!
 //! Diesel's `set_default_instrumentation` keeps working (the layer's instrumentation forwards
 //! every event to it). A connection whose instrumentation the application replaced has no
 //! codes, and its closure's errors are classified as [`is_lock_error`](crate::is_lock_error)
@@ -67,6 +75,14 @@ impl fmt::Display for SqliteFailure {
 
 impl StdError for SqliteFailure {}
 
+thread_local! {
+    /// The statement that failed last on this thread on any connection the layer prepared,
+    /// with that connection's handle; cleared when a later statement on that connection
+    /// works, and when a `write` begins its closure.
+    static ON_THIS_THREAD: std::cell::RefCell<Option<(RawDb, SqliteFailure)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// The layer's instrumentation on a pooled connection: records the result code of the
 /// statement that failed last, and forwards every event to the application's default
 /// instrumentation.
@@ -96,6 +112,11 @@ impl Instrumentation for ResultCodes {
                         && !crate::handle::is_savepoint_control(&query.to_string())
                     {
                         self.failure = None;
+                        ON_THIS_THREAD.with_borrow_mut(|last| {
+                            if last.as_ref().is_some_and(|(db, _)| *db == self.db) {
+                                *last = None;
+                            }
+                        });
                     }
                 }
                 _ => {
@@ -104,10 +125,14 @@ impl Instrumentation for ResultCodes {
                         Some(other) => other.to_string(),
                         None => self.db.errmsg(),
                     };
-                    self.failure = Some(SqliteFailure {
+                    let failure = SqliteFailure {
                         code: Some(code),
                         message,
+                    };
+                    ON_THIS_THREAD.with_borrow_mut(|last| {
+                        *last = Some((self.db, failure.clone()));
                     });
+                    self.failure = Some(failure);
                 }
             }
         }
@@ -183,6 +208,11 @@ pub(crate) fn read_state(conn: &mut SqliteConnection) -> Option<Arc<ReadState>> 
         .and_then(|codes| codes.read_state.clone())
 }
 
+/// Forgets the failures recorded on this thread (on any connection): a closure begins.
+pub(crate) fn forget_this_threads() {
+    ON_THIS_THREAD.with_borrow_mut(|last| *last = None);
+}
+
 /// Takes (and clears) what `conn` recorded.
 pub(crate) fn take(conn: &mut SqliteConnection) -> Recorded {
     match conn.instrumentation().downcast_mut::<ResultCodes>() {
@@ -195,12 +225,19 @@ pub(crate) fn take(conn: &mut SqliteConnection) -> Recorded {
 }
 
 /// The lock error a closure failed with, if it failed with one: from the result code of the
-/// connection's last failed statement when there is one, else from the error value itself
-/// (Diesel's error, the layer's, or a boxed error's source chain, by message).
+/// statement that failed last, unhandled, on any connection the layer prepared that this
+/// thread used since the closure began (see [`forget_this_threads`]), the one it was given
+/// or another; else from the error value itself (Diesel's error, the layer's, or a boxed
+/// error's source chain, by message).
 pub(crate) fn lock_failure<E: 'static>(recorded: Recorded, error: &E) -> Option<SqliteFailure> {
-    match recorded {
-        Recorded::Failed(failure) => failure.is_lock().then_some(failure),
-        Recorded::Clean | Recorded::Unknown => lock_in_value(error),
+    let last = ON_THIS_THREAD
+        .with_borrow_mut(Option::take)
+        .map(|(_, failure)| failure);
+    match (last, recorded) {
+        (Some(failure), _) | (None, Recorded::Failed(failure)) => {
+            failure.is_lock().then_some(failure)
+        }
+        (None, Recorded::Clean | Recorded::Unknown) => lock_in_value(error),
     }
 }
 

@@ -114,10 +114,14 @@ impl Database {
     /// `QueryResult`, `anyhow::Error` and `Box<dyn Error>` all work. Whether a failure was a
     /// lock does not depend on `E`: the layer classifies its own `BEGIN IMMEDIATE` and
     /// `COMMIT` itself, and a failure of `f` by SQLite's result code of the statement of `f`
-    /// that failed last, so a lock is retried even if `E` keeps only a message, and a
-    /// trigger's `RAISE(ABORT, 'database is locked')` is returned at once. (A connection
-    /// whose Diesel instrumentation you replaced has no result codes; then Diesel's error,
-    /// this crate's and a boxed error are classified by message, see [`is_lock_error`].)
+    /// that failed last, on the connection `f` was given or on any other connection this
+    /// crate prepared (another `Database`'s, taken from its pool), so a lock is retried even
+    /// if `E` keeps only a message, and a trigger's `RAISE(ABORT, 'database is locked')` is
+    /// returned at once. On a connection this crate did not prepare (a plain
+    /// `SqliteConnection`, or one whose Diesel instrumentation you replaced) there are no
+    /// result codes: then only Diesel's error, this crate's and a boxed error, or one of them
+    /// in their source chain, are classified, by message (see [`is_lock_error`]); a lock
+    /// there inside your own error type is returned at once.
     ///
     /// [`is_lock_error`]: crate::is_lock_error
     ///
@@ -399,8 +403,9 @@ impl Drop for Database {
 /// even when the caller's error type hides Diesel's error.
 ///
 /// When `f` fails, its error is classified by the SQLite result code of the statement that
-/// failed last on `conn` (see `codes`), read before the rollback: a lock error is found
-/// whatever `E` is, and a trigger's `RAISE(ABORT, 'database is locked')` is not one.
+/// failed last on `conn`, or on another connection the layer prepared that `f` used (see
+/// `codes`), read before the rollback: a lock error is found whatever `E` is, and a
+/// trigger's `RAISE(ABORT, 'database is locked')` is not one.
 fn transaction<T, E: 'static>(
     conn: &mut SqliteConnection,
     begin: &str,
@@ -411,6 +416,7 @@ fn transaction<T, E: 'static>(
     AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(layer)?;
     // What was recorded before belongs to earlier statements.
     let _ = codes::take(conn);
+    codes::forget_this_threads();
     match f(conn) {
         Ok(value) => {
             AnsiTransactionManager::commit_transaction(conn).map_err(layer)?;
