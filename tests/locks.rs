@@ -385,7 +385,8 @@ mod shapes {
     }
 
     /// A message only.
-    #[derive(Debug)]
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
     pub struct Message(pub String);
 
     impl std::convert::From<sqlite_persistence::Error> for Message {
