@@ -382,3 +382,91 @@ fn another_programs_database_is_refused_before_anything_is_written() {
         .unwrap();
     assert_eq!(opened.applied_at_open().len(), VERSIONS.len());
 }
+
+/// On a database that does not exist yet, a refusal and a failed first batch leave the
+/// directory as it was: the database is made under a private name and linked into place
+/// only once migrated. A refused open used to leave an empty file, and a failed first batch
+/// that file with its `-wal` and `-lock`.
+#[test]
+fn a_new_database_that_fails_its_first_batch_leaves_nothing_behind() {
+    let db_dir = tempfile::tempdir().unwrap();
+    let path = db_dir.path().join("app.db");
+    let nothing: Vec<String> = Vec::new();
+    // Refused from the migrations alone.
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = migrations(
+        source_dir.path(),
+        &[
+            ONE,
+            (
+                "2026-01-01-000002_vacuum",
+                "VACUUM;",
+                Some("run_in_transaction = false"),
+            ),
+        ],
+    );
+    let error = app().open(&path, source).unwrap_err();
+    assert!(
+        matches!(error, Error::NonTransactionalMigration { .. }),
+        "{error}"
+    );
+    assert_eq!(common::file_names(db_dir.path()), nothing);
+    // A failing migration, and one that ends the batch's transaction.
+    for bad in [
+        "CREATE TABLE broken (x INTEGER; -- a syntax error",
+        "CREATE TABLE two (x INTEGER); COMMIT;",
+    ] {
+        let source_dir = tempfile::tempdir().unwrap();
+        let source = migrations(
+            source_dir.path(),
+            &[ONE, ("2026-01-01-000002_bad", bad, None)],
+        );
+        let error = app().open(&path, source).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::Migration { .. } | Error::TransactionControl { .. }
+            ),
+            "{error}"
+        );
+        assert_eq!(common::file_names(db_dir.path()), nothing, "{bad}");
+    }
+    // The same path opens once the migrations are right, with what it applied reported.
+    let db = app().open(&path, MIGRATIONS).unwrap();
+    assert_eq!(db.applied_at_open().len(), VERSIONS.len());
+    drop(db);
+    common::wait_closed(&path);
+    assert_eq!(common::file_names(db_dir.path()), ["app.db", "app.db-lock"]);
+}
+
+/// A maker killed while it made the database leaves its private file; the next open
+/// removes it and makes the database. A file of someone else's under that name is never
+/// removed: the open says it is in the way.
+#[test]
+fn a_dead_makers_file_is_taken_over_and_a_strangers_is_left_alone() {
+    let db_dir = tempfile::tempdir().unwrap();
+    let path = db_dir.path().join("app.db");
+    let private = db_dir.path().join(".app.db.init");
+    // What a maker killed mid-batch leaves: a database, and a journal beside it.
+    {
+        let mut conn = common::plain_sqlite(&private);
+        conn.batch_execute("CREATE TABLE half (x INTEGER)").unwrap();
+    }
+    fs::write(db_dir.path().join(".app.db.init-journal"), b"").unwrap();
+    let db = app().open(&path, MIGRATIONS).unwrap();
+    assert_eq!(db.applied_at_open().len(), VERSIONS.len());
+    drop(db);
+    common::wait_closed(&path);
+    assert_eq!(common::file_names(db_dir.path()), ["app.db", "app.db-lock"]);
+
+    let other = db_dir.path().join("other.db");
+    let stranger = db_dir.path().join(".other.db.init");
+    fs::write(&stranger, b"notes of mine").unwrap();
+    let error = app().open(&other, MIGRATIONS).unwrap_err();
+    assert!(
+        matches!(&error, Error::SideFile { path, .. } if *path == stranger),
+        "{error}"
+    );
+    assert_eq!(fs::read(&stranger).unwrap(), b"notes of mine");
+    assert!(!other.exists());
+}

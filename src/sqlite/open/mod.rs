@@ -3,6 +3,7 @@
 //! it first needs one).
 
 mod filesystem;
+mod init;
 mod opening;
 mod preflight;
 mod target;

@@ -2,8 +2,8 @@
 //! journal mode, the migrations; the connection is then the handle's (its pool comes later,
 //! see `pool::Connections`).
 
-use super::{preflight, wal, Access, Target};
-use crate::migrate::Source;
+use super::{init, preflight, wal, Access, Target};
+use crate::migrate::{Source, State};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,10 +28,12 @@ impl Options {
     /// (its pool holds its one connection).
     ///
     /// In order: the migration source is listed; the file is checked before SQLite opens it
-    /// (not a directory, its directory exists and is writable, the filesystem is not a
-    /// network one under WAL, an existing file is writable and at least one page long)
-    /// and a missing one is created with [`Options::create_mode`]; a dedicated
-    /// connection opens it and gets the pragmas; what the file records (application id,
+    /// (a regular file or none, its directory exists and is writable, the filesystem is not
+    /// a network one under WAL, an existing file is writable and at least one page long);
+    /// a missing one is made whole under a private name beside it (`.NAME.init`, with
+    /// [`Options::create_mode`]), migrated, and linked into place, so that a refusal or a
+    /// failed first batch leaves nothing behind (processes making it at once take turns, one
+    /// makes it, the others use it); a dedicated connection opens it and gets the pragmas; what the file records (application id,
     /// applied migrations and their checksums) is read and checked; the journal mode is put
     /// in force (see [`Options::journal_mode`]); the migrations are applied atomically and
     /// exactly once across processes; then the pool is built. Every refusal comes before
@@ -131,13 +133,41 @@ impl Opening<'_> {
             drop(conn);
             return Ok((connections, setup));
         }
-        preflight::prepare(self.target.path(), self.options)?;
+        let started = std::time::Instant::now();
+        let missing = preflight::prepare(self.target.path(), self.options)?;
+        let mut made_here = None;
+        if missing {
+            // What the migrations alone decide (one that cannot run in a transaction) is
+            // refused before anything is created.
+            source
+                .check(&source.plan(State::default(), self.options), self.options)
+                .map_err(|refusal| refusal.at(self.target.path()))?;
+            let deadline = started + self.options.retry.deadline().min(init::LONGEST_WAIT);
+            if let init::Made::Here(applied) =
+                init::make(self.target, self.options, source, started, deadline)?
+            {
+                made_here = Some(applied);
+            }
+        }
         // A dedicated connection: its errors are typed, where r2d2 would keep a string. The
         // customizer guards it (see `guard`): the migrations run on it.
         let mut conn = SqliteConnection::establish(&url)
             .map_err(|source| Error::open_failed(self.target.path(), source))?;
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
-        let setup = self.set_up(&mut conn, source)?;
+        let mut setup = self.set_up(&mut conn, source)?;
+        if let Some(applied) = made_here {
+            if !applied.is_empty() {
+                tracing::info!(
+                    db.system.name = DB_SYSTEM,
+                    db.namespace = %crate::escaped::Escaped::path(self.target.path()),
+                    db.operation.name = Operation::Migrate.as_str(),
+                    count = applied.len(),
+                    migrations = %applied.join(", "),
+                    "migrations applied"
+                );
+            }
+            setup.applied = applied;
+        }
         // Counted among the handle's open connections (and closed, checkpointing, when the
         // handle is), then kept for the handle's operations: no pool, and none of its
         // threads, until a second connection is needed at once.

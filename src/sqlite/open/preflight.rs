@@ -29,14 +29,17 @@ const MIN_PAGE: u64 = 512;
 /// The longest file name most filesystems take (`NAME_MAX`).
 const NAME_MAX: usize = 255;
 
-/// The longest suffix SQLite or the layer gives a file next to the database.
-const LONGEST_SUFFIX: &str = "-journal";
+/// The most bytes SQLite or the layer add to the database's name for a file beside it: a new
+/// database is made as `.NAME.init` (6 more), which gets a `-wal` (4) when it is put in WAL
+/// mode; SQLite's `-journal` adds 8, the write queue's `-lock` 5.
+const LONGEST_EXTRA: usize = 10;
 
 /// Everything that can be checked before opening, in order: the path (a directory, a missing
-/// parent, a name too long for the side files, a symbolic link to nothing), the filesystem, write access to the directory and the file, and the length of an
-/// existing file. Then creates a missing file with [`Options::create_mode`], so that SQLite
-/// (which copies the database's mode to `-wal` and `-shm`) never makes a world-readable one.
-pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
+/// parent, a name too long for the side files, a symbolic link to nothing), the filesystem,
+/// write access to the directory and the file, and the length of an existing file. Returns
+/// whether the file is missing (it is then made whole elsewhere and linked into place, see
+/// `init`).
+pub(crate) fn prepare(path: &Path, options: &Options) -> Result<bool> {
     if path.is_dir() {
         return Err(Error::IsADirectory {
             path: path.to_owned(),
@@ -55,10 +58,10 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
         });
     }
     let name = path.file_name().map_or(0, |name| name.len());
-    if name + LONGEST_SUFFIX.len() > NAME_MAX {
+    if name + LONGEST_EXTRA > NAME_MAX {
         return Err(Error::NameTooLong {
             path: path.to_owned(),
-            max: NAME_MAX - LONGEST_SUFFIX.len(),
+            max: NAME_MAX - LONGEST_EXTRA,
         });
     }
     if let (Ok(link), Err(_)) = (std::fs::symlink_metadata(path), std::fs::metadata(path)) {
@@ -105,14 +108,14 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<()> {
                     ),
                 });
             }
-            Ok(())
+            Ok(false)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !options.create_if_missing => {
             Err(Error::MissingDatabase {
                 path: path.to_owned(),
             })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path, options.create_mode),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(source) => Err(io(FileOperation::ReadMetadata, path)(source)),
     }
 }
@@ -178,35 +181,4 @@ pub(crate) fn check_side_files(path: &Path, write: bool) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Creates an empty database file (SQLite treats an empty file as a new database) with
-/// `mode` exactly, whatever the umask. Another process creating it first is fine.
-fn create(path: &Path, mode: u32) -> Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-    let io = |operation| {
-        move |source| Error::Io {
-            operation,
-            path: path.to_owned(),
-            source,
-        }
-    };
-    match options.open(path) {
-        Ok(file) => {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                file.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(io(FileOperation::SetPermissions))?;
-            }
-            #[cfg(not(unix))]
-            let _ = (file, mode);
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(io(FileOperation::Create)(source)),
-    }
 }
