@@ -1,0 +1,708 @@
+//! Power loss: `Synchronous::Full` keeps every acknowledged write, `Normal` (under WAL) never
+//! leaves a corrupt file and loses only the last transactions, and a backup is complete or
+//! absent, after thousands of simulated power losses, the way SQLite's own crash tests
+//! simulate them.
+//!
+//! A workload (migrations, writers on two handles, checkpoints, backups, closing and
+//! reopening) runs through the layer on a directory whose every write, truncation, sync,
+//! creation, link and unlink is recorded (`vfs`: a shim VFS and the process's sync and
+//! unlink calls; `model`: the log). Crash images are then cut from the log at random
+//! positions (stratified: migrations, backups, around syncs and acknowledgements, closing
+//! and reopening, anywhere): what was synced, and of what was not a random part, kept, lost
+//! or torn at 512-byte sectors (see `model` for the rules). Each image is opened through the
+//! layer, must pass `integrity_check`, and must hold what the workload was told.
+//!
+//! `POWER_LOSS_SEED` replays a run's random choices (the workload's threads interleave as
+//! they will, so the crash positions fall on a log of the same shape, not the same log);
+//! `POWER_LOSS_CRASHES` sets the number of crash images of each test (scripts/power_loss.sh
+//! runs many). An image that fails is kept and its path printed.
+#![cfg(target_os = "linux")]
+
+#[path = "../common/mod.rs"]
+mod common;
+mod model;
+mod vfs;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use sqlite_persistence::{Database, JournalMode, Options, Synchronous};
+
+use common::schema::{counters, events};
+use common::MIGRATIONS;
+use model::{Content, Crash, Event, Fates, Mark, Recorder};
+
+/// One run: how the layer is set up, how much the workload does, how many crashes.
+#[derive(Clone, Copy, Debug)]
+struct Scenario {
+    name: &'static str,
+    journal: JournalMode,
+    synchronous: Synchronous,
+    /// The shim answers `xSync` without syncing (to show the harness finds it).
+    lie_about_syncs: bool,
+    /// Writer threads, alternating between two handles.
+    writers: usize,
+    /// Writes per writer.
+    writes: usize,
+    /// Backups taken while the writers write.
+    backups: usize,
+    /// Crash images.
+    crashes: usize,
+}
+
+impl Scenario {
+    fn options(&self) -> Options {
+        Options::new()
+            .journal_mode(self.journal)
+            .synchronous(self.synchronous)
+    }
+
+    /// Whether an acknowledged write must survive.
+    fn durable(&self) -> bool {
+        matches!(self.synchronous, Synchronous::Full | Synchronous::Extra) && !self.lie_about_syncs
+    }
+}
+
+/// The seed of this run's random choices: `POWER_LOSS_SEED`, else a fresh one.
+fn seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| match std::env::var("POWER_LOSS_SEED") {
+        Ok(seed) => seed.parse().expect("POWER_LOSS_SEED is a number"),
+        Err(_) => SmallRng::from_os_rng().random(),
+    })
+}
+
+/// `POWER_LOSS_CRASHES`, else `default`.
+fn crashes(default: usize) -> usize {
+    std::env::var("POWER_LOSS_CRASHES").map_or(default, |n| {
+        n.parse().expect("POWER_LOSS_CRASHES is a number")
+    })
+}
+
+/// A fresh directory on a memory filesystem where there is one (syncs cost nothing there;
+/// the model, not the disk, decides what a sync made durable).
+fn scratch(prefix: &str) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let builder = tempfile::Builder::new().prefix(prefix).tempdir_in(shm);
+    match builder {
+        Ok(dir) if shm.is_dir() => dir,
+        _ => tempfile::Builder::new().prefix(prefix).tempdir().unwrap(),
+    }
+}
+
+// The workload.
+
+/// The padding row a transaction with sequence number `seq` inserts (every third one), of a
+/// length from none to past one page (an overflow chain), its bytes a function of `seq`:
+/// a torn page inside a row that `integrity_check` passes still shows here.
+fn pad(seq: u64) -> String {
+    let len = (seq * 7919 % 6000) as usize;
+    let mut state = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut name = format!("p{seq}:");
+    name.extend((0..len).map(|_| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        char::from(b'a' + (state % 26) as u8)
+    }));
+    name
+}
+
+/// Whether the transaction `deleter` deletes the padding row of `seq` (every seventh one
+/// deletes those 30 to 60 before it: pages are freed and reused).
+fn deletes(deleter: u64, seq: u64) -> bool {
+    deleter % 7 == 0 && seq + 30 <= deleter && deleter <= seq + 60
+}
+
+/// The workload's shared state.
+struct Work<'a> {
+    recorder: &'a Recorder,
+    next_seq: AtomicU64,
+    rolled_back: Mutex<HashSet<u64>>,
+}
+
+impl Work<'_> {
+    /// One write transaction for writer `writer`: its counter up by one, an event row with
+    /// a new sequence number, sometimes a padding row or deletions. Returns the sequence
+    /// number, acknowledged.
+    fn write(&self, db: &Database, writer: usize) -> u64 {
+        let counter = format!("w{writer}");
+        let mut tried = Vec::new();
+        let seq = db
+            .write(|conn| -> sqlite_persistence::Result<u64> {
+                // Taken under the write lock: sequence order is commit order.
+                let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
+                tried.push(seq);
+                self.recorder.mark(Mark::Attempt(seq));
+                diesel::insert_into(counters::table)
+                    .values(counters::name.eq(&counter))
+                    .on_conflict_do_nothing()
+                    .execute(conn)?;
+                diesel::update(counters::table.find(&counter))
+                    .set(counters::value.eq(counters::value + 1))
+                    .execute(conn)?;
+                diesel::insert_into(events::table)
+                    .values((events::counter.eq(&counter), events::value.eq(seq as i64)))
+                    .execute(conn)?;
+                if seq % 3 == 0 {
+                    diesel::insert_into(counters::table)
+                        .values((counters::name.eq(pad(seq)), counters::value.eq(seq as i64)))
+                        .execute(conn)?;
+                }
+                if seq % 7 == 0 {
+                    diesel::sql_query(
+                        "DELETE FROM counters WHERE substr(name, 1, 1) = 'p' \
+                         AND value BETWEEN ? - 60 AND ? - 30",
+                    )
+                    .bind::<BigInt, _>(seq as i64)
+                    .bind::<BigInt, _>(seq as i64)
+                    .execute(conn)?;
+                }
+                Ok(seq)
+            })
+            .unwrap();
+        self.recorder.mark(Mark::Ack(seq));
+        let mut rolled_back = self.rolled_back.lock().unwrap();
+        rolled_back.extend(tried.into_iter().filter(|&s| s != seq));
+        seq
+    }
+}
+
+/// What a run left for the checks.
+struct Run {
+    log: Vec<Event>,
+    rolled_back: HashSet<u64>,
+}
+
+/// Runs the workload of `scenario` in `dir` (recorded) and returns its log.
+fn run(scenario: &Scenario, dir: &Path) -> Run {
+    vfs::install();
+    let recorder = Recorder::start(dir, scenario.lie_about_syncs);
+    let path = recorder.dir().join("app.db");
+    let options = scenario.options();
+    let work = Work {
+        recorder: &recorder,
+        next_seq: AtomicU64::new(0),
+        rolled_back: Mutex::new(HashSet::new()),
+    };
+    recorder.mark(Mark::Phase("migrate"));
+    let first = options.clone().open(&path, MIGRATIONS).unwrap();
+    assert_eq!(first.applied_at_open().len(), common::VERSIONS.len());
+    recorder.mark(Mark::MigrationsAcked);
+    let second = options.clone().open(&path, MIGRATIONS).unwrap();
+    recorder.mark(Mark::Phase("write"));
+    let total = scenario.writers * scenario.writes;
+    std::thread::scope(|s| {
+        for writer in 0..scenario.writers {
+            let db = if writer % 2 == 0 { &first } else { &second };
+            let work = &work;
+            s.spawn(move || {
+                for i in 0..scenario.writes {
+                    work.write(db, writer);
+                    // Checkpoints beside the layer's own (at 1000 frames): a smaller WAL,
+                    // more of them.
+                    if writer == 0 && i % 50 == 49 && scenario.journal == JournalMode::Wal {
+                        db.connection()
+                            .unwrap()
+                            .batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+                            .unwrap();
+                    }
+                }
+            });
+        }
+        let (work, first, path) = (&work, &first, &path);
+        s.spawn(move || {
+            for n in 0..scenario.backups {
+                // Spread over the writes; bounded: the writers end.
+                let due = total * (n + 1) / (scenario.backups + 1);
+                let start = Instant::now();
+                while work.recorder.acked() < due && start.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let name = format!("backup-{n}.db");
+                work.recorder.mark(Mark::BackupStarted {
+                    name: name.clone(),
+                    acked: work.recorder.acked(),
+                });
+                first.backup_to(path.with_file_name(&name)).unwrap();
+                work.recorder.mark(Mark::BackupDone { name });
+            }
+        });
+    });
+    recorder.mark(Mark::Phase("close"));
+    second.close().unwrap();
+    first.close().unwrap();
+    recorder.mark(Mark::Phase("reopen"));
+    let again = options.open(&path, MIGRATIONS).unwrap();
+    assert!(again.applied_at_open().is_empty());
+    for i in 0..30 {
+        work.write(&again, i % 2);
+    }
+    if scenario.journal == JournalMode::Wal {
+        // The WAL cut back to nothing: a truncation, then writes from the start again.
+        again
+            .connection()
+            .unwrap()
+            .batch_execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
+        for i in 0..10 {
+            work.write(&again, i % 2);
+        }
+    }
+    recorder.mark(Mark::Phase("close again"));
+    again.close().unwrap();
+    let rolled_back = std::mem::take(&mut *work.rolled_back.lock().unwrap());
+    Run {
+        log: recorder.finish(),
+        rolled_back,
+    }
+}
+
+// Where to crash.
+
+/// `n` crash positions in `log`, sorted: a share in each part of the workload (migrations,
+/// backups under way, closing and reopening), right after acknowledgements, right before and
+/// after syncs, and anywhere.
+fn positions(log: &[Event], n: usize, rng: &mut SmallRng) -> Vec<usize> {
+    let mut phase = "start";
+    let mut backups = 0usize;
+    let (mut migrate, mut backup, mut closing) = (vec![], vec![], vec![]);
+    let (mut after_ack, mut around_sync) = (vec![], vec![]);
+    for (i, event) in log.iter().enumerate() {
+        match event {
+            Event::Mark(Mark::Phase(p)) => phase = p,
+            Event::Mark(Mark::BackupStarted { .. }) => backups += 1,
+            Event::Mark(Mark::BackupDone { .. }) => backups -= 1,
+            Event::Mark(Mark::Ack(_)) => after_ack.push(i + 1),
+            Event::SyncFile { .. } | Event::SyncDir { .. } => around_sync.extend([i, i + 1]),
+            _ => {}
+        }
+        match phase {
+            "migrate" => migrate.push(i + 1),
+            "close" | "reopen" | "close again" => closing.push(i + 1),
+            _ if backups > 0 => backup.push(i + 1),
+            _ => {}
+        }
+    }
+    let anywhere: Vec<usize> = (0..=log.len()).collect();
+    let shares: [(&Vec<usize>, usize); 6] = [
+        (&migrate, 15),
+        (&backup, 15),
+        (&closing, 10),
+        (&after_ack, 20),
+        (&around_sync, 15),
+        (&anywhere, 25),
+    ];
+    let mut at = Vec::with_capacity(n);
+    for (i, (pool, share)) in shares.iter().enumerate() {
+        let count = if i == shares.len() - 1 {
+            n - at.len()
+        } else {
+            n * share / 100
+        };
+        let pool = if pool.is_empty() { &anywhere } else { pool };
+        at.extend((0..count).map(|_| pool[rng.random_range(0..pool.len())]));
+    }
+    at.sort_unstable();
+    at
+}
+
+// The checks.
+
+#[derive(QueryableByName)]
+struct Check {
+    #[diesel(sql_type = Text)]
+    integrity_check: String,
+}
+
+/// What one database in an image held.
+struct Held {
+    /// Event sequence numbers.
+    events: Vec<u64>,
+    /// Migrations the layer applied when opening it.
+    applied: usize,
+}
+
+/// Opens `path` through the layer and checks it: `integrity_check`, each writer's counter
+/// equal to its events, the padding rows exactly those of the transactions present, and no
+/// transaction present that was never attempted, rolled back, or committed after one that
+/// is missing (the transactions present are a prefix of the commit order).
+fn check_database(
+    path: &Path,
+    options: &Options,
+    attempted: u64,
+    rolled_back: &HashSet<u64>,
+) -> Result<Held, String> {
+    let db = options
+        .clone()
+        .open(path, MIGRATIONS)
+        .map_err(|e| format!("corrupt: the layer refuses it: {}", common::chain(&e)))?;
+    let applied = db.applied_at_open().len();
+    let (integrity, mut events, counters) = db
+        .read(|conn| -> sqlite_persistence::Result<_> {
+            let integrity: Vec<String> = diesel::sql_query("PRAGMA integrity_check")
+                .load::<Check>(conn)?
+                .into_iter()
+                .map(|c| c.integrity_check)
+                .collect();
+            let events: Vec<(String, i64)> = events::table
+                .select((events::counter, events::value))
+                .load(conn)?;
+            let counters: Vec<(String, i64)> = counters::table
+                .select((counters::name, counters::value))
+                .load(conn)?;
+            Ok((integrity, events, counters))
+        })
+        .map_err(|e| format!("corrupt: reading it fails: {}", common::chain(&e)))?;
+    db.close().map_err(|e| format!("closing: {e}"))?;
+    if integrity != ["ok"] {
+        return Err(format!("corrupt: integrity_check: {}", integrity.join("; ")));
+    }
+    events.sort_by_key(|(_, seq)| *seq);
+    let seqs: Vec<u64> = events.iter().map(|(_, s)| *s as u64).collect();
+    let present: HashSet<u64> = seqs.iter().copied().collect();
+    if let Some(s) = seqs.iter().find(|s| **s > attempted || rolled_back.contains(s)) {
+        return Err(format!("transaction {s} is there but never committed"));
+    }
+    let last = seqs.last().copied().unwrap_or(0);
+    if let Some(missing) = (1..last).find(|s| !present.contains(s) && !rolled_back.contains(s)) {
+        return Err(format!(
+            "transaction {missing} is missing but {last}, committed after it, is there"
+        ));
+    }
+    let mut per_writer: std::collections::BTreeMap<&str, i64> = Default::default();
+    for (counter, _) in &events {
+        *per_writer.entry(counter).or_default() += 1;
+    }
+    let mut pads = Vec::new();
+    for (name, value) in &counters {
+        if name.starts_with('w') {
+            let count = per_writer.remove(name.as_str()).unwrap_or(0);
+            if *value != count {
+                return Err(format!("counter {name} is {value} with {count} events"));
+            }
+        } else if *name != pad(*value as u64) {
+            return Err(format!("padding row {value} holds other bytes"));
+        } else {
+            pads.push(*value as u64);
+        }
+    }
+    if let Some((counter, _)) = per_writer.into_iter().next() {
+        return Err(format!("events of a counter {counter} that is missing"));
+    }
+    pads.sort_unstable();
+    let expected: Vec<u64> = seqs
+        .iter()
+        .copied()
+        .filter(|&s| s % 3 == 0 && !seqs.iter().any(|&d| deletes(d, s)))
+        .collect();
+    if pads != expected {
+        return Err(format!(
+            "padding rows {pads:?} where the transactions present leave {expected:?}"
+        ));
+    }
+    Ok(Held {
+        events: seqs,
+        applied,
+    })
+}
+
+/// What one crash image showed.
+#[derive(Default)]
+struct Verdict {
+    /// Acknowledged writes missing from the database.
+    lost: usize,
+    /// A check failed: what.
+    failure: Option<String>,
+    /// Backups checked in it (not counting ones checked before, byte-identical).
+    backups_checked: usize,
+}
+
+/// Backups already checked, by content: one fully synced is the same in every image.
+type CheckedBackups = Mutex<Vec<Content>>;
+
+/// Writes `image` to `dir` and checks it against `crash`.
+fn check_image(
+    scenario: &Scenario,
+    crash: &Crash,
+    image: &[(String, Content)],
+    dir: &Path,
+    run: &Run,
+    checked: &CheckedBackups,
+) -> Verdict {
+    let mut verdict = Verdict::default();
+    for (name, content) in image {
+        content.save(&dir.join(name)).unwrap();
+    }
+    let facts = &crash.facts;
+    let options = scenario.options();
+    let fail = |verdict: &mut Verdict, what: String| {
+        verdict.failure.get_or_insert(what);
+    };
+    match check_database(
+        &dir.join("app.db"),
+        &options,
+        facts.attempted,
+        &run.rolled_back,
+    ) {
+        Err(e) => fail(&mut verdict, e),
+        Ok(held) => {
+            let present: HashSet<u64> = held.events.iter().copied().collect();
+            let lost: Vec<u64> = facts
+                .acked
+                .iter()
+                .copied()
+                .filter(|s| !present.contains(s))
+                .collect();
+            verdict.lost = lost.len();
+            if scenario.durable() && !lost.is_empty() {
+                fail(
+                    &mut verdict,
+                    format!("acknowledged writes lost: {lost:?}"),
+                );
+            }
+            if scenario.durable() && facts.migrations_acked && held.applied > 0 {
+                fail(&mut verdict, "the acknowledged migrations were lost".into());
+            }
+            if lost.len() > facts.acked_since_wal_sync {
+                fail(
+                    &mut verdict,
+                    format!(
+                        "{} acknowledged writes lost, but only {} came after the last sync",
+                        lost.len(),
+                        facts.acked_since_wal_sync
+                    ),
+                );
+            }
+        }
+    }
+    for (name, acked) in &facts.backups_started {
+        let content = image.iter().find(|(n, _)| n == name).map(|(_, c)| c);
+        let Some(content) = content else {
+            if facts.backups_done.contains(name) {
+                fail(&mut verdict, format!("{name}: finished, then lost"));
+            }
+            continue;
+        };
+        if lock_checked(checked).iter().any(|c| c.same_as(content)) {
+            continue;
+        }
+        verdict.backups_checked += 1;
+        let path = dir.join(name);
+        match check_database(&path, &options, facts.attempted, &run.rolled_back) {
+            Err(e) => fail(&mut verdict, format!("{name}: {e}")),
+            Ok(held) => {
+                let present: HashSet<u64> = held.events.iter().copied().collect();
+                let missing: Vec<u64> = facts.acked[..*acked]
+                    .iter()
+                    .copied()
+                    .filter(|s| !present.contains(s))
+                    .collect();
+                if !missing.is_empty() {
+                    fail(
+                        &mut verdict,
+                        format!("{name}: writes acknowledged before it began missing: {missing:?}"),
+                    );
+                } else if held.applied > 0 {
+                    fail(&mut verdict, format!("{name}: its migrations are missing"));
+                } else {
+                    lock_checked(checked).push(content.clone());
+                }
+            }
+        }
+    }
+    verdict
+}
+
+fn lock_checked(checked: &CheckedBackups) -> std::sync::MutexGuard<'_, Vec<Content>> {
+    checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The counts of a scenario's crashes.
+#[derive(Default, Debug)]
+struct Report {
+    crashes: usize,
+    failed: usize,
+    corrupt: usize,
+    /// Crashes that lost acknowledged writes, the writes lost in all, the most in one.
+    lossy: usize,
+    lost: usize,
+    most_lost: usize,
+    backups_checked: usize,
+    /// Where the crashes fell.
+    in_migrations: usize,
+    in_backups: usize,
+    in_checkpoints: usize,
+    closing: usize,
+    failures: Vec<String>,
+}
+
+/// Cuts `scenario.crashes` images from `run`'s log and checks each, on as many threads as
+/// there are cores.
+fn check_crashes(scenario: &Scenario, run: &Run) -> Report {
+    let run_seed = seed();
+    let seed = run_seed ^ fxhash(scenario.name);
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let at = positions(&run.log, scenario.crashes, &mut rng);
+    let crashes = model::cut(&run.log, &at);
+    let images = scratch("power-loss-images-");
+    let next = AtomicUsize::new(0);
+    let report = Mutex::new(Report::default());
+    let checked = CheckedBackups::default();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(crash) = crashes.get(index) else {
+                    break;
+                };
+                let mut rng = SmallRng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37));
+                let fates = Fates::random(&mut rng);
+                let image = crash.image(fates, &mut rng);
+                let dir = images.path().join(format!("crash-{index}"));
+                std::fs::create_dir(&dir).unwrap();
+                let verdict = check_image(scenario, crash, &image, &dir, run, &checked);
+                let mut report = report.lock().unwrap();
+                let facts = &crash.facts;
+                report.crashes += 1;
+                report.backups_checked += verdict.backups_checked;
+                report.in_migrations += usize::from(facts.phase == "migrate");
+                report.in_backups += usize::from(facts.in_backup);
+                report.in_checkpoints += usize::from(
+                    facts.database_unsynced && scenario.journal == JournalMode::Wal,
+                );
+                report.closing += usize::from(facts.phase.starts_with("close"));
+                if verdict.lost > 0 {
+                    report.lossy += 1;
+                    report.lost += verdict.lost;
+                    report.most_lost = report.most_lost.max(verdict.lost);
+                }
+                match verdict.failure {
+                    None => {
+                        drop(report);
+                        std::fs::remove_dir_all(&dir).unwrap();
+                    }
+                    Some(failure) => {
+                        report.failed += 1;
+                        report.corrupt += usize::from(failure.contains("corrupt"));
+                        if report.failures.len() < 5 {
+                            let kept = std::env::temp_dir()
+                                .join(format!("power-loss-{run_seed}-{}-{index}", scenario.name));
+                            let _ = std::fs::remove_dir_all(&kept);
+                            copy_dir(&dir, &kept);
+                            report.failures.push(format!(
+                                "crash {index} at log position {} (phase {}, {fates:?}): \
+                                 {failure}; image kept in {}",
+                                crash.at,
+                                facts.phase,
+                                kept.display()
+                            ));
+                        }
+                    }
+                }
+            });
+        }
+    });
+    report.into_inner().unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+    }
+}
+
+/// A stable hash of a name (the seed of each scenario's choices).
+fn fxhash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Runs `scenario` and checks its crashes; prints the report.
+fn power_losses(scenario: Scenario) -> Report {
+    let started = Instant::now();
+    let dir = scratch("power-loss-");
+    let run = run(&scenario, dir.path());
+    let ran = started.elapsed();
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for e in &run.log {
+        let k = format!("{e:?}");
+        let k = k.split([' ', '(', '{']).next().unwrap().to_owned();
+        let k = if k == "Mark" { format!("{e:?}").split(['(', '{', ' ']).nth(1).unwrap_or("").to_owned() } else { k };
+        *kinds.entry(k).or_default() += 1;
+    }
+    eprintln!("DEBUG kinds {kinds:?}");
+    if let Ok(spec) = std::env::var("POWER_LOSS_DUMP") {
+        let parts: Vec<&str> = spec.split(':').collect();
+        if parts[0] == scenario.name {
+            let (from, to): (usize, usize) = (parts[1].parse().unwrap(), parts[2].parse().unwrap());
+            for (i, e) in run.log.iter().enumerate().take(to).skip(from) {
+                let text = match e {
+                    Event::Write { inode, offset, data } => format!("Write inode {inode} at {offset} len {} first {:?}", data.len(), &data[..data.len().min(16)]),
+                    e => format!("{e:?}"),
+                };
+                eprintln!("{i}: {text}");
+            }
+        }
+    }
+    let report = check_crashes(&scenario, &run);
+    eprintln!(
+        "power loss {}: seed {}, {} log events ({:.1} s), {:?} ({:.1} s in all)",
+        scenario.name,
+        seed(),
+        run.log.len(),
+        ran.as_secs_f64(),
+        report,
+        started.elapsed().as_secs_f64()
+    );
+    report
+}
+
+fn scenario(name: &'static str, journal: JournalMode, synchronous: Synchronous) -> Scenario {
+    Scenario {
+        name,
+        journal,
+        synchronous,
+        lie_about_syncs: false,
+        writers: 4,
+        writes: 120,
+        backups: 3,
+        crashes: crashes(800),
+    }
+}
+
+#[test]
+fn under_wal_and_full_no_power_loss_corrupts_the_file_or_loses_an_acknowledged_write() {
+    let report = power_losses(scenario("wal-full", JournalMode::Wal, Synchronous::Full));
+    assert!(report.failures.is_empty(), "seed {}: {:#?}", seed(), report);
+    assert_eq!(report.lost, 0);
+}
+
+#[test]
+fn under_wal_and_normal_no_power_loss_corrupts_the_file_and_only_the_last_writes_are_lost() {
+    let report = power_losses(scenario("wal-normal", JournalMode::Wal, Synchronous::Normal));
+    assert!(report.failures.is_empty(), "seed {}: {:#?}", seed(), report);
+}
+
+#[test]
+fn tmp_teeth() {
+    let mut s = scenario("wal-full-lying", JournalMode::Wal, Synchronous::Full);
+    s.lie_about_syncs = true;
+    for (name, j) in [("truncate-full", JournalMode::Truncate)] {
+        let s = Scenario { crashes: 300, ..scenario(name, j, Synchronous::Full) };
+        let report = power_losses(s);
+        eprintln!("{:#?}", report.failures);
+    }
+}
