@@ -38,7 +38,7 @@ use sqlite_persistence::{Database, JournalMode, Options, Synchronous};
 
 use common::schema::{counters, events};
 use common::MIGRATIONS;
-use model::{Content, Crash, Event, Fates, Mark, Recorder};
+use model::{Content, Crash, Event, Fates, Faults, Mark, Recorder};
 
 /// One run: how the layer is set up, how much the workload does, how many crashes.
 #[derive(Clone, Copy, Debug)]
@@ -46,8 +46,8 @@ struct Scenario {
     name: &'static str,
     journal: JournalMode,
     synchronous: Synchronous,
-    /// The shim answers `xSync` without syncing (to show the harness finds it).
-    lie_about_syncs: bool,
+    /// Syncs made to go missing (to show the harness finds what they keep).
+    faults: Faults,
     /// Writer threads, alternating between two handles.
     writers: usize,
     /// Writes per writer.
@@ -67,7 +67,7 @@ impl Scenario {
 
     /// Whether an acknowledged write must survive.
     fn durable(&self) -> bool {
-        matches!(self.synchronous, Synchronous::Full | Synchronous::Extra) && !self.lie_about_syncs
+        matches!(self.synchronous, Synchronous::Full | Synchronous::Extra)
     }
 }
 
@@ -119,7 +119,7 @@ fn pad(seq: u64) -> String {
 /// Whether the transaction `deleter` deletes the padding row of `seq` (every seventh one
 /// deletes those 30 to 60 before it: pages are freed and reused).
 fn deletes(deleter: u64, seq: u64) -> bool {
-    deleter % 7 == 0 && seq + 30 <= deleter && deleter <= seq + 60
+    deleter.is_multiple_of(7) && seq + 30 <= deleter && deleter <= seq + 60
 }
 
 /// The workload's shared state.
@@ -152,12 +152,12 @@ impl Work<'_> {
                 diesel::insert_into(events::table)
                     .values((events::counter.eq(&counter), events::value.eq(seq as i64)))
                     .execute(conn)?;
-                if seq % 3 == 0 {
+                if seq.is_multiple_of(3) {
                     diesel::insert_into(counters::table)
                         .values((counters::name.eq(pad(seq)), counters::value.eq(seq as i64)))
                         .execute(conn)?;
                 }
-                if seq % 7 == 0 {
+                if seq.is_multiple_of(7) {
                     diesel::sql_query(
                         "DELETE FROM counters WHERE substr(name, 1, 1) = 'p' \
                          AND value BETWEEN ? - 60 AND ? - 30",
@@ -185,7 +185,7 @@ struct Run {
 /// Runs the workload of `scenario` in `dir` (recorded) and returns its log.
 fn run(scenario: &Scenario, dir: &Path) -> Run {
     vfs::install();
-    let recorder = Recorder::start(dir, scenario.lie_about_syncs);
+    let recorder = Recorder::start(dir, scenario.faults);
     let path = recorder.dir().join("app.db");
     let options = scenario.options();
     let work = Work {
@@ -205,16 +205,8 @@ fn run(scenario: &Scenario, dir: &Path) -> Run {
             let db = if writer % 2 == 0 { &first } else { &second };
             let work = &work;
             s.spawn(move || {
-                for i in 0..scenario.writes {
+                for _ in 0..scenario.writes {
                     work.write(db, writer);
-                    // Checkpoints beside the layer's own (at 1000 frames): a smaller WAL,
-                    // more of them.
-                    if writer == 0 && i % 50 == 49 && scenario.journal == JournalMode::Wal {
-                        db.connection()
-                            .unwrap()
-                            .batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
-                            .unwrap();
-                    }
                 }
             });
         }
@@ -269,21 +261,35 @@ fn run(scenario: &Scenario, dir: &Path) -> Run {
 // Where to crash.
 
 /// `n` crash positions in `log`, sorted: a share in each part of the workload (migrations,
-/// backups under way, closing and reopening), right after acknowledgements, right before and
-/// after syncs, and anywhere.
+/// backups under way, closing and reopening), while the database file has unsynced writes
+/// (under WAL: a checkpoint under way), right after acknowledgements, right before and after
+/// syncs, and anywhere.
 fn positions(log: &[Event], n: usize, rng: &mut SmallRng) -> Vec<usize> {
     let mut phase = "start";
     let mut backups = 0usize;
+    let mut database = None;
+    let mut database_unsynced = false;
     let (mut migrate, mut backup, mut closing) = (vec![], vec![], vec![]);
-    let (mut after_ack, mut around_sync) = (vec![], vec![]);
+    let (mut unsynced, mut after_ack, mut around_sync) = (vec![], vec![], vec![]);
     for (i, event) in log.iter().enumerate() {
         match event {
             Event::Mark(Mark::Phase(p)) => phase = p,
             Event::Mark(Mark::BackupStarted { .. }) => backups += 1,
             Event::Mark(Mark::BackupDone { .. }) => backups -= 1,
             Event::Mark(Mark::Ack(_)) => after_ack.push(i + 1),
+            Event::Create { name, inode } if name == "app.db" => database = Some(*inode),
+            Event::Write { inode, .. } if Some(*inode) == database => database_unsynced = true,
+            Event::SyncFile { inode, .. } | Event::SetLen { inode, .. }
+                if Some(*inode) == database =>
+            {
+                database_unsynced = matches!(event, Event::SetLen { .. });
+                around_sync.extend([i, i + 1]);
+            }
             Event::SyncFile { .. } | Event::SyncDir { .. } => around_sync.extend([i, i + 1]),
             _ => {}
+        }
+        if database_unsynced {
+            unsynced.push(i + 1);
         }
         match phase {
             "migrate" => migrate.push(i + 1),
@@ -293,13 +299,14 @@ fn positions(log: &[Event], n: usize, rng: &mut SmallRng) -> Vec<usize> {
         }
     }
     let anywhere: Vec<usize> = (0..=log.len()).collect();
-    let shares: [(&Vec<usize>, usize); 6] = [
+    let shares: [(&Vec<usize>, usize); 7] = [
         (&migrate, 15),
         (&backup, 15),
         (&closing, 10),
-        (&after_ack, 20),
+        (&unsynced, 10),
+        (&after_ack, 15),
         (&around_sync, 15),
-        (&anywhere, 25),
+        (&anywhere, 20),
     ];
     let mut at = Vec::with_capacity(n);
     for (i, (pool, share)) in shares.iter().enumerate() {
@@ -364,12 +371,18 @@ fn check_database(
         .map_err(|e| format!("corrupt: reading it fails: {}", common::chain(&e)))?;
     db.close().map_err(|e| format!("closing: {e}"))?;
     if integrity != ["ok"] {
-        return Err(format!("corrupt: integrity_check: {}", integrity.join("; ")));
+        return Err(format!(
+            "corrupt: integrity_check: {}",
+            integrity.join("; ")
+        ));
     }
     events.sort_by_key(|(_, seq)| *seq);
     let seqs: Vec<u64> = events.iter().map(|(_, s)| *s as u64).collect();
     let present: HashSet<u64> = seqs.iter().copied().collect();
-    if let Some(s) = seqs.iter().find(|s| **s > attempted || rolled_back.contains(s)) {
+    if let Some(s) = seqs
+        .iter()
+        .find(|s| **s > attempted || rolled_back.contains(s))
+    {
         return Err(format!("transaction {s} is there but never committed"));
     }
     let last = seqs.last().copied().unwrap_or(0);
@@ -402,7 +415,7 @@ fn check_database(
     let expected: Vec<u64> = seqs
         .iter()
         .copied()
-        .filter(|&s| s % 3 == 0 && !seqs.iter().any(|&d| deletes(d, s)))
+        .filter(|&s| s.is_multiple_of(3) && !seqs.iter().any(|&d| deletes(d, s)))
         .collect();
     if pads != expected {
         return Err(format!(
@@ -424,6 +437,8 @@ struct Verdict {
     failure: Option<String>,
     /// Backups checked in it (not counting ones checked before, byte-identical).
     backups_checked: usize,
+    /// Backups that `backup_to` had finished, missing from it.
+    backups_lost: usize,
 }
 
 /// Backups already checked, by content: one fully synced is the same in every image.
@@ -464,15 +479,12 @@ fn check_image(
                 .collect();
             verdict.lost = lost.len();
             if scenario.durable() && !lost.is_empty() {
-                fail(
-                    &mut verdict,
-                    format!("acknowledged writes lost: {lost:?}"),
-                );
+                fail(&mut verdict, format!("acknowledged writes lost: {lost:?}"));
             }
             if scenario.durable() && facts.migrations_acked && held.applied > 0 {
                 fail(&mut verdict, "the acknowledged migrations were lost".into());
             }
-            if lost.len() > facts.acked_since_wal_sync {
+            if scenario.journal == JournalMode::Wal && lost.len() > facts.acked_since_wal_sync {
                 fail(
                     &mut verdict,
                     format!(
@@ -488,6 +500,7 @@ fn check_image(
         let content = image.iter().find(|(n, _)| n == name).map(|(_, c)| c);
         let Some(content) = content else {
             if facts.backups_done.contains(name) {
+                verdict.backups_lost += 1;
                 fail(&mut verdict, format!("{name}: finished, then lost"));
             }
             continue;
@@ -523,12 +536,21 @@ fn check_image(
 }
 
 fn lock_checked(checked: &CheckedBackups) -> std::sync::MutexGuard<'_, Vec<Content>> {
-    checked.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    checked
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The counts of a scenario's crashes.
 #[derive(Default, Debug)]
 struct Report {
+    /// The workload's log: events, writes, syncs of a file, of the directory, and of the
+    /// database file (under WAL, each a checkpoint's).
+    log_events: usize,
+    writes: usize,
+    file_syncs: usize,
+    directory_syncs: usize,
+    database_syncs: usize,
     crashes: usize,
     failed: usize,
     corrupt: usize,
@@ -537,6 +559,7 @@ struct Report {
     lost: usize,
     most_lost: usize,
     backups_checked: usize,
+    backups_lost: usize,
     /// Where the crashes fell.
     in_migrations: usize,
     in_backups: usize,
@@ -575,12 +598,13 @@ fn check_crashes(scenario: &Scenario, run: &Run) -> Report {
                 let facts = &crash.facts;
                 report.crashes += 1;
                 report.backups_checked += verdict.backups_checked;
+                report.backups_lost += verdict.backups_lost;
                 report.in_migrations += usize::from(facts.phase == "migrate");
                 report.in_backups += usize::from(facts.in_backup);
-                report.in_checkpoints += usize::from(
-                    facts.database_unsynced && scenario.journal == JournalMode::Wal,
-                );
-                report.closing += usize::from(facts.phase.starts_with("close"));
+                report.in_checkpoints +=
+                    usize::from(facts.database_unsynced && scenario.journal == JournalMode::Wal);
+                report.closing +=
+                    usize::from(matches!(facts.phase, "close" | "reopen" | "close again"));
                 if verdict.lost > 0 {
                     report.lossy += 1;
                     report.lost += verdict.lost;
@@ -630,39 +654,64 @@ fn fxhash(name: &str) -> u64 {
     })
 }
 
+/// With `POWER_LOSS_DUMP=SCENARIO:FROM:TO`, prints that part of the scenario's log (to read
+/// a kept image's crash position against).
+fn dump(scenario: &Scenario, log: &[Event]) {
+    let Ok(spec) = std::env::var("POWER_LOSS_DUMP") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [name, from, to] = parts[..] else {
+        panic!("POWER_LOSS_DUMP is SCENARIO:FROM:TO");
+    };
+    if name != scenario.name {
+        return;
+    }
+    let (from, to): (usize, usize) = (from.parse().unwrap(), to.parse().unwrap());
+    for (i, event) in log.iter().enumerate().take(to).skip(from) {
+        match event {
+            Event::Write {
+                inode,
+                offset,
+                data,
+            } => eprintln!(
+                "{i}: Write {{ inode: {inode}, offset: {offset}, len: {}, first: {:?} }}",
+                data.len(),
+                &data[..data.len().min(16)]
+            ),
+            event => eprintln!("{i}: {event:?}"),
+        }
+    }
+}
+
 /// Runs `scenario` and checks its crashes; prints the report.
 fn power_losses(scenario: Scenario) -> Report {
     let started = Instant::now();
     let dir = scratch("power-loss-");
     let run = run(&scenario, dir.path());
     let ran = started.elapsed();
-    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
-    for e in &run.log {
-        let k = format!("{e:?}");
-        let k = k.split([' ', '(', '{']).next().unwrap().to_owned();
-        let k = if k == "Mark" { format!("{e:?}").split(['(', '{', ' ']).nth(1).unwrap_or("").to_owned() } else { k };
-        *kinds.entry(k).or_default() += 1;
-    }
-    eprintln!("DEBUG kinds {kinds:?}");
-    if let Ok(spec) = std::env::var("POWER_LOSS_DUMP") {
-        let parts: Vec<&str> = spec.split(':').collect();
-        if parts[0] == scenario.name {
-            let (from, to): (usize, usize) = (parts[1].parse().unwrap(), parts[2].parse().unwrap());
-            for (i, e) in run.log.iter().enumerate().take(to).skip(from) {
-                let text = match e {
-                    Event::Write { inode, offset, data } => format!("Write inode {inode} at {offset} len {} first {:?}", data.len(), &data[..data.len().min(16)]),
-                    e => format!("{e:?}"),
-                };
-                eprintln!("{i}: {text}");
+    dump(&scenario, &run.log);
+    let mut report = check_crashes(&scenario, &run);
+    report.log_events = run.log.len();
+    let database = run.log.iter().find_map(|e| match e {
+        Event::Create { name, inode } if name == "app.db" => Some(*inode),
+        _ => None,
+    });
+    for event in &run.log {
+        match event {
+            Event::Write { .. } => report.writes += 1,
+            Event::SyncFile { inode, .. } => {
+                report.file_syncs += 1;
+                report.database_syncs += usize::from(Some(*inode) == database);
             }
+            Event::SyncDir { .. } => report.directory_syncs += 1,
+            _ => {}
         }
     }
-    let report = check_crashes(&scenario, &run);
     eprintln!(
-        "power loss {}: seed {}, {} log events ({:.1} s), {:?} ({:.1} s in all)",
+        "power loss {}: seed {}, workload {:.1} s, {:?} ({:.1} s in all)",
         scenario.name,
         seed(),
-        run.log.len(),
         ran.as_secs_f64(),
         report,
         started.elapsed().as_secs_f64()
@@ -675,34 +724,132 @@ fn scenario(name: &'static str, journal: JournalMode, synchronous: Synchronous) 
         name,
         journal,
         synchronous,
-        lie_about_syncs: false,
+        faults: Faults::default(),
         writers: 4,
-        writes: 120,
+        writes: 150,
         backups: 3,
         crashes: crashes(800),
     }
 }
 
+/// A failing report's text.
+fn failed(report: &Report) -> String {
+    format!("seed {} (POWER_LOSS_SEED replays it): {report:#?}", seed())
+}
+
 #[test]
 fn under_wal_and_full_no_power_loss_corrupts_the_file_or_loses_an_acknowledged_write() {
-    let report = power_losses(scenario("wal-full", JournalMode::Wal, Synchronous::Full));
-    assert!(report.failures.is_empty(), "seed {}: {:#?}", seed(), report);
-    assert_eq!(report.lost, 0);
+    let report = power_losses(Scenario {
+        crashes: crashes(900),
+        ..scenario("wal-full", JournalMode::Wal, Synchronous::Full)
+    });
+    assert!(report.failures.is_empty(), "{}", failed(&report));
+    assert_eq!(report.lost, 0, "{}", failed(&report));
+    assert!(report.crashes >= crashes(900));
 }
 
+/// NORMAL under WAL (the layer's default) syncs the WAL only when it checkpoints: a power
+/// loss takes back the transactions committed since, and never more (the checks: those
+/// present are a prefix of the commit order, and none acknowledged before the WAL's last
+/// sync is missing).
 #[test]
 fn under_wal_and_normal_no_power_loss_corrupts_the_file_and_only_the_last_writes_are_lost() {
-    let report = power_losses(scenario("wal-normal", JournalMode::Wal, Synchronous::Normal));
-    assert!(report.failures.is_empty(), "seed {}: {:#?}", seed(), report);
+    let report = power_losses(Scenario {
+        crashes: crashes(900),
+        ..scenario("wal-normal", JournalMode::Wal, Synchronous::Normal)
+    });
+    assert!(report.failures.is_empty(), "{}", failed(&report));
 }
 
+/// A rollback journal with `Synchronous::Extra`: the journal's deletion, the commit, is
+/// synced to the directory, so nothing acknowledged is lost.
 #[test]
-fn tmp_teeth() {
-    let mut s = scenario("wal-full-lying", JournalMode::Wal, Synchronous::Full);
-    s.lie_about_syncs = true;
-    for (name, j) in [("truncate-full", JournalMode::Truncate)] {
-        let s = Scenario { crashes: 300, ..scenario(name, j, Synchronous::Full) };
-        let report = power_losses(s);
-        eprintln!("{:#?}", report.failures);
+fn under_a_rollback_journal_and_extra_no_power_loss_loses_an_acknowledged_write() {
+    let report = power_losses(Scenario {
+        crashes: crashes(250),
+        ..scenario("delete-extra", JournalMode::Delete, Synchronous::Extra)
+    });
+    assert!(report.failures.is_empty(), "{}", failed(&report));
+    assert_eq!(report.lost, 0, "{}", failed(&report));
+}
+
+/// A rollback journal with the layer's default there, `Synchronous::Full`: the journal is
+/// deleted to commit, and FULL does not sync the directory after it (EXTRA does), so a
+/// power loss can bring the journal back and SQLite then rolls the last transaction back,
+/// acknowledged or not. Never corrupt, never more than that one transaction.
+#[test]
+fn under_a_rollback_journal_and_full_at_most_the_last_acknowledged_write_is_lost() {
+    let report = power_losses(Scenario {
+        crashes: crashes(250),
+        ..scenario("delete-full", JournalMode::Delete, Synchronous::Full)
+    });
+    let unexpected: Vec<&String> = report
+        .failures
+        .iter()
+        .filter(|f| {
+            !f.contains("acknowledged writes lost: [")
+                && !f.contains("the acknowledged migrations were lost")
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "{}", failed(&report));
+    assert_eq!(report.corrupt, 0, "{}", failed(&report));
+    assert!(report.most_lost <= 1, "{}", failed(&report));
+}
+
+/// The harness finds what it is there to find: with syncs that do nothing (the shim
+/// answers `xSync` without syncing) or with `Synchronous::Off`, the same workload and
+/// checks find corrupt files and lost acknowledged writes; with directory syncs that make
+/// nothing durable, lost files: acknowledged writes and finished backups.
+#[test]
+fn the_harness_finds_corruption_and_losses_when_syncs_are_missing() {
+    let lying = Faults {
+        lie_about_syncs: true,
+        ..Faults::default()
+    };
+    let forgetting = Faults {
+        forget_directory_syncs: true,
+        ..Faults::default()
+    };
+    let full = scenario("wal-full-lying", JournalMode::Wal, Synchronous::Full);
+    for scenario in [
+        Scenario {
+            faults: lying,
+            ..full
+        },
+        scenario("wal-off", JournalMode::Wal, Synchronous::Off),
+    ] {
+        let report = power_losses(Scenario {
+            crashes: crashes(150),
+            ..scenario
+        });
+        assert!(report.corrupt > 0, "{report:#?}");
+        assert!(report.lost > 0, "{report:#?}");
+    }
+    let report = power_losses(Scenario {
+        name: "wal-full-no-directory-sync",
+        faults: forgetting,
+        crashes: crashes(150),
+        ..full
+    });
+    assert!(report.lost > 0, "{report:#?}");
+    assert!(report.backups_lost > 0, "{report:#?}");
+}
+
+/// The layer switches the journal mode on the connection that opens the file; a rollback
+/// mode other than DELETE (TRUNCATE, PERSIST) is a setting of each connection, and the
+/// pool's connections keep DELETE, with FULL's unsynced deletion (see above). Ignored: it
+/// fails until the layer applies the mode to every connection.
+#[test]
+#[ignore = "fails: the pool's connections do not use the journal mode asked for"]
+fn under_truncate_and_persist_journals_and_full_no_power_loss_loses_an_acknowledged_write() {
+    for (name, journal) in [
+        ("truncate-full", JournalMode::Truncate),
+        ("persist-full", JournalMode::Persist),
+    ] {
+        let report = power_losses(Scenario {
+            crashes: crashes(250),
+            ..scenario(name, journal, Synchronous::Full)
+        });
+        assert!(report.failures.is_empty(), "{}", failed(&report));
     }
 }

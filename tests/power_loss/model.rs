@@ -26,7 +26,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
 use rand::rngs::SmallRng;
@@ -55,23 +54,52 @@ pub enum Mark {
 /// One entry of the log.
 #[derive(Clone, Debug)]
 pub enum Event {
-    Create { name: String, inode: InodeId },
-    Link { name: String, inode: InodeId },
-    Unlink { name: String },
-    Write { inode: InodeId, offset: u64, data: Arc<[u8]> },
-    SetLen { inode: InodeId, len: u64 },
+    Create {
+        name: String,
+        inode: InodeId,
+    },
+    Link {
+        name: String,
+        inode: InodeId,
+    },
+    Unlink {
+        name: String,
+    },
+    Write {
+        inode: InodeId,
+        offset: u64,
+        data: Arc<[u8]>,
+    },
+    SetLen {
+        inode: InodeId,
+        len: u64,
+    },
     /// A sync of a file: every operation on it logged before `covers` is durable.
-    SyncFile { inode: InodeId, covers: usize },
+    SyncFile {
+        inode: InodeId,
+        covers: usize,
+    },
     /// A sync of the directory: every name operation logged before `covers` is durable.
-    SyncDir { covers: usize },
+    SyncDir {
+        covers: usize,
+    },
     Mark(Mark),
+}
+
+/// Syncs the harness makes go missing, to show that it finds what they would have kept.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// The shim answers every `xSync` without syncing.
+    pub lie_about_syncs: bool,
+    /// Syncs of the directory make nothing durable (SQLite's and the layer's alike).
+    pub forget_directory_syncs: bool,
 }
 
 /// Records one directory (see the module's docs).
 pub struct Recorder {
     dir: PathBuf,
     dir_key: (u64, u64),
-    lie_about_syncs: AtomicBool,
+    faults: Faults,
     live: Mutex<Live>,
 }
 
@@ -85,6 +113,8 @@ struct Live {
     /// Each file's length now.
     lens: HashMap<InodeId, u64>,
     next_inode: InodeId,
+    /// Acknowledgements logged.
+    acked: usize,
     /// What happened that the model cannot represent (the test fails on any).
     unmodelled: Vec<String>,
 }
@@ -103,15 +133,14 @@ fn key_of_path(path: &Path) -> (u64, u64) {
 }
 
 impl Recorder {
-    /// Starts recording `dir`, which must be empty. With `lie_about_syncs`, the shim answers
-    /// every `xSync` of its files without syncing.
-    pub fn start(dir: &Path, lie_about_syncs: bool) -> Arc<Self> {
+    /// Starts recording `dir`, which must be empty, with `faults`.
+    pub fn start(dir: &Path, faults: Faults) -> Arc<Self> {
         let dir = dir.canonicalize().unwrap();
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "not empty");
         let recorder = Arc::new(Recorder {
             dir_key: key_of_path(&dir),
             dir,
-            lie_about_syncs: AtomicBool::new(lie_about_syncs),
+            faults,
             live: Mutex::new(Live::default()),
         });
         ACTIVE
@@ -146,20 +175,18 @@ impl Recorder {
 
     /// Logs a mark of the workload.
     pub fn mark(&self, mark: Mark) {
-        lock(&self.live).log.push(Event::Mark(mark));
+        let mut live = lock(&self.live);
+        live.acked += usize::from(matches!(mark, Mark::Ack(_)));
+        live.log.push(Event::Mark(mark));
     }
 
     /// How many acknowledgements are logged so far.
     pub fn acked(&self) -> usize {
-        lock(&self.live)
-            .log
-            .iter()
-            .filter(|e| matches!(e, Event::Mark(Mark::Ack(_))))
-            .count()
+        lock(&self.live).acked
     }
 
     pub fn lies_about_syncs(&self) -> bool {
-        self.lie_about_syncs.load(Ordering::Relaxed)
+        self.faults.lie_about_syncs
     }
 
     /// A write of `data` at `offset`, made by `real` (true if it succeeded) under the lock.
@@ -226,30 +253,35 @@ pub fn opened(path: &Path) -> Option<(Arc<Recorder>, InodeId)> {
     let (recorder, name) = split(path)?;
     let key = key_of_path(path);
     let len = std::fs::metadata(path).map_or(0, |m| m.len());
-    let inode = (|| {
-    let mut live = lock(&recorder.live);
-    let live = &mut *live;
-    if let Some(&inode) = live.by_key.get(&key) {
-        if live.names.get(&name) != Some(&inode) {
-            live.unmodelled.push(format!("{name} opened under a name the model lacks"));
+    let inode = lock(&recorder.live).opened(name, key, len);
+    Some((recorder, inode))
+}
+
+impl Live {
+    fn opened(&mut self, name: String, key: (u64, u64), len: u64) -> InodeId {
+        if let Some(&inode) = self.by_key.get(&key) {
+            if self.names.get(&name) != Some(&inode) {
+                self.unmodelled
+                    .push(format!("{name} opened under a name the model lacks"));
+            }
+            return inode;
         }
-        return Some(inode);
+        if self.names.contains_key(&name) {
+            self.unmodelled
+                .push(format!("{name} replaced without an unlink"));
+        }
+        if len > 0 {
+            self.unmodelled
+                .push(format!("{name} has {len} bytes not written by SQLite"));
+        }
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        self.by_key.insert(key, inode);
+        self.names.insert(name.clone(), inode);
+        self.lens.insert(inode, 0);
+        self.log.push(Event::Create { name, inode });
+        inode
     }
-    if live.names.contains_key(&name) {
-        live.unmodelled.push(format!("{name} replaced without an unlink"));
-    }
-    if len > 0 {
-        live.unmodelled.push(format!("{name} has {len} bytes not written by SQLite"));
-    }
-    let inode = live.next_inode;
-    live.next_inode += 1;
-    live.by_key.insert(key, inode);
-    live.names.insert(name.clone(), inode);
-    live.lens.insert(inode, 0);
-    live.log.push(Event::Create { name, inode });
-    Some(inode)
-    })();
-    inode.map(|inode| (recorder, inode))
 }
 
 /// `path` was unlinked.
@@ -332,6 +364,9 @@ pub fn sync_begins(key: (u64, u64)) -> Option<PendingSync> {
 impl PendingSync {
     /// The sync succeeded.
     pub fn done(self) {
+        if self.inode.is_none() && self.recorder.faults.forget_directory_syncs {
+            return;
+        }
         let event = match self.inode {
             Some(inode) => Event::SyncFile {
                 inode,

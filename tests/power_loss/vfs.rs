@@ -183,15 +183,17 @@ unsafe extern "C" fn shim_write(
         None => write(),
         Some(t) => {
             // SAFETY: SQLite's buffer holds `amount` bytes for the length of the call.
-            let data =
-                unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), amount as usize) };
+            let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), amount as usize) };
             t.recorder
                 .write(t.inode, offset as u64, data, || write() == ffi::SQLITE_OK)
         }
     }
 }
 
-unsafe extern "C" fn shim_truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
+unsafe extern "C" fn shim_truncate(
+    file: *mut ffi::sqlite3_file,
+    size: ffi::sqlite3_int64,
+) -> c_int {
     // SAFETY: forwarded as SQLite called it.
     let truncate = || unsafe { (methods(file).xTruncate.unwrap())(real(file), size) };
     // SAFETY: the file is open.
@@ -385,7 +387,7 @@ fn key_of_fd(fd: c_int) -> Option<(u64, u64)> {
     }
     // SAFETY: fstat succeeded, so the buffer is initialised.
     let stat = unsafe { stat.assume_init() };
-    Some((stat.st_dev as u64, stat.st_ino as u64))
+    Some((stat.st_dev, stat.st_ino))
 }
 
 /// `path` (a C string) as an absolute path, relative to the working directory when it is
