@@ -189,27 +189,27 @@ impl Recorder {
         self.faults.lie_about_syncs
     }
 
-    /// A write of `data` at `offset`, made by `real` (true if it succeeded) under the lock.
+    /// A write of `data` at `offset`, made by `real` (which returns SQLite's result code)
+    /// under the lock, so that the log's order is the files' order.
     pub fn write(
         &self,
         inode: InodeId,
         offset: u64,
         data: &[u8],
-        real: impl FnOnce() -> bool,
+        real: impl FnOnce() -> std::ffi::c_int,
     ) -> std::ffi::c_int {
         let mut live = lock(&self.live);
-        if !real() {
-            // A failed write changes nothing we rely on (SQLite treats it as an error).
-            return libsqlite3_sys::SQLITE_IOERR_WRITE;
+        let rc = real();
+        if rc == libsqlite3_sys::SQLITE_OK {
+            live.log.push(Event::Write {
+                inode,
+                offset,
+                data: data.into(),
+            });
+            let len = live.lens.entry(inode).or_default();
+            *len = (*len).max(offset + data.len() as u64);
         }
-        live.log.push(Event::Write {
-            inode,
-            offset,
-            data: data.into(),
-        });
-        let len = live.lens.entry(inode).or_default();
-        *len = (*len).max(offset + data.len() as u64);
-        libsqlite3_sys::SQLITE_OK
+        rc
     }
 
     /// A change of length made by `real`, which returns SQLite's result code and the new

@@ -184,8 +184,7 @@ unsafe extern "C" fn shim_write(
         Some(t) => {
             // SAFETY: SQLite's buffer holds `amount` bytes for the length of the call.
             let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), amount as usize) };
-            t.recorder
-                .write(t.inode, offset as u64, data, || write() == ffi::SQLITE_OK)
+            t.recorder.write(t.inode, offset as u64, data, write)
         }
     }
 }
