@@ -53,7 +53,7 @@ mod vfs;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -603,25 +603,42 @@ fn check_crashes(scenario: &Scenario, run: &Run) -> Report {
     let seed = run_seed ^ fxhash(scenario.name);
     let mut rng = SmallRng::seed_from_u64(seed);
     let at = positions(&run.log, scenario.crashes, &mut rng);
-    let crashes = model::cut(&run.log, &at);
     let images = scratch("power-loss-images-");
-    let next = AtomicUsize::new(0);
     let report = Mutex::new(Report::default());
     let checked = CheckedBackups::default();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    // The replay hands the crashes over as it reaches them, a few ahead of the checks.
+    let (send, receive) = std::sync::mpsc::sync_channel::<(usize, Crash)>(2 * threads);
+    // Each check holds the receiver: if every one of them fails (panics), the replay's
+    // sends fail and it runs to its end instead of waiting for them.
+    let receive = std::sync::Arc::new(Mutex::new(receive));
     std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut index = 0;
+            model::cut(&run.log, &at, |crash| {
+                let _ = send.send((index, crash));
+                index += 1;
+            });
+            drop(send);
+        });
         for _ in 0..threads {
-            s.spawn(|| loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                let Some(crash) = crashes.get(index) else {
+            let receive = receive.clone();
+            let (report, checked, images) = (&report, &checked, &images);
+            s.spawn(move || loop {
+                let next = receive
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .recv();
+                let Ok((index, crash)) = next else {
                     break;
                 };
+                let crash = &crash;
                 let mut rng = SmallRng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9E37));
                 let fates = Fates::random(&mut rng);
                 let image = crash.image(fates, &mut rng);
                 let dir = images.path().join(format!("crash-{index}"));
                 std::fs::create_dir(&dir).unwrap();
-                let verdict = check_image(scenario, crash, &image, &dir, run, &checked);
+                let verdict = check_image(scenario, crash, &image, &dir, run, checked);
                 let mut report = report.lock().unwrap();
                 let facts = &crash.facts;
                 report.crashes += 1;
@@ -663,6 +680,7 @@ fn check_crashes(scenario: &Scenario, run: &Run) -> Report {
                 }
             });
         }
+        drop(receive);
     });
     report.into_inner().unwrap()
 }

@@ -628,10 +628,10 @@ fn after_crash(file: &File, fates: Fates, rng: &mut SmallRng) -> Content {
     content
 }
 
-/// Replays `log` and returns the crash at each position of `at` (sorted, each at most the
-/// log's length: position p means "after the first p events").
-pub fn cut(log: &[Event], at: &[usize]) -> Vec<Crash> {
-    let mut crashes = Vec::with_capacity(at.len());
+/// Replays `log` and hands `crash` the crash at each position of `at` in turn (sorted,
+/// each at most the log's length: position p means "after the first p events"), as the
+/// replay reaches it: only the crashes not yet checked are held.
+pub fn cut(log: &[Event], at: &[usize], mut crash: impl FnMut(Crash)) {
     let mut durable_names: BTreeMap<String, InodeId> = BTreeMap::new();
     let mut pending_names: Vec<(usize, DirOp)> = Vec::new();
     let mut files: HashMap<InodeId, File> = HashMap::new();
@@ -663,7 +663,7 @@ pub fn cut(log: &[Event], at: &[usize]) -> Vec<Crash> {
             facts.in_backup = in_backup > 0;
             facts.acked_since_wal_sync =
                 ack_positions.len() - ack_positions.partition_point(|&p| p < unsynced_from);
-            crashes.push(Crash {
+            crash(Crash {
                 at: position,
                 facts,
                 durable_names: durable_names.clone(),
@@ -756,5 +756,4 @@ pub fn cut(log: &[Event], at: &[usize]) -> Vec<Crash> {
             },
         }
     }
-    crashes
 }
