@@ -240,8 +240,18 @@ fn recorder_of_dir(dir: &Path) -> Option<Arc<Recorder>> {
         .cloned()
 }
 
+/// The recorder of `path`'s directory (named as given, else canonically) and its name there.
 fn split(path: &Path) -> Option<(Arc<Recorder>, String)> {
-    let recorder = recorder_of_dir(path.parent()?)?;
+    let parent = path.parent()?;
+    let recorder = recorder_of_dir(parent).or_else(|| {
+        let any = !ACTIVE
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        any.then(|| parent.canonicalize().ok())
+            .flatten()
+            .and_then(|parent| recorder_of_dir(&parent))
+    })?;
     Some((recorder, path.file_name()?.to_str()?.to_owned()))
 }
 
@@ -323,12 +333,22 @@ pub fn linked(old: &Path, new: &Path) {
     }
 }
 
-/// Something the model cannot represent happened to `path`.
+/// Something the model cannot represent happened to `path` (to some path, if `None`: every
+/// recorder is told).
 pub fn unmodelled(path: Option<&Path>, what: &str) {
-    if let Some((recorder, name)) = path.and_then(split) {
-        lock(&recorder.live)
-            .unmodelled
-            .push(format!("{name}: {what}"));
+    match path {
+        Some(path) => {
+            if let Some((recorder, name)) = split(path) {
+                lock(&recorder.live)
+                    .unmodelled
+                    .push(format!("{name}: {what}"));
+            }
+        }
+        None => {
+            for recorder in ACTIVE.read().unwrap_or_else(PoisonError::into_inner).iter() {
+                lock(&recorder.live).unmodelled.push(what.to_owned());
+            }
+        }
     }
 }
 

@@ -497,7 +497,6 @@ pub unsafe extern "C" fn linkat(
         let paths = unsafe { (absolute(old_dirfd, old_path), absolute(new_dirfd, new_path)) };
         match paths {
             (Some(old), Some(new)) => model::linked(&old, &new),
-            // SAFETY: as above.
             (_, new) => model::unmodelled(new.as_deref(), "a link relative to a directory"),
         }
     }
