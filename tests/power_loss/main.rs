@@ -465,6 +465,8 @@ fn check_database(
 struct Verdict {
     /// Acknowledged writes missing from the database.
     lost: usize,
+    /// Writes acknowledged since the last sync of `-wal`.
+    unsynced: usize,
     /// A check failed: what.
     failure: Option<String>,
     /// Backups checked in it (not counting ones checked before, byte-identical).
@@ -510,6 +512,7 @@ fn check_image(
                 .filter(|s| !present.contains(s))
                 .collect();
             verdict.lost = lost.len();
+            verdict.unsynced = facts.acked_since_wal_sync;
             if scenario.durable() && !lost.is_empty() {
                 fail(&mut verdict, format!("acknowledged writes lost: {lost:?}"));
             }
@@ -586,10 +589,13 @@ struct Report {
     crashes: usize,
     failed: usize,
     corrupt: usize,
-    /// Crashes that lost acknowledged writes, the writes lost in all, the most in one.
+    /// Crashes that lost acknowledged writes, the writes lost in all, the most in one, and
+    /// the crashes that lost every write acknowledged since the last sync of `-wal` (the
+    /// others lost fewer: the most recent of them).
     lossy: usize,
     lost: usize,
     most_lost: usize,
+    lost_all_unsynced: usize,
     backups_checked: usize,
     backups_lost: usize,
     /// Where the crashes fell.
@@ -658,6 +664,7 @@ fn check_crashes(scenario: &Scenario, run: &Run) -> Report {
                     report.lossy += 1;
                     report.lost += verdict.lost;
                     report.most_lost = report.most_lost.max(verdict.lost);
+                    report.lost_all_unsynced += usize::from(verdict.lost == verdict.unsynced);
                 }
                 match verdict.failure {
                     None => {
@@ -777,7 +784,7 @@ fn power_losses(scenario: Scenario) -> Report {
 }
 
 /// `crashes` images of a workload of `synchronous` and `journal` (the more crashes, the
-/// more writes: 150 per writer up to 900 crashes).
+/// more writes: 150 per writer up to 900 crashes, 500 from 3000).
 fn scenario(
     name: &'static str,
     journal: JournalMode,
@@ -790,7 +797,7 @@ fn scenario(
         synchronous,
         faults: Faults::default(),
         writers: 4,
-        writes: (crashes / 6).max(150),
+        writes: (crashes / 6).clamp(150, 500),
         backups: 3,
         crashes,
         keep_failures: true,
