@@ -845,7 +845,7 @@ fn under_a_rollback_journal_and_extra_no_power_loss_loses_an_acknowledged_write(
         "delete-extra",
         JournalMode::Delete,
         Synchronous::Extra,
-        crashes(250),
+        crashes(200),
     ));
     assert!(report.failures.is_empty(), "{}", failed(&report));
     assert_eq!(report.lost, 0, "{}", failed(&report));
@@ -863,7 +863,7 @@ fn under_a_rollback_journal_and_full_at_most_the_last_acknowledged_write_is_lost
             "delete-full",
             JournalMode::Delete,
             Synchronous::Full,
-            crashes(250),
+            crashes(200),
         )
     });
     let unexpected: Vec<&String> = report
@@ -896,11 +896,11 @@ fn the_harness_finds_corruption_and_losses_when_syncs_are_missing() {
     // A fixed number: enough to find them, whatever POWER_LOSS_CRASHES asks of the others.
     let full = Scenario {
         keep_failures: false,
-        ..scenario("wal-full-lying", JournalMode::Wal, Synchronous::Full, 150)
+        ..scenario("wal-full-lying", JournalMode::Wal, Synchronous::Full, 100)
     };
     let off = Scenario {
         keep_failures: false,
-        ..scenario("wal-off", JournalMode::Wal, Synchronous::Off, 150)
+        ..scenario("wal-off", JournalMode::Wal, Synchronous::Off, 100)
     };
     for scenario in [
         Scenario {
