@@ -68,12 +68,16 @@ pub enum Synchronous {
     /// process alone cannot). The default under WAL: the usual choice where a lost last
     /// second is acceptable.
     Normal,
-    /// Waits for the disk at every commit: an acknowledged commit survives a power loss. The
-    /// default in rollback-journal modes; choose it under WAL where every acknowledged write
-    /// must survive (`Options::synchronous(Synchronous::Full)`), at the cost of an fsync per
-    /// commit.
+    /// Waits for the disk at every commit: under WAL (and the TRUNCATE and PERSIST journals)
+    /// an acknowledged commit survives a power loss. The default with TRUNCATE and PERSIST;
+    /// choose it under WAL where every acknowledged write must survive
+    /// (`Options::synchronous(Synchronous::Full)`), at the cost of an fsync per commit. With
+    /// the DELETE journal it does not sync the directory after deleting the journal: a power
+    /// loss can take back the last acknowledged transaction (use `Extra`).
     Full,
-    /// As `Full`, and also syncs the directory after deleting a rollback journal.
+    /// As `Full`, and also syncs the directory after deleting a rollback journal: the default
+    /// with the DELETE journal, where it is what makes an acknowledged commit survive a power
+    /// loss.
     Extra,
 }
 

@@ -32,6 +32,9 @@ use crate::sqlite::closing::OpenConnections;
 #[derive(Debug, Clone)]
 pub struct ConnectionCustomizer {
     pragmas: String,
+    /// A rollback journal mode other than DELETE (TRUNCATE, PERSIST), which is each
+    /// connection's own setting: put on every connection of a file not in WAL.
+    rollback_journal: Option<crate::pragma::JournalMode>,
     /// The checkpoint hook and read state each connection gets.
     hooks: crate::sqlite::codes::Hooks,
     /// A `Database`'s count of its pool's open connections.
@@ -47,8 +50,14 @@ impl ConnectionCustomizer {
     /// authorizer), its checkpoint hook and, with [`Options::max_read_age`], its read cap.
     /// Nothing else in the process is touched: other connections are left as they are.
     pub fn new(options: &Options) -> Self {
+        use crate::pragma::JournalMode;
         Self {
             pragmas: options.connection_pragmas(),
+            rollback_journal: matches!(
+                options.journal_mode,
+                JournalMode::Truncate | JournalMode::Persist
+            )
+            .then_some(options.journal_mode),
             hooks: crate::sqlite::codes::Hooks {
                 checkpoints: options.checkpoint_warning(),
                 read_age: options.max_read_age.is_some(),
@@ -71,9 +80,21 @@ impl ConnectionCustomizer {
     /// [`Error::Query`] if SQLite rejects a pragma, for example "file is not a database"
     /// (the pragmas after `busy_timeout` are the first statements that read the file).
     pub fn apply(&self, conn: &mut SqliteConnection) -> Result<(), Error> {
-        conn.batch_execute(&self.pragmas)
+        self.set(conn)
             .map_err(|source| Error::query(Operation::ApplyPragmas, source))?;
         crate::sqlite::codes::attach(conn, self.hooks);
+        Ok(())
+    }
+
+    /// The pragmas, and a rollback journal mode of each connection's own (on a file that is
+    /// not in WAL: asking a WAL file for another mode would switch it out of WAL).
+    fn set(&self, conn: &mut SqliteConnection) -> diesel::QueryResult<()> {
+        conn.batch_execute(&self.pragmas)?;
+        if let Some(mode) = self.rollback_journal {
+            if crate::sqlite::open::read_journal_mode(conn)? != "wal" {
+                crate::sqlite::open::switch_journal_mode(conn, mode)?;
+            }
+        }
         Ok(())
     }
 }
@@ -142,7 +163,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionCu
         // the pragmas and the hooks already.
         let prepared = crate::sqlite::codes::is_prepared(conn);
         let prepare = |conn: &mut SqliteConnection| {
-            conn.batch_execute(&self.pragmas)
+            self.set(conn)
                 .map(|()| crate::sqlite::codes::attach(conn, self.hooks))
         };
         (if prepared { Ok(()) } else { prepare(conn) })

@@ -923,11 +923,10 @@ fn the_harness_finds_corruption_and_losses_when_syncs_are_missing() {
 }
 
 /// The layer switches the journal mode on the connection that opens the file; a rollback
-/// mode other than DELETE (TRUNCATE, PERSIST) is a setting of each connection, and the
-/// pool's connections keep DELETE, with FULL's unsynced deletion (see above). Ignored: it
-/// fails until the layer applies the mode to every connection.
+/// mode other than DELETE (TRUNCATE, PERSIST) is a setting of each connection: the pool's
+/// connections kept DELETE, with FULL's unsynced deletion (see above), until the layer put
+/// the mode on every connection.
 #[test]
-#[ignore = "fails: the pool's connections do not use the journal mode asked for"]
 fn under_truncate_and_persist_journals_and_full_no_power_loss_loses_an_acknowledged_write() {
     for (name, journal) in [
         ("truncate-full", JournalMode::Truncate),

@@ -16,8 +16,8 @@
 //! The makers of new databases in one directory take turns on the directory's `flock`
 //! (within the open's deadline); one that finds the database linked when its turn comes
 //! uses it. A maker that died left its private file, and the kernel released its turn: the
-//! next maker removes the file (only if it is empty or a SQLite database: someone else's
-//! file under that name is refused as in the way) and makes the database itself.
+//! next maker removes the file (whatever a power loss left in it: the name is the layer's,
+//! as `-journal` is SQLite's) and makes the database itself.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -33,7 +33,6 @@ use crate::migrate::Source;
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::sqlite::customizer::ConnectionCustomizer;
-use crate::sqlite::files::open_regular;
 use crate::sqlite::side::side_file;
 
 /// The longest an open waits for another process making the database (a deadline of
@@ -116,13 +115,20 @@ pub(super) fn make(
     if path.exists() {
         return Ok(Made::Elsewhere);
     }
-    // A maker that died (the kernel released its turn) left its file: removed, if it is one.
+    // A maker that died (the kernel released its turn) left its file, with whatever a power
+    // loss left of it: the name is the layer's, as `-journal` is SQLite's, and the file is
+    // removed (a link is removed, never followed).
     if std::fs::symlink_metadata(&private).is_ok() {
-        if !looks_made(&private) {
+        if let Err(source) = std::fs::remove_file(&private) {
             return Err(Error::SideFile {
                 path: private,
-                problem: "is in the way: a new database is made under this name, and this \
-                          file is not one",
+                problem: if source.kind() == std::io::ErrorKind::PermissionDenied {
+                    "is in the way, and this user may not remove it: a new database is made \
+                     under this name"
+                } else {
+                    "is in the way, and cannot be removed: a new database is made under this \
+                     name"
+                },
             });
         }
         remove_private(&private);
@@ -142,23 +148,6 @@ pub(super) fn make(
     remove_private(&private);
     drop(turn);
     made
-}
-
-/// Whether the file at `private` is what a maker leaves: empty, or a SQLite database (a
-/// file of someone else's that happens to have the private name is never removed). Read
-/// through a descriptor of its own, which no SQLite connection of this process shares: the
-/// file was never linked into place.
-fn looks_made(private: &Path) -> bool {
-    use std::io::Read;
-    let Ok(file) = open_regular(private, false) else {
-        return false;
-    };
-    let mut header = Vec::with_capacity(16);
-    match file.take(16).read_to_end(&mut header) {
-        Ok(0) => true,
-        Ok(16) => header == b"SQLite format 3\0",
-        _ => false,
-    }
 }
 
 /// `.<name>.init` beside `path`.

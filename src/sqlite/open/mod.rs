@@ -13,3 +13,4 @@ pub(crate) use filesystem::Filesystem;
 pub(crate) use preflight::{check_side_files, regular_or_missing};
 pub(crate) use target::{Access, Target};
 pub(crate) use wal::read as read_journal_mode;
+pub(crate) use wal::switch as switch_journal_mode;
