@@ -454,12 +454,21 @@ fn in_slow_migration(url: &str, pid: u32, plain: bool) -> bool {
         Some(_) if plain => Plain::open(url)
             .tables()
             .contains(&"first_table".to_owned()),
-        Some(path) => Status::read(path, MIGRATIONS, &Options::new()).is_ok_and(|status| {
-            status
-                .holders
-                .iter()
-                .any(|h| h.pid == pid && h.lock == HeldLock::WriteLock)
-        }),
+        // A new database is migrated under a private name, then linked into place.
+        Some(path) => {
+            let private = Path::new(path).with_file_name(format!(
+                ".{}.init",
+                Path::new(path).file_name().unwrap().to_str().unwrap()
+            ));
+            [Path::new(path), &private].iter().any(|file| {
+                Status::read(file, MIGRATIONS, &Options::new()).is_ok_and(|status| {
+                    status
+                        .holders
+                        .iter()
+                        .any(|h| h.pid == pid && h.lock == HeldLock::WriteLock)
+                })
+            })
+        }
     }
 }
 
@@ -503,6 +512,12 @@ on_both_engines!(
         let tables = Plain::open(&db.url).tables();
         for table in ["__diesel_schema_migrations", "first_table", "second_table"] {
             assert!(tables.contains(&table.to_owned()), "{tables:?}");
+        }
+        // What the killed maker of the new file left beside it is gone.
+        if let Some(path) = db.url.strip_prefix("sqlite://") {
+            let dir = Path::new(path).parent().unwrap();
+            let left = common::file_names(dir);
+            assert!(!left.iter().any(|name| name.contains(".init")), "{left:?}");
         }
     }
 );

@@ -150,6 +150,22 @@ pub(super) fn make(
     made
 }
 
+/// Removes what a maker that died left beside the existing database at `path` (the database
+/// was then made by other means), if no maker of the directory is at work: one `stat` when
+/// there is nothing.
+pub(super) fn remove_stale(path: &Path) {
+    let private = private_name(path);
+    if std::fs::symlink_metadata(&private).is_err() {
+        return;
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if let Ok(turn) = File::open(dir) {
+        if turn.try_lock().is_ok() {
+            remove_private(&private);
+        }
+    }
+}
+
 /// `.<name>.init` beside `path`.
 fn private_name(path: &Path) -> PathBuf {
     let name = path

@@ -136,6 +136,9 @@ impl Opening<'_> {
         let started = std::time::Instant::now();
         let missing = preflight::prepare(self.target.path(), self.options)?;
         let mut made_here = None;
+        if !missing {
+            init::remove_stale(self.target.path());
+        }
         if missing {
             // What the migrations alone decide (one that cannot run in a transaction) is
             // refused before anything is created.
