@@ -10,7 +10,7 @@
 //! `journal_size_limit`) under that sync. The writes since Litestream's previous sync are
 //! then missing from the replica, which may even restore corrupt; Litestream exits with
 //! status 0 either way. Left to chance (the first test, run in the default mode), that
-//! happened in about 1 run in 8 with a 50 ms `monitor-interval`, and in more than half with
+//! happened in 7 of 64 runs with a 50 ms `monitor-interval`, and in 28 of 56 with
 //! Litestream's default 1 s; the pair of tests at the end stops Litestream at that moment on
 //! purpose, in both modes.
 //!
