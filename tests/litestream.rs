@@ -747,12 +747,16 @@ fn stopped_while_the_application_writes_litestream_loses_writes_beside_the_layer
     // 5 here). So up to 8 tries.
     let mut summaries = Vec::new();
     for _ in 0..ATTEMPTS {
-        // The layer's checkpoint must have started the WAL over under that sync.
-        let Some((run, true)) = stopped_with_a_backlog(&binary, false) else {
+        let Some((run, started_over)) = stopped_with_a_backlog(&binary, false) else {
             continue;
         };
         let summary = run.summary();
         eprintln!("default mode, stopped with a backlog: {summary}");
+        // The layer's checkpoint must have started the WAL over under that sync.
+        if !started_over {
+            summaries.push(format!("the WAL did not start over: {summary}"));
+            continue;
+        }
         // Litestream tells its supervisor nothing.
         assert!(run.stopped.success(), "{summary}");
         if run.restored.is_err() || !run.lost().is_empty() {
