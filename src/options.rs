@@ -29,7 +29,7 @@ use crate::retry::RetryPolicy;
 /// | `pool_size` | 8 | |
 /// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
 /// | `max_read_age` | none | a cap on how long a `read` may keep its snapshot (and so the WAL) |
-/// | `wal_shipping` | off | the layer checkpoints, and warns naming the reader that pins a growing WAL |
+/// | `wal_shipping` | off | the layer checkpoints, and warns naming the reader that pins a growing WAL (turn it on beside Litestream) |
 ///
 /// PostgreSQL (feature `postgres`) uses `retry`, the migration checks, `application_id` and
 /// `pool_size` as above, and three settings of its own:
@@ -306,7 +306,11 @@ impl Options {
 
     /// For an external WAL shipper (Litestream, LiteFS) that owns checkpoints: the layer's
     /// connections never checkpoint on their own (`PRAGMA wal_autocheckpoint = 0`), so every
-    /// frame stays in `-wal` until the shipper has copied it. Defaults to off: the layer's
+    /// frame stays in `-wal` until the shipper has copied it. **Required** beside Litestream:
+    /// without it, a Litestream stopped while the application writes loses the writes since
+    /// its previous sync from its replica (or leaves a replica that restores corrupt), because
+    /// Litestream ends its read transaction before its final sync and the layer's checkpoint
+    /// then starts the WAL over (`tests/litestream.rs`). Defaults to off: the layer's
     /// connections then run a PASSIVE checkpoint after a commit once the WAL holds 1000
     /// frames (as SQLite's automatic checkpoint does), try no more than every 250 ms while a
     /// read transaction pins the WAL (SQLite retries after every commit), and log a `warn`
