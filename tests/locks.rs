@@ -50,9 +50,10 @@ fn a_lock_held_past_the_deadline_gives_the_typed_timeout_error_in_time() {
         .open(&path, MIGRATIONS)
         .unwrap();
     let holder = hold_write_lock(&path, Duration::from_secs(3));
-    let start = Instant::now();
     let error = bump(&db, "a").unwrap_err();
-    let took = start.elapsed();
+    // Given up while the lock was still held (3 s), at the 700 ms deadline: behaviour, not
+    // a bound on how fast a loaded machine runs.
+    let still_held = !holder.is_finished();
     holder.join().unwrap();
     match &error {
         Error::Busy {
@@ -68,8 +69,7 @@ fn a_lock_held_past_the_deadline_gives_the_typed_timeout_error_in_time() {
         other => panic!("expected Busy, got {other}"),
     }
     assert!(error.is_lock_error());
-    // One attempt can block busy_timeout (50 ms) past the deadline; no hang.
-    assert!(took < deadline + Duration::from_millis(500), "{took:?}");
+    assert!(still_held, "the write waited out the holder: {error}");
     // Nothing was written, and the next write works.
     assert!(values(&db, "a").unwrap().is_empty());
     assert_eq!(bump(&db, "a").unwrap().0, 1);
@@ -198,8 +198,10 @@ fn a_stuck_queue_holder_gives_the_typed_timeout_error_within_the_deadline() {
     let took = start.elapsed();
     assert_busy_write(&error);
     assert!(common::chain(&error).contains("write queue"), "{error}");
+    // It waited its deadline, and gave up (the holder never lets go: a generous bound is
+    // only a bound on a hang).
     assert!(
-        took >= deadline && took < deadline + Duration::from_millis(500),
+        took >= deadline && took < deadline + Duration::from_secs(10),
         "{took:?}"
     );
     drop(stuck);
@@ -217,12 +219,13 @@ fn a_write_gives_up_at_its_deadline_not_a_busy_timeout_later() {
         .open(&path, MIGRATIONS)
         .unwrap();
     let holder = hold_write_lock(&path, Duration::from_secs(4));
-    let start = Instant::now();
     let error = bump(&db, "a").unwrap_err();
-    let took = start.elapsed();
+    // Given up while the lock was still held (4 s), not a busy_timeout (5 s) past the
+    // deadline: behaviour, not a bound on how fast a loaded machine runs.
+    let still_held = !holder.is_finished();
     holder.join().unwrap();
     assert_busy_write(&error);
-    assert!(took < deadline + Duration::from_millis(500), "{took:?}");
+    assert!(still_held, "the write waited out the holder: {error}");
     // The connection's own busy_timeout is back: a write behind a short holder waits in
     // SQLite, in one attempt.
     let holder = hold_write_lock(&path, Duration::from_millis(300));
@@ -234,13 +237,13 @@ fn a_write_gives_up_at_its_deadline_not_a_busy_timeout_later() {
 #[test]
 fn waiting_for_the_pool_counts_against_the_same_deadline() {
     let (_dir, path) = fresh_db();
-    let deadline = Duration::from_secs(1);
+    let deadline = Duration::from_secs(3);
     let db = quick_busy()
         .pool_size(1)
         .retry(RetryPolicy::new().max_elapsed(deadline))
         .open(&path, MIGRATIONS)
         .unwrap();
-    let holder = hold_write_lock(&path, Duration::from_secs(3));
+    let holder = hold_write_lock(&path, Duration::from_secs(8));
     std::thread::scope(|s| {
         let (held, is_held) = std::sync::mpsc::channel();
         let db = &db;
@@ -248,7 +251,7 @@ fn waiting_for_the_pool_counts_against_the_same_deadline() {
         s.spawn(move || {
             db.read(|_| -> sqlite_persistence::Result<()> {
                 held.send(()).unwrap();
-                std::thread::sleep(Duration::from_millis(700));
+                std::thread::sleep(Duration::from_millis(2500));
                 Ok(())
             })
             .unwrap();
@@ -260,7 +263,9 @@ fn waiting_for_the_pool_counts_against_the_same_deadline() {
         let error = bump(db, "a").unwrap_err();
         let took = start.elapsed();
         assert_busy_write(&error);
-        assert!(took < deadline + Duration::from_millis(500), "{took:?}");
+        // A whole deadline after the pool wait would be 5.5 s: the margin is for a loaded
+        // machine.
+        assert!(took < deadline + Duration::from_millis(1500), "{took:?}");
     });
     holder.join().unwrap();
 }

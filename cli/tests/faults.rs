@@ -391,23 +391,23 @@ fn a_foreign_lock_held_past_the_deadline_gives_the_typed_timeout_error_in_time()
     // Startup on a new file.
     let (_dir, db) = common::fresh_db();
     let mut holder = foreign_holder(&db, hold);
-    let start = Instant::now();
     let error = Catalog::open(&db, patient(deadline)).unwrap_err();
-    let took = start.elapsed();
+    // Given up while the foreign process still held the lock (4 s), at its 1 s deadline:
+    // behaviour, not a bound on how fast a loaded machine runs.
+    let still_held = holder.try_wait().unwrap().is_none();
     assert_eq!(busy(&error), Operation::SwitchJournalMode);
-    assert!(took < deadline + Duration::from_millis(700), "{took:?}");
+    assert!(still_held, "the open waited out the holder: {error}");
     holder.wait().unwrap();
     // A write.
     let catalog = Catalog::open(&db, patient(deadline)).unwrap();
     let mut holder = foreign_holder(&db, hold);
-    let start = Instant::now();
     let error = match catalog.record("a").unwrap_err() {
         sqlite_persistence_cli::Error::Persistence(error) => error,
         other => panic!("expected the library's error, got {other}"),
     };
-    let took = start.elapsed();
+    let still_held = holder.try_wait().unwrap().is_none();
     assert_eq!(busy(&error), Operation::Write);
-    assert!(took < deadline + Duration::from_millis(700), "{took:?}");
+    assert!(still_held, "the write waited out the holder: {error}");
     holder.wait().unwrap();
     assert_eq!(
         catalog.record("a").unwrap().version,
