@@ -104,18 +104,13 @@ fn a_second_operation_at_once_gets_a_connection_of_its_own() {
 fn the_pool_hands_out_the_opens_connection_first() {
     let (_dir, path) = fresh_db();
     let db = Database::open(&path, MIGRATIONS).unwrap();
-    // A temporary table lives on one connection only.
-    db.write(|conn| -> sqlite_persistence::Result<()> {
-        conn.batch_execute("CREATE TEMP TABLE marker (x INTEGER)")?;
-        Ok(())
-    })
-    .unwrap();
+    // The rowid of the last insert is each connection's own (a new one says 0).
+    bump(&db, "a").unwrap();
     let mut conn = db.connection().unwrap();
-    let count: Count =
-        diesel::sql_query("SELECT count(*) AS n FROM temp.sqlite_schema WHERE name = 'marker'")
-            .get_result(&mut *conn)
-            .unwrap();
-    assert_eq!(count.n, 1, "the pool opened another connection");
+    let count: Count = diesel::sql_query("SELECT last_insert_rowid() AS n")
+        .get_result(&mut *conn)
+        .unwrap();
+    assert!(count.n > 0, "the pool opened another connection");
     drop(conn);
     db.close().unwrap();
 }
@@ -262,19 +257,28 @@ fn pragma(conn: &mut diesel::SqliteConnection, name: &str) -> String {
 }
 
 /// A pragma a closure (or the user of a connection taken from the pool) sets does not
-/// outlive it: `query_only = 1` inside a `write` made every later write on that pooled
-/// connection fail ("attempt to write a readonly database"), and `busy_timeout = 0`,
-/// `foreign_keys = OFF` and `locking_mode = EXCLUSIVE` (which locks every other process
-/// out) stayed. The connection is the open's own (no pool yet) and then the pool's.
+/// outlive it: `busy_timeout = 0`, `foreign_keys = OFF` and `locking_mode = EXCLUSIVE`
+/// (which locks every other process out) stayed on the pooled connection; they are put back
+/// before it serves again. `query_only` and `journal_mode` are the layer's: assigning them
+/// is refused (`query_only = 1` inside a `write` made every later write on that connection
+/// fail, `journal_mode = DELETE` took the file out of WAL for every process). What cannot be
+/// put back (a temporary table, which took the writes of later callers meant for the real
+/// one, and vanished with them; `ignore_check_constraints`) has the connection closed. The
+/// connection is the open's own (no pool yet) and then the pool's.
 #[test]
 fn settings_a_closure_assigns_do_not_outlive_it() {
     let (_dir, path) = fresh_db();
     let db = Options::new().pool_size(1).open(&path, MIGRATIONS).unwrap();
     for round in 0..2 {
+        for owned in ["PRAGMA query_only = 1", "PRAGMA journal_mode = DELETE"] {
+            let refused = db.write(|conn| -> sqlite_persistence::Result<()> {
+                conn.batch_execute(owned)?;
+                Ok(())
+            });
+            assert!(refused.is_err(), "{owned}");
+        }
         db.write(|conn| -> sqlite_persistence::Result<()> {
-            conn.batch_execute(
-                "PRAGMA query_only = 1; PRAGMA busy_timeout = 0; PRAGMA locking_mode = EXCLUSIVE;",
-            )?;
+            conn.batch_execute("PRAGMA busy_timeout = 0; PRAGMA locking_mode = EXCLUSIVE;")?;
             Ok(())
         })
         .unwrap();
@@ -294,6 +298,7 @@ fn settings_a_closure_assigns_do_not_outlive_it() {
             ("5000", "0", "normal"),
             "round {round}"
         );
+        assert_eq!(db.journal_mode(), sqlite_persistence::JournalMode::Wal);
         // Another process (here a plain connection) may write: no exclusive lock is kept.
         let mut plain = common::plain_sqlite(&path);
         plain
@@ -302,19 +307,32 @@ fn settings_a_closure_assigns_do_not_outlive_it() {
             ))
             .unwrap();
         drop(plain);
+        // A temporary table named like the real one, and a check switched off.
+        db.write(|conn| -> sqlite_persistence::Result<()> {
+            conn.batch_execute(
+                "CREATE TEMP TABLE counters (name TEXT, value INTEGER); \
+                 PRAGMA ignore_check_constraints = ON;",
+            )?;
+            Ok(())
+        })
+        .unwrap();
+        bump(&db, "a").unwrap();
         // The second round on the pool's connection.
         db.pool().unwrap();
     }
     // A connection taken from the pool and given back with its settings changed.
     {
         let mut conn = db.connection().unwrap();
-        conn.batch_execute("PRAGMA query_only = 1; PRAGMA foreign_keys = OFF;")
-            .unwrap();
+        conn.batch_execute("PRAGMA foreign_keys = OFF;").unwrap();
     }
     bump(&db, "a").unwrap();
     let foreign_keys = db
         .read(|conn| -> sqlite_persistence::Result<_> { Ok(pragma(conn, "foreign_keys")) })
         .unwrap();
     assert_eq!(foreign_keys, "1");
-    assert_eq!(values(&db, "a").unwrap(), [1, 2, 3]);
+    // Every write reached the file: none went to the temporary table.
+    drop(db);
+    common::wait_closed(&path);
+    let db = Options::new().open(&path, MIGRATIONS).unwrap();
+    assert_eq!(values(&db, "a").unwrap(), [1, 2, 3, 4, 5]);
 }

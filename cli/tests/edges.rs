@@ -545,3 +545,60 @@ fn careless_input_gets_a_clear_answer_and_creates_nothing() {
     );
     assert_eq!(files_in(dir.path()), before);
 }
+
+/// A WAL planted beside a database (a sticky directory lets anyone make one) is never
+/// replayed into it: a stranger's 0666 `-wal` was merged into the victim's database (its
+/// rows replaced by the stranger's), and a `-wal` beside a database that does not exist yet
+/// was replayed into the new one. Each is refused by name, and nothing changes.
+#[test]
+fn a_planted_wal_is_never_replayed_into_the_database() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, db) = common::fresh_db();
+    // A WAL of another database, with commits in it.
+    let (_other_dir, other) = common::fresh_db();
+    let mut conn =
+        <diesel::SqliteConnection as diesel::Connection>::establish(other.to_str().unwrap())
+            .unwrap();
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; \
+         CREATE TABLE planted (x); INSERT INTO planted VALUES ('evil');",
+    )
+    .unwrap();
+    let wal = std::fs::read(format!("{}-wal", other.display())).unwrap();
+    drop(conn);
+    assert!(!wal.is_empty());
+    let planted = PathBuf::from(format!("{}-wal", db.display()));
+    std::fs::write(&planted, &wal).unwrap();
+    let outcome = run_bounded(&["record", "--artifact", "a"], &db);
+    assert!(!outcome.success);
+    assert!(
+        outcome.stderr.contains(planted.to_str().unwrap())
+            && outcome.stderr.contains("does not exist"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!db.exists());
+    std::fs::remove_file(&planted).unwrap();
+
+    // Another user's, world-writable, beside an existing database.
+    assert!(run_bounded(&["record", "--artifact", "a"], &db).success);
+    common::wait_closed(&db);
+    let bytes = std::fs::read(&db).unwrap();
+    std::fs::write(&planted, &wal).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+    if common::is_root() {
+        std::os::unix::fs::chown(&planted, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    }
+    for args in [&["record", "--artifact", "b"][..], &["status"]] {
+        let outcome = run_bounded(args, &db);
+        assert!(!outcome.success, "{args:?}");
+        assert!(
+            outcome.stderr.contains(planted.to_str().unwrap()),
+            "{args:?}: {}",
+            outcome.stderr
+        );
+    }
+    assert!(std::fs::read(&db).unwrap() == bytes, "the database changed");
+    let _ = dir;
+}

@@ -102,21 +102,31 @@ impl ConnectionCustomizer {
 impl ConnectionCustomizer {
     /// Restores the settings the layer relies on where the connection's user assigned one
     /// (inside a `write` or `read`, or on a connection taken from the pool): the options'
-    /// pragmas, `query_only` off, `locking_mode` normal (the exclusive lock let go), and the
-    /// checkpoint hook that an assigned `wal_autocheckpoint` replaced. Costs nothing when
-    /// nothing was assigned.
+    /// pragmas, `locking_mode` normal (the exclusive lock let go), and the checkpoint hook
+    /// that an assigned `wal_autocheckpoint` replaced. Costs nothing when nothing was
+    /// assigned.
     ///
     /// # Errors
-    /// SQLite's, if a pragma fails: the connection should then not be used again.
+    /// SQLite's, if a pragma fails; an error too where the user changed what cannot be put
+    /// back (a temporary object, an attached database, another pragma): the connection is
+    /// then not to be used again.
     pub(crate) fn restore(&self, conn: &mut SqliteConnection) -> diesel::QueryResult<()> {
         let assigned = crate::sqlite::codes::take_assigned(conn);
         if assigned == 0 {
             return Ok(());
         }
+        if assigned & crate::sqlite::guard::DISCARD != 0 {
+            // Nothing to put back: the connection is closed, a new one takes its place.
+            return Err(diesel::result::Error::QueryBuilderError(
+                "the connection's schema or settings were changed for good (a temporary \
+                 object, an attached database, or a pragma the layer does not restore)"
+                    .into(),
+            ));
+        }
         tracing::debug!("restoring the connection's settings after an assigned pragma");
         crate::sqlite::guard::own(|| {
             conn.batch_execute(&format!(
-                "{}PRAGMA query_only = 0;\nPRAGMA locking_mode = NORMAL;\nPRAGMA schema_version;\n",
+                "{}PRAGMA locking_mode = NORMAL;\nPRAGMA schema_version;\n",
                 self.pragmas
             ))
         })?;

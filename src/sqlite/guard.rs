@@ -65,9 +65,15 @@ pub(crate) const SETTING: u8 = 1;
 /// `wal_autocheckpoint` was assigned: SQLite then replaced the layer's checkpoint hook (both
 /// are the connection's one WAL hook).
 pub(crate) const WAL_HOOK: u8 = 2;
+/// Something that cannot be put back was changed on the connection: a temporary table,
+/// view, trigger or index (a temporary table named like a real one takes its writes, which
+/// vanish with the connection), an attached database, or another pragma
+/// (`ignore_check_constraints`, `writable_schema`, ...): the connection is closed instead of
+/// serving again.
+pub(crate) const DISCARD: u8 = 4;
 
-/// The pragmas whose value the layer sets or relies on, per connection.
-const SETTINGS: [&str; 10] = [
+/// The pragmas whose value the layer sets or relies on, per connection, and puts back.
+const SETTINGS: [&str; 9] = [
     "busy_timeout",
     "foreign_keys",
     "synchronous",
@@ -76,27 +82,71 @@ const SETTINGS: [&str; 10] = [
     "cache_size",
     "temp_store",
     "mmap_size",
-    "query_only",
     "locking_mode",
 ];
 
+/// Pragmas with an argument that change no connection state: they act on the file
+/// (`user_version`, checkpoints), last one transaction (`defer_foreign_keys`), or only read
+/// (`table_info(t)`, `integrity_check(n)`).
+const STATELESS: [&str; 19] = [
+    "application_id",
+    "user_version",
+    "wal_checkpoint",
+    "incremental_vacuum",
+    "optimize",
+    "shrink_memory",
+    "defer_foreign_keys",
+    "integrity_check",
+    "quick_check",
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_info",
+    "index_xinfo",
+    "index_list",
+    "foreign_key_list",
+    "foreign_key_check",
+    "function_list",
+    "pragma_list",
+];
+
+/// Pragmas a connection's user may not assign: the layer owns them. `journal_mode` would
+/// take the file out of WAL for every process, `query_only = 0` would let a `read` write.
+const OWNED: [&str; 2] = ["journal_mode", "query_only"];
+
 impl Assigned {
     /// Notes a pragma statement being prepared: `PRAGMA name = argument` (or
-    /// `name(argument)`); one without an argument only reads.
-    pub(crate) fn note(&self, name: Option<&str>, argument: Option<&str>) {
+    /// `name(argument)`); one without an argument only reads. Returns whether it is to be
+    /// denied.
+    pub(crate) fn note(&self, name: Option<&str>, argument: Option<&str>) -> bool {
         let (Some(name), Some(_)) = (name, argument) else {
-            return;
+            return false;
         };
         if OWN.with(Cell::get) {
-            return;
+            return false;
         }
-        if let Some(setting) = SETTINGS.iter().find(|s| s.eq_ignore_ascii_case(name)) {
-            let bits = if *setting == "wal_autocheckpoint" {
-                SETTING | WAL_HOOK
-            } else {
-                SETTING
-            };
-            self.0.fetch_or(bits, Ordering::Relaxed);
+        let is = |list: &[&str]| list.iter().any(|s| s.eq_ignore_ascii_case(name));
+        if is(&OWNED) {
+            return true;
+        }
+        let bits = if name.eq_ignore_ascii_case("wal_autocheckpoint") {
+            SETTING | WAL_HOOK
+        } else if is(&SETTINGS) {
+            SETTING
+        } else if is(&STATELESS) {
+            return false;
+        } else {
+            DISCARD
+        };
+        self.0.fetch_or(bits, Ordering::Relaxed);
+        false
+    }
+
+    /// Notes a statement that changes the connection's schema state for good: a temporary
+    /// object, or an attached database (see [`DISCARD`]).
+    pub(crate) fn note_schema_change(&self) {
+        if !OWN.with(Cell::get) {
+            self.0.fetch_or(DISCARD, Ordering::Relaxed);
         }
     }
 
@@ -112,7 +162,18 @@ pub(crate) fn install(conn: &mut SqliteConnection, assigned: Arc<Assigned>) {
     conn.on_authorize(move |context| match context {
         AuthorizerContext::Transaction(_) if denies_transaction() => AuthorizerDecision::Deny,
         AuthorizerContext::Pragma(pragma) => {
-            assigned.note(pragma.name, pragma.argument);
+            if assigned.note(pragma.name, pragma.argument) {
+                AuthorizerDecision::Deny
+            } else {
+                AuthorizerDecision::Allow
+            }
+        }
+        AuthorizerContext::CreateTempTable(_)
+        | AuthorizerContext::CreateTempIndex(_)
+        | AuthorizerContext::CreateTempTrigger(_)
+        | AuthorizerContext::CreateTempView(_)
+        | AuthorizerContext::Attach(_) => {
+            assigned.note_schema_change();
             AuthorizerDecision::Allow
         }
         _ => AuthorizerDecision::Allow,
@@ -180,9 +241,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(assigned.take(), 0);
-        conn.batch_execute("PRAGMA Query_Only = 1; PRAGMA query_only = 0;")
+        conn.batch_execute("PRAGMA Busy_Timeout = 1; PRAGMA busy_timeout = 0;")
             .unwrap();
         assert_eq!(assigned.take(), SETTING);
+        // The layer's own: denied to users.
+        assert!(conn.batch_execute("PRAGMA query_only = 1").is_err());
+        assert!(conn.batch_execute("PRAGMA journal_mode = DELETE").is_err());
+        assert_eq!(assigned.take(), 0);
+        conn.batch_execute("PRAGMA ignore_check_constraints = ON")
+            .unwrap();
+        assert_eq!(assigned.take(), DISCARD);
+        conn.batch_execute("CREATE TEMP TABLE t2 (x INTEGER)")
+            .unwrap();
+        assert_eq!(assigned.take(), DISCARD);
         assert_eq!(assigned.take(), 0);
         conn.batch_execute("PRAGMA main.wal_autocheckpoint(100)")
             .unwrap();

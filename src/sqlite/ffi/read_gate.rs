@@ -77,7 +77,19 @@ unsafe extern "C" fn authorize(
     }
     if action == ffi::SQLITE_PRAGMA {
         // SAFETY: SQLite passes the pragma's name and argument (or null), alive for the call.
-        unsafe { state.assigned.note(text(arg1), text(arg2)) };
+        if unsafe { state.assigned.note(text(arg1), text(arg2)) } {
+            return ffi::SQLITE_DENY;
+        }
+    }
+    if matches!(
+        action,
+        ffi::SQLITE_CREATE_TEMP_TABLE
+            | ffi::SQLITE_CREATE_TEMP_INDEX
+            | ffi::SQLITE_CREATE_TEMP_TRIGGER
+            | ffi::SQLITE_CREATE_TEMP_VIEW
+            | ffi::SQLITE_ATTACH
+    ) {
+        state.assigned.note_schema_change();
     }
     // The migration guard, which this authorizer replaces on the connection.
     if transaction && crate::sqlite::guard::denies_transaction() {

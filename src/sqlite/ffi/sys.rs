@@ -59,6 +59,13 @@ fn may(path: &Path, mode: libc::c_int) -> bool {
         )
 }
 
+/// This process's effective user id.
+#[cfg(unix)]
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Whether this process runs as root (effective user id 0).
 #[cfg(unix)]
 pub(crate) fn is_root() -> bool {

@@ -19,7 +19,7 @@ use std::path::Path;
 use super::filesystem::{self, Filesystem};
 use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
-use crate::sqlite::ffi::sys::writable;
+use crate::sqlite::ffi::sys::{effective_uid, writable};
 use crate::sqlite::files::irregular;
 use crate::sqlite::side::side_file;
 
@@ -140,12 +140,26 @@ pub(crate) fn regular_or_missing(path: &Path) -> Result<()> {
     }
 }
 
+/// Whether a side file (`meta`) is the database's: made by this user, by the database's
+/// owner, or by a member of its group where the group may write it; and no more writable
+/// than the database.
+fn trusted(meta: &std::fs::Metadata, database: Option<&std::fs::Metadata>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let by_writer = meta.uid() == effective_uid()
+        || database.is_some_and(|db| {
+            db.uid() == meta.uid() || (db.mode() & 0o020 != 0 && db.gid() == meta.gid())
+        });
+    let open_to_all = meta.mode() & 0o002 != 0 && database.is_none_or(|db| db.mode() & 0o002 == 0);
+    by_writer && !open_to_all
+}
+
 /// SQLite's own files next to the database, which it opens by name: each that exists must be
 /// a regular file (a FIFO would make SQLite wait forever, a link would send it elsewhere) that
 /// this process may write (another user's makes SQLite fail with "readonly database" or
 /// "unable to open database file", without naming the file). `write: false` (a read-only
 /// look, as `Status::read`'s) leaves out the last check.
 pub(crate) fn check_side_files(path: &Path, write: bool) -> Result<()> {
+    let database = std::fs::metadata(path).ok();
     for suffix in ["-journal", "-wal", "-shm"] {
         let side = side_file(path, suffix);
         let meta = match std::fs::symlink_metadata(&side) {
@@ -167,11 +181,22 @@ pub(crate) fn check_side_files(path: &Path, write: bool) -> Result<()> {
             Some("a FIFO") => "is a FIFO, not a regular file",
             Some("a socket") => "is a socket, not a regular file",
             Some(_) => "is not a regular file",
-            None if !write => continue,
-            None if !writable(&side) && side.exists() => {
+            // A WAL or journal left of a database that no longer exists (or planted): SQLite
+            // would replay it into the new one.
+            None if database.is_none() && suffix != "-shm" && meta.len() > 0 => {
+                "is left beside a database that does not exist: remove it (it would be \
+                 replayed into the new database)"
+            }
+            None if write && !writable(&side) && side.exists() => {
                 // (A file that vanished meanwhile, as SQLite's transient -journal of another
                 // process's transaction does, is no problem.)
                 "is not writable by this user"
+            }
+            // Another user's file beside the database (a sticky directory lets anyone make
+            // one): SQLite would replay a planted WAL into the database, and write the
+            // database's commits into a file its owner can read.
+            None if !trusted(&meta, database.as_ref()) => {
+                "belongs to a user who may not write the database, or anyone may write it"
             }
             None => continue,
         };

@@ -27,9 +27,11 @@ pub(crate) fn read(conn: &mut SqliteConnection) -> QueryResult<String> {
 
 /// `PRAGMA journal_mode = <wanted>`; SQLite's answer (the mode now in force), lowercase.
 pub(crate) fn switch(conn: &mut SqliteConnection, wanted: JournalMode) -> QueryResult<String> {
-    sql_query(format!("PRAGMA journal_mode = {}", wanted.as_str()))
-        .get_result::<ModeRow>(conn)
-        .map(|row| row.journal_mode.to_ascii_lowercase())
+    // The layer's own: the authorizer denies the assignment to users (see `guard`).
+    crate::sqlite::guard::own(|| {
+        sql_query(format!("PRAGMA journal_mode = {}", wanted.as_str())).get_result::<ModeRow>(conn)
+    })
+    .map(|row| row.journal_mode.to_ascii_lowercase())
 }
 
 /// What to do with the mode a file is in.
