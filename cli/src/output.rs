@@ -41,13 +41,26 @@ macro_rules! out {
     };
 }
 
-/// `println!` that returns [`Error::Output`] instead of panicking.
+/// One line of output: `text` with every control character escaped, line breaks included
+/// (a name holding one would forge a line of its own), then a line end.
+///
+/// # Errors
+/// As [`write`].
+pub fn write_line(args: fmt::Arguments<'_>) -> Result<()> {
+    write(format_args!(
+        "{}\n",
+        sqlite_persistence::Escaped::new(&args.to_string())
+    ))
+}
+
+/// `println!` that returns [`Error::Output`] instead of panicking: one line, whatever the
+/// values in it hold (see [`write_line`]).
 #[macro_export]
 macro_rules! outln {
     () => {
         $crate::output::write(format_args!("\n"))
     };
     ($($arg:tt)*) => {
-        $crate::output::write(format_args!("{}\n", format_args!($($arg)*)))
+        $crate::output::write_line(format_args!($($arg)*))
     };
 }

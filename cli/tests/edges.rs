@@ -482,6 +482,14 @@ fn names_from_outside_are_escaped_wherever_they_are_shown() {
         outcome.stderr
     );
 
+    // A path with a line break in it forges no line of output.
+    let forged = dir.path().join("x\nFAKE holders none.db");
+    let outcome = run_bounded(&["status"], &forged);
+    assert!(
+        !outcome.stdout.lines().any(|line| line.starts_with("FAKE")),
+        "{}",
+        outcome.stdout
+    );
     // A path given with an escape sequence in it.
     let odd = dir.path().join("\x1b]0;x\x07").join("x.db");
     let outcome = run_bounded(&["status"], &odd);

@@ -173,7 +173,7 @@ pub(crate) fn check(
             return Err(Refusal::Edited(names));
         }
         tracing::warn!(
-            migrations = %names.join(", "),
+            migrations = %crate::escaped::Escaped::new(&names.join(", ")),
             "applied migrations were edited since they ran; accepted as the options allow"
         );
     }
@@ -390,7 +390,7 @@ mod source_sqlite {
             let mut applied = Vec::new();
             for &i in &plan.pending {
                 let k = &self.known[i];
-                tracing::debug!(migration = %k.name, "applying migration");
+                tracing::debug!(migration = %crate::escaped::Escaped::new(&k.name), "applying migration");
                 let (result, ends_the_transaction) =
                     guard::migrating(|| conn.run_migration(&*self.migrations[i]));
                 if ends_the_transaction {

@@ -152,7 +152,7 @@ pub(crate) fn planned(
     for &i in &plan.pending {
         let sql = checksums::sql(&*migrations[i]).unwrap_or_default();
         if let Some(command) = super::guard::transaction_command(&sql) {
-            tracing::debug!(migration = %known[i].name, command, "migration ends the transaction");
+            tracing::debug!(migration = %crate::escaped::Escaped::new(&known[i].name), command, "migration ends the transaction");
             return Err(Refusal::TransactionControl(known[i].name.clone()));
         }
     }
@@ -279,7 +279,7 @@ pub(crate) fn apply(
     let mut applied = Vec::new();
     for &i in pending {
         let k = &known[i];
-        tracing::debug!(migration = %k.name, "applying migration");
+        tracing::debug!(migration = %crate::escaped::Escaped::new(&k.name), "applying migration");
         let run = |conn: &mut PgConnection| -> Result<()> {
             conn.run_migration(&*migrations[i])
                 .map_err(|source| Error::Migration {

@@ -209,7 +209,9 @@ fn read_file(
     }
     let journal = target.side_file("-journal").expect("a file has side files");
     let wal_commits = status.sizes.wal.unwrap_or(0) > 0;
-    if shm.exists() || wal_commits || journal.exists() {
+    // (An empty journal is no transaction to roll back.)
+    let hot_journal = std::fs::metadata(&journal).is_ok_and(|meta| meta.len() > 0);
+    if shm.exists() || wal_commits || hot_journal {
         // A connection has the database open (it keeps the WAL index), or a crashed one left
         // commits in the WAL or a journal to roll back: SQLite's own locks and index are
         // needed, and SQLite makes the index if it must.
@@ -226,14 +228,13 @@ fn read_file(
     // SQLite's -wal and -shm, which a read-only connection leaves behind) is created. A
     // writer starting meanwhile makes its side files before it changes the file: what was
     // read is whole if the file and its side files are as they were.
-    for _ in 0..3 {
-        let before = Witness::of(path, &wal, &shm, &journal);
-        let plan = read_with(status, target, source, options, Access::Immutable)?;
-        if before.is_some() && Witness::of(path, &wal, &shm, &journal) == before {
-            return Ok(plan);
-        }
+    let before = Witness::of(path, &wal, &shm, &journal);
+    let plan = read_with(status, target, source, options, Access::Immutable)?;
+    if before.is_some() && Witness::of(path, &wal, &shm, &journal) == before {
+        return Ok(plan);
     }
-    // Writers are at work: they keep the WAL index, through which a reader sees them.
+    // A writer began meanwhile: it keeps the WAL index, through which a reader sees its
+    // commits (the file alone would not hold them, however still it stays).
     read_with(status, target, source, options, Access::ReadOnly)
 }
 

@@ -118,6 +118,29 @@ pub(super) fn make(
     // A maker that died (the kernel released its turn) left its file, with whatever a power
     // loss left of it: the name is the layer's, as `-journal` is SQLite's, and the file is
     // removed (a link is removed, never followed).
+    // Without turns (a directory this user may not read), another maker may be at work: its
+    // file is never removed; wait for it to finish (or the deadline).
+    let wait_for_other = || -> Result<Option<Made>> {
+        let mut pause = Duration::from_millis(1);
+        while std::fs::symlink_metadata(&private).is_ok() && !path.exists() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::SideFile {
+                    path: private.clone(),
+                    problem: "stayed: another process makes the database under this name, \
+                              or one that died left it (remove it if none runs)",
+                });
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(MAX_POLL);
+        }
+        Ok(path.exists().then_some(Made::Elsewhere))
+    };
+    if turn.is_none() && std::fs::symlink_metadata(&private).is_ok() {
+        if let Some(made) = wait_for_other()? {
+            return Ok(made);
+        }
+    }
     if std::fs::symlink_metadata(&private).is_ok() {
         if let Err(source) = std::fs::remove_file(&private) {
             return Err(Error::SideFile {
@@ -133,12 +156,31 @@ pub(super) fn make(
         }
         remove_private(&private);
     }
+    // What SQLite would open beside the private file must be gone (a FIFO there would block
+    // it, another user's file be used).
+    for suffix in ["-journal", "-wal", "-shm"] {
+        let side = side_file(&private, suffix);
+        if std::fs::symlink_metadata(&side).is_ok() && std::fs::remove_file(&side).is_err() {
+            return Err(Error::SideFile {
+                path: side,
+                problem: "is in the way, and this user may not remove it: a new database is \
+                          made beside it",
+            });
+        }
+    }
     // Closed before SQLite opens the file: no descriptor of the layer's is ever closed on
     // it while SQLite has it open.
-    drop(
-        create_private(&private, options.create_mode)
-            .map_err(io(FileOperation::Create, &private))?,
-    );
+    match create_private(&private, options.create_mode) {
+        Ok(file) => drop(file),
+        // Only without turns: another maker came first.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return match wait_for_other()? {
+                Some(made) => Ok(made),
+                None => Err(io(FileOperation::Create, &private)(e)),
+            };
+        }
+        Err(source) => return Err(io(FileOperation::Create, &private)(source)),
+    }
     let made = initialize(&private, target, options, source).and_then(|applied| {
         publish(&private, path).map(|linked| match linked {
             true => Made::Here(applied),
@@ -246,9 +288,13 @@ fn publish(private: &Path, path: &Path) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(source) => return Err(io(path)(source)),
     }
+    // A directory this user may not read cannot be opened to sync: the new name is then as
+    // durable as the filesystem makes it on its own.
     let dir = path.parent().unwrap_or(Path::new("/"));
-    File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io(dir))?;
+    match File::open(dir) {
+        Ok(dir_file) => dir_file.sync_all().map_err(io(dir))?,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Err(source) => return Err(io(dir)(source)),
+    }
     Ok(true)
 }

@@ -165,7 +165,7 @@ impl Opening<'_> {
                     db.namespace = %crate::escaped::Escaped::path(self.target.path()),
                     db.operation.name = Operation::Migrate.as_str(),
                     count = applied.len(),
-                    migrations = %applied.join(", "),
+                    migrations = %crate::escaped::Escaped::new(&applied.join(", ")),
                     "migrations applied"
                 );
             }
@@ -278,7 +278,7 @@ impl Opening<'_> {
                 db.namespace = %crate::escaped::Escaped::path(self.target.path()),
                 db.operation.name = Operation::Migrate.as_str(),
                 count = applied.len(),
-                migrations = %applied.join(", "),
+                migrations = %crate::escaped::Escaped::new(&applied.join(", ")),
                 "migrations applied"
             );
         }
