@@ -610,3 +610,82 @@ fn a_planted_wal_is_never_replayed_into_the_database() {
     assert!(std::fs::read(&db).unwrap() == bytes, "the database changed");
     let _ = dir;
 }
+
+/// Another user's `-lock` (planted in a sticky directory, world-writable, and held) does not
+/// stop the database's writers: it is not the database's, and the queue is done without.
+/// The writers waited for it the whole retry deadline and failed.
+#[test]
+fn another_users_lock_file_held_stops_no_writer() {
+    if !common::is_root() {
+        eprintln!("not root: cannot make another user's file, nothing checked");
+        return;
+    }
+    let (_dir, db) = common::fresh_db();
+    assert!(run_bounded(&["record", "--artifact", "a"], &db).success);
+    common::wait_closed(&db);
+    let lock = PathBuf::from(format!("{}-lock", db.display()));
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::write(&lock, b"").unwrap();
+    common::set_mode(&lock, 0o666);
+    std::os::unix::fs::chown(&lock, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    let held = std::fs::File::open(&lock).unwrap();
+    held.lock().unwrap();
+    let outcome = run_bounded(&["record", "--artifact", "a"], &db);
+    assert!(outcome.success, "{}", outcome.stderr);
+    assert!(outcome.stderr.contains("-lock"), "{}", outcome.stderr);
+    drop(held);
+}
+
+/// A backup into a directory whose default ACL gives another user read access is no more
+/// readable than its database: the inherited ACL, which the copy's mode does not show, let
+/// that user read a copy of a database they could not.
+#[test]
+fn a_backup_inherits_no_acl_that_would_let_others_read_it() {
+    if !common::is_root() {
+        eprintln!("not root: cannot read as another user, nothing checked");
+        return;
+    }
+    let (dir, db) = common::fresh_db();
+    populated(&db);
+    common::set_mode(&db, 0o640);
+    let dst = dir.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    // user::rw-, user:nobody:r--, group::---, mask::r--, other::---
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 6u16, u32::MAX),
+        (0x02, 4, common::NOBODY),
+        (0x04, 0, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ] {
+        acl.extend(tag.to_le_bytes());
+        acl.extend(perm.to_le_bytes());
+        acl.extend(id.to_le_bytes());
+    }
+    let path = std::ffi::CString::new(dst.to_str().unwrap()).unwrap();
+    // SAFETY: the path and the value outlive the call, the name is a NUL-terminated literal.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"system.posix_acl_default".as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        eprintln!("no ACLs on this filesystem, nothing checked");
+        return;
+    }
+    let copy = dst.join("copy.db");
+    common::assert_success(&backup(&db, &copy, None));
+    let read = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(&copy)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!read.success(), "another user reads the copy");
+}

@@ -30,6 +30,24 @@ pub(crate) fn irregular(file_type: FileType) -> Option<&'static str> {
     })
 }
 
+/// Whether a file beside a database (`meta`) is the database's: made by this user, by the
+/// database's owner, or by a member of its group where the group may write it; and no more
+/// writable than the database. A sticky directory lets anyone make a file there: another
+/// user's `-wal` would be replayed into the database, another user's `-lock` held to stop
+/// its writers.
+pub(crate) fn made_by_a_writer(
+    meta: &std::fs::Metadata,
+    database: Option<&std::fs::Metadata>,
+) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let by_writer = meta.uid() == crate::sqlite::ffi::sys::effective_uid()
+        || database.is_some_and(|db| {
+            db.uid() == meta.uid() || (db.mode() & 0o020 != 0 && db.gid() == meta.gid())
+        });
+    let open_to_all = meta.mode() & 0o002 != 0 && database.is_none_or(|db| db.mode() & 0o002 == 0);
+    by_writer && !open_to_all
+}
+
 /// `path` open for reading (or for writing), if it is a regular file: never through a
 /// symbolic link, never blocking, never creating it.
 pub(crate) fn open_regular(path: &Path, write: bool) -> std::io::Result<File> {
@@ -59,8 +77,8 @@ pub(crate) fn read_regular(path: &Path, limit: u64) -> std::io::Result<String> {
 }
 
 /// Creates `path` (which must not exist, nor be a link) no more readable than a file whose
-/// metadata is `like`: its permission bits whatever the umask, and its owner and group when
-/// this process is root. Elsewhere the new file is this user's: if its group is not `like`'s
+/// metadata is `like`: its permission bits whatever the umask (and no ACL inherited from the
+/// directory), and its owner and group when this process is root. Elsewhere the new file is this user's: if its group is not `like`'s
 /// and cannot be made so, it gets no group permissions.
 pub(crate) fn create_like(path: &Path, like: &std::fs::Metadata) -> std::io::Result<File> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -80,7 +98,9 @@ pub(crate) fn create_like(path: &Path, like: &std::fs::Metadata) -> std::io::Res
         {
             mode &= !0o070;
         }
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        // A default ACL of the directory, inherited, would let its named users read it.
+        crate::sqlite::ffi::sys::remove_access_acl(&file)
     })();
     match made {
         Ok(()) => Ok(file),

@@ -66,6 +66,30 @@ pub(crate) fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Removes the access ACL of `file` (`system.posix_acl_access`), such as one inherited from
+/// its directory's default ACL, which the file's mode does not show and whose named entries
+/// the mode's group bits unmask. Nothing to remove (or no ACLs on the filesystem) is no error.
+#[cfg(target_os = "linux")]
+pub(crate) fn remove_access_acl(file: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the call; the name is a NUL-terminated literal.
+    let rc = unsafe { libc::fremovexattr(file.as_raw_fd(), c"system.posix_acl_access".as_ptr()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::ENODATA | libc::ENOTSUP) => Ok(()),
+        _ => Err(error),
+    }
+}
+
+/// Elsewhere: no ACLs to remove.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn remove_access_acl(_file: &std::fs::File) -> io::Result<()> {
+    Ok(())
+}
+
 /// Whether this process runs as root (effective user id 0).
 #[cfg(unix)]
 pub(crate) fn is_root() -> bool {

@@ -19,8 +19,8 @@ use std::path::Path;
 use super::filesystem::{self, Filesystem};
 use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
-use crate::sqlite::ffi::sys::{effective_uid, writable};
-use crate::sqlite::files::irregular;
+use crate::sqlite::ffi::sys::writable;
+use crate::sqlite::files::{irregular, made_by_a_writer};
 use crate::sqlite::side::side_file;
 
 /// SQLite's smallest page size: a database file is at least one page long.
@@ -140,19 +140,6 @@ pub(crate) fn regular_or_missing(path: &Path) -> Result<()> {
     }
 }
 
-/// Whether a side file (`meta`) is the database's: made by this user, by the database's
-/// owner, or by a member of its group where the group may write it; and no more writable
-/// than the database.
-fn trusted(meta: &std::fs::Metadata, database: Option<&std::fs::Metadata>) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let by_writer = meta.uid() == effective_uid()
-        || database.is_some_and(|db| {
-            db.uid() == meta.uid() || (db.mode() & 0o020 != 0 && db.gid() == meta.gid())
-        });
-    let open_to_all = meta.mode() & 0o002 != 0 && database.is_none_or(|db| db.mode() & 0o002 == 0);
-    by_writer && !open_to_all
-}
-
 /// SQLite's own files next to the database, which it opens by name: each that exists must be
 /// a regular file (a FIFO would make SQLite wait forever, a link would send it elsewhere) that
 /// this process may write (another user's makes SQLite fail with "readonly database" or
@@ -195,7 +182,7 @@ pub(crate) fn check_side_files(path: &Path, write: bool) -> Result<()> {
             // Another user's file beside the database (a sticky directory lets anyone make
             // one): SQLite would replay a planted WAL into the database, and write the
             // database's commits into a file its owner can read.
-            None if !trusted(&meta, database.as_ref()) => {
+            None if !made_by_a_writer(&meta, database.as_ref()) => {
                 "belongs to a user who may not write the database, or anyone may write it"
             }
             None => continue,

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, FileOperation, Result};
 use crate::operation::Operation;
-use crate::sqlite::files::open_regular;
+use crate::sqlite::files::{made_by_a_writer, open_regular};
 use crate::sqlite::side::side_file;
 
 /// One database's `-lock` file.
@@ -75,6 +75,29 @@ impl Sidecar {
     /// write access.
     pub(crate) fn open(&self) -> Result<File> {
         open_regular(&self.path, false).map_err(self.io_error(FileOperation::OpenQueue))
+    }
+
+    /// The sidecar open, if it is the database's (see `files::made_by_a_writer`): another
+    /// user's `-lock` in a sticky directory, held by them, stopped every writer for the
+    /// whole retry deadline. Checked once, when a handle takes the queue: a file of this
+    /// user's, or the database owner's, cannot be replaced by a stranger afterwards.
+    pub(crate) fn open_checked(&self) -> Result<File> {
+        let file = self.open()?;
+        let database = self
+            .path
+            .to_str()
+            .and_then(|p| p.strip_suffix("-lock"))
+            .and_then(|db| std::fs::metadata(db).ok());
+        match file.metadata() {
+            Ok(meta) if made_by_a_writer(&meta, database.as_ref()) => Ok(file),
+            Ok(_) => Err(self.io_error(FileOperation::OpenQueue)(
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "it belongs to a user who may not write the database, or anyone may write it",
+                ),
+            )),
+            Err(source) => Err(self.io_error(FileOperation::OpenQueue)(source)),
+        }
     }
 
     /// The sidecar open for writing its holder record, if this process may.
