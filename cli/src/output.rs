@@ -45,7 +45,7 @@ macro_rules! out {
 /// (a name holding one would forge a line of its own), then a line end.
 ///
 /// # Errors
-/// As [`write`].
+/// As [`write()`].
 pub fn write_line(args: fmt::Arguments<'_>) -> Result<()> {
     write(format_args!(
         "{}\n",
@@ -54,7 +54,7 @@ pub fn write_line(args: fmt::Arguments<'_>) -> Result<()> {
 }
 
 /// `println!` that returns [`Error::Output`] instead of panicking: one line, whatever the
-/// values in it hold (see [`write_line`]).
+/// values in it hold (see [`write_line()`]).
 #[macro_export]
 macro_rules! outln {
     () => {
