@@ -497,3 +497,35 @@ fn a_lock_on_another_connection_is_retried_whatever_the_error_type_the_layer_can
     check("anyhow::Error", anyhow::Error::from, false);
     check("a message", |e| shapes::Message(e.to_string()), false);
 }
+
+/// A `write` of a second handle of the same file, nested in the first one's `write`, is
+/// `Error::Reentrant` at once: it would wait for the lock the outer write holds until its
+/// deadline (30 s by default), blaming its own process. A nested write of another file
+/// works.
+#[test]
+fn a_nested_write_of_the_same_file_through_another_handle_is_refused_at_once() {
+    let (_dir, path) = fresh_db();
+    let first = Options::new().open(&path, MIGRATIONS).unwrap();
+    let second = Options::new().open(&path, MIGRATIONS).unwrap();
+    let (_other_dir, other_path) = fresh_db();
+    let other = Options::new().open(&other_path, MIGRATIONS).unwrap();
+    let nested = first
+        .write(|_| -> sqlite_persistence::Result<_> {
+            let inner = bump(&second, "a");
+            Ok((
+                inner.map(|(value, _)| value),
+                bump(&other, "b").map(|(v, _)| v),
+            ))
+        })
+        .unwrap();
+    match nested.0 {
+        Err(Error::Reentrant {
+            operation: Operation::Write,
+            outer: Operation::Write,
+        }) => {}
+        other => panic!("expected Reentrant, got {other:?}"),
+    }
+    assert_eq!(nested.1.unwrap(), 1);
+    // Outside the outer write, the second handle writes as any.
+    assert_eq!(bump(&second, "a").unwrap().0, 1);
+}

@@ -46,6 +46,9 @@ use crate::sqlite::read_age;
 pub struct Database {
     /// Tells this handle apart in the thread's record of the operations it is inside.
     id: u64,
+    /// The database file's device and inode (`None` in memory): a `write` of another
+    /// handle of the same file nested in this one's would wait for its own lock.
+    file: Option<(u64, u64)>,
     /// The open's connection and the pool.
     connections: Connections,
     /// Whether `close` (or the drop) has run.
@@ -69,8 +72,14 @@ impl Database {
         applied: Vec<String>,
         queue: Option<WriteQueue>,
     ) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::metadata(&path)
+            .ok()
+            .filter(|_| path != Path::new(":memory:"))
+            .map(|meta| (meta.dev(), meta.ino()));
         Self {
             id: next_id(),
+            file,
             connections,
             closed: false,
             open,
@@ -133,7 +142,9 @@ impl Database {
     /// # Errors
     /// What `f` returns (after a rollback); [`Error::Busy`] if the database stayed locked
     /// past the policy's deadline; [`Error::Pool`] if no connection could be had;
-    /// [`Error::Reentrant`] inside a `write` or `read` of this database on this thread.
+    /// [`Error::Reentrant`] inside a `write` or `read` of this database on this thread, or
+    /// inside a `write` of another handle of the same file (it would wait for the lock the
+    /// outer one holds until its deadline).
     ///
     /// # Examples
     /// ```
@@ -183,6 +194,7 @@ impl Database {
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Write)?;
+        let _writing = Writing::enter(self.file)?;
         let asked = Instant::now();
         let began = Cell::new(asked);
         // The pool slot first, then the cross-process turn: a process never holds the turn
@@ -458,6 +470,46 @@ impl Drop for QueryOnly<'_> {
                 error = %crate::escaped::Escaped::new(&error.to_string()),
                 "cannot turn query_only off on a pooled connection"
             );
+        }
+    }
+}
+
+thread_local! {
+    /// The files this thread is inside a `write` of, by device and inode.
+    static WRITING: std::cell::RefCell<Vec<(u64, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A `write` of a file on this thread, so that another handle's `write` of the same file
+/// nested in it is [`Error::Reentrant`] at once: it would wait for the write lock the outer
+/// one holds until its deadline (one handle's nesting is refused by `Inside`).
+struct Writing(Option<(u64, u64)>);
+
+impl Writing {
+    fn enter(file: Option<(u64, u64)>) -> Result<Self> {
+        let Some(file) = file else {
+            return Ok(Self(None));
+        };
+        WRITING.with_borrow_mut(|writing| {
+            if writing.contains(&file) {
+                return Err(Error::Reentrant {
+                    operation: Operation::Write,
+                    outer: Operation::Write,
+                });
+            }
+            writing.push(file);
+            Ok(Self(Some(file)))
+        })
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if let Some(file) = self.0 {
+            WRITING.with_borrow_mut(|writing| {
+                if let Some(i) = writing.iter().rposition(|f| *f == file) {
+                    writing.remove(i);
+                }
+            });
         }
     }
 }

@@ -196,6 +196,14 @@ fn read_file(
     options: &Options,
 ) -> Result<Plan> {
     let path = target.path();
+    if !readable(path) {
+        // SQLite would say only "unable to open database file".
+        return Err(Error::Io {
+            operation: FileOperation::OpenDatabase,
+            path: path.to_owned(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        });
+    }
     let [wal, shm] =
         ["-wal", "-shm"].map(|suffix| target.side_file(suffix).expect("a file has side files"));
     for side in [&wal, &shm] {
