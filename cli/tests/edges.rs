@@ -230,6 +230,17 @@ fn status_reads_as_a_user_who_may_only_read_and_creates_nothing() {
         "{stderr}"
     );
     drop(catalog);
+    common::wait_closed(&db);
+    // A database they may not read is named with the cause (it said "unable to open
+    // database file").
+    common::set_mode(&db, 0o600);
+    let output = common::output_unprivileged(|command| command.args(["status", "--db"]).arg(&db));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains(&format!("cannot open {}: Permission denied", db.display())),
+        "{stderr}"
+    );
 }
 
 /// A populated catalog of about 1 MiB, closed.
