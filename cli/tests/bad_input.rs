@@ -19,15 +19,6 @@ fn run(args: &[&str], db: &Path) -> (bool, String) {
     )
 }
 
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn a_file_that_is_not_a_database_is_refused_and_left_byte_for_byte() {
     let (dir, db) = common::fresh_db();
@@ -41,7 +32,7 @@ fn a_file_that_is_not_a_database_is_refused_and_left_byte_for_byte() {
     assert!(stderr.contains("is not a SQLite database"), "{stderr}");
     assert_eq!(std::fs::read(&db).unwrap(), bytes);
     assert_eq!(
-        files_in(dir.path()),
+        common::files_in(dir.path()),
         ["catalog.db"],
         "no -wal or -shm left behind"
     );
@@ -57,7 +48,7 @@ fn a_directory_and_a_missing_parent_are_named_as_such() {
     let (ok, stderr) = run(&["migrate"], &missing);
     assert!(!ok);
     assert!(stderr.contains("does not exist"), "{stderr}");
-    assert!(files_in(dir.path()).is_empty());
+    assert!(common::files_in(dir.path()).is_empty());
 }
 
 #[test]
@@ -71,7 +62,7 @@ fn a_bad_artifact_name_creates_nothing() {
             "{stderr}"
         );
     }
-    assert!(files_in(dir.path()).is_empty());
+    assert!(common::files_in(dir.path()).is_empty());
 }
 
 /// `status --json` of `db`, which must succeed.
@@ -91,12 +82,12 @@ fn status_of_a_missing_file_does_not_create_it() {
     let status = status_json(&db);
     assert_eq!(status["exists"], false);
     assert_eq!(status["pending"].as_array().unwrap().len(), 3);
-    assert!(files_in(dir.path()).is_empty());
+    assert!(common::files_in(dir.path()).is_empty());
 }
 
 /// Everything in `dir`, name and bytes, to compare before and after.
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    files_in(dir)
+    common::files_in(dir)
         .into_iter()
         .map(|name| {
             let bytes = std::fs::read(dir.join(&name)).unwrap();
@@ -380,7 +371,7 @@ fn soak_refuses_an_existing_plain_side_and_an_endless_duration() {
     let stderr = failed_cleanly(&output);
     assert!(stderr.contains("catalog.db-plain exists"), "{stderr}");
     assert_eq!(std::fs::read(&plain).unwrap(), b"someone's data");
-    assert_eq!(files_in(dir.path()), ["catalog.db-plain"]);
+    assert_eq!(common::files_in(dir.path()), ["catalog.db-plain"]);
     for seconds in ["18446744073709551615", "0"] {
         let output = Command::new(common::binary())
             .args(["soak", "--seconds", seconds, "--db"])

@@ -29,15 +29,6 @@ fn mkfifo(path: &Path) {
     assert!(status.success(), "mkfifo {}", path.display());
 }
 
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    names
-}
-
 /// Paths that name no regular file, each with what the error must call it: a character
 /// device (a link to `/dev/null`, as a typo or a planted link would be), a FIFO, a socket,
 /// and as root a block device node (of a device number no driver has, so that a regression
@@ -81,7 +72,7 @@ fn not_files(
 fn a_device_a_fifo_or_a_socket_as_the_database_is_refused_and_nothing_is_created() {
     let dir = tempfile::tempdir().unwrap();
     let (paths, _listener) = not_files(dir.path());
-    let before = files_in(dir.path());
+    let before = common::files_in(dir.path());
     let copy = dir.path().join("copy.db");
     for (path, kind) in &paths {
         for args in [
@@ -99,7 +90,7 @@ fn a_device_a_fifo_or_a_socket_as_the_database_is_refused_and_nothing_is_created
                 "{args:?} on {kind}: {}",
                 outcome.stderr
             );
-            assert_eq!(files_in(dir.path()), before, "{args:?} on {kind}");
+            assert_eq!(common::files_in(dir.path()), before, "{args:?} on {kind}");
         }
     }
 }
@@ -180,13 +171,13 @@ fn status_reads_as_a_user_who_may_only_read_and_creates_nothing() {
     let (dir, db) = common::fresh_db();
     assert!(run_bounded(&["record", "--artifact", "a"], &db).success);
     common::wait_closed(&db);
-    let before = files_in(dir.path());
+    let before = common::files_in(dir.path());
     let outcome = run_bounded(&["status", "--json"], &db);
     assert!(outcome.success, "{}", outcome.stderr);
     let status: serde_json::Value = serde_json::from_str(&outcome.stdout).unwrap();
     assert_eq!(status["journal_mode"], "wal", "{status}");
     assert_eq!(status["integrity"][0], "ok", "{status}");
-    assert_eq!(files_in(dir.path()), before);
+    assert_eq!(common::files_in(dir.path()), before);
 
     // The database readable by all, its directory writable by its owner only.
     common::set_mode(&db, 0o644);
@@ -203,7 +194,7 @@ fn status_reads_as_a_user_who_may_only_read_and_creates_nothing() {
     assert_eq!(status["applied"].as_array().unwrap().len(), 3, "{status}");
     assert_eq!(status["journal_mode"], "wal", "{status}");
     assert_eq!(status["integrity"][0], "ok", "{status}");
-    assert_eq!(files_in(dir.path()), before);
+    assert_eq!(common::files_in(dir.path()), before);
     assert!(std::fs::read(&db).unwrap() == bytes, "the file changed");
 
     // The owner has it open: its -wal and -shm are private to it.
@@ -318,7 +309,7 @@ fn a_backup_is_no_more_readable_than_its_database() {
 fn a_failed_backup_leaves_nothing_and_says_why() {
     let (dir, db) = common::fresh_db();
     populated(&db);
-    let before = files_in(dir.path());
+    let before = common::files_in(dir.path());
     let copy = dir.path().join("copy.db");
     let output = backup(&db, &copy, Some(256 * 1024));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -328,7 +319,7 @@ fn a_failed_backup_leaves_nothing_and_says_why() {
         stderr.contains("free space on the backup's filesystem"),
         "{stderr}"
     );
-    assert_eq!(files_in(dir.path()), before);
+    assert_eq!(common::files_in(dir.path()), before);
 
     if common::is_root() {
         // A full filesystem, as root can make one: a tmpfs of 256 KiB. A database larger
@@ -359,7 +350,7 @@ fn a_failed_backup_leaves_nothing_and_says_why() {
             stderr.contains("free space on the backup's filesystem"),
             "{stderr}"
         );
-        assert_eq!(files_in(&full), Vec::<String>::new());
+        assert_eq!(common::files_in(&full), Vec::<String>::new());
     } else {
         eprintln!("skipped the full filesystem: mounting a small tmpfs needs root");
     }
@@ -372,14 +363,14 @@ fn a_failed_backup_leaves_nothing_and_says_why() {
         stderr.contains(&format!("database {} does not exist", missing.display())),
         "{stderr}"
     );
-    assert_eq!(files_in(dir.path()), before);
+    assert_eq!(common::files_in(dir.path()), before);
 
     let long = dir.path().join(format!("{}.db", "n".repeat(240)));
     let output = backup(&db, &long, None);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("is longer than 218 bytes"), "{stderr}");
-    assert_eq!(files_in(dir.path()), before);
+    assert_eq!(common::files_in(dir.path()), before);
 }
 
 /// What a hostile process names itself (`/proc/self/comm`, 15 bytes at most): an escape
@@ -551,7 +542,7 @@ fn careless_input_gets_a_clear_answer_and_creates_nothing() {
             outcome.stderr
         );
     }
-    let before = files_in(dir.path());
+    let before = common::files_in(dir.path());
     let bad = dir
         .path()
         .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bad\xff.db"));
@@ -562,7 +553,7 @@ fn careless_input_gets_a_clear_answer_and_creates_nothing() {
         "{}",
         outcome.stderr
     );
-    assert_eq!(files_in(dir.path()), before);
+    assert_eq!(common::files_in(dir.path()), before);
 }
 
 /// A WAL planted beside a database (a sticky directory lets anyone make one) is never

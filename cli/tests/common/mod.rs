@@ -160,6 +160,16 @@ pub fn fresh_db() -> (tempfile::TempDir, PathBuf) {
     (dir, db)
 }
 
+/// The names in `dir`, sorted.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
 /// Runs one SQL query with Diesel on its own connection and returns the rows' first column.
 pub fn query_strings(db: &Path, sql: &str) -> Vec<String> {
     use diesel::prelude::*;

@@ -159,16 +159,7 @@ impl Opening<'_> {
         self.retry(Operation::ApplyPragmas, |_| customizer.apply(&mut conn))?;
         let mut setup = self.set_up(&mut conn, source)?;
         if let Some(applied) = made_here {
-            if !applied.is_empty() {
-                tracing::info!(
-                    db.system.name = DB_SYSTEM,
-                    db.namespace = %crate::escaped::Escaped::path(self.target.path()),
-                    db.operation.name = Operation::Migrate.as_str(),
-                    count = applied.len(),
-                    migrations = %crate::escaped::Escaped::new(&applied.join(", ")),
-                    "migrations applied"
-                );
-            }
+            self.log_applied(&applied);
             setup.applied = applied;
         }
         // Counted among the handle's open connections (and closed, checkpointing, when the
@@ -272,6 +263,12 @@ impl Opening<'_> {
             },
         )?
         .value;
+        self.log_applied(&applied);
+        Ok(applied)
+    }
+
+    /// The `info` event of a batch applied (none for an empty one).
+    fn log_applied(&self, applied: &[String]) {
         if !applied.is_empty() {
             tracing::info!(
                 db.system.name = DB_SYSTEM,
@@ -282,7 +279,6 @@ impl Opening<'_> {
                 "migrations applied"
             );
         }
-        Ok(applied)
     }
 
     /// `attempt` under the retry policy, with SQLite's "not a database" and "malformed" as
