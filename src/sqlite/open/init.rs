@@ -115,11 +115,8 @@ pub(super) fn make(
     if path.exists() {
         return Ok(Made::Elsewhere);
     }
-    // A maker that died (the kernel released its turn) left its file, with whatever a power
-    // loss left of it: the name is the layer's, as `-journal` is SQLite's, and the file is
-    // removed (a link is removed, never followed).
     // Without turns (a directory this user may not read), another maker may be at work: its
-    // file is never removed; wait for it to finish (or the deadline).
+    // files are never removed; wait for it to finish (or the deadline).
     let wait_for_other = || -> Result<Option<Made>> {
         let mut pause = Duration::from_millis(1);
         while std::fs::symlink_metadata(&private).is_ok() && !path.exists() {
@@ -141,7 +138,10 @@ pub(super) fn make(
             return Ok(made);
         }
     }
-    if std::fs::symlink_metadata(&private).is_ok() {
+    // With the turn, a maker that died (the kernel released its turn) left its file, with
+    // whatever a power loss left of it: the name is the layer's, as `-journal` is SQLite's,
+    // and the file is removed (a link is removed, never followed).
+    if turn.is_some() && std::fs::symlink_metadata(&private).is_ok() {
         if let Err(source) = std::fs::remove_file(&private) {
             return Err(Error::SideFile {
                 path: private,
@@ -156,18 +156,6 @@ pub(super) fn make(
         }
         remove_private(&private);
     }
-    // What SQLite would open beside the private file must be gone (a FIFO there would block
-    // it, another user's file be used).
-    for suffix in ["-journal", "-wal", "-shm"] {
-        let side = side_file(&private, suffix);
-        if std::fs::symlink_metadata(&side).is_ok() && std::fs::remove_file(&side).is_err() {
-            return Err(Error::SideFile {
-                path: side,
-                problem: "is in the way, and this user may not remove it: a new database is \
-                          made beside it",
-            });
-        }
-    }
     // Closed before SQLite opens the file: no descriptor of the layer's is ever closed on
     // it while SQLite has it open.
     match create_private(&private, options.create_mode) {
@@ -180,6 +168,19 @@ pub(super) fn make(
             };
         }
         Err(source) => return Err(io(FileOperation::Create, &private)(source)),
+    }
+    // What SQLite would open beside the private file must be gone (a FIFO there would block
+    // it, another user's file be used): a dead maker's, now that the name is this one's.
+    for suffix in ["-journal", "-wal", "-shm"] {
+        let side = side_file(&private, suffix);
+        if std::fs::symlink_metadata(&side).is_ok() && std::fs::remove_file(&side).is_err() {
+            let _ = std::fs::remove_file(&private);
+            return Err(Error::SideFile {
+                path: side,
+                problem: "is in the way, and this user may not remove it: a new database is \
+                          made beside it",
+            });
+        }
     }
     let made = initialize(&private, target, options, source).and_then(|applied| {
         publish(&private, path).map(|linked| match linked {
