@@ -129,6 +129,54 @@ pub(crate) fn redact(url: &str) -> String {
     shown
 }
 
+/// A libpq `keyword=value` string with the value of `password` (bare, or quoted with `'`)
+/// replaced by `***`.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) fn redact_keywords(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut shown = String::new();
+    let mut rest = 0;
+    let mut search = 0;
+    while let Some(found) = lower[search..].find("password") {
+        let key = search + found;
+        search = key + "password".len();
+        let after = lower[search..].trim_start();
+        let Some(value) = after.strip_prefix('=') else {
+            continue;
+        };
+        let value_start = text.len() - value.trim_start().len();
+        let value_text = &text[value_start..];
+        let value_len = if let Some(quoted) = value_text.strip_prefix('\'') {
+            // Up to the closing quote (\' escapes one), or the end.
+            let mut end = quoted.len();
+            let mut chars = quoted.char_indices();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '\'' => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            1 + end
+        } else {
+            value_text
+                .find(char::is_whitespace)
+                .unwrap_or(value_text.len())
+        };
+        shown.push_str(&text[rest..value_start]);
+        shown.push_str("***");
+        rest = value_start + value_len;
+        search = rest;
+    }
+    shown.push_str(&text[rest..]);
+    shown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +196,20 @@ mod tests {
             ("postgresql://u:p%40w@h", "postgresql://u:***@h"),
         ] {
             assert_eq!(redact(url), shown);
+        }
+        for (text, shown) in [
+            (
+                "dbname=sec user=app password=SECRET",
+                "dbname=sec user=app password=***",
+            ),
+            (
+                "password = 'se cr\\'et' host=/tmp",
+                "password = *** host=/tmp",
+            ),
+            ("host=/tmp PASSWORD=x", "host=/tmp PASSWORD=***"),
+            ("user=app", "user=app"),
+        ] {
+            assert_eq!(redact_keywords(text), shown, "{text}");
         }
     }
 }

@@ -542,7 +542,21 @@ fn careless_input_gets_a_clear_answer_and_creates_nothing() {
             outcome.stderr
         );
     }
+    // A PostgreSQL connection string typed where a path goes: refused, no file (named with
+    // the password) is made, and the password is not shown.
     let before = common::files_in(dir.path());
+    for db in ["dbname=sec user=app password=SECRET", "postgres:sec"] {
+        let output = Command::new(common::binary())
+            .args(["record", "--artifact", "a", "--db", db])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{db}");
+        assert!(stderr.contains("PostgreSQL"), "{db}: {stderr}");
+        assert!(!stderr.contains("SECRET"), "{stderr}");
+        assert_eq!(common::files_in(dir.path()), before, "{db}");
+    }
     let bad = dir
         .path()
         .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"bad\xff.db"));

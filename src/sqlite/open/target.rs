@@ -61,6 +61,14 @@ impl Target {
         {
             return Err(invalid("is the URL of another database engine"));
         }
+        // A PostgreSQL connection string a careless hand typed for a path: it would become a
+        // file of that name (the password in it). Refused, shown without the password.
+        if let Some(reason) = postgres_lookalike(text) {
+            return Err(Error::InvalidPath {
+                path: PathBuf::from(crate::url::redact_keywords(text)),
+                reason,
+            });
+        }
         let text = ["sqlite://", "sqlite:", "file:"]
             .iter()
             .find_map(|scheme| text.strip_prefix(scheme))
@@ -124,6 +132,37 @@ impl Target {
     }
 }
 
+/// Why `text` is a PostgreSQL connection string rather than a path: `postgres:` or
+/// `postgresql:` without `//`, or libpq's `keyword=value` form (`dbname=app user=app`).
+fn postgres_lookalike(text: &str) -> Option<&'static str> {
+    let lower = text.trim_start().to_ascii_lowercase();
+    if lower.starts_with("postgres:") || lower.starts_with("postgresql:") {
+        return Some("is a PostgreSQL URL without its // (write postgres://...)");
+    }
+    const KEYWORDS: [&str; 12] = [
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "passfile",
+        "sslmode",
+        "service",
+        "connect_timeout",
+        "application_name",
+        "target_session_attrs",
+    ];
+    let keyword = |token: &str| {
+        token
+            .split_once('=')
+            .is_some_and(|(key, _)| KEYWORDS.contains(&key.trim().to_ascii_lowercase().as_str()))
+    };
+    text.split_whitespace()
+        .any(keyword)
+        .then_some("is a PostgreSQL keyword/value connection string (write postgres://...)")
+}
+
 /// `file://` (an empty authority) and the absolute path, with the characters SQLite's URI
 /// parser would read as syntax escaped. The empty authority keeps a path that starts with
 /// `//` a path: `file://abs/x.db` would name a host `abs`.
@@ -146,6 +185,12 @@ mod tests {
 
     #[test]
     fn urls_escape_what_sqlite_would_read_as_uri_syntax() {
+        // A file name with an = that is no libpq keyword stays a file.
+        assert!(Target::new(Path::new("/tmp/a=b.db")).is_ok());
+        assert!(matches!(
+            Target::new(Path::new("dbname=sec user=app password=SECRET")),
+            Err(Error::InvalidPath { path, .. }) if !path.to_str().unwrap().contains("SECRET")
+        ));
         let target = Target::new(Path::new("/tmp/a b/x.db")).unwrap();
         assert_eq!(target.url(Access::Create), "file:///tmp/a b/x.db?mode=rwc");
         let target = Target::new(Path::new("/tmp/50%.db")).unwrap();
@@ -172,6 +217,10 @@ mod tests {
             ("x.db?cache=shared", "URI parameters"),
             ("x.db#frag", "URI parameters"),
             ("postgres://u@h/db", "another database engine"),
+            ("postgres:sec", "without its //"),
+            ("PostgreSQL:sec", "without its //"),
+            ("dbname=sec user=app password=SECRET", "keyword/value"),
+            ("host = /tmp port=5432", "keyword/value"),
         ] {
             match Target::new(Path::new(given)) {
                 Err(Error::InvalidPath { reason: r, .. }) => {
