@@ -87,18 +87,36 @@ pub(crate) fn expect(url: &str, engine: Engine) -> Result<()> {
 }
 
 /// `url` with the password of its user information (`user:secret@`) and of a `password=`
-/// parameter replaced by `***`.
+/// parameter replaced by `***`, by libpq's own reading: the user information runs to the
+/// first `@` before any `/` (a `?` or `#` in it is the password's: libpq logs in with
+/// `postgresql://app:ok?Secret9@/db`). A password with an unencoded `/`, which libpq does
+/// not take for one, is hidden too (up to an `@` that comes before any `?`), and so is one
+/// with an unencoded `@` (up to the last `@` before the host's end).
 pub(crate) fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
     let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
     let mut shown = url[..scheme_end].to_owned();
-    match authority.rfind('@') {
+    // libpq: the user information ends at the first '@' before a '/'.
+    let user_info_end = match rest.find(['@', '/']) {
+        Some(at) if rest[at..].starts_with('@') => Some(at),
+        // Not for libpq, but a password all the same: "app:pa/ss@host".
+        _ => rest
+            .find('@')
+            .filter(|&at| !rest[..at].contains('?') && rest[..at].contains(':')),
+    };
+    // An unencoded '@' in the password: the user information runs to the last '@' before
+    // the host's end (libpq would read a password cut short, and a host with the rest).
+    let user_info_end = user_info_end.map(|first| {
+        let host_end = rest[first..]
+            .find(['/', '?'])
+            .map_or(rest.len(), |end| first + end);
+        rest[..host_end].rfind('@').unwrap_or(first)
+    });
+    let after_user = match user_info_end {
         Some(at) => {
-            let user_info = &authority[..at];
+            let user_info = &rest[..at];
             match user_info.find(':') {
                 Some(colon) => {
                     shown.push_str(&user_info[..colon]);
@@ -106,13 +124,13 @@ pub(crate) fn redact(url: &str) -> String {
                 }
                 None => shown.push_str(user_info),
             }
-            shown.push_str(&authority[at..]);
+            shown.push('@');
+            &rest[at + 1..]
         }
-        None => shown.push_str(authority),
-    }
-    let tail = &rest[authority_end..];
-    match tail.split_once('?') {
-        None => shown.push_str(tail),
+        None => rest,
+    };
+    match after_user.split_once('?') {
+        None => shown.push_str(after_user),
         Some((path, query)) => {
             shown.push_str(path);
             shown.push('?');
@@ -194,6 +212,29 @@ mod tests {
                 "postgresql:///t1?host=/tmp/x&user=postgres&password=***",
             ),
             ("postgresql://u:p%40w@h", "postgresql://u:***@h"),
+            // libpq reads a ? in the user information as the password's.
+            (
+                "postgresql://app:ok?Secret9@/db?host=/tmp/x",
+                "postgresql://app:***@/db?host=/tmp/x",
+            ),
+            (
+                "postgresql://app:ok#Secret9@localhost/db",
+                "postgresql://app:***@localhost/db",
+            ),
+            // An unencoded / is no password to libpq, but one to whoever typed it.
+            (
+                "postgresql://app:pa/ss@host/db",
+                "postgresql://app:***@host/db",
+            ),
+            // An @ in a parameter is no user information.
+            (
+                "postgresql://host:5432/db?options=a@b",
+                "postgresql://host:5432/db?options=a@b",
+            ),
+            (
+                "postgresql://app:s@cret@host/db",
+                "postgresql://app:***@host/db",
+            ),
         ] {
             assert_eq!(redact(url), shown);
         }

@@ -573,3 +573,38 @@ fn sessions_lost_while_the_write_queue_is_in_use_are_replaced_at_once() {
     assert_eq!(value, 3);
     assert!(stats.attempts <= 3, "{stats:?}");
 }
+
+/// A password with an unencoded `?` (which libpq reads as the password's, and logs in with)
+/// is never shown: not by the handle's URL, not in the `tracing` events, not in an error. It
+/// was: redaction cut the user information at the first `?`.
+#[test]
+fn a_password_libpq_reads_past_a_question_mark_is_never_shown() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    // postgresql:///NAME?host=DIR&user=postgres, with the user information given instead.
+    let (head, query) = url.split_once('?').unwrap();
+    let name = head.rsplit('/').next().unwrap();
+    let host = query
+        .split('&')
+        .find_map(|param| param.strip_prefix("host="))
+        .unwrap();
+    let secret = format!("postgresql://postgres:ok?Secret9@/{name}?host={host}");
+    let captured = common::Captured::default();
+    let db = tracing::subscriber::with_default(captured.subscriber(tracing::Level::DEBUG), || {
+        PgDatabase::open(&secret, MIGRATIONS)
+    })
+    .unwrap();
+    assert!(!db.url().contains("Secret9"), "{}", db.url());
+    let missing = secret.replace(&format!("/{name}?"), "/no_such_database?");
+    let error =
+        tracing::subscriber::with_default(captured.subscriber(tracing::Level::DEBUG), || {
+            PgDatabase::open(&missing, MIGRATIONS)
+        })
+        .unwrap_err();
+    let chain = common::chain(&error);
+    assert!(!chain.contains("Secret9"), "{chain}");
+    assert!(chain.contains("postgres:***@"), "{chain}");
+    let events = captured.text();
+    assert!(!events.contains("Secret9"), "{events}");
+}
