@@ -672,27 +672,31 @@ fn is_storage_error(error: &DieselError) -> bool {
 }
 
 impl Error {
-    /// SQLite's "file is not a database" (SQLITE_NOTADB) and "database disk image is
-    /// malformed" (SQLITE_CORRUPT), met by the first statements that read `path`, as the
-    /// typed errors that name the file; any other error as it is.
-    /// SQLite could not open `path`: [`Error::Io`] with the OS's "too many open files" when
-    /// that is why (SQLite says only "unable to open database file"), else
-    /// [`Error::Open`].
+    /// [`Error::Io`] naming `path` with the OS's "too many open files", when that is why
+    /// SQLite could not open it (SQLite says only "unable to open database file").
     #[cfg(feature = "sqlite")]
-    pub(crate) fn open_failed(path: &std::path::Path, source: diesel::ConnectionError) -> Self {
-        match crate::sqlite::files::out_of_descriptors() {
-            Some(error) => Error::Io {
-                operation: FileOperation::OpenDatabase,
-                path: path.to_owned(),
-                source: error,
-            },
-            None => Error::Open {
-                path: path.to_owned(),
-                source,
-            },
-        }
+    fn out_of_descriptors(path: &std::path::Path) -> Option<Self> {
+        crate::sqlite::files::out_of_descriptors().map(|source| Error::Io {
+            operation: FileOperation::OpenDatabase,
+            path: path.to_owned(),
+            source,
+        })
     }
 
+    /// SQLite could not open `path`: [`Error::Io`] with the OS's "too many open files" when
+    /// that is why, else [`Error::Open`].
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn open_failed(path: &std::path::Path, source: diesel::ConnectionError) -> Self {
+        Self::out_of_descriptors(path).unwrap_or_else(|| Error::Open {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// SQLite's "file is not a database" (SQLITE_NOTADB) and "database disk image is
+    /// malformed" (SQLITE_CORRUPT), met by the first statements that read `path`, as the
+    /// typed errors that name the file, and its "unable to open database file" as
+    /// [`Error::Io`] when the process is out of file descriptors; any other error as it is.
     pub(crate) fn naming_bad_file(self, path: &std::path::Path) -> Self {
         let Error::Query {
             source: DieselError::DatabaseError(_, info),
@@ -704,14 +708,7 @@ impl Error {
         let reason = format!("SQLite says \"{}\"", info.message());
         match info.message() {
             #[cfg(feature = "sqlite")]
-            "unable to open database file" => match crate::sqlite::files::out_of_descriptors() {
-                Some(source) => Error::Io {
-                    operation: FileOperation::OpenDatabase,
-                    path: path.to_owned(),
-                    source,
-                },
-                None => self,
-            },
+            "unable to open database file" => Self::out_of_descriptors(path).unwrap_or(self),
             "file is not a database" => Error::NotADatabase {
                 path: path.to_owned(),
                 reason,

@@ -21,6 +21,7 @@ use crate::operation::DB_SYSTEM;
 use crate::retry::{retry_locked, SystemClock};
 use crate::sqlite::database::Database;
 use crate::sqlite::files::create_like;
+use crate::sqlite::side::{remove_with_side_files, NAME_MAX};
 
 /// A backup [`Database::backup_to`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,7 +102,7 @@ impl Database {
         // Whatever happened, the temporary name and the journal SQLite may have left beside
         // it (a full disk stops VACUUM INTO with its journal written) are gone; the copy is
         // linked into place on success.
-        remove_temporary(&temporary);
+        remove_with_side_files(&temporary);
         written?;
         let bytes = std::fs::metadata(&destination).map_or(0, |m| m.len());
         let elapsed = started.elapsed();
@@ -134,7 +135,7 @@ impl Database {
         let like = std::fs::metadata(self.path()).ok();
         let create = || -> Result<()> {
             // A failed attempt may leave a partial file, which VACUUM INTO refuses.
-            remove_temporary(temporary);
+            remove_with_side_files(temporary);
             if let Some(like) = &like {
                 create_like(temporary, like).map_err(|source| Error::Io {
                     operation: FileOperation::WriteBackup,
@@ -161,19 +162,9 @@ impl Database {
     }
 }
 
-/// The longest file name most filesystems take (`NAME_MAX`).
-const NAME_MAX: usize = 255;
-
 /// What the temporary's journal adds to the destination's name: `.`, `.backup-`, a pid of up
 /// to 10 digits, `-`, up to 9 digits of nanoseconds, `-journal`.
 const TEMPORARY_EXTRA: usize = 1 + 8 + 10 + 1 + 9 + 8;
-
-/// Removes the temporary file and the side files SQLite may have left beside it.
-fn remove_temporary(temporary: &Path) {
-    for suffix in ["", "-journal", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(crate::sqlite::side::side_file(temporary, suffix));
-    }
-}
 
 /// `.<name>.backup-<pid>-<nanos>` in the destination's directory: the same filesystem, so
 /// that linking it into place is atomic, and a name no other run uses.

@@ -130,8 +130,8 @@ impl Status {
         if !target.is_memory() {
             // Nothing here may block: SQLite would wait forever on a FIFO in place of the
             // database or one of its side files.
-            regular_or_missing(target.path())?;
-            check_side_files(target.path(), false)?;
+            let database = regular_or_missing(target.path())?;
+            check_side_files(target.path(), database.as_ref(), false)?;
         }
         let size = |suffix: &str| match target.side_file(suffix) {
             Some(file) => file_size(file),

@@ -33,7 +33,7 @@ use crate::migrate::Source;
 use crate::options::Options;
 use crate::pragma::JournalMode;
 use crate::sqlite::customizer::ConnectionCustomizer;
-use crate::sqlite::side::side_file;
+use crate::sqlite::side::{remove_with_side_files, side_file};
 
 /// The longest an open waits for another process making the database (a deadline of
 /// `Duration::MAX` would overflow an instant).
@@ -154,7 +154,7 @@ pub(super) fn make(
                 },
             });
         }
-        remove_private(&private);
+        remove_with_side_files(&private);
     }
     // Closed before SQLite opens the file: no descriptor of the layer's is ever closed on
     // it while SQLite has it open.
@@ -188,7 +188,7 @@ pub(super) fn make(
             false => Made::Elsewhere,
         })
     });
-    remove_private(&private);
+    remove_with_side_files(&private);
     drop(turn);
     made
 }
@@ -204,7 +204,7 @@ pub(super) fn remove_stale(path: &Path) {
     let dir = path.parent().unwrap_or(Path::new("/"));
     if let Ok(turn) = File::open(dir) {
         if turn.try_lock().is_ok() {
-            remove_private(&private);
+            remove_with_side_files(&private);
         }
     }
 }
@@ -228,13 +228,6 @@ fn create_private(private: &Path, mode: u32) -> std::io::Result<File> {
         .open(private)?;
     file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     Ok(file)
-}
-
-/// Removes the private file and whatever SQLite left beside it.
-fn remove_private(private: &Path) {
-    for suffix in ["", "-journal", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(side_file(private, suffix));
-    }
 }
 
 /// Puts the private file in the options' journal mode and applies the migrations, on a

@@ -21,13 +21,10 @@ use crate::error::{Error, FileOperation, Result};
 use crate::options::Options;
 use crate::sqlite::ffi::sys::writable;
 use crate::sqlite::files::{irregular, made_by_a_writer};
-use crate::sqlite::side::side_file;
+use crate::sqlite::side::{side_file, NAME_MAX};
 
 /// SQLite's smallest page size: a database file is at least one page long.
 const MIN_PAGE: u64 = 512;
-
-/// The longest file name most filesystems take (`NAME_MAX`).
-const NAME_MAX: usize = 255;
 
 /// The most bytes SQLite or the layer add to the database's name for a file beside it: a new
 /// database is made as `.NAME.init` (6 more), which gets a `-wal` (4) when it is put in WAL
@@ -40,19 +37,15 @@ const LONGEST_EXTRA: usize = 10;
 /// whether the file is missing (it is then made whole elsewhere and linked into place, see
 /// `init`).
 pub(crate) fn prepare(path: &Path, options: &Options) -> Result<bool> {
-    if path.is_dir() {
-        return Err(Error::IsADirectory {
-            path: path.to_owned(),
-        });
-    }
-    regular_or_missing(path)?;
+    // One look at the file (through links), for every check below.
+    let meta = regular_or_missing(path)?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     if !dir.is_dir() {
         return Err(Error::MissingDirectory {
             path: dir.to_owned(),
         });
     }
-    if !options.create_if_missing && !path.exists() {
+    if !options.create_if_missing && meta.is_none() {
         return Err(Error::MissingDatabase {
             path: path.to_owned(),
         });
@@ -64,25 +57,23 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<bool> {
             max: NAME_MAX - LONGEST_EXTRA,
         });
     }
-    if let (Ok(link), Err(_)) = (std::fs::symlink_metadata(path), std::fs::metadata(path)) {
-        if link.file_type().is_symlink() {
-            // SQLite would create the file it points to, with the umask's mode, wherever that
-            // is: a link planted by someone else decides where the database goes.
-            return Err(Error::DanglingSymlink {
-                path: path.to_owned(),
-                target: std::fs::read_link(path).unwrap_or_default(),
-            });
+    if meta.is_none() {
+        if let Ok(link) = std::fs::symlink_metadata(path) {
+            if link.file_type().is_symlink() {
+                // SQLite would create the file it points to, with the umask's mode, wherever
+                // that is: a link planted by someone else decides where the database goes.
+                return Err(Error::DanglingSymlink {
+                    path: path.to_owned(),
+                    target: std::fs::read_link(path).unwrap_or_default(),
+                });
+            }
         }
     }
-    let io = |operation, path: &Path| {
-        let path = path.to_owned();
-        move |source| Error::Io {
-            operation,
-            path,
-            source,
-        }
-    };
-    if let Some(fs) = Filesystem::of(dir).map_err(io(FileOperation::FindFilesystem, dir))? {
+    if let Some(fs) = Filesystem::of(dir).map_err(|source| Error::Io {
+        operation: FileOperation::FindFilesystem,
+        path: dir.to_owned(),
+        source,
+    })? {
         filesystem::check(path, fs, options.journal_mode)?;
     }
     if !writable(dir) {
@@ -90,48 +81,44 @@ pub(crate) fn prepare(path: &Path, options: &Options) -> Result<bool> {
             path: dir.to_owned(),
         });
     }
-    check_side_files(path, true)?;
-    match std::fs::metadata(path) {
-        Ok(meta) => {
-            if !writable(path) {
-                return Err(Error::ReadOnlyFile {
-                    path: path.to_owned(),
-                });
-            }
-            if (1..MIN_PAGE).contains(&meta.len()) {
-                return Err(Error::NotADatabase {
-                    path: path.to_owned(),
-                    reason: format!(
-                        "it is {} bytes long, shorter than the smallest SQLite database (one \
-                         page of {MIN_PAGE} bytes)",
-                        meta.len()
-                    ),
-                });
-            }
-            Ok(false)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !options.create_if_missing => {
-            Err(Error::MissingDatabase {
-                path: path.to_owned(),
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(source) => Err(io(FileOperation::ReadMetadata, path)(source)),
+    check_side_files(path, meta.as_ref(), true)?;
+    let Some(meta) = meta else {
+        return Ok(true);
+    };
+    if !writable(path) {
+        return Err(Error::ReadOnlyFile {
+            path: path.to_owned(),
+        });
     }
+    if (1..MIN_PAGE).contains(&meta.len()) {
+        return Err(Error::NotADatabase {
+            path: path.to_owned(),
+            reason: format!(
+                "it is {} bytes long, shorter than the smallest SQLite database (one page of \
+                 {MIN_PAGE} bytes)",
+                meta.len()
+            ),
+        });
+    }
+    Ok(false)
 }
 
-/// Refuses a database path (followed through links) that exists and is not a regular file:
-/// SQLite would write its header over a device's first bytes, or block on a FIFO.
-pub(crate) fn regular_or_missing(path: &Path) -> Result<()> {
+/// The database path's metadata (followed through links), `None` if it does not exist;
+/// refused if it names a directory, or anything else that is not a regular file: SQLite would
+/// write its header over a device's first bytes, or block on a FIFO.
+pub(crate) fn regular_or_missing(path: &Path) -> Result<Option<std::fs::Metadata>> {
     match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(Error::IsADirectory {
+            path: path.to_owned(),
+        }),
         Ok(meta) => match irregular(meta.file_type()) {
             Some(kind) => Err(Error::NotAFile {
                 path: path.to_owned(),
                 kind,
             }),
-            None => Ok(()),
+            None => Ok(Some(meta)),
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::Io {
             operation: FileOperation::ReadMetadata,
             path: path.to_owned(),
@@ -143,10 +130,14 @@ pub(crate) fn regular_or_missing(path: &Path) -> Result<()> {
 /// SQLite's own files next to the database, which it opens by name: each that exists must be
 /// a regular file (a FIFO would make SQLite wait forever, a link would send it elsewhere) that
 /// this process may write (another user's makes SQLite fail with "readonly database" or
-/// "unable to open database file", without naming the file). `write: false` (a read-only
-/// look, as `Status::read`'s) leaves out the last check.
-pub(crate) fn check_side_files(path: &Path, write: bool) -> Result<()> {
-    let database = std::fs::metadata(path).ok();
+/// "unable to open database file", without naming the file). `database` is the database
+/// file's metadata (`None`: it does not exist). `write: false` (a read-only look, as
+/// `Status::read`'s) leaves out the write check.
+pub(crate) fn check_side_files(
+    path: &Path,
+    database: Option<&std::fs::Metadata>,
+    write: bool,
+) -> Result<()> {
     for suffix in ["-journal", "-wal", "-shm"] {
         let side = side_file(path, suffix);
         let meta = match std::fs::symlink_metadata(&side) {
@@ -182,7 +173,7 @@ pub(crate) fn check_side_files(path: &Path, write: bool) -> Result<()> {
             // Another user's file beside the database (a sticky directory lets anyone make
             // one): SQLite would replay a planted WAL into the database, and write the
             // database's commits into a file its owner can read.
-            None if !made_by_a_writer(&meta, database.as_ref()) => {
+            None if !made_by_a_writer(&meta, database) => {
                 "belongs to a user who may not write the database, or anyone may write it"
             }
             None => continue,

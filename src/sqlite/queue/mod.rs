@@ -96,7 +96,7 @@ impl WriteQueue {
         match queue
             .sidecar
             .create(database)
-            .and_then(|()| queue.sidecar.open_checked().map(drop))
+            .and_then(|()| queue.sidecar.open_checked(database).map(drop))
         {
             Ok(()) => {
                 queue.record = queue.sidecar.open_for_records().map(Arc::new);

@@ -81,13 +81,9 @@ impl Sidecar {
     /// user's `-lock` in a sticky directory, held by them, stopped every writer for the
     /// whole retry deadline. Checked once, when a handle takes the queue: a file of this
     /// user's, or the database owner's, cannot be replaced by a stranger afterwards.
-    pub(crate) fn open_checked(&self) -> Result<File> {
+    pub(crate) fn open_checked(&self, database: &Path) -> Result<File> {
         let file = self.open()?;
-        let database = self
-            .path
-            .to_str()
-            .and_then(|p| p.strip_suffix("-lock"))
-            .and_then(|db| std::fs::metadata(db).ok());
+        let database = std::fs::metadata(database).ok();
         match file.metadata() {
             Ok(meta) if made_by_a_writer(&meta, database.as_ref()) => Ok(file),
             Ok(_) => Err(self.io_error(FileOperation::OpenQueue)(
