@@ -170,10 +170,12 @@ pub enum Error {
         source: DieselError,
     },
 
-    /// The database stayed locked until the retry policy gave up.
+    /// The database stayed locked (or, on PostgreSQL, the server kept ending the sessions)
+    /// until the retry policy gave up.
     #[error(
-        "{operation} gave up after {attempts} attempts in {:.1} s: the database stayed locked{}",
+        "{operation} gave up after {attempts} attempts in {:.1} s: {}{}",
         elapsed.as_secs_f64(),
+        stayed(source),
         by(holders)
     )]
     Busy {
@@ -467,6 +469,20 @@ fn escaped_list(names: &[String]) -> String {
 }
 
 /// ` by process 7 (sqlite3) holding the write lock, ...`, or nothing.
+/// What a [`Error::Busy`] waited for, by its last failure: a lock, or (PostgreSQL) a server
+/// that kept ending the sessions or could not be reached.
+fn stayed(source: &BoxError) -> &'static str {
+    #[cfg(feature = "postgres")]
+    if source
+        .downcast_ref::<crate::postgres::PgFailure>()
+        .is_some_and(|f| f.kind() == crate::postgres::PgFailureKind::ConnectionLost)
+    {
+        return "the server stayed unavailable";
+    }
+    let _ = source;
+    "the database stayed locked"
+}
+
 fn by(holders: &[Holder]) -> String {
     if holders.is_empty() {
         return String::new();

@@ -39,6 +39,8 @@ pub enum Operation {
     ConfigureSession,
     /// Taking PostgreSQL's advisory lock for the migration batch.
     MigrationLock,
+    /// Opening a session on a PostgreSQL server.
+    Connect,
 }
 
 impl Operation {
@@ -61,6 +63,7 @@ impl Operation {
             Operation::Backup => "backup",
             Operation::ConfigureSession => "configure the session",
             Operation::MigrationLock => "take the migration lock",
+            Operation::Connect => "connect",
         }
     }
 }

@@ -294,15 +294,26 @@ pub(crate) struct Db<'a> {
     pub namespace: &'a dyn std::fmt::Display,
 }
 
-/// Runs `attempt` until it succeeds, fails with an error `is_transient` rejects, or the
-/// policy's attempts or the `deadline` run out. Each retry is logged at `warn`, exhaustion
-/// at `error`, with the error as `describe` renders it; the events name `db`.
+/// Why a retried attempt failed, when running it again may work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// Another connection held a lock (or PostgreSQL found a conflict).
+    Locked,
+    /// The server could not be reached, was starting, full, or ended the session.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Unavailable,
+}
+
+/// Runs `attempt` until it succeeds, fails with an error `transient` finds no [`Waiting`]
+/// in, or the policy's attempts or the `deadline` run out. Each retry is logged at `warn`,
+/// exhaustion at `error`, with the error as `describe` renders it and a message saying what
+/// was waited for; the events name `db`.
 pub(crate) fn retry_in<T, E>(
     policy: &RetryPolicy,
     deadline: Deadline<'_>,
     operation: Operation,
     db: Db<'_>,
-    is_transient: impl Fn(&E) -> bool,
+    transient: impl Fn(&E) -> Option<Waiting>,
     describe: impl Fn(&E) -> String,
     mut attempt: impl FnMut(Try) -> Result<T, E>,
 ) -> Result<Success<T>, Failure<E>> {
@@ -315,29 +326,41 @@ pub(crate) fn retry_in<T, E>(
         if attempts > 1 {
             deadline = deadline.read_now();
         }
-        let error = match attempt(Try {
+        let (error, waiting) = match attempt(Try {
             number: attempts,
             left: deadline.left(),
         }) {
             Ok(value) => return Ok(Success { value, attempts }),
-            Err(error) if !is_transient(&error) => return Err(Failure::Permanent(error)),
-            Err(error) => error,
+            Err(error) => match transient(&error) {
+                None => return Err(Failure::Permanent(error)),
+                Some(waiting) => (error, waiting),
+            },
         };
         deadline = deadline.read_now();
         let elapsed = deadline.known.saturating_duration_since(deadline.start);
         let remaining = deadline.left();
         if attempts >= policy.max_attempts || remaining.is_zero() {
-            tracing::error!(
-                db.system.name = db.system,
-                db.namespace = %db.namespace,
-                db.operation.name = operation.as_str(),
-                error.type = ERROR_TYPE_BUSY,
-                operation = operation.as_str(),
-                attempt = attempts,
-                elapsed_ms = elapsed.as_millis() as u64,
-                error = %crate::escaped::Escaped::new(&describe(&error)),
-                "database stayed locked, giving up"
-            );
+            let error_text = describe(&error);
+            let error_text = crate::escaped::Escaped::new(&error_text);
+            macro_rules! gave_up {
+                ($message:literal) => {
+                    tracing::error!(
+                        db.system.name = db.system,
+                        db.namespace = %db.namespace,
+                        db.operation.name = operation.as_str(),
+                        error.type = ERROR_TYPE_BUSY,
+                        operation = operation.as_str(),
+                        attempt = attempts,
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        error = %error_text,
+                        $message
+                    )
+                };
+            }
+            match waiting {
+                Waiting::Locked => gave_up!("database stayed locked, giving up"),
+                Waiting::Unavailable => gave_up!("server stayed unavailable, giving up"),
+            }
             return Err(Failure::Exhausted {
                 attempts,
                 elapsed,
@@ -345,18 +368,28 @@ pub(crate) fn retry_in<T, E>(
             });
         }
         let delay = delays.next().unwrap_or(policy.max_delay).min(remaining);
-        tracing::warn!(
-            db.system.name = db.system,
-            db.namespace = %db.namespace,
-            db.operation.name = operation.as_str(),
-            error.type = ERROR_TYPE_BUSY,
-            operation = operation.as_str(),
-            attempt = attempts,
-            delay_ms = delay.as_millis() as u64,
-            elapsed_ms = elapsed.as_millis() as u64,
-            error = %crate::escaped::Escaped::new(&describe(&error)),
-            "database is locked, retrying"
-        );
+        let error_text = describe(&error);
+        let error_text = crate::escaped::Escaped::new(&error_text);
+        macro_rules! retrying {
+            ($message:literal) => {
+                tracing::warn!(
+                    db.system.name = db.system,
+                    db.namespace = %db.namespace,
+                    db.operation.name = operation.as_str(),
+                    error.type = ERROR_TYPE_BUSY,
+                    operation = operation.as_str(),
+                    attempt = attempts,
+                    delay_ms = delay.as_millis() as u64,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    error = %error_text,
+                    $message
+                )
+            };
+        }
+        match waiting {
+            Waiting::Locked => retrying!("database is locked, retrying"),
+            Waiting::Unavailable => retrying!("server unavailable, retrying"),
+        }
         deadline.clock.sleep(delay);
     }
 }
@@ -454,7 +487,7 @@ where
         deadline,
         operation,
         db,
-        Attempt::is_lock_error,
+        |attempt: &Attempt<E>| attempt.is_lock_error().then_some(Waiting::Locked),
         Attempt::describe,
         attempt,
     )
@@ -557,7 +590,7 @@ pub(crate) mod tests {
             Deadline::now(clock, policy),
             Operation::Query,
             TEST_DB,
-            |_: &&str| true,
+            |_: &&str| Some(Waiting::Locked),
             |e| e.to_string(),
             |_| {
                 each();
@@ -614,7 +647,7 @@ pub(crate) mod tests {
             Deadline::now(&clock, &policy),
             Operation::Query,
             TEST_DB,
-            |_: &&str| true,
+            |_: &&str| Some(Waiting::Locked),
             |e| e.to_string(),
             |attempt| {
                 if attempt.number < 4 {
@@ -644,7 +677,7 @@ pub(crate) mod tests {
             Deadline::now(&clock, &policy),
             Operation::Query,
             TEST_DB,
-            |e: &&str| *e == "locked",
+            |e: &&str| (*e == "locked").then_some(Waiting::Locked),
             |e| e.to_string(),
             |_| Err::<(), _>("syntax error"),
         );

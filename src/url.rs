@@ -147,6 +147,36 @@ pub(crate) fn redact(url: &str) -> String {
     shown
 }
 
+/// `url` with the parameter `key=value` added to its query, unless the query sets `key`
+/// already: where libpq reads the query, after the user information (which runs to the first
+/// `@` before a `/`, and may hold a `?` of a password's).
+#[cfg(feature = "postgres")]
+pub(crate) fn with_default_param(url: &str, key: &str, value: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[scheme_end..];
+    let after_user = match rest.find(['@', '/']) {
+        Some(at) if rest[at..].starts_with('@') => scheme_end + at + 1,
+        _ => scheme_end,
+    };
+    let query = url[after_user..].find('?').map(|q| after_user + q + 1);
+    if let Some(start) = query {
+        let set = url[start..].split('&').any(|param| {
+            param
+                .split_once('=')
+                .is_some_and(|(k, _)| k.eq_ignore_ascii_case(key))
+        });
+        if set {
+            return url.to_owned();
+        }
+    }
+    let joiner = match query {
+        Some(start) if start == url.len() || url.ends_with('&') => "",
+        Some(_) => "&",
+        None => "?",
+    };
+    format!("{url}{joiner}{key}={value}")
+}
+
 /// A libpq `keyword=value` string with the value of `password` (bare, or quoted with `'`)
 /// replaced by `***`.
 #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
@@ -251,6 +281,38 @@ mod tests {
             ("user=app", "user=app"),
         ] {
             assert_eq!(redact_keywords(text), shown, "{text}");
+        }
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn a_default_parameter_goes_where_libpq_reads_the_query() {
+        for (url, with) in [
+            ("postgresql://h/db", "postgresql://h/db?connect_timeout=5"),
+            ("postgresql://h/db?", "postgresql://h/db?connect_timeout=5"),
+            (
+                "postgresql:///db?host=/tmp",
+                "postgresql:///db?host=/tmp&connect_timeout=5",
+            ),
+            // The ? of a password is no query.
+            (
+                "postgresql://app:ok?x@/db",
+                "postgresql://app:ok?x@/db?connect_timeout=5",
+            ),
+            (
+                "postgresql://h/db?CONNECT_TIMEOUT=1",
+                "postgresql://h/db?CONNECT_TIMEOUT=1",
+            ),
+            (
+                "postgresql://h/db?user=a&connect_timeout=0",
+                "postgresql://h/db?user=a&connect_timeout=0",
+            ),
+        ] {
+            assert_eq!(
+                with_default_param(url, "connect_timeout", "5"),
+                with,
+                "{url}"
+            );
         }
     }
 }

@@ -32,6 +32,14 @@ pub enum PgFailureKind {
 }
 
 impl PgFailureKind {
+    /// What a retry of it waits for.
+    pub(crate) fn waiting(self) -> crate::retry::Waiting {
+        match self {
+            PgFailureKind::ConnectionLost => crate::retry::Waiting::Unavailable,
+            _ => crate::retry::Waiting::Locked,
+        }
+    }
+
     /// What it is, as errors and `tracing` events say it.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -22,13 +22,15 @@ pub use failure::{PgFailure, PgFailureKind};
 pub use session::{PgManager, PgPool, PooledPg};
 pub use status::PgStatus;
 
-use self::session::{Server, SessionError, Settings};
+use self::session::{Server, Settings};
 use crate::error::{Error, Operation, Result};
 use crate::handle::{next_id, Inside, WriteStats};
 use crate::holders::{HeldLock, Holder};
 use crate::migrate::Source;
 use crate::options::Options;
-use crate::retry::{retry_in, Db, Deadline, Failure, RetryPolicy, Success, SystemClock, Try};
+use crate::retry::{
+    retry_in, Db, Deadline, Failure, RetryPolicy, Success, SystemClock, Try, Waiting,
+};
 
 /// OpenTelemetry's `db.system.name` for PostgreSQL.
 const DB_SYSTEM: &str = "postgresql";
@@ -130,21 +132,17 @@ impl Options {
         migrations: S,
     ) -> Result<PgDatabase> {
         crate::url::expect(url, crate::url::Engine::Postgres)?;
-        let server = Server::new(url);
+        let server = Server::new(url, &self);
         let shown = PathBuf::from(server.shown());
         let source = Source::<Pg>::list(migrations)?;
         let started = Instant::now();
         let settings = Settings::new(&self, url);
-        let connect = |settings: &Settings| {
-            session::connect(server.url(), settings).map_err(|error| match error {
-                SessionError::Connect(source) => Error::Connect {
-                    url: server.shown().to_owned(),
-                    source,
-                },
-                SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
-            })
-        };
-        let mut conn = connect(&settings)?;
+        let mut conn = session::open(
+            &server,
+            &settings,
+            &self.retry,
+            Deadline::at(&SystemClock, started, &self.retry),
+        )?;
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started)?;
@@ -158,6 +156,9 @@ impl Options {
             // round trip to test every checkout would cost each write one more.
             .test_on_check_out(false)
             .connection_timeout(self.retry.deadline().max(Duration::from_millis(1)))
+            .error_handler(Box::new(session::TraceConnectErrors {
+                shown: server.shown().to_owned(),
+            }))
             .build_unchecked(manager);
         drop(conn);
         Ok(PgDatabase {
@@ -263,8 +264,10 @@ fn retry_pg<T, E: From<Error>>(
     attempt: impl FnMut(Try) -> Result<T, PgAttempt<E>>,
     holders: impl FnOnce(&PgAttempt<E>, Duration) -> Vec<Holder>,
 ) -> Result<Success<T>, E> {
-    let is_transient = |a: &PgAttempt<E>| {
-        a.transient().is_some() || matches!(a, PgAttempt::Layer(Error::MigrationLockHeld { .. }))
+    let transient = |a: &PgAttempt<E>| match (a.transient(), a) {
+        (Some(failure), _) => Some(failure.kind.waiting()),
+        (None, PgAttempt::Layer(Error::MigrationLockHeld { .. })) => Some(Waiting::Locked),
+        (None, _) => None,
     };
     let describe = |a: &PgAttempt<E>| match (a, a.transient()) {
         (_, Some(failure)) => failure.to_string(),
@@ -277,7 +280,7 @@ fn retry_pg<T, E: From<Error>>(
         deadline.read_now(),
         operation,
         db,
-        is_transient,
+        transient,
         describe,
         attempt,
     )

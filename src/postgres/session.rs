@@ -8,7 +8,9 @@ use diesel::r2d2::{ManageConnection, Pool, PooledConnection, R2D2Connection};
 use diesel::{Connection, PgConnection};
 
 use super::failure::{self, Recorder};
+use crate::error::{Error, Operation};
 use crate::options::Options;
+use crate::retry::{retry_in, Db, Deadline, Failure, RetryPolicy, Waiting};
 use crate::url::redact;
 
 /// The r2d2 pool of a [`PgDatabase`](crate::PgDatabase).
@@ -32,9 +34,18 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    pub(crate) fn new(url: &str) -> Self {
+    /// The server `url` names. Unless the URL sets libpq's `connect_timeout`, each connection
+    /// attempt gets one: the retry deadline in whole seconds, from 2 (libpq's least) to 10. A
+    /// server that accepts and never answers would keep libpq waiting without end.
+    pub(crate) fn new(url: &str, options: &Options) -> Self {
+        let timeout = options
+            .retry
+            .deadline()
+            .as_secs_f64()
+            .ceil()
+            .clamp(2.0, MAX_CONNECT_TIMEOUT.as_secs_f64()) as u64;
         Self {
-            url: url.to_owned(),
+            url: crate::url::with_default_param(url, "connect_timeout", &timeout.to_string()),
             shown: redact(url),
         }
     }
@@ -115,6 +126,92 @@ pub(crate) fn millis(timeout: Option<Duration>) -> u128 {
     timeout.map_or(0, |t| t.as_millis().clamp(1, i32::MAX as u128))
 }
 
+/// The longest `connect_timeout` the layer gives an attempt of its own accord.
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a session on `server` as [`connect`] does, trying again (with `policy`'s jittered
+/// backoff, until `deadline`, each retry traced) while the server is unavailable: not
+/// listening yet, starting up, shutting down or in recovery (57P03), full (53300), or not
+/// answering within `connect_timeout`.
+///
+/// # Errors
+/// [`Error::Connect`] (the last attempt's) if it never opened; [`Error::Query`] if the
+/// session's settings failed.
+pub(crate) fn open(
+    server: &Server,
+    settings: &Settings,
+    policy: &RetryPolicy,
+    deadline: Deadline<'_>,
+) -> Result<PgConnection, Error> {
+    let db = Db {
+        system: super::DB_SYSTEM,
+        namespace: server.namespace(),
+    };
+    let transient = |error: &Error| match error {
+        Error::Connect { source, .. } => unavailable(source).then_some(Waiting::Unavailable),
+        Error::Query { source, .. } => super::failure::failure(source)
+            .filter(|f| f.kind == super::PgFailureKind::ConnectionLost)
+            .map(|f| f.kind.waiting()),
+        _ => None,
+    };
+    retry_in(
+        policy,
+        deadline,
+        Operation::Connect,
+        db,
+        transient,
+        |error: &Error| crate::error::error_chain(error),
+        |_| {
+            connect(server.url(), settings).map_err(|error| match error {
+                SessionError::Connect(source) => Error::Connect {
+                    url: server.shown().to_owned(),
+                    source,
+                },
+                SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
+            })
+        },
+    )
+    .map(|success| success.value)
+    .map_err(|failure| match failure {
+        Failure::Permanent(error) | Failure::Exhausted { last: error, .. } => error,
+    })
+}
+
+/// Whether a connection attempt failed because the server was unavailable for now, by
+/// libpq's message (a failed connection carries no SQLSTATE): nothing listening yet, a
+/// socket's backlog full, a server starting, shutting down or in recovery (57P03), one with
+/// no free connection slot (53300), one that did not answer in time, or one that closed the
+/// connection. libpq's own messages are English in a program that never called `setlocale`;
+/// a server's are in its `lc_messages`, and a server that answers in another language is
+/// not waited for.
+pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
+    const UNAVAILABLE: [&str; 17] = [
+        "Connection refused",
+        "No such file or directory",
+        "Resource temporarily unavailable",
+        "Connection reset by peer",
+        "Connection timed out",
+        "No route to host",
+        "Network is unreachable",
+        "timeout expired",
+        "server closed the connection unexpectedly",
+        "the database system is starting up",
+        "the database system is shutting down",
+        "the database system is in recovery mode",
+        "the database system is not yet accepting connections",
+        "the database system is not accepting connections",
+        "sorry, too many clients already",
+        "remaining connection slots are reserved",
+        "too many connections for",
+    ];
+    match error {
+        diesel::ConnectionError::BadConnection(message) => {
+            UNAVAILABLE.iter().any(|marker| message.contains(marker))
+        }
+        _ => false,
+    }
+}
+
 /// Opens a session: connects, installs the failure recorder, applies `settings`.
 pub(crate) fn connect(url: &str, settings: &Settings) -> Result<PgConnection, SessionError> {
     let mut conn = PgConnection::establish(url).map_err(SessionError::Connect)?;
@@ -131,6 +228,25 @@ pub(crate) enum SessionError {
     Connect(diesel::ConnectionError),
     #[error("cannot apply the session settings")]
     Settings(#[source] diesel::result::Error),
+}
+
+/// The pool's error handler: r2d2 tries a failed connection again until the checkout's
+/// time-out; each failure is traced at `warn`, as the open's retries are.
+#[derive(Debug)]
+pub(crate) struct TraceConnectErrors {
+    pub(crate) shown: String,
+}
+
+impl diesel::r2d2::HandleError<diesel::r2d2::Error> for TraceConnectErrors {
+    fn handle_error(&self, error: diesel::r2d2::Error) {
+        tracing::warn!(
+            db.system.name = super::DB_SYSTEM,
+            db.namespace = %crate::escaped::Escaped::new(&self.shown),
+            operation = Operation::Connect.as_str(),
+            error = %crate::escaped::Escaped::new(&error.to_string()),
+            "cannot open a session for the pool, trying again"
+        );
+    }
 }
 
 /// The connection manager of a [`PgPool`]: Diesel's, except that each session starts with

@@ -5,7 +5,7 @@ use diesel::pg::Pg;
 use diesel::sql_types::{BigInt, Text};
 use diesel::{sql_query, QueryableByName, RunQueryDsl};
 
-use super::session::{self, Server, SessionError, Settings};
+use super::session::{self, Server, Settings};
 use super::{holders, migrate};
 use crate::error::{Error, Operation, Result};
 use crate::handle::Checksums;
@@ -13,6 +13,7 @@ use crate::holders::Holder;
 use crate::migrate::plan::plan;
 use crate::migrate::Source;
 use crate::options::Options;
+use crate::retry::{Deadline, SystemClock};
 
 /// A PostgreSQL database's state, as `status` shows it: the server, the migrations applied,
 /// pending and unknown, the checksums, the owner, and who holds the migration lock. Read in
@@ -68,19 +69,13 @@ impl PgStatus {
     ) -> Result<Self> {
         crate::url::expect(url, crate::url::Engine::Postgres)?;
         let source = Source::<Pg>::list(migrations)?;
-        let server = Server::new(url);
-        let mut conn =
-            session::connect(server.url(), &Settings::new(options, url)).map_err(|error| {
-                match error {
-                    SessionError::Connect(source) => Error::Connect {
-                        url: server.shown().to_owned(),
-                        source,
-                    },
-                    SessionError::Settings(source) => {
-                        Error::query(Operation::ConfigureSession, source)
-                    }
-                }
-            })?;
+        let server = Server::new(url, options);
+        let mut conn = session::open(
+            &server,
+            &Settings::new(options, url),
+            &options.retry,
+            Deadline::now(&SystemClock, &options.retry),
+        )?;
         let query = |e| Error::query(Operation::ReadStatus, e);
         let state = migrate::read_snapshot(&mut conn).map_err(query)?;
         let about = sql_query(

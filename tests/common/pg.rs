@@ -84,70 +84,207 @@ fn start() -> Result<Server, String> {
             return Ok(Server { base: url });
         }
     }
-    let bin = bindir()
-        .ok_or("no initdb: install PostgreSQL's server (Debian: postgresql), or set PG_TEST_URL")?;
-    let dir = tempfile::Builder::new()
-        .prefix("sp-pg-")
-        .tempdir_in("/tmp")
-        .map_err(|e| format!("cannot make a directory for the cluster: {e}"))?
-        .keep();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let as_owner = |program: &str| -> Command {
+    // No process of it crashes: acknowledged commits need not wait for the WAL's flush.
+    let cluster = Cluster::start("-c max_connections=400 -c synchronous_commit=off")?;
+    let base = cluster.url("postgres");
+    // The shared server lives as long as the test binary; its watcher removes it.
+    std::mem::forget(cluster);
+    Ok(Server { base })
+}
+
+/// A private throwaway cluster of a test's own, to restart, stop, fill or fail over without
+/// disturbing the other tests: `initdb` into a temporary directory (as the `postgres` user
+/// when run as root), listening only on a Unix socket there, `fsync=off` (the machine does not
+/// crash) but `synchronous_commit` on (its server processes may: a commit it acknowledged
+/// survives an immediate shutdown). A watcher process
+/// stops it and removes its directory once the test binary has exited; dropping it does so
+/// at once.
+pub struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    root: bool,
+    options: String,
+}
+
+impl Cluster {
+    /// A private cluster started with the server options `extra` (`-c name=value ...`), or
+    /// `None` (after saying why) when the tests may skip and no server can be made.
+    pub fn private(extra: &str) -> Option<Cluster> {
+        match Cluster::start(extra) {
+            Ok(cluster) => Some(cluster),
+            Err(why) => {
+                if std::env::var(PG_TESTS_REQUIRED).as_deref() == Ok("1") {
+                    panic!("PostgreSQL tests are required ({PG_TESTS_REQUIRED}=1) but cannot run: {why}");
+                }
+                eprintln!("skipped: no PostgreSQL server for this test: {why}");
+                None
+            }
+        }
+    }
+
+    /// Makes a cluster (`initdb`) and starts it with the server options `extra`.
+    pub fn start(extra: &str) -> Result<Cluster, String> {
+        let cluster = Cluster::init()?;
+        cluster.set_options(extra);
+        cluster.pg_ctl(&["-w", "-t", "60", "start"])?;
+        Ok(cluster)
+    }
+
+    /// Makes a cluster (`initdb`), not started.
+    pub fn init() -> Result<Cluster, String> {
+        let bin = bindir().ok_or(
+            "no initdb: install PostgreSQL's server (Debian: postgresql), or set PG_TEST_URL",
+        )?;
+        let dir = tempfile::Builder::new()
+            .prefix("sp-pg-")
+            .tempdir_in("/tmp")
+            .map_err(|e| format!("cannot make a directory for the cluster: {e}"))?
+            .keep();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
+        }
         if root {
+            let status = Command::new("chown")
+                .args(["postgres:"])
+                .arg(&dir)
+                .status()
+                .map_err(|e| format!("chown: {e}"))?;
+            if !status.success() {
+                return Err(
+                    "there is no postgres user to run the cluster as (running as root)".into(),
+                );
+            }
+        }
+        let cluster = Cluster {
+            dir,
+            bin,
+            root,
+            options: String::new(),
+        };
+        watch(&cluster.dir, &cluster.bin, root);
+        run(cluster
+            .as_owner("initdb")
+            .arg("-D")
+            .arg(cluster.data())
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]))?;
+        Ok(cluster)
+    }
+
+    /// Sets the server options the next `start` uses, after the harness's own.
+    fn set_options(&self, extra: &str) {
+        // Kept in a file: `pg_ctl restart` reuses the last start's options by itself.
+        let options = format!(
+            "-k {} -c listen_addresses='' -c fsync=off -c full_page_writes=off {extra}",
+            self.dir.display()
+        );
+        std::fs::write(self.dir.join("options"), options).unwrap();
+    }
+
+    fn options(&self) -> String {
+        std::fs::read_to_string(self.dir.join("options")).unwrap_or_default()
+    }
+
+    /// A program of the server's, run as the cluster's owner.
+    pub fn as_owner(&self, program: &str) -> Command {
+        if self.root {
             let mut command = Command::new("runuser");
             command
                 .args(["-u", "postgres", "--"])
-                .arg(bin.join(program));
+                .arg(self.bin.join(program));
             command
         } else {
-            Command::new(bin.join(program))
-        }
-    };
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
-    }
-    if root {
-        let status = Command::new("chown")
-            .args(["postgres:"])
-            .arg(&dir)
-            .status()
-            .map_err(|e| format!("chown: {e}"))?;
-        if !status.success() {
-            return Err("there is no postgres user to run the cluster as (running as root)".into());
+            Command::new(self.bin.join(program))
         }
     }
-    let data = dir.join("data");
-    run(as_owner("initdb").arg("-D").arg(&data).args([
-        "-A",
-        "trust",
-        "-U",
-        "postgres",
-        "--no-sync",
-        "-E",
-        "UTF8",
-        "--locale=C",
-    ]))?;
-    let options = format!(
-        "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=400",
-        dir.display()
-    );
-    run(as_owner("pg_ctl")
-        .arg("-D")
-        .arg(&data)
-        .args(["-w", "-t", "60", "-l"])
-        .arg(dir.join("log"))
-        .args(["-o", &options, "start"]))?;
-    watch(&dir, &bin, root);
-    Ok(Server {
-        base: format!(
-            "postgresql:///postgres?host={}&user=postgres",
-            dir.display()
-        ),
-    })
+
+    /// `pg_ctl` with `args` on this cluster (its log and options added).
+    pub fn pg_ctl(&self, args: &[&str]) -> Result<(), String> {
+        run(self
+            .as_owner("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-o", &self.options()])
+            .args(args))
+    }
+
+    /// `pg_ctl restart -m mode`, waiting (at most a minute) until it accepts connections.
+    pub fn restart(&self, mode: &str) {
+        self.pg_ctl(&["-w", "-t", "60", "-m", mode, "restart"])
+            .unwrap_or_else(|e| panic!("cannot restart the cluster: {e}"));
+    }
+
+    /// `pg_ctl stop -m mode`.
+    pub fn stop(&self, mode: &str) {
+        self.pg_ctl(&["-w", "-t", "60", "-m", mode, "stop"])
+            .unwrap_or_else(|e| panic!("cannot stop the cluster: {e}"));
+    }
+
+    /// Starts it again, with the server options `extra`; `wait` for it to accept connections.
+    pub fn start_again(&self, extra: &str, wait: bool) {
+        self.set_options(extra);
+        let wait = if wait { "-w" } else { "-W" };
+        self.pg_ctl(&[wait, "-t", "60", "start"])
+            .unwrap_or_else(|e| panic!("cannot start the cluster: {e}"));
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The directory of its Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The URL of database `name` as the superuser `postgres`.
+    pub fn url(&self, name: &str) -> String {
+        format!(
+            "postgresql:///{name}?host={}&user=postgres",
+            self.dir.display()
+        )
+    }
+
+    /// A fresh database on it, as the superuser: its URL.
+    pub fn fresh_database(&self) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "p_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        connect(&self.url("postgres"))
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        self.url(&name)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-w", "-t", "60", "-m", "immediate", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The server's programs: `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`.

@@ -39,7 +39,18 @@ pub fn storm_each<'a>(
     env: &[(&str, &str)],
     limit: Duration,
 ) -> Vec<Outcome> {
-    let dir = db.parent().unwrap();
+    storm_at(n, db.parent().unwrap(), db.as_os_str(), args, env, limit)
+}
+
+/// [`storm_each`] on the database `db` (a file or a URL), the barrier's files in `dir`.
+pub fn storm_at<'a>(
+    n: usize,
+    dir: &Path,
+    db: &std::ffi::OsStr,
+    args: impl Fn(usize) -> Vec<&'a str>,
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> Vec<Outcome> {
     let barrier = dir.join(format!("barrier-{}", unique()));
     let children: Vec<Child> = (0..n)
         .map(|i| {
