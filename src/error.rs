@@ -149,8 +149,11 @@ pub enum Error {
         url: String,
     },
 
-    /// The connection to the PostgreSQL server was lost while `COMMIT` was in flight: the
-    /// transaction may have committed or not. It is not run again; read back to find out.
+    /// The connection to the PostgreSQL server was lost while `COMMIT` was in flight, and the
+    /// server could not prove what became of it (it crashed, restarted or failed over
+    /// meanwhile, or [`Options::lost_commit_lookup`](crate::Options::lost_commit_lookup) is
+    /// off): the transaction may have committed or not. It is not run again; read back to
+    /// find out.
     #[error("{operation}: the connection was lost during COMMIT; whether it committed is unknown")]
     CommitOutcomeUnknown {
         /// The operation whose commit was lost.

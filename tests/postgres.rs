@@ -270,38 +270,6 @@ fn a_connection_lost_before_commit_is_retried_on_a_fresh_session() {
 }
 
 #[test]
-fn a_connection_lost_during_commit_is_an_unknown_outcome_never_run_again() {
-    let Some(url) = pg::fresh_database() else {
-        return;
-    };
-    let db = PgDatabase::open(&url, MIGRATIONS).unwrap();
-    // A deferred trigger fires at COMMIT and ends its own session there.
-    pg::connect(&url)
-        .batch_execute(
-            "CREATE TABLE doomed (x INT);
-             CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;
-             CREATE CONSTRAINT TRIGGER die AFTER INSERT ON doomed
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION die();",
-        )
-        .unwrap();
-    let mut runs = 0;
-    let error = db
-        .write(|conn| -> sqlite_persistence::Result<()> {
-            runs += 1;
-            conn.batch_execute("INSERT INTO doomed VALUES (1)")?;
-            Ok(())
-        })
-        .unwrap_err();
-    assert!(
-        matches!(error, Error::CommitOutcomeUnknown { .. }),
-        "{error:?}"
-    );
-    assert_eq!(runs, 1);
-    assert!(error.hint().is_some());
-}
-
-#[test]
 fn a_row_lock_held_past_the_deadline_is_a_typed_error_naming_the_wait() {
     let Some(url) = pg::fresh_database() else {
         return;

@@ -5,6 +5,7 @@ mod failure;
 mod guard;
 mod holders;
 mod migrate;
+mod outcome;
 mod queue;
 mod session;
 mod status;
@@ -22,6 +23,7 @@ pub use failure::{PgFailure, PgFailureKind};
 pub use session::{PgManager, PgPool, PooledPg};
 pub use status::PgStatus;
 
+use self::outcome::Outcome;
 use self::session::{Server, Settings};
 use crate::error::{Error, Operation, Result};
 use crate::handle::{next_id, Inside, WriteStats};
@@ -44,9 +46,12 @@ const DB_SYSTEM: &str = "postgresql";
 ///   (40001), a deadlock (40P01), a lock wait past `lock_timeout` (55P03) or a connection
 ///   lost before `COMMIT` was sent, the whole closure runs again, with the retry policy's
 ///   jittered backoff and deadline, on a fresh session if the old one was lost; so it is
-///   `FnMut` and must not have effects outside the database that cannot repeat. A
-///   connection lost while `COMMIT` was in flight is [`Error::CommitOutcomeUnknown`]: the
-///   transaction may or may not have committed, and it is never run again silently.
+///   `FnMut` and must not have effects outside the database that cannot repeat. For a
+///   connection lost while `COMMIT` was in flight, the server is asked on a fresh session
+///   whether the transaction committed (see [`Options::lost_commit_lookup`]): if it did, the
+///   write returns its value; if it did not, it runs again; where the server cannot prove
+///   either (after a crash or a failover), it is [`Error::CommitOutcomeUnknown`], and never
+///   run again silently.
 /// - [`read`](PgDatabase::read) runs its closure in `REPEATABLE READ READ ONLY`: one
 ///   consistent snapshot, and any write in it is an error.
 ///
@@ -329,7 +334,7 @@ impl PgDatabase {
     /// # Errors
     /// What `f` returns (after a rollback); [`Error::Busy`] if the failures went on past the
     /// deadline; [`Error::CommitOutcomeUnknown`] if the session was lost while `COMMIT` was
-    /// in flight; [`Error::Pool`] if no session could be had; [`Error::Reentrant`] inside a
+    /// in flight and the server could not say whether it committed; [`Error::Pool`] if no session could be had; [`Error::Reentrant`] inside a
     /// `write` or `read` of this database on this thread.
     pub fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
@@ -388,10 +393,42 @@ impl PgDatabase {
                         "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}",
                         session::millis(Some(self.options.lock_timeout.min(attempt.left)))
                     );
-                    transaction(conn, &begin, Operation::Write, |conn| {
+                    let stamped = self.options.lost_commit_lookup;
+                    match transaction(conn, &begin, Operation::Write, stamped, |conn| {
                         began.set(Instant::now());
                         f(conn)
-                    })
+                    }) {
+                        Ok(value) => Ok(value),
+                        Err(Ended::Failed(attempt)) => Err(attempt),
+                        Err(Ended::CommitLost {
+                            value,
+                            stamp,
+                            source,
+                        }) => {
+                            let deadline = Instant::now() + attempt.left;
+                            match outcome::resolve(&self.pool, &stamp, deadline) {
+                                Outcome::Committed => {
+                                    tracing::info!(
+                                        db.system.name = DB_SYSTEM,
+                                        db.namespace = %self.server.namespace(),
+                                        operation = Operation::Write.as_str(),
+                                        "the session was lost during COMMIT; the server says it committed"
+                                    );
+                                    Ok(value)
+                                }
+                                // Lost before it committed: run again as any lost session is.
+                                Outcome::NotCommitted => {
+                                    Err(PgAttempt::Layer(Error::query(Operation::Write, source)))
+                                }
+                                Outcome::Unknown => {
+                                    Err(PgAttempt::Layer(Error::CommitOutcomeUnknown {
+                                        operation: Operation::Write,
+                                        source,
+                                    }))
+                                }
+                            }
+                        }
+                    }
                 })();
                 if matches!(&result, Err(e) if e.transient().is_some()) {
                     self.conflicts.met();
@@ -443,7 +480,14 @@ impl PgDatabase {
                     "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}",
                     session::millis(Some(self.options.lock_timeout.min(attempt.left)))
                 );
-                transaction(&mut conn, &begin, Operation::Read, &mut f)
+                transaction(&mut conn, &begin, Operation::Read, false, &mut f).map_err(|ended| {
+                    match ended {
+                        Ended::Failed(attempt) => attempt,
+                        Ended::CommitLost { source, .. } => {
+                            PgAttempt::Layer(Error::query(Operation::Read, source))
+                        }
+                    }
+                })
             },
             |last, waited| self.lock_holders(last, waited),
         )
@@ -510,37 +554,77 @@ impl PgDatabase {
     }
 }
 
+/// How a transaction of [`transaction`] failed.
+enum Ended<T, E> {
+    /// It failed, and rolled back (or its session was lost before `COMMIT` was sent).
+    Failed(PgAttempt<E>),
+    /// A write's session was lost while its `COMMIT` was in flight: see [`outcome`].
+    CommitLost {
+        value: T,
+        stamp: outcome::Stamp,
+        source: diesel::result::Error,
+    },
+}
+
+impl<T, E> From<PgAttempt<E>> for Ended<T, E> {
+    fn from(attempt: PgAttempt<E>) -> Self {
+        Ended::Failed(attempt)
+    }
+}
+
 /// Runs `f` in a transaction begun with `begin` (which may set `LOCAL` settings after the
 /// `BEGIN`), committing if it succeeds and rolling back if not. A failure of `f` is
-/// classified by the statement that failed last on `conn`; a lost session while `COMMIT` was
-/// in flight is [`Error::CommitOutcomeUnknown`], never retried.
+/// classified by the statement that failed last on `conn`. A write reads its
+/// [`Stamp`](outcome::Stamp) before its `COMMIT`, so that a session lost while the `COMMIT`
+/// was in flight can be asked about ([`Ended::CommitLost`]); a read's lost `COMMIT` is
+/// retried (it wrote nothing).
 fn transaction<T, E: 'static>(
     conn: &mut PgConnection,
     begin: &str,
     operation: Operation,
+    stamped: bool,
     f: impl FnOnce(&mut PgConnection) -> Result<T, E>,
-) -> Result<T, PgAttempt<E>> {
+) -> Result<T, Ended<T, E>> {
     let layer = |source| PgAttempt::Layer(Error::query(operation, source));
     AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(layer)?;
     let _ = failure::take(conn);
-    match f(conn) {
-        Ok(value) => {
-            AnsiTransactionManager::commit_transaction(conn).map_err(|source| {
-                if operation == Operation::Write
-                    && failure::transient(&source) == Some(PgFailureKind::ConnectionLost)
-                {
-                    PgAttempt::Layer(Error::CommitOutcomeUnknown { operation, source })
-                } else {
-                    layer(source)
-                }
-            })?;
-            Ok(value)
-        }
+    let value = match f(conn) {
+        Ok(value) => value,
         Err(error) => {
             let transient = failure::closure_failure(failure::take(conn), &error);
             // A lost session cannot roll back; the server has done so.
             let _ = AnsiTransactionManager::rollback_transaction(conn);
-            Err(PgAttempt::Caller { error, transient })
+            return Err(PgAttempt::Caller { error, transient }.into());
         }
+    };
+    let stamp = if stamped {
+        match outcome::stamp(conn) {
+            Ok(stamp) => Some(stamp),
+            Err(source) => {
+                let _ = AnsiTransactionManager::rollback_transaction(conn);
+                return Err(layer(source).into());
+            }
+        }
+    } else {
+        None
+    };
+    match AnsiTransactionManager::commit_transaction(conn) {
+        Ok(()) => Ok(value),
+        Err(source) => match stamp {
+            Some(stamp) if failure::transient(&source) == Some(PgFailureKind::ConnectionLost) => {
+                Err(Ended::CommitLost {
+                    value,
+                    stamp,
+                    source,
+                })
+            }
+            // A write that reads no stamp cannot be asked about.
+            None if operation == Operation::Write
+                && failure::transient(&source) == Some(PgFailureKind::ConnectionLost) =>
+            {
+                Err(PgAttempt::Layer(Error::CommitOutcomeUnknown { operation, source }).into())
+            }
+            _ => Err(layer(source).into()),
+        },
     }
 }

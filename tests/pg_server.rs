@@ -1,0 +1,294 @@
+//! PostgreSQL servers that are not simply there: starting late, full, not answering, or
+//! ending a session while its `COMMIT` is in flight. Each test runs a private cluster of its
+//! own (see `common::pg::Cluster`), which it stops, fills or disturbs.
+
+mod common;
+
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use sqlite_persistence::{Error, Options, PgDatabase, RetryPolicy};
+
+use common::pg::{self, Cluster};
+use common::MIGRATIONS;
+
+use common::bump_in_pg as increment;
+
+/// Runs `f` on a thread and waits for it at most `limit`: a hang fails the test instead of
+/// stopping the suite.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    result
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("still running after {limit:?}"))
+}
+
+fn options(deadline: Duration) -> Options {
+    Options::new().retry(RetryPolicy::new().max_elapsed(deadline))
+}
+
+#[test]
+fn an_open_waits_for_a_server_that_starts_late() {
+    let Some(cluster) = Cluster::private("") else {
+        return;
+    };
+    let url = cluster.fresh_database();
+    cluster.stop("fast");
+    // The socket is gone: the open meets "No such file or directory", then "Connection
+    // refused" or 57P03 ("the database system is starting up"). It failed at once.
+    let opening = {
+        let url = url.clone();
+        std::thread::spawn(move || options(Duration::from_secs(60)).open_postgres(&url, MIGRATIONS))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.start_again("", false);
+    let db = within(Duration::from_secs(90), move || opening.join().unwrap())
+        .expect("the open gave up on a server that was starting");
+    assert_eq!(
+        db.write(|conn| increment(conn, "a").map_err(Error::from))
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
+fn an_open_waits_for_a_free_connection_slot() {
+    // Three slots for ordinary roles (and three more reserved for superusers).
+    let Some(cluster) =
+        Cluster::private("-c max_connections=6 -c superuser_reserved_connections=3")
+    else {
+        return;
+    };
+    let admin_url = cluster.fresh_database();
+    let mut admin = pg::connect(&admin_url);
+    admin
+        .batch_execute("CREATE ROLE app LOGIN; GRANT ALL ON SCHEMA public TO app;")
+        .unwrap();
+    drop(admin);
+    let url = admin_url.replace("user=postgres", "user=app");
+    // Every ordinary slot taken.
+    let mut taken: Vec<PgConnection> = (0..3).map(|_| pg::connect(&url)).collect();
+    let full = PgConnection::establish(&url)
+        .err()
+        .expect("a fourth session opened");
+    assert!(
+        full.to_string()
+            .contains("remaining connection slots are reserved"),
+        "{full}"
+    );
+    let opening = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            options(Duration::from_secs(60))
+                .pool_size(1)
+                .open_postgres(&url, MIGRATIONS)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The open is still waiting; a slot frees.
+    assert!(!opening.is_finished(), "{:?}", opening.join());
+    taken.pop();
+    let db = within(Duration::from_secs(90), move || opening.join().unwrap())
+        .expect("the open gave up on a full server");
+    drop(taken);
+    db.write(|conn| increment(conn, "a").map_err(Error::from))
+        .unwrap();
+}
+
+#[test]
+fn a_server_that_never_answers_is_given_up_on() {
+    // A listener that accepts and never says a word: libpq waited for it without end.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let url = format!("postgresql://app@127.0.0.1:{port}/app");
+    let error = within(Duration::from_secs(60), move || {
+        options(Duration::from_secs(3))
+            .open_postgres(&url, MIGRATIONS)
+            .unwrap_err()
+    });
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    assert!(
+        common::chain(&error).contains("timeout expired"),
+        "{}",
+        common::chain(&error)
+    );
+}
+
+/// A write whose `COMMIT` commits locally and then waits for a synchronous standby that
+/// never comes, while another thread, once it sees it waiting, calls `disturb` (which ends
+/// its session): what the write returned, how often its closure ran, and what is stored.
+fn commit_lost_after_it_committed(
+    lookup: bool,
+    disturb: impl Fn(&Cluster, &mut PgConnection, i32) + Send + 'static,
+) -> Option<(sqlite_persistence::Result<i64>, u32, i64)> {
+    let cluster = std::sync::Arc::new(Cluster::private("")?);
+    let url = cluster.fresh_database();
+    let name = url
+        .split('?')
+        .next()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    // Every other commit of the database does not wait; then the standby is asked for.
+    let mut setup = pg::connect(&url);
+    for sql in [
+        format!("ALTER DATABASE {name} SET synchronous_commit = local"),
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'".to_owned(),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        setup.batch_execute(&sql).unwrap();
+    }
+    // pg_control keeps a checkpoint's time in whole seconds: a checkpoint in the second a
+    // write began may have come after it, and proves nothing. The write begins later.
+    let later = pg::wait_until(Duration::from_secs(10), || {
+        diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "SELECT floor(extract(epoch FROM clock_timestamp())) > \
+               (SELECT extract(epoch FROM checkpoint_time) FROM pg_control_checkpoint())",
+        )
+        .get_result::<bool>(&mut setup)
+        .unwrap()
+    });
+    assert!(later);
+    let db = options(Duration::from_secs(60))
+        .lost_commit_lookup(lookup)
+        .open_postgres(&url, MIGRATIONS)
+        .unwrap();
+    let ender = {
+        let url = url.clone();
+        let cluster = std::sync::Arc::clone(&cluster);
+        std::thread::spawn(move || {
+            let mut admin = pg::connect(&url);
+            #[derive(QueryableByName)]
+            struct Pid {
+                #[diesel(sql_type = diesel::sql_types::Integer)]
+                pid: i32,
+            }
+            let mut waiting = None;
+            pg::wait_until(Duration::from_secs(60), || {
+                waiting = diesel::sql_query(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                )
+                .get_result::<Pid>(&mut admin)
+                .ok()
+                .map(|p| p.pid);
+                waiting.is_some()
+            });
+            let pid = waiting.expect("no COMMIT waited for the standby");
+            disturb(&cluster, &mut admin, pid);
+        })
+    };
+    let (written, runs) = within(Duration::from_secs(90), move || {
+        let mut runs = 0;
+        let written = db.write(|conn| -> sqlite_persistence::Result<i64> {
+            runs += 1;
+            conn.batch_execute("SET LOCAL synchronous_commit = on")?;
+            Ok(increment(conn, "a")?)
+        });
+        (written, runs)
+    });
+    ender.join().unwrap();
+    let stored: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "SELECT coalesce(max(value), 0) FROM counters WHERE name = 'a'",
+    )
+    .get_result(&mut pg::connect(&url))
+    .unwrap();
+    Some((written, runs, stored))
+}
+
+#[test]
+fn a_commit_whose_session_was_lost_is_answered_by_what_the_server_says() {
+    let Some((written, runs, stored)) = commit_lost_after_it_committed(true, terminate) else {
+        return;
+    };
+    // It committed, once: the write says so and was not run again. It was
+    // CommitOutcomeUnknown.
+    assert_eq!(written.unwrap(), 1);
+    assert_eq!((runs, stored), (1, 1));
+}
+
+#[test]
+fn without_the_lookup_a_lost_commit_is_unknown() {
+    let Some((written, runs, stored)) = commit_lost_after_it_committed(false, terminate) else {
+        return;
+    };
+    let error = written.unwrap_err();
+    assert!(
+        matches!(error, Error::CommitOutcomeUnknown { .. }),
+        "{error:?}"
+    );
+    assert_eq!((runs, stored), (1, 1));
+}
+
+fn terminate(_: &Cluster, admin: &mut PgConnection, pid: i32) {
+    admin
+        .batch_execute(&format!("SELECT pg_terminate_backend({pid})"))
+        .unwrap();
+}
+
+#[test]
+fn a_commit_lost_in_a_crash_is_reported_unknown_and_never_run_again() {
+    // After a crash the server may hand the transaction's id out again: its status proves
+    // nothing, and the write must not claim either outcome.
+    let Some((written, runs, stored)) =
+        commit_lost_after_it_committed(true, |cluster, _, _| cluster.restart("immediate"))
+    else {
+        return;
+    };
+    let error = written.unwrap_err();
+    assert!(
+        matches!(error, Error::CommitOutcomeUnknown { .. }),
+        "{error:?}"
+    );
+    assert!(error.hint().is_some());
+    assert_eq!(runs, 1);
+    // It had committed locally, and the crash kept it.
+    assert_eq!(stored, 1);
+}
+
+#[test]
+fn a_commit_lost_before_it_committed_is_run_again() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let db = PgDatabase::open(&url, MIGRATIONS).unwrap();
+    // A deferred trigger fires at COMMIT, before the commit record, and ends its own
+    // session there the first time only (a sequence is not rolled back).
+    pg::connect(&url)
+        .batch_execute(
+            "CREATE SEQUENCE kills;
+             CREATE TABLE doomed (x INT);
+             CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF nextval('kills') = 1 THEN PERFORM pg_terminate_backend(pg_backend_pid());
+             END IF; RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER die AFTER INSERT ON doomed
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION die();",
+        )
+        .unwrap();
+    let mut runs = 0;
+    db.write(|conn| -> sqlite_persistence::Result<()> {
+        runs += 1;
+        conn.batch_execute("INSERT INTO doomed VALUES (1)")?;
+        Ok(())
+    })
+    .unwrap();
+    // The server said it had not committed: run again, once, and stored once.
+    assert_eq!(runs, 2);
+    let stored: i64 = diesel::dsl::sql::<diesel::sql_types::BigInt>("SELECT count(*) FROM doomed")
+        .get_result(&mut pg::connect(&url))
+        .unwrap();
+    assert_eq!(stored, 1);
+}
