@@ -464,3 +464,366 @@ fn a_future_dropped_before_its_write_began_never_runs_it() {
         assert!(common::values(db.blocking(), "dropped").unwrap().is_empty());
     });
 }
+
+/// How long a scenario that could deadlock may take before its test fails instead of hanging:
+/// far more than any of them needs on a loaded machine.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// Runs `scenario` on a thread of its own and returns what it returns; fails the test if it
+/// has not finished within [`WATCHDOG`] (a deadlock), and passes its panic on.
+fn within<T: Send + 'static>(what: &str, scenario: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, finished) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = done.send(scenario());
+    });
+    match finished.recv_timeout(WATCHDOG) {
+        Ok(value) => value,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: still not finished after {WATCHDOG:?}: deadlocked")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(thread.join().unwrap_err())
+        }
+    }
+}
+
+/// The two runtime flavours, by name.
+const FLAVORS: [&str; 2] = ["current_thread", "multi_thread"];
+
+/// A runtime of `flavor` (two workers if multi-thread), with `on_thread` run on each of its
+/// threads (workers and blocking threads) as it starts and `off_thread` as it stops.
+fn runtime_with(
+    flavor: &str,
+    on_thread: impl Fn() + Send + Sync + 'static,
+    off_thread: impl Fn() + Send + Sync + 'static,
+) -> tokio::runtime::Runtime {
+    let mut builder = match flavor {
+        "current_thread" => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(2);
+            builder
+        }
+    };
+    builder
+        .enable_all()
+        .on_thread_start(on_thread)
+        .on_thread_stop(off_thread)
+        .build()
+        .unwrap()
+}
+
+fn runtime(flavor: &str) -> tokio::runtime::Runtime {
+    runtime_with(flavor, || {}, || {})
+}
+
+thread_local! {
+    /// The capturing subscriber of a runtime's thread, while the thread lives.
+    static CAPTURING: std::cell::RefCell<Option<tracing::dispatcher::DefaultGuard>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A runtime of `flavor` whose threads send their `info` events to `captured`, and the
+/// dispatcher to install on the thread that drives it.
+fn capturing_runtime(
+    flavor: &str,
+    captured: &common::Captured,
+) -> (tokio::runtime::Runtime, tracing::Dispatch) {
+    let dispatch = tracing::Dispatch::new(captured.subscriber(tracing::Level::INFO));
+    let on_thread = dispatch.clone();
+    let runtime = runtime_with(
+        flavor,
+        move || {
+            let guard = tracing::dispatcher::set_default(&on_thread);
+            CAPTURING.with_borrow_mut(|slot| *slot = Some(guard));
+        },
+        || CAPTURING.with_borrow_mut(|slot| drop(slot.take())),
+    );
+    (runtime, dispatch)
+}
+
+/// Wakes a thread parked in [`block_on_std`], or says on a channel that it was woken.
+enum Wake {
+    Thread(std::thread::Thread),
+    Channel(Mutex<std::sync::mpsc::Sender<()>>),
+}
+
+impl std::task::Wake for Wake {
+    fn wake(self: Arc<Self>) {
+        match &*self {
+            Wake::Thread(thread) => thread.unpark(),
+            Wake::Channel(sender) => {
+                let _ = sender.lock().unwrap().send(());
+            }
+        }
+    }
+}
+
+/// Runs `future` to its end on this thread without tokio: an executor of the kind a library
+/// might use inside a closure (`futures::executor::block_on`).
+fn block_on_std<F: std::future::Future>(future: F) -> F::Output {
+    let waker = std::task::Waker::from(Arc::new(Wake::Thread(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(value) = future.as_mut().poll(&mut cx) {
+            return value;
+        }
+        std::thread::park();
+    }
+}
+
+/// The number of lines of `text` that log a call finished after its future was dropped,
+/// on the database `namespace`, with `outcome`.
+fn logged_outcomes(text: &str, namespace: &str, outcome: &str) -> usize {
+    text.lines()
+        .filter(|line| {
+            line.contains("finished after its caller dropped it")
+                && line.contains(namespace)
+                && line.contains(&format!("outcome=\"{outcome}\""))
+        })
+        .count()
+}
+
+#[test]
+fn every_call_runs_inside_a_local_set_on_a_multi_thread_runtime() {
+    let (dir, path) = fresh_db();
+    let counted = within("16 tasks of a LocalSet", move || {
+        let runtime = runtime("multi_thread");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let db = AsyncDatabase::open(&path, MIGRATIONS).await.unwrap();
+            let tasks: Vec<_> = (0..16)
+                .map(|i| {
+                    let db = db.clone();
+                    tokio::task::spawn_local(async move {
+                        let name = format!("local{i}");
+                        let key = name.clone();
+                        db.write(move |conn| -> sqlite_persistence::Result<i64> {
+                            Ok(common::bump_in(conn, &key)?)
+                        })
+                        .await
+                        .unwrap();
+                        let seen: Vec<i64> = db
+                            .read(move |conn| {
+                                use common::schema::events;
+                                events::table
+                                    .filter(events::counter.eq(&name))
+                                    .select(events::value)
+                                    .load(conn)
+                            })
+                            .await
+                            .unwrap();
+                        let tables = db
+                            .interact(|conn| diesel::sql_query("SELECT 1").execute(conn).unwrap())
+                            .await
+                            .unwrap();
+                        (seen, tables)
+                    })
+                })
+                .collect();
+            let mut counted = 0;
+            for task in tasks {
+                let (seen, _) = task.await.expect("a call panicked inside the LocalSet");
+                assert_eq!(seen, [1]);
+                counted += 1;
+            }
+            counted
+        })
+    });
+    assert_eq!(counted, 16);
+    drop(dir);
+}
+
+#[test]
+fn a_nested_call_on_a_clone_is_refused_at_once_on_both_flavours() {
+    use sqlite_persistence::{Error, Operation};
+    for flavor in FLAVORS {
+        let (_dir, path) = fresh_db();
+        let nested = within(&format!("nested calls ({flavor})"), move || {
+            runtime(flavor).block_on(async move {
+                let db = AsyncDatabase::open(&path, MIGRATIONS).await.unwrap();
+                let inner = db.clone();
+                db.write(move |conn| -> sqlite_persistence::Result<_> {
+                    let handle = tokio::runtime::Handle::current();
+                    let bump = |conn: &mut SqliteConnection| -> sqlite_persistence::Result<i64> {
+                        Ok(common::bump_in(conn, "inner")?)
+                    };
+                    let write = handle.block_on(inner.write(bump));
+                    let read = handle.block_on(inner.read(bump));
+                    let interact = handle.block_on(inner.interact(|_conn| ()));
+                    let measured = handle.block_on(inner.write_measured(bump));
+                    // Another executor than tokio's, as a library might use in a closure.
+                    let elsewhere = block_on_std(inner.write(bump));
+                    common::bump_in(conn, "outer")?;
+                    Ok([
+                        write.map(drop),
+                        read.map(drop),
+                        interact,
+                        measured.map(drop),
+                        elsewhere.map(drop),
+                    ])
+                })
+                .await
+                .unwrap()
+            })
+        });
+        let expected = [
+            Operation::Write,
+            Operation::Read,
+            Operation::Connection,
+            Operation::Write,
+            Operation::Write,
+        ];
+        for (result, operation) in nested.into_iter().zip(expected) {
+            match result {
+                Err(Error::Reentrant {
+                    operation: o,
+                    outer,
+                }) => {
+                    assert_eq!((o, outer), (operation, Operation::Write), "{flavor}")
+                }
+                other => panic!("{flavor}: nested {operation:?}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn a_write_whose_future_is_dropped_after_it_finished_is_logged() {
+    for flavor in FLAVORS {
+        let (_dir, path) = fresh_db();
+        create_jobs(&path);
+        let captured = common::Captured::default();
+        let (runtime, dispatch) = capturing_runtime(flavor, &captured);
+        let db = runtime
+            .block_on(AsyncDatabase::open(&path, MIGRATIONS))
+            .unwrap();
+        let (woken, is_woken) = std::sync::mpsc::channel();
+        let waker = std::task::Waker::from(Arc::new(Wake::Channel(Mutex::new(woken))));
+        let mut write = Box::pin(db.write(|conn| -> sqlite_persistence::Result<()> {
+            diesel::sql_query("INSERT INTO jobs (id) VALUES (1)").execute(conn)?;
+            Ok(())
+        }));
+        let returned = {
+            let _entered = runtime.enter();
+            let _subscribed = tracing::dispatcher::set_default(&dispatch);
+            let polled = std::future::Future::poll(
+                write.as_mut(),
+                &mut std::task::Context::from_waker(&waker),
+            );
+            match polled {
+                std::task::Poll::Ready(result) => {
+                    result.unwrap();
+                    true
+                }
+                std::task::Poll::Pending => {
+                    // Woken: its blocking task is over. Dropped without being polled again,
+                    // so nobody receives its outcome.
+                    is_woken.recv_timeout(WATCHDOG).expect("never woken");
+                    drop(write);
+                    false
+                }
+            }
+        };
+        // Waits for every blocking task.
+        drop(runtime);
+        let stored = common::query_strings(&path, "SELECT count(*) AS value FROM jobs");
+        assert_eq!(stored, ["1"], "{flavor}");
+        let logged = logged_outcomes(&captured.text(), &path.display().to_string(), "committed");
+        assert_eq!(
+            logged,
+            usize::from(!returned),
+            "{flavor}: returned {returned}, logged {logged}: {}",
+            captured.text()
+        );
+    }
+}
+
+#[test]
+fn no_outcome_of_thousands_of_select_cancellations_goes_unreported() {
+    for flavor in FLAVORS {
+        let (_dir, path) = fresh_db();
+        create_jobs(&path);
+        let captured = common::Captured::default();
+        let (runtime, dispatch) = capturing_runtime(flavor, &captured);
+        let began: Arc<Mutex<HashSet<i64>>> = Arc::default();
+        let began_in = Arc::clone(&began);
+        let opened = path.clone();
+        let returned: HashSet<i64> = tracing::dispatcher::with_default(&dispatch, || {
+            runtime.block_on(async move {
+                let db = AsyncDatabase::open(&opened, MIGRATIONS).await.unwrap();
+                let tasks: Vec<_> = (0..4)
+                    .map(|task| {
+                        let (db, began) = (db.clone(), Arc::clone(&began_in));
+                        tokio::spawn(async move {
+                            let mut rng = rand::rngs::SmallRng::seed_from_u64(task);
+                            let mut returned = Vec::new();
+                            for id in (0..2_400).filter(|id| id % 4 == task as i64) {
+                                let began = Arc::clone(&began);
+                                let write =
+                                    db.write(move |conn| -> sqlite_persistence::Result<()> {
+                                        began.lock().unwrap().insert(id);
+                                        diesel::sql_query(format!(
+                                            "INSERT INTO jobs (id) VALUES ({id})"
+                                        ))
+                                        .execute(conn)?;
+                                        Ok(())
+                                    });
+                                // Given up after a random number of the runtime's turns: before
+                                // the write began, while it ran, or once it had finished.
+                                let turns = rng.random_range(0..40);
+                                tokio::select! {
+                                    result = write => {
+                                        result.unwrap();
+                                        returned.push(id);
+                                    }
+                                    _ = async {
+                                        for _ in 0..turns {
+                                            tokio::task::yield_now().await;
+                                        }
+                                    } => {}
+                                }
+                            }
+                            returned
+                        })
+                    })
+                    .collect();
+                let mut returned = HashSet::new();
+                for task in tasks {
+                    returned.extend(task.await.unwrap());
+                }
+                returned
+            })
+        });
+        // Waits for every blocking task, the orphaned writes included.
+        drop(runtime);
+        let began = began.lock().unwrap().clone();
+        let text = captured.text();
+        let namespace = path.display().to_string();
+        let logged_committed = logged_outcomes(&text, &namespace, "committed");
+        let logged = logged_committed + logged_outcomes(&text, &namespace, "failed");
+        let stored = common::query_strings(&path, "SELECT CAST(id AS TEXT) AS value FROM jobs");
+        let distinct: HashSet<&String> = stored.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            stored.len(),
+            "{flavor}: a write applied twice"
+        );
+        assert!(returned.is_subset(&began));
+        // Every write that began was either returned to its caller or logged, none vanished.
+        assert_eq!(
+            began.len(),
+            returned.len() + logged,
+            "{flavor}: {} began, {} returned, {logged} logged",
+            began.len(),
+            returned.len()
+        );
+        assert_eq!(stored.len(), returned.len() + logged_committed, "{flavor}");
+        // The cancellations did cancel, before and after writes began.
+        assert!(
+            began.len() < 2_400 && returned.len() < began.len(),
+            "{flavor}"
+        );
+    }
+}
