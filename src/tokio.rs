@@ -200,6 +200,18 @@ macro_rules! async_database {
         /// It works alike on a multi-thread and a current-thread runtime, in a `LocalSet` and
         /// under `Handle::block_on`, and never panics for the context it is called in.
         ///
+        /// # Engines
+        /// `AsyncDatabase` (that is, `AsyncDatabase<Database>`) serves SQLite, and
+        /// `AsyncDatabase<PgDatabase>` (opened with `AsyncDatabase::open_postgres`, or made
+        /// from a `PgDatabase` with `From`) PostgreSQL, with the same calls and the same
+        /// contract. On SQLite, the writes of one handle take turns in arrival order before
+        /// they take a blocking thread, and keep their turn until their blocking work ends:
+        /// SQLite runs one write at a time, and a write waiting for the lock would hold a
+        /// blocking thread and a pooled connection. On PostgreSQL they do not: the server runs
+        /// writes side by side, and writes that conflict are run again (or queue on the
+        /// layer's write queue), so turns would only serialise writes that do not conflict.
+        /// On both, the pool size bounds the calls that run at once.
+        ///
         /// # Nested calls
         /// A call made from inside another call's closure, on its thread (awaited with
         /// `Handle::block_on` or another executor), runs there at once, as the blocking API's

@@ -74,9 +74,8 @@ fn cancelling_writer_child() {
     let first: i64 = std::env::var("ASYNC_FIRST_ID").unwrap().parse().unwrap();
     let writes: i64 = std::env::var("ASYNC_WRITES").unwrap().parse().unwrap();
     let go = std::env::var("ASYNC_GO").unwrap();
-    // A multi-thread runtime runs each call within one poll of its future (which can then be
-    // dropped only before the call began); a current-thread one on a blocking thread (where
-    // the future can also be dropped while the call runs).
+    // Either flavour runs each call on a blocking thread, where the future can be dropped
+    // before the call began or while it runs.
     let runtime = match std::env::var("ASYNC_FLAVOR").unwrap().as_str() {
         "multi" => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -190,7 +189,7 @@ fn cancelled_writes_never_leave_a_transaction_open_nor_apply_twice() {
         }
         assert!(child.wait().unwrap().success());
     }
-    // Cancelled after they began (the current-thread process only): each stored at most once.
+    // Cancelled after they began: each stored at most once.
     let began_then_cancelled = reports.values().filter(|(c, s)| !c && *s).count();
     assert_eq!(reports.len(), 2 * per_process as usize);
 
