@@ -20,7 +20,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use ::tokio::sync::{Mutex as Turns, Semaphore};
+use ::tokio::sync::Semaphore;
 
 use crate::error::{Error, Operation, Result};
 use crate::handle::{next_id, Inside, WriteStats};
@@ -39,8 +39,8 @@ mod sealed {
     pub trait Sealed {
         /// OpenTelemetry's `db.system.name` of the engine, for the events.
         const SYSTEM: &'static str;
-        /// Whether the writes of one handle take turns before they take a blocking thread:
-        /// the engine runs one write at a time anyway.
+        /// Whether the writes of one handle queue and run one after another on one blocking
+        /// thread: the engine runs one write at a time anyway.
         const SERIAL_WRITES: bool;
 
         /// The database as the events show it (its path, or its URL without the password).
@@ -140,7 +140,7 @@ impl BlockingDatabase for Database {
 impl sealed::Sealed for PgDatabase {
     const SYSTEM: &'static str = "postgresql";
     // The server runs writes side by side (`SERIALIZABLE`, run again on a conflict, and the
-    // layer's own queue for writers that met one): taking turns here would only serialise
+    // layer's own queue for writers that met one): queueing them here would only serialise
     // writes that do not conflict.
     const SERIAL_WRITES: bool = false;
 
@@ -193,9 +193,8 @@ macro_rules! async_database {
         /// A [`Database`](crate::Database) (or, with the feature `postgres`, a `PgDatabase`:
         /// `AsyncDatabase<PgDatabase>`) for async code: every call runs on tokio's blocking
         /// threads, at most as many at once as the pool has connections, so that no runtime
-        /// worker ever waits for a lock; on SQLite, the writes of one handle take turns
-        /// asynchronously, in arrival order, before they take a thread. Cheap to clone; the
-        /// clones share the database.
+        /// worker ever waits for a lock; on SQLite, the writes of one handle queue in arrival
+        /// order and run one after another. Cheap to clone; the clones share the database.
         ///
         /// It works alike on a multi-thread and a current-thread runtime, in a `LocalSet` and
         /// under `Handle::block_on`, and never panics for the context it is called in.
@@ -204,13 +203,14 @@ macro_rules! async_database {
         /// `AsyncDatabase` (that is, `AsyncDatabase<Database>`) serves SQLite, and
         /// `AsyncDatabase<PgDatabase>` (opened with `AsyncDatabase::open_postgres`, or made
         /// from a `PgDatabase` with `From`) PostgreSQL, with the same calls and the same
-        /// contract. On SQLite, the writes of one handle take turns in arrival order before
-        /// they take a blocking thread, and keep their turn until their blocking work ends:
-        /// SQLite runs one write at a time, and a write waiting for the lock would hold a
-        /// blocking thread and a pooled connection. On PostgreSQL they do not: the server runs
-        /// writes side by side, and writes that conflict are run again (or queue on the
-        /// layer's write queue), so turns would only serialise writes that do not conflict.
-        /// On both, the pool size bounds the calls that run at once.
+        /// contract. On SQLite, the writes of one handle queue in arrival order (a write in
+        /// the queue holds no thread) and run one after another on one blocking thread at a
+        /// time, which goes on to the next queued write at once: SQLite runs one write at a
+        /// time, and a write waiting for the lock would hold a blocking thread and a pooled
+        /// connection. On PostgreSQL they do not queue: the server runs writes side by side,
+        /// and writes that conflict are run again (or queue on the layer's write queue), so
+        /// a queue here would only serialise writes that do not conflict. On both, the pool
+        /// size bounds the calls that run at once (on SQLite the queued writes count as one).
         ///
         /// # Nested calls
         /// A call made from inside another call's closure, on its thread (awaited with
@@ -284,10 +284,8 @@ struct Shared<D> {
     id: u64,
     /// One permit per pooled connection: how many calls run on blocking threads at once.
     slots: Arc<Semaphore>,
-    /// On SQLite, this handle's writes take turns here first, in arrival order, until their
-    /// blocking work ends: SQLite lets one write at a time anyway, and a task waiting here
-    /// holds no thread, where one waiting for the write lock would hold a blocking thread.
-    turns: Option<Arc<Turns<()>>>,
+    /// On SQLite, this handle's writes, run one after another.
+    writes: Option<Arc<Writes>>,
     /// The database as the events show it.
     namespace: Arc<str>,
 }
@@ -308,7 +306,7 @@ impl<D: BlockingDatabase> From<D> for AsyncDatabase<D> {
             shared: Arc::new(Shared {
                 id: next_id(),
                 slots: Arc::new(Semaphore::new(slots)),
-                turns: D::SERIAL_WRITES.then(Arc::default),
+                writes: D::SERIAL_WRITES.then(Arc::default),
                 namespace,
                 database,
             }),
@@ -377,15 +375,6 @@ impl Drop for Watch {
             }
             Phase::Abandoned | Phase::Orphaned | Phase::Done => {}
         }
-    }
-}
-
-/// The outcome a log line names.
-fn outcome<T, E>(ended: &std::thread::Result<std::result::Result<T, E>>) -> &'static str {
-    match ended {
-        Ok(Ok(_)) => "committed",
-        Ok(Err(_)) => "failed",
-        Err(_) => "panicked",
     }
 }
 
@@ -552,8 +541,9 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         &self.shared.database
     }
 
-    /// Runs `call` on a blocking thread once its turn (a write on SQLite) and a slot are
-    /// free, cancellation-safe; or here, at once, if this thread is inside a call already.
+    /// Runs `call` on a blocking thread, cancellation-safe: a write on SQLite through the
+    /// handle's queue of writes, anything else once a slot is free; or here, at once, if this
+    /// thread is inside a call already.
     async fn run<T, E, C>(&self, operation: Operation, call: C) -> std::result::Result<T, E>
     where
         C: FnOnce(&D) -> std::result::Result<T, E> + Send + 'static,
@@ -563,7 +553,7 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         let shared = &self.shared;
         if Inside::current().is_some() {
             // This thread is inside a call of this layer: the future is awaited from its
-            // closure, by a blocking executor. Waiting for a turn, a slot or a blocking
+            // closure, by a blocking executor. Waiting for the queue, a slot or a blocking
             // thread the outer call may hold would never end; the blocking API's answer is
             // at hand instead (`Error::Reentrant` on the same database).
             let _inside = Inside::enter(shared.id, operation)?;
@@ -575,61 +565,217 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
             system: D::SYSTEM,
             namespace: Arc::clone(&shared.namespace),
         }));
-        let turn = match (&shared.turns, operation) {
-            (Some(turns), Operation::Write) => Some(Arc::clone(turns).lock_owned().await),
-            _ => None,
+        let work = {
+            let (state, shared) = (Arc::clone(&watch.0), Arc::clone(shared));
+            move || attempt(&state, operation, || call(&shared.database), shared.id)
         };
-        let permit = Arc::clone(&shared.slots)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let task_shared = Arc::clone(shared);
-        let call_state = Arc::clone(&watch.0);
-        let task = ::tokio::task::spawn_blocking(move || {
-            // The turn and the slot are held until the blocking work ends, even if the
-            // future is dropped meanwhile.
-            let (_turn, _permit) = (turn, permit);
-            {
-                let mut phase = call_state.phase();
-                if *phase == Phase::Abandoned {
-                    tracing::debug!(
-                        operation = operation.as_str(),
-                        "dropped before it began: not run"
-                    );
-                    return None;
+        let ended = match (&shared.writes, operation) {
+            (Some(writes), Operation::Write) => {
+                let (sender, receiver) = ::tokio::sync::oneshot::channel();
+                writes.submit(
+                    Box::new(move || {
+                        // A dropped receiver: its future's drop logged the outcome (or the
+                        // work did, if the future was dropped while it ran).
+                        let _ = sender.send(work());
+                    }),
+                    &shared.slots,
+                );
+                // An error: the queue was dropped with the write in it, unrun (the runtime
+                // shut down before its runner started).
+                receiver.await.ok()
+            }
+            _ => {
+                let permit = Arc::clone(&shared.slots)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
+                let task = ::tokio::task::spawn_blocking(move || {
+                    // The slot is held until the blocking work ends, even if the future is
+                    // dropped meanwhile.
+                    let _permit = permit;
+                    work()
+                });
+                match task.await {
+                    Ok(ended) => Some(ended),
+                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                    // The runtime shut down before the task started.
+                    Err(_) => None,
                 }
-                *phase = Phase::Running;
             }
-            let ended =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    match Inside::enter(task_shared.id, operation) {
-                        Ok(_inside) => call(&task_shared.database),
-                        Err(error) => Err(E::from(error)),
-                    }
-                }));
-            let outcome = outcome(&ended);
-            let mut phase = call_state.phase();
-            if *phase == Phase::Orphaned {
-                *phase = Phase::Done;
-                drop(phase);
-                call_state.log(outcome);
-            } else {
-                // Its future receives it, or logs it if dropped first.
-                *phase = Phase::Finished(outcome);
-            }
-            Some(ended)
-        });
-        let ended = task.await;
+        };
         // From here the outcome is this future's: dropping `watch` changes nothing.
         *watch.0.phase() = Phase::Done;
         drop(watch);
         match ended {
-            Ok(Some(Ok(result))) => result,
-            Ok(Some(Err(panic))) => std::panic::resume_unwind(panic),
-            // Only a dropped future abandons a call, and a dropped future awaits nothing.
-            Ok(None) => Err(E::from(Error::Cancelled { operation })),
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(_) => Err(E::from(Error::Cancelled { operation })),
+            Some(Some(Ok(result))) => result,
+            Some(Some(Err(panic))) => std::panic::resume_unwind(panic),
+            // Only a dropped future abandons a call (`Some(None)`), and a dropped future
+            // awaits nothing.
+            Some(None) | None => Err(E::from(Error::Cancelled { operation })),
+        }
+    }
+}
+
+/// Runs one call on the blocking thread it was handed to, unless its future was dropped
+/// before: `None` then. The outcome is logged here if the future was dropped while it ran;
+/// if it is dropped after, its drop logs it.
+fn attempt<R>(
+    state: &Call,
+    operation: Operation,
+    call: impl FnOnce() -> R,
+    handle: u64,
+) -> Option<std::thread::Result<R>>
+where
+    R: Outcome,
+{
+    {
+        let mut phase = state.phase();
+        if *phase == Phase::Abandoned {
+            tracing::debug!(
+                operation = operation.as_str(),
+                "dropped before it began: not run"
+            );
+            return None;
+        }
+        *phase = Phase::Running;
+    }
+    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // Refuses a call of this handle nested in this one, awaited by a blocking executor.
+        match Inside::enter(handle, operation) {
+            Ok(_inside) => call(),
+            Err(error) => R::refused(error),
+        }
+    }));
+    let outcome = match &ended {
+        Ok(result) if result.is_ok() => "committed",
+        Ok(_) => "failed",
+        Err(_) => "panicked",
+    };
+    let mut phase = state.phase();
+    if *phase == Phase::Orphaned {
+        *phase = Phase::Done;
+        drop(phase);
+        state.log(outcome);
+    } else {
+        // Its future receives it, or logs it if dropped first.
+        *phase = Phase::Finished(outcome);
+    }
+    Some(ended)
+}
+
+/// A call's result, as [`attempt`] needs it.
+trait Outcome {
+    fn is_ok(&self) -> bool;
+    fn refused(error: Error) -> Self;
+}
+
+impl<T, E: From<Error>> Outcome for std::result::Result<T, E> {
+    fn is_ok(&self) -> bool {
+        std::result::Result::is_ok(self)
+    }
+
+    fn refused(error: Error) -> Self {
+        Err(E::from(error))
+    }
+}
+
+/// A write, ready to run on the queue's blocking thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// On SQLite, a handle's writes, in arrival order, run one after another by one blocking
+/// thread at a time (the runner): SQLite runs one write at a time anyway, a write waiting
+/// in the queue holds no thread, and a runner that finds the next write waiting runs it at
+/// once, without handing it to another thread and back.
+#[derive(Debug, Default)]
+struct Writes {
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: std::collections::VecDeque<Job>,
+    /// Whether a runner is started and has not yet found the queue empty.
+    running: bool,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("jobs", &self.jobs.len())
+            .field("running", &self.running)
+            .finish()
+    }
+}
+
+impl Writes {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job`, and starts a runner on a blocking thread unless one is running.
+    fn submit(self: &Arc<Self>, job: Job, slots: &Arc<Semaphore>) {
+        {
+            let mut queue = self.queue();
+            queue.jobs.push_back(job);
+            if queue.running {
+                return;
+            }
+            queue.running = true;
+        }
+        let runner = Runner {
+            writes: Arc::clone(self),
+            slots: Arc::clone(slots),
+            drained: false,
+        };
+        // If the runtime is shutting down, the runner is dropped unrun: see its drop.
+        drop(::tokio::task::spawn_blocking(move || runner.run()));
+    }
+}
+
+/// Runs a handle's queued writes until the queue is empty, holding one slot meanwhile.
+struct Runner {
+    writes: Arc<Writes>,
+    slots: Arc<Semaphore>,
+    /// Whether it found the queue empty and said so.
+    drained: bool,
+}
+
+impl Runner {
+    fn run(mut self) {
+        // A blocking thread, outside the runtime: it may wait here. The writes are counted
+        // among the calls that run at once, as one.
+        let _permit = ::tokio::runtime::Handle::current()
+            .block_on(Arc::clone(&self.slots).acquire_owned())
+            .expect("the semaphore is never closed");
+        loop {
+            let job = {
+                let mut queue = self.writes.queue();
+                match queue.jobs.pop_front() {
+                    Some(job) => job,
+                    None => {
+                        queue.running = false;
+                        self.drained = true;
+                        return;
+                    }
+                }
+            };
+            // A job catches its closure's panic; it does not unwind.
+            job();
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        if !self.drained {
+            // Dropped unrun (the runtime is shutting down): the queued writes never run,
+            // their futures return `Error::Cancelled`, and the next write starts a runner.
+            let jobs = {
+                let mut queue = self.writes.queue();
+                queue.running = false;
+                std::mem::take(&mut queue.jobs)
+            };
+            drop(jobs);
         }
     }
 }
