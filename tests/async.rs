@@ -1178,3 +1178,56 @@ fn postgres_writes_of_one_handle_run_side_by_side() {
         })
     });
 }
+
+/// A write queued on a runtime that has shut down (its blocking task can no longer start)
+/// returns `Error::Cancelled` at once and never runs, and the handle's next write, on
+/// another runtime, runs: the queue of writes is not left waiting for a runner that never
+/// came.
+#[test]
+fn a_write_on_a_runtime_that_shut_down_is_cancelled_and_the_next_one_runs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (dir, path) = fresh_db();
+    create_jobs(&path);
+    let jobs = within("writes around a runtime's shutdown", move || {
+        let first = runtime("current_thread");
+        let db = first
+            .block_on(AsyncDatabase::open(&path, MIGRATIONS))
+            .unwrap();
+        let handle = first.handle().clone();
+        drop(first);
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let mut write = Box::pin(db.write(move |conn| -> sqlite_persistence::Result<()> {
+            flag.store(true, Ordering::SeqCst);
+            diesel::sql_query("INSERT INTO jobs (id) VALUES (1)").execute(conn)?;
+            Ok(())
+        }));
+        let polled = {
+            let _entered = handle.enter();
+            std::future::Future::poll(
+                write.as_mut(),
+                &mut std::task::Context::from_waker(std::task::Waker::noop()),
+            )
+        };
+        assert!(
+            matches!(
+                polled,
+                std::task::Poll::Ready(Err(sqlite_persistence::Error::Cancelled {
+                    operation: sqlite_persistence::Operation::Write
+                }))
+            ),
+            "{polled:?}"
+        );
+        drop(write);
+        runtime("current_thread")
+            .block_on(db.write(|conn| -> sqlite_persistence::Result<()> {
+                diesel::sql_query("INSERT INTO jobs (id) VALUES (2)").execute(conn)?;
+                Ok(())
+            }))
+            .unwrap();
+        assert!(!ran.load(Ordering::SeqCst));
+        common::query_strings(&path, "SELECT CAST(id AS TEXT) AS value FROM jobs")
+    });
+    assert_eq!(jobs, ["2"]);
+    drop(dir);
+}
