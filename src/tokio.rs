@@ -217,16 +217,17 @@ macro_rules! async_database {
         /// `Handle::block_on` or another executor), runs there at once, as the blocking API's
         /// would. On the same database (any clone of the handle) it is refused with
         /// [`Error::Reentrant`] at once, whichever of `write`, `write_measured`, `read` and
-        /// `interact` it is and whichever it is inside: it would wait for the turn, slot or
-        /// lock the outer call holds. On another database it runs, without taking one of
-        /// that handle's slots.
+        /// `interact` it is and whichever it is inside: it would wait for the queue, the slot
+        /// or the lock the outer call holds. On another database it runs, without taking one
+        /// of that handle's slots.
         ///
         /// # Cancellation
         /// Dropping the future of a `write`, `read` or `interact` (a timeout, a `select!`, a
         /// client that went away) is safe on either engine and either runtime flavour, and
         /// what happened is one of two things:
-        /// - the call had not begun (it was waiting for its turn or a slot, or its blocking
-        ///   task had not started): it never runs; nothing of it reaches the database;
+        /// - the call had not begun (it was waiting in the queue of writes or for a slot, or
+        ///   its blocking task had not started): it never runs; nothing of it reaches the
+        ///   database;
         /// - it had begun: it runs to its end, as the blocking API would, and its
         ///   transaction is committed or rolled back, never left open, its connection
         ///   returned to the pool clean. Its outcome is logged at `info` (`operation`,
