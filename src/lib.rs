@@ -67,7 +67,7 @@
 //! | [`Error`], [`Operation`], [`FileOperation`], [`Result`], [`BoxError`] | errors and the steps they name |
 //! | [`Holder`], [`HeldLock`] | who held the lock a write gave up on ([`Error::Busy`]) |
 //! | [`is_lock_error`] | the one classifier of SQLite's lock errors, for Diesel's error type |
-//! | `AsyncDatabase` | (feature `tokio`) the same handle for async code: calls run as blocking work, bounded by the pool, cancellation-safe |
+//! | `AsyncDatabase`, `BlockingDatabase` | (feature `tokio`) the same handle for async code, over either engine (`AsyncDatabase<PgDatabase>`): calls run on tokio's blocking threads, bounded by the pool, cancellation-safe, a nested call refused at once |
 //! | [`Engine`], [`AnyDatabase`], [`AnyConnection`], [`AnyMigrations`], [`DATABASE_URL`] | the engine a URL's scheme names, and a database of either ([`Options::open_url`], [`Options::open_database_url`]) |
 //! | `PgDatabase`, `PgStatus`, `PgPool`, `PgManager`, `PooledPg`, `PgFailure`, `PgFailureKind` | (feature `postgres`) the same contract on PostgreSQL: `Options::open_postgres`, migrations under an advisory lock, `SERIALIZABLE` writes run again on a conflict, `REPEATABLE READ READ ONLY` reads |
 //!
@@ -122,7 +122,7 @@ compile_error!("sqlite-persistence needs an engine: enable the feature `sqlite` 
 
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub use self::tokio::AsyncDatabase;
+pub use self::tokio::{AsyncDatabase, BlockingDatabase};
 pub use engine::{AnyConnection, AnyDatabase, AnyMigrations, DATABASE_URL};
 pub use error::{is_lock_error, BoxError, Error, Result};
 pub use escaped::Escaped;
