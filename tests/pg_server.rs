@@ -292,3 +292,57 @@ fn a_commit_lost_before_it_committed_is_run_again() {
         .unwrap();
     assert_eq!(stored, 1);
 }
+
+#[test]
+fn a_migration_whose_session_is_ended_runs_again_on_a_new_one() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (name, up) in [
+        (
+            "2026-12-01-000001_first",
+            "CREATE TABLE first_table (x INT);",
+        ),
+        (
+            "2026-12-01-000002_slow",
+            "CREATE TABLE second_table (x INT); SELECT pg_sleep(1);",
+        ),
+    ] {
+        let m = dir.path().join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(m.join("up.sql"), up).unwrap();
+        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
+    }
+    let opening = {
+        let (url, path) = (url.clone(), dir.path().to_owned());
+        std::thread::spawn(move || {
+            options(Duration::from_secs(60)).open_postgres(
+                &url,
+                diesel_migrations::FileBasedMigrations::from_path(path).unwrap(),
+            )
+        })
+    };
+    // The server ends the session in the middle of the batch (as a restart would).
+    let mut admin = pg::connect(&url);
+    let ended = pg::wait_until(Duration::from_secs(60), || {
+        diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE query LIKE '%pg_sleep(1)%' AND pid <> pg_backend_pid()",
+        )
+        .get_result::<i64>(&mut admin)
+        .unwrap()
+            > 0
+    });
+    assert!(ended, "the migration never ran");
+    // It ran the batch again on a new session (it retried on the dead one until the
+    // deadline), and applied both migrations once.
+    let db = within(Duration::from_secs(90), move || opening.join().unwrap()).unwrap();
+    assert_eq!(db.applied_at_open().len(), 2);
+    let tables = diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "SELECT count(*) FROM pg_tables WHERE tablename IN ('first_table', 'second_table')",
+    )
+    .get_result::<i64>(&mut admin)
+    .unwrap();
+    assert_eq!(tables, 2);
+}

@@ -20,7 +20,6 @@ use diesel::sql_types::{BigInt, Bool, Integer, Text};
 use diesel::{sql_query, Connection, PgConnection, QueryResult, QueryableByName, RunQueryDsl};
 use diesel_migrations::MigrationHarness;
 
-use super::failure::{self, PgFailure};
 use super::session::millis;
 use super::PgAttempt;
 use crate::error::{Error, Operation, Result};
@@ -203,18 +202,10 @@ pub(crate) fn batch(
     })();
     match result {
         Ok(applied) => {
-            AnsiTransactionManager::commit_transaction(conn).map_err(|source| {
-                match failure::failure(&source) {
-                    Some(PgFailure {
-                        kind: failure::PgFailureKind::ConnectionLost,
-                        ..
-                    }) => PgAttempt::Layer(Error::CommitOutcomeUnknown {
-                        operation: Operation::Migrate,
-                        source,
-                    }),
-                    _ => layer(Operation::Migrate)(source),
-                }
-            })?;
+            // A session lost during this COMMIT is retried like any lost session: the next
+            // attempt reads, under the lock, what the batch left, and applies only what is
+            // still pending.
+            AnsiTransactionManager::commit_transaction(conn).map_err(layer(Operation::Migrate))?;
             Ok(applied)
         }
         Err(error) => {

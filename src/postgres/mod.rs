@@ -150,7 +150,15 @@ impl Options {
         )?;
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
-        let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started)?;
+        let reopen = || {
+            session::open(
+                &server,
+                &settings,
+                &self.retry,
+                Deadline::at(&SystemClock, started, &self.retry),
+            )
+        };
+        let applied = self.migrate_postgres(&mut conn, &reopen, &source, &shown, key, started)?;
         let queue_key = (key.0, key.1.wrapping_add(1));
         // Migrations ran without a statement timeout; the pooled sessions get the options'.
         let manager = PgManager::new(&server, settings);
@@ -181,6 +189,7 @@ impl Options {
     fn migrate_postgres(
         &self,
         conn: &mut PgConnection,
+        reopen: &dyn Fn() -> Result<PgConnection>,
         source: &Source<Pg>,
         shown: &Path,
         key: (i32, i32),
@@ -211,7 +220,30 @@ impl Options {
                 deadline,
                 db,
                 Operation::Migrate,
-                |attempt| migrate::batch(&mut conn.borrow_mut(), source, self, shown, key, attempt),
+                |attempt| {
+                    let mut conn = conn.borrow_mut();
+                    // The server ended the session (a restart): the batch runs again on a new
+                    // one, within the same deadline.
+                    if failure::lost(&mut conn) {
+                        **conn = reopen()?;
+                    }
+                    migrate::batch(&mut conn, source, self, shown, key, attempt).map_err(|error| {
+                        match error {
+                            // A migration's own statement met the lost session: Diesel's
+                            // migration error keeps no source, but the session's recorder saw it.
+                            PgAttempt::Layer(error) if failure::lost(&mut conn) => {
+                                PgAttempt::Caller {
+                                    transient: Some(PgFailure {
+                                        kind: PgFailureKind::ConnectionLost,
+                                        message: crate::error::error_chain(&error),
+                                    }),
+                                    error,
+                                }
+                            }
+                            other => other,
+                        }
+                    })
+                },
                 lock_holders,
             )
             .map(|success| success.value);
