@@ -27,6 +27,10 @@ pub struct Holder {
     /// For the write queue's holder: when it took the turn, as it recorded (a process
     /// records at most every 100 ms for one operation, so up to that much early).
     pub since: Option<SystemTime>,
+    /// PostgreSQL: the server hides this session's activity from the role that asked (a
+    /// session of another role, to a role without `pg_read_all_stats`): its pid and name
+    /// are known, not how long it has been in its transaction.
+    pub hidden: bool,
 }
 
 /// Which lock a [`Holder`] held.
@@ -80,6 +84,9 @@ impl fmt::Display for Holder {
         }
         if let Some(operation) = self.operation {
             write!(f, " ({operation})")?;
+        }
+        if self.hidden {
+            f.write_str(" (another role's session, whose activity this role cannot see)")?;
         }
         Ok(())
     }

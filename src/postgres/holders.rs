@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use diesel::sql_types::{Double, Integer, Nullable, Text};
+use diesel::sql_types::{Bool, Double, Integer, Nullable, Text};
 use diesel::{sql_query, PgConnection, QueryResult, QueryableByName, RunQueryDsl};
 
 use crate::holders::{HeldLock, Holder};
@@ -16,6 +16,8 @@ struct Session {
     name: String,
     #[diesel(sql_type = Nullable<Double>)]
     since: Option<f64>,
+    #[diesel(sql_type = Bool)]
+    hidden: bool,
 }
 
 impl Session {
@@ -29,12 +31,14 @@ impl Session {
                 .since
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
                 .map(|s| SystemTime::UNIX_EPOCH + s),
+            hidden: self.hidden,
         }
     }
 }
 
 /// The sessions holding the advisory lock `key` of this database (the migration lock, or the
-/// write queue's turn), as holders of `lock`.
+/// write queue's turn), as holders of `lock`: other sessions than `conn`'s (which is the
+/// asking operation's own, when it held the lock).
 pub(crate) fn advisory(
     conn: &mut PgConnection,
     key: (i32, i32),
@@ -42,9 +46,11 @@ pub(crate) fn advisory(
 ) -> QueryResult<Vec<Holder>> {
     Ok(sql_query(
         "SELECT l.pid, coalesce(a.application_name, '') AS name, \
-           extract(epoch FROM coalesce(a.xact_start, a.query_start))::float8 AS since \
+           extract(epoch FROM coalesce(a.xact_start, a.query_start))::float8 AS since, \
+           (a.state IS NULL) AS hidden \
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+           AND l.pid <> pg_backend_pid() \
            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
            AND l.classid = ($1::bigint & 4294967295)::oid \
            AND l.objid = ($2::bigint & 4294967295)::oid \
@@ -58,19 +64,24 @@ pub(crate) fn advisory(
     .collect())
 }
 
-/// The sessions of this database (other than `conn`'s) whose write transaction has been
-/// open for at least `open_for`, oldest first: what a lock wait that long waited for.
+/// The sessions (other than `conn`'s) whose write transaction has been open for at least
+/// `open_for`, oldest first: what a lock wait that long waited for. Found by the lock every
+/// write transaction holds on its own id (`pg_locks`, which every role may read), so that a
+/// session whose activity this role may not see is named too, as hidden (whether it was open
+/// for the whole wait is not known then).
 pub(crate) fn write_transactions(
     conn: &mut PgConnection,
     open_for: Duration,
 ) -> QueryResult<Vec<Holder>> {
     Ok(sql_query(
-        "SELECT pid, coalesce(application_name, '') AS name, \
-           extract(epoch FROM xact_start)::float8 AS since \
-         FROM pg_stat_activity \
-         WHERE datname = current_database() AND pid <> pg_backend_pid() \
-           AND backend_xid IS NOT NULL AND xact_start <= now() - make_interval(secs => $1) \
-         ORDER BY xact_start LIMIT 8",
+        "SELECT l.pid, coalesce(a.application_name, '') AS name, \
+           extract(epoch FROM a.xact_start)::float8 AS since, \
+           (a.state IS NULL) AS hidden \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
+           AND l.pid <> pg_backend_pid() AND a.datname = current_database() \
+           AND (a.state IS NULL OR a.xact_start <= now() - make_interval(secs => $1)) \
+         ORDER BY a.xact_start NULLS LAST, l.pid LIMIT 8",
     )
     .bind::<Double, _>(open_for.as_secs_f64())
     .load::<Session>(conn)?

@@ -390,7 +390,7 @@ impl PgDatabase {
         let asked = Instant::now();
         let began = Cell::new(asked);
         // The session of the attempts, kept across them while it holds the queue's turn.
-        let mut held: Option<PooledPg> = None;
+        let held: std::cell::RefCell<Option<PooledPg>> = std::cell::RefCell::new(None);
         let mut queued = false;
         let outcome = retry_pg(
             &self.options.retry,
@@ -398,7 +398,8 @@ impl PgDatabase {
             self.db(),
             Operation::Write,
             |attempt| {
-                let conn = match &mut held {
+                let mut held = held.borrow_mut();
+                let conn = match &mut *held {
                     Some(conn) => conn,
                     None => held.insert(self.checkout()?),
                 };
@@ -468,14 +469,14 @@ impl PgDatabase {
                 // Whichever statement met it (the queue's too): the server ended the
                 // session, and the turn with it; the next attempt takes a fresh one.
                 if result.is_err() && failure::lost(conn) {
-                    held = None;
+                    *held = None;
                     queued = false;
                 }
                 result
             },
-            |last, waited| self.lock_holders(last, waited),
+            |last, waited| self.lock_holders(last, waited, held.borrow_mut().as_deref_mut()),
         );
-        if let (Some(conn), true) = (&mut held, queued) {
+        if let (Some(conn), true) = (&mut *held.borrow_mut(), queued) {
             queue::give_back(conn, self.queue_key);
         }
         let Success { value, attempts } = outcome?;
@@ -521,24 +522,38 @@ impl PgDatabase {
                     }
                 })
             },
-            |last, waited| self.lock_holders(last, waited),
+            |last, waited| self.lock_holders(last, waited, None),
         )
         .map(|success| success.value)
     }
 
-    /// After a lock wait gave up: the sessions holding the write queue's turn, and those
-    /// whose write transactions were open for the whole wait, read on a session of the pool
-    /// (if one is free within a second).
-    fn lock_holders<E: From<Error>>(&self, last: &PgAttempt<E>, waited: Duration) -> Vec<Holder> {
+    /// After a lock wait gave up: the other sessions holding the write queue's turn, and
+    /// those whose write transactions were open for the whole wait, read on `own` (the
+    /// operation's session, which may hold the turn itself and is never named), else on a
+    /// session of the pool (if one is free within a second).
+    fn lock_holders<E: From<Error>>(
+        &self,
+        last: &PgAttempt<E>,
+        waited: Duration,
+        own: Option<&mut PgConnection>,
+    ) -> Vec<Holder> {
         if !matches!(last.transient(), Some(f) if f.kind == PgFailureKind::LockTimeout) {
             return Vec::new();
         }
-        let Ok(mut conn) = self.pool.get_timeout(Duration::from_secs(1)) else {
-            return Vec::new();
+        let mut pooled;
+        let conn = match own {
+            Some(conn) => conn,
+            None => match self.pool.get_timeout(Duration::from_secs(1)) {
+                Ok(conn) => {
+                    pooled = conn;
+                    &mut *pooled
+                }
+                Err(_) => return Vec::new(),
+            },
         };
-        let mut holders = holders::advisory(&mut conn, self.queue_key, HeldLock::ServerWriteQueue)
-            .unwrap_or_default();
-        holders.extend(holders::write_transactions(&mut conn, waited).unwrap_or_default());
+        let mut holders =
+            holders::advisory(conn, self.queue_key, HeldLock::ServerWriteQueue).unwrap_or_default();
+        holders.extend(holders::write_transactions(conn, waited).unwrap_or_default());
         holders
     }
 

@@ -112,6 +112,7 @@ fn listed(wanted: &[(std::path::PathBuf, &str, Look, HeldLock)]) -> Vec<Holder> 
                         lock: *lock,
                         operation: None,
                         since: None,
+                        hidden: false,
                     });
                 }
             }
@@ -231,6 +232,7 @@ mod tests {
             lock: HeldLock::WriteLock,
             operation: None,
             since: None,
+            hidden: false,
         };
         assert_eq!(
             holder.to_string(),
@@ -242,6 +244,7 @@ mod tests {
             lock: HeldLock::WriteQueue,
             operation: Some(Operation::Write),
             since: SystemTime::now().checked_sub(Duration::from_millis(3200)),
+            hidden: false,
         };
         assert_eq!(
             holder.to_string(),
