@@ -149,6 +149,31 @@ pub enum Error {
         url: String,
     },
 
+    /// The PostgreSQL URL leads to a transaction pooler (PgBouncer's `pool_mode =
+    /// transaction`): one session's statements ran on different server connections, so
+    /// session advisory locks, session settings and prepared statements would not hold, and
+    /// [`Options::transaction_pooling`](crate::Options::transaction_pooling) was off.
+    #[error("{url} leads to a transaction pooler: {seen}", url = Escaped::new(.url))]
+    TransactionPooling {
+        /// The URL, without its password.
+        url: String,
+        /// What gave it away: a session's statements on two server processes, or two
+        /// sessions on one.
+        seen: String,
+    },
+
+    /// A pending migration cannot run in a transaction, and the PostgreSQL URL leads to a
+    /// transaction pooler ([`Options::transaction_pooling`](crate::Options::transaction_pooling)):
+    /// the lock that keeps other processes from migrating meanwhile is a session lock,
+    /// which a transaction pooler does not keep. Nothing was applied.
+    #[error("cannot apply migration {name} through the transaction pooler at {url}: it runs outside a transaction, under a session lock", url = Escaped::new(.url), name = Escaped::new(.name))]
+    MigrationNeedsSession {
+        /// The URL, without its password.
+        url: String,
+        /// The migration (the first such one pending).
+        name: String,
+    },
+
     /// The connection to the PostgreSQL server was lost while `COMMIT` was in flight: the
     /// transaction may have committed or not. It is not run again; read back to find out.
     #[error("{operation}: the connection was lost during COMMIT; whether it committed is unknown")]
@@ -538,6 +563,16 @@ impl Error {
             Error::UnsupportedUrl { .. } => {
                 "SQLite takes a path, sqlite:// or file:; PostgreSQL postgres:// or \
                  postgresql:// (Cargo feature postgres)"
+            }
+            Error::TransactionPooling { .. } => {
+                "open it with Options::transaction_pooling(true), which keeps no state in the \
+                 server's session, or use a URL to the server itself or to a session pooler \
+                 (PgBouncer's pool_mode = session)"
+            }
+            Error::MigrationNeedsSession { .. } => {
+                "apply the migrations through a URL to the server itself or to a session \
+                 pooler (PgBouncer's pool_mode = session), then open through the \
+                 transaction pooler"
             }
             Error::CommitOutcomeUnknown { .. } => {
                 "read back what the write should have stored before running it again; make \

@@ -32,13 +32,14 @@ use crate::retry::RetryPolicy;
 /// | `wal_shipping` | off | the layer checkpoints, and warns naming the reader that pins a growing WAL (turn it on beside Litestream) |
 ///
 /// PostgreSQL (feature `postgres`) uses `retry`, the migration checks, `application_id` and
-/// `pool_size` as above, and three settings of its own:
+/// `pool_size` as above, and four settings of its own:
 ///
 /// | setting | default | why |
 /// |---|---|---|
 /// | `statement_timeout` | 30 s | a runaway query of a `write` or `read` ends (migrations have none) |
 /// | `lock_timeout` | 5 s, and never past the retry deadline | a wait for a row or table lock ends, and the transaction runs again |
 /// | `idle_in_transaction_timeout` | 60 s | a transaction left open on a borrowed connection does not hold its locks forever |
+/// | `transaction_pooling` | off | the URL leads to the server itself or a session pooler; a transaction pooler (PgBouncer) found at open is refused |
 ///
 /// # Examples
 /// ```
@@ -73,6 +74,7 @@ pub struct Options {
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) lock_timeout: Duration,
     pub(crate) idle_in_transaction_timeout: Option<Duration>,
+    pub(crate) transaction_pooling: bool,
 }
 
 impl Default for Options {
@@ -107,6 +109,7 @@ impl Options {
             statement_timeout: Some(Duration::from_secs(30)),
             lock_timeout: Duration::from_secs(5),
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
+            transaction_pooling: false,
         }
     }
 
@@ -389,6 +392,36 @@ impl Options {
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn idle_in_transaction_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_in_transaction_timeout = timeout;
+        self
+    }
+
+    /// Whether the PostgreSQL URL leads to a transaction pooler (PgBouncer's
+    /// `pool_mode = transaction`, as hosted PostgreSQL often offers), which gives each
+    /// transaction, and each statement outside one, whichever server connection is free:
+    /// nothing a session sets outside a transaction stays with it.
+    ///
+    /// With it on, the layer keeps no state in the server's session: the timeouts are set
+    /// `LOCAL` in each transaction instead of once per session (a session `SET` would stay
+    /// on the server connection, for the pooler's other clients, and be missing from the
+    /// next one); Diesel's prepared statement cache is off (a statement prepared in one
+    /// transaction is missing on the next one's server connection); the write queue of
+    /// [`Options::fair_queue`] is not used (its turn is a session lock; conflicting writes
+    /// are still retried); and a pending migration that cannot run in a transaction is
+    /// refused with [`Error::MigrationNeedsSession`](crate::Error::MigrationNeedsSession)
+    /// (its lock is a session lock). A session from
+    /// [`PgDatabase::connection`](crate::PgDatabase::connection) has none of the layer's
+    /// timeouts then.
+    ///
+    /// With it off, [`Options::open_postgres`] checks whether a session's statements stay on
+    /// one server connection, and refuses a URL where they move with
+    /// [`Error::TransactionPooling`](crate::Error::TransactionPooling). The check finds
+    /// PgBouncer's transaction pooling however it hands out server connections, unless
+    /// other clients happen to keep the open's server connection from moving; it never
+    /// refuses the server itself or a session pooler. Defaults to off.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn transaction_pooling(mut self, on: bool) -> Self {
+        self.transaction_pooling = on;
         self
     }
 

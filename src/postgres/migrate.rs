@@ -173,6 +173,15 @@ pub(crate) fn needs_session_lock(known: &[Known], plan: &Plan) -> bool {
     plan.pending.iter().any(|&i| !known[i].transactional)
 }
 
+/// The first pending migration that cannot run in a transaction, by name.
+pub(crate) fn needs_session_lock_name<'a>(known: &'a [Known], plan: &Plan) -> Option<&'a str> {
+    plan.pending
+        .iter()
+        .map(|&i| &known[i])
+        .find(|k| !k.transactional)
+        .map(|k| k.name.as_str())
+}
+
 /// The whole batch in one transaction, as one attempt of the retry loop: lock, re-read,
 /// re-check, apply, record, commit. Returns the names applied.
 pub(crate) fn batch(

@@ -5,6 +5,7 @@ mod failure;
 mod guard;
 mod holders;
 mod migrate;
+mod pooler;
 mod queue;
 mod session;
 mod status;
@@ -144,6 +145,21 @@ impl Options {
                 SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
             })
         };
+        if !self.transaction_pooling {
+            // Before the first session SET, which a pooler would leave on a server connection.
+            if let Some(seen) = pooler::detect(server.url()).map_err(|e| match e {
+                pooler::Failure::Connect(source) => Error::Connect {
+                    url: server.shown().to_owned(),
+                    source,
+                },
+                pooler::Failure::Query(source) => Error::query(Operation::ConfigureSession, source),
+            })? {
+                return Err(Error::TransactionPooling {
+                    url: server.shown().to_owned(),
+                    seen,
+                });
+            }
+        }
         let mut conn = connect(&settings)?;
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
@@ -199,6 +215,15 @@ impl Options {
             holders::advisory(&mut conn.borrow_mut(), key, HeldLock::MigrationLock)
                 .unwrap_or_default()
         };
+        if let (true, Some(name)) = (
+            self.transaction_pooling,
+            migrate::needs_session_lock_name(known, &plan),
+        ) {
+            return Err(Error::MigrationNeedsSession {
+                url: shown.display().to_string(),
+                name: name.to_owned(),
+            });
+        }
         if !migrate::needs_session_lock(known, &plan) {
             return retry_pg(
                 &self.retry,
@@ -364,7 +389,12 @@ impl PgDatabase {
                 };
                 let contended = attempt.number > 1 || self.conflicts.recent();
                 let result = (|| {
-                    if contended && !queued && self.options.fair_queue {
+                    // The turn is a session lock, which a transaction pooler does not keep.
+                    if contended
+                        && !queued
+                        && self.options.fair_queue
+                        && !self.options.transaction_pooling
+                    {
                         let asked_turn = Instant::now();
                         queue::take(
                             conn,
@@ -382,8 +412,9 @@ impl PgDatabase {
                         queued = true;
                     }
                     let begin = format!(
-                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}",
-                        session::millis(Some(self.options.lock_timeout.min(attempt.left)))
+                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}{}",
+                        session::millis(Some(self.options.lock_timeout.min(attempt.left))),
+                        pooler::local_settings(&self.options),
                     );
                     transaction(conn, &begin, Operation::Write, |conn| {
                         began.set(Instant::now());
@@ -437,8 +468,9 @@ impl PgDatabase {
             |attempt| {
                 let mut conn = self.checkout()?;
                 let begin = format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}",
-                    session::millis(Some(self.options.lock_timeout.min(attempt.left)))
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}{}",
+                    session::millis(Some(self.options.lock_timeout.min(attempt.left))),
+                    pooler::local_settings(&self.options),
                 );
                 transaction(&mut conn, &begin, Operation::Read, &mut f)
             },
