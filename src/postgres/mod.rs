@@ -53,6 +53,16 @@ const DB_SYSTEM: &str = "postgresql";
 /// serves only writers that met a conflict, see [`Options::fair_queue`]. The pool
 /// ([`Options::pool_size`]) bounds the sessions a process opens.
 ///
+/// # Behind a transaction pooler
+/// Hosted PostgreSQL often sits behind PgBouncer in transaction pooling mode, where nothing
+/// a session keeps outside a transaction (a session advisory lock, a `SET`, a prepared
+/// statement) stays with it. [`Options::open_postgres`] refuses such a URL
+/// ([`Error::TransactionPooling`]) unless [`Options::transaction_pooling`] declares it; then
+/// the layer keeps no state in the session: the timeouts are set `LOCAL` in each
+/// transaction, Diesel prepares no statement to keep, conflicting writes are retried
+/// without the write queue, and a migration that cannot run in a transaction is refused
+/// ([`Error::MigrationNeedsSession`]).
+///
 /// # Server messages
 /// Failures are told by their SQLSTATE (a serialization failure, a deadlock, a lock timeout,
 /// a lost session), never by the server's message: a server that answers in any language
@@ -123,7 +133,10 @@ impl Options {
     /// session could be opened; the migration refusals and failures of [`Options::open`] ([`Error::ForeignDatabase`],
     /// [`Error::UnknownMigrations`], [`Error::EditedMigrations`],
     /// [`Error::UnmanagedDatabase`], [`Error::Migration`]); [`Error::Busy`] if another
-    /// process held the migration lock past the retry deadline.
+    /// process held the migration lock past the retry deadline;
+    /// [`Error::TransactionPooling`] if the URL leads to a transaction pooler that
+    /// [`Options::transaction_pooling`] does not declare; [`Error::MigrationNeedsSession`] if
+    /// it does, and a pending migration cannot run in a transaction.
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn open_postgres<S: MigrationSource<Pg>>(
         self,
@@ -147,13 +160,9 @@ impl Options {
         };
         if !self.transaction_pooling {
             // Before the first session SET, which a pooler would leave on a server connection.
-            if let Some(seen) = pooler::detect(server.url()).map_err(|e| match e {
-                pooler::Failure::Connect(source) => Error::Connect {
-                    url: server.shown().to_owned(),
-                    source,
-                },
-                pooler::Failure::Query(source) => Error::query(Operation::ConfigureSession, source),
-            })? {
+            if let Some(seen) = pooler::detect(server.url())
+                .map_err(|source| Error::query(Operation::ConfigureSession, source))?
+            {
                 return Err(Error::TransactionPooling {
                     url: server.shown().to_owned(),
                     seen,
@@ -495,8 +504,9 @@ impl PgDatabase {
         holders
     }
 
-    /// A session from the pool, with the layer's settings, for work that needs one
-    /// directly.
+    /// A session from the pool, with the layer's settings (none but `application_name`
+    /// behind a declared transaction pooler, see [`Options::transaction_pooling`]), for work
+    /// that needs one directly.
     ///
     /// # Errors
     /// [`Error::Pool`] if no session could be had in time; [`Error::Reentrant`] inside a

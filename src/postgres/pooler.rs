@@ -52,15 +52,27 @@ fn process(conn: &mut PgConnection) -> QueryResult<Process> {
 }
 
 /// Whether `url` leads to a transaction pooler: `Some(what was seen)` if it does; `None` if
-/// none was found (see the module docs). Opens two
-/// sessions of its own, without the layer's settings: a session `SET` through a pooler
-/// would stay behind on its server connection.
+/// none was found (see the module docs). Opens two sessions of its own, without the layer's
+/// settings: a session `SET` through a pooler would stay behind on its server connection.
+/// A session that cannot be opened ends the check (logged): the open's own connect then
+/// reports the failure, or retries it.
 ///
 /// # Errors
-/// What connecting or a statement failed with. A second session that cannot be opened is
-/// not an error (the check then rests on the first).
-pub(crate) fn detect(url: &str) -> Result<Option<String>, Failure> {
-    let mut first = PgConnection::establish(url).map_err(Failure::Connect)?;
+/// What a statement of the check failed with.
+pub(crate) fn detect(url: &str) -> QueryResult<Option<String>> {
+    let establish = || {
+        PgConnection::establish(url)
+            .map_err(|error| {
+                tracing::warn!(
+                    error = %crate::escaped::Escaped::new(&error.to_string()),
+                    "cannot open a session to check for a transaction pooler; not checked"
+                );
+            })
+            .ok()
+    };
+    let Some(mut first) = establish() else {
+        return Ok(None);
+    };
     let a = process(&mut first)?;
     let b = process(&mut first)?;
     let moved = |from: &Process, to: &Process| {
@@ -72,12 +84,8 @@ pub(crate) fn detect(url: &str) -> Result<Option<String>, Failure> {
     if a != b {
         return Ok(Some(moved(&a, &b)));
     }
-    let mut second = match PgConnection::establish(url) {
-        Ok(second) => second,
-        Err(error) => {
-            tracing::debug!(error = %crate::escaped::Escaped::new(&error.to_string()), "no second session for the transaction pooler check");
-            return Ok(None);
-        }
+    let Some(mut second) = establish() else {
+        return Ok(None);
     };
     // Ended by closing the session: nothing of it stays on a server connection.
     diesel::connection::SimpleConnection::batch_execute(&mut second, "BEGIN")?;
@@ -93,15 +101,6 @@ pub(crate) fn detect(url: &str) -> Result<Option<String>, Failure> {
         return Ok(Some(moved(&b, &c)));
     }
     Ok(None)
-}
-
-/// Why [`detect`] could not look.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Failure {
-    #[error(transparent)]
-    Connect(diesel::ConnectionError),
-    #[error(transparent)]
-    Query(#[from] diesel::result::Error),
 }
 
 /// What each transaction of a `write` or `read` sets `LOCAL` after its `BEGIN` (in the same

@@ -9,6 +9,13 @@
 //! attempts never queue, so writes that do not conflict keep all of the server's concurrency;
 //! a writer in a transaction never waits for the queue, so the queue cannot close a cycle of
 //! lock waits.
+//!
+//! Behind a transaction pooler ([`Options::transaction_pooling`](crate::Options::transaction_pooling))
+//! there is no queue: the turn would be taken on one server connection and given back on
+//! another (or never), left held for whoever comes next. A transaction-scoped lock cannot
+//! replace it: `pg_advisory_xact_lock` is a `SELECT`, which takes the `SERIALIZABLE`
+//! snapshot before it waits, and a snapshot older than the commits waited for dooms the
+//! transaction.
 
 use std::time::Duration;
 

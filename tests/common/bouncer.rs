@@ -89,6 +89,19 @@ fn parameter<'a>(url: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
+/// The server's host (or socket directory) and port in `url`: its `host=` and `port=`
+/// parameters, else its authority (`postgresql://user@host:port/db`, as `PG_TEST_URL` may
+/// be).
+fn server_address(url: &str) -> Option<(&str, &str)> {
+    let after_scheme = url.split_once("://")?.1;
+    let authority = after_scheme.split(['/', '?']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let (host, port) = host_port.split_once(':').unwrap_or((host_port, "5432"));
+    let host = parameter(url, "host").unwrap_or(host);
+    let port = parameter(url, "port").unwrap_or(port);
+    (!host.is_empty()).then_some((host, port))
+}
+
 /// The installed `pgbouncer`.
 fn program() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|paths| {
@@ -104,10 +117,9 @@ fn program() -> Option<PathBuf> {
 
 fn start(url: &str, order: Order) -> Result<PathBuf, String> {
     let program = program().ok_or("no pgbouncer: install it (Debian: pgbouncer, in /usr/sbin)")?;
-    let server = parameter(url, "host").ok_or_else(|| {
-        format!("the test server's URL names no host= for PgBouncer to connect to: {url}")
+    let (server, server_port) = server_address(url).ok_or_else(|| {
+        format!("the test server's URL names no host for PgBouncer to connect to: {url}")
     })?;
-    let server_port = parameter(url, "port").unwrap_or("5432");
     let dir = tempfile::Builder::new()
         .prefix("sp-bouncer-")
         .tempdir_in("/tmp")
