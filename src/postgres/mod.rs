@@ -160,9 +160,8 @@ impl Options {
         };
         if !self.transaction_pooling {
             // Before the first session SET, which a pooler would leave on a server connection.
-            if let Some(seen) = pooler::detect(server.url())
-                .map_err(|source| Error::query(Operation::ConfigureSession, source))?
-            {
+            let probe = pooler::probe(&settings);
+            if let Some(seen) = pooler::detect(|| connect(&probe))? {
                 return Err(Error::TransactionPooling {
                     url: server.shown().to_owned(),
                     seen,

@@ -29,9 +29,10 @@
 //!    session's server connection, if the second has it, is busy).
 
 use diesel::sql_types::{Integer, Text};
-use diesel::{Connection, PgConnection, QueryResult, QueryableByName, RunQueryDsl};
+use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl};
 
-use super::session::millis;
+use super::session::{millis, Settings};
+use crate::error::{Error, Operation, Result};
 use crate::options::Options;
 
 /// A server process: its id, and when its server started (two servers behind one URL can
@@ -51,30 +52,20 @@ fn process(conn: &mut PgConnection) -> QueryResult<Process> {
         .get_result(conn)
 }
 
-/// Whether `url` leads to a transaction pooler: `Some(what was seen)` if it does; `None` if
-/// none was found (see the module docs). Opens two sessions of its own, without the layer's
-/// settings: a session `SET` through a pooler would stay behind on its server connection.
-/// A session that cannot be opened ends the check (logged): the open's own connect then
-/// reports the failure, or retries it.
+/// Whether the server behind `connect` is a transaction pooler: `Some(what was seen)` if it
+/// is; `None` if none was found (see the module docs). `connect` opens a session of the
+/// layer's with [`probe`] settings; the check opens two. A second session that cannot be
+/// opened ends the check (logged).
 ///
 /// # Errors
-/// What a statement of the check failed with.
-pub(crate) fn detect(url: &str) -> QueryResult<Option<String>> {
-    let establish = || {
-        PgConnection::establish(url)
-            .map_err(|error| {
-                tracing::warn!(
-                    error = %crate::escaped::Escaped::new(&error.to_string()),
-                    "cannot open a session to check for a transaction pooler; not checked"
-                );
-            })
-            .ok()
-    };
-    let Some(mut first) = establish() else {
-        return Ok(None);
-    };
-    let a = process(&mut first)?;
-    let b = process(&mut first)?;
+/// What opening the first session failed with, and what a statement of the check failed
+/// with.
+pub(crate) fn detect(mut connect: impl FnMut() -> Result<PgConnection>) -> Result<Option<String>> {
+    let mut first = connect()?;
+    let query = |source| Error::query(Operation::ConfigureSession, source);
+    let on = |conn: &mut PgConnection| process(conn).map_err(query);
+    let a = on(&mut first)?;
+    let b = on(&mut first)?;
     let moved = |from: &Process, to: &Process| {
         format!(
             "one session's statements ran on server processes {} and {}",
@@ -84,23 +75,40 @@ pub(crate) fn detect(url: &str) -> QueryResult<Option<String>> {
     if a != b {
         return Ok(Some(moved(&a, &b)));
     }
-    let Some(mut second) = establish() else {
-        return Ok(None);
+    let mut second = match connect() {
+        Ok(second) => second,
+        Err(error) => {
+            tracing::warn!(
+                error = %crate::escaped::Escaped::new(&crate::error::error_chain(&error)),
+                "cannot open a second session to check for a transaction pooler; checked with one"
+            );
+            return Ok(None);
+        }
     };
     // Ended by closing the session: nothing of it stays on a server connection.
-    diesel::connection::SimpleConnection::batch_execute(&mut second, "BEGIN")?;
-    let other = process(&mut second)?;
+    diesel::connection::SimpleConnection::batch_execute(&mut second, "BEGIN").map_err(query)?;
+    let other = on(&mut second)?;
     if other == b {
         return Ok(Some(format!(
             "two sessions ran on server process {}",
             b.pid
         )));
     }
-    let c = process(&mut first)?;
+    let c = on(&mut first)?;
     if c != b {
         return Ok(Some(moved(&b, &c)));
     }
     Ok(None)
+}
+
+/// The settings of the check's sessions: those of a session behind a declared transaction
+/// pooler, which sets nothing a pooler would leave on a server connection for its other
+/// clients (only `application_name`, which PgBouncer keeps for each client).
+pub(crate) fn probe(settings: &Settings) -> Settings {
+    Settings {
+        transaction_pooling: true,
+        ..settings.clone()
+    }
 }
 
 /// What each transaction of a `write` or `read` sets `LOCAL` after its `BEGIN` (in the same

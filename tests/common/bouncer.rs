@@ -186,10 +186,28 @@ fn start(url: &str, order: Order) -> Result<PathBuf, String> {
         ));
     }
     watch(&dir);
-    let socket = dir.join(format!(".s.PGSQL.{PORT}"));
-    if !pg::wait_until(Duration::from_secs(30), || socket.exists()) {
+    // Ready once a session through it works: its socket appears before it listens.
+    let through = format!(
+        "postgresql:///{}?host={}&port={PORT}&user=postgres",
+        database(url),
+        dir.display()
+    );
+    let mut last = String::new();
+    let ready = pg::wait_until(Duration::from_secs(30), || {
+        match PgConnection::establish(&through).and_then(|mut conn| {
+            conn.batch_execute("SELECT 1")
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)
+        }) {
+            Ok(()) => true,
+            Err(error) => {
+                last = error.to_string();
+                false
+            }
+        }
+    });
+    if !ready {
         return Err(format!(
-            "PgBouncer did not listen within 30 s: {}",
+            "PgBouncer did not let a session in within 30 s ({last}): {}",
             std::fs::read_to_string(dir.join("log")).unwrap_or_default()
         ));
     }
