@@ -404,11 +404,13 @@ impl Options {
     /// `LOCAL` in each transaction instead of once per session (a session `SET` would stay
     /// on the server connection, for the pooler's other clients, and be missing from the
     /// next one); Diesel's prepared statement cache is off (a statement prepared in one
-    /// transaction is missing on the next one's server connection); the write queue of
-    /// [`Options::fair_queue`] is not used (its turn is a session lock; conflicting writes
-    /// are still retried); and a pending migration that cannot run in a transaction is
-    /// refused with [`Error::MigrationNeedsSession`](crate::Error::MigrationNeedsSession)
-    /// (its lock is a session lock). A session from
+    /// transaction is missing on the next one's server connection); the turn of the write
+    /// queue ([`Options::fair_queue`]) is taken inside each attempt's transaction instead of
+    /// as a session lock (a table lock on the layer's checksum table, which the role must
+    /// be allowed to lock, else writes go without the queue); and a pending migration that
+    /// cannot run in a transaction is refused with
+    /// [`Error::MigrationNeedsSession`](crate::Error::MigrationNeedsSession) (its lock is a
+    /// session lock). A session from
     /// [`PgDatabase::connection`](crate::PgDatabase::connection) has none of the layer's
     /// timeouts then.
     ///
@@ -417,7 +419,8 @@ impl Options {
     /// [`Error::TransactionPooling`](crate::Error::TransactionPooling). The check finds
     /// PgBouncer's transaction pooling however it hands out server connections, unless
     /// other clients happen to keep the open's server connection from moving; it never
-    /// refuses the server itself or a session pooler. Defaults to off.
+    /// refuses the server itself or a session pooler. The check costs each open two more
+    /// sessions and five round trips. Defaults to off.
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn transaction_pooling(mut self, on: bool) -> Self {

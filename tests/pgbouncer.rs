@@ -270,3 +270,69 @@ fn a_migration_outside_a_transaction_is_refused_through_the_pooler_before_anythi
     let db = pooled().open_postgres(&bounced, source).unwrap();
     assert!(db.applied_at_open().is_empty());
 }
+
+#[test]
+fn a_write_after_a_conflict_waits_its_turn_and_then_sees_the_commit_it_waited_for() {
+    let Some((direct, bounced)) = bouncer::fresh_database(Order::RoundRobin) else {
+        return;
+    };
+    bouncer::warm(&bounced, 3);
+    let db = std::sync::Arc::new(pooled().open_postgres(&bounced, MIGRATIONS).unwrap());
+    db.write(|conn| bump_unprepared(conn, "hot").map_err(Error::from))
+        .unwrap();
+    let (inside, is_inside) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    // Each writer meets a conflict on its first attempt, so it runs again queued (whatever
+    // the time since the handle's last conflict). The first holds its turn until released.
+    let conflict = |conn: &mut PgConnection| {
+        conn.batch_execute("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
+    };
+    let first = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let attempt = Cell::new(0);
+            db.write(|conn| {
+                attempt.set(attempt.get() + 1);
+                if attempt.get() == 1 {
+                    conflict(conn)?;
+                }
+                let value = bump_unprepared(conn, "hot")?;
+                inside.send(()).unwrap();
+                released.recv_timeout(Duration::from_secs(30)).unwrap();
+                Ok::<_, Error>(value)
+            })
+            .unwrap()
+        })
+    };
+    is_inside.recv_timeout(Duration::from_secs(30)).unwrap();
+    let second = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let attempt = Cell::new(0);
+            db.write_measured(|conn| {
+                attempt.set(attempt.get() + 1);
+                if attempt.get() == 1 {
+                    conflict(conn)?;
+                }
+                Ok::<_, Error>(bump_unprepared(conn, "hot")?)
+            })
+            .unwrap()
+        })
+    };
+    // The second writer waits (for its turn, or, without a queue, for the row the first
+    // holds) before the first commits.
+    assert!(pg::wait_until(Duration::from_secs(30), || {
+        number(
+            &mut pg::connect(&direct),
+            "SELECT count(*) AS value FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE NOT l.granted AND a.datname = current_database()",
+        ) > 0
+    }));
+    release.send(()).unwrap();
+    assert_eq!(first.join().unwrap(), 2);
+    let (value, stats) = second.join().unwrap();
+    // Its queued attempt's snapshot was taken after the commit it waited for: it committed,
+    // with no third attempt.
+    assert_eq!((value, stats.attempts), (3, 2));
+    assert_eq!(advisory_locks(&direct), 0);
+}

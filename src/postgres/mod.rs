@@ -59,8 +59,8 @@ const DB_SYSTEM: &str = "postgresql";
 /// statement) stays with it. [`Options::open_postgres`] refuses such a URL
 /// ([`Error::TransactionPooling`]) unless [`Options::transaction_pooling`] declares it; then
 /// the layer keeps no state in the session: the timeouts are set `LOCAL` in each
-/// transaction, Diesel prepares no statement to keep, conflicting writes are retried
-/// without the write queue, and a migration that cannot run in a transaction is refused
+/// transaction, Diesel prepares no statement to keep, the write queue's turn is taken inside
+/// each transaction, and a migration that cannot run in a transaction is refused
 /// ([`Error::MigrationNeedsSession`]).
 ///
 /// # Server messages
@@ -74,6 +74,9 @@ pub struct PgDatabase {
     server: Server,
     /// The advisory lock of the write queue (see `queue`).
     queue_key: (i32, i32),
+    /// Behind a declared transaction pooler, whether the queue's turn can be taken inside
+    /// each transaction (see `queue`).
+    queue_in_transaction: bool,
     /// When this handle's writes last met a conflict.
     conflicts: queue::Conflicts,
     options: Options,
@@ -173,6 +176,9 @@ impl Options {
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started)?;
         let queue_key = (key.0, key.1.wrapping_add(1));
+        let queue_in_transaction = self.transaction_pooling
+            && queue::turn_in_transaction_usable(&mut conn)
+                .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
         // Migrations ran without a statement timeout; the pooled sessions get the options'.
         let manager = PgManager::new(&server, settings);
         let pool = PgPool::builder()
@@ -188,6 +194,7 @@ impl Options {
             id: next_id(),
             pool,
             queue_key,
+            queue_in_transaction,
             conflicts: queue::Conflicts::default(),
             server,
             options: self,
@@ -397,7 +404,8 @@ impl PgDatabase {
                 };
                 let contended = attempt.number > 1 || self.conflicts.recent();
                 let result = (|| {
-                    // The turn is a session lock, which a transaction pooler does not keep.
+                    // The turn is a session lock, which a transaction pooler does not keep;
+                    // behind one it is taken in the transaction.
                     if contended
                         && !queued
                         && self.options.fair_queue
@@ -419,13 +427,28 @@ impl PgDatabase {
                         }
                         queued = true;
                     }
+                    let turn_in_transaction =
+                        contended && self.options.fair_queue && self.queue_in_transaction;
                     let begin = format!(
-                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}{}",
+                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}{}{}",
                         session::millis(Some(self.options.lock_timeout.min(attempt.left))),
                         pooler::local_settings(&self.options),
+                        if turn_in_transaction {
+                            queue::turn_in_transaction()
+                        } else {
+                            String::new()
+                        },
                     );
+                    let asked_turn = Instant::now();
                     transaction(conn, &begin, Operation::Write, |conn| {
                         began.set(Instant::now());
+                        // Others were queued: the contention goes on.
+                        if turn_in_transaction
+                            && began.get().saturating_duration_since(asked_turn)
+                                > queue::CONTENDED_WAIT
+                        {
+                            self.conflicts.met();
+                        }
                         f(conn)
                     })
                 })();
