@@ -91,8 +91,12 @@ fn an_undeclared_transaction_pooler_is_refused_at_open_naming_the_url() {
             ),
             0
         );
-        // The server itself is never taken for a pooler, and the declared pooler opens.
+        // The server itself is never taken for a pooler, nor a session pooler; and the
+        // declared pooler opens.
         drop(PgDatabase::open(&direct, MIGRATIONS).unwrap());
+        let session = bouncer::through_bouncer(&direct, Order::Session).unwrap();
+        bouncer::warm(&session, 3);
+        drop(PgDatabase::open(&session, MIGRATIONS).unwrap());
         let db = pooled().open_postgres(&bounced, MIGRATIONS).unwrap();
         db.write(|conn| bump_in_pg(conn, "a").map_err(Error::from))
             .unwrap();

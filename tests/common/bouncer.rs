@@ -1,5 +1,6 @@
 //! A real PgBouncer in transaction pooling mode in front of the test server (see `pg`): the
-//! shape of hosted PostgreSQL that session state does not survive. Started once per test
+//! shape of hosted PostgreSQL that session state does not survive (and one in session
+//! pooling mode, which keeps a client on one server connection). Started once per test
 //! binary and per kind (Debian's `pgbouncer`, as the `postgres` user when run as root, since
 //! it refuses root), listening only on a Unix socket in a private directory, with every
 //! database of the test server behind it; a watcher process stops it and removes its
@@ -25,27 +26,32 @@ use super::pg;
 /// other program can collide with it.
 const PORT: u16 = 6432;
 
-/// How the bouncer hands out the server connections it keeps idle.
+/// A bouncer's pooling mode, and how it hands out the server connections it keeps idle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {
-    /// PgBouncer's default: the one used last first (a lone client tends to keep its
-    /// server connection).
+    /// Transaction pooling, PgBouncer's default order: the one used last first (a lone
+    /// client tends to keep its server connection).
     LastUsed,
-    /// `server_round_robin = 1`: in turn, so that a client's consecutive transactions land
-    /// on different server connections whenever more than one is idle.
+    /// Transaction pooling, `server_round_robin = 1`: in turn, so that a client's
+    /// consecutive transactions land on different server connections whenever more than
+    /// one is idle.
     RoundRobin,
+    /// Session pooling: a client keeps its server connection until it disconnects.
+    Session,
 }
 
 static LAST_USED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static ROUND_ROBIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static SESSION: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// `url` (a database of the test server, from [`pg::fresh_database`]) reached through a
-/// PgBouncer in transaction pooling mode handing out servers in `order`, or `None` (after
+/// PgBouncer of kind `order`, or `None` (after
 /// saying why) when there is no `pgbouncer` and none is required.
 pub fn through_bouncer(url: &str, order: Order) -> Option<String> {
     let cell = match order {
         Order::LastUsed => &LAST_USED,
         Order::RoundRobin => &ROUND_ROBIN,
+        Order::Session => &SESSION,
     };
     let dir = match cell.get_or_init(|| start(url, order)) {
         Ok(dir) => dir,
@@ -129,6 +135,11 @@ fn start(url: &str, order: Order) -> Result<PathBuf, String> {
     let root = unsafe { libc::geteuid() } == 0;
     let config = dir.join("pgbouncer.ini");
     let round_robin = u8::from(order == Order::RoundRobin);
+    let mode = if order == Order::Session {
+        "session"
+    } else {
+        "transaction"
+    };
     std::fs::write(
         &config,
         format!(
@@ -139,7 +150,7 @@ fn start(url: &str, order: Order) -> Result<PathBuf, String> {
              unix_socket_dir = {dir}\n\
              auth_type = trust\n\
              auth_file = {dir}/users.txt\n\
-             pool_mode = transaction\n\
+             pool_mode = {mode}\n\
              server_round_robin = {round_robin}\n\
              default_pool_size = 40\n\
              max_client_conn = 1000\n\
