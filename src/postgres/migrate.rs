@@ -170,7 +170,7 @@ pub(crate) fn lock_key(conn: &mut PgConnection, options: &Options) -> QueryResul
 
 /// Whether a plan holds a pending migration that cannot run in a transaction.
 pub(crate) fn needs_session_lock(known: &[Known], plan: &Plan) -> bool {
-    plan.pending.iter().any(|&i| !known[i].transactional)
+    needs_session_lock_name(known, plan).is_some()
 }
 
 /// The first pending migration that cannot run in a transaction, by name.
