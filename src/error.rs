@@ -141,8 +141,9 @@ pub enum Error {
         source: diesel::ConnectionError,
     },
 
-    /// Another process held PostgreSQL's migration lock (a session lock, while it applied a
-    /// migration that cannot run in a transaction); waited for with the retry policy.
+    /// Another process held PostgreSQL's migration lock (a session lock, or behind a
+    /// transaction pooler a second session's transaction lock, while it applied a migration
+    /// that cannot run in a transaction); waited for with the retry policy.
     #[error("another process holds the migration lock of {url}", url = Escaped::new(.url))]
     MigrationLockHeld {
         /// The URL, without its password.
@@ -160,18 +161,6 @@ pub enum Error {
         /// What gave it away: a session's statements on two server processes, or two
         /// sessions on one.
         seen: String,
-    },
-
-    /// A pending migration cannot run in a transaction, and the PostgreSQL URL leads to a
-    /// transaction pooler ([`Options::transaction_pooling`](crate::Options::transaction_pooling)):
-    /// the lock that keeps other processes from migrating meanwhile is a session lock,
-    /// which a transaction pooler does not keep. Nothing was applied.
-    #[error("cannot apply migration {name} through the transaction pooler at {url}: it runs outside a transaction, under a session lock", url = Escaped::new(.url), name = Escaped::new(.name))]
-    MigrationNeedsSession {
-        /// The URL, without its password.
-        url: String,
-        /// The migration (the first such one pending).
-        name: String,
     },
 
     /// The connection to the PostgreSQL server was lost while `COMMIT` was in flight: the
@@ -568,11 +557,6 @@ impl Error {
                 "open it with Options::transaction_pooling(true), which keeps no state in the \
                  server's session, or use a URL to the server itself or to a session pooler \
                  (PgBouncer's pool_mode = session)"
-            }
-            Error::MigrationNeedsSession { .. } => {
-                "apply the migrations through a URL to the server itself or to a session \
-                 pooler (PgBouncer's pool_mode = session), then open through the \
-                 transaction pooler"
             }
             Error::CommitOutcomeUnknown { .. } => {
                 "read back what the write should have stored before running it again; make \

@@ -407,10 +407,11 @@ impl Options {
     /// transaction is missing on the next one's server connection); the turn of the write
     /// queue ([`Options::fair_queue`]) is taken inside each attempt's transaction instead of
     /// as a session lock (a table lock on the layer's checksum table, which the role must
-    /// be allowed to lock, else writes go without the queue); and a pending migration that
-    /// cannot run in a transaction is refused with
-    /// [`Error::MigrationNeedsSession`](crate::Error::MigrationNeedsSession) (its lock is a
-    /// session lock). A session from
+    /// be allowed to lock, else writes go without the queue); and while a migration that
+    /// cannot run in a transaction is applied, the migration lock is held in a transaction
+    /// of a second session instead of as a session lock (`CREATE INDEX CONCURRENTLY` does not
+    /// wait for that idle transaction; a pooler's `idle_transaction_timeout` must leave it the
+    /// time the migrations take). A session from
     /// [`PgDatabase::connection`](crate::PgDatabase::connection) has none of the layer's
     /// timeouts then.
     ///

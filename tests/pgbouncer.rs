@@ -246,33 +246,61 @@ fn migrations_with_a_concurrent_index(
 }
 
 #[test]
-fn a_migration_outside_a_transaction_is_refused_through_the_pooler_before_anything_runs() {
+fn a_migration_outside_a_transaction_applies_once_through_the_pooler_under_a_lock_it_keeps() {
     let Some((direct, bounced)) = bouncer::fresh_database(Order::RoundRobin) else {
         return;
     };
     bouncer::warm(&bounced, 3);
-    let (_dir, source) = migrations_with_a_concurrent_index();
-    let error = pooled().open_postgres(&bounced, source).unwrap_err();
-    assert!(
-        matches!(&error, Error::MigrationNeedsSession { name, .. } if name.ends_with("_index_values")),
-        "{error:?}"
-    );
-    assert!(error.hint().unwrap().contains("session pooler"), "{error}");
+    // Four processes' worth of opens at once, each with its own sessions.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let (done, opened) = std::sync::mpsc::channel();
+    for _ in 0..4 {
+        let (start, bounced, done) = (start.clone(), bounced.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (_dir, source) = migrations_with_a_concurrent_index();
+            start.wait();
+            let _ = done.send(
+                pooled()
+                    .open_postgres(&bounced, source)
+                    .map(|db| db.applied_at_open().len()),
+            );
+        });
+    }
+    // Bounded: an index build that waits for the lock's own session never ends.
+    let applied: Vec<usize> = (0..4)
+        .map(|_| {
+            opened
+                .recv_timeout(Duration::from_secs(60))
+                .expect("an open did not end within 60 s")
+                .unwrap()
+        })
+        .collect();
+    // One applied both; the others found them applied.
+    assert_eq!(applied.iter().sum::<usize>(), 2, "{applied:?}");
+    assert!(applied.contains(&2), "{applied:?}");
+    let mut conn = pg::connect(&direct);
     assert_eq!(
         number(
-            &mut pg::connect(&direct),
-            "SELECT count(*) AS value FROM pg_tables WHERE schemaname = 'public'"
+            &mut conn,
+            "SELECT count(*) AS value FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = 'counters_by_value' AND i.indisvalid"
         ),
-        0,
-        "a migration ran"
+        1
+    );
+    assert_eq!(
+        number(
+            &mut conn,
+            "SELECT count(*) AS value FROM __diesel_schema_migrations"
+        ),
+        2
     );
     assert_eq!(advisory_locks(&direct), 0);
-    // Applied through the server itself, as the hint says, the pooler then opens it.
-    let (_dir, source) = migrations_with_a_concurrent_index();
-    drop(PgDatabase::open(&direct, source).unwrap());
-    let (_dir, source) = migrations_with_a_concurrent_index();
-    let db = pooled().open_postgres(&bounced, source).unwrap();
-    assert!(db.applied_at_open().is_empty());
+    // Nothing of the lock's session stays open.
+    assert!(pg::wait_until(Duration::from_secs(30), || number(
+        &mut conn,
+        "SELECT count(*) AS value FROM pg_stat_activity \
+         WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+    ) == 0));
 }
 
 #[test]

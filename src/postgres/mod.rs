@@ -60,8 +60,8 @@ const DB_SYSTEM: &str = "postgresql";
 /// ([`Error::TransactionPooling`]) unless [`Options::transaction_pooling`] declares it; then
 /// the layer keeps no state in the session: the timeouts are set `LOCAL` in each
 /// transaction, Diesel prepares no statement to keep, the write queue's turn is taken inside
-/// each transaction, and a migration that cannot run in a transaction is refused
-/// ([`Error::MigrationNeedsSession`]).
+/// each transaction, and the migration lock for a migration that cannot run in a
+/// transaction is held in a transaction of a second session.
 ///
 /// # Server messages
 /// Failures are told by their SQLSTATE (a serialization failure, a deadlock, a lock timeout,
@@ -138,8 +138,7 @@ impl Options {
     /// [`Error::UnmanagedDatabase`], [`Error::Migration`]); [`Error::Busy`] if another
     /// process held the migration lock past the retry deadline;
     /// [`Error::TransactionPooling`] if the URL leads to a transaction pooler that
-    /// [`Options::transaction_pooling`] does not declare; [`Error::MigrationNeedsSession`] if
-    /// it does, and a pending migration cannot run in a transaction.
+    /// [`Options::transaction_pooling`] does not declare.
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn open_postgres<S: MigrationSource<Pg>>(
         self,
@@ -174,7 +173,9 @@ impl Options {
         let mut conn = connect(&settings)?;
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
-        let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started)?;
+        let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started, &|| {
+            connect(&settings)
+        })?;
         let queue_key = (key.0, key.1.wrapping_add(1));
         let queue_in_transaction = self.transaction_pooling
             && queue::turn_in_transaction_usable(&mut conn)
@@ -210,6 +211,7 @@ impl Options {
         shown: &Path,
         key: (i32, i32),
         started: Instant,
+        open_session: &dyn Fn() -> Result<PgConnection>,
     ) -> Result<Vec<String>> {
         let read = |conn: &mut PgConnection| {
             migrate::read_snapshot(conn).map_err(|e| Error::query(Operation::ReadMigrationState, e))
@@ -230,15 +232,6 @@ impl Options {
             holders::advisory(&mut conn.borrow_mut(), key, HeldLock::MigrationLock)
                 .unwrap_or_default()
         };
-        if let (true, Some(name)) = (
-            self.transaction_pooling,
-            migrate::needs_session_lock_name(known, &plan),
-        ) {
-            return Err(Error::MigrationNeedsSession {
-                url: shown.display().to_string(),
-                name: name.to_owned(),
-            });
-        }
         if !migrate::needs_session_lock(known, &plan) {
             return retry_pg(
                 &self.retry,
@@ -252,12 +245,17 @@ impl Options {
         }
         // A migration that cannot run in a transaction is pending: wait for the lock in
         // autocommit, never inside a transaction.
+        let mut lock = if self.transaction_pooling {
+            migrate::SessionLock::Held(open_session()?)
+        } else {
+            migrate::SessionLock::Own
+        };
         retry_pg(
             &self.retry,
             deadline,
             db,
             Operation::MigrationLock,
-            |_| match migrate::try_session_lock(&mut conn.borrow_mut(), key) {
+            |_| match lock.try_take(&mut conn.borrow_mut(), key) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
                     url: shown.display().to_string(),
@@ -270,18 +268,25 @@ impl Options {
             lock_holders,
         )?;
         let conn = conn.into_inner();
+        // Behind a transaction pooler the session has no statement timeout to lift (and a
+        // session SET would stay on a server connection).
+        let own_session = lock.own_session();
         let result = (|| {
-            migrate::statement_timeout(conn, None)
-                .map_err(|e| Error::query(Operation::Migrate, e))?;
+            if own_session {
+                migrate::statement_timeout(conn, None)
+                    .map_err(|e| Error::query(Operation::Migrate, e))?;
+            }
             let state = read(conn)?;
             let plan = migrate::planned(source, state, self).map_err(|r| r.at(shown))?;
             let applied = migrate::apply(conn, source, &plan, &plan.pending, false)?;
-            migrate::statement_timeout(conn, self.statement_timeout)
-                .map_err(|e| Error::query(Operation::Migrate, e))?;
+            if own_session {
+                migrate::statement_timeout(conn, self.statement_timeout)
+                    .map_err(|e| Error::query(Operation::Migrate, e))?;
+            }
             Ok(applied)
         })();
         // Released at once; a crash (or a lost session) releases it on the server.
-        if let Err(error) = migrate::release_session_lock(conn, key) {
+        if let Err(error) = lock.release(conn, key) {
             tracing::warn!(
                 db.system.name = DB_SYSTEM,
                 db.namespace = %crate::escaped::Escaped::path(shown),
