@@ -352,6 +352,8 @@ impl Options {
     /// their first attempt. Writes that do not conflict never queue. On a hot row, where
     /// `SERIALIZABLE` writers otherwise retry until one happens to begin just after a commit,
     /// this turns a tail of 20 times the fair wait into about twice it (BENCHMARKS.md).
+    /// Behind a declared transaction pooler ([`Options::transaction_pooling`]) the turn is a
+    /// table lock taken inside each attempt's transaction instead.
     pub fn fair_queue(mut self, on: bool) -> Self {
         self.fair_queue = on;
         self
