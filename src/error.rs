@@ -141,12 +141,26 @@ pub enum Error {
         source: diesel::ConnectionError,
     },
 
-    /// Another process held PostgreSQL's migration lock (a session lock, while it applied a
-    /// migration that cannot run in a transaction); waited for with the retry policy.
+    /// Another process held PostgreSQL's migration lock (a session lock, or behind a
+    /// transaction pooler a second session's transaction lock, while it applied a migration
+    /// that cannot run in a transaction); waited for with the retry policy.
     #[error("another process holds the migration lock of {url}", url = Escaped::new(.url))]
     MigrationLockHeld {
         /// The URL, without its password.
         url: String,
+    },
+
+    /// The PostgreSQL URL leads to a transaction pooler (PgBouncer's `pool_mode =
+    /// transaction`): one session's statements ran on different server connections, so
+    /// session advisory locks, session settings and prepared statements would not hold, and
+    /// [`Options::transaction_pooling`](crate::Options::transaction_pooling) was off.
+    #[error("{url} leads to a transaction pooler: {seen}", url = Escaped::new(.url))]
+    TransactionPooling {
+        /// The URL, without its password.
+        url: String,
+        /// What gave it away: a session's statements on two server processes, or two
+        /// sessions on one.
+        seen: String,
     },
 
     /// The connection to the PostgreSQL server was lost while `COMMIT` was in flight, and the
@@ -557,6 +571,11 @@ impl Error {
             Error::UnsupportedUrl { .. } => {
                 "SQLite takes a path, sqlite:// or file:; PostgreSQL postgres:// or \
                  postgresql:// (Cargo feature postgres)"
+            }
+            Error::TransactionPooling { .. } => {
+                "open it with Options::transaction_pooling(true), which keeps no state in the \
+                 server's session, or use a URL to the server itself or to a session pooler \
+                 (PgBouncer's pool_mode = session)"
             }
             Error::CommitOutcomeUnknown { .. } => {
                 "read back what the write should have stored before running it again; make \

@@ -40,6 +40,7 @@ use crate::retry::RetryPolicy;
 /// | `lock_timeout` | 5 s, and never past the retry deadline | a wait for a row or table lock ends, and the transaction runs again |
 /// | `idle_in_transaction_timeout` | 60 s | a transaction left open on a borrowed connection does not hold its locks forever |
 /// | `lost_commit_lookup` | on | a write whose session is lost during `COMMIT` asks the server whether it committed |
+/// | `transaction_pooling` | off | the URL leads to the server itself or a session pooler; a transaction pooler (PgBouncer) found at open is refused |
 ///
 /// # Examples
 /// ```
@@ -75,6 +76,7 @@ pub struct Options {
     pub(crate) lock_timeout: Duration,
     pub(crate) idle_in_transaction_timeout: Option<Duration>,
     pub(crate) lost_commit_lookup: bool,
+    pub(crate) transaction_pooling: bool,
 }
 
 impl Default for Options {
@@ -110,6 +112,7 @@ impl Options {
             lock_timeout: Duration::from_secs(5),
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
             lost_commit_lookup: true,
+            transaction_pooling: false,
         }
     }
 
@@ -352,6 +355,8 @@ impl Options {
     /// their first attempt. Writes that do not conflict never queue. On a hot row, where
     /// `SERIALIZABLE` writers otherwise retry until one happens to begin just after a commit,
     /// this turns a tail of 20 times the fair wait into about twice it (BENCHMARKS.md).
+    /// Behind a declared transaction pooler ([`Options::transaction_pooling`]) the turn is a
+    /// table lock taken inside each attempt's transaction instead.
     pub fn fair_queue(mut self, on: bool) -> Self {
         self.fair_queue = on;
         self
@@ -408,6 +413,40 @@ impl Options {
     /// socket (BENCHMARKS.md).
     pub fn lost_commit_lookup(mut self, on: bool) -> Self {
         self.lost_commit_lookup = on;
+        self
+    }
+
+    /// Whether the PostgreSQL URL leads to a transaction pooler (PgBouncer's
+    /// `pool_mode = transaction`, as hosted PostgreSQL often offers), which gives each
+    /// transaction, and each statement outside one, whichever server connection is free:
+    /// nothing a session sets outside a transaction stays with it.
+    ///
+    /// With it on, the layer keeps no state in the server's session: the timeouts are set
+    /// `LOCAL` in each transaction instead of once per session (a session `SET` would stay
+    /// on the server connection, for the pooler's other clients, and be missing from the
+    /// next one); Diesel's prepared statement cache is off (a statement prepared in one
+    /// transaction is missing on the next one's server connection); the turn of the write
+    /// queue ([`Options::fair_queue`]) is taken inside each attempt's transaction instead of
+    /// as a session lock (a table lock on the layer's checksum table, which the role must
+    /// be allowed to lock, else writes go without the queue); and while a migration that
+    /// cannot run in a transaction is applied, the migration lock is held in a transaction
+    /// of a second session instead of as a session lock (`CREATE INDEX CONCURRENTLY` does not
+    /// wait for that idle transaction; a pooler's `idle_transaction_timeout` must leave it the
+    /// time the migrations take). A session from
+    /// [`PgDatabase::connection`](crate::PgDatabase::connection) has none of the layer's
+    /// timeouts then.
+    ///
+    /// With it off, [`Options::open_postgres`] checks whether a session's statements stay on
+    /// one server connection, and refuses a URL where they move with
+    /// [`Error::TransactionPooling`](crate::Error::TransactionPooling). The check finds
+    /// PgBouncer's transaction pooling however it hands out server connections, unless
+    /// other clients happen to keep the open's server connection from moving; it never
+    /// refuses the server itself or a session pooler. The check costs each open two more
+    /// sessions and five round trips. Defaults to off.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub fn transaction_pooling(mut self, on: bool) -> Self {
+        self.transaction_pooling = on;
         self
     }
 

@@ -9,7 +9,9 @@
 //!   the lock is a session lock, asked for with `pg_try_advisory_lock` in autocommit and the
 //!   policy's jittered backoff. Waiting for it inside a transaction would deadlock with the
 //!   holder's `CREATE INDEX CONCURRENTLY`, which waits for every older transaction. Each
-//!   migration then runs in its own transaction (or none) with its bookkeeping.
+//!   migration then runs in its own transaction (or none) with its bookkeeping. Behind a
+//!   transaction pooler, which keeps no session lock, the lock is a transaction-scoped one
+//!   in a second session's transaction, held idle meanwhile (see [`SessionLock`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -306,22 +308,77 @@ fn record(conn: &mut PgConnection, k: &Known) -> Result<()> {
     .map_err(|source| Error::query(Operation::RecordChecksum, source))
 }
 
-/// One try for the session lock, in autocommit.
-pub(crate) fn try_session_lock(conn: &mut PgConnection, key: (i32, i32)) -> QueryResult<bool> {
-    Ok(sql_query("SELECT pg_try_advisory_lock($1, $2) AS flag")
-        .bind::<Integer, _>(key.0)
-        .bind::<Integer, _>(key.1)
-        .get_result::<Flag>(conn)?
-        .flag)
+/// The migration lock while a migration that cannot run in a transaction is applied.
+pub(crate) enum SessionLock {
+    /// A session advisory lock of the migrating session's own.
+    Own,
+    /// Behind a transaction pooler, where a session lock is not kept: a transaction-scoped
+    /// lock in a transaction of another session, left idle while the migrating session
+    /// applies, and ended when it is done. `CREATE INDEX CONCURRENTLY` does not wait for it:
+    /// a `READ COMMITTED` transaction idle between statements holds no snapshot and no lock
+    /// on the table. The pooler keeps that transaction on its server connection.
+    Held(PgConnection),
 }
 
-/// Releases the session lock.
-pub(crate) fn release_session_lock(conn: &mut PgConnection, key: (i32, i32)) -> QueryResult<()> {
-    sql_query("SELECT pg_advisory_unlock($1, $2)")
-        .bind::<Integer, _>(key.0)
-        .bind::<Integer, _>(key.1)
-        .execute(conn)
-        .map(drop)
+impl SessionLock {
+    /// One try for the lock, in autocommit (or, held, in a transaction ended at once if the
+    /// lock is taken): never a wait inside a transaction.
+    pub(crate) fn try_take(
+        &mut self,
+        conn: &mut PgConnection,
+        key: (i32, i32),
+    ) -> QueryResult<bool> {
+        let try_lock = |conn: &mut PgConnection| {
+            Ok(
+                sql_query("SELECT pg_try_advisory_xact_lock($1, $2) AS flag")
+                    .bind::<Integer, _>(key.0)
+                    .bind::<Integer, _>(key.1)
+                    .get_result::<Flag>(conn)?
+                    .flag,
+            )
+        };
+        match self {
+            SessionLock::Own => Ok(sql_query("SELECT pg_try_advisory_lock($1, $2) AS flag")
+                .bind::<Integer, _>(key.0)
+                .bind::<Integer, _>(key.1)
+                .get_result::<Flag>(conn)?
+                .flag),
+            SessionLock::Held(holder) => {
+                holder.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")?;
+                let taken = try_lock(holder);
+                if !matches!(taken, Ok(true)) {
+                    holder.batch_execute("ROLLBACK")?;
+                    return taken;
+                }
+                // A statement of the simple protocol drops the unnamed portal of the one
+                // before, and its snapshot with it: kept, that snapshot would make
+                // `CREATE INDEX CONCURRENTLY` wait for the holder, which waits for it.
+                // And the server's idle-in-transaction timeout would end the holder (and
+                // release the lock) while a long migration runs.
+                holder.batch_execute("SET LOCAL idle_in_transaction_session_timeout = 0")?;
+                taken
+            }
+        }
+    }
+
+    /// Whether the migrating session's own settings are session settings, which a
+    /// transaction pooler would leave on a server connection.
+    pub(crate) fn own_session(&self) -> bool {
+        matches!(self, SessionLock::Own)
+    }
+
+    /// Releases the lock.
+    pub(crate) fn release(self, conn: &mut PgConnection, key: (i32, i32)) -> QueryResult<()> {
+        match self {
+            SessionLock::Own => sql_query("SELECT pg_advisory_unlock($1, $2)")
+                .bind::<Integer, _>(key.0)
+                .bind::<Integer, _>(key.1)
+                .execute(conn)
+                .map(drop),
+            // Closing the holder would end its transaction too; this says when.
+            SessionLock::Held(mut holder) => holder.batch_execute("COMMIT"),
+        }
+    }
 }
 
 /// Turns the statement timeout off for this session's migrations (a migration may rewrite a

@@ -6,6 +6,7 @@ mod guard;
 mod holders;
 mod migrate;
 mod outcome;
+mod pooler;
 mod queue;
 mod session;
 mod status;
@@ -59,6 +60,16 @@ const DB_SYSTEM: &str = "postgresql";
 /// serves only writers that met a conflict, see [`Options::fair_queue`]. The pool
 /// ([`Options::pool_size`]) bounds the sessions a process opens.
 ///
+/// # Behind a transaction pooler
+/// Hosted PostgreSQL often sits behind PgBouncer in transaction pooling mode, where nothing
+/// a session keeps outside a transaction (a session advisory lock, a `SET`, a prepared
+/// statement) stays with it. [`Options::open_postgres`] refuses such a URL
+/// ([`Error::TransactionPooling`]) unless [`Options::transaction_pooling`] declares it; then
+/// the layer keeps no state in the session: the timeouts are set `LOCAL` in each
+/// transaction, Diesel prepares no statement to keep, the write queue's turn is taken inside
+/// each transaction, and the migration lock for a migration that cannot run in a
+/// transaction is held in a transaction of a second session.
+///
 /// # Server messages
 /// Failures are told by their SQLSTATE (a serialization failure, a deadlock, a lock timeout,
 /// a lost session), never by the server's message: a server that answers in any language
@@ -70,6 +81,9 @@ pub struct PgDatabase {
     server: Server,
     /// The advisory lock of the write queue (see `queue`).
     queue_key: (i32, i32),
+    /// Behind a declared transaction pooler, whether the queue's turn can be taken inside
+    /// each transaction (see `queue`).
+    queue_in_transaction: bool,
     /// When this handle's writes last met a conflict.
     conflicts: queue::Conflicts,
     options: Options,
@@ -129,7 +143,9 @@ impl Options {
     /// session could be opened; the migration refusals and failures of [`Options::open`] ([`Error::ForeignDatabase`],
     /// [`Error::UnknownMigrations`], [`Error::EditedMigrations`],
     /// [`Error::UnmanagedDatabase`], [`Error::Migration`]); [`Error::Busy`] if another
-    /// process held the migration lock past the retry deadline.
+    /// process held the migration lock past the retry deadline;
+    /// [`Error::TransactionPooling`] if the URL leads to a transaction pooler that
+    /// [`Options::transaction_pooling`] does not declare.
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn open_postgres<S: MigrationSource<Pg>>(
         self,
@@ -142,24 +158,44 @@ impl Options {
         let source = Source::<Pg>::list(migrations)?;
         let started = Instant::now();
         let settings = Settings::new(&self, url);
-        let mut conn = session::open(
-            &server,
-            &settings,
-            &self.retry,
-            Deadline::at(&SystemClock, started, &self.retry),
-        )?;
-        let key = migrate::lock_key(&mut conn, &self)
-            .map_err(|e| Error::query(Operation::MigrationLock, e))?;
-        let reopen = || {
+        let open = |settings: &Settings| {
             session::open(
                 &server,
-                &settings,
+                settings,
                 &self.retry,
                 Deadline::at(&SystemClock, started, &self.retry),
             )
         };
-        let applied = self.migrate_postgres(&mut conn, &reopen, &source, &shown, key, started)?;
+        if !self.transaction_pooling {
+            // Before the first session SET, which a pooler would leave on a server connection.
+            // The check's second session is tried once: a full server is waited for only for
+            // the session the open needs.
+            let probe = pooler::probe(&settings);
+            let mut sessions = 0;
+            let connect = || {
+                sessions += 1;
+                if sessions == 1 {
+                    return open(&probe);
+                }
+                session::connect_once(&server, &probe)
+            };
+            if let Some(seen) = pooler::detect(connect)? {
+                return Err(Error::TransactionPooling {
+                    url: server.shown().to_owned(),
+                    seen,
+                });
+            }
+        }
+        let mut conn = open(&settings)?;
+        let key = migrate::lock_key(&mut conn, &self)
+            .map_err(|e| Error::query(Operation::MigrationLock, e))?;
+        let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started, &|| {
+            open(&settings)
+        })?;
         let queue_key = (key.0, key.1.wrapping_add(1));
+        let queue_in_transaction = self.transaction_pooling
+            && queue::turn_in_transaction_usable(&mut conn)
+                .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
         // Migrations ran without a statement timeout; the pooled sessions get the options'.
         let manager = PgManager::new(&server, settings);
         let pool = PgPool::builder()
@@ -178,6 +214,7 @@ impl Options {
             id: next_id(),
             pool,
             queue_key,
+            queue_in_transaction,
             conflicts: queue::Conflicts::default(),
             server,
             options: self,
@@ -189,11 +226,11 @@ impl Options {
     fn migrate_postgres(
         &self,
         conn: &mut PgConnection,
-        reopen: &dyn Fn() -> Result<PgConnection>,
         source: &Source<Pg>,
         shown: &Path,
         key: (i32, i32),
         started: Instant,
+        open_session: &dyn Fn() -> Result<PgConnection>,
     ) -> Result<Vec<String>> {
         let read = |conn: &mut PgConnection| {
             migrate::read_snapshot(conn).map_err(|e| Error::query(Operation::ReadMigrationState, e))
@@ -225,7 +262,7 @@ impl Options {
                     // The server ended the session (a restart): the batch runs again on a new
                     // one, within the same deadline.
                     if failure::lost(&mut conn) {
-                        **conn = reopen()?;
+                        **conn = open_session()?;
                     }
                     migrate::batch(&mut conn, source, self, shown, key, attempt).map_err(|error| {
                         match error {
@@ -250,12 +287,17 @@ impl Options {
         }
         // A migration that cannot run in a transaction is pending: wait for the lock in
         // autocommit, never inside a transaction.
+        let mut lock = if self.transaction_pooling {
+            migrate::SessionLock::Held(open_session()?)
+        } else {
+            migrate::SessionLock::Own
+        };
         retry_pg(
             &self.retry,
             deadline,
             db,
             Operation::MigrationLock,
-            |_| match migrate::try_session_lock(&mut conn.borrow_mut(), key) {
+            |_| match lock.try_take(&mut conn.borrow_mut(), key) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
                     url: shown.display().to_string(),
@@ -268,18 +310,25 @@ impl Options {
             lock_holders,
         )?;
         let conn = conn.into_inner();
+        // Behind a transaction pooler the session has no statement timeout to lift (and a
+        // session SET would stay on a server connection).
+        let own_session = lock.own_session();
         let result = (|| {
-            migrate::statement_timeout(conn, None)
-                .map_err(|e| Error::query(Operation::Migrate, e))?;
+            if own_session {
+                migrate::statement_timeout(conn, None)
+                    .map_err(|e| Error::query(Operation::Migrate, e))?;
+            }
             let state = read(conn)?;
             let plan = migrate::planned(source, state, self).map_err(|r| r.at(shown))?;
             let applied = migrate::apply(conn, source, &plan, &plan.pending, false)?;
-            migrate::statement_timeout(conn, self.statement_timeout)
-                .map_err(|e| Error::query(Operation::Migrate, e))?;
+            if own_session {
+                migrate::statement_timeout(conn, self.statement_timeout)
+                    .map_err(|e| Error::query(Operation::Migrate, e))?;
+            }
             Ok(applied)
         })();
         // Released at once; a crash (or a lost session) releases it on the server.
-        if let Err(error) = migrate::release_session_lock(conn, key) {
+        if let Err(error) = lock.release(conn, key) {
             tracing::warn!(
                 db.system.name = DB_SYSTEM,
                 db.namespace = %crate::escaped::Escaped::path(shown),
@@ -405,7 +454,13 @@ impl PgDatabase {
                 };
                 let contended = attempt.number > 1 || self.conflicts.recent();
                 let result = (|| {
-                    if contended && !queued && self.options.fair_queue {
+                    // The turn is a session lock, which a transaction pooler does not keep;
+                    // behind one it is taken in the transaction.
+                    if contended
+                        && !queued
+                        && self.options.fair_queue
+                        && !self.options.transaction_pooling
+                    {
                         let asked_turn = Instant::now();
                         queue::take(
                             conn,
@@ -422,13 +477,29 @@ impl PgDatabase {
                         }
                         queued = true;
                     }
+                    let turn_in_transaction =
+                        contended && self.options.fair_queue && self.queue_in_transaction;
                     let begin = format!(
-                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}",
-                        session::millis(Some(self.options.lock_timeout.min(attempt.left)))
+                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}{}{}",
+                        session::millis(Some(self.options.lock_timeout.min(attempt.left))),
+                        pooler::local_settings(&self.options),
+                        if turn_in_transaction {
+                            queue::turn_in_transaction()
+                        } else {
+                            String::new()
+                        },
                     );
+                    let asked_turn = Instant::now();
                     let stamped = self.options.lost_commit_lookup;
                     match transaction(conn, &begin, Operation::Write, stamped, |conn| {
                         began.set(Instant::now());
+                        // Others were queued: the contention goes on.
+                        if turn_in_transaction
+                            && began.get().saturating_duration_since(asked_turn)
+                                > queue::CONTENDED_WAIT
+                        {
+                            self.conflicts.met();
+                        }
                         f(conn)
                     }) {
                         Ok(value) => Ok(value),
@@ -510,8 +581,9 @@ impl PgDatabase {
             |attempt| {
                 let mut conn = self.checkout()?;
                 let begin = format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}",
-                    session::millis(Some(self.options.lock_timeout.min(attempt.left)))
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}{}",
+                    session::millis(Some(self.options.lock_timeout.min(attempt.left))),
+                    pooler::local_settings(&self.options),
                 );
                 transaction(&mut conn, &begin, Operation::Read, false, &mut f).map_err(|ended| {
                     match ended {
@@ -557,8 +629,9 @@ impl PgDatabase {
         holders
     }
 
-    /// A session from the pool, with the layer's settings, for work that needs one
-    /// directly.
+    /// A session from the pool, with the layer's settings (none but `application_name`
+    /// behind a declared transaction pooler, see [`Options::transaction_pooling`]), for work
+    /// that needs one directly.
     ///
     /// # Errors
     /// [`Error::Pool`] if no session could be had in time; [`Error::Reentrant`] inside a

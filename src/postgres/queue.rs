@@ -9,6 +9,21 @@
 //! attempts never queue, so writes that do not conflict keep all of the server's concurrency;
 //! a writer in a transaction never waits for the queue, so the queue cannot close a cycle of
 //! lock waits.
+//!
+//! Behind a transaction pooler ([`Options::transaction_pooling`](crate::Options::transaction_pooling))
+//! a session lock does not hold: the turn would be taken on one server connection and given
+//! back on another (or never), left held for whoever comes next. There the turn is taken
+//! inside each attempt's transaction, right after its `BEGIN` and before its first query,
+//! with `LOCK TABLE` on the layer's checksum table in `SHARE UPDATE EXCLUSIVE` mode, and
+//! released by its `COMMIT` or `ROLLBACK`: that mode conflicts with itself and with no read
+//! or write of the table (only with `VACUUM`, `ANALYZE` and DDL on it), and `LOCK` takes no
+//! snapshot, so the `SERIALIZABLE` snapshot is taken after the wait and sees the commits
+//! waited for. (`pg_advisory_xact_lock` cannot serve: it is a `SELECT`, which takes the
+//! snapshot before it waits, and a snapshot older than the commits waited for dooms the
+//! transaction.) The transaction holds nothing else while it waits, as before `BEGIN`. An
+//! attempt that fails queues again for the next; a role that may not lock the table (it
+//! needs `UPDATE`, `DELETE` or `TRUNCATE` on it), or a database without it, does without
+//! the queue.
 
 use std::time::Duration;
 
@@ -16,6 +31,31 @@ use diesel::connection::SimpleConnection;
 use diesel::{PgConnection, QueryResult};
 
 use super::session::millis;
+use crate::migrate::checksums::TABLE as CHECKSUMS;
+
+/// The turn behind a transaction pooler, appended to the `BEGIN` batch of an attempt.
+pub(crate) fn turn_in_transaction() -> String {
+    format!("; LOCK TABLE {CHECKSUMS} IN SHARE UPDATE EXCLUSIVE MODE")
+}
+
+#[derive(diesel::QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    flag: bool,
+}
+
+/// Whether this session's role can take [`turn_in_transaction`]: the table exists, and the
+/// role may lock it in that mode.
+pub(crate) fn turn_in_transaction_usable(conn: &mut PgConnection) -> QueryResult<bool> {
+    use diesel::RunQueryDsl;
+    Ok(diesel::sql_query(
+        "SELECT coalesce(has_table_privilege(to_regclass($1), 'UPDATE, DELETE, TRUNCATE'), \
+         false) AS flag",
+    )
+    .bind::<diesel::sql_types::Text, _>(CHECKSUMS)
+    .get_result::<Flag>(conn)?
+    .flag)
+}
 
 /// Waits at most `left` for the queue's turn `key` on `conn`'s session; `lock_timeout` is the
 /// session's own setting, restored afterwards.

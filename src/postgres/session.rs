@@ -76,6 +76,10 @@ pub(crate) struct Settings {
     /// `application_name`, unless the URL sets one: what `pg_stat_activity`, the server's
     /// log and the layer's own [`Holder`](crate::Holder)s name the session by.
     pub application_name: Option<String>,
+    /// A transaction pooler keeps no session state ([`Options::transaction_pooling`]): the
+    /// timeouts go `LOCAL` into each transaction instead (`pooler::local_settings`), and
+    /// Diesel prepares no statement to keep.
+    pub transaction_pooling: bool,
 }
 
 impl Settings {
@@ -87,18 +91,25 @@ impl Settings {
             application_name: (!url.to_ascii_lowercase().contains("application_name="))
                 .then(program_name)
                 .flatten(),
+            transaction_pooling: options.transaction_pooling,
         }
     }
 
-    /// The `SET` statements, one batch.
+    /// The `SET` statements, one batch. Behind a transaction pooler only
+    /// `application_name`, which PgBouncer keeps for each client and sets on whichever
+    /// server connection it runs.
     pub(crate) fn sql(&self) -> String {
-        let mut sql = format!(
-            "SET statement_timeout = {}; SET lock_timeout = {}; \
-             SET idle_in_transaction_session_timeout = {};",
-            millis(self.statement_timeout),
-            millis(Some(self.lock_timeout)),
-            millis(self.idle_in_transaction_timeout),
-        );
+        let mut sql = if self.transaction_pooling {
+            String::new()
+        } else {
+            format!(
+                "SET statement_timeout = {}; SET lock_timeout = {}; \
+                 SET idle_in_transaction_session_timeout = {};",
+                millis(self.statement_timeout),
+                millis(Some(self.lock_timeout)),
+                millis(self.idle_in_transaction_timeout),
+            )
+        };
         if let Some(name) = &self.application_name {
             sql.push_str(&format!(" SET application_name = '{name}';"));
         }
@@ -161,19 +172,22 @@ pub(crate) fn open(
         db,
         transient,
         |error: &Error| crate::error::error_chain(error),
-        |_| {
-            connect(server.url(), settings).map_err(|error| match error {
-                SessionError::Connect(source) => Error::Connect {
-                    url: server.shown().to_owned(),
-                    source,
-                },
-                SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
-            })
-        },
+        |_| connect_once(server, settings),
     )
     .map(|success| success.value)
     .map_err(|failure| match failure {
         Failure::Permanent(error) | Failure::Exhausted { last: error, .. } => error,
+    })
+}
+
+/// One attempt of [`open`]: [`connect`], its failure as the layer's error.
+pub(crate) fn connect_once(server: &Server, settings: &Settings) -> Result<PgConnection, Error> {
+    connect(server.url(), settings).map_err(|error| match error {
+        SessionError::Connect(source) => Error::Connect {
+            url: server.shown().to_owned(),
+            source,
+        },
+        SessionError::Settings(source) => Error::query(Operation::ConfigureSession, source),
     })
 }
 
@@ -216,8 +230,14 @@ pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
 pub(crate) fn connect(url: &str, settings: &Settings) -> Result<PgConnection, SessionError> {
     let mut conn = PgConnection::establish(url).map_err(SessionError::Connect)?;
     conn.set_instrumentation(Recorder::new());
-    conn.batch_execute(&settings.sql())
-        .map_err(SessionError::Settings)?;
+    if settings.transaction_pooling {
+        // A statement prepared on one server connection is missing on the next one's.
+        conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
+    }
+    let sql = settings.sql();
+    if !sql.is_empty() {
+        conn.batch_execute(&sql).map_err(SessionError::Settings)?;
+    }
     Ok(conn)
 }
 

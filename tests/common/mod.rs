@@ -370,3 +370,6 @@ pub fn exit_after(seconds: u64) {
 
 #[cfg(feature = "postgres")]
 pub mod pg;
+
+#[cfg(feature = "postgres")]
+pub mod bouncer;

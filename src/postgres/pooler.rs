@@ -1,0 +1,145 @@
+//! Transaction poolers (PgBouncer's `pool_mode = transaction`): finding one at open, and
+//! what a session of the layer's does instead of keeping state in the server's session when
+//! the options declare one ([`Options::transaction_pooling`]).
+//!
+//! Behind a transaction pooler each transaction, and each statement outside one, runs on
+//! whichever server connection is free. A session `SET` stays on the server connection it
+//! ran on, for the pooler's other clients, and is missing from the next one; a session
+//! advisory lock is taken on one server connection and released (or not: "you don't own a
+//! lock") on another, held until the pooler closes it; a statement Diesel prepared and
+//! cached is missing on the next transaction's server connection ("prepared statement
+//! \"__diesel_stmt_0\" does not exist"), or already there for another client ("already
+//! exists"). What holds is what a transaction holds: `SET LOCAL`, `pg_advisory_xact_lock`,
+//! and statements parsed and run in one step (Diesel does so for a statement it does not
+//! cache).
+//!
+//! # The check at open
+//! No statement tells a pooler from the server: the pooler answers for the server. What
+//! tells them apart is that a session's server process can change. On the server itself,
+//! and behind a session pooler, it never does, and two live sessions never share one; so
+//! the check can refuse wrongly only if two servers behind one URL give two sessions the
+//! same process id and start time. It looks three ways, which together catch PgBouncer
+//! however it hands out its idle server connections:
+//! 1. Two statements in a row of one session (a pooler that hands out server connections in
+//!    turn, `server_round_robin`, moves it).
+//! 2. A second session's transaction, while the first is idle (a pooler that hands out the
+//!    server connection used last, PgBouncer's default, or that has only one, gives it the
+//!    first session's).
+//! 3. The first session's next statement while that transaction is open (the first
+//!    session's server connection, if the second has it, is busy).
+
+use diesel::sql_types::{Integer, Text};
+use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl};
+
+use super::session::{millis, Settings};
+use crate::error::{Error, Operation, Result};
+use crate::options::Options;
+
+/// A server process: its id, and when its server started (two servers behind one URL can
+/// hand out the same id).
+#[derive(QueryableByName, Debug, PartialEq, Eq)]
+struct Process {
+    #[diesel(sql_type = Integer)]
+    pid: i32,
+    #[diesel(sql_type = Text)]
+    started: String,
+}
+
+fn process(conn: &mut PgConnection) -> QueryResult<Process> {
+    // Parsed and run in one step (Diesel caches no `sql_query`): a pooler may move the
+    // session between the steps of a prepared statement.
+    diesel::sql_query("SELECT pg_backend_pid() AS pid, pg_postmaster_start_time()::text AS started")
+        .get_result(conn)
+}
+
+/// Whether the server behind `connect` is a transaction pooler: `Some(what was seen)` if it
+/// is; `None` if none was found (see the module docs). `connect` opens a session of the
+/// layer's with [`probe`] settings; the check opens two. A second session that cannot be
+/// opened ends the check (logged).
+///
+/// # Errors
+/// What opening the first session failed with, and what a statement of the check failed
+/// with.
+pub(crate) fn detect(mut connect: impl FnMut() -> Result<PgConnection>) -> Result<Option<String>> {
+    let mut first = connect()?;
+    let query = |source| Error::query(Operation::ConfigureSession, source);
+    let on = |conn: &mut PgConnection| process(conn).map_err(query);
+    let a = on(&mut first)?;
+    let b = on(&mut first)?;
+    let moved = |from: &Process, to: &Process| {
+        format!(
+            "one session's statements ran on server processes {} and {}",
+            from.pid, to.pid
+        )
+    };
+    if a != b {
+        return Ok(Some(moved(&a, &b)));
+    }
+    let mut second = match connect() {
+        Ok(second) => second,
+        Err(error) => {
+            tracing::warn!(
+                error = %crate::escaped::Escaped::new(&crate::error::error_chain(&error)),
+                "cannot open a second session to check for a transaction pooler; checked with one"
+            );
+            return Ok(None);
+        }
+    };
+    // Ended by closing the session: nothing of it stays on a server connection.
+    diesel::connection::SimpleConnection::batch_execute(&mut second, "BEGIN").map_err(query)?;
+    let other = on(&mut second)?;
+    if other == b {
+        return Ok(Some(format!(
+            "two sessions ran on server process {}",
+            b.pid
+        )));
+    }
+    let c = on(&mut first)?;
+    if c != b {
+        return Ok(Some(moved(&b, &c)));
+    }
+    Ok(None)
+}
+
+/// The settings of the check's sessions: those of a session behind a declared transaction
+/// pooler, which sets nothing a pooler would leave on a server connection for its other
+/// clients (only `application_name`, which PgBouncer keeps for each client).
+pub(crate) fn probe(settings: &Settings) -> Settings {
+    Settings {
+        transaction_pooling: true,
+        ..settings.clone()
+    }
+}
+
+/// What each transaction of a `write` or `read` sets `LOCAL` after its `BEGIN` (in the same
+/// batch), beyond its `lock_timeout`: the session's timeouts when a transaction pooler keeps
+/// no session settings ([`Options::transaction_pooling`]), else nothing.
+pub(crate) fn local_settings(options: &Options) -> String {
+    if !options.transaction_pooling {
+        return String::new();
+    }
+    format!(
+        "; SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}",
+        millis(options.statement_timeout),
+        millis(options.idle_in_transaction_timeout),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn only_a_declared_pooler_sets_the_timeouts_in_each_transaction() {
+        let options = Options::new()
+            .statement_timeout(Some(Duration::from_secs(2)))
+            .idle_in_transaction_timeout(None);
+        assert_eq!(local_settings(&options), "");
+        assert_eq!(
+            local_settings(&options.transaction_pooling(true)),
+            "; SET LOCAL statement_timeout = 2000; SET LOCAL idle_in_transaction_session_timeout = 0"
+        );
+    }
+}
