@@ -346,3 +346,91 @@ fn a_migration_whose_session_is_ended_runs_again_on_a_new_one() {
     .unwrap();
     assert_eq!(tables, 2);
 }
+
+/// A migrations directory with `migrations` (name, up.sql, run_in_transaction).
+fn migrations_dir(dir: &std::path::Path, migrations: &[(&str, &str, bool)]) {
+    for (name, up, transactional) in migrations {
+        let m = dir.join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(m.join("up.sql"), up).unwrap();
+        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
+        if !transactional {
+            std::fs::write(m.join("metadata.toml"), "run_in_transaction = false\n").unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_batch_with_one_migration_outside_a_transaction_keeps_the_others_atomic_in_runs() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    migrations_dir(
+        dir.path(),
+        &[
+            ("2026-12-01-000001_a", "CREATE TABLE a (x INT);", true),
+            ("2026-12-01-000002_b", "CREATE TABLE b (x INT);", true),
+            (
+                "2026-12-01-000003_slow",
+                "CREATE TABLE c (x INT); SELECT pg_sleep(CASE WHEN to_regclass('slept') IS NULL \
+                 THEN 30 ELSE 0 END);",
+                true,
+            ),
+            (
+                "2026-12-01-000004_index",
+                "CREATE INDEX CONCURRENTLY a_x ON a (x);",
+                false,
+            ),
+            ("2026-12-01-000005_d", "CREATE TABLE d (x INT);", true),
+        ],
+    );
+    let opening = {
+        let (url, path) = (url.clone(), dir.path().to_owned());
+        std::thread::spawn(move || {
+            options(Duration::from_secs(60)).open_postgres(
+                &url,
+                diesel_migrations::FileBasedMigrations::from_path(path).unwrap(),
+            )
+        })
+    };
+    // The process dies in the third migration (its session is ended there).
+    let mut admin = pg::connect(&url);
+    let ended = pg::wait_until(Duration::from_secs(60), || {
+        diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE query LIKE '%to_regclass(''slept'')%' AND pid <> pg_backend_pid()",
+        )
+        .get_result::<i64>(&mut admin)
+        .unwrap()
+            > 0
+    });
+    assert!(ended, "the slow migration never ran");
+    assert!(within(Duration::from_secs(90), move || opening.join().unwrap()).is_err());
+    // The first three are one run, applied all or none: none (the first two were applied,
+    // each in a transaction of its own).
+    let count = |sql: &str| {
+        diesel::dsl::sql::<diesel::sql_types::BigInt>(sql)
+            .get_result::<i64>(&mut pg::connect(&url))
+            .unwrap()
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM pg_tables WHERE tablename IN ('a', 'b', 'c', 'd')"),
+        0
+    );
+    // Run again (without the sleep), the whole batch is applied, each migration once.
+    pg::connect(&url)
+        .batch_execute("CREATE TABLE slept ()")
+        .unwrap();
+    let db = options(Duration::from_secs(60))
+        .open_postgres(
+            &url,
+            diesel_migrations::FileBasedMigrations::from_path(dir.path()).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(db.applied_at_open().len(), 5);
+    assert_eq!(
+        count("SELECT count(*) FROM pg_tables WHERE tablename IN ('a', 'b', 'c', 'd')"),
+        4
+    );
+}

@@ -8,8 +8,9 @@
 //! - A pending migration with `run_in_transaction = false` (`CREATE INDEX CONCURRENTLY`):
 //!   the lock is a session lock, asked for with `pg_try_advisory_lock` in autocommit and the
 //!   policy's jittered backoff. Waiting for it inside a transaction would deadlock with the
-//!   holder's `CREATE INDEX CONCURRENTLY`, which waits for every older transaction. Each
-//!   migration then runs in its own transaction (or none) with its bookkeeping. Behind a
+//!   holder's `CREATE INDEX CONCURRENTLY`, which waits for every older transaction. Then
+//!   each run of pending migrations that allow a transaction is applied in one (with its
+//!   bookkeeping: all of the run or none of it), and the others alone. Behind a
 //!   transaction pooler, which keeps no session lock, the lock is a transaction-scoped one
 //!   in a second session's transaction, held idle meanwhile (see [`SessionLock`]).
 
@@ -269,24 +270,36 @@ pub(crate) fn apply(
     } else {
         conn.transaction(|conn| bookkeeping(conn))?;
     }
-    let mut applied = Vec::new();
-    for &i in pending {
+    let run = |conn: &mut PgConnection, i: usize| -> Result<()> {
         let k = &known[i];
         tracing::debug!(migration = %crate::escaped::Escaped::new(&k.name), "applying migration");
-        let run = |conn: &mut PgConnection| -> Result<()> {
-            conn.run_migration(&*migrations[i])
-                .map_err(|source| Error::Migration {
-                    name: k.name.clone(),
-                    source,
-                })?;
-            record(conn, k)
-        };
-        if in_transaction || !k.transactional {
-            run(conn)?;
+        conn.run_migration(&*migrations[i])
+            .map_err(|source| Error::Migration {
+                name: k.name.clone(),
+                source,
+            })?;
+        record(conn, k)
+    };
+    let mut applied = Vec::new();
+    let mut rest = pending;
+    while let Some(&first) = rest.first() {
+        // In the caller's transaction, all of them; else each run of migrations that allow a
+        // transaction in one (all of the run or none of it), and the others alone.
+        let len = if in_transaction {
+            rest.len()
         } else {
-            conn.transaction(|conn| run(conn))?;
+            rest.iter().take_while(|&&i| known[i].transactional).count()
+        };
+        let (now, after) = rest.split_at(len.max(1));
+        if in_transaction || !known[first].transactional {
+            for &i in now {
+                run(conn, i)?;
+            }
+        } else {
+            conn.transaction(|conn| now.iter().try_for_each(|&i| run(conn, i)))?;
         }
-        applied.push(k.name.clone());
+        applied.extend(now.iter().map(|&i| known[i].name.clone()));
+        rest = after;
     }
     Ok(applied)
 }
