@@ -26,6 +26,7 @@ use crate::retry::RetryPolicy;
 /// | `application_id` | none | set it to stamp your files and refuse other applications' |
 /// | `create_mode` | `0o600` | a new database (and its `-wal`, `-shm`, `-lock`) is private |
 /// | `create_if_missing` | `true` | a missing file is created (and migrated) |
+/// | `migration_wait` | 10 min | an open waits this long for another process's migrations while that process is alive |
 /// | `pool_size` | 8 | |
 /// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
 /// | `max_read_age` | none | a cap on how long a `read` may keep its snapshot (and so the WAL) |
@@ -70,6 +71,7 @@ pub struct Options {
     pub(crate) application_id: Option<u32>,
     pub(crate) create_mode: u32,
     pub(crate) create_if_missing: bool,
+    pub(crate) migration_wait: Duration,
     pub(crate) pool_size: u32,
     pub(crate) fair_queue: bool,
     pub(crate) statement_timeout: Option<Duration>,
@@ -106,6 +108,7 @@ impl Options {
             application_id: None,
             create_mode: 0o600,
             create_if_missing: true,
+            migration_wait: Duration::from_secs(600),
             pool_size: 8,
             fair_queue: true,
             statement_timeout: Some(Duration::from_secs(30)),
@@ -397,6 +400,21 @@ impl Options {
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn idle_in_transaction_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_in_transaction_timeout = timeout;
+        self
+    }
+
+    /// How long an open waits in all for another process's migration batch, as long as that
+    /// process is alive and migrating: the retry policy's deadline would end the wait while
+    /// a long batch (an index on a big table, a long history on a slow machine) runs fine.
+    /// Each time the deadline passes, the open looks at who holds what it waits for: while
+    /// that is a live process migrating this database (SQLite: the write queue's holder, by
+    /// its record in `<database>-lock` and the OS lock table, or the maker of a new database,
+    /// by its lock on the directory; PostgreSQL: the session holding the migration lock, by
+    /// `pg_locks`), it waits another deadline, until `migration_wait` from the open's start;
+    /// else it gives up as before ([`Error::Busy`](crate::Error::Busy), naming the holder).
+    /// Defaults to 10 minutes; never shorter than the retry deadline.
+    pub fn migration_wait(mut self, limit: Duration) -> Self {
+        self.migration_wait = limit;
         self
     }
 

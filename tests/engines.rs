@@ -543,6 +543,72 @@ on_both_engines!(
     }
 );
 
+on_both_engines!(
+    an_open_waits_for_another_process_migrating_past_its_retry_deadline,
+    |engine| {
+        let Some(db) = fresh(engine) else { return };
+        let dir = tempfile::tempdir().unwrap();
+        migrations_dir(dir.path(), &slow_batch(engine));
+        // First a new database (SQLite: its maker holds the directory's turn), then one
+        // that exists (SQLite: the batch's process holds the write queue, and says so).
+        for (applied, slow) in [(2, None), (1, Some("2026-12-01-000003_slow"))] {
+            if let Some(name) = slow {
+                let [_, (_, body, _)] = slow_batch(engine);
+                migrations_dir(
+                    dir.path(),
+                    &[(name, &body.replace("second", "third"), true)],
+                );
+            }
+            let barrier_dir = tempfile::tempdir().unwrap();
+            let barrier = barrier_dir.path().join("go");
+            std::fs::write(&barrier, "").unwrap();
+            let mut vars = env(&db.url, false, 0);
+            vars.push(("SP_DIR", dir.path().display().to_string()));
+            vars.push(("SP_BARRIER", barrier.display().to_string()));
+            let child = common::child_role("engine_child", &vars);
+            let pid = child.id();
+            let migrating = || match (engine, slow) {
+                // The child holds the write queue's flock on `<database>-lock`.
+                (Engine::Sqlite, Some(_)) => {
+                    use std::os::unix::fs::MetadataExt;
+                    let lock = format!("{}-lock", db.url.strip_prefix("sqlite://").unwrap());
+                    std::fs::metadata(lock).is_ok_and(|m| {
+                        std::fs::read_to_string("/proc/locks")
+                            .unwrap_or_default()
+                            .lines()
+                            .any(|l| {
+                                l.contains("FLOCK")
+                                    && l.contains(&format!(" {pid} "))
+                                    && l.contains(&format!(":{} ", m.ino()))
+                            })
+                    })
+                }
+                _ => in_slow_migration(&db.url, pid, false),
+            };
+            assert!(
+                pg::wait_until(Duration::from_secs(30), migrating),
+                "the migration never started"
+            );
+            // A retry deadline far shorter than the batch: the open waits while the other
+            // process migrates (it gave up as Busy at its deadline), and applies nothing.
+            let opened = Options::new()
+                .retry(
+                    sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(300)),
+                )
+                .open_url(&db.url, FileBasedMigrations::from_path(dir.path()).unwrap())
+                .unwrap();
+            assert!(opened.applied_at_open().is_empty());
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                String::from_utf8_lossy(&out.stdout)
+                    .contains(&format!("result ok applied={applied}")),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+);
+
 /// A table big enough that `CREATE INDEX CONCURRENTLY` takes a while, then the index.
 const CONCURRENT_INDEX: [(&str, &str, bool); 2] = [
     (
@@ -645,16 +711,12 @@ fn a_migration_lock_held_past_the_deadline_names_its_holder() {
          AND query NOT LIKE '%pg_stat_activity%'",
     );
     let source = || FileBasedMigrations::from_path(dir.path()).unwrap();
-    let start = std::time::Instant::now();
+    // Without a migration wait, the deadline ends it.
     let error = Options::new()
         .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(500)))
+        .migration_wait(Duration::ZERO)
         .open_url(&db.url, source())
         .unwrap_err();
-    assert!(
-        start.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        start.elapsed()
-    );
     let Error::Busy { holders, .. } = &error else {
         panic!("{error:?}")
     };
@@ -664,8 +726,12 @@ fn a_migration_lock_held_past_the_deadline_names_its_holder() {
             .any(|h| i64::from(h.pid) == holder_pid && h.lock == HeldLock::MigrationLock),
         "{error}"
     );
-    // With the default deadline, the next open waits for the batch and applies nothing.
-    let opened = Options::new().open_url(&db.url, source()).unwrap();
+    // With the default migration wait, the next open waits for the batch past its retry
+    // deadline, and applies nothing.
+    let opened = Options::new()
+        .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(500)))
+        .open_url(&db.url, source())
+        .unwrap();
     assert!(opened.applied_at_open().is_empty());
     let out = child.wait_with_output().unwrap();
     assert!(

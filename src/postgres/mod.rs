@@ -247,43 +247,55 @@ impl Options {
         };
         // Who held the lock, read on the session that gave up waiting for it.
         let conn = std::cell::RefCell::new(conn);
-        let lock_holders = |_: &_, _| {
+        let lock_holders = || {
             holders::advisory(&mut conn.borrow_mut(), key, HeldLock::MigrationLock)
                 .unwrap_or_default()
         };
+        // Rounds after the first (the holder was still migrating) wait a deadline more.
+        let deadline = |first: bool| {
+            if first {
+                deadline
+            } else {
+                Deadline::now(&SystemClock, &self.retry)
+            }
+        };
         if !migrate::needs_session_lock(known, &plan) {
-            return retry_pg(
-                &self.retry,
-                deadline,
-                db,
-                Operation::Migrate,
-                |attempt| {
-                    let mut conn = conn.borrow_mut();
-                    // The server ended the session (a restart): the batch runs again on a new
-                    // one, within the same deadline.
-                    if failure::lost(&mut conn) {
-                        **conn = open_session()?;
-                    }
-                    migrate::batch(&mut conn, source, self, shown, key, attempt).map_err(|error| {
-                        match error {
-                            // A migration's own statement met the lost session: Diesel's
-                            // migration error keeps no source, but the session's recorder saw it.
-                            PgAttempt::Layer(error) if failure::lost(&mut conn) => {
-                                PgAttempt::Caller {
-                                    transient: Some(PgFailure {
-                                        kind: PgFailureKind::ConnectionLost,
-                                        message: crate::error::error_chain(&error),
-                                    }),
-                                    error,
-                                }
-                            }
-                            other => other,
+            return crate::migrate::while_others_migrate(self, started, |first| {
+                retry_pg(
+                    &self.retry,
+                    deadline(first),
+                    db,
+                    Operation::Migrate,
+                    |attempt| {
+                        let mut conn = conn.borrow_mut();
+                        // The server ended the session (a restart): the batch runs again on a new
+                        // one, within the same deadline.
+                        if failure::lost(&mut conn) {
+                            **conn = open_session()?;
                         }
-                    })
-                },
-                lock_holders,
-            )
-            .map(|success| success.value);
+                        migrate::batch(&mut conn, source, self, shown, key, attempt).map_err(
+                            |error| {
+                                match error {
+                                    // A migration's own statement met the lost session: Diesel's
+                                    // migration error keeps no source, but the session's recorder saw it.
+                                    PgAttempt::Layer(error) if failure::lost(&mut conn) => {
+                                        PgAttempt::Caller {
+                                            transient: Some(PgFailure {
+                                                kind: PgFailureKind::ConnectionLost,
+                                                message: crate::error::error_chain(&error),
+                                            }),
+                                            error,
+                                        }
+                                    }
+                                    other => other,
+                                }
+                            },
+                        )
+                    },
+                    |_: &_, _| lock_holders(),
+                )
+                .map(|success| success.value)
+            });
         }
         // A migration that cannot run in a transaction is pending: wait for the lock in
         // autocommit, never inside a transaction.
@@ -292,23 +304,25 @@ impl Options {
         } else {
             migrate::SessionLock::Own
         };
-        retry_pg(
-            &self.retry,
-            deadline,
-            db,
-            Operation::MigrationLock,
-            |_| match lock.try_take(&mut conn.borrow_mut(), key) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
-                    url: shown.display().to_string(),
-                })),
-                Err(source) => Err(PgAttempt::Layer(Error::query(
-                    Operation::MigrationLock,
-                    source,
-                ))),
-            },
-            lock_holders,
-        )?;
+        crate::migrate::while_others_migrate(self, started, |first| {
+            retry_pg(
+                &self.retry,
+                deadline(first),
+                db,
+                Operation::MigrationLock,
+                |_| match lock.try_take(&mut conn.borrow_mut(), key) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
+                        url: shown.display().to_string(),
+                    })),
+                    Err(source) => Err(PgAttempt::Layer(Error::query(
+                        Operation::MigrationLock,
+                        source,
+                    ))),
+                },
+                |_: &_, _| lock_holders(),
+            )
+        })?;
         let conn = conn.into_inner();
         // Behind a transaction pooler the session has no statement timeout to lift (and a
         // session SET would stay on a server connection).

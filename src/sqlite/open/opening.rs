@@ -145,7 +145,14 @@ impl Opening<'_> {
             source
                 .check(&source.plan(State::default(), self.options), self.options)
                 .map_err(|refusal| refusal.at(self.target.path()))?;
-            let deadline = started + self.options.retry.deadline().min(init::LONGEST_WAIT);
+            // The turn is held only by a live process making a database (a dead one's lock
+            // is gone): it is waited for as long as another process's migrations.
+            let wait = self
+                .options
+                .retry
+                .deadline()
+                .max(self.options.migration_wait);
+            let deadline = started + wait.min(init::LONGEST_WAIT);
             if let init::Made::Here(applied) =
                 init::make(self.target, self.options, source, started, deadline)?
             {
@@ -190,7 +197,10 @@ impl Opening<'_> {
         };
         let journal_mode = self.journal_mode(conn, queue.as_ref())?;
         let applied = if plan.needs_write() {
-            self.migrate(conn, source, queue.as_ref())?
+            let started = std::time::Instant::now();
+            crate::migrate::while_others_migrate(self.options, started, |_| {
+                self.migrate(conn, source, queue.as_ref())
+            })?
         } else {
             Vec::new()
         };
