@@ -153,7 +153,7 @@ pub enum Error {
     /// The PostgreSQL URL leads to a transaction pooler (PgBouncer's `pool_mode =
     /// transaction`): one session's statements ran on different server connections, so
     /// session advisory locks, session settings and prepared statements would not hold, and
-    /// [`Options::transaction_pooling`](crate::Options::transaction_pooling) was off.
+    /// [`Options::transaction_pooling`](crate::Options::transaction_pooling) was not declared.
     #[error("{url} leads to a transaction pooler: {seen}", url = Escaped::new(.url))]
     TransactionPooling {
         /// The URL, without its password.

@@ -41,7 +41,7 @@ use crate::retry::RetryPolicy;
 /// | `lock_timeout` | 5 s, and never past the retry deadline | a wait for a row or table lock ends, and the transaction runs again |
 /// | `idle_in_transaction_timeout` | 60 s | a transaction left open on a borrowed connection does not hold its locks forever |
 /// | `lost_commit_lookup` | on | a write whose session is lost during `COMMIT` asks the server whether it committed |
-/// | `transaction_pooling` | off | the URL leads to the server itself or a session pooler; a transaction pooler (PgBouncer) found at open is refused |
+/// | `transaction_pooling` | undeclared: checked at open | the URL leads to the server itself or a session pooler; a transaction pooler (PgBouncer) found at open is refused |
 ///
 /// # Examples
 /// ```
@@ -79,6 +79,7 @@ pub struct Options {
     pub(crate) idle_in_transaction_timeout: Option<Duration>,
     pub(crate) lost_commit_lookup: bool,
     pub(crate) transaction_pooling: bool,
+    pub(crate) pooler_declared: bool,
 }
 
 impl Default for Options {
@@ -116,6 +117,7 @@ impl Options {
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
             lost_commit_lookup: true,
             transaction_pooling: false,
+            pooler_declared: false,
         }
     }
 
@@ -454,17 +456,20 @@ impl Options {
     /// [`PgDatabase::connection`](crate::PgDatabase::connection) has none of the layer's
     /// timeouts then.
     ///
-    /// With it off, [`Options::open_postgres`] checks whether a session's statements stay on
-    /// one server connection, and refuses a URL where they move with
+    /// Undeclared (the default), [`Options::open_postgres`] checks whether a session's
+    /// statements stay on one server connection, and refuses a URL where they move with
     /// [`Error::TransactionPooling`](crate::Error::TransactionPooling). The check finds
     /// PgBouncer's transaction pooling however it hands out server connections, unless
     /// other clients happen to keep the open's server connection from moving; it never
-    /// refuses the server itself or a session pooler. The check costs each open two more
-    /// sessions and five round trips. Defaults to off.
+    /// refuses the server itself or a session pooler. It costs each open one more session
+    /// and four round trips (in a cold storm of 64 processes on 2 cores, a third more time to
+    /// ready: BENCHMARKS.md). Declared either way, on or off, the open does not check: off
+    /// says the URL leads to the server or a session pooler.
     #[cfg(feature = "postgres")]
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn transaction_pooling(mut self, on: bool) -> Self {
         self.transaction_pooling = on;
+        self.pooler_declared = true;
         self
     }
 

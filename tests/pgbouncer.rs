@@ -91,6 +91,20 @@ fn an_undeclared_transaction_pooler_is_refused_at_open_naming_the_url() {
             ),
             0
         );
+        // Declared as no pooler, the open takes the word for it and does not check (the
+        // check costs every open a session): it opens.
+        drop(
+            sqlite_persistence::Options::new()
+                .transaction_pooling(false)
+                .open_postgres(&bounced, MIGRATIONS)
+                .unwrap(),
+        );
+        pg::connect(&direct)
+            .batch_execute(
+                "DROP TABLE counters, events, __diesel_schema_migrations, \
+                 __sqlite_persistence_checksums CASCADE",
+            )
+            .unwrap();
         // The server itself is never taken for a pooler, nor a session pooler; and the
         // declared pooler opens.
         drop(PgDatabase::open(&direct, MIGRATIONS).unwrap());

@@ -166,7 +166,7 @@ impl Options {
                 Deadline::at(&SystemClock, started, &self.retry),
             )
         };
-        if !self.transaction_pooling {
+        let checked = if !self.pooler_declared {
             // Before the first session SET, which a pooler would leave on a server connection.
             // The check's second session is tried once: a full server is waited for only for
             // the session the open needs.
@@ -179,14 +179,25 @@ impl Options {
                 }
                 session::connect_once(&server, &probe)
             };
-            if let Some(seen) = pooler::detect(connect)? {
+            let checked = pooler::detect(connect)?;
+            if let Some(seen) = checked.pooler {
                 return Err(Error::TransactionPooling {
                     url: server.shown().to_owned(),
                     seen,
                 });
             }
-        }
-        let mut conn = open(&settings)?;
+            // No pooler: the check's first session is the open's, with its settings now.
+            let mut conn = checked.first;
+            diesel::connection::SimpleConnection::batch_execute(&mut conn, &settings.sql())
+                .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
+            Some(conn)
+        } else {
+            None
+        };
+        let mut conn = match checked {
+            Some(conn) => conn,
+            None => open(&settings)?,
+        };
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started, &|| {

@@ -52,20 +52,34 @@ fn process(conn: &mut PgConnection) -> QueryResult<Process> {
         .get_result(conn)
 }
 
+/// What [`detect`] found, and its first session: once no pooler was found, the open's own.
+pub(crate) struct Checked {
+    pub pooler: Option<String>,
+    pub first: PgConnection,
+}
+
 /// Whether the server behind `connect` is a transaction pooler: `Some(what was seen)` if it
 /// is; `None` if none was found (see the module docs). `connect` opens a session of the
-/// layer's with [`probe`] settings; the check opens two. A second session that cannot be
-/// opened ends the check (logged).
+/// layer's with [`probe`] settings; the check opens two, and hands back the first. A second
+/// session that cannot be opened ends the check (logged).
 ///
 /// # Errors
 /// What opening the first session failed with, and what a statement of the check failed
 /// with.
-pub(crate) fn detect(mut connect: impl FnMut() -> Result<PgConnection>) -> Result<Option<String>> {
+pub(crate) fn detect(mut connect: impl FnMut() -> Result<PgConnection>) -> Result<Checked> {
     let mut first = connect()?;
+    let pooler = seen(&mut first, connect)?;
+    Ok(Checked { pooler, first })
+}
+
+fn seen(
+    first: &mut PgConnection,
+    mut connect: impl FnMut() -> Result<PgConnection>,
+) -> Result<Option<String>> {
     let query = |source| Error::query(Operation::ConfigureSession, source);
     let on = |conn: &mut PgConnection| process(conn).map_err(query);
-    let a = on(&mut first)?;
-    let b = on(&mut first)?;
+    let a = on(first)?;
+    let b = on(first)?;
     let moved = |from: &Process, to: &Process| {
         format!(
             "one session's statements ran on server processes {} and {}",
@@ -94,7 +108,7 @@ pub(crate) fn detect(mut connect: impl FnMut() -> Result<PgConnection>) -> Resul
             b.pid
         )));
     }
-    let c = on(&mut first)?;
+    let c = on(first)?;
     if c != b {
         return Ok(Some(moved(&b, &c)));
     }
