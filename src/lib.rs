@@ -69,6 +69,7 @@
 //! | [`is_lock_error`] | the one classifier of SQLite's lock errors, for Diesel's error type |
 //! | `AsyncDatabase`, `BlockingDatabase` | (feature `tokio`) the same handle for async code, over either engine (`AsyncDatabase<PgDatabase>`): calls run on tokio's blocking threads, bounded by the pool, cancellation-safe, a nested call refused at once |
 //! | [`Engine`], [`AnyDatabase`], [`AnyConnection`], [`AnyMigrations`], [`DATABASE_URL`] | the engine a URL's scheme names, and a database of either ([`Options::open_url`], [`Options::open_database_url`]) |
+//! | [`redact_url`] | a URL as the layer shows it, without its password |
 //! | `PgDatabase`, `PgStatus`, `PgPool`, `PgManager`, `PooledPg`, `PgFailure`, `PgFailureKind` | (feature `postgres`) the same contract on PostgreSQL: `Options::open_postgres`, migrations under an advisory lock, `SERIALIZABLE` writes run again on a conflict, `REPEATABLE READ READ ONLY` reads |
 //!
 //! # Engines
@@ -145,7 +146,7 @@ pub use sqlite::database::Database;
 pub use sqlite::pool::{PooledSqlite, SqliteManager, SqlitePool};
 #[cfg(feature = "sqlite")]
 pub use sqlite::status::{FileSizes, Status};
-pub use url::Engine;
+pub use url::{redact_url, Engine};
 
 /// The README's example, compiled and run as a doctest so that the user's guide stays true.
 #[cfg(doctest)]

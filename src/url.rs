@@ -86,6 +86,22 @@ pub(crate) fn expect(url: &str, engine: Engine) -> Result<()> {
     })
 }
 
+/// `url` as this crate shows it in errors, `tracing` events and
+/// [`PgDatabase::url`](crate::PgDatabase): with the password of its user information and of
+/// a `password=` parameter replaced by `***`, by libpq's own reading of the URL. For
+/// applications that log the URLs they open.
+///
+/// # Examples
+/// ```
+/// assert_eq!(
+///     sqlite_persistence::redact_url("postgresql://app:s3cret@db/app?password=x"),
+///     "postgresql://app:***@db/app?password=***"
+/// );
+/// ```
+pub fn redact_url(url: &str) -> String {
+    redact(url)
+}
+
 /// `url` with the password of its user information (`user:secret@`) and of a `password=`
 /// parameter replaced by `***`, by libpq's own reading: the user information runs to the
 /// first `@` before any `/` (a `?` or `#` in it is the password's: libpq logs in with

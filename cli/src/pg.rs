@@ -180,25 +180,11 @@ impl Drop for FreshDatabases {
 pub fn connect(url: &str) -> Result<PgConnection> {
     PgConnection::establish(url).map_err(|source| {
         LayerError::Connect {
-            url: redacted(url),
+            url: sqlite_persistence::redact_url(url),
             source,
         }
         .into()
     })
-}
-
-/// `url` without its password, as the layer shows URLs.
-fn redacted(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((user_info, host)) => {
-                let user = user_info.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 /// `url` with its database replaced by `name`.
