@@ -2,8 +2,8 @@
 //! the command line writing one hot row (the next version of one artifact, `SERIALIZABLE`)
 //! against a private cluster of the test's own, which the test restarts or sweeps with
 //! `pg_terminate_backend` while they write, or fails over to its synchronous standby. No
-//! process may fail (but for a `COMMIT` a failover leaves unknown, which is reported as
-//! such), and every acknowledged write must be stored exactly once.
+//! process may fail (but for a `COMMIT` a crash or a failover leaves unknown, which is
+//! reported as such), and every acknowledged write must be stored exactly once.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -159,9 +159,17 @@ fn writers_ride_out_a_fast_restart() {
     on_private_cluster(|cluster, url| writers_ride_out(url, || cluster.restart("fast")));
 }
 
+/// An immediate restart is a crash of the server: a `COMMIT` in flight that it reads as
+/// committed after its recovery (a checkpoint since the write began) may be a new
+/// transaction's given the same id, so it is reported as unknown, the only failure allowed
+/// (about one round in ten of `scripts/pg_faults.py`; this test demanded none).
 #[test]
 fn writers_ride_out_an_immediate_restart() {
-    on_private_cluster(|cluster, url| writers_ride_out(url, || cluster.restart("immediate")));
+    on_private_cluster(|cluster, url| {
+        load_rides_out(url, PROCESSES, Allowed::UnknownOutcomes, || {
+            cluster.restart("immediate")
+        })
+    });
 }
 
 #[test]
