@@ -13,7 +13,8 @@ It prints a markdown table: per scenario the rounds, the failed processes (range
 rounds; goal 0), the acknowledged writes, the acknowledged writes not stored (lost; goal 0),
 the versions stored more than acknowledged beyond the unknown outcomes (doubled; goal 0), and
 the processes that failed with Error::CommitOutcomeUnknown (a COMMIT in flight whose outcome
-the server cannot prove after a failover: reported, never run again).
+the server cannot prove after a crash or a failover: reported, never run again), and how many of
+those writes are stored (they committed after all).
 
 usage: scripts/pg_faults.py [ROUNDS [SCENARIO...]] (default 5 rounds of each of fast, immediate,
 sweep and failover)
@@ -122,7 +123,7 @@ def load(url, processes, disturb):
     causes = [next((line for line in err.splitlines() if line.startswith("error:")),
                    f"exit status {code}")[:200] for code, err in failed if UNKNOWN not in err]
     return dict(failed=len(failed), acknowledged=len(acknowledged), lost=lost, doubled=doubled,
-                unknown=unknown, causes=causes)
+                unknown=unknown, unknown_stored=min(extra, unknown), causes=causes)
 
 
 def restart_rounds(name, disturb):
@@ -193,7 +194,7 @@ for name, processes, runs in scenarios:
     print(f"| {name}, {processes} processes | {len(runs)} | {min(failed)}-{max(failed)} of {processes} "
           f"| {sum(r['acknowledged'] for r in runs)} of {processes * WRITES * len(runs)} "
           f"| {sum(r['lost'] for r in runs)} | {sum(r['doubled'] for r in runs)} "
-          f"| {sum(r['unknown'] for r in runs)} |")
+          f"| {sum(r['unknown'] for r in runs)} ({sum(r['unknown_stored'] for r in runs)} stored) |")
 causes = [c for _, _, runs in scenarios for r in runs for c in r["causes"]]
 for cause in causes[:8]:
     print(f"- failed: {cause}")
