@@ -58,6 +58,59 @@ fn an_open_waits_for_a_server_that_starts_late() {
 }
 
 #[test]
+fn an_open_waits_for_a_standby_to_be_promoted() {
+    // A URL that asks for a writable session (as a failover's does) and leads only to a
+    // standby, as a writer endpoint does while a failover moves it: the standby is promoted
+    // once it has refused the open. It failed at once: "session is read-only".
+    let Some(primary) = Cluster::private("") else {
+        return;
+    };
+    let standby = Cluster::standby_of(&primary, "-c log_connections=on")
+        .unwrap_or_else(|e| panic!("cannot start a standby: {e}"));
+    let name = primary.fresh_database_name();
+    assert!(
+        pg::wait_until(Duration::from_secs(60), || PgConnection::establish(
+            &standby.url(&name)
+        )
+        .is_ok()),
+        "the standby never replayed the database's creation"
+    );
+    primary.stop("fast");
+    let url = Cluster::failover_url(&[&standby], &name);
+    // The standby logs each session (log_connections), the check of the replay's too: the
+    // open's attempts are the ones after it. A second attempt means the first was refused
+    // and the open went on waiting.
+    let asked = format!("database={name}");
+    let before = standby.log().matches(&asked).count();
+    let opening = {
+        let url = url.clone();
+        std::thread::spawn(move || options(Duration::from_secs(60)).open_postgres(&url, MIGRATIONS))
+    };
+    assert!(
+        pg::wait_until(Duration::from_secs(60), || standby
+            .log()
+            .matches(&asked)
+            .count()
+            > before + 1
+            || opening.is_finished()),
+        "the open never reached the standby"
+    );
+    assert!(
+        !opening.is_finished(),
+        "the open did not wait for the promotion: {:?}",
+        opening.join().unwrap().map(|_| ())
+    );
+    standby.promote();
+    let db = within(Duration::from_secs(90), move || opening.join().unwrap())
+        .expect("the open gave up on a standby being promoted");
+    assert_eq!(
+        db.write(|conn| increment(conn, "a").map_err(Error::from))
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
 fn an_open_waits_for_a_free_connection_slot() {
     // Three slots for ordinary roles (and three more reserved for superusers).
     let Some(cluster) =

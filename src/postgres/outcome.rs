@@ -77,6 +77,19 @@ pub(crate) fn resolve(pool: &PgPool, stamp: &Stamp, deadline: Instant) -> Outcom
         match ask(&mut conn, stamp) {
             Ok(now) => {
                 if let Some(outcome) = decide(stamp, &now) {
+                    if outcome == Outcome::Unknown {
+                        // Why, for the operator: a failover (a new timeline) or a restart or
+                        // crash (a checkpoint since the write began).
+                        tracing::warn!(
+                            db.system.name = super::DB_SYSTEM,
+                            status = %now.status,
+                            timeline_then = %stamp.timeline,
+                            timeline_now = %now.timeline,
+                            checkpoint_since = now.checkpoint >= stamp.began,
+                            "the session was lost during COMMIT; the server cannot prove \
+                             whether the transaction committed"
+                        );
+                    }
                     return outcome;
                 }
             }

@@ -142,8 +142,9 @@ const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a session on `server` as [`connect`] does, trying again (with `policy`'s jittered
 /// backoff, until `deadline`, each retry traced) while the server is unavailable: not
-/// listening yet, starting up, shutting down or in recovery (57P03), full (53300), or not
-/// answering within `connect_timeout`.
+/// listening yet, starting up, shutting down or in recovery (57P03), full (53300), not
+/// answering within `connect_timeout`, or a standby where the URL asks for a writable
+/// session (see [`unavailable`]).
 ///
 /// # Errors
 /// [`Error::Connect`] (the last attempt's) if it never opened; [`Error::Query`] if the
@@ -195,11 +196,14 @@ pub(crate) fn connect_once(server: &Server, settings: &Settings) -> Result<PgCon
 /// libpq's message (a failed connection carries no SQLSTATE): nothing listening yet, a
 /// socket's backlog full, a server starting, shutting down or in recovery (57P03), one with
 /// no free connection slot (53300), one that did not answer in time, or one that closed the
-/// connection. libpq's own messages are English in a program that never called `setlocale`;
-/// a server's are in its `lc_messages`, and a server that answers in another language is
-/// not waited for.
+/// connection; or, for a URL that asks for a writable session
+/// (`target_session_attrs=read-write` or `primary`), every server it names a standby or
+/// read-only for now: during a failover, until the standby is promoted (or a writer
+/// endpoint's name moves to it). libpq's own messages are English in a program that never
+/// called `setlocale`; a server's are in its `lc_messages`, and a server that answers in
+/// another language is not waited for.
 pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
-    const UNAVAILABLE: [&str; 17] = [
+    const UNAVAILABLE: [&str; 20] = [
         "Connection refused",
         "No such file or directory",
         "Resource temporarily unavailable",
@@ -217,6 +221,12 @@ pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
         "sorry, too many clients already",
         "remaining connection slots are reserved",
         "too many connections for",
+        // libpq 14 and later, target_session_attrs=read-write (default_transaction_read_only
+        // on, or a standby) and primary (a standby).
+        "session is read-only",
+        "server is in hot standby mode",
+        // libpq 10 to 13, target_session_attrs=read-write.
+        "could not make a writable connection to server",
     ];
     match error {
         diesel::ConnectionError::BadConnection(message) => {
@@ -319,6 +329,22 @@ impl ManageConnection for PgManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_refusing_a_writable_session_is_waited_for() {
+        let refused = |message: &str| {
+            unavailable(&diesel::ConnectionError::BadConnection(format!(
+                "connection to server on socket \"/tmp/b/.s.PGSQL.5432\" failed: {message}\n"
+            )))
+        };
+        // libpq 15 with target_session_attrs=read-write, and =primary.
+        assert!(refused("session is read-only"));
+        assert!(refused("server is in hot standby mode"));
+        assert!(!refused(
+            "FATAL:  password authentication failed for user \"app\""
+        ));
+        assert!(!refused("FATAL:  database \"app\" does not exist"));
+    }
 
     #[test]
     fn timeouts_are_milliseconds_and_none_is_zero() {

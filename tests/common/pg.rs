@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
-use diesel::{Connection, PgConnection};
+use diesel::{Connection, PgConnection, RunQueryDsl};
 
 /// The environment variable naming an existing server (a URL to a database the tests may
 /// create databases from, such as `postgres`).
@@ -132,6 +132,75 @@ impl Cluster {
 
     /// Makes a cluster (`initdb`), not started.
     pub fn init() -> Result<Cluster, String> {
+        let cluster = Cluster::empty()?;
+        run(cluster
+            .as_owner("initdb")
+            .arg("-D")
+            .arg(cluster.data())
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]))?;
+        Ok(cluster)
+    }
+
+    /// A streaming standby of `primary` (which must be running), started with the server
+    /// options `extra`: `pg_basebackup -R -X stream` over `primary`'s socket, as the owner
+    /// (`initdb -A trust` lets local replication connections in), so that it follows the
+    /// primary's WAL from its own socket directory. With `synchronous_standby_names = '*'`
+    /// on the primary, it is the synchronous standby: a commit the primary acknowledged is on
+    /// it. Waits (at most a minute) until the primary names it streaming.
+    pub fn standby_of(primary: &Cluster, extra: &str) -> Result<Cluster, String> {
+        let standby = Cluster::empty()?;
+        run(standby
+            .as_owner("pg_basebackup")
+            .arg("-h")
+            .arg(primary.socket_dir())
+            .args(["-U", "postgres", "-X", "stream", "-R", "--no-sync", "-D"])
+            .arg(standby.data()))?;
+        standby.set_options(extra);
+        standby.pg_ctl(&["-w", "-t", "60", "start"])?;
+        let streaming = wait_until(Duration::from_secs(60), || {
+            primary.replication_state().as_deref() == Some("streaming")
+        });
+        if !streaming {
+            return Err(format!(
+                "the standby is not streaming after 60 s: {}",
+                standby.log()
+            ));
+        }
+        Ok(standby)
+    }
+
+    /// The state of the primary's first WAL sender (`streaming` once a standby follows it),
+    /// or `None` without one.
+    pub fn replication_state(&self) -> Option<String> {
+        #[derive(diesel::QueryableByName)]
+        struct Sender {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            state: String,
+        }
+        diesel::sql_query("SELECT state FROM pg_stat_replication LIMIT 1")
+            .get_result::<Sender>(&mut PgConnection::establish(&self.url("postgres")).ok()?)
+            .ok()
+            .map(|sender| sender.state)
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary on a new timeline; waits (at most a
+    /// minute) until it accepts writes.
+    pub fn promote(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "promote"])
+            .unwrap_or_else(|e| panic!("cannot promote the standby: {e}"));
+    }
+
+    /// A directory for a cluster, owned by its owner, watched; nothing in it yet.
+    fn empty() -> Result<Cluster, String> {
         let bin = bindir().ok_or(
             "no initdb: install PostgreSQL's server (Debian: postgresql), or set PG_TEST_URL",
         )?;
@@ -166,20 +235,6 @@ impl Cluster {
             options: String::new(),
         };
         watch(&cluster.dir, &cluster.bin, root);
-        run(cluster
-            .as_owner("initdb")
-            .arg("-D")
-            .arg(cluster.data())
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ]))?;
         Ok(cluster)
     }
 
@@ -262,6 +317,12 @@ impl Cluster {
 
     /// A fresh database on it, as the superuser: its URL.
     pub fn fresh_database(&self) -> String {
+        let name = self.fresh_database_name();
+        self.url(&name)
+    }
+
+    /// A fresh database on it, as the superuser: its name.
+    pub fn fresh_database_name(&self) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "p_{}_{}",
@@ -271,7 +332,22 @@ impl Cluster {
         connect(&self.url("postgres"))
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap();
-        self.url(&name)
+        name
+    }
+
+    /// The libpq multi-host URL of database `name` on `clusters`, as the superuser: libpq
+    /// tries each socket directory in turn (all on the default port; their directories
+    /// differ) and keeps the first session that accepts writes
+    /// (`target_session_attrs=read-write`).
+    pub fn failover_url(clusters: &[&Cluster], name: &str) -> String {
+        let hosts: Vec<String> = clusters
+            .iter()
+            .map(|c| c.dir.display().to_string())
+            .collect();
+        format!(
+            "postgresql:///{name}?host={}&user=postgres&target_session_attrs=read-write",
+            hosts.join(",")
+        )
     }
 
     /// The server's log so far.
