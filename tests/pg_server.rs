@@ -487,3 +487,33 @@ fn a_batch_with_one_migration_outside_a_transaction_keeps_the_others_atomic_in_r
         4
     );
 }
+
+#[test]
+fn a_role_that_may_not_read_the_wal_position_still_writes() {
+    let Some(admin_url) = pg::fresh_database() else {
+        return;
+    };
+    let role = format!("nowal_{}", std::process::id());
+    let mut admin = pg::connect(&admin_url);
+    for sql in [
+        format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ),
+        format!("GRANT ALL ON SCHEMA public TO {role}"),
+        // In this database only: pg_proc is per database.
+        "REVOKE EXECUTE ON FUNCTION pg_walfile_name(pg_lsn) FROM PUBLIC".to_owned(),
+    ] {
+        admin.batch_execute(&sql).unwrap();
+    }
+    let url = admin_url.replace("user=postgres", &format!("user={role}"));
+    let db = options(Duration::from_secs(30))
+        .open_postgres(&url, MIGRATIONS)
+        .unwrap();
+    // Its sessions cannot ask about a lost COMMIT, so they read no stamp (every write failed:
+    // "permission denied for function pg_walfile_name").
+    assert_eq!(
+        db.write(|conn| increment(conn, "a").map_err(Error::from))
+            .unwrap(),
+        1
+    );
+}

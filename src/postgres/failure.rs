@@ -141,6 +141,8 @@ pub(crate) struct Recorder {
     last: Option<Option<PgFailure>>,
     /// The connection was lost: the pool must not hand it out again.
     pub(crate) lost: bool,
+    /// Which server the session runs on, for asking about a lost `COMMIT`.
+    pub(crate) server: Option<super::outcome::Identity>,
     inner: Option<Box<dyn Instrumentation>>,
 }
 
@@ -149,6 +151,7 @@ impl Recorder {
         Self {
             last: None,
             lost: false,
+            server: None,
             inner: diesel::connection::get_default_instrumentation(),
         }
     }
@@ -211,6 +214,22 @@ pub(crate) fn lost(conn: &mut PgConnection) -> bool {
     conn.instrumentation()
         .downcast_mut::<Recorder>()
         .is_some_and(|recorder| recorder.lost)
+}
+
+/// The server identity recorded when `conn` opened, if any.
+pub(crate) fn server(conn: &mut PgConnection) -> Option<super::outcome::Identity> {
+    use diesel::Connection;
+    conn.instrumentation()
+        .downcast_mut::<Recorder>()
+        .and_then(|recorder| recorder.server.clone())
+}
+
+/// Records which server `conn` runs on.
+pub(crate) fn set_server(conn: &mut PgConnection, server: Option<super::outcome::Identity>) {
+    use diesel::Connection;
+    if let Some(recorder) = conn.instrumentation().downcast_mut::<Recorder>() {
+        recorder.server = server;
+    }
 }
 
 /// Marks `conn` as not to be handed out again.

@@ -742,8 +742,9 @@ fn transaction<T, E: 'static>(
             return Err(PgAttempt::Caller { error, transient }.into());
         }
     };
-    let stamp = if stamped {
-        match outcome::stamp(conn) {
+    let server = if stamped { failure::server(conn) } else { None };
+    let stamp = if let Some(server) = server {
+        match outcome::stamp(conn, server) {
             Ok(stamp) => Some(stamp),
             Err(source) => {
                 let _ = AnsiTransactionManager::rollback_transaction(conn);

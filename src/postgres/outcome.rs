@@ -4,13 +4,21 @@
 //! (and is answered as such), known not to have (and is run again), or, where the server
 //! cannot prove it, reported as [`Error::CommitOutcomeUnknown`](crate::Error::CommitOutcomeUnknown).
 //!
-//! A transaction id is trusted to be the write's own only while the server has not
-//! restarted, crashed or failed over since the write began: after a crash, an id whose
-//! records never reached the disk is handed out again, and its status is a stranger's. So
-//! "committed" counts only on the same timeline with no checkpoint since the write began
-//! (every restart, crash recovery and promotion makes one or changes the timeline);
-//! "aborted", and an id the server never handed out, mean not committed in every case (a
-//! write that committed durably keeps its id); "in progress" is waited out.
+//! A transaction id means the write's own transaction only on the server that handed it
+//! out, and only while no crash made it hand the id out again (an id whose records never
+//! reached the disk is). So an answer counts only from the same cluster (its system
+//! identifier) on the same timeline, which every session records when it opens (a standby
+//! promoted, a logical replica or another cluster behind the URL is not asked at all); and:
+//! - "committed" counts only from the same server process tree (its start time) with no
+//!   checkpoint since the write began, by time and by WAL position (every restart, crash
+//!   recovery and promotion makes one);
+//! - "aborted", and an id the server never handed out, mean not committed from the same
+//!   server, or one that started after the write began (a write that committed durably
+//!   keeps its id);
+//! - "in progress" is waited out.
+//!
+//! A session whose role may not call the functions this needs (`pg_control_system`,
+//! `pg_walfile_name`, ...) records no identity: its lost commits are unknown.
 
 use std::time::{Duration, Instant};
 
@@ -19,28 +27,66 @@ use diesel::{sql_query, PgConnection, QueryResult, QueryableByName, RunQueryDsl}
 
 use super::session::PgPool;
 
-/// What a write transaction is known by, read in it just before its `COMMIT`.
-#[derive(Clone, Debug, QueryableByName)]
+/// Which server a session runs on: read once when it opens.
+#[derive(Clone, Debug, PartialEq, Eq, QueryableByName)]
+pub(crate) struct Identity {
+    /// `pg_control_system().system_identifier`: the cluster (a physical standby shares it).
+    #[diesel(sql_type = Text)]
+    system: String,
+    /// `pg_postmaster_start_time()`, seconds since the epoch: the server process tree.
+    #[diesel(sql_type = Text)]
+    started: String,
+}
+
+/// The [`Identity`] of `conn`'s server, or `None` if this role may not call what it and the
+/// lookup need.
+pub(crate) fn identify(conn: &mut PgConnection) -> Option<Identity> {
+    sql_query(
+        "SELECT (SELECT system_identifier::text FROM pg_control_system()) AS system, \
+           extract(epoch FROM pg_postmaster_start_time())::text AS started, \
+           pg_walfile_name(pg_current_wal_insert_lsn()) IS NOT NULL \
+             AND pg_xact_status(NULL::xid8) IS NULL \
+             AND (SELECT checkpoint_time IS NOT NULL FROM pg_control_checkpoint()) AS usable",
+    )
+    .get_result::<Identity>(conn)
+    .ok()
+}
+
+/// What a write transaction is known by, read in it just before its `COMMIT`, with the
+/// identity of its session's server.
+#[derive(Clone, Debug)]
 pub(crate) struct Stamp {
+    read: Read,
+    server: Identity,
+}
+
+#[derive(Clone, Debug, QueryableByName)]
+struct Read {
     /// `pg_current_xact_id()`, with its epoch.
     #[diesel(sql_type = Text)]
     xid: String,
-    /// When the transaction began, in whole seconds since the epoch, rounded down.
-    #[diesel(sql_type = BigInt)]
-    began: i64,
+    /// When the transaction began, in seconds since the epoch.
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    began: f64,
     /// The server's timeline then (the first 8 digits of its WAL file name).
     #[diesel(sql_type = Text)]
     timeline: String,
+    /// Where the WAL was then.
+    #[diesel(sql_type = Text)]
+    lsn: String,
 }
 
-/// Reads the [`Stamp`] of the transaction open on `conn` (and gives it an id if it had none).
-pub(crate) fn stamp(conn: &mut PgConnection) -> QueryResult<Stamp> {
-    sql_query(
+/// Reads the [`Stamp`] of the transaction open on `conn` (and gives it an id if it had
+/// none), whose server is `server`.
+pub(crate) fn stamp(conn: &mut PgConnection, server: Identity) -> QueryResult<Stamp> {
+    let read = sql_query(
         "SELECT pg_current_xact_id()::text AS xid, \
-           extract(epoch FROM date_trunc('second', now()))::bigint AS began, \
-           substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS timeline",
+           extract(epoch FROM now())::float8 AS began, \
+           substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) AS timeline, \
+           pg_current_wal_insert_lsn()::text AS lsn",
     )
-    .get_result(conn)
+    .get_result(conn)?;
+    Ok(Stamp { read, server })
 }
 
 /// What became of the transaction.
@@ -57,8 +103,16 @@ struct Now {
     status: String,
     #[diesel(sql_type = Text)]
     timeline: String,
+    /// When the last checkpoint began, seconds since the epoch.
     #[diesel(sql_type = BigInt)]
     checkpoint: i64,
+    /// Whether the last checkpoint's redo point is past where the WAL was at the stamp.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    checkpoint_after: bool,
+    #[diesel(sql_type = Text)]
+    system: String,
+    #[diesel(sql_type = Text)]
+    started: String,
 }
 
 /// Asks the server on a session of `pool` what became of the transaction `stamp`, until
@@ -83,9 +137,12 @@ pub(crate) fn resolve(pool: &PgPool, stamp: &Stamp, deadline: Instant) -> Outcom
                         tracing::warn!(
                             db.system.name = super::DB_SYSTEM,
                             status = %now.status,
-                            timeline_then = %stamp.timeline,
+                            timeline_then = %stamp.read.timeline,
                             timeline_now = %now.timeline,
-                            checkpoint_since = now.checkpoint >= stamp.began,
+                            same_cluster = now.system == stamp.server.system,
+                            same_server = now.started == stamp.server.started,
+                            checkpoint_since = now.checkpoint >= stamp.read.began.floor() as i64
+                                || now.checkpoint_after,
                             "the session was lost during COMMIT; the server cannot prove \
                              whether the transaction committed"
                         );
@@ -112,22 +169,36 @@ fn ask(conn: &mut PgConnection, stamp: &Stamp) -> QueryResult<Now> {
         "SELECT CASE WHEN $1::xid8 < pg_snapshot_xmax(pg_current_snapshot()) \
              THEN coalesce(pg_xact_status($1::xid8), 'forgotten') ELSE 'never assigned' END \
              AS status, \
-           substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS timeline, \
-           (SELECT extract(epoch FROM checkpoint_time)::bigint FROM pg_control_checkpoint()) \
-             AS checkpoint",
+           substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) AS timeline, \
+           c.checkpoint, c.checkpoint_after, \
+           (SELECT system_identifier::text FROM pg_control_system()) AS system, \
+           extract(epoch FROM pg_postmaster_start_time())::text AS started \
+         FROM (SELECT extract(epoch FROM checkpoint_time)::bigint AS checkpoint, \
+                 redo_lsn > $2::pg_lsn AS checkpoint_after FROM pg_control_checkpoint()) c",
     )
-    .bind::<Text, _>(&stamp.xid)
+    .bind::<Text, _>(&stamp.read.xid)
+    .bind::<Text, _>(&stamp.read.lsn)
     .get_result(conn)
 }
 
 /// The outcome the server's answer proves, or `None` while the transaction is in progress.
 fn decide(stamp: &Stamp, now: &Now) -> Option<Outcome> {
+    if now.system != stamp.server.system || now.timeline != stamp.read.timeline {
+        // Another cluster, or another history: its ids are not the write's.
+        return Some(Outcome::Unknown);
+    }
+    let same_server = now.started == stamp.server.started;
+    let started_since = now
+        .started
+        .parse::<f64>()
+        .is_ok_and(|started| started > stamp.read.began);
+    // A checkpoint's time has whole seconds: one in the second the write began may be later.
+    let checkpoint_since =
+        now.checkpoint >= stamp.read.began.floor() as i64 || now.checkpoint_after;
     Some(match now.status.as_str() {
         "in progress" => return None,
-        "aborted" | "never assigned" => Outcome::NotCommitted,
-        "committed" if now.timeline == stamp.timeline && now.checkpoint < stamp.began => {
-            Outcome::Committed
-        }
+        "aborted" | "never assigned" if same_server || started_since => Outcome::NotCommitted,
+        "committed" if same_server && !checkpoint_since => Outcome::Committed,
         _ => Outcome::Unknown,
     })
 }
@@ -137,40 +208,68 @@ mod tests {
     use super::*;
 
     #[test]
-    fn committed_counts_only_without_a_checkpoint_or_new_timeline_since() {
+    fn an_answer_counts_only_from_the_server_that_handed_out_the_id() {
         let stamp = Stamp {
-            xid: "800".into(),
-            began: 1000,
-            timeline: "00000001".into(),
+            read: Read {
+                xid: "800".into(),
+                began: 1000.25,
+                timeline: "00000001".into(),
+                lsn: "0/100".into(),
+            },
+            server: Identity {
+                system: "7".into(),
+                started: "900.5".into(),
+            },
         };
-        let now = |status: &str, timeline: &str, checkpoint| Now {
+        let now = |status: &str, timeline: &str, checkpoint, system: &str, started: &str| Now {
             status: status.into(),
             timeline: timeline.into(),
             checkpoint,
+            checkpoint_after: false,
+            system: system.into(),
+            started: started.into(),
         };
+        let same = |status: &str, checkpoint| now(status, "00000001", checkpoint, "7", "900.5");
         assert_eq!(
-            decide(&stamp, &now("committed", "00000001", 999)),
+            decide(&stamp, &same("committed", 999)),
             Some(Outcome::Committed)
         );
         // A checkpoint in the second the write began, or later: maybe a crash's.
         assert_eq!(
-            decide(&stamp, &now("committed", "00000001", 1000)),
+            decide(&stamp, &same("committed", 1000)),
             Some(Outcome::Unknown)
         );
-        // A promoted standby.
-        assert_eq!(
-            decide(&stamp, &now("committed", "00000002", 999)),
-            Some(Outcome::Unknown)
-        );
+        // ... or one whose redo point is past the write's WAL (a clock stepped back).
+        let mut after = same("committed", 999);
+        after.checkpoint_after = true;
+        assert_eq!(decide(&stamp, &after), Some(Outcome::Unknown));
+        // A promoted standby, another cluster: nothing counts.
+        for other in [
+            now("aborted", "00000002", 999, "7", "900.5"),
+            now("never assigned", "00000001", 999, "8", "900.5"),
+            now("committed", "00000001", 999, "8", "900.5"),
+        ] {
+            assert_eq!(decide(&stamp, &other), Some(Outcome::Unknown));
+        }
+        // The same server, or the same cluster restarted since the write began: not
+        // committed is proven; committed is not after a restart.
         for status in ["aborted", "never assigned"] {
             assert_eq!(
-                decide(&stamp, &now(status, "00000002", 2000)),
+                decide(&stamp, &same(status, 2000)),
                 Some(Outcome::NotCommitted)
             );
+            let restarted = now(status, "00000001", 2000, "7", "1000.5");
+            assert_eq!(decide(&stamp, &restarted), Some(Outcome::NotCommitted));
+            // A server of the cluster that was running before the write began (a
+            // sibling standby promoted to the same timeline number): unknown.
+            let sibling = now(status, "00000001", 2000, "7", "950");
+            assert_eq!(decide(&stamp, &sibling), Some(Outcome::Unknown));
         }
-        assert_eq!(decide(&stamp, &now("in progress", "00000001", 0)), None);
+        let restarted = now("committed", "00000001", 999, "7", "1001.25");
+        assert_eq!(decide(&stamp, &restarted), Some(Outcome::Unknown));
+        assert_eq!(decide(&stamp, &same("in progress", 0)), None);
         assert_eq!(
-            decide(&stamp, &now("forgotten", "00000001", 0)),
+            decide(&stamp, &same("forgotten", 0)),
             Some(Outcome::Unknown)
         );
     }

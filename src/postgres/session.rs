@@ -80,6 +80,8 @@ pub(crate) struct Settings {
     /// timeouts go `LOCAL` into each transaction instead (`pooler::local_settings`), and
     /// Diesel prepares no statement to keep.
     pub transaction_pooling: bool,
+    /// Whether a lost `COMMIT` is asked about: the session records its server's identity.
+    pub lost_commit_lookup: bool,
 }
 
 impl Settings {
@@ -92,6 +94,7 @@ impl Settings {
                 .then(program_name)
                 .flatten(),
             transaction_pooling: options.transaction_pooling,
+            lost_commit_lookup: options.lost_commit_lookup,
         }
     }
 
@@ -247,6 +250,10 @@ pub(crate) fn connect(url: &str, settings: &Settings) -> Result<PgConnection, Se
     let sql = settings.sql();
     if !sql.is_empty() {
         conn.batch_execute(&sql).map_err(SessionError::Settings)?;
+    }
+    if settings.lost_commit_lookup {
+        let server = super::outcome::identify(&mut conn);
+        failure::set_server(&mut conn, server);
     }
     Ok(conn)
 }
