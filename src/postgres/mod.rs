@@ -706,7 +706,7 @@ enum Ended<T, E> {
     /// A write's session was lost while its `COMMIT` was in flight: see [`outcome`].
     CommitLost {
         value: T,
-        stamp: outcome::Stamp,
+        stamp: Box<outcome::Stamp>,
         source: diesel::result::Error,
     },
 }
@@ -760,7 +760,7 @@ fn transaction<T, E: 'static>(
             Some(stamp) if failure::transient(&source) == Some(PgFailureKind::ConnectionLost) => {
                 Err(Ended::CommitLost {
                     value,
-                    stamp,
+                    stamp: Box::new(stamp),
                     source,
                 })
             }
