@@ -517,3 +517,38 @@ fn a_role_that_may_not_read_the_wal_position_still_writes() {
         1
     );
 }
+
+#[test]
+fn a_session_idle_with_the_migration_lock_is_not_waited_for_as_a_migration() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    // The layer's migration lock key: its default first half, and the database name's
+    // FNV-1a hash.
+    let name = url.split('?').next().unwrap().rsplit('/').next().unwrap();
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    }) as i32;
+    let mut idle = pg::connect(&url);
+    idle.batch_execute(&format!("SELECT pg_advisory_lock({}, {hash})", 0x5351_4c50))
+        .unwrap();
+    // It holds the lock and does nothing: the open gives up at its deadline, naming it,
+    // instead of waiting the migration wait (10 minutes) for it.
+    let error = within(Duration::from_secs(120), {
+        let url = url.clone();
+        move || {
+            options(Duration::from_secs(1))
+                .open_postgres(&url, MIGRATIONS)
+                .unwrap_err()
+        }
+    });
+    let Error::Busy { holders, .. } = &error else {
+        panic!("{error:?}")
+    };
+    assert!(
+        holders
+            .iter()
+            .any(|h| h.lock == sqlite_persistence::HeldLock::MigrationLock && h.operation.is_none()),
+        "{error}"
+    );
+}

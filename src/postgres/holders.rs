@@ -18,6 +18,9 @@ struct Session {
     since: Option<f64>,
     #[diesel(sql_type = Bool)]
     hidden: bool,
+    /// Not idle outside a transaction (or hidden: not known).
+    #[diesel(sql_type = Bool)]
+    busy: bool,
 }
 
 impl Session {
@@ -26,7 +29,10 @@ impl Session {
             pid: self.pid as u32,
             command: Some(self.name),
             lock,
-            operation: None,
+            // A session holding the migration lock while it works: migrating. One idle
+            // outside a transaction holds it and does nothing.
+            operation: (lock == HeldLock::MigrationLock && self.busy)
+                .then_some(crate::operation::Operation::Migrate),
             since: self
                 .since
                 .and_then(|s| Duration::try_from_secs_f64(s).ok())
@@ -47,7 +53,7 @@ pub(crate) fn advisory(
     Ok(sql_query(
         "SELECT l.pid, coalesce(a.application_name, '') AS name, \
            extract(epoch FROM coalesce(a.xact_start, a.query_start))::float8 AS since, \
-           (a.state IS NULL) AS hidden \
+           (a.state IS NULL) AS hidden, coalesce(a.state <> 'idle', true) AS busy \
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
            AND l.pid <> pg_backend_pid() \
@@ -76,7 +82,7 @@ pub(crate) fn write_transactions(
     Ok(sql_query(
         "SELECT l.pid, coalesce(a.application_name, '') AS name, \
            extract(epoch FROM a.xact_start)::float8 AS since, \
-           (a.state IS NULL) AS hidden \
+           (a.state IS NULL) AS hidden, coalesce(a.state <> 'idle', true) AS busy \
          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock' AND l.granted \
            AND l.pid <> pg_backend_pid() AND a.datname = current_database() \

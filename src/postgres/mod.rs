@@ -263,18 +263,18 @@ impl Options {
                 .unwrap_or_default()
         };
         // Rounds after the first (the holder was still migrating) wait a deadline more.
-        let deadline = |first: bool| {
+        let deadline = |first: bool, policy: &RetryPolicy| {
             if first {
                 deadline
             } else {
-                Deadline::now(&SystemClock, &self.retry)
+                Deadline::now(&SystemClock, policy)
             }
         };
         if !migrate::needs_session_lock(known, &plan) {
-            return crate::migrate::while_others_migrate(self, started, |first| {
+            return crate::migrate::while_others_migrate(self, started, |first, policy| {
                 retry_pg(
-                    &self.retry,
-                    deadline(first),
+                    policy,
+                    deadline(first, policy),
                     db,
                     Operation::Migrate,
                     |attempt| {
@@ -315,10 +315,10 @@ impl Options {
         } else {
             migrate::SessionLock::Own
         };
-        crate::migrate::while_others_migrate(self, started, |first| {
+        crate::migrate::while_others_migrate(self, started, |first, policy| {
             retry_pg(
-                &self.retry,
-                deadline(first),
+                policy,
+                deadline(first, policy),
                 db,
                 Operation::MigrationLock,
                 |_| match lock.try_take(&mut conn.borrow_mut(), key) {

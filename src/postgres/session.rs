@@ -233,9 +233,36 @@ pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
     ];
     match error {
         diesel::ConnectionError::BadConnection(message) => {
-            UNAVAILABLE.iter().any(|marker| message.contains(marker))
+            // Names the user chose (a database, a role, a socket path) are quoted: never
+            // read as the cause (a database named "No such file or directory").
+            let unquoted: String = message
+                .split('"')
+                .step_by(2)
+                .collect::<Vec<_>>()
+                .join("\"\"");
+            UNAVAILABLE.iter().any(|marker| unquoted.contains(marker))
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod unavailable_tests {
+    use super::*;
+
+    #[test]
+    fn a_quoted_name_is_never_read_as_the_cause() {
+        let bad = |m: &str| diesel::ConnectionError::BadConnection(m.to_owned());
+        assert!(unavailable(&bad(
+            "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: No such file or directory"
+        )));
+        assert!(!unavailable(&bad(
+            "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  database \
+             \"No such file or directory\" does not exist"
+        )));
+        assert!(unavailable(&bad(
+            "connection to server at \"db\" failed: FATAL:  sorry, too many clients already"
+        )));
     }
 }
 

@@ -15,7 +15,7 @@ use crate::error::{Error, Operation, Result};
 use crate::operation::DB_SYSTEM;
 use crate::options::Options;
 use crate::pragma::JournalMode;
-use crate::retry::{retry_locked, Attempt, Clock, Deadline, SystemClock, Try};
+use crate::retry::{retry_locked, Attempt, Clock, Deadline, RetryPolicy, SystemClock, Try};
 use crate::sqlite::closing::OpenConnections;
 use crate::sqlite::customizer::{within, ConnectionCustomizer};
 use crate::sqlite::database::Database;
@@ -198,8 +198,8 @@ impl Opening<'_> {
         let journal_mode = self.journal_mode(conn, queue.as_ref())?;
         let applied = if plan.needs_write() {
             let started = std::time::Instant::now();
-            crate::migrate::while_others_migrate(self.options, started, |_| {
-                self.migrate(conn, source, queue.as_ref())
+            crate::migrate::while_others_migrate(self.options, started, |_, policy| {
+                self.migrate(conn, source, queue.as_ref(), policy)
             })?
         } else {
             Vec::new()
@@ -258,11 +258,12 @@ impl Opening<'_> {
         conn: &mut SqliteConnection,
         source: &Source<Sqlite>,
         queue: Option<&WriteQueue>,
+        policy: &RetryPolicy,
     ) -> Result<Vec<String>> {
         let applied = locked(
             queue,
-            &self.options.retry,
-            Deadline::now(self.clock, &self.options.retry),
+            policy,
+            Deadline::now(self.clock, policy),
             Operation::Migrate,
             self.target.path(),
             |attempt| {
