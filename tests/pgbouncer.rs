@@ -382,3 +382,30 @@ fn a_write_after_a_conflict_waits_its_turn_and_then_sees_the_commit_it_waited_fo
     assert_eq!((value, stats.attempts), (3, 2));
     assert_eq!(advisory_locks(&direct), 0);
 }
+
+#[test]
+fn a_session_pooler_with_one_server_connection_is_opened_without_waiting_for_a_second() {
+    let Some((direct, _)) = bouncer::fresh_database(Order::LastUsed) else {
+        return;
+    };
+    let Some(single) = bouncer::through_bouncer(&direct, Order::SessionOfOne) else {
+        return;
+    };
+    // The check's second session waits for the server connection the first one keeps: it
+    // is given up on after a few seconds, and the open goes on checked with one (it waited
+    // for PgBouncer's query_wait_timeout, 120 s, past the 30 s deadline).
+    let (done, opened) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(
+            Options::new()
+                .pool_size(1)
+                .retry(RetryPolicy::new().max_elapsed(Duration::from_secs(20)))
+                .open_postgres(&single, MIGRATIONS)
+                .map(drop),
+        );
+    });
+    opened
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the open waited past a minute")
+        .unwrap();
+}

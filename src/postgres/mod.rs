@@ -171,15 +171,11 @@ impl Options {
             // The check's second session is tried once: a full server is waited for only for
             // the session the open needs.
             let probe = pooler::probe(&settings);
-            let mut sessions = 0;
-            let connect = || {
-                sessions += 1;
-                if sessions == 1 {
-                    return open(&probe);
-                }
-                session::connect_once(&server, &probe)
+            let second = {
+                let (server, probe) = (server.clone(), probe.clone());
+                move || session::connect_once(&server, &probe)
             };
-            let checked = pooler::detect(connect)?;
+            let checked = pooler::detect(open(&probe)?, second)?;
             if let Some(seen) = checked.pooler {
                 return Err(Error::TransactionPooling {
                     url: server.shown().to_owned(),

@@ -28,6 +28,9 @@
 //! 3. The first session's next statement while that transaction is open (the first
 //!    session's server connection, if the second has it, is busy).
 
+use std::sync::mpsc;
+use std::time::Duration;
+
 use diesel::sql_types::{Integer, Text};
 use diesel::{PgConnection, QueryResult, QueryableByName, RunQueryDsl};
 
@@ -66,18 +69,29 @@ pub(crate) struct Checked {
 /// # Errors
 /// What opening the first session failed with, and what a statement of the check failed
 /// with.
-pub(crate) fn detect(mut connect: impl FnMut() -> Result<PgConnection>) -> Result<Checked> {
-    let mut first = connect()?;
-    let pooler = seen(&mut first, connect)?;
+pub(crate) fn detect(
+    mut first: PgConnection,
+    second: impl FnOnce() -> Result<PgConnection> + Send + 'static,
+) -> Result<Checked> {
+    let pooler = seen(&mut first, second)?;
     Ok(Checked { pooler, first })
 }
 
+/// How long the check waits for its second session: a pooler with one server connection
+/// per user (or a session pooler) makes it wait for the first session's, which it never
+/// gets.
+const SECOND_SESSION_WAIT: Duration = Duration::from_secs(5);
+
 fn seen(
     first: &mut PgConnection,
-    mut connect: impl FnMut() -> Result<PgConnection>,
+    connect: impl FnOnce() -> Result<PgConnection> + Send + 'static,
 ) -> Result<Option<String>> {
-    let query = |source| Error::query(Operation::ConfigureSession, source);
-    let on = |conn: &mut PgConnection| process(conn).map_err(query);
+    fn query(source: diesel::result::Error) -> Error {
+        Error::query(Operation::ConfigureSession, source)
+    }
+    fn on(conn: &mut PgConnection) -> Result<Process> {
+        process(conn).map_err(query)
+    }
     let a = on(first)?;
     let b = on(first)?;
     let moved = |from: &Process, to: &Process| {
@@ -89,30 +103,62 @@ fn seen(
     if a != b {
         return Ok(Some(moved(&a, &b)));
     }
-    let mut second = match connect() {
-        Ok(second) => second,
-        Err(error) => {
-            tracing::warn!(
-                error = %crate::escaped::Escaped::new(&crate::error::error_chain(&error)),
-                "cannot open a second session to check for a transaction pooler; checked with one"
-            );
-            return Ok(None);
+    // The second session on a thread of its own, waited for a bounded time: it keeps its
+    // transaction open until the first session's last statement is done (or this gives up
+    // on it), then closes, which ends the transaction on whatever server connection it had.
+    let (answer, answered) = mpsc::channel();
+    let (done, finish) = mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("sqlite-persistence-pooler-check".into())
+        .spawn(move || {
+            let result = connect().and_then(|mut second| {
+                diesel::connection::SimpleConnection::batch_execute(&mut second, "BEGIN")
+                    .map_err(query)?;
+                let other = on(&mut second)?;
+                Ok((second, other))
+            });
+            match result {
+                Ok((second, other)) => {
+                    let _ = answer.send(Ok(other));
+                    let _ = finish.recv_timeout(SECOND_SESSION_WAIT);
+                    drop(second);
+                }
+                Err(error) => {
+                    let _ = answer.send(Err(error));
+                }
+            }
+        });
+    let checked_with_one = |why: &str| {
+        tracing::warn!(
+            error = %crate::escaped::Escaped::new(why),
+            "cannot use a second session to check for a transaction pooler; checked with one"
+        );
+        Ok(None)
+    };
+    if let Err(error) = spawned {
+        return checked_with_one(&error.to_string());
+    }
+    let other = match answered.recv_timeout(SECOND_SESSION_WAIT) {
+        Ok(Ok(other)) => other,
+        Ok(Err(error)) => return checked_with_one(&crate::error::error_chain(&error)),
+        Err(_) => {
+            return checked_with_one(&format!(
+                "it had no answer in {} s",
+                SECOND_SESSION_WAIT.as_secs()
+            ))
         }
     };
-    // Ended by closing the session: nothing of it stays on a server connection.
-    diesel::connection::SimpleConnection::batch_execute(&mut second, "BEGIN").map_err(query)?;
-    let other = on(&mut second)?;
-    if other == b {
-        return Ok(Some(format!(
+    let result = if other == b {
+        Ok(Some(format!(
             "two sessions ran on server process {}",
             b.pid
-        )));
-    }
-    let c = on(first)?;
-    if c != b {
-        return Ok(Some(moved(&b, &c)));
-    }
-    Ok(None)
+        )))
+    } else {
+        let c = on(first)?;
+        Ok((c != b).then(|| moved(&b, &c)))
+    };
+    drop(done);
+    result
 }
 
 /// The settings of the check's sessions: those of a session behind a declared transaction

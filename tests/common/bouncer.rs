@@ -38,11 +38,15 @@ pub enum Order {
     RoundRobin,
     /// Session pooling: a client keeps its server connection until it disconnects.
     Session,
+    /// Session pooling with one server connection per database and user: a second client
+    /// waits for the first to disconnect.
+    SessionOfOne,
 }
 
 static LAST_USED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static ROUND_ROBIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static SESSION: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static SESSION_OF_ONE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// `url` (a database of the test server, from [`pg::fresh_database`]) reached through a
 /// PgBouncer of kind `order`, or `None` (after
@@ -52,6 +56,7 @@ pub fn through_bouncer(url: &str, order: Order) -> Option<String> {
         Order::LastUsed => &LAST_USED,
         Order::RoundRobin => &ROUND_ROBIN,
         Order::Session => &SESSION,
+        Order::SessionOfOne => &SESSION_OF_ONE,
     };
     let dir = match cell.get_or_init(|| start(url, order)) {
         Ok(dir) => dir,
@@ -135,7 +140,8 @@ fn start(url: &str, order: Order) -> Result<PathBuf, String> {
     let root = unsafe { libc::geteuid() } == 0;
     let config = dir.join("pgbouncer.ini");
     let round_robin = u8::from(order == Order::RoundRobin);
-    let mode = if order == Order::Session {
+    let pool_size = if order == Order::SessionOfOne { 1 } else { 40 };
+    let mode = if matches!(order, Order::Session | Order::SessionOfOne) {
         "session"
     } else {
         "transaction"
@@ -152,7 +158,7 @@ fn start(url: &str, order: Order) -> Result<PathBuf, String> {
              auth_file = {dir}/users.txt\n\
              pool_mode = {mode}\n\
              server_round_robin = {round_robin}\n\
-             default_pool_size = 40\n\
+             default_pool_size = {pool_size}\n\
              max_client_conn = 1000\n\
              logfile = {dir}/log\n\
              pidfile = {dir}/pid\n",
