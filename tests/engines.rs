@@ -403,18 +403,7 @@ on_both_engines!(plain_diesel_loses_or_fails_conflicting_writes, |engine| {
     );
 });
 
-/// A migrations directory with `migrations` (name, up.sql, run_in_transaction).
-fn migrations_dir(dir: &Path, migrations: &[(&str, &str, bool)]) {
-    for (name, up, transactional) in migrations {
-        let m = dir.join(name);
-        std::fs::create_dir_all(&m).unwrap();
-        std::fs::write(m.join("up.sql"), up).unwrap();
-        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
-        if !transactional {
-            std::fs::write(m.join("metadata.toml"), "run_in_transaction = false\n").unwrap();
-        }
-    }
-}
+use common::migrations_dir;
 
 /// Two migrations, the second slow: a sleep on PostgreSQL, a long count on SQLite (which
 /// holds the write lock all along inside the layer's batch).

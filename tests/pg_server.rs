@@ -29,6 +29,34 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
         .unwrap_or_else(|_| panic!("still running after {limit:?}"))
 }
 
+/// Opens `url` with the migrations of `dir` on a thread of its own (deadline 60 s).
+fn open_in_background(
+    url: &str,
+    dir: &std::path::Path,
+) -> std::thread::JoinHandle<sqlite_persistence::Result<PgDatabase>> {
+    let (url, path) = (url.to_owned(), dir.to_owned());
+    std::thread::spawn(move || {
+        options(Duration::from_secs(60)).open_postgres(
+            &url,
+            diesel_migrations::FileBasedMigrations::from_path(path).unwrap(),
+        )
+    })
+}
+
+/// Ends (as a restart would) the sessions running a statement that contains `pattern` (a
+/// `LIKE` pattern), once one does (waiting at most 60 s); whether one did.
+fn end_sessions_running(admin: &mut PgConnection, pattern: &str) -> bool {
+    pg::wait_until(Duration::from_secs(60), || {
+        diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE query LIKE '%{pattern}%' AND pid <> pg_backend_pid()"
+        ))
+        .get_result::<i64>(admin)
+        .unwrap()
+            > 0
+    })
+}
+
 fn options(deadline: Duration) -> Options {
     Options::new().retry(RetryPolicy::new().max_elapsed(deadline))
 }
@@ -352,41 +380,25 @@ fn a_migration_whose_session_is_ended_runs_again_on_a_new_one() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    for (name, up) in [
-        (
-            "2026-12-01-000001_first",
-            "CREATE TABLE first_table (x INT);",
-        ),
-        (
-            "2026-12-01-000002_slow",
-            "CREATE TABLE second_table (x INT); SELECT pg_sleep(1);",
-        ),
-    ] {
-        let m = dir.path().join(name);
-        std::fs::create_dir_all(&m).unwrap();
-        std::fs::write(m.join("up.sql"), up).unwrap();
-        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
-    }
-    let opening = {
-        let (url, path) = (url.clone(), dir.path().to_owned());
-        std::thread::spawn(move || {
-            options(Duration::from_secs(60)).open_postgres(
-                &url,
-                diesel_migrations::FileBasedMigrations::from_path(path).unwrap(),
-            )
-        })
-    };
+    common::migrations_dir(
+        dir.path(),
+        &[
+            (
+                "2026-12-01-000001_first",
+                "CREATE TABLE first_table (x INT);",
+                true,
+            ),
+            (
+                "2026-12-01-000002_slow",
+                "CREATE TABLE second_table (x INT); SELECT pg_sleep(1);",
+                true,
+            ),
+        ],
+    );
+    let opening = open_in_background(&url, dir.path());
     // The server ends the session in the middle of the batch (as a restart would).
     let mut admin = pg::connect(&url);
-    let ended = pg::wait_until(Duration::from_secs(60), || {
-        diesel::dsl::sql::<diesel::sql_types::BigInt>(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE query LIKE '%pg_sleep(1)%' AND pid <> pg_backend_pid()",
-        )
-        .get_result::<i64>(&mut admin)
-        .unwrap()
-            > 0
-    });
+    let ended = end_sessions_running(&mut admin, "pg_sleep(1)");
     assert!(ended, "the migration never ran");
     // It ran the batch again on a new session (it retried on the dead one until the
     // deadline), and applied both migrations once.
@@ -400,26 +412,13 @@ fn a_migration_whose_session_is_ended_runs_again_on_a_new_one() {
     assert_eq!(tables, 2);
 }
 
-/// A migrations directory with `migrations` (name, up.sql, run_in_transaction).
-fn migrations_dir(dir: &std::path::Path, migrations: &[(&str, &str, bool)]) {
-    for (name, up, transactional) in migrations {
-        let m = dir.join(name);
-        std::fs::create_dir_all(&m).unwrap();
-        std::fs::write(m.join("up.sql"), up).unwrap();
-        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
-        if !transactional {
-            std::fs::write(m.join("metadata.toml"), "run_in_transaction = false\n").unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_batch_with_one_migration_outside_a_transaction_keeps_the_others_atomic_in_runs() {
     let Some(url) = pg::fresh_database() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    migrations_dir(
+    common::migrations_dir(
         dir.path(),
         &[
             ("2026-12-01-000001_a", "CREATE TABLE a (x INT);", true),
@@ -438,26 +437,10 @@ fn a_batch_with_one_migration_outside_a_transaction_keeps_the_others_atomic_in_r
             ("2026-12-01-000005_d", "CREATE TABLE d (x INT);", true),
         ],
     );
-    let opening = {
-        let (url, path) = (url.clone(), dir.path().to_owned());
-        std::thread::spawn(move || {
-            options(Duration::from_secs(60)).open_postgres(
-                &url,
-                diesel_migrations::FileBasedMigrations::from_path(path).unwrap(),
-            )
-        })
-    };
+    let opening = open_in_background(&url, dir.path());
     // The process dies in the third migration (its session is ended there).
     let mut admin = pg::connect(&url);
-    let ended = pg::wait_until(Duration::from_secs(60), || {
-        diesel::dsl::sql::<diesel::sql_types::BigInt>(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE query LIKE '%to_regclass(''slept'')%' AND pid <> pg_backend_pid()",
-        )
-        .get_result::<i64>(&mut admin)
-        .unwrap()
-            > 0
-    });
+    let ended = end_sessions_running(&mut admin, "to_regclass(''slept'')");
     assert!(ended, "the slow migration never ran");
     assert!(within(Duration::from_secs(90), move || opening.join().unwrap()).is_err());
     // The first three are one run, applied all or none: none (the first two were applied,

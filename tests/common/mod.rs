@@ -371,5 +371,18 @@ pub fn exit_after(seconds: u64) {
 #[cfg(feature = "postgres")]
 pub mod pg;
 
+/// A migrations directory with `migrations` (name, up.sql, run_in_transaction).
+pub fn migrations_dir(dir: &Path, migrations: &[(&str, &str, bool)]) {
+    for (name, up, transactional) in migrations {
+        let m = dir.join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(m.join("up.sql"), up).unwrap();
+        std::fs::write(m.join("down.sql"), "SELECT 1;").unwrap();
+        if !transactional {
+            std::fs::write(m.join("metadata.toml"), "run_in_transaction = false\n").unwrap();
+        }
+    }
+}
+
 #[cfg(feature = "postgres")]
 pub mod bouncer;
