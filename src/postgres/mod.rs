@@ -283,8 +283,9 @@ impl Options {
                         migrate::batch(&mut conn, source, self, shown, key, attempt).map_err(
                             |error| {
                                 match error {
-                                    // A migration's own statement met the lost session: Diesel's
-                                    // migration error keeps no source, but the session's recorder saw it.
+                                    // A migration's own statement met the lost session:
+                                    // Diesel's migration error keeps no source, but the
+                                    // session's recorder saw it.
                                     PgAttempt::Layer(error) if failure::lost(&mut conn) => {
                                         PgAttempt::Caller {
                                             transient: Some(PgFailure {
@@ -436,8 +437,9 @@ impl PgDatabase {
     /// # Errors
     /// What `f` returns (after a rollback); [`Error::Busy`] if the failures went on past the
     /// deadline; [`Error::CommitOutcomeUnknown`] if the session was lost while `COMMIT` was
-    /// in flight and the server could not say whether it committed; [`Error::Pool`] if no session could be had; [`Error::Reentrant`] inside a
-    /// `write` or `read` of this database on this thread.
+    /// in flight and the server could not say whether it committed; [`Error::Pool`] if no
+    /// session could be had; [`Error::Reentrant`] inside a `write` or `read` of this database
+    /// on this thread.
     pub fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         F: FnMut(&mut PgConnection) -> Result<T, E>,
