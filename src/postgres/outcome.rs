@@ -14,7 +14,8 @@
 //!   recovery and promotion makes one);
 //! - "aborted", and an id the server never handed out, mean not committed from the same
 //!   server, or one that started after the write began (a write that committed durably
-//!   keeps its id);
+//!   keeps its id); so does "committed" from one that started after the write began when
+//!   the id is past every id its latest checkpoint counts (the id was handed out again);
 //! - "in progress" is waited out.
 //!
 //! A session whose role may not call the functions this needs (`pg_control_system`,
@@ -109,6 +110,9 @@ struct Now {
     /// Whether the last checkpoint's redo point is past where the WAL was at the stamp.
     #[diesel(sql_type = diesel::sql_types::Bool)]
     checkpoint_after: bool,
+    /// Whether the id is at or past the next id the last checkpoint records.
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    beyond_checkpoint: bool,
     #[diesel(sql_type = Text)]
     system: String,
     #[diesel(sql_type = Text)]
@@ -171,10 +175,14 @@ fn ask(conn: &mut PgConnection, stamp: &Stamp) -> QueryResult<Now> {
              AS status, \
            substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) AS timeline, \
            c.checkpoint, c.checkpoint_after, \
+           $1::text::numeric >= c.next_xid AS beyond_checkpoint, \
            (SELECT system_identifier::text FROM pg_control_system()) AS system, \
            extract(epoch FROM pg_postmaster_start_time())::text AS started \
          FROM (SELECT extract(epoch FROM checkpoint_time)::bigint AS checkpoint, \
-                 redo_lsn > $2::pg_lsn AS checkpoint_after FROM pg_control_checkpoint()) c",
+                 redo_lsn > $2::pg_lsn AS checkpoint_after, \
+                 split_part(next_xid, ':', 1)::numeric * 4294967296 \
+                   + split_part(next_xid, ':', 2)::numeric AS next_xid \
+               FROM pg_control_checkpoint()) c",
     )
     .bind::<Text, _>(&stamp.read.xid)
     .bind::<Text, _>(&stamp.read.lsn)
@@ -199,6 +207,12 @@ fn decide(stamp: &Stamp, now: &Now) -> Option<Outcome> {
         "in progress" => return None,
         "aborted" | "never assigned" if same_server || started_since => Outcome::NotCommitted,
         "committed" if same_server && !checkpoint_since => Outcome::Committed,
+        // The cluster restarted since the write began, and the id is past every id its
+        // latest checkpoint counts: the checkpoint a restart starts from (a shutdown's, or a
+        // crash recovery's end, made before any session) counts every id whose records
+        // survived, and later ones count more. So nothing of the write survived; the
+        // "committed" is a new transaction's, given the same id.
+        "committed" if started_since && now.beyond_checkpoint => Outcome::NotCommitted,
         _ => Outcome::Unknown,
     })
 }
@@ -226,6 +240,7 @@ mod tests {
             timeline: timeline.into(),
             checkpoint,
             checkpoint_after: false,
+            beyond_checkpoint: false,
             system: system.into(),
             started: started.into(),
         };
@@ -265,8 +280,15 @@ mod tests {
             let sibling = now(status, "00000001", 2000, "7", "950");
             assert_eq!(decide(&stamp, &sibling), Some(Outcome::Unknown));
         }
-        let restarted = now("committed", "00000001", 999, "7", "1001.25");
+        let mut restarted = now("committed", "00000001", 999, "7", "1001.25");
         assert_eq!(decide(&stamp, &restarted), Some(Outcome::Unknown));
+        // ... unless the id is past what the restarted server's checkpoint counts: handed
+        // out again, the write's own lost.
+        restarted.beyond_checkpoint = true;
+        assert_eq!(decide(&stamp, &restarted), Some(Outcome::NotCommitted));
+        let mut sibling = now("committed", "00000001", 999, "7", "950");
+        sibling.beyond_checkpoint = true;
+        assert_eq!(decide(&stamp, &sibling), Some(Outcome::Unknown));
         assert_eq!(decide(&stamp, &same("in progress", 0)), None);
         assert_eq!(
             decide(&stamp, &same("forgotten", 0)),
