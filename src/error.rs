@@ -187,8 +187,8 @@ pub enum Error {
         source: DieselError,
     },
 
-    /// The database stayed locked (or, on PostgreSQL, the server kept ending the sessions)
-    /// until the retry policy gave up.
+    /// The database stayed locked (or, on PostgreSQL, the transaction kept conflicting, or
+    /// the server kept ending the sessions) until the retry policy gave up.
     #[error(
         "{operation} gave up after {attempts} attempts in {:.1} s: {}{}",
         elapsed.as_secs_f64(),
@@ -490,11 +490,18 @@ fn escaped_list(names: &[String]) -> String {
 /// that kept ending the sessions or could not be reached.
 fn stayed(source: &BoxError) -> &'static str {
     #[cfg(feature = "postgres")]
-    if source
-        .downcast_ref::<crate::postgres::PgFailure>()
-        .is_some_and(|f| f.kind() == crate::postgres::PgFailureKind::ConnectionLost)
     {
-        return "the server stayed unavailable";
+        use crate::postgres::PgFailureKind;
+        match source
+            .downcast_ref::<crate::postgres::PgFailure>()
+            .map(|f| f.kind())
+        {
+            Some(PgFailureKind::ConnectionLost) => return "the server stayed unavailable",
+            Some(PgFailureKind::Serialization | PgFailureKind::Deadlock) => {
+                return "the transaction kept conflicting with others"
+            }
+            _ => {}
+        }
     }
     let _ = source;
     "the database stayed locked"

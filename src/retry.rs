@@ -302,6 +302,10 @@ pub(crate) enum Waiting {
     /// The server could not be reached, was starting, full, or ended the session.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Unavailable,
+    /// PostgreSQL cancelled the transaction for a conflict with another one (a serialization
+    /// failure, a deadlock).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Conflict,
 }
 
 /// Runs `attempt` until it succeeds, fails with an error `transient` finds no [`Waiting`]
@@ -360,6 +364,7 @@ pub(crate) fn retry_in<T, E>(
             match waiting {
                 Waiting::Locked => gave_up!("database stayed locked, giving up"),
                 Waiting::Unavailable => gave_up!("server stayed unavailable, giving up"),
+                Waiting::Conflict => gave_up!("transactions kept conflicting, giving up"),
             }
             return Err(Failure::Exhausted {
                 attempts,
@@ -389,6 +394,7 @@ pub(crate) fn retry_in<T, E>(
         match waiting {
             Waiting::Locked => retrying!("database is locked, retrying"),
             Waiting::Unavailable => retrying!("server unavailable, retrying"),
+            Waiting::Conflict => retrying!("transaction conflicted, retrying"),
         }
         deadline.clock.sleep(delay);
     }

@@ -467,6 +467,12 @@ fn a_deadlock_between_two_writes_is_retried_and_both_commit() {
     // The retry event says why.
     let events = captured.text();
     assert!(events.contains("deadlock: deadlock detected"), "{events}");
+    // Said as what it is: no lock stayed held (it said "database is locked, retrying").
+    assert!(
+        events.contains("transaction conflicted, retrying"),
+        "{events}"
+    );
+    assert!(!events.contains("database is locked"), "{events}");
     assert_eq!(
         number(
             &mut pg::connect(&url),

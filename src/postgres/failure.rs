@@ -36,7 +36,10 @@ impl PgFailureKind {
     pub(crate) fn waiting(self) -> crate::retry::Waiting {
         match self {
             PgFailureKind::ConnectionLost => crate::retry::Waiting::Unavailable,
-            _ => crate::retry::Waiting::Locked,
+            PgFailureKind::Serialization | PgFailureKind::Deadlock => {
+                crate::retry::Waiting::Conflict
+            }
+            PgFailureKind::LockTimeout => crate::retry::Waiting::Locked,
         }
     }
 
