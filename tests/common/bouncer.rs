@@ -232,32 +232,14 @@ fn start(url: &str, order: Order) -> Result<PathBuf, String> {
 }
 
 /// Starts a detached watcher that stops PgBouncer and removes its directory once this
-/// process has exited (as `pg`'s watcher does for the cluster).
+/// process has exited.
 fn watch(dir: &Path) {
-    use std::os::unix::process::CommandExt;
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
-         kill \"$(cat '{dir}/pid')\" 2>/dev/null; sleep 0.5; rm -rf '{dir}'",
-        pid = std::process::id(),
-        dir = dir.display(),
-    );
-    let mut command = Command::new("sh");
-    command
-        .args(["-c", &format!("( {script} ) &")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let status = command.status().expect("cannot start PgBouncer's watcher");
-    assert!(
-        status.success(),
-        "cannot start PgBouncer's watcher: {status}"
+    super::pg::after_exit(
+        &format!(
+            "kill \"$(cat '{dir}/pid')\" 2>/dev/null; sleep 0.5; rm -rf '{dir}'",
+            dir = dir.display()
+        ),
+        "PgBouncer's watcher",
     );
 }
 

@@ -404,15 +404,25 @@ fn run(command: &mut Command) -> Result<(), String> {
 /// Starts a detached watcher that stops the cluster and removes its directory once this
 /// process has exited.
 fn watch(dir: &Path, bin: &Path, root: bool) {
-    use std::os::unix::process::CommandExt;
     let runuser = if root { "runuser -u postgres -- " } else { "" };
+    after_exit(
+        &format!(
+            "{runuser}'{bin}/pg_ctl' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; \
+             rm -rf '{dir}'",
+            bin = bin.display(),
+            dir = dir.display(),
+        ),
+        "the cluster's watcher",
+    );
+}
+
+/// Starts a detached watcher (`what`, for the panic) that runs the shell commands `cleanup`
+/// once this process has exited.
+pub fn after_exit(cleanup: &str, what: &str) {
+    use std::os::unix::process::CommandExt;
     let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; \
-         {runuser}'{bin}/pg_ctl' -D '{dir}/data' -m immediate stop >/dev/null 2>&1; \
-         rm -rf '{dir}'",
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; {cleanup}",
         pid = std::process::id(),
-        bin = bin.display(),
-        dir = dir.display(),
     );
     // `sh` starts the watcher in the background and exits: the watcher is not this
     // process's child, and outlives it.
@@ -432,11 +442,8 @@ fn watch(dir: &Path, bin: &Path, root: bool) {
     }
     let status = command
         .status()
-        .expect("cannot start the cluster's watcher");
-    assert!(
-        status.success(),
-        "cannot start the cluster's watcher: {status}"
-    );
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    assert!(status.success(), "cannot start {what}: {status}");
 }
 
 /// A plain session on `url`, for setting up and checking.
