@@ -343,28 +343,39 @@ pub(crate) fn retry_in<T, E>(
         deadline = deadline.read_now();
         let elapsed = deadline.known.saturating_duration_since(deadline.start);
         let remaining = deadline.left();
+        let error_text = describe(&error);
+        let error_text = crate::escaped::Escaped::new(&error_text);
+        // The retry and the giving up: the same fields, a message saying what was waited for.
+        macro_rules! busy_event {
+            ($level:expr, $message:literal $(, $key:ident = $value:expr)?) => {
+                tracing::event!(
+                    $level,
+                    db.system.name = db.system,
+                    db.namespace = %db.namespace,
+                    db.operation.name = operation.as_str(),
+                    error.type = ERROR_TYPE_BUSY,
+                    operation = operation.as_str(),
+                    attempt = attempts,
+                    $($key = $value,)?
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    error = %error_text,
+                    $message
+                )
+            };
+        }
         if attempts >= policy.max_attempts || remaining.is_zero() {
-            let error_text = describe(&error);
-            let error_text = crate::escaped::Escaped::new(&error_text);
-            macro_rules! gave_up {
-                ($message:literal) => {
-                    tracing::error!(
-                        db.system.name = db.system,
-                        db.namespace = %db.namespace,
-                        db.operation.name = operation.as_str(),
-                        error.type = ERROR_TYPE_BUSY,
-                        operation = operation.as_str(),
-                        attempt = attempts,
-                        elapsed_ms = elapsed.as_millis() as u64,
-                        error = %error_text,
-                        $message
-                    )
-                };
-            }
             match waiting {
-                Waiting::Locked => gave_up!("database stayed locked, giving up"),
-                Waiting::Unavailable => gave_up!("server stayed unavailable, giving up"),
-                Waiting::Conflict => gave_up!("transactions kept conflicting, giving up"),
+                Waiting::Locked => {
+                    busy_event!(tracing::Level::ERROR, "database stayed locked, giving up")
+                }
+                Waiting::Unavailable => busy_event!(
+                    tracing::Level::ERROR,
+                    "server stayed unavailable, giving up"
+                ),
+                Waiting::Conflict => busy_event!(
+                    tracing::Level::ERROR,
+                    "transactions kept conflicting, giving up"
+                ),
             }
             return Err(Failure::Exhausted {
                 attempts,
@@ -373,28 +384,29 @@ pub(crate) fn retry_in<T, E>(
             });
         }
         let delay = delays.next().unwrap_or(policy.max_delay).min(remaining);
-        let error_text = describe(&error);
-        let error_text = crate::escaped::Escaped::new(&error_text);
-        macro_rules! retrying {
-            ($message:literal) => {
-                tracing::warn!(
-                    db.system.name = db.system,
-                    db.namespace = %db.namespace,
-                    db.operation.name = operation.as_str(),
-                    error.type = ERROR_TYPE_BUSY,
-                    operation = operation.as_str(),
-                    attempt = attempts,
-                    delay_ms = delay.as_millis() as u64,
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    error = %error_text,
-                    $message
-                )
-            };
-        }
+        let delay_ms = delay.as_millis() as u64;
         match waiting {
-            Waiting::Locked => retrying!("database is locked, retrying"),
-            Waiting::Unavailable => retrying!("server unavailable, retrying"),
-            Waiting::Conflict => retrying!("transaction conflicted, retrying"),
+            Waiting::Locked => {
+                busy_event!(
+                    tracing::Level::WARN,
+                    "database is locked, retrying",
+                    delay_ms = delay_ms
+                )
+            }
+            Waiting::Unavailable => {
+                busy_event!(
+                    tracing::Level::WARN,
+                    "server unavailable, retrying",
+                    delay_ms = delay_ms
+                )
+            }
+            Waiting::Conflict => {
+                busy_event!(
+                    tracing::Level::WARN,
+                    "transaction conflicted, retrying",
+                    delay_ms = delay_ms
+                )
+            }
         }
         deadline.clock.sleep(delay);
     }
