@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use diesel::connection::{Instrumentation, InstrumentationEvent};
+use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
 use diesel::sql_types::BigInt;
 use diesel::sqlite::BorrowedSqliteConnection;
 use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
@@ -59,6 +59,8 @@ pub(crate) const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 struct Checkpoints {
     /// The connection's main database file, if it has one.
     file: Option<PathBuf>,
+    /// Its device and inode, to find the write turn this thread holds for it.
+    file_id: Option<(u64, u64)>,
     /// Warn when a pinned WAL holds at least this many bytes.
     warn_bytes: u64,
     state: Mutex<State>,
@@ -100,12 +102,21 @@ struct Outcome {
 }
 
 impl Checkpoints {
-    fn after_commit(&self, conn: &mut BorrowedSqliteConnection, schema: &str) {
+    fn after_commit(&self, conn: &mut BorrowedSqliteConnection, schema: &str, frames: u32) {
         let now = Instant::now();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.quiet_until.is_some_and(|until| now < until) {
             return;
         }
+        // A write's turn goes back first, and the next holder finishes what this one
+        // leaves (see `queue::release_before_checkpoint`); once the WAL has doubled past
+        // the threshold anyway, this one runs under the turn.
+        let released = match (self.file_id, schema) {
+            (Some(file), "main") if frames < 2 * CHECKPOINT_FRAMES => {
+                crate::sqlite::queue::release_before_checkpoint(file)
+            }
+            _ => None,
+        };
         // The layer's own statement, kept from the application's default instrumentation
         // (which Diesel gives the hook's connection): one that panics on it, or fails, must
         // not keep the WAL from being checkpointed.
@@ -127,6 +138,9 @@ impl Checkpoints {
         if outcome.busy != 0 {
             // Another connection is checkpointing; it does the work.
             return;
+        }
+        if let Some(released) = released {
+            released.checkpointed();
         }
         let file = self.file.as_deref().filter(|_| schema == "main");
         if done >= log {
@@ -224,11 +238,26 @@ fn warn(database: &Path, index: Option<WalIndex>, log: u32, done: u32, page_size
     );
 }
 
+/// Finishes, under the write turn and before a write's transaction, a checkpoint that ran
+/// after another write gave the turn back (see `queue::release_before_checkpoint`): copies
+/// what was committed meanwhile, so that the transaction starts the WAL over. Best effort;
+/// nothing to copy costs no sync.
+pub(crate) fn finish(conn: &mut SqliteConnection) {
+    let _ = crate::sqlite::guard::own(|| conn.batch_execute("PRAGMA main.wal_checkpoint(PASSIVE)"));
+}
+
 /// Installs the layer's checkpoint hook on `conn`, warning once a pinned WAL holds
 /// `warn_bytes`.
 pub(crate) fn install(conn: &mut SqliteConnection, warn_bytes: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let file = crate::sqlite::ffi::RawDb::of(conn).main_file();
+    let file_id = file
+        .as_deref()
+        .and_then(|file| std::fs::metadata(file).ok())
+        .map(|meta| (meta.dev(), meta.ino()));
     let checkpoints = Checkpoints {
-        file: crate::sqlite::ffi::RawDb::of(conn).main_file(),
+        file,
+        file_id,
         warn_bytes,
         state: Mutex::new(State::default()),
     };
@@ -238,7 +267,7 @@ pub(crate) fn install(conn: &mut SqliteConnection, warn_bytes: u64) {
         }
         // A panic must not reach Diesel's hook, which aborts the process.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            checkpoints.after_commit(conn, schema)
+            checkpoints.after_commit(conn, schema, frames)
         }));
     });
 }

@@ -20,7 +20,7 @@ use crate::sqlite::closing::{OpenConnections, StillOpen};
 use crate::sqlite::codes;
 use crate::sqlite::customizer::within;
 use crate::sqlite::pool::{Checkout, Connections, PooledSqlite, SqlitePool};
-use crate::sqlite::queue::{locked, WriteQueue};
+use crate::sqlite::queue::{locked_write, WriteQueue};
 use crate::sqlite::read_age;
 
 /// One SQLite database file, opened, in WAL, migrated, and ready for many processes.
@@ -201,13 +201,16 @@ impl Database {
         // while it waits for its own pool.
         let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let mut conn = self.checkout()?;
-        let outcome = locked(
+        let outcome = locked_write(
             self.queue.as_ref(),
             &self.options.retry,
             deadline.read_at(Instant::now()),
-            Operation::Write,
+            self.file,
             &self.path,
             |attempt| {
+                if attempt.number == 1 && self.queue.as_ref().is_some_and(WriteQueue::take_finish) {
+                    crate::sqlite::checkpoint::finish(&mut conn);
+                }
                 within(&mut conn, self.options.busy_timeout, attempt.left, |conn| {
                     transaction(conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {
                         if measure {

@@ -51,8 +51,13 @@ pub(crate) fn made_by_a_writer(
 /// `path` open for reading (or for writing), if it is a regular file: never through a
 /// symbolic link, never blocking, never creating it.
 pub(crate) fn open_regular(path: &Path, write: bool) -> std::io::Result<File> {
+    open_regular_for(path, !write, write)
+}
+
+/// [`open_regular`], for reading, writing or both.
+pub(crate) fn open_regular_for(path: &Path, read: bool, write: bool) -> std::io::Result<File> {
     let file = OpenOptions::new()
-        .read(!write)
+        .read(read)
         .write(write)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;

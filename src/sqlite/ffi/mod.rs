@@ -5,13 +5,15 @@
 //! - [`RawDb`]: a connection's `sqlite3` handle, for SQLite's extended result code and
 //!   message of the statement that failed last (Diesel keeps only the message);
 //! - [`shm`]: the WAL index (`-shm`) read through SQLite's own mapping of it;
+//! - [`page`]: a page of a file mapped shared between processes, and futexes on it;
 //! - [`owned`]: data a connection's raw hooks use, freed by SQLite when it closes;
 //! - [`read_gate`]: ending a read transaction from another thread (the read-age cap);
-//! - [`sys`]: `statfs`, `faccessat`, `geteuid`, `kill` (Unix).
+//! - [`sys`]: `statfs`, `faccessat`, `geteuid`, `kill`, `clock_gettime` (Unix).
 //!
 //! Every `unsafe` block says why it is sound (`SAFETY:`).
 
 pub(crate) mod owned;
+pub(crate) mod page;
 pub(crate) mod read_gate;
 pub(crate) mod shm;
 pub(crate) mod sys;

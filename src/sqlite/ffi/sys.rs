@@ -105,3 +105,23 @@ pub(crate) fn process_gone(pid: libc::pid_t) -> bool {
     let failed = unsafe { libc::kill(pid, 0) } != 0;
     failed && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
+
+/// Nanoseconds on the system-wide monotonic clock (`CLOCK_MONOTONIC`): one clock for every
+/// process of the machine, unlike `Instant`, whose value cannot be shared; never stepped by
+/// a change of the wall clock.
+#[cfg(unix)]
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC is always supported on
+    // the platforms this builds for, and clock_gettime only fails for an invalid clock.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    if rc != 0 {
+        return 0;
+    }
+    (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64)
+}

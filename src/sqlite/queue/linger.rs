@@ -5,6 +5,7 @@ use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use super::board::Board;
 use super::waiter::WAITER_IDLE;
 use crate::operation::Operation;
 
@@ -23,6 +24,8 @@ use crate::operation::Operation;
 pub(super) struct Linger {
     state: Mutex<Lingering>,
     wake: Condvar,
+    /// The queue's waiting board, where a streak learns that another process has starved.
+    board: Option<Board>,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +58,14 @@ pub(super) enum Ask {
     Now,
 }
 
+/// A short turn not kept for the next write, and why.
+pub(super) enum Unkept {
+    /// Another process has waited past the board's bound: the streak ends.
+    Starved(File),
+    /// Not kept: a process's first turn, or a turn already kept, or no releasing thread.
+    NotKept(File),
+}
+
 /// How long a short turn is kept for the same process's next write.
 pub(super) const LINGER: Duration = Duration::from_micros(200);
 
@@ -79,10 +90,52 @@ const ACTIVE: Duration = Duration::from_millis(20);
 /// fewer than one write in a hundred waits for another process's streak.
 pub(super) const MAX_STREAK: Duration = Duration::from_millis(10);
 
+/// The shortest streak ended for a starved waiter: each hand-over costs tens of
+/// microseconds of wake-ups, so a streak covers a few writes before it ends.
+pub(super) const MIN_STREAK: Duration = Duration::from_micros(200);
+
 /// How often the releasing thread looks for a kept turn past its [`LINGER`].
 pub(super) const POLL: Duration = Duration::from_millis(1);
 
 impl Linger {
+    /// The linger of a queue whose waiting board is `board`.
+    pub(super) fn new(board: Option<Board>) -> Self {
+        Self {
+            board,
+            ..Self::default()
+        }
+    }
+
+    /// The queue's waiting board, if it could be opened.
+    pub(super) fn board(&self) -> Option<&Board> {
+        self.board.as_ref()
+    }
+
+    /// Whether a waiter has waited too long for this process's streak to go on (see
+    /// [`Board`]).
+    pub(super) fn starving(&self) -> bool {
+        self.board.as_ref().is_some_and(Board::starving)
+    }
+
+    /// The turn was just given back: the board names and wakes the oldest waiter.
+    pub(super) fn released(&self) {
+        if let Some(board) = &self.board {
+            board.released();
+        }
+    }
+
+    /// This process ended a streak at `now` because a waiter starved: without a board its
+    /// next turn gives way first, so that a waiter the kernel has only just woken takes the
+    /// turn (with one, the board keeps it for the waiter it names).
+    pub(super) fn handed_over(&self, now: Instant) {
+        if self.board.is_none() {
+            self.state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .gave_back = Some(now);
+        }
+    }
+
     /// What a turn of `operation` asked for `now` does first.
     pub(super) fn ask(&self, operation: Operation, now: Instant) -> Ask {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -113,6 +166,10 @@ impl Linger {
     /// This process gave back a long turn at `now`: its next turn gives way if others have
     /// been queueing.
     pub(super) fn gave_back(&self, now: Instant) {
+        if self.board.is_some() {
+            // The board names the next holder, and a process asking meanwhile takes a seat.
+            return;
+        }
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state
             .waited
@@ -123,16 +180,20 @@ impl Linger {
     }
 
     /// Keeps `file` (locked, its streak begun at `streak`) for the next write, or gives it
-    /// back if it is not to be kept.
+    /// back if it is not to be kept: also when another process has starved waiting for it
+    /// (see [`Board`]).
     pub(super) fn keep(
         self: &Arc<Self>,
         file: File,
         streak: Instant,
         now: Instant,
-    ) -> std::result::Result<(), File> {
+    ) -> std::result::Result<(), Unkept> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.turns < 2 || state.kept.is_some() {
-            return Err(file);
+            return Err(Unkept::NotKept(file));
+        }
+        if now.saturating_duration_since(streak) >= MIN_STREAK && self.starving() {
+            return Err(Unkept::Starved(file));
         }
         if !state.releaser {
             let linger = Arc::clone(self);
@@ -140,7 +201,7 @@ impl Linger {
                 .name("sqlite-persistence-linger".to_owned())
                 .spawn(move || linger.release_unclaimed());
             if started.is_err() {
-                return Err(file);
+                return Err(Unkept::NotKept(file));
             }
             state.releaser = true;
         }
@@ -159,7 +220,10 @@ impl Linger {
             state.release_at = None;
             state.kept.take()
         };
-        drop(kept);
+        if kept.is_some() {
+            drop(kept);
+            self.released();
+        }
     }
 
     /// The releasing thread: closes a kept turn past its deadline. While this process keeps
@@ -177,7 +241,10 @@ impl Linger {
                     let kept = state.kept.take();
                     drop(state);
                     // Closing the description releases the lock.
-                    drop(kept);
+                    if kept.is_some() {
+                        drop(kept);
+                        self.released();
+                    }
                     state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
                     active = now;
                     continue;

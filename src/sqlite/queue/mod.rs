@@ -16,6 +16,7 @@
 //! process's short writes ([`linger`]); the thread that blocks in `flock` for the process's
 //! waiting threads ([`waiter`]). This module composes them.
 
+mod board;
 mod linger;
 pub(crate) mod sidecar;
 mod turn;
@@ -32,6 +33,7 @@ use crate::holders::HeldLock;
 use crate::operation::{DB_SYSTEM, ERROR_TYPE_BUSY};
 use crate::retry::{retry_attempts, Attempt, Deadline, RetryPolicy, Success, Try};
 use crate::sqlite::lock_table::holders_of;
+use board::Board;
 use linger::{Ask, Linger};
 use sidecar::{Record, Sidecar};
 use turn::take_idle;
@@ -100,6 +102,11 @@ impl WriteQueue {
         {
             Ok(()) => {
                 queue.record = queue.sidecar.open_for_records().map(Arc::new);
+                let board = queue
+                    .record
+                    .as_deref()
+                    .and_then(|file| Board::open(file).ok());
+                queue.linger = Arc::new(Linger::new(board));
                 Some(queue)
             }
             Err(error) => {
@@ -168,7 +175,16 @@ impl WriteQueue {
             Some(file) => file,
             None => self.sidecar.open().map_err(Wait::Failed)?,
         };
-        match file.try_lock() {
+        // The turn was just handed to a waiter: take a seat behind it rather than barge.
+        let handed = self
+            .linger
+            .board()
+            .is_some_and(|board| board.reserved_for_other(0));
+        match if handed {
+            Err(TryLockError::WouldBlock)
+        } else {
+            file.try_lock()
+        } {
             Ok(()) => {
                 return Ok(Turn::new(
                     self.sidecar.path.clone(),
@@ -186,6 +202,10 @@ impl WriteQueue {
                 )))
             }
         }
+        if let Some(seat) = self.linger.board().and_then(|board| board.sit(asked)) {
+            return self.wait_seated(&seat, file, start, timeout, operation);
+        }
+        // No board, or every seat taken: the waiting thread blocks in `flock` for this one.
         let (deliver, receiver) = mpsc::sync_channel(1);
         let gave_up = Arc::new(AtomicBool::new(false));
         let request = Request {
@@ -226,6 +246,63 @@ impl WriteQueue {
                 Err(Wait::TimedOut)
             }
         }
+    }
+
+    /// Waits on the waiting board in `seat` (see [`board`]) with `file` until the seat takes
+    /// the turn, or `timeout` from `start` passes.
+    fn wait_seated(
+        &self,
+        seat: &board::Seat<'_>,
+        file: File,
+        start: Instant,
+        timeout: Duration,
+        operation: Operation,
+    ) -> Result<Turn, Wait> {
+        let mut logged = timeout <= LONG_WAIT;
+        loop {
+            let generation = seat.generation();
+            if seat.may_try() {
+                match file.try_lock() {
+                    Ok(()) => {
+                        seat.took_turn();
+                        return Ok(Turn::new(
+                            self.sidecar.path.clone(),
+                            file,
+                            &self.linger,
+                            Instant::now(),
+                        ));
+                    }
+                    Err(TryLockError::WouldBlock) => {}
+                    Err(TryLockError::Error(source)) => {
+                        return Err(Wait::Failed(self
+                            .sidecar
+                            .io_error(FileOperation::LockQueue)(
+                            source
+                        )))
+                    }
+                }
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= timeout {
+                return Err(Wait::TimedOut);
+            }
+            if !logged && elapsed >= LONG_WAIT {
+                self.log_long_wait(operation);
+                logged = true;
+            }
+            let mut left = timeout - elapsed;
+            if !logged {
+                left = left.min(LONG_WAIT - elapsed);
+            }
+            seat.sleep(generation, left);
+        }
+    }
+
+    /// Whether a checkpoint run outside the turn is to be finished by this holder (see
+    /// [`release_before_checkpoint`]); the caller, holding the turn, runs it before its
+    /// transaction.
+    pub(crate) fn take_finish(&self) -> bool {
+        self.linger.board().is_some_and(board::Board::take_finish)
     }
 
     /// Releases this process's kept turn, if it has one (the database is closing).
@@ -306,6 +383,92 @@ where
     let outcome = retry_attempts(policy, deadline, operation, database, attempt);
     drop(turn);
     outcome
+}
+
+/// [`locked`] for a `write` of the database file `file` (device and inode): the same, except
+/// that the checkpoint a commit may run (the WAL hook, see `checkpoint`) can give the turn
+/// back first ([`release_before_checkpoint`]).
+pub(crate) fn locked_write<T, E>(
+    queue: Option<&WriteQueue>,
+    policy: &RetryPolicy,
+    deadline: Deadline<'_>,
+    file: Option<(u64, u64)>,
+    database: &Path,
+    attempt: impl FnMut(Try) -> Result<T, Attempt<E>>,
+) -> Result<Success<T>, E>
+where
+    E: From<Error> + 'static,
+{
+    let turn = wait_turn(queue, deadline, Operation::Write, database)?;
+    let deadline = match &turn {
+        Some(turn) if turn.taken != deadline.known() => deadline.read_now(),
+        _ => deadline,
+    };
+    let _held = turn.map(|turn| Held::put(file, turn));
+    retry_attempts(policy, deadline, Operation::Write, database, attempt)
+}
+
+/// A database file's device and inode.
+type FileId = Option<(u64, u64)>;
+
+thread_local! {
+    /// The turns this thread holds for a `write`, by database file (a thread is inside at
+    /// most one write of a file).
+    static HELD: std::cell::RefCell<Vec<(FileId, Turn)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A write's turn, put where the checkpoint after its commit can give it back first.
+struct Held(Option<(u64, u64)>);
+
+impl Held {
+    fn put(file: Option<(u64, u64)>, turn: Turn) -> Self {
+        HELD.with_borrow_mut(|held| held.push((file, turn)));
+        Self(file)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let turn = HELD.with_borrow_mut(|held| {
+            let i = held.iter().rposition(|(file, _)| *file == self.0)?;
+            Some(held.remove(i).1)
+        });
+        // Dropped outside the borrow: giving the turn back wakes the next waiter.
+        drop(turn);
+    }
+}
+
+/// A write's turn given back before the checkpoint after its commit.
+pub(crate) struct Released(Arc<Linger>);
+
+impl Released {
+    /// The checkpoint ran: the next holder of the turn finishes it ([`WriteQueue::take_finish`]).
+    pub(crate) fn checkpointed(&self) {
+        if let Some(board) = self.0.board() {
+            board.finish_due();
+        }
+    }
+}
+
+/// Gives back, at once and ending this process's streak, the turn this thread holds for a
+/// `write` of the database file `file`, whose transaction has just committed: called by the
+/// checkpoint after a commit, before it runs, so that the waiters do not wait out its
+/// copying and fsync (milliseconds; SQLite lets other writers commit while a PASSIVE
+/// checkpoint runs). Only where the queue has its waiting board, through which the next
+/// holder finishes the checkpoint: what was committed meanwhile is copied under the turn,
+/// and that holder's transaction starts the WAL over, which keeps it bounded. `None` if this
+/// thread holds no such turn (the commit was not a `write`'s: the open's, a migration's, an
+/// application's own), or the queue has no board.
+pub(crate) fn release_before_checkpoint(file: (u64, u64)) -> Option<Released> {
+    HELD.with_borrow_mut(|held| {
+        let i = held.iter().rposition(|(f, turn)| {
+            *f == Some(file) && turn.linger().is_some_and(|l| l.board().is_some())
+        })?;
+        Some(held.remove(i).1)
+    })
+    .and_then(|mut turn| turn.end_streak())
+    .map(Released)
 }
 
 /// Takes a turn in `queue` (if there is one) for `operation`, waiting at most what is left

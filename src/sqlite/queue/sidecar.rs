@@ -1,7 +1,8 @@
 //! The write queue's file, `<database>-lock`: the only code that opens it. Its holders
 //! `flock` it (see `queue`); at its start the turn's holder records who it is and what it
-//! does ([`Record`], 20 bytes), and at byte 24 a connection of this crate that completed a
-//! checkpoint records when (12 bytes).
+//! does ([`Record`], 20 bytes), at byte 24 a connection of this crate that completed a
+//! checkpoint records when (12 bytes), and from byte 4096 its waiters take their seats (the
+//! waiting board, `board`, one page).
 //!
 //! Every open is by a path that is never followed if it is a symbolic link, never blocks
 //! (a FIFO put there would block an open until a writer came: the open of a database whose
@@ -15,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, FileOperation, Result};
 use crate::operation::Operation;
-use crate::sqlite::files::{made_by_a_writer, open_regular};
+use crate::sqlite::files::{made_by_a_writer, open_regular, open_regular_for};
 use crate::sqlite::side::side_file;
 
 /// One database's `-lock` file.
@@ -96,9 +97,12 @@ impl Sidecar {
         }
     }
 
-    /// The sidecar open for writing its holder record, if this process may.
+    /// The sidecar open for writing its holder record (and, where this process may also
+    /// read it, for mapping its waiting board), if this process may.
     pub(crate) fn open_for_records(&self) -> Option<File> {
-        open_regular(&self.path, true).ok()
+        open_regular_for(&self.path, true, true)
+            .or_else(|_| open_regular(&self.path, true))
+            .ok()
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::linger::{Linger, MAX_STREAK};
+use super::linger::{Linger, Unkept, MAX_STREAK};
 
 /// A place in the queue: the lock is held until this is dropped.
 #[derive(Debug)]
@@ -63,6 +63,21 @@ impl Turn {
     }
 }
 
+impl Turn {
+    /// The process's linger (and board), if the turn has one.
+    pub(super) fn linger(&self) -> Option<&Arc<Linger>> {
+        self.linger.as_ref()
+    }
+
+    /// Gives the turn back now, outside any streak, and wakes the next waiter.
+    pub(super) fn end_streak(&mut self) -> Option<Arc<Linger>> {
+        drop(self.file.take());
+        let linger = self.linger.take()?;
+        linger.released();
+        Some(linger)
+    }
+}
+
 impl Drop for Turn {
     fn drop(&mut self) {
         // flock wakes its waiters but does not hand the lock over: a writer that asks again
@@ -78,28 +93,44 @@ impl Drop for Turn {
         };
         let now = Instant::now();
         let short = now.saturating_duration_since(self.taken) < YIELD_AFTER;
-        let streaking = now.saturating_duration_since(self.streak) < MAX_STREAK;
+        let mut streaking = now.saturating_duration_since(self.streak) < MAX_STREAK;
+        let mut starved = false;
         let file = match &self.linger {
             Some(linger) if short && streaking && !std::thread::panicking() => {
                 match linger.keep(file, self.streak, now) {
                     Ok(()) => return,
-                    Err(file) => file,
+                    Err(Unkept::Starved(file)) => {
+                        // Another process has waited too long: the streak ends here.
+                        (streaking, starved) = (false, true);
+                        file
+                    }
+                    Err(Unkept::NotKept(file)) => file,
                 }
             }
             _ => file,
         };
-        // A streak that ran its length ends as a long turn does.
+        // A streak that ended ends as a long turn does.
         if !short || !streaking {
             drop(file);
+            if let Some(linger) = &self.linger {
+                linger.released();
+            }
             std::thread::yield_now();
-            if !short {
-                if let Some(linger) = &self.linger {
+            if let Some(linger) = &self.linger {
+                if starved {
+                    linger.handed_over(now);
+                } else if !short {
                     linger.gave_back(now);
                 }
             }
-        } else if file.unlock().is_ok() {
-            give_back(self.path.clone(), file);
+        } else {
+            if file.unlock().is_ok() {
+                give_back(self.path.clone(), file);
+            }
+            // (If unlocking failed, dropping the file closed it, which releases the lock.)
+            if let Some(linger) = &self.linger {
+                linger.released();
+            }
         }
-        // (If unlocking failed, dropping the file closed it, which releases the lock.)
     }
 }

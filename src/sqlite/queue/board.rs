@@ -1,0 +1,408 @@
+//! The waiting board: a page of the queue's file, mapped by every process of this crate
+//! that writes the database, where each waiting thread takes a seat saying since when it
+//! waits, and the holder of the turn, when it gives the turn back, names the oldest as the
+//! next and wakes only that one (a futex on its seat).
+//!
+//! Without it, waiters block in `flock`, and a release wakes every one of them: on a busy
+//! machine the next turn goes to whichever is scheduled first, after as many context
+//! switches as there are waiters. With it, a hand-over costs one wake-up and the turn goes
+//! in arrival order. A process keeping the turn through a streak of short writes ends the
+//! streak as soon as a seat has waited [`STARVING`] (as Linux's mutex hands off to a waiter
+//! that has starved), so that a waiter waits for about the writes ahead of it, not a streak
+//! of every other process.
+//!
+//! The `flock` still decides who holds the turn, and is released by the kernel when its
+//! process dies; the board only orders and wakes. A process that asks while another is
+//! named next does not try the lock for [`HANDOFF`] (it takes a seat instead); after that
+//! anyone may. Every sleep on the board is bounded by [`BACKSTOP`], after which the sleeper
+//! tries the lock itself: a wake-up lost to a dead process, a process of an older version
+//! of this crate (which blocks in `flock` and never names anyone), or a forged seat costs at
+//! most that. Whoever may write the database may write the board, and can slow hand-overs
+//! with it, never stop a write: that user can as well hold the lock itself.
+//!
+//! Layout, from byte 4096 of `<database>-lock` (one page): at 0 `SPW2`; at 4 the number of
+//! seats taken; at 8 the seat named next; at 16 when it was named (nanoseconds of the
+//! system's monotonic clock, one clock for every process of the machine); at 24 whether a
+//! checkpoint run outside the turn is to be finished by the next holder; from 64, 126 seats
+//! of 32 bytes: the owner (pid and a number of the process's own, never 0), since when it
+//! waits, and its futex word.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use crate::sqlite::ffi::page::{futex_wait, futex_wake, SharedPage, PAGE};
+use crate::sqlite::ffi::sys::{monotonic_ns, process_gone};
+
+/// A seat that has waited this long ends the streak of the process keeping the turn.
+pub(super) const STARVING: Duration = Duration::from_millis(1);
+
+/// How long the seat named next has to take the turn before anyone may try it.
+pub(super) const HANDOFF: Duration = Duration::from_millis(2);
+
+/// The longest sleep on the board before the sleeper tries the lock itself.
+pub(super) const BACKSTOP: Duration = Duration::from_millis(20);
+
+/// A seat this old is named next only if its process still lives.
+const CHECK_ALIVE_AFTER: Duration = Duration::from_millis(50);
+
+/// Where the board starts in the queue's file: past the holder and checkpoint records, on a
+/// page of its own.
+const BOARD_AT: u64 = 4096;
+const MAGIC: u32 = u32::from_le_bytes(*b"SPW2");
+const MAGIC_AT: usize = 0;
+const SEATED_AT: usize = 4;
+const NEXT_AT: usize = 8;
+const NAMED_AT: usize = 16;
+const FINISH_AT: usize = 24;
+const SEATS_AT: usize = 64;
+const SEAT_LEN: usize = 32;
+const SEATS: usize = (PAGE - SEATS_AT) / SEAT_LEN;
+
+/// This process's mapping of one queue's board.
+#[derive(Debug)]
+pub(super) struct Board {
+    page: SharedPage,
+    pid: u32,
+}
+
+/// Numbers this process's seats (on every board: two handles of one database have a board
+/// each), so that each wait has an owner of its own.
+static SERIAL: AtomicU32 = AtomicU32::new(1);
+
+/// A seat's owner, when it waits, and its futex word.
+struct SeatWords<'a> {
+    owner: &'a AtomicU64,
+    since: &'a AtomicU64,
+    wake: &'a AtomicU32,
+}
+
+impl Board {
+    /// The board of the queue's file `file` (open for reading and writing), grown to hold
+    /// it if it is shorter (never shrunk).
+    pub(super) fn open(file: &File) -> std::io::Result<Self> {
+        let end = BOARD_AT + PAGE as u64;
+        if file.metadata()?.len() < end {
+            file.set_len(end)?;
+        }
+        let page = SharedPage::map(file, BOARD_AT)?;
+        let _ = page
+            .u32_at(MAGIC_AT)
+            .compare_exchange(0, MAGIC, SeqCst, SeqCst);
+        Ok(Self {
+            page,
+            pid: std::process::id(),
+        })
+    }
+
+    fn seat(&self, i: usize) -> SeatWords<'_> {
+        let at = SEATS_AT + i * SEAT_LEN;
+        SeatWords {
+            owner: self.page.u64_at(at),
+            since: self.page.u64_at(at + 8),
+            wake: self.page.u32_at(at + 16),
+        }
+    }
+
+    fn next(&self) -> &AtomicU64 {
+        self.page.u64_at(NEXT_AT)
+    }
+
+    fn named(&self) -> &AtomicU64 {
+        self.page.u64_at(NAMED_AT)
+    }
+
+    fn seated(&self) -> &AtomicU32 {
+        self.page.u32_at(SEATED_AT)
+    }
+
+    /// Whether another seat than `me` (0: any) is named next and still has time to take
+    /// the turn: then nobody else tries the lock.
+    pub(super) fn reserved_for_other(&self, me: u64) -> bool {
+        let next = self.next().load(SeqCst);
+        if next == 0 || next == me {
+            return false;
+        }
+        let named = self.named().load(SeqCst);
+        let now = monotonic_ns();
+        named <= now && now - named < HANDOFF.as_nanos() as u64
+    }
+
+    /// A checkpoint ran after its write gave the turn back: the next holder of the turn
+    /// finishes it (see `queue::release_before_checkpoint`).
+    pub(super) fn finish_due(&self) {
+        self.page.u32_at(FINISH_AT).store(1, SeqCst);
+    }
+
+    /// Whether a checkpoint is to be finished, now taken on by the caller.
+    pub(super) fn take_finish(&self) -> bool {
+        self.page.u32_at(FINISH_AT).load(SeqCst) != 0
+            && self.page.u32_at(FINISH_AT).swap(0, SeqCst) != 0
+    }
+
+    /// Takes a seat for a wait that began at `asked`; `None` if every seat is taken.
+    pub(super) fn sit(&self, asked: Instant) -> Option<Seat<'_>> {
+        let serial = loop {
+            let serial = SERIAL.fetch_add(1, SeqCst);
+            if serial != 0 {
+                break serial;
+            }
+        };
+        let me = (u64::from(self.pid) << 32) | u64::from(serial);
+        let since = monotonic_ns()
+            .saturating_sub(asked.elapsed().as_nanos() as u64)
+            .max(1);
+        let start = (self.pid as usize)
+            .wrapping_mul(31)
+            .wrapping_add(serial as usize)
+            % SEATS;
+        (0..SEATS)
+            .map(|k| (start + k) % SEATS)
+            .find(|&i| {
+                self.seat(i)
+                    .owner
+                    .compare_exchange(0, me, SeqCst, SeqCst)
+                    .is_ok()
+            })
+            .map(|i| {
+                self.seat(i).since.store(since, SeqCst);
+                self.seated().fetch_add(1, SeqCst);
+                Seat {
+                    board: self,
+                    index: i,
+                    me,
+                }
+            })
+    }
+
+    /// Whether a seat has waited longer than [`STARVING`] at `now`.
+    pub(super) fn starving(&self) -> bool {
+        if self.seated().load(SeqCst) == 0 {
+            return false;
+        }
+        let now = monotonic_ns();
+        let bound = STARVING.as_nanos() as u64;
+        (0..SEATS).any(|i| {
+            let seat = self.seat(i);
+            let since = seat.since.load(SeqCst);
+            seat.owner.load(SeqCst) != 0 && since != 0 && since < now && now - since > bound
+        })
+    }
+
+    /// The turn was just given back: names the oldest seat next and wakes it (nobody, if no
+    /// seat is taken).
+    pub(super) fn released(&self) {
+        if self.seated().load(SeqCst) == 0 {
+            return;
+        }
+        let now = monotonic_ns();
+        let mut skip = Vec::new();
+        loop {
+            let oldest = (0..SEATS)
+                .filter(|i| !skip.contains(i))
+                .filter_map(|i| {
+                    let seat = self.seat(i);
+                    let owner = seat.owner.load(SeqCst);
+                    let since = seat.since.load(SeqCst);
+                    (owner != 0 && since != 0 && since <= now).then_some((since, i, owner))
+                })
+                .min();
+            let Some((since, i, owner)) = oldest else {
+                return;
+            };
+            let pid = (owner >> 32) as u32;
+            if now - since > CHECK_ALIVE_AFTER.as_nanos() as u64
+                && pid != self.pid
+                && process_gone(pid as libc::pid_t)
+            {
+                // Its process died waiting: the seat is free again.
+                let seat = self.seat(i);
+                if seat
+                    .owner
+                    .compare_exchange(owner, 0, SeqCst, SeqCst)
+                    .is_ok()
+                {
+                    seat.since.store(0, SeqCst);
+                    self.seated().fetch_sub(1, SeqCst);
+                }
+                skip.push(i);
+                continue;
+            }
+            self.named().store(now, SeqCst);
+            self.next().store(owner, SeqCst);
+            let seat = self.seat(i);
+            seat.wake.fetch_add(1, SeqCst);
+            futex_wake(seat.wake, 1);
+            return;
+        }
+    }
+}
+
+/// A seat taken on the board, given up when dropped.
+pub(super) struct Seat<'a> {
+    board: &'a Board,
+    index: usize,
+    me: u64,
+}
+
+impl Seat<'_> {
+    /// The seat's futex word now: a wake-up after this changes it.
+    pub(super) fn generation(&self) -> u32 {
+        self.board.seat(self.index).wake.load(SeqCst)
+    }
+
+    /// Whether this seat may try the lock now: it is named next, or nobody else is.
+    pub(super) fn may_try(&self) -> bool {
+        !self.board.reserved_for_other(self.me)
+    }
+
+    /// This seat took the turn: if it was named next, the name is spent.
+    pub(super) fn took_turn(&self) {
+        let _ = self
+            .board
+            .next()
+            .compare_exchange(self.me, 0, SeqCst, SeqCst);
+    }
+
+    /// Sleeps until woken after `generation`, at most `timeout` (and [`BACKSTOP`]).
+    pub(super) fn sleep(&self, generation: u32, timeout: Duration) {
+        let mut timeout = timeout.min(BACKSTOP);
+        if !self.may_try() {
+            // Named for another: look again when its time to take the turn is up.
+            let named = self.board.named().load(SeqCst);
+            let until = Duration::from_nanos(
+                (named + HANDOFF.as_nanos() as u64).saturating_sub(monotonic_ns()),
+            );
+            timeout = timeout.min(until.max(Duration::from_micros(50)));
+        }
+        futex_wait(self.board.seat(self.index).wake, generation, timeout);
+    }
+}
+
+impl Drop for Seat<'_> {
+    fn drop(&mut self) {
+        let seat = self.board.seat(self.index);
+        seat.since.store(0, SeqCst);
+        if seat
+            .owner
+            .compare_exchange(self.me, 0, SeqCst, SeqCst)
+            .is_ok()
+        {
+            self.board.seated().fetch_sub(1, SeqCst);
+        }
+        // Named next but leaving without the turn (gave up): name another.
+        if self.board.next().load(SeqCst) == self.me {
+            let _ = self
+                .board
+                .next()
+                .compare_exchange(self.me, 0, SeqCst, SeqCst);
+            self.board.released();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn board(path: &std::path::Path) -> Board {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        Board::open(&file).unwrap()
+    }
+
+    #[test]
+    fn the_oldest_seat_is_named_next_and_others_hold_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        let one = board(&path);
+        let two = board(&path);
+        assert!(!one.starving());
+        let now = Instant::now();
+        let young = one.sit(now).unwrap();
+        let old = two.sit(now - Duration::from_millis(5)).unwrap();
+        assert!(one.starving(), "a seat waiting 5 ms is starving");
+        assert!(young.may_try() && old.may_try());
+        let before = old.generation();
+        one.released();
+        // The oldest is named and woken; the other holds back, as a newcomer does.
+        assert_ne!(old.generation(), before);
+        assert!(old.may_try());
+        assert!(!young.may_try());
+        assert!(one.reserved_for_other(0));
+        old.took_turn();
+        assert!(young.may_try());
+        drop(old);
+        drop(young);
+        assert!(!one.starving());
+        assert_eq!(one.seated().load(SeqCst), 0);
+    }
+
+    #[test]
+    fn a_seat_left_by_a_dead_process_is_freed_not_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        let mine = board(&path);
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let seat = mine.seat(7);
+        seat.owner.store((u64::from(dead) << 32) | 1, SeqCst);
+        seat.since.store(monotonic_ns() - 1_000_000_000, SeqCst);
+        mine.seated().fetch_add(1, SeqCst);
+        let live = mine.sit(Instant::now()).unwrap();
+        mine.released();
+        assert_eq!(seat.owner.load(SeqCst), 0, "the dead seat was not freed");
+        assert!(live.may_try());
+        assert_eq!(mine.next().load(SeqCst), live.me);
+    }
+
+    #[test]
+    fn a_named_seat_that_gives_up_names_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        let mine = board(&path);
+        let now = Instant::now();
+        let first = mine.sit(now - Duration::from_millis(2)).unwrap();
+        let second = mine.sit(now).unwrap();
+        mine.released();
+        assert!(!second.may_try());
+        drop(first);
+        assert!(second.may_try());
+        assert_eq!(mine.next().load(SeqCst), second.me);
+    }
+
+    #[test]
+    fn a_sleep_is_bounded_and_a_wake_ends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        let mine = board(&path);
+        let seat = mine.sit(Instant::now()).unwrap();
+        let start = Instant::now();
+        seat.sleep(seat.generation(), Duration::from_millis(30));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        // A wake from another thread, on its own mapping, ends a long sleep.
+        let other = board(&path);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                other.released();
+            });
+            let generation = seat.generation();
+            let mut woken = false;
+            for _ in 0..1000 {
+                seat.sleep(generation, Duration::from_secs(10));
+                if seat.generation() != generation {
+                    woken = true;
+                    break;
+                }
+            }
+            assert!(woken);
+        });
+    }
+}
