@@ -31,7 +31,8 @@ Measured: writes/s = acknowledged writes / wall time from the barrier's release 
 exit; p50/p99/max latency of the acknowledged writes, from the call to its return (pool
 checkout included); failures = writes that returned an error (the harness never retries;
 a runner's own retries are part of its write; "database is locked" from the peers counts).
-Medians over the rounds, each metric on its own. After every cell the file is checked:
+Medians over the rounds, each metric on its own; the "x" column is the median over the
+rounds of the runner's writes/s over the baseline's in the same round. After every cell the file is checked:
 counter = jobs = acknowledged writes."""
 import argparse
 import json
@@ -184,16 +185,28 @@ def summarize(results):
     return summary
 
 
-def table(summary, shapes, runners, baseline):
+def paired_ratio(results, shape, runner, baseline):
+    """The median over rounds of the runner's writes/s over the baseline's in the same round
+    (the two ran one after the other), which the machine's load drifts less than a ratio of
+    medians."""
+    rates = {}
+    for r in results:
+        if (r["processes"], r["writers"]) == shape and r["runner"] in (runner, baseline):
+            rates.setdefault(r["round"], {})[r["runner"]] = r["writes_per_s"]
+    ratios = [v[runner] / v[baseline] for v in rates.values()
+              if runner in v and baseline in v and v[baseline] > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def table(summary, results, shapes, runners, baseline):
     lines = [f"| shape | runner | writes/s | x {baseline} | p50 ms | p99 ms | max ms | failures |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for shape in shapes:
-        base = summary.get((*shape, baseline))
         for runner in runners:
             s = summary.get((*shape, runner))
             if not s:
                 continue
-            ratio = s["writes_per_s"] / base["writes_per_s"] if base and base["writes_per_s"] else float("nan")
+            ratio = paired_ratio(results, shape, runner, baseline)
             fails = f"{s['failures']:.0f} of {s['attempts']}"
             if s["inconsistent_rounds"]:
                 fails += f" (check failed in {s['inconsistent_rounds']} rounds)"
@@ -272,13 +285,19 @@ def main():
     parser.add_argument("--dir", help="where the database files go (default: the temp dir)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "peers", "results.json"))
     parser.add_argument("--svg", default=os.path.join(ROOT, "docs", "peers.svg"))
+    parser.add_argument("--replay", help="no runs: the table and the plot again from a JSON file "
+                        "this script wrote (its rounds and total)")
     args = parser.parse_args()
-    binary = binary_path(args.bin)
-    if not os.access(binary, os.X_OK):
-        sys.exit(f"{binary} not found: cd bench/peers && cargo build --release")
-
     results, began = [], time.time()
-    for rnd in range(args.rounds):
+    if args.replay:
+        with open(args.replay) as f:
+            replayed = json.load(f)
+        results, args.rounds, args.total = replayed["runs"], replayed["rounds"], replayed["total"]
+    else:
+        binary = binary_path(args.bin)
+        if not os.access(binary, os.X_OK):
+            sys.exit(f"{binary} not found: cd bench/peers && cargo build --release")
+    for rnd in range(0 if args.replay else args.rounds):
         round_began = time.time()
         for shape, runners in cells():
             procs, writers = shape
@@ -296,12 +315,13 @@ def main():
         print(f"round {rnd + 1}: {time.time() - round_began:.0f} s", file=sys.stderr, flush=True)
 
     summary = summarize(results)
-    machine = (f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}; "
-               f"{args.rounds} rounds, {time.time() - began:.0f} s in all")
+    machine = replayed["machine"] if args.replay else (
+        f"{os.cpu_count()} CPUs, load average at the end {os.getloadavg()[0]:.1f}; "
+        f"{args.rounds} rounds, {time.time() - began:.0f} s in all")
     print(f"## Every peer (median of {args.rounds} rounds; {args.total} writes per cell)\n")
-    print(table(summary, PEER_SHAPES, PEER_RUNNERS, "crate"))
+    print(table(summary, results, PEER_SHAPES, PEER_RUNNERS, "crate"))
     print(f"\n## Async (median of {args.rounds} rounds; {args.total} writes per cell)\n")
-    print(table(summary, ASYNC_SHAPES, ASYNC_RUNNERS, "crate-async"))
+    print(table(summary, results, ASYNC_SHAPES, ASYNC_RUNNERS, "crate-async"))
     print(f"\n{machine}")
     errors = {}
     for (_, _, runner), s in summary.items():

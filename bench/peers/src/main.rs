@@ -81,10 +81,7 @@ fn now_us() -> i64 {
 
 /// The job-queue write, through Diesel (this crate, plain Diesel and deadpool-diesel).
 fn job(conn: &mut SqliteConnection, writer: &str) -> QueryResult<i64> {
-    let value: i64 = counter::table
-        .find(1)
-        .select(counter::value)
-        .first(conn)?;
+    let value: i64 = counter::table.find(1).select(counter::value).first(conn)?;
     let seq = value + 1;
     diesel::insert_into(jobs::table)
         .values((
@@ -302,8 +299,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for PeerPragmas 
 fn run_diesel(db: &Path, barrier: &Path, writers: usize, writes: usize) -> Setup<Record> {
     let url = db.to_str().ok_or("the database path is not UTF-8")?;
     if writers == 1 {
-        let mut conn =
-            SqliteConnection::establish(url).map_err(|e| format!("establish: {e}"))?;
+        let mut conn = SqliteConnection::establish(url).map_err(|e| format!("establish: {e}"))?;
         conn.batch_execute(PEER_PRAGMAS)
             .map_err(|e| format!("pragmas: {e}"))?;
         ready_and_wait(barrier)?;
@@ -324,13 +320,10 @@ fn run_diesel(db: &Path, barrier: &Path, writers: usize, writes: usize) -> Setup
     ready_and_wait(barrier)?;
     Ok(threads(writers, writes, |name, record| {
         let started = Instant::now();
-        let result = pool
-            .get()
-            .map_err(|e| e.to_string())
-            .and_then(|mut conn| {
-                conn.immediate_transaction(|conn| job(conn, name))
-                    .map_err(|e| e.to_string())
-            });
+        let result = pool.get().map_err(|e| e.to_string()).and_then(|mut conn| {
+            conn.immediate_transaction(|conn| job(conn, name))
+                .map_err(|e| e.to_string())
+        });
         record.note(started, result);
     }))
 }
@@ -463,7 +456,8 @@ fn number(text: Option<&String>, what: &str) -> Setup<usize> {
 }
 
 fn main_result(args: &[String]) -> Setup<String> {
-    const USAGE: &str = "usage: peers-bench init DB | check DB | run RUNNER DB BARRIER WRITERS WRITES";
+    const USAGE: &str =
+        "usage: peers-bench init DB | check DB | run RUNNER DB BARRIER WRITERS WRITES";
     match args.first().map(String::as_str) {
         Some("init") if args.len() == 2 => init(Path::new(&args[1])),
         Some("check") if args.len() == 2 => check(Path::new(&args[1])),
