@@ -10,9 +10,10 @@ library's build):
 
 Run (from the repository root; Python 3.11, standard library only):
 
-    scripts/peers.py --rounds 3                  # table on stdout, bench/peers/results.json,
-                                                 # docs/peers.svg
-    scripts/peers.py --rounds 1 --total 640      # a quick look
+    scripts/peers.py --rounds 5                  # table on stdout, bench/peers/results.json,
+                                                 # docs/peers.svg (about 3 min a round)
+    scripts/peers.py --rounds 1 --total 640      # a quick look (seconds)
+    scripts/peers.py --replay bench/peers/results.json   # the table and plot again, no run
 
 The binary is taken from --bin, else $CARGO_TARGET_DIR/release/peers-bench, else
 bench/peers/target/release/peers-bench.
@@ -21,7 +22,7 @@ Cells: each runner in each shape. The peer table: 1, 4 and 16 processes with one
 and 16 threads or tasks in one process, for every runner. The async table (issue item 3): this
 crate's AsyncDatabase, deadpool-diesel with immediate_transaction and this crate's blocking
 Database with as many OS threads, at 8, 16 and 64 writers in 1 and 4 processes. Every cell
-writes --total writes (default 5,120) shared evenly by all its writers, on a fresh file
+writes --total writes (default 40,960) shared evenly by all its writers, on a fresh file
 (created and migrated by `peers-bench init` before the children start), WAL and
 synchronous=NORMAL for every runner, busy_timeout 5 s for the peers, this crate's defaults
 otherwise. Each round runs every shape once, the runners of a shape one after the other,
@@ -279,8 +280,8 @@ def plot(path, summary, total, rounds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--total", type=int, default=5120,
-                        help="writes per cell, shared evenly by its writers (default 5120)")
+    parser.add_argument("--total", type=int, default=40960,
+                        help="writes per cell, shared evenly by its writers (default 40960)")
     parser.add_argument("--bin", help="the peers-bench binary")
     parser.add_argument("--dir", help="where the database files go (default: the temp dir)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "peers", "results.json"))
