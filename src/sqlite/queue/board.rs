@@ -175,7 +175,9 @@ impl Board {
             })
     }
 
-    /// Whether a seat has waited longer than [`STARVING`] at `now`.
+    /// Whether a seat of another process has waited longer than [`STARVING`]. This
+    /// process's own waiting threads do not end its streak: any of its threads takes the
+    /// turn kept between its writes, so its writes go on at the pace of one connection.
     pub(super) fn starving(&self) -> bool {
         if self.seated().load(SeqCst) == 0 {
             return false;
@@ -184,9 +186,43 @@ impl Board {
         let bound = STARVING.as_nanos() as u64;
         (0..SEATS).any(|i| {
             let seat = self.seat(i);
+            let owner = seat.owner.load(SeqCst);
             let since = seat.since.load(SeqCst);
-            seat.owner.load(SeqCst) != 0 && since != 0 && since < now && now - since > bound
+            owner != 0
+                && (owner >> 32) as u32 != self.pid
+                && since != 0
+                && since < now
+                && now - since > bound
         })
+    }
+
+    /// Wakes this process's longest-waiting seat if it has waited past [`STARVING`]: the
+    /// turn this process keeps between its writes is for it. Whether it woke one.
+    pub(super) fn wake_own_starving(&self) -> bool {
+        if self.seated().load(SeqCst) == 0 {
+            return false;
+        }
+        let now = monotonic_ns();
+        let bound = STARVING.as_nanos() as u64;
+        let oldest = (0..SEATS)
+            .filter_map(|i| {
+                let seat = self.seat(i);
+                let owner = seat.owner.load(SeqCst);
+                let since = seat.since.load(SeqCst);
+                ((owner >> 32) as u32 == self.pid
+                    && since != 0
+                    && since < now
+                    && now - since > bound)
+                    .then_some((since, i))
+            })
+            .min();
+        let Some((_, i)) = oldest else {
+            return false;
+        };
+        let seat = self.seat(i);
+        seat.wake.fetch_add(1, SeqCst);
+        futex_wake(seat.wake, 1);
+        true
     }
 
     /// The turn was just given back: names the oldest seat next and wakes it (nobody, if no
@@ -326,7 +362,8 @@ mod tests {
         let now = Instant::now();
         let young = one.sit(now).unwrap();
         let old = two.sit(now - Duration::from_millis(5)).unwrap();
-        assert!(one.starving(), "a seat waiting 5 ms is starving");
+        // This process's own waiting threads do not end its streak.
+        assert!(!one.starving());
         assert!(young.may_try() && old.may_try());
         let before = old.generation();
         one.released();
@@ -341,6 +378,26 @@ mod tests {
         drop(young);
         assert!(!one.starving());
         assert_eq!(one.seated().load(SeqCst), 0);
+    }
+
+    #[test]
+    fn a_seat_of_another_process_waiting_past_the_bound_ends_a_streak() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        let mine = board(&path);
+        let seat = mine.seat(3);
+        // The parent of this test's process: another live process.
+        let other = u64::from(std::os::unix::process::parent_id());
+        seat.owner.store((other << 32) | 1, SeqCst);
+        seat.since.store(monotonic_ns(), SeqCst);
+        mine.seated().fetch_add(1, SeqCst);
+        assert!(!mine.starving(), "it has only just begun to wait");
+        seat.since
+            .store(monotonic_ns() - 2 * STARVING.as_nanos() as u64, SeqCst);
+        assert!(mine.starving());
+        // A time in the future, as a hostile writer of the file might put, is no wait.
+        seat.since.store(u64::MAX, SeqCst);
+        assert!(!mine.starving());
     }
 
     #[test]

@@ -46,6 +46,8 @@ struct Lingering {
     /// When this process last gave back a long turn while others were queueing (see
     /// [`GIVE_WAY`]).
     gave_back: Option<Instant>,
+    /// Whether the kept turn is for a thread of this process woken from the board.
+    reserved: bool,
 }
 
 /// What a process asking for the turn does first.
@@ -142,9 +144,11 @@ impl Linger {
         if operation == Operation::Write {
             state.turns += 1;
         }
-        if let Some((file, streak)) = state.kept.take() {
-            state.release_at = None;
-            return Ask::Kept(file, streak);
+        if !state.reserved {
+            if let Some((file, streak)) = state.kept.take() {
+                state.release_at = None;
+                return Ask::Kept(file, streak);
+            }
         }
         match state
             .gave_back
@@ -207,10 +211,23 @@ impl Linger {
         }
         state.kept = Some((file, streak));
         state.release_at = Some(now + LINGER);
+        // A thread of this process that has waited past the bound takes the kept turn next:
+        // it is woken, and the threads that ask meanwhile take a seat behind it.
+        state.reserved = self.board.as_ref().is_some_and(Board::wake_own_starving);
         if state.idle {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    /// The kept turn (its description, locked, and when its streak began), taken by a
+    /// waiting thread of this process.
+    pub(super) fn take_kept(&self) -> Option<(File, Instant)> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let kept = state.kept.take()?;
+        state.release_at = None;
+        state.reserved = false;
+        Some(kept)
     }
 
     /// Releases the kept turn now (the handle closes).
@@ -218,6 +235,7 @@ impl Linger {
         let kept = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             state.release_at = None;
+            state.reserved = false;
             state.kept.take()
         };
         if kept.is_some() {
@@ -238,6 +256,7 @@ impl Linger {
             match state.release_at {
                 Some(at) if now >= at => {
                     state.release_at = None;
+                    state.reserved = false;
                     let kept = state.kept.take();
                     drop(state);
                     // Closing the description releases the lock.

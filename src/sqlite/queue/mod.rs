@@ -261,6 +261,18 @@ impl WriteQueue {
         let mut logged = timeout <= LONG_WAIT;
         loop {
             let generation = seat.generation();
+            // Woken for the turn this process keeps between its writes.
+            if let Some((kept, streak)) = self.linger.take_kept() {
+                seat.took_turn();
+                let mut turn = Turn::new(
+                    self.sidecar.path.clone(),
+                    kept,
+                    &self.linger,
+                    Instant::now(),
+                );
+                turn.streak = streak;
+                return Ok(turn);
+            }
             if seat.may_try() {
                 match file.try_lock() {
                     Ok(()) => {
