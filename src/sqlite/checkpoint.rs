@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
+use diesel::connection::{Instrumentation, InstrumentationEvent};
 use diesel::sql_types::BigInt;
 use diesel::sqlite::BorrowedSqliteConnection;
 use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection};
@@ -113,6 +113,12 @@ impl Checkpoints {
         // the threshold anyway, this one runs under the turn.
         let released = match (self.file_id, schema) {
             (Some(file), "main") if frames < 2 * CHECKPOINT_FRAMES => {
+                // Another process has checkpointed part of this WAL: the holder it named
+                // finishes it; a checkpoint at every commit meanwhile would end every
+                // streak and sync for nothing.
+                if shm::in_wal_hook(conn).is_some_and(|index| index.checkpointed > 0) {
+                    return;
+                }
                 crate::sqlite::queue::release_before_checkpoint(file)
             }
             _ => None,
@@ -242,8 +248,14 @@ fn warn(database: &Path, index: Option<WalIndex>, log: u32, done: u32, page_size
 /// after another write gave the turn back (see `queue::release_before_checkpoint`): copies
 /// what was committed meanwhile, so that the transaction starts the WAL over. Best effort;
 /// nothing to copy costs no sync.
-pub(crate) fn finish(conn: &mut SqliteConnection) {
-    let _ = crate::sqlite::guard::own(|| conn.batch_execute("PRAGMA main.wal_checkpoint(PASSIVE)"));
+///
+/// Whether it ran; `false` if another connection was checkpointing (the caller then leaves
+/// the finish to the next holder).
+pub(crate) fn finish(conn: &mut SqliteConnection) -> bool {
+    crate::sqlite::guard::own(|| {
+        diesel::sql_query("PRAGMA main.wal_checkpoint(PASSIVE)").get_result::<Outcome>(conn)
+    })
+    .is_ok_and(|outcome| outcome.busy == 0)
 }
 
 /// Installs the layer's checkpoint hook on `conn`, warning once a pinned WAL holds

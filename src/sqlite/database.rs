@@ -208,8 +208,14 @@ impl Database {
             self.file,
             &self.path,
             |attempt| {
-                if attempt.number == 1 && self.queue.as_ref().is_some_and(WriteQueue::take_finish) {
-                    crate::sqlite::checkpoint::finish(&mut conn);
+                if let Some(queue) = self
+                    .queue
+                    .as_ref()
+                    .filter(|q| attempt.number == 1 && q.take_finish())
+                {
+                    if !crate::sqlite::checkpoint::finish(&mut conn) {
+                        queue.finish_later();
+                    }
                 }
                 within(&mut conn, self.options.busy_timeout, attempt.left, |conn| {
                     transaction(conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {

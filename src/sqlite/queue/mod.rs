@@ -317,6 +317,13 @@ impl WriteQueue {
         self.linger.board().is_some_and(board::Board::take_finish)
     }
 
+    /// The checkpoint to finish met another checkpointer: the next holder finishes it.
+    pub(crate) fn finish_later(&self) {
+        if let Some(board) = self.linger.board() {
+            board.finish_due();
+        }
+    }
+
     /// Releases this process's kept turn, if it has one (the database is closing).
     pub(crate) fn release_kept(&self) {
         self.linger.release();
