@@ -158,6 +158,11 @@ impl Options {
         let source = Source::<Pg>::list(migrations)?;
         let started = Instant::now();
         let settings = Settings::new(&self, url);
+        // The open's own sessions run no write that could lose a COMMIT: no server identity.
+        let open_settings = Settings {
+            lost_commit_lookup: false,
+            ..settings.clone()
+        };
         let open = |settings: &Settings| {
             session::open(
                 &server,
@@ -192,12 +197,12 @@ impl Options {
         };
         let mut conn = match checked {
             Some(conn) => conn,
-            None => open(&settings)?,
+            None => open(&open_settings)?,
         };
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started, &|| {
-            open(&settings)
+            open(&open_settings)
         })?;
         let queue_key = (key.0, key.1.wrapping_add(1));
         let queue_in_transaction = self.transaction_pooling
@@ -205,6 +210,8 @@ impl Options {
                 .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
         // Migrations ran without a statement timeout; the pooled sessions get the options'.
         let manager = PgManager::new(&server, settings);
+        // The open's session becomes the pool's first, one connection less per process.
+        manager.keep_spare(conn);
         let pool = PgPool::builder()
             .max_size(self.pool_size)
             .min_idle(Some(0))
@@ -216,7 +223,6 @@ impl Options {
                 shown: server.shown().to_owned(),
             }))
             .build_unchecked(manager);
-        drop(conn);
         Ok(PgDatabase {
             id: next_id(),
             pool,

@@ -5,10 +5,18 @@
 //! hot row retry until one happens to begin just after a commit, newcomers first as often as
 //! not. So a write that has failed once takes its turn in a queue before it runs again: a
 //! session advisory lock of the application's own, waited for in the server's lock queue (in
-//! arrival order) in autocommit, before `BEGIN`, and held until the write is done. First
-//! attempts never queue, so writes that do not conflict keep all of the server's concurrency;
-//! a writer in a transaction never waits for the queue, so the queue cannot close a cycle of
-//! lock waits.
+//! arrival order) in a short transaction of its own sent in the same round trip as the
+//! write's `BEGIN`, kept across the write's attempts, and handed to the next waiter by the
+//! write's `COMMIT` (in whose batch it becomes a transaction lock of the same key).
+//!
+//! A write that does not queue takes the turn in shared mode for its transaction: writers
+//! that do not queue share it, so while no writer queues, writes keep all of the server's
+//! concurrency; a writer that queues is given the turn once those under way are done, and
+//! while one holds it or waits for it the shared request is refused at once and the write
+//! queues instead. So no newcomer slips in between two turns (one that took the hot row there
+//! doomed the next holder's attempt, and one that kept winning so never met a conflict and
+//! never queued). A writer in a transaction never waits for the queue (the shared request
+//! gives up after 1 ms), so the queue cannot close a cycle of lock waits.
 //!
 //! Behind a transaction pooler ([`Options::transaction_pooling`](crate::Options::transaction_pooling))
 //! a session lock does not hold: the turn would be taken on one server connection and given
