@@ -482,7 +482,7 @@ impl PgDatabase {
                     None => held.insert(self.checkout()?),
                 };
                 let contended = attempt.number > 1 || self.conflicts.recent();
-                let result = (|| {
+                let result = {
                     let turn_in_transaction =
                         contended && self.options.fair_queue && self.queue_in_transaction;
                     let settings = format!(
@@ -570,7 +570,7 @@ impl PgDatabase {
                             }
                         }
                     }
-                })();
+                };
                 if matches!(&result, Err(e) if e.transient().is_some()) {
                     self.conflicts.met();
                 }

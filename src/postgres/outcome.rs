@@ -54,7 +54,8 @@ pub(crate) fn identify_setting(conn: &mut PgConnection, columns: &str) -> Option
         .ok()
 }
 
-const IDENTIFY: &str = "SELECT (SELECT system_identifier::text FROM pg_control_system()) AS system, \
+const IDENTIFY: &str =
+    "SELECT (SELECT system_identifier::text FROM pg_control_system()) AS system, \
            extract(epoch FROM pg_postmaster_start_time())::text AS started, \
            pg_walfile_name(pg_current_wal_insert_lsn()) IS NOT NULL \
              AND pg_xact_status(NULL::xid8) IS NULL \
