@@ -352,14 +352,18 @@ impl Options {
     /// process waits at most that much longer for it. (A process's first write, and the
     /// open's own turns, never keep it.)
     ///
-    /// On PostgreSQL the queue is a session advisory lock, and only writers that have met a
-    /// conflict use it: a write that failed on a serialization failure, a deadlock or a lock
-    /// timeout takes its turn (waited for in the server's lock queue, in arrival order, in
-    /// autocommit before `BEGIN`) before it runs again, and the writes of a handle whose
+    /// On PostgreSQL the queue is a session advisory lock, and writers queue only while there
+    /// is contention: a write that failed on a serialization failure, a deadlock or a lock
+    /// timeout takes its turn (waited for in the server's lock queue, in arrival order, in the
+    /// round trip of its next `BEGIN`) before it runs again, and the writes of a handle whose
     /// writes met a conflict (or waited for their turn) within the last second queue from
-    /// their first attempt. Writes that do not conflict never queue. On a hot row, where
-    /// `SERIALIZABLE` writers otherwise retry until one happens to begin just after a commit,
-    /// this turns a tail of 20 times the fair wait into about twice it (BENCHMARKS.md).
+    /// their first attempt. Every other write takes the turn in shared mode for its
+    /// transaction, which never waits: while no writer queues, writes share it and keep all of
+    /// the server's concurrency; while one holds it or waits for it, the write queues too, so
+    /// that no newcomer slips in between two turns. The holder's `COMMIT` hands the turn to
+    /// the next. On a hot row, where `SERIALIZABLE` writers otherwise retry until one happens
+    /// to begin just after a commit, this turns a tail of 20 times the fair wait into about
+    /// the fair wait (BENCHMARKS.md).
     /// Behind a declared transaction pooler ([`Options::transaction_pooling`]) the turn is a
     /// table lock taken inside each attempt's transaction instead.
     pub fn fair_queue(mut self, on: bool) -> Self {

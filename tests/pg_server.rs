@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::TcpListener;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
@@ -16,18 +15,7 @@ use common::pg::{self, Cluster};
 use common::MIGRATIONS;
 
 use common::bump_in_pg as increment;
-
-/// Runs `f` on a thread and waits for it at most `limit`: a hang fails the test instead of
-/// stopping the suite.
-fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (done, result) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = done.send(f());
-    });
-    result
-        .recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("still running after {limit:?}"))
-}
+use common::pg::within;
 
 /// Opens `url` with the migrations of `dir` on a thread of its own (deadline 60 s).
 fn open_in_background(

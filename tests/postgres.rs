@@ -13,6 +13,7 @@ use diesel_migrations::MigrationHarness;
 use sqlite_persistence::{Error, Options, PgDatabase, RetryPolicy};
 
 use common::pg;
+use common::pg::within;
 
 /// The library's test schema (`migrations/`), which runs on both engines.
 use common::MIGRATIONS;
@@ -235,6 +236,70 @@ fn conflicting_threads_take_turns_and_leave_no_turn_held() {
     assert_eq!(
         number(
             &mut pg::connect(&url),
+            "SELECT count(*) AS value FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        0
+    );
+}
+
+/// The write queue's key on the database of `url`: the layer's default first half, and the
+/// database name's FNV-1a hash plus one (the migration lock's is the hash itself).
+fn queue_key(url: &str) -> (i32, i32) {
+    let name = url.split('?').next().unwrap().rsplit('/').next().unwrap();
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    }) as i32;
+    (0x5351_4c50, hash.wrapping_add(1))
+}
+
+#[test]
+fn a_newcomer_shares_an_idle_write_queue_and_waits_behind_a_queued_writer() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let (a, b) = queue_key(&url);
+    let db = std::sync::Arc::new(
+        Options::new()
+            .retry(RetryPolicy::new().max_elapsed(Duration::from_secs(60)))
+            .open_postgres(&url, MIGRATIONS)
+            .unwrap(),
+    );
+    // A writer under way that does not queue holds the turn shared: a write of this handle,
+    // which never met a conflict, runs beside it.
+    let mut beside = pg::connect(&url);
+    beside
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock_shared({a}, {b})"
+        ))
+        .unwrap();
+    let quick = within(Duration::from_secs(30), {
+        let db = db.clone();
+        move || db.write(|conn| increment(conn, "a").map_err(Error::from))
+    });
+    assert_eq!(quick.unwrap(), 1);
+    beside.batch_execute("ROLLBACK").unwrap();
+    // A writer holds the turn (one that met a conflict): a newcomer waits for it instead of
+    // slipping in (it ran at once, and could take the hot row from the next holder).
+    let mut holder = pg::connect(&url);
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_lock({a}, {b})"))
+        .unwrap();
+    let newcomer = {
+        let db = db.clone();
+        std::thread::spawn(move || db.write(|conn| increment(conn, "a").map_err(Error::from)))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!newcomer.is_finished(), "{:?}", newcomer.join());
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_unlock({a}, {b})"))
+        .unwrap();
+    let written = within(Duration::from_secs(30), move || newcomer.join().unwrap());
+    assert_eq!(written.unwrap(), 2);
+    // Its COMMIT handed the turn over: no advisory lock is left on the database.
+    assert_eq!(
+        number(
+            &mut holder,
             "SELECT count(*) AS value FROM pg_locks WHERE locktype = 'advisory' \
              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ),

@@ -56,6 +56,7 @@ pub(crate) fn advisory(
            (a.state IS NULL) AS hidden, coalesce(a.state <> 'idle', true) AS busy \
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+           AND l.mode = 'ExclusiveLock' \
            AND l.pid <> pg_backend_pid() \
            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
            AND l.classid = ($1::bigint & 4294967295)::oid \

@@ -158,6 +158,11 @@ impl Options {
         let source = Source::<Pg>::list(migrations)?;
         let started = Instant::now();
         let settings = Settings::new(&self, url);
+        // The open's own sessions run no write that could lose a COMMIT: no server identity.
+        let open_settings = Settings {
+            lost_commit_lookup: false,
+            ..settings.clone()
+        };
         let open = |settings: &Settings| {
             session::open(
                 &server,
@@ -192,12 +197,12 @@ impl Options {
         };
         let mut conn = match checked {
             Some(conn) => conn,
-            None => open(&settings)?,
+            None => open(&open_settings)?,
         };
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
         let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started, &|| {
-            open(&settings)
+            open(&open_settings)
         })?;
         let queue_key = (key.0, key.1.wrapping_add(1));
         let queue_in_transaction = self.transaction_pooling
@@ -205,6 +210,8 @@ impl Options {
                 .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
         // Migrations ran without a statement timeout; the pooled sessions get the options'.
         let manager = PgManager::new(&server, settings);
+        // The open's session becomes the pool's first, one connection less per process.
+        manager.keep_spare(conn);
         let pool = PgPool::builder()
             .max_size(self.pool_size)
             .min_idle(Some(0))
@@ -216,7 +223,6 @@ impl Options {
                 shown: server.shown().to_owned(),
             }))
             .build_unchecked(manager);
-        drop(conn);
         Ok(PgDatabase {
             id: next_id(),
             pool,
@@ -476,34 +482,11 @@ impl PgDatabase {
                     None => held.insert(self.checkout()?),
                 };
                 let contended = attempt.number > 1 || self.conflicts.recent();
-                let result = (|| {
-                    // The turn is a session lock, which a transaction pooler does not keep;
-                    // behind one it is taken in the transaction.
-                    if contended
-                        && !queued
-                        && self.options.fair_queue
-                        && !self.options.transaction_pooling
-                    {
-                        let asked_turn = Instant::now();
-                        queue::take(
-                            conn,
-                            self.queue_key,
-                            attempt.left,
-                            self.options.lock_timeout,
-                        )
-                        .map_err(|source| {
-                            PgAttempt::Layer(Error::query(Operation::Write, source))
-                        })?;
-                        // Others were queued: the contention goes on.
-                        if asked_turn.elapsed() > queue::CONTENDED_WAIT {
-                            self.conflicts.met();
-                        }
-                        queued = true;
-                    }
+                let result = {
                     let turn_in_transaction =
                         contended && self.options.fair_queue && self.queue_in_transaction;
-                    let begin = format!(
-                        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL lock_timeout = {}{}{}",
+                    let settings = format!(
+                        "; SET LOCAL lock_timeout = {}{}{}",
                         session::millis(Some(self.options.lock_timeout.min(attempt.left))),
                         pooler::local_settings(&self.options),
                         if turn_in_transaction {
@@ -512,14 +495,45 @@ impl PgDatabase {
                             String::new()
                         },
                     );
+                    let begin = format!("BEGIN ISOLATION LEVEL SERIALIZABLE{settings}");
+                    // The turn is a session lock, which a transaction pooler does not keep;
+                    // behind one it is taken in the transaction. Waited for in the same
+                    // round trip as the BEGIN; a write that does not wait for it checks
+                    // that no other does (see `queue::probe`).
+                    let session_queue =
+                        self.options.fair_queue && !self.options.transaction_pooling;
+                    let take = contended && !queued && session_queue;
+                    let probing = !queued && !take && session_queue;
+                    let (begin, busy_then) = if take {
+                        (queue::take_then(self.queue_key, attempt.left, &begin), None)
+                    } else if probing {
+                        (
+                            format!(
+                                "BEGIN ISOLATION LEVEL SERIALIZABLE{}{settings}",
+                                queue::probe(self.queue_key)
+                            ),
+                            Some(queue::busy_then(self.queue_key, attempt.left, &begin)),
+                        )
+                    } else {
+                        (begin, None)
+                    };
+                    let busy = Cell::new(false);
+                    let turn = Turn {
+                        key: self.queue_key,
+                        taking: take,
+                        busy_then,
+                        busy: &busy,
+                        held: &mut queued,
+                    };
                     let asked_turn = Instant::now();
                     let stamped = self.options.lost_commit_lookup;
-                    match transaction(conn, &begin, Operation::Write, stamped, |conn| {
+                    match transaction(conn, &begin, Operation::Write, stamped, turn, |conn| {
                         began.set(Instant::now());
                         // Others were queued: the contention goes on.
-                        if turn_in_transaction
-                            && began.get().saturating_duration_since(asked_turn)
-                                > queue::CONTENDED_WAIT
+                        if busy.get()
+                            || (take || turn_in_transaction)
+                                && began.get().saturating_duration_since(asked_turn)
+                                    > queue::CONTENDED_WAIT
                         {
                             self.conflicts.met();
                         }
@@ -556,7 +570,7 @@ impl PgDatabase {
                             }
                         }
                     }
-                })();
+                };
                 if matches!(&result, Err(e) if e.transient().is_some()) {
                     self.conflicts.met();
                 }
@@ -608,7 +622,15 @@ impl PgDatabase {
                     session::millis(Some(self.options.lock_timeout.min(attempt.left))),
                     pooler::local_settings(&self.options),
                 );
-                transaction(&mut conn, &begin, Operation::Read, false, &mut f).map_err(|ended| {
+                let (mut no_turn, not_busy) = (false, Cell::new(false));
+                let turn = Turn {
+                    key: self.queue_key,
+                    taking: false,
+                    busy_then: None,
+                    busy: &not_busy,
+                    held: &mut no_turn,
+                };
+                transaction(&mut conn, &begin, Operation::Read, false, turn, &mut f).map_err(|ended| {
                     match ended {
                         Ended::Failed(attempt) => attempt,
                         Ended::CommitLost { source, .. } => {
@@ -715,21 +737,58 @@ impl<T, E> From<PgAttempt<E>> for Ended<T, E> {
     }
 }
 
+/// The write queue's turn (a session lock, see `queue`) as one attempt sees it.
+struct Turn<'a> {
+    key: (i32, i32),
+    /// The `begin` batch waits for the turn first ([`queue::take_then`]).
+    taking: bool,
+    /// The `begin` batch checks that the turn is free ([`queue::probe`]); if it is not, this
+    /// batch waits for it and begins ([`queue::busy_then`]).
+    busy_then: Option<String>,
+    /// Set when the probe found the turn taken.
+    busy: &'a Cell<bool>,
+    /// Whether the session holds it: set once the batch took it, cleared once a `COMMIT`
+    /// handed it over (or failed, giving it back).
+    held: &'a mut bool,
+}
+
 /// Runs `f` in a transaction begun with `begin` (which may set `LOCAL` settings after the
-/// `BEGIN`), committing if it succeeds and rolling back if not. A failure of `f` is
-/// classified by the statement that failed last on `conn`. A write reads its
-/// [`Stamp`](outcome::Stamp) before its `COMMIT`, so that a session lost while the `COMMIT`
-/// was in flight can be asked about ([`Ended::CommitLost`]); a read's lost `COMMIT` is
-/// retried (it wrote nothing).
+/// `BEGIN`, and wait for the queue's `turn` before it), committing if it succeeds and rolling
+/// back if not. A failure of `f` is classified by the statement that failed last on `conn`.
+/// A write reads its [`Stamp`](outcome::Stamp) before its `COMMIT`, so that a session lost
+/// while the `COMMIT` was in flight can be asked about ([`Ended::CommitLost`]); a read's lost
+/// `COMMIT` is retried (it wrote nothing). A session holding the turn hands it over with its
+/// `COMMIT` ([`queue::hand_over`]), and keeps it for the next attempt if the transaction fails
+/// before.
 fn transaction<T, E: 'static>(
     conn: &mut PgConnection,
     begin: &str,
     operation: Operation,
     stamped: bool,
+    turn: Turn<'_>,
     f: impl FnOnce(&mut PgConnection) -> Result<T, E>,
 ) -> Result<T, Ended<T, E>> {
     let layer = |source| PgAttempt::Layer(Error::query(operation, source));
-    AnsiTransactionManager::begin_transaction_sql(conn, begin).map_err(layer)?;
+    let mut taking = turn.taking;
+    let mut begun = AnsiTransactionManager::begin_transaction_sql(conn, begin);
+    if let (Err(source), Some(busy_then)) = (&begun, &turn.busy_then) {
+        if failure::transient(source) == Some(PgFailureKind::LockTimeout) && !failure::lost(conn) {
+            // Another writer holds the turn or waits for it: wait for it too, at once.
+            turn.busy.set(true);
+            taking = true;
+            begun = AnsiTransactionManager::begin_transaction_sql(conn, busy_then);
+        }
+    }
+    if let Err(source) = begun {
+        if taking && !failure::lost(conn) {
+            let timed_out = failure::transient(&source) == Some(PgFailureKind::LockTimeout);
+            queue::after_failed_take(conn, turn.key, timed_out);
+        }
+        return Err(layer(source).into());
+    }
+    if taking {
+        *turn.held = true;
+    }
     let _ = failure::take(conn);
     let value = match f(conn) {
         Ok(value) => value,
@@ -740,6 +799,9 @@ fn transaction<T, E: 'static>(
             return Err(PgAttempt::Caller { error, transient }.into());
         }
     };
+    // A closure that met a failure and went on (a savepoint rolled back, or an error it
+    // ignored) commits as Diesel does, and gives the turn back afterwards.
+    let hand_over = *turn.held && matches!(failure::take(conn), failure::Recorded::Clean);
     let server = if stamped { failure::server(conn) } else { None };
     let stamp = if let Some(server) = server {
         match outcome::stamp(conn, server) {
@@ -752,7 +814,17 @@ fn transaction<T, E: 'static>(
     } else {
         None
     };
-    match AnsiTransactionManager::commit_transaction(conn) {
+    let committed = if hand_over {
+        let committed = commit_handing_over(conn, turn.key);
+        *turn.held = false;
+        if committed.is_err() && !failure::lost(conn) {
+            queue::give_back_if_still_held(conn, turn.key);
+        }
+        committed
+    } else {
+        AnsiTransactionManager::commit_transaction(conn)
+    };
+    match committed {
         Ok(()) => Ok(value),
         Err(source) => match stamp {
             Some(stamp) if failure::transient(&source) == Some(PgFailureKind::ConnectionLost) => {
@@ -770,5 +842,30 @@ fn transaction<T, E: 'static>(
             }
             _ => Err(layer(source).into()),
         },
+    }
+}
+
+/// `COMMIT`, in one batch with [`queue::hand_over`]: the server hands the turn to the next
+/// waiter as it commits. As Diesel's own `COMMIT` of a transaction of depth 1: the session's
+/// transaction state follows libpq's (idle after the batch, whether the `COMMIT` worked or
+/// failed); a batch that failed before its `COMMIT` is rolled back.
+fn commit_handing_over(conn: &mut PgConnection, key: (i32, i32)) -> diesel::QueryResult<()> {
+    use diesel::connection::SimpleConnection;
+    match conn.batch_execute(&format!("{}; COMMIT", queue::hand_over(key))) {
+        Ok(()) => Ok(()),
+        Err(error) => {
+            // After a failed COMMIT the session is idle, which Diesel has seen: nothing to
+            // roll back.
+            match AnsiTransactionManager::rollback_transaction(conn) {
+                Ok(()) | Err(diesel::result::Error::NotInTransaction) => {}
+                Err(rollback) => {
+                    return Err(diesel::result::Error::RollbackErrorOnCommit {
+                        rollback_error: Box::new(rollback),
+                        commit_error: Box::new(error),
+                    })
+                }
+            }
+            Err(error)
+        }
     }
 }

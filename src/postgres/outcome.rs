@@ -42,16 +42,24 @@ pub(crate) struct Identity {
 /// The [`Identity`] of `conn`'s server, or `None` if this role may not call what it and the
 /// lookup need.
 pub(crate) fn identify(conn: &mut PgConnection) -> Option<Identity> {
-    sql_query(
-        "SELECT (SELECT system_identifier::text FROM pg_control_system()) AS system, \
+    identify_setting(conn, "")
+}
+
+/// [`identify`], with `columns` (more columns of the same `SELECT`, such as
+/// `set_config` calls) run in the same round trip: `None`, and none of them run, if this role
+/// may not call what the lookup needs.
+pub(crate) fn identify_setting(conn: &mut PgConnection, columns: &str) -> Option<Identity> {
+    sql_query(format!("{IDENTIFY}{columns}"))
+        .get_result::<Identity>(conn)
+        .ok()
+}
+
+const IDENTIFY: &str =
+    "SELECT (SELECT system_identifier::text FROM pg_control_system()) AS system, \
            extract(epoch FROM pg_postmaster_start_time())::text AS started, \
            pg_walfile_name(pg_current_wal_insert_lsn()) IS NOT NULL \
              AND pg_xact_status(NULL::xid8) IS NULL \
-             AND (SELECT checkpoint_time IS NOT NULL FROM pg_control_checkpoint()) AS usable",
-    )
-    .get_result::<Identity>(conn)
-    .ok()
-}
+             AND (SELECT checkpoint_time IS NOT NULL FROM pg_control_checkpoint()) AS usable";
 
 /// What a write transaction is known by, read in it just before its `COMMIT`, with the
 /// identity of its session's server.

@@ -163,10 +163,12 @@ fn seen(
 
 /// The settings of the check's sessions: those of a session behind a declared transaction
 /// pooler, which sets nothing a pooler would leave on a server connection for its other
-/// clients (only `application_name`, which PgBouncer keeps for each client).
+/// clients (only `application_name`, which PgBouncer keeps for each client). The open's
+/// sessions write nothing that could lose a `COMMIT`: they record no server identity.
 pub(crate) fn probe(settings: &Settings) -> Settings {
     Settings {
         transaction_pooling: true,
+        lost_commit_lookup: false,
         ..settings.clone()
     }
 }

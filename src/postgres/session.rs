@@ -98,6 +98,32 @@ impl Settings {
         }
     }
 
+    /// What [`sql`](Settings::sql) sets, as `set_config` calls for the columns of a
+    /// `SELECT` (each named `set_N`), or an empty string.
+    pub(crate) fn set_config(&self) -> String {
+        let mut calls = Vec::new();
+        if !self.transaction_pooling {
+            for (name, value) in [
+                ("statement_timeout", millis(self.statement_timeout)),
+                ("lock_timeout", millis(Some(self.lock_timeout))),
+                (
+                    "idle_in_transaction_session_timeout",
+                    millis(self.idle_in_transaction_timeout),
+                ),
+            ] {
+                calls.push(format!("set_config('{name}', '{value}', false)"));
+            }
+        }
+        if let Some(name) = &self.application_name {
+            calls.push(format!("set_config('application_name', '{name}', false)"));
+        }
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, call)| format!(", {call} AS set_{i}"))
+            .collect()
+    }
+
     /// The `SET` statements, one batch. Behind a transaction pooler only
     /// `application_name`, which PgBouncer keeps for each client and sets on whichever
     /// server connection it runs.
@@ -274,15 +300,26 @@ pub(crate) fn connect(url: &str, settings: &Settings) -> Result<PgConnection, Se
         // A statement prepared on one server connection is missing on the next one's.
         conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Disabled);
     }
+    if settings.lost_commit_lookup {
+        // The settings and the server's identity in one round trip; a role that may not
+        // read the identity gets the settings alone.
+        let server = super::outcome::identify_setting(&mut conn, &settings.set_config());
+        if server.is_none() {
+            apply(&mut conn, settings)?;
+        }
+        failure::set_server(&mut conn, server);
+    } else {
+        apply(&mut conn, settings)?;
+    }
+    Ok(conn)
+}
+
+fn apply(conn: &mut PgConnection, settings: &Settings) -> Result<(), SessionError> {
     let sql = settings.sql();
     if !sql.is_empty() {
         conn.batch_execute(&sql).map_err(SessionError::Settings)?;
     }
-    if settings.lost_commit_lookup {
-        let server = super::outcome::identify(&mut conn);
-        failure::set_server(&mut conn, server);
-    }
-    Ok(conn)
+    Ok(())
 }
 
 /// Why a session could not be opened.
@@ -320,6 +357,8 @@ impl diesel::r2d2::HandleError<diesel::r2d2::Error> for TraceConnectErrors {
 pub struct PgManager {
     url: String,
     settings: Settings,
+    /// A session opened before the pool (the open's own), handed out by the first connect.
+    spare: std::sync::Mutex<Option<PgConnection>>,
 }
 
 impl std::fmt::Debug for PgManager {
@@ -335,7 +374,39 @@ impl PgManager {
         Self {
             url: server.url().to_owned(),
             settings,
+            spare: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Keeps `conn`, a session of [`connect`]'s opened with these settings (perhaps without
+    /// the server's identity, and its statement cache off), for the first connect: unless it
+    /// was lost, or is left in a transaction.
+    pub(crate) fn keep_spare(&self, mut conn: PgConnection) {
+        if failure::lost(&mut conn) || R2D2Connection::is_broken(&mut conn) {
+            return;
+        }
+        *self
+            .spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn);
+    }
+
+    /// The spare session, made a pooled one: its statement cache on (unless behind a
+    /// transaction pooler) and its server's identity recorded.
+    fn take_spare(&self) -> Option<PgConnection> {
+        let mut conn = self
+            .spare
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        if !self.settings.transaction_pooling {
+            conn.set_prepared_statement_cache_size(diesel::connection::CacheSize::Unbounded);
+        }
+        if self.settings.lost_commit_lookup && failure::server(&mut conn).is_none() {
+            let server = super::outcome::identify(&mut conn);
+            failure::set_server(&mut conn, server);
+        }
+        Some(conn)
     }
 }
 
@@ -344,6 +415,9 @@ impl ManageConnection for PgManager {
     type Error = diesel::r2d2::Error;
 
     fn connect(&self) -> Result<PgConnection, diesel::r2d2::Error> {
+        if let Some(conn) = self.take_spare() {
+            return Ok(conn);
+        }
         connect(&self.url, &self.settings).map_err(|error| match error {
             SessionError::Connect(e) => diesel::r2d2::Error::ConnectionError(e),
             SessionError::Settings(e) => diesel::r2d2::Error::QueryError(e),
