@@ -6,11 +6,13 @@
 //!   message of the statement that failed last (Diesel keeps only the message);
 //! - [`shm`]: the WAL index (`-shm`) read through SQLite's own mapping of it;
 //! - [`owned`]: data a connection's raw hooks use, freed by SQLite when it closes;
+//! - [`lend`]: a connection lent to other threads, one at a time (group commit);
 //! - [`read_gate`]: ending a read transaction from another thread (the read-age cap);
 //! - [`sys`]: `statfs`, `faccessat`, `geteuid`, `kill` (Unix).
 //!
 //! Every `unsafe` block says why it is sound (`SAFETY:`).
 
+pub(crate) mod lend;
 pub(crate) mod owned;
 pub(crate) mod read_gate;
 pub(crate) mod shm;
