@@ -1,7 +1,8 @@
 //! Group commit under `Synchronous::Full`: THREADS threads of one process write short
 //! transactions (each counts its own counter up) through one handle, with group commit and
 //! without, for ROUND_SECS each, alternating which goes first; then the same with one
-//! thread. Prints each round and the medians: writes per second, p50 and p99 latency (from
+//! thread; then a lone writer's cost of it, under `Synchronous::Normal` (no sync to hide it).
+//! Prints each round and the medians: writes per second, p50 and p99 latency (from
 //! asking to write until answered), and the ratio with over without.
 //!
 //! Run: `cargo bench --bench group_commit` (env: `GROUP_BENCH_ROUNDS`, pairs of rounds,
@@ -139,6 +140,44 @@ fn compare(off: &Database, on: &Database, threads: usize, rounds: u64, secs: u64
     );
 }
 
+/// A lone writer's cost of group commit, where no sync hides it (`Synchronous::Normal`):
+/// LONE_ROUNDS rounds of LONE_WRITES writes from one thread, with and without, alternating.
+fn lone(dir: &Path) {
+    const LONE_ROUNDS: usize = 41;
+    const LONE_WRITES: u32 = 1000;
+    let open = |name: &str, group: bool| {
+        Options::new()
+            .group_commit(group)
+            .open(dir.join(name), MIGRATIONS)
+            .unwrap()
+    };
+    let dbs = [open("lone-off.db", false), open("lone-on.db", true)];
+    let mut took = [Vec::new(), Vec::new()];
+    let mut ratios = Vec::new();
+    for r in 0..LONE_ROUNDS {
+        let mut round = [0.0; 2];
+        for k in 0..2 {
+            let which = (r + k) % 2;
+            let start = Instant::now();
+            for _ in 0..LONE_WRITES {
+                count(&dbs[which], "lone");
+            }
+            round[which] = start.elapsed().as_secs_f64() * 1e6 / f64::from(LONE_WRITES);
+            took[which].push(round[which]);
+        }
+        ratios.push(round[1] / round[0]);
+    }
+    let [off, on] = took;
+    println!(
+        "lone writer (Synchronous::Normal): off {:.1} us, on {:.1} us a write; on/off {:.3} x \
+         (medians of {LONE_ROUNDS} rounds of {LONE_WRITES}, alternating; the ratio is the median \
+         of each round's)",
+        median(off),
+        median(on),
+        median(ratios)
+    );
+}
+
 fn main() {
     let rounds = env("GROUP_BENCH_ROUNDS", 5);
     let secs = env("GROUP_BENCH_SECS", 2);
@@ -149,4 +188,5 @@ fn main() {
     let on = open(dir.path(), "on.db", true);
     compare(&off, &on, threads, rounds, secs);
     compare(&off, &on, 1, rounds, secs);
+    lone(dir.path());
 }
