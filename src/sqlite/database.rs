@@ -62,7 +62,7 @@ pub struct Database {
     applied: Vec<String>,
     queue: Option<WriteQueue>,
     /// The group commit of its writes, with [`Options::group_commit`].
-    group: Option<Group>,
+    group: Option<Box<Group>>,
 }
 
 impl Database {
@@ -80,7 +80,7 @@ impl Database {
             .ok()
             .filter(|_| path != Path::new(":memory:"))
             .map(|meta| (meta.dev(), meta.ino()));
-        let group = options.group_commit.then(Group::default);
+        let group = options.group_commit.then(Box::default);
         Self {
             id: next_id(),
             file,
