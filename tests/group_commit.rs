@@ -437,6 +437,108 @@ fn write_measured_counts_a_members_wait_and_attempts() {
     }
 }
 
+#[test]
+fn a_member_whose_closure_meets_a_lock_runs_again_after_a_pause() {
+    let (dir, path) = common::fresh_db();
+    let db = open(&path, grouped());
+    // A second file, whose write lock another connection holds for a while: a member's
+    // closure that writes there fails with "database is locked" at once.
+    let other_path = dir.path().join("other.db");
+    let other = open(
+        &other_path,
+        Options::new().busy_timeout(Duration::from_millis(5)),
+    );
+    let held = common::hold_lock_until_released(&other_path, "BEGIN IMMEDIATE");
+    let release = std::sync::Mutex::new(Some(held));
+    let results = group_of(
+        &db,
+        3,
+        |db, arrived| {
+            db.write(|conn| lead(conn, "leader", arrived, 3, Duration::from_millis(150)))
+                .unwrap();
+            // The members' first runs met the lock; let it go a moment later.
+            std::thread::sleep(Duration::from_millis(100));
+            release.lock().unwrap().take().unwrap().release();
+        },
+        |i, db, arrived| {
+            arrived.fetch_add(1, Ordering::SeqCst);
+            db.write_measured(|conn| -> sqlite_persistence::Result<usize> {
+                // Inserted again at each run: had a failed run's savepoint been kept, the
+                // name would be taken.
+                insert(conn, &format!("m{i}"))?;
+                let mut elsewhere = other.connection()?;
+                Ok(insert(&mut elsewhere, &format!("m{i}"))?)
+            })
+        },
+    );
+    for (i, result) in results.into_iter().enumerate() {
+        let (inserted, stats) = result.unwrap().unwrap();
+        assert_eq!(inserted, 1);
+        assert!(stats.attempts >= 2, "member {i}: {stats:?}");
+    }
+    assert_eq!(names(&db), ["leader", "m0", "m1", "m2"]);
+    assert_eq!(names(&other), ["m0", "m1", "m2"]);
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn tasks_of_an_async_handle_with_group_commit_write_every_value_once() {
+    use sqlite_persistence::AsyncDatabase;
+    const TASKS: usize = 16;
+    const EACH: usize = 20;
+    let (_dir, path) = common::fresh_db();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (values, shared) = runtime.block_on(async {
+        let db = AsyncDatabase::open_with(grouped(), &path, MIGRATIONS)
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let mut values = Vec::new();
+                    let mut shared = 0;
+                    for _ in 0..EACH {
+                        let (value, member) = db
+                            .write(|conn| -> sqlite_persistence::Result<(i64, bool)> {
+                                let member = in_a_members_savepoint(conn);
+                                Ok((common::bump_in(conn, "a")?, member))
+                            })
+                            .await
+                            .unwrap();
+                        values.push(value);
+                        shared += usize::from(member);
+                    }
+                    (values, shared)
+                })
+            })
+            .collect();
+        let mut values = Vec::new();
+        let mut shared = 0;
+        for task in tasks {
+            let (v, s) = task.await.unwrap();
+            values.extend(v);
+            shared += s;
+        }
+        (values, shared)
+    });
+    let mut values = values;
+    values.sort_unstable();
+    assert_eq!(values, (1..=(TASKS * EACH) as i64).collect::<Vec<_>>());
+    // `AsyncDatabase` runs a SQLite handle's writes one after another (src/tokio.rs), so
+    // its tasks never meet in a group: correct, and no faster.
+    assert_eq!(shared, 0);
+    let db = open(&path, grouped());
+    assert_eq!(
+        common::values(&db, "a").unwrap(),
+        (1..=(TASKS * EACH) as i64).collect::<Vec<_>>()
+    );
+}
+
 // Several processes, each with 16 threads writing through group commit: every write
 // acknowledged is there exactly once.
 
