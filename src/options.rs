@@ -385,7 +385,7 @@ impl Options {
     /// `Full`); if it fails, none is answered `Ok`. A lock error at `BEGIN` or `COMMIT` runs
     /// the whole group again (every closure: they are `FnMut` as always), under the
     /// leader's retry policy; a writer still waiting when its own deadline passes gets
-    /// [`Error::Busy`](crate::Error::Busy). A lone writer pays two uncontended mutex locks.
+    /// [`Error::Busy`](crate::Error::Busy). A lone writer pays three uncontended mutex locks.
     /// Nested writes are refused with [`Error::Reentrant`](crate::Error::Reentrant) as
     /// without it.
     ///
