@@ -393,7 +393,9 @@ impl Options {
     /// (a crash before the COMMIT takes them all back, none of them acknowledged), and one
     /// writer's closure sees the uncommitted changes of those before it in the group, as it
     /// would see them committed without group commit. Writers of other processes are not
-    /// grouped (they queue for the write turn as usual). Defaults to `false`.
+    /// grouped (they queue for the write turn as usual), nor are the tasks of an
+    /// `AsyncDatabase` (feature `tokio`), which runs a SQLite handle's writes one after
+    /// another. Defaults to `false`.
     pub fn group_commit(mut self, on: bool) -> Self {
         self.group_commit = on;
         self

@@ -531,7 +531,10 @@ fn tasks_of_an_async_handle_with_group_commit_write_every_value_once() {
     assert_eq!(values, (1..=(TASKS * EACH) as i64).collect::<Vec<_>>());
     // `AsyncDatabase` runs a SQLite handle's writes one after another (src/tokio.rs), so
     // today its tasks never meet in a group: correct, and no faster.
-    eprintln!("{shared} of {} writes ran in another's transaction", TASKS * EACH);
+    eprintln!(
+        "{shared} of {} writes ran in another's transaction",
+        TASKS * EACH
+    );
     let db = open(&path, grouped());
     assert_eq!(
         common::values(&db, "a").unwrap(),

@@ -142,7 +142,9 @@ impl Database {
     /// The connection is taken first (the open's own, or one of the pool's: see
     /// [`pool`](Database::pool)), then the cross-process write turn (see
     /// [`Options::fair_queue`]), so that no process holds the turn while it waits for its own
-    /// pool; every attempt waits in SQLite at most the time left before the deadline.
+    /// pool; every attempt waits in SQLite at most the time left before the deadline. With
+    /// [`Options::group_commit`], a write that arrives while another of this handle holds the
+    /// write transaction runs in a savepoint of it instead, and is answered after its COMMIT.
     ///
     /// # Errors
     /// What `f` returns (after a rollback); [`Error::Busy`] if the database stayed locked
