@@ -294,14 +294,27 @@ fn a_member_still_waiting_at_its_deadline_gets_busy_in_time() {
         |i, db, arrived| {
             arrived.fetch_add(1, Ordering::SeqCst);
             let start = Instant::now();
-            let result = db.write(|conn| -> sqlite_persistence::Result<usize> {
-                Ok(insert(conn, &format!("m{i}"))?)
-            });
-            (result, start.elapsed())
+            let captured = common::Captured::default();
+            let result = tracing::subscriber::with_default(
+                captured.subscriber(tracing::Level::WARN),
+                || {
+                    db.write(|conn| -> sqlite_persistence::Result<usize> {
+                        Ok(insert(conn, &format!("m{i}"))?)
+                    })
+                },
+            );
+            (result, start.elapsed(), captured.text())
         },
     );
     for (i, result) in results.into_iter().enumerate() {
-        let (result, took) = result.unwrap();
+        let (result, took, events) = result.unwrap();
+        // The giving-up event of a single write, on the member's thread.
+        assert!(
+            events.contains("database stayed locked, giving up")
+                && events.contains("ERROR")
+                && events.contains("operation=\"write\""),
+            "member {i}: {events}"
+        );
         match result {
             Err(Error::Busy { operation, .. }) => {
                 assert_eq!(operation, sqlite_persistence::Operation::Write)
@@ -462,17 +475,29 @@ fn a_member_whose_closure_meets_a_lock_runs_again_after_a_pause() {
         },
         |i, db, arrived| {
             arrived.fetch_add(1, Ordering::SeqCst);
-            db.write_measured(|conn| -> sqlite_persistence::Result<usize> {
-                // Inserted again at each run: had a failed run's savepoint been kept, the
-                // name would be taken.
-                insert(conn, &format!("m{i}"))?;
-                let mut elsewhere = other.connection()?;
-                Ok(insert(&mut elsewhere, &format!("m{i}"))?)
-            })
+            let captured = common::Captured::default();
+            let result = tracing::subscriber::with_default(
+                captured.subscriber(tracing::Level::WARN),
+                || {
+                    db.write_measured(|conn| -> sqlite_persistence::Result<usize> {
+                        // Inserted again at each run: had a failed run's savepoint been
+                        // kept, the name would be taken.
+                        insert(conn, &format!("m{i}"))?;
+                        let mut elsewhere = other.connection()?;
+                        Ok(insert(&mut elsewhere, &format!("m{i}"))?)
+                    })
+                },
+            );
+            (result, captured.text())
         },
     );
     for (i, result) in results.into_iter().enumerate() {
-        let (inserted, stats) = result.unwrap().unwrap();
+        let (result, events) = result.unwrap();
+        let (inserted, stats) = result.unwrap();
+        assert!(
+            events.contains("database is locked, retrying"),
+            "member {i}: {events}"
+        );
         assert_eq!(inserted, 1);
         assert!(stats.attempts >= 2, "member {i}: {stats:?}");
     }
