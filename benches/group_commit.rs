@@ -1,7 +1,8 @@
 //! Group commit under `Synchronous::Full`: THREADS threads of one process write short
 //! transactions (each counts its own counter up) through one handle, with group commit and
 //! without, for ROUND_SECS each, alternating which goes first; then the same with one
-//! thread; then a lone writer's cost of it, under `Synchronous::Normal` (no sync to hide it).
+//! thread; then a lone writer's cost of it in short alternating rounds, under FULL and under
+//! `Synchronous::Normal` (no sync to hide it).
 //! Prints each round and the medians: writes per second, p50 and p99 latency (from
 //! asking to write until answered), and the ratio with over without.
 //!
@@ -97,8 +98,11 @@ fn open(dir: &Path, name: &str, group: bool) -> Database {
         .unwrap()
 }
 
-/// Alternating rounds of `threads` threads with (`on`) and without (`off`) group commit.
-fn compare(off: &Database, on: &Database, threads: usize, rounds: u64, secs: u64) {
+/// Alternating rounds of `threads` threads with (`on`) and without (`off`) group commit,
+/// each on a fresh file of its own in `dir`.
+fn compare(dir: &Path, threads: usize, rounds: u64, secs: u64) {
+    let off = &open(dir, &format!("off-{threads}.db"), false);
+    let on = &open(dir, &format!("on-{threads}.db"), true);
     let mut results: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
     for r in 0..rounds {
         for k in 0..2 {
@@ -140,18 +144,23 @@ fn compare(off: &Database, on: &Database, threads: usize, rounds: u64, secs: u64
     );
 }
 
-/// A lone writer's cost of group commit, where no sync hides it (`Synchronous::Normal`):
-/// LONE_ROUNDS rounds of LONE_WRITES writes from one thread, with and without, alternating.
-fn lone(dir: &Path) {
+/// A lone writer's cost of group commit under `synchronous`: LONE_ROUNDS rounds of `writes`
+/// writes from one thread, with and without, alternating which goes first; each round's
+/// ratio compares writes made moments apart (a sync's cost drifts a lot from second to
+/// second on a shared disk), and their median is printed.
+fn lone(dir: &Path, synchronous: Synchronous, writes: u32) {
     const LONE_ROUNDS: usize = 41;
-    const LONE_WRITES: u32 = 1000;
     let open = |name: &str, group: bool| {
         Options::new()
+            .synchronous(synchronous)
             .group_commit(group)
             .open(dir.join(name), MIGRATIONS)
             .unwrap()
     };
-    let dbs = [open("lone-off.db", false), open("lone-on.db", true)];
+    let dbs = [
+        open(&format!("lone-off-{synchronous:?}.db"), false),
+        open(&format!("lone-on-{synchronous:?}.db"), true),
+    ];
     let mut took = [Vec::new(), Vec::new()];
     let mut ratios = Vec::new();
     for r in 0..LONE_ROUNDS {
@@ -159,19 +168,19 @@ fn lone(dir: &Path) {
         for k in 0..2 {
             let which = (r + k) % 2;
             let start = Instant::now();
-            for _ in 0..LONE_WRITES {
+            for _ in 0..writes {
                 count(&dbs[which], "lone");
             }
-            round[which] = start.elapsed().as_secs_f64() * 1e6 / f64::from(LONE_WRITES);
+            round[which] = start.elapsed().as_secs_f64() * 1e6 / f64::from(writes);
             took[which].push(round[which]);
         }
         ratios.push(round[1] / round[0]);
     }
     let [off, on] = took;
     println!(
-        "lone writer (Synchronous::Normal): off {:.1} us, on {:.1} us a write; on/off {:.3} x \
-         (medians of {LONE_ROUNDS} rounds of {LONE_WRITES}, alternating; the ratio is the median \
-         of each round's)",
+        "lone writer ({synchronous:?}): off {:.1} us, on {:.1} us a write; on/off {:.3} x \
+         (medians of {LONE_ROUNDS} rounds of {writes}, alternating; the ratio is the median of \
+         each round's)",
         median(off),
         median(on),
         median(ratios)
@@ -184,9 +193,8 @@ fn main() {
     let threads = env("GROUP_BENCH_THREADS", 16) as usize;
     let base = std::env::var("GROUP_BENCH_DIR").map_or_else(|_| std::env::temp_dir(), Into::into);
     let dir = tempfile::tempdir_in(base).unwrap();
-    let off = open(dir.path(), "off.db", false);
-    let on = open(dir.path(), "on.db", true);
-    compare(&off, &on, threads, rounds, secs);
-    compare(&off, &on, 1, rounds, secs);
-    lone(dir.path());
+    compare(dir.path(), threads, rounds, secs);
+    compare(dir.path(), 1, rounds, secs);
+    lone(dir.path(), Synchronous::Full, 200);
+    lone(dir.path(), Synchronous::Normal, 1000);
 }
