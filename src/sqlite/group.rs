@@ -272,9 +272,10 @@ pub(crate) fn lead_attempt<T, E: 'static>(
         return Err(Attempt::Layer(group_error(why)));
     }
     let committed = AnsiTransactionManager::commit_transaction(conn);
-    // A member that panicked inside a transaction of its own left Diesel one level deep:
-    // its "COMMIT" was a RELEASE. SQLite says whether the transaction really ended.
-    let open = !ran.0.is_empty() && !autocommit(conn);
+    // A member that panicked inside transactions of its own, and whose count could not be
+    // put right, left Diesel deeper than the group: its "COMMIT" was a RELEASE. SQLite says
+    // whether the transaction really ended (a flag read, no statement).
+    let open = !autocommit(conn);
     match committed {
         Ok(()) if !open => {
             ran.answer(|| Answer::Committed);
@@ -525,9 +526,9 @@ where
                 // that already holds the lock does.
                 taken = true;
             }
-            Step::Running | Step::Ran(_) => {
-                unreachable!("a member leaves its wait only when called or answered")
-            }
+            // Not reached: the wait above ends only when called, answered, or at the
+            // deadline; the step is put back and waited for again.
+            other @ (Step::Running | Step::Ran(_)) => *step = other,
         }
     }
 }
