@@ -505,6 +505,53 @@ fn a_member_whose_closure_meets_a_lock_runs_again_after_a_pause() {
     assert_eq!(names(&other), ["m0", "m1", "m2"]);
 }
 
+/// A COMMIT that meets a lock runs the whole group again: under a rollback journal the
+/// COMMIT needs every reader gone, and a reader holds on for a while.
+#[test]
+fn a_commit_that_meets_a_lock_runs_every_members_closure_again() {
+    let (_dir, path) = common::fresh_db();
+    let db = open(
+        &path,
+        grouped()
+            .journal_mode(sqlite_persistence::JournalMode::Delete)
+            .busy_timeout(Duration::from_millis(20)),
+    );
+    let reader = common::hold_lock_until_released(&path, "BEGIN; SELECT count(*) FROM counters;");
+    let release = std::sync::Mutex::new(Some(reader));
+    let results = group_of(
+        &db,
+        4,
+        |db, arrived| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(700));
+                    release.lock().unwrap().take().unwrap().release();
+                });
+                let (_, stats) = db
+                    .write_measured(|conn| {
+                        lead(conn, "leader", arrived, 4, Duration::from_millis(100))
+                    })
+                    .unwrap();
+                assert!(stats.attempts >= 2, "the leader: {stats:?}");
+            });
+        },
+        |i, db, arrived| {
+            arrived.fetch_add(1, Ordering::SeqCst);
+            db.write_measured(|conn| -> sqlite_persistence::Result<bool> {
+                let shared = in_leaders_transaction(conn);
+                insert(conn, &format!("m{i}"))?;
+                Ok(shared)
+            })
+        },
+    );
+    for (i, result) in results.into_iter().enumerate() {
+        let (shared, stats) = result.unwrap().unwrap();
+        assert!(shared, "member {i}");
+        assert!(stats.attempts >= 2, "member {i}: {stats:?}");
+    }
+    assert_eq!(names(&db), ["leader", "m0", "m1", "m2", "m3"]);
+}
+
 #[cfg(feature = "tokio")]
 #[test]
 fn tasks_of_an_async_handle_with_group_commit_write_every_value_once() {
