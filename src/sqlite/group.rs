@@ -360,7 +360,7 @@ where
                     }
                 }
                 let _leading = Leading(group);
-                return lead(&mut f, deadline.read_now()).map(|(value, mut stats)| {
+                return lead(&mut f, deadline).map(|(value, mut stats)| {
                     stats.attempts += runs;
                     (value, stats)
                 });
