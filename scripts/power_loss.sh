@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The power-loss test (tests/power_loss) with more simulated power losses than the suite's
-# run: CRASHES crash images for each scenario (WAL with FULL and with NORMAL, a rollback
-# journal with EXTRA and with FULL; the workload grows with them, up to 2000 writes), in a
-# release build, one scenario at a time. Prints each scenario's report (corrupt files,
+# run: CRASHES crash images for each scenario (WAL with FULL and with NORMAL, WAL with FULL and
+# group commit (16 writers), a rollback journal with EXTRA and with FULL; the workload grows
+# with them, up to 2000 writes), in a release build, one scenario at a time. Prints each scenario's report (corrupt files,
 # acknowledged writes lost, where the crashes fell) and fails if a scenario fails. A failing
 # image is kept in the temporary directory, its path printed; SEED replays the random
 # choices. 20000 take about 4 minutes on 2 cores once built (80,000 crashes).

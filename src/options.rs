@@ -29,6 +29,7 @@ use crate::retry::RetryPolicy;
 /// | `migration_wait` | 10 min | an open waits this long for another process's migrations while that process is alive |
 /// | `pool_size` | 8 | |
 /// | `fair_queue` | on | writers queue on `<database>-lock` in arrival order |
+/// | `group_commit` | off | concurrent writers of one process share a transaction and its sync |
 /// | `max_read_age` | none | a cap on how long a `read` may keep its snapshot (and so the WAL) |
 /// | `wal_shipping` | off | the layer checkpoints, and warns naming the reader that pins a growing WAL (turn it on beside Litestream) |
 ///
@@ -74,6 +75,7 @@ pub struct Options {
     pub(crate) migration_wait: Duration,
     pub(crate) pool_size: u32,
     pub(crate) fair_queue: bool,
+    pub(crate) group_commit: bool,
     pub(crate) statement_timeout: Option<Duration>,
     pub(crate) lock_timeout: Duration,
     pub(crate) idle_in_transaction_timeout: Option<Duration>,
@@ -112,6 +114,7 @@ impl Options {
             migration_wait: Duration::from_secs(600),
             pool_size: 8,
             fair_queue: true,
+            group_commit: false,
             statement_timeout: Some(Duration::from_secs(30)),
             lock_timeout: Duration::from_secs(5),
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
@@ -368,6 +371,37 @@ impl Options {
     /// table lock taken inside each attempt's transaction instead.
     pub fn fair_queue(mut self, on: bool) -> Self {
         self.fair_queue = on;
+        self
+    }
+
+    /// Group commit (SQLite): the [`write`](crate::Database::write)s that arrive while
+    /// another `write` of the same handle holds the write transaction join it instead of
+    /// waiting for their own, and the group commits once, with one sync of the WAL: under
+    /// [`Synchronous::Full`] one `fsync` for many writes, where each would otherwise wait for
+    /// its own.
+    ///
+    /// The first writer leads: it takes the write turn, begins the transaction and runs its
+    /// closure; each writer that joined then runs its own closure, on its own thread, in a
+    /// savepoint of that transaction (on the leader's connection, lent to it while the leader
+    /// waits): one whose closure fails (or panics) has only its savepoint rolled back and
+    /// gets its own error (or panic); the others stay in. Then the leader commits, and every
+    /// writer of the group is answered only once that COMMIT is done (durable under
+    /// `Full`); if it fails, none is answered `Ok`. A lock error at `BEGIN` or `COMMIT` runs
+    /// the whole group again (every closure: they are `FnMut` as always), under the
+    /// leader's retry policy; a writer still waiting when its own deadline passes gets
+    /// [`Error::Busy`](crate::Error::Busy). A lone writer pays three uncontended mutex locks.
+    /// Nested writes are refused with [`Error::Reentrant`](crate::Error::Reentrant) as
+    /// without it.
+    ///
+    /// What changes for the application: the writes of a group commit or are lost together
+    /// (a crash before the COMMIT takes them all back, none of them acknowledged), and one
+    /// writer's closure sees the uncommitted changes of those before it in the group, as it
+    /// would see them committed without group commit. Writers of other processes are not
+    /// grouped (they queue for the write turn as usual), nor are the tasks of an
+    /// `AsyncDatabase` (feature `tokio`), which runs a SQLite handle's writes one after
+    /// another. Defaults to `false`.
+    pub fn group_commit(mut self, on: bool) -> Self {
+        self.group_commit = on;
         self
     }
 

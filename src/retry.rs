@@ -123,6 +123,12 @@ impl RetryPolicy {
         self
     }
 
+    /// The most attempts. See [`RetryPolicy::max_attempts`].
+    #[cfg(feature = "sqlite")]
+    pub(crate) const fn attempts_limit(&self) -> u32 {
+        self.max_attempts
+    }
+
     /// The wall-clock deadline. See [`RetryPolicy::max_elapsed`].
     pub const fn deadline(&self) -> Duration {
         self.max_elapsed

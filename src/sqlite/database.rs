@@ -19,6 +19,7 @@ use crate::retry::{retry_attempts, Attempt, Deadline, SystemClock};
 use crate::sqlite::closing::{OpenConnections, StillOpen};
 use crate::sqlite::codes;
 use crate::sqlite::customizer::within;
+use crate::sqlite::group::{self, Group};
 use crate::sqlite::pool::{Checkout, Connections, PooledSqlite, SqlitePool};
 use crate::sqlite::queue::{locked_write, WriteQueue};
 use crate::sqlite::read_age;
@@ -60,6 +61,8 @@ pub struct Database {
     journal_mode: JournalMode,
     applied: Vec<String>,
     queue: Option<WriteQueue>,
+    /// The group commit of its writes, with [`Options::group_commit`].
+    group: Option<Box<Group>>,
 }
 
 impl Database {
@@ -77,6 +80,7 @@ impl Database {
             .ok()
             .filter(|_| path != Path::new(":memory:"))
             .map(|meta| (meta.dev(), meta.ino()));
+        let group = options.group_commit.then(Box::default);
         Self {
             id: next_id(),
             file,
@@ -87,6 +91,7 @@ impl Database {
             options,
             journal_mode,
             applied,
+            group,
             queue,
         }
     }
@@ -137,7 +142,9 @@ impl Database {
     /// The connection is taken first (the open's own, or one of the pool's: see
     /// [`pool`](Database::pool)), then the cross-process write turn (see
     /// [`Options::fair_queue`]), so that no process holds the turn while it waits for its own
-    /// pool; every attempt waits in SQLite at most the time left before the deadline.
+    /// pool; every attempt waits in SQLite at most the time left before the deadline. With
+    /// [`Options::group_commit`], a write that arrives while another of this handle holds the
+    /// write transaction runs in a savepoint of it instead, and is answered after its COMMIT.
     ///
     /// # Errors
     /// What `f` returns (after a rollback); [`Error::Busy`] if the database stayed locked
@@ -188,7 +195,7 @@ impl Database {
 
     /// [`write_measured`](Database::write_measured); the wait is measured (a clock read in
     /// the transaction) only if `measure`, else it is zero.
-    fn write_timed<T, E, F>(&self, mut f: F, measure: bool) -> Result<(T, WriteStats), E>
+    fn write_timed<T, E, F>(&self, f: F, measure: bool) -> Result<(T, WriteStats), E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
@@ -196,10 +203,36 @@ impl Database {
         let _inside = Inside::enter(self.id, Operation::Write)?;
         let _writing = Writing::enter(self.file)?;
         let asked = Instant::now();
+        let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
+        let Some(group) = &self.group else {
+            return self.write_led(f, deadline, asked, measure, None);
+        };
+        let setting = group::Setting {
+            policy: &self.options.retry,
+            path: &self.path,
+        };
+        group::write(group, &setting, deadline, asked, f, |f, deadline| {
+            self.write_led(f, deadline, asked, measure, Some(group))
+        })
+    }
+
+    /// A write on this thread's own transaction: the pool slot, the turn, the retry loop;
+    /// with `group`, as its leader.
+    fn write_led<T, E, F>(
+        &self,
+        mut f: F,
+        deadline: Deadline<'_>,
+        asked: Instant,
+        measure: bool,
+        group: Option<&Group>,
+    ) -> Result<(T, WriteStats), E>
+    where
+        F: FnMut(&mut SqliteConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
         let began = Cell::new(asked);
         // The pool slot first, then the cross-process turn: a process never holds the turn
         // while it waits for its own pool.
-        let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let mut conn = self.checkout()?;
         let outcome = locked_write(
             self.queue.as_ref(),
@@ -218,12 +251,16 @@ impl Database {
                     }
                 }
                 within(&mut conn, self.options.busy_timeout, attempt.left, |conn| {
-                    transaction(conn, "BEGIN IMMEDIATE", Operation::Write, |conn| {
+                    let f = |conn: &mut SqliteConnection| {
                         if measure {
                             began.set(Instant::now());
                         }
                         f(conn)
-                    })
+                    };
+                    match group {
+                        None => transaction(conn, "BEGIN IMMEDIATE", Operation::Write, f),
+                        Some(group) => group::lead_attempt(group, conn, f),
+                    }
                 })
             },
         )?;

@@ -14,6 +14,7 @@ pub(crate) mod codes;
 pub(crate) mod customizer;
 pub(crate) mod database;
 pub(crate) mod files;
+pub(crate) mod group;
 pub(crate) mod guard;
 pub(crate) mod lock_table;
 pub(crate) mod open;

@@ -12,6 +12,8 @@
 //! 6000 bytes or deletions; three backups are taken meanwhile; the layer checkpoints (at
 //! 1000 frames); both handles close (the last one checkpoints and deletes `-wal`); a third
 //! opens, writes, checkpoints with TRUNCATE under WAL, writes and closes.
+//! With group commit (`Options::group_commit`), sixteen writers instead of four share the
+//! transactions and syncs of their handle's writes.
 //!
 //! Crash images are then cut from the log at random positions, stratified: during the
 //! migrations, during backups, while closing and reopening, while the database file has
@@ -86,6 +88,8 @@ struct Scenario {
     crashes: usize,
     /// Whether failing images are kept for a look (not where failures are expected).
     keep_failures: bool,
+    /// `Options::group_commit`: the writers of a handle share transactions and syncs.
+    group_commit: bool,
 }
 
 impl Scenario {
@@ -93,6 +97,7 @@ impl Scenario {
         Options::new()
             .journal_mode(self.journal)
             .synchronous(self.synchronous)
+            .group_commit(self.group_commit)
     }
 
     /// Whether an acknowledged write must survive.
@@ -583,6 +588,10 @@ struct Report {
     /// database file (under WAL, each a checkpoint's).
     log_events: usize,
     writes: usize,
+    /// Writes acknowledged, and syncs of `-wal` (under WAL and FULL one a commit, and one
+    /// a checkpoint, unless commits share them: group commit).
+    acks: usize,
+    wal_syncs: usize,
     file_syncs: usize,
     directory_syncs: usize,
     database_syncs: usize,
@@ -761,12 +770,22 @@ fn power_losses(scenario: Scenario) -> Report {
         Event::Create { name, inode } if name == "app.db" => Some(*inode),
         _ => None,
     });
+    let wal: HashSet<_> = run
+        .log
+        .iter()
+        .filter_map(|e| match e {
+            Event::Create { name, inode } if name == "app.db-wal" => Some(*inode),
+            _ => None,
+        })
+        .collect();
     for event in &run.log {
         match event {
             Event::Write { .. } => report.writes += 1,
+            Event::Mark(Mark::Ack(_)) => report.acks += 1,
             Event::SyncFile { inode, .. } => {
                 report.file_syncs += 1;
                 report.database_syncs += usize::from(Some(*inode) == database);
+                report.wal_syncs += usize::from(wal.contains(inode));
             }
             Event::SyncDir { .. } => report.directory_syncs += 1,
             _ => {}
@@ -801,6 +820,7 @@ fn scenario(
         backups: 3,
         crashes,
         keep_failures: true,
+        group_commit: false,
     }
 }
 
@@ -820,6 +840,39 @@ fn under_wal_and_full_no_power_loss_corrupts_the_file_or_loses_an_acknowledged_w
     assert!(report.failures.is_empty(), "{}", failed(&report));
     assert_eq!(report.lost, 0, "{}", failed(&report));
     assert_eq!(report.crashes, crashes(900));
+}
+
+/// Group commit under WAL and FULL: sixteen writers (eight a handle) share transactions and
+/// the syncs of their COMMITs; every write acknowledged was in a COMMIT that was synced, so
+/// none is lost, and a group is in the file whole or not at all (the transactions present
+/// are still a prefix of the commit order: a group's members take their sequence numbers in
+/// its transaction, one after the other).
+#[test]
+fn under_wal_and_full_with_group_commit_no_power_loss_loses_an_acknowledged_write() {
+    let base = scenario(
+        "wal-full-group",
+        JournalMode::Wal,
+        Synchronous::Full,
+        crashes(900),
+    );
+    let report = power_losses(Scenario {
+        writers: 16,
+        writes: base.writes / 4,
+        group_commit: true,
+        ..base
+    });
+    assert!(report.failures.is_empty(), "{}", failed(&report));
+    assert_eq!(report.lost, 0, "{}", failed(&report));
+    assert_eq!(report.crashes, crashes(900));
+    // The writes did share commits: fewer syncs of -wal than writes (each write would sync
+    // it once without group commit).
+    assert!(
+        report.wal_syncs * 4 < report.acks * 3,
+        "{} syncs of -wal for {} writes: {}",
+        report.wal_syncs,
+        report.acks,
+        failed(&report)
+    );
 }
 
 /// NORMAL under WAL (the layer's default) syncs the WAL only when it checkpoints: a power
@@ -905,6 +958,14 @@ fn the_harness_finds_corruption_and_losses_when_syncs_are_missing() {
     for scenario in [
         Scenario {
             faults: lying,
+            ..full
+        },
+        Scenario {
+            name: "wal-full-group-lying",
+            faults: lying,
+            writers: 16,
+            writes: full.writes / 4,
+            group_commit: true,
             ..full
         },
         off,

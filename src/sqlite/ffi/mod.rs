@@ -7,11 +7,13 @@
 //! - [`shm`]: the WAL index (`-shm`) read through SQLite's own mapping of it;
 //! - [`page`]: a page of a file mapped shared between processes, and futexes on it;
 //! - [`owned`]: data a connection's raw hooks use, freed by SQLite when it closes;
+//! - [`lend`]: a connection lent to other threads, one at a time (group commit);
 //! - [`read_gate`]: ending a read transaction from another thread (the read-age cap);
 //! - [`sys`]: `statfs`, `faccessat`, `geteuid`, `kill`, `clock_gettime` (Unix).
 //!
 //! Every `unsafe` block says why it is sound (`SAFETY:`).
 
+pub(crate) mod lend;
 pub(crate) mod owned;
 pub(crate) mod page;
 pub(crate) mod read_gate;
