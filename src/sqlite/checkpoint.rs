@@ -111,15 +111,29 @@ impl Checkpoints {
         // A write's turn goes back first, and the next holder finishes what this one
         // leaves (see `queue::release_before_checkpoint`); once the WAL has doubled past
         // the threshold anyway, this one runs under the turn.
+        let mut finishing = false;
         let released = match (self.file_id, schema) {
             (Some(file), "main") if frames < 2 * CHECKPOINT_FRAMES => {
-                // Another process has checkpointed part of this WAL: the holder it named
-                // finishes it; a checkpoint at every commit meanwhile would end every
-                // streak and sync for nothing.
-                if shm::in_wal_hook(conn).is_some_and(|index| index.checkpointed > 0) {
+                if crate::sqlite::queue::take_finish(file) {
+                    // This holder finishes, under its turn, the checkpoint run after another
+                    // write gave the turn back: what was committed since is copied, and the
+                    // next transaction starts the WAL over.
+                    finishing = true;
+                    None
+                } else if shm::in_wal_hook(conn).is_some_and(|index| index.checkpointed > 0) {
+                    // Part of this WAL is checkpointed already, and the finish is named: a
+                    // checkpoint at every commit meanwhile would end every streak and sync
+                    // for nothing.
                     return;
+                } else {
+                    use crate::sqlite::queue::BeforeCheckpoint;
+                    match crate::sqlite::queue::release_before_checkpoint(file) {
+                        BeforeCheckpoint::Released(released) => Some(released),
+                        // Another process's runs: it sees to this WAL.
+                        BeforeCheckpoint::Skip => return,
+                        BeforeCheckpoint::NotHeld => None,
+                    }
                 }
-                crate::sqlite::queue::release_before_checkpoint(file)
             }
             _ => None,
         };
@@ -142,7 +156,11 @@ impl Checkpoints {
             return;
         };
         if outcome.busy != 0 {
-            // Another connection is checkpointing; it does the work.
+            // Another connection is checkpointing; it does the work, and the finish is left
+            // to the next holder.
+            if let (true, Some(file)) = (finishing, self.file_id) {
+                crate::sqlite::queue::finish_later(file);
+            }
             return;
         }
         if let Some(released) = released {
@@ -242,20 +260,6 @@ fn warn(database: &Path, index: Option<WalIndex>, log: u32, done: u32, page_size
         "the WAL keeps growing: a read transaction keeps it from being checkpointed \
          (end long read transactions; the pinning one: {pinned_by})"
     );
-}
-
-/// Finishes, under the write turn and before a write's transaction, a checkpoint that ran
-/// after another write gave the turn back (see `queue::release_before_checkpoint`): copies
-/// what was committed meanwhile, so that the transaction starts the WAL over. Best effort;
-/// nothing to copy costs no sync.
-///
-/// Whether it ran; `false` if another connection was checkpointing (the caller then leaves
-/// the finish to the next holder).
-pub(crate) fn finish(conn: &mut SqliteConnection) -> bool {
-    crate::sqlite::guard::own(|| {
-        diesel::sql_query("PRAGMA main.wal_checkpoint(PASSIVE)").get_result::<Outcome>(conn)
-    })
-    .is_ok_and(|outcome| outcome.busy == 0)
 }
 
 /// Installs the layer's checkpoint hook on `conn`, warning once a pinned WAL holds

@@ -241,15 +241,6 @@ impl Database {
             self.file,
             &self.path,
             |attempt| {
-                if let Some(queue) = self
-                    .queue
-                    .as_ref()
-                    .filter(|q| attempt.number == 1 && q.take_finish())
-                {
-                    if !crate::sqlite::checkpoint::finish(&mut conn) {
-                        queue.finish_later();
-                    }
-                }
                 within(&mut conn, self.options.busy_timeout, attempt.left, |conn| {
                     let f = |conn: &mut SqliteConnection| {
                         if measure {

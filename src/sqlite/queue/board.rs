@@ -23,7 +23,8 @@
 //! Layout, from byte 4096 of `<database>-lock` (one page): at 0 `SPW2`; at 4 the number of
 //! seats taken; at 8 the seat named next; at 16 when it was named (nanoseconds of the
 //! system's monotonic clock, one clock for every process of the machine); at 24 whether a
-//! checkpoint run outside the turn is to be finished by the next holder; from 64, 126 seats
+//! checkpoint run outside the turn is to be finished by the next holder; at 32 since when
+//! one runs (0: none); from 64, 126 seats
 //! of 32 bytes: the owner (pid and a number of the process's own, never 0), since when it
 //! waits, and its futex word.
 
@@ -55,6 +56,10 @@ const SEATED_AT: usize = 4;
 const NEXT_AT: usize = 8;
 const NAMED_AT: usize = 16;
 const FINISH_AT: usize = 24;
+const CHECKPOINTING_AT: usize = 32;
+
+/// A checkpoint recorded as running longer than this is taken for abandoned.
+const CHECKPOINT_STALE: Duration = Duration::from_secs(1);
 const SEATS_AT: usize = 64;
 const SEAT_LEN: usize = 32;
 const SEATS: usize = (PAGE - SEATS_AT) / SEAT_LEN;
@@ -132,6 +137,23 @@ impl Board {
     /// finishes it (see `queue::release_before_checkpoint`).
     pub(super) fn finish_due(&self) {
         self.page.u32_at(FINISH_AT).store(1, SeqCst);
+    }
+
+    /// Records that this process runs a checkpoint outside the turn; `false` if another
+    /// does (since less than [`CHECKPOINT_STALE`]).
+    pub(super) fn begin_checkpoint(&self) -> bool {
+        let word = self.page.u64_at(CHECKPOINTING_AT);
+        let now = monotonic_ns().max(1);
+        let seen = word.load(SeqCst);
+        if seen != 0 && seen <= now && now - seen < CHECKPOINT_STALE.as_nanos() as u64 {
+            return false;
+        }
+        word.compare_exchange(seen, now, SeqCst, SeqCst).is_ok()
+    }
+
+    /// The checkpoint recorded by [`begin_checkpoint`](Self::begin_checkpoint) is over.
+    pub(super) fn end_checkpoint(&self) {
+        self.page.u64_at(CHECKPOINTING_AT).store(0, SeqCst);
     }
 
     /// Whether a checkpoint is to be finished, now taken on by the caller.

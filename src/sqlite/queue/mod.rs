@@ -310,20 +310,6 @@ impl WriteQueue {
         }
     }
 
-    /// Whether a checkpoint run outside the turn is to be finished by this holder (see
-    /// [`release_before_checkpoint`]); the caller, holding the turn, runs it before its
-    /// transaction.
-    pub(crate) fn take_finish(&self) -> bool {
-        self.linger.board().is_some_and(board::Board::take_finish)
-    }
-
-    /// The checkpoint to finish met another checkpointer: the next holder finishes it.
-    pub(crate) fn finish_later(&self) {
-        if let Some(board) = self.linger.board() {
-            board.finish_due();
-        }
-    }
-
     /// Releases this process's kept turn, if it has one (the database is closing).
     pub(crate) fn release_kept(&self) {
         self.linger.release();
@@ -458,16 +444,36 @@ impl Drop for Held {
     }
 }
 
-/// A write's turn given back before the checkpoint after its commit.
+/// A write's turn given back before the checkpoint after its commit, which runs while this
+/// lives (recorded on the board, so that other processes' commits meanwhile do not start
+/// one of their own).
 pub(crate) struct Released(Arc<Linger>);
 
 impl Released {
-    /// The checkpoint ran: the next holder of the turn finishes it ([`WriteQueue::take_finish`]).
+    /// The checkpoint ran: the next holder of the turn finishes it ([`take_finish`]).
     pub(crate) fn checkpointed(&self) {
         if let Some(board) = self.0.board() {
             board.finish_due();
         }
     }
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some(board) = self.0.board() {
+            board.end_checkpoint();
+        }
+    }
+}
+
+/// What the checkpoint after a `write`'s commit does with the write's turn.
+pub(crate) enum BeforeCheckpoint {
+    /// The turn is given back; the checkpoint runs outside it.
+    Released(Released),
+    /// Another process runs a checkpoint outside its turn: none is to run now.
+    Skip,
+    /// This thread holds no turn with a board for that file: the checkpoint runs as it is.
+    NotHeld,
 }
 
 /// Gives back, at once and ending this process's streak, the turn this thread holds for a
@@ -476,18 +482,54 @@ impl Released {
 /// copying and fsync (milliseconds; SQLite lets other writers commit while a PASSIVE
 /// checkpoint runs). Only where the queue has its waiting board, through which the next
 /// holder finishes the checkpoint: what was committed meanwhile is copied under the turn,
-/// and that holder's transaction starts the WAL over, which keeps it bounded. `None` if this
+/// and the transaction after starts the WAL over, which keeps it bounded. `NotHeld` if this
 /// thread holds no such turn (the commit was not a `write`'s: the open's, a migration's, an
 /// application's own), or the queue has no board.
-pub(crate) fn release_before_checkpoint(file: (u64, u64)) -> Option<Released> {
-    HELD.with_borrow_mut(|held| {
+pub(crate) fn release_before_checkpoint(file: (u64, u64)) -> BeforeCheckpoint {
+    let mut busy = false;
+    let turn = HELD.with_borrow_mut(|held| {
         let i = held.iter().rposition(|(f, turn)| {
             *f == Some(file) && turn.linger().is_some_and(|l| l.board().is_some())
         })?;
+        let board = held[i].1.linger().and_then(|l| l.board())?;
+        if !board.begin_checkpoint() {
+            busy = true;
+            return None;
+        }
         Some(held.remove(i).1)
+    });
+    match turn.and_then(|mut turn| turn.end_streak()) {
+        Some(linger) => BeforeCheckpoint::Released(Released(linger)),
+        None if busy => BeforeCheckpoint::Skip,
+        None => BeforeCheckpoint::NotHeld,
+    }
+}
+
+/// Whether a checkpoint run after another write gave the turn back is to be finished by
+/// this thread, which holds the turn for a `write` of the database file `file` and has just
+/// committed (see [`release_before_checkpoint`]); taken on if so.
+pub(crate) fn take_finish(file: (u64, u64)) -> bool {
+    with_held_board(file, board::Board::take_finish)
+}
+
+/// The finish taken on met another checkpointer: the next holder finishes it.
+pub(crate) fn finish_later(file: (u64, u64)) {
+    with_held_board(file, |board| {
+        board.finish_due();
+        true
+    });
+}
+
+/// `f` of the waiting board of the turn this thread holds for a `write` of `file`; `false`
+/// without one.
+fn with_held_board(file: (u64, u64), f: impl FnOnce(&board::Board) -> bool) -> bool {
+    HELD.with_borrow(|held| {
+        held.iter()
+            .rev()
+            .find(|(f, _)| *f == Some(file))
+            .and_then(|(_, turn)| turn.linger().and_then(|linger| linger.board()))
+            .is_some_and(f)
     })
-    .and_then(|mut turn| turn.end_streak())
-    .map(Released)
 }
 
 /// Takes a turn in `queue` (if there is one) for `operation`, waiting at most what is left
