@@ -15,10 +15,16 @@
 //! process dies; the board only orders and wakes. A process that asks while another is
 //! named next does not try the lock for [`HANDOFF`] (it takes a seat instead); after that
 //! anyone may. Every sleep on the board is bounded by [`BACKSTOP`], after which the sleeper
-//! tries the lock itself: a wake-up lost to a dead process, a process of an older version
-//! of this crate (which blocks in `flock` and never names anyone), or a forged seat costs at
-//! most that. Whoever may write the database may write the board, and can slow hand-overs
-//! with it, never stop a write: that user can as well hold the lock itself.
+//! tries the lock itself. A seated waiter shows it is alive at least that often; a seat not
+//! shown alive for [`STALE`] (its process died, was stopped, or lives in another pid
+//! namespace) is passed over and may be taken by another waiter. When nobody has been named
+//! for a [`BACKSTOP`] (the holders are processes of an older version of this crate, which
+//! block in `flock` and name nobody), a seated waiter blocks in `flock` too, as they do, and
+//! so do waiters beyond the board's 126 seats. Whoever may write the database may write the
+//! board, and can slow hand-overs with it, never stop a write: a waiter that has sat five
+//! backstops tries the lock whoever is named; that user can as well hold the lock itself.
+//! Like SQLite's `-shm`, the page is mapped: shrinking the file under running writers kills
+//! them with `SIGBUS` (only users who may write the database may write the file).
 //!
 //! Layout, from byte 4096 of `<database>-lock` (one page): at 0 `SPW2`; at 4 the number of
 //! seats taken; at 8 the seat named next; at 16 when it was named (nanoseconds of the
@@ -26,14 +32,14 @@
 //! checkpoint run outside the turn is to be finished by the next holder; at 32 since when
 //! one runs (0: none); from 64, 126 seats
 //! of 32 bytes: the owner (pid and a number of the process's own, never 0), since when it
-//! waits, and its futex word.
+//! waits, its futex word, and when its waiter last showed it was alive.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use crate::sqlite::ffi::page::{futex_wait, futex_wake, SharedPage, PAGE};
-use crate::sqlite::ffi::sys::{monotonic_ns, process_gone};
+use crate::sqlite::ffi::sys::monotonic_ns;
 
 /// A seat that has waited this long ends the streak of the process keeping the turn.
 pub(super) const STARVING: Duration = Duration::from_millis(2);
@@ -44,8 +50,10 @@ pub(super) const HANDOFF: Duration = Duration::from_millis(2);
 /// The longest sleep on the board before the sleeper tries the lock itself.
 pub(super) const BACKSTOP: Duration = Duration::from_millis(20);
 
-/// A seat this old is named next only if its process still lives.
-const CHECK_ALIVE_AFTER: Duration = Duration::from_millis(50);
+/// A seat whose waiter has not shown it is alive for this long is passed over, and may be
+/// taken by another waiter: its process died, was stopped, or cannot be seen from here (a
+/// pid of another namespace).
+const STALE: Duration = Duration::from_millis(200);
 
 /// Where the board starts in the queue's file: past the holder and checkpoint records, on a
 /// page of its own.
@@ -75,11 +83,29 @@ pub(super) struct Board {
 /// each), so that each wait has an owner of its own.
 static SERIAL: AtomicU32 = AtomicU32::new(1);
 
-/// A seat's owner, when it waits, and its futex word.
+/// A seat's owner, since when it waits, its futex word, and when its waiter last showed it
+/// was alive.
 struct SeatWords<'a> {
     owner: &'a AtomicU64,
     since: &'a AtomicU64,
     wake: &'a AtomicU32,
+    seen: &'a AtomicU64,
+}
+
+impl SeatWords<'_> {
+    /// The seat's owner and since when it waits, if it is taken by a waiter that showed it
+    /// was alive within [`STALE`] of `now` (a waiter looks at least every [`BACKSTOP`]).
+    fn live(&self, now: u64) -> Option<(u64, u64)> {
+        let owner = self.owner.load(SeqCst);
+        let since = self.since.load(SeqCst);
+        let seen = self.seen.load(SeqCst);
+        (owner != 0
+            && since != 0
+            && since <= now
+            && seen <= now
+            && now - seen < STALE.as_nanos() as u64)
+            .then_some((owner, since))
+    }
 }
 
 impl Board {
@@ -106,6 +132,7 @@ impl Board {
             owner: self.page.u64_at(at),
             since: self.page.u64_at(at + 8),
             wake: self.page.u32_at(at + 16),
+            seen: self.page.u64_at(at + 24),
         }
     }
 
@@ -178,17 +205,29 @@ impl Board {
             .wrapping_mul(31)
             .wrapping_add(serial as usize)
             % SEATS;
+        let now = monotonic_ns();
         (0..SEATS)
             .map(|k| (start + k) % SEATS)
-            .find(|&i| {
-                self.seat(i)
-                    .owner
-                    .compare_exchange(0, me, SeqCst, SeqCst)
+            .find_map(|i| {
+                let seat = self.seat(i);
+                let owner = seat.owner.load(SeqCst);
+                // A free seat, or one whose waiter is gone (its count is left as it was).
+                if owner != 0 && seat.live(now).is_some() {
+                    return None;
+                }
+                seat.owner
+                    .compare_exchange(owner, me, SeqCst, SeqCst)
                     .is_ok()
+                    .then_some((i, owner == 0))
             })
-            .map(|i| {
-                self.seat(i).since.store(since, SeqCst);
-                self.seated().fetch_add(1, SeqCst);
+            .map(|(i, free)| {
+                let seat = self.seat(i);
+                seat.seen.store(0, SeqCst);
+                seat.since.store(since, SeqCst);
+                seat.seen.store(monotonic_ns(), SeqCst);
+                if free {
+                    self.seated().fetch_add(1, SeqCst);
+                }
                 Seat {
                     board: self,
                     index: i,
@@ -207,14 +246,9 @@ impl Board {
         let now = monotonic_ns();
         let bound = STARVING.as_nanos() as u64;
         (0..SEATS).any(|i| {
-            let seat = self.seat(i);
-            let owner = seat.owner.load(SeqCst);
-            let since = seat.since.load(SeqCst);
-            owner != 0
-                && (owner >> 32) as u32 != self.pid
-                && since != 0
-                && since < now
-                && now - since > bound
+            self.seat(i).live(now).is_some_and(|(owner, since)| {
+                (owner >> 32) as u32 != self.pid && now - since > bound
+            })
         })
     }
 
@@ -228,14 +262,8 @@ impl Board {
         let bound = STARVING.as_nanos() as u64;
         let oldest = (0..SEATS)
             .filter_map(|i| {
-                let seat = self.seat(i);
-                let owner = seat.owner.load(SeqCst);
-                let since = seat.since.load(SeqCst);
-                ((owner >> 32) as u32 == self.pid
-                    && since != 0
-                    && since < now
-                    && now - since > bound)
-                    .then_some((since, i))
+                let (owner, since) = self.seat(i).live(now)?;
+                ((owner >> 32) as u32 == self.pid && now - since > bound).then_some((since, i))
             })
             .min();
         let Some((_, i)) = oldest else {
@@ -254,45 +282,20 @@ impl Board {
             return;
         }
         let now = monotonic_ns();
-        let mut skip = Vec::new();
-        loop {
-            let oldest = (0..SEATS)
-                .filter(|i| !skip.contains(i))
-                .filter_map(|i| {
-                    let seat = self.seat(i);
-                    let owner = seat.owner.load(SeqCst);
-                    let since = seat.since.load(SeqCst);
-                    (owner != 0 && since != 0 && since <= now).then_some((since, i, owner))
-                })
-                .min();
-            let Some((since, i, owner)) = oldest else {
-                return;
-            };
-            let pid = (owner >> 32) as u32;
-            if now - since > CHECK_ALIVE_AFTER.as_nanos() as u64
-                && pid != self.pid
-                && process_gone(pid as libc::pid_t)
-            {
-                // Its process died waiting: the seat is free again.
-                let seat = self.seat(i);
-                if seat
-                    .owner
-                    .compare_exchange(owner, 0, SeqCst, SeqCst)
-                    .is_ok()
-                {
-                    seat.since.store(0, SeqCst);
-                    self.seated().fetch_sub(1, SeqCst);
-                }
-                skip.push(i);
-                continue;
-            }
-            self.named().store(now, SeqCst);
-            self.next().store(owner, SeqCst);
-            let seat = self.seat(i);
-            seat.wake.fetch_add(1, SeqCst);
-            futex_wake(seat.wake, 1);
+        let oldest = (0..SEATS)
+            .filter_map(|i| {
+                let (owner, since) = self.seat(i).live(now)?;
+                Some((since, i, owner))
+            })
+            .min();
+        let Some((_, i, owner)) = oldest else {
             return;
-        }
+        };
+        self.named().store(now, SeqCst);
+        self.next().store(owner, SeqCst);
+        let seat = self.seat(i);
+        seat.wake.fetch_add(1, SeqCst);
+        futex_wake(seat.wake, 1);
     }
 }
 
@@ -322,8 +325,25 @@ impl Seat<'_> {
             .compare_exchange(self.me, 0, SeqCst, SeqCst);
     }
 
+    /// Whether a holder named a seat within the last [`BACKSTOP`]: the holders are of this
+    /// version, which hand over through the board.
+    pub(super) fn naming_recently(&self) -> bool {
+        let named = self.board.named().load(SeqCst);
+        let now = monotonic_ns();
+        named <= now && now - named < BACKSTOP.as_nanos() as u64
+    }
+
+    /// Shows the seat's waiter is alive (see [`STALE`]).
+    pub(super) fn alive(&self) {
+        let seat = self.board.seat(self.index);
+        if seat.owner.load(SeqCst) == self.me {
+            seat.seen.store(monotonic_ns(), SeqCst);
+        }
+    }
+
     /// Sleeps until woken after `generation`, at most `timeout` (and [`BACKSTOP`]).
     pub(super) fn sleep(&self, generation: u32, timeout: Duration) {
+        self.alive();
         let mut timeout = timeout.min(BACKSTOP);
         if !self.may_try() {
             // Named for another: look again when its time to take the turn is up.
@@ -339,8 +359,9 @@ impl Seat<'_> {
 
 impl Drop for Seat<'_> {
     fn drop(&mut self) {
+        // Only while it is still this waiter's: a seat passed over as stale may have been
+        // taken by another waiter since, whose words are not to be touched.
         let seat = self.board.seat(self.index);
-        seat.since.store(0, SeqCst);
         if seat
             .owner
             .compare_exchange(self.me, 0, SeqCst, SeqCst)
@@ -349,11 +370,12 @@ impl Drop for Seat<'_> {
             self.board.seated().fetch_sub(1, SeqCst);
         }
         // Named next but leaving without the turn (gave up): name another.
-        if self.board.next().load(SeqCst) == self.me {
-            let _ = self
-                .board
-                .next()
-                .compare_exchange(self.me, 0, SeqCst, SeqCst);
+        if self
+            .board
+            .next()
+            .compare_exchange(self.me, 0, SeqCst, SeqCst)
+            .is_ok()
+        {
             self.board.released();
         }
     }
@@ -412,6 +434,7 @@ mod tests {
         let other = u64::from(std::os::unix::process::parent_id());
         seat.owner.store((other << 32) | 1, SeqCst);
         seat.since.store(monotonic_ns(), SeqCst);
+        seat.seen.store(monotonic_ns(), SeqCst);
         mine.seated().fetch_add(1, SeqCst);
         assert!(!mine.starving(), "it has only just begun to wait");
         seat.since
@@ -423,22 +446,35 @@ mod tests {
     }
 
     #[test]
-    fn a_seat_left_by_a_dead_process_is_freed_not_named() {
+    fn a_seat_not_shown_alive_is_passed_over_and_taken_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db-lock");
         let mine = board(&path);
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = child.id();
-        child.wait().unwrap();
-        let seat = mine.seat(7);
-        seat.owner.store((u64::from(dead) << 32) | 1, SeqCst);
-        seat.since.store(monotonic_ns() - 1_000_000_000, SeqCst);
-        mine.seated().fetch_add(1, SeqCst);
+        // Every seat taken by a waiter of another live process (the parent of this test's),
+        // long ago, last seen alive longer ago than STALE: stopped, or in another pid
+        // namespace, where its pid cannot be told from a live one.
+        let other = u64::from(std::os::unix::process::parent_id());
+        let stale = monotonic_ns() - 2 * STALE.as_nanos() as u64;
+        for i in 0..SEATS {
+            let seat = mine.seat(i);
+            seat.owner.store((other << 32) | (i as u64 + 1), SeqCst);
+            seat.since.store(monotonic_ns() - 1_000_000_000, SeqCst);
+            seat.seen.store(stale, SeqCst);
+        }
+        mine.seated().store(SEATS as u32, SeqCst);
+        // None of them ends a streak, nor is named.
+        assert!(!mine.starving());
+        mine.released();
+        assert_eq!(mine.next().load(SeqCst), 0);
+        // A new waiter takes one of their seats, and is the one named.
         let live = mine.sit(Instant::now()).unwrap();
         mine.released();
-        assert_eq!(seat.owner.load(SeqCst), 0, "the dead seat was not freed");
-        assert!(live.may_try());
         assert_eq!(mine.next().load(SeqCst), live.me);
+        // A waiter that shows it is alive keeps its seat.
+        let seat = mine.seat(live.index);
+        seat.seen.store(stale, SeqCst);
+        live.alive();
+        assert!(seat.live(monotonic_ns()).is_some());
     }
 
     #[test]

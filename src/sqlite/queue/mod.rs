@@ -206,6 +206,22 @@ impl WriteQueue {
             return self.wait_seated(&seat, file, start, timeout, operation);
         }
         // No board, or every seat taken: the waiting thread blocks in `flock` for this one.
+        self.wait_in_flock(None, file, start, timeout, operation, false)
+    }
+
+    /// Has the queue's waiting thread block in `flock` with `file` for this thread, and
+    /// waits at most `timeout` from `start` for it to hand the lock over (or polls, if no
+    /// thread can be started). A `seat` on the board is kept alive meanwhile; `logged` says
+    /// whether the long wait was logged already.
+    fn wait_in_flock(
+        &self,
+        seat: Option<&board::Seat<'_>>,
+        file: File,
+        start: Instant,
+        timeout: Duration,
+        operation: Operation,
+        mut logged: bool,
+    ) -> Result<Turn, Wait> {
         let (deliver, receiver) = mpsc::sync_channel(1);
         let gave_up = Arc::new(AtomicBool::new(false));
         let request = Request {
@@ -223,25 +239,49 @@ impl WriteQueue {
             );
             return self.poll(start, timeout);
         }
-        let mut received =
-            receiver.recv_timeout(timeout.saturating_sub(start.elapsed()).min(LONG_WAIT));
-        if received.is_err() && timeout > LONG_WAIT {
-            self.log_long_wait(operation);
-            received = receiver.recv_timeout(timeout.saturating_sub(start.elapsed()));
-        }
+        logged |= timeout <= LONG_WAIT;
+        let received = loop {
+            let elapsed = start.elapsed();
+            if elapsed >= timeout {
+                break None;
+            }
+            if !logged && elapsed >= LONG_WAIT {
+                self.log_long_wait(operation);
+                logged = true;
+            }
+            let mut left = timeout - elapsed;
+            if !logged {
+                left = left.min(LONG_WAIT - elapsed);
+            }
+            if let Some(seat) = seat {
+                // A seat's waiter shows it is alive, or the seat is passed over.
+                seat.alive();
+                left = left.min(board::BACKSTOP);
+            }
+            match receiver.recv_timeout(left) {
+                Ok(received) => break Some(received),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
+        };
         match received {
-            Ok(Ok(file)) => Ok(Turn::new(
-                self.sidecar.path.clone(),
-                file,
-                &self.linger,
-                Instant::now(),
-            )),
-            Ok(Err(source)) => Err(Wait::Failed(self
+            Some(Ok(file)) => {
+                if let Some(seat) = seat {
+                    seat.took_turn();
+                }
+                Ok(Turn::new(
+                    self.sidecar.path.clone(),
+                    file,
+                    &self.linger,
+                    Instant::now(),
+                ))
+            }
+            Some(Err(source)) => Err(Wait::Failed(self
                 .sidecar
                 .io_error(FileOperation::LockQueue)(
                 source
             ))),
-            Err(_) => {
+            None => {
                 gave_up.store(true, Ordering::SeqCst);
                 Err(Wait::TimedOut)
             }
@@ -259,6 +299,7 @@ impl WriteQueue {
         operation: Operation,
     ) -> Result<Turn, Wait> {
         let mut logged = timeout <= LONG_WAIT;
+        let seated = Instant::now();
         loop {
             let generation = seat.generation();
             // Woken for the turn this process keeps between its writes.
@@ -273,7 +314,16 @@ impl WriteQueue {
                 turn.streak = streak;
                 return Ok(turn);
             }
-            if seat.may_try() {
+            // Nobody named on the board for a while: the holder may be a process that names
+            // nobody (an older version of this crate), whose own waiters block in `flock`
+            // and are woken at every release. Block there too, keeping the seat.
+            if seated.elapsed() >= board::BACKSTOP && !seat.naming_recently() {
+                return self.wait_in_flock(Some(seat), file, start, timeout, operation, logged);
+            }
+            // The seat named next has a moment to take the turn; a waiter that has sat long
+            // tries anyway (a name that never takes the turn, forged or left by a process
+            // that stopped, holds nobody back for good).
+            if seat.may_try() || seated.elapsed() >= 5 * board::BACKSTOP {
                 match file.try_lock() {
                     Ok(()) => {
                         seat.took_turn();
