@@ -116,7 +116,7 @@ fn forge(lock: &Path, stop: &AtomicBool) -> u64 {
     let mut rounds = 0u64;
     let mut noise = 0x9e37_79b9_7f4a_7c15u64;
     while !stop.load(Ordering::SeqCst) {
-        if rounds % 2 == 0 {
+        if rounds.is_multiple_of(2) {
             let mut page = [0u8; 4096];
             for chunk in page.chunks_exact_mut(8) {
                 noise ^= noise << 13;
