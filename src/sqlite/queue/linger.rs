@@ -26,6 +26,8 @@ pub(super) struct Linger {
     wake: Condvar,
     /// The queue's waiting board, where a streak learns that another process has starved.
     board: Option<Board>,
+    /// Whether this process holds the turn (see [`holds`](Self::holds)).
+    holding: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +122,23 @@ impl Linger {
     /// [`Board`]).
     pub(super) fn starving(&self) -> bool {
         self.board.as_ref().is_some_and(Board::starving)
+    }
+
+    /// Whether this process holds the turn (a thread's, or kept between its writes).
+    pub(super) fn holds(&self) -> bool {
+        self.holding.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// This process took the turn (`true`), or is about to give it back (`false`): before
+    /// the lock goes, so that a thread of this process taking it next records it after.
+    pub(super) fn holding(&self, holds: bool) {
+        self.holding
+            .store(holds, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The turn is about to be given back (see [`holding`](Self::holding)).
+    pub(super) fn letting_go(&self) {
+        self.holding(false);
     }
 
     /// The turn was just given back: the board names and wakes the oldest waiter.
@@ -242,6 +261,7 @@ impl Linger {
             state.kept.take()
         };
         if kept.is_some() {
+            self.letting_go();
             drop(kept);
             self.released();
         }
@@ -264,6 +284,7 @@ impl Linger {
                     drop(state);
                     // Closing the description releases the lock.
                     if kept.is_some() {
+                        self.letting_go();
                         drop(kept);
                         self.released();
                     }

@@ -53,6 +53,7 @@ pub(super) const YIELD_AFTER: Duration = Duration::from_millis(1);
 impl Turn {
     /// The turn `file` locks, taken at `taken`.
     pub(super) fn new(path: Arc<Path>, file: File, linger: &Arc<Linger>, taken: Instant) -> Self {
+        linger.holding(true);
         Self {
             path,
             file: Some(file),
@@ -71,6 +72,9 @@ impl Turn {
 
     /// Gives the turn back now, outside any streak, and wakes the next waiter.
     pub(super) fn end_streak(&mut self) -> Option<Arc<Linger>> {
+        if let Some(linger) = &self.linger {
+            linger.letting_go();
+        }
         drop(self.file.take());
         let linger = self.linger.take()?;
         linger.released();
@@ -109,6 +113,9 @@ impl Drop for Turn {
             }
             _ => file,
         };
+        if let Some(linger) = &self.linger {
+            linger.letting_go();
+        }
         // A streak that ended ends as a long turn does.
         if !short || !streaking {
             drop(file);
