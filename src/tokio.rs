@@ -14,10 +14,11 @@
 //! `timeout` or `select!` around it, in the same task, would wait for the lock with it.)
 //!
 //! On SQLite, a handle's writes queue and one blocking thread at a time (the runner) runs
-//! them, a run at a time: it wakes the callers of a run together once the run is over (or
-//! has lasted `FLUSH`), so that many tasks writing at once wake the runtime about once a
-//! run rather than once a write, and it looks for the next write a moment (`SPIN`) before
-//! it parks, so that a caller that writes again at once finds it awake.
+//! them, a run at a time: it wakes the callers of a run together once the run is over, so
+//! that many tasks writing at once wake the runtime about once a run rather than once a
+//! write (each wake-up of a worker cost about two context switches, and on two cores the
+//! woken workers preempted the runner), and it looks for the next write a moment before it
+//! parks, so that a caller that writes again at once finds it awake.
 //!
 //! A call made while the calling thread is already inside a call of this layer (a closure
 //! that awaits another call with `Handle::block_on` or any other executor) runs there at
@@ -778,6 +779,13 @@ const IDLE: Duration = Duration::from_millis(2);
 /// before it.
 const FLUSH: Duration = Duration::from_micros(500);
 
+/// How long a run waits, once the queue is empty, for the writes of the callers the last run
+/// woke (as many as it woke), yielding its CPU meanwhile: they are on their way back (16 tasks
+/// writing in a loop come back within tens of microseconds), and a run that ended without
+/// them would wake the runtime again for each one or two of them. A run that has all of them,
+/// or whose caller is one, ends at once.
+const GATHER: Duration = Duration::from_micros(200);
+
 /// On SQLite, a handle's writes, in arrival order, run one after another by one blocking
 /// thread at a time (the runner): SQLite runs one write at a time anyway, a write waiting in
 /// the queue holds no thread, and the runner goes from one write to the next without a
@@ -919,9 +927,11 @@ impl Writes {
 }
 
 /// The runner: runs a handle's queued writes on a blocking thread, a run at a time (the
-/// writes queued when it looks), and wakes their futures at the end of each run (or once
-/// the run has taken [`FLUSH`]): a run of writes wakes the runtime once, not once a write.
-/// It holds one slot while it runs writes, and ends once no write came for [`IDLE`].
+/// writes queued when it looks, those queued while it runs, and those of the callers the
+/// last run woke if they come back within [`GATHER`]), and wakes their futures at the end of
+/// each run (or once an outcome has waited [`FLUSH`]): a run of writes wakes the runtime
+/// once, not once a write. It holds one slot while it runs writes, and ends once no write
+/// came for [`IDLE`].
 struct Runs {
     writes: Arc<Writes>,
     /// Whether it ended, the queue empty, and said so.
@@ -933,13 +943,15 @@ impl Runs {
         let mut permit = None;
         let mut run = VecDeque::new();
         let mut wakers: Vec<Waker> = Vec::new();
+        // How many callers the last run woke: as many writes are expected back.
+        let mut expected = 1;
         while self.writes.take_run(&mut run, &mut permit) {
             if permit.is_none() {
                 // Writes count among the calls that run at once, as one.
                 permit = Some(acquire(&self.writes.slots));
             }
-            // When the oldest outcome not yet told was ready.
-            let mut oldest = None;
+            // When the oldest outcome not yet told was ready, and how many this run told.
+            let (mut oldest, mut told) = (None, 0);
             loop {
                 for job in run.drain(..) {
                     // A job catches its closure's panic; it does not unwind.
@@ -949,17 +961,28 @@ impl Runs {
                     if !wakers.is_empty()
                         && oldest.get_or_insert_with(Instant::now).elapsed() >= FLUSH
                     {
+                        told += wakers.len();
                         wakers.drain(..).for_each(Waker::wake);
                         oldest = None;
                     }
                 }
-                // Writes queued meanwhile join the run: their callers are woken with it.
+                // Writes queued meanwhile join the run: their callers are woken with it. So
+                // do those of the callers the last run woke, if they come back within
+                // `GATHER`.
+                if !self.writes.pending.load(Ordering::Acquire) && told + wakers.len() < expected {
+                    let until = Instant::now() + GATHER;
+                    while !self.writes.pending.load(Ordering::Acquire) && Instant::now() < until {
+                        std::thread::yield_now();
+                    }
+                }
                 if !self.writes.pending.load(Ordering::Acquire)
                     || !self.writes.take_queued(&mut run)
                 {
                     break;
                 }
             }
+            told += wakers.len();
+            expected = told.max(1);
             wakers.drain(..).for_each(Waker::wake);
         }
         self.drained = true;
