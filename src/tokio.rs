@@ -10,15 +10,28 @@
 //! Every runtime flavour and context takes the same path: a multi-thread or current-thread
 //! runtime, a task of a `LocalSet`, a `Handle::block_on`. (`block_in_place` would save the
 //! hand-off to a blocking thread on a multi-thread runtime's workers, but it panics inside a
-//! `LocalSet` and tokio offers no way to ask beforehand whether it would.)
+//! `LocalSet` driven by `block_on`, and a call run in place could not be given up: a
+//! `timeout` or `select!` around it, in the same task, would wait for the lock with it.)
+//!
+//! On SQLite, a handle's writes queue and one blocking thread at a time (the runner) runs
+//! them, a run at a time: it wakes the callers of a run together once the run is over, so
+//! that many tasks writing at once wake the runtime about once a run rather than once a
+//! write (each wake-up of a worker cost about two context switches, and on two cores the
+//! woken workers preempted the runner), and it looks for the next write a moment before it
+//! parks, so that a caller that writes again at once finds it awake.
 //!
 //! A call made while the calling thread is already inside a call of this layer (a closure
 //! that awaits another call with `Handle::block_on` or any other executor) runs there at
 //! once, as the blocking API's call would: on the same database it is refused with
 //! [`Error::Reentrant`], where waiting for the outer call's turn or slot would wait forever.
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use ::tokio::sync::Semaphore;
 
@@ -205,9 +218,9 @@ macro_rules! async_database {
         /// from a `PgDatabase` with `From`) PostgreSQL, with the same calls and the same
         /// contract. On SQLite, the writes of one handle queue in arrival order (a write in
         /// the queue holds no thread) and run one after another on one blocking thread at a
-        /// time, which goes on to the next queued write at once: SQLite runs one write at a
-        /// time, and a write waiting for the lock would hold a blocking thread and a pooled
-        /// connection. On PostgreSQL they do not queue: the server runs writes side by side,
+        /// time, which goes on to the next queued write at once and wakes the callers of the
+        /// writes it ran together: SQLite runs one write at a time, and a write waiting for
+        /// the lock would hold a blocking thread and a pooled connection. On PostgreSQL they do not queue: the server runs writes side by side,
         /// and writes that conflict are run again (or queue on the layer's write queue), so
         /// a queue here would only serialise writes that do not conflict. On both, the pool
         /// size bounds the calls that run at once (on SQLite the queued writes count as one).
@@ -291,6 +304,14 @@ struct Shared<D> {
     namespace: Arc<str>,
 }
 
+impl<D> Drop for Shared<D> {
+    fn drop(&mut self) {
+        if let Some(writes) = &self.writes {
+            writes.close();
+        }
+    }
+}
+
 impl<D: BlockingDatabase> Clone for AsyncDatabase<D> {
     fn clone(&self) -> Self {
         Self {
@@ -301,13 +322,13 @@ impl<D: BlockingDatabase> Clone for AsyncDatabase<D> {
 
 impl<D: BlockingDatabase> From<D> for AsyncDatabase<D> {
     fn from(database: D) -> Self {
-        let slots = database.options().pool_size as usize;
+        let slots = Arc::new(Semaphore::new(database.options().pool_size as usize));
         let namespace = database.namespace().into();
         Self {
             shared: Arc::new(Shared {
                 id: next_id(),
-                slots: Arc::new(Semaphore::new(slots)),
-                writes: D::SERIAL_WRITES.then(Arc::default),
+                writes: D::SERIAL_WRITES.then(|| Arc::new(Writes::new(Arc::clone(&slots)))),
+                slots,
                 namespace,
                 database,
             }),
@@ -315,7 +336,7 @@ impl<D: BlockingDatabase> From<D> for AsyncDatabase<D> {
     }
 }
 
-/// Where one call is, shared by its future and its blocking task.
+/// Where one call is, shared by its future and the thread that runs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Not begun.
@@ -324,26 +345,38 @@ enum Phase {
     Running,
     /// Its future was dropped before it began: it never will.
     Abandoned,
-    /// Its future was dropped while it ran: its blocking task logs the outcome.
+    /// Its future was dropped while it ran: the thread that runs it logs the outcome.
     Orphaned,
     /// Over, with this outcome, which its future has not received yet: if the future is
     /// dropped now, its drop logs the outcome.
     Finished(&'static str),
+    /// Never run, and never will be: its job was dropped unrun (the runtime shut down before
+    /// its blocking task started). Its future returns `Error::Cancelled`.
+    Unrun,
     /// Over, its outcome handed to its future or logged.
     Done,
 }
 
-/// One call's phase and what its log line names.
-struct Call {
-    phase: Mutex<Phase>,
+/// One call, shared by its future and the thread that runs it: its phase, its outcome until
+/// the future takes it, the future's waker, and what its log line names.
+struct Call<R> {
+    state: Mutex<State<R>>,
     operation: Operation,
     system: &'static str,
     namespace: Arc<str>,
 }
 
-impl Call {
-    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(PoisonError::into_inner)
+struct State<R> {
+    phase: Phase,
+    /// The outcome, from when the call finished until its future takes it.
+    ended: Option<std::thread::Result<R>>,
+    /// The future's waker, while it waits.
+    waker: Option<Waker>,
+}
+
+impl<R> Call<R> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State<R>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The outcome of a call nobody is left to receive.
@@ -361,20 +394,43 @@ impl Call {
 /// Held by a call's future: marks the call abandoned or orphaned if the future is dropped
 /// before it finishes, and logs the outcome if it is dropped after the call finished but
 /// before it received the outcome.
-struct Watch(Arc<Call>);
+struct Watch<R>(Arc<Call<R>>);
 
-impl Drop for Watch {
+impl<R> Watch<R> {
+    /// The call's outcome once it has one: `None` if it will never run.
+    fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<Option<std::thread::Result<R>>> {
+        let mut state = self.0.state();
+        if let Some(ended) = state.ended.take() {
+            // From here the outcome is this future's: dropping it changes nothing.
+            state.phase = Phase::Done;
+            return Poll::Ready(Some(ended));
+        }
+        if state.phase == Phase::Unrun {
+            return Poll::Ready(None);
+        }
+        match &mut state.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            waker => *waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl<R> Drop for Watch<R> {
     fn drop(&mut self) {
-        let mut phase = self.0.phase();
-        match *phase {
-            Phase::Waiting => *phase = Phase::Abandoned,
-            Phase::Running => *phase = Phase::Orphaned,
+        let mut state = self.0.state();
+        state.waker = None;
+        match state.phase {
+            Phase::Waiting => state.phase = Phase::Abandoned,
+            Phase::Running => state.phase = Phase::Orphaned,
             Phase::Finished(outcome) => {
-                *phase = Phase::Done;
-                drop(phase);
+                state.phase = Phase::Done;
+                let ended = state.ended.take();
+                drop(state);
+                drop(ended);
                 self.0.log(outcome);
             }
-            Phase::Abandoned | Phase::Orphaned | Phase::Done => {}
+            Phase::Abandoned | Phase::Orphaned | Phase::Unrun | Phase::Done => {}
         }
     }
 }
@@ -554,117 +610,145 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         let shared = &self.shared;
         if Inside::current().is_some() {
             // This thread is inside a call of this layer: the future is awaited from its
-            // closure, by a blocking executor. Waiting for the queue, a slot or a blocking
-            // thread the outer call may hold would never end; the blocking API's answer is
-            // at hand instead (`Error::Reentrant` on the same database).
+            // closure, by a blocking executor. Waiting for the queue, a slot or a thread the
+            // outer call may hold would never end; the blocking API's answer is at hand
+            // instead (`Error::Reentrant` on the same database).
             let _inside = Inside::enter(shared.id, operation)?;
             return call(&shared.database);
         }
         let watch = Watch(Arc::new(Call {
-            phase: Mutex::new(Phase::Waiting),
+            state: Mutex::new(State {
+                phase: Phase::Waiting,
+                ended: None,
+                waker: None,
+            }),
             operation,
             system: D::SYSTEM,
             namespace: Arc::clone(&shared.namespace),
         }));
-        let work = {
-            let (state, shared) = (Arc::clone(&watch.0), Arc::clone(shared));
-            move || attempt(&state, operation, || call(&shared.database), shared.id)
-        };
-        let ended = match (&shared.writes, operation) {
-            (Some(writes), Operation::Write) => {
-                let (sender, receiver) = ::tokio::sync::oneshot::channel();
-                writes.submit(
-                    Box::new(move || {
-                        // A dropped receiver: its future's drop logged the outcome (or the
-                        // work did, if the future was dropped while it ran).
-                        let _ = sender.send(work());
-                    }),
-                    &shared.slots,
-                );
-                // An error: the queue was dropped with the write in it, unrun (the runtime
-                // shut down before its runner started).
-                receiver.await.ok()
-            }
+        let job = Box::new(Task {
+            call: Arc::clone(&watch.0),
+            work: Some({
+                let shared = Arc::clone(shared);
+                move || call(&shared.database)
+            }),
+            handle: shared.id,
+        });
+        match (&shared.writes, operation) {
+            (Some(writes), Operation::Write) => writes.submit(job),
             _ => {
+                // Dropped here, the job is dropped unrun with it: it never runs.
                 let permit = Arc::clone(&shared.slots)
                     .acquire_owned()
                     .await
                     .expect("the semaphore is never closed");
-                let task = ::tokio::task::spawn_blocking(move || {
+                // If the runtime is shutting down, the closure is dropped unrun, and with it
+                // the job, which tells the future so.
+                drop(::tokio::task::spawn_blocking(move || {
+                    let waker = Job::run(job);
                     // The slot is held until the blocking work ends, even if the future is
                     // dropped meanwhile.
-                    let _permit = permit;
-                    work()
-                });
-                match task.await {
-                    Ok(ended) => Some(ended),
-                    Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                    // The runtime shut down before the task started.
-                    Err(_) => None,
-                }
+                    drop(permit);
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                }));
             }
-        };
-        // From here the outcome is this future's: dropping `watch` changes nothing.
-        *watch.0.phase() = Phase::Done;
+        }
+        let ended = std::future::poll_fn(|cx| watch.poll_ended(cx)).await;
         drop(watch);
         match ended {
-            Some(Some(Ok(result))) => result,
-            Some(Some(Err(panic))) => std::panic::resume_unwind(panic),
-            // Only a dropped future abandons a call (`Some(None)`), and a dropped future
-            // awaits nothing.
-            Some(None) | None => Err(E::from(Error::Cancelled { operation })),
+            Some(Ok(result)) => result,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => Err(E::from(Error::Cancelled { operation })),
         }
     }
 }
 
-/// Runs one call on the blocking thread it was handed to, unless its future was dropped
-/// before: `None` then. The outcome is logged here if the future was dropped while it ran;
-/// if it is dropped after, its drop logs it.
-fn attempt<R>(
-    state: &Call,
-    operation: Operation,
-    call: impl FnOnce() -> R,
+/// A call ready to run on the thread it is handed to.
+trait Job: Send {
+    /// Runs the call, unless its future was dropped before; returns the waker of its future,
+    /// to wake once the thread is ready to.
+    fn run(self: Box<Self>) -> Option<Waker>;
+}
+
+/// One call's work and its shared state.
+struct Task<R, W> {
+    call: Arc<Call<R>>,
+    /// Taken when it runs: a task dropped with it still there never ran.
+    work: Option<W>,
+    /// The handle it belongs to, whose nested calls it refuses.
     handle: u64,
-) -> Option<std::thread::Result<R>>
-where
-    R: Outcome,
-{
-    {
-        let mut phase = state.phase();
-        if *phase == Phase::Abandoned {
-            tracing::debug!(
-                operation = operation.as_str(),
-                "dropped before it began: not run"
-            );
-            return None;
-        }
-        *phase = Phase::Running;
-    }
-    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // Refuses a call of this handle nested in this one, awaited by a blocking executor.
-        match Inside::enter(handle, operation) {
-            Ok(_inside) => call(),
-            Err(error) => R::refused(error),
-        }
-    }));
-    let outcome = match &ended {
-        Ok(result) if result.is_ok() => "committed",
-        Ok(_) => "failed",
-        Err(_) => "panicked",
-    };
-    let mut phase = state.phase();
-    if *phase == Phase::Orphaned {
-        *phase = Phase::Done;
-        drop(phase);
-        state.log(outcome);
-    } else {
-        // Its future receives it, or logs it if dropped first.
-        *phase = Phase::Finished(outcome);
-    }
-    Some(ended)
 }
 
-/// A call's result, as [`attempt`] needs it.
+impl<R, W> Job for Task<R, W>
+where
+    R: Outcome + Send,
+    W: FnOnce() -> R + Send,
+{
+    fn run(mut self: Box<Self>) -> Option<Waker> {
+        let work = self.work.take()?;
+        let call = &self.call;
+        {
+            let mut state = call.state();
+            if state.phase == Phase::Abandoned {
+                state.phase = Phase::Done;
+                tracing::debug!(
+                    operation = call.operation.as_str(),
+                    "dropped before it began: not run"
+                );
+                return None;
+            }
+            state.phase = Phase::Running;
+        }
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Refuses a call of this handle nested in this one, awaited by a blocking
+            // executor.
+            match Inside::enter(self.handle, call.operation) {
+                Ok(_inside) => work(),
+                Err(error) => R::refused(error),
+            }
+        }));
+        let outcome = match &ended {
+            Ok(result) if result.is_ok() => "committed",
+            Ok(_) => "failed",
+            Err(_) => "panicked",
+        };
+        let mut state = call.state();
+        if state.phase == Phase::Orphaned {
+            state.phase = Phase::Done;
+            drop(state);
+            drop(ended);
+            call.log(outcome);
+            None
+        } else {
+            // Its future receives it, or logs it if dropped first.
+            state.phase = Phase::Finished(outcome);
+            state.ended = Some(ended);
+            state.waker.take()
+        }
+    }
+}
+
+impl<R, W> Drop for Task<R, W> {
+    fn drop(&mut self) {
+        if self.work.is_some() {
+            // Dropped unrun: its future, if still there, returns `Error::Cancelled`.
+            let waker = {
+                let mut state = self.call.state();
+                if state.phase == Phase::Waiting {
+                    state.phase = Phase::Unrun;
+                }
+                state.waker.take()
+            };
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// A call's result, as [`Task`] needs it.
 trait Outcome {
     fn is_ok(&self) -> bool;
     fn refused(error: Error) -> Self;
@@ -680,103 +764,266 @@ impl<T, E: From<Error>> Outcome for std::result::Result<T, E> {
     }
 }
 
-/// A write, ready to run on the queue's blocking thread.
-type Job = Box<dyn FnOnce() + Send>;
+/// How long the runner looks for the next write before it parks, holding its slot: a caller
+/// that awaits its write and then writes again is back within this on an idle machine, and
+/// finds the runner awake, without a wake-up; callers woken together by a run come back
+/// within it too.
+const SPIN: Duration = Duration::from_micros(20);
+
+/// How long the runner stays parked without a write before it ends (and gives its blocking
+/// thread back): the runtime's shutdown waits for a parked runner at most this long.
+const IDLE: Duration = Duration::from_millis(2);
+
+/// The longest an outcome waits for the rest of its run before its future is woken: a run
+/// wakes its callers once at its end, but a long write does not hold back the outcomes
+/// before it.
+const FLUSH: Duration = Duration::from_micros(500);
+
+/// How long a run waits, once the queue is empty, for the writes of the callers the last run
+/// woke (as many as it woke), yielding its CPU meanwhile: they are on their way back (16 tasks
+/// writing in a loop come back within tens of microseconds), and a run that ended without
+/// them would wake the runtime again for each one or two of them. A run that has all of them,
+/// or whose caller is one, ends at once.
+const GATHER: Duration = Duration::from_micros(200);
 
 /// On SQLite, a handle's writes, in arrival order, run one after another by one blocking
-/// thread at a time (the runner): SQLite runs one write at a time anyway, a write waiting
-/// in the queue holds no thread, and a runner that finds the next write waiting runs it at
-/// once, without handing it to another thread and back.
-#[derive(Debug, Default)]
+/// thread at a time (the runner): SQLite runs one write at a time anyway, a write waiting in
+/// the queue holds no thread, and the runner goes from one write to the next without a
+/// hand-off.
+#[derive(Debug)]
 struct Writes {
     queue: Mutex<Queue>,
+    /// Whether writes wait in the queue: read by the runner while it looks for the next one
+    /// without the lock.
+    pending: AtomicBool,
+    /// The handle's slots: the runner holds one while it runs writes.
+    slots: Arc<Semaphore>,
 }
 
-#[derive(Default)]
 struct Queue {
-    jobs: std::collections::VecDeque<Job>,
-    /// Whether a runner is started and has not yet found the queue empty.
-    running: bool,
+    jobs: VecDeque<Box<dyn Job>>,
+    runner: Runner,
+    /// Every clone of the handle was dropped: the runner ends once the queue is empty.
+    closed: bool,
+}
+
+/// The runner, as the queue knows it.
+#[derive(Debug)]
+enum Runner {
+    /// None: the next write starts one.
+    Stopped,
+    /// Running writes, or looking for the next one.
+    Running,
+    /// Parked, waiting for a write: the next one unparks it.
+    Parked(std::thread::Thread),
 }
 
 impl fmt::Debug for Queue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Queue")
             .field("jobs", &self.jobs.len())
-            .field("running", &self.running)
+            .field("runner", &self.runner)
+            .field("closed", &self.closed)
             .finish()
     }
 }
 
 impl Writes {
+    fn new(slots: Arc<Semaphore>) -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                runner: Runner::Stopped,
+                closed: false,
+            }),
+            pending: AtomicBool::new(false),
+            slots,
+        }
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `job`, and starts a runner on a blocking thread unless one is running.
-    fn submit(self: &Arc<Self>, job: Job, slots: &Arc<Semaphore>) {
-        {
+    /// Queues `job`, and wakes or starts the runner unless it is running.
+    fn submit(self: &Arc<Self>, job: Box<dyn Job>) {
+        let runner = {
             let mut queue = self.queue();
             queue.jobs.push_back(job);
-            if queue.running {
-                return;
-            }
-            queue.running = true;
-        }
-        let runner = Runner {
-            writes: Arc::clone(self),
-            slots: Arc::clone(slots),
-            drained: false,
+            self.pending.store(true, Ordering::Release);
+            std::mem::replace(&mut queue.runner, Runner::Running)
         };
-        // If the runtime is shutting down, the runner is dropped unrun: see its drop.
-        drop(::tokio::task::spawn_blocking(move || runner.run()));
+        match runner {
+            Runner::Running => {}
+            Runner::Parked(thread) => thread.unpark(),
+            Runner::Stopped => {
+                let runner = Runs {
+                    writes: Arc::clone(self),
+                    drained: false,
+                };
+                // If the runtime is shutting down, the runner is dropped unrun: see its drop.
+                drop(::tokio::task::spawn_blocking(move || runner.run()));
+            }
+        }
+    }
+
+    /// Moves the queued writes into `run`; false if there were none.
+    fn take_queued(&self, run: &mut VecDeque<Box<dyn Job>>) -> bool {
+        let mut queue = self.queue();
+        self.pending.store(false, Ordering::Release);
+        std::mem::swap(&mut queue.jobs, run);
+        !run.is_empty()
+    }
+
+    /// Every clone of the handle was dropped: a parked runner ends now.
+    fn close(&self) {
+        let parked = {
+            let mut queue = self.queue();
+            queue.closed = true;
+            match &queue.runner {
+                Runner::Parked(thread) => Some(thread.clone()),
+                Runner::Stopped | Runner::Running => None,
+            }
+        };
+        // A running one sees `closed` once the queue is empty.
+        if let Some(thread) = parked {
+            thread.unpark();
+        }
+    }
+
+    /// Moves the queued writes into `run`, waiting for some if there are none: looking for
+    /// [`SPIN`], then parked, holding no slot; false if none came within [`IDLE`] (or the
+    /// handle was dropped), and the runner is to end.
+    fn take_run(
+        &self,
+        run: &mut VecDeque<Box<dyn Job>>,
+        permit: &mut Option<::tokio::sync::OwnedSemaphorePermit>,
+    ) -> bool {
+        let spin_until = Instant::now() + SPIN;
+        while !self.pending.load(Ordering::Acquire) && Instant::now() < spin_until {
+            std::hint::spin_loop();
+        }
+        let mut idle_since = None;
+        loop {
+            let mut queue = self.queue();
+            if !queue.jobs.is_empty() {
+                std::mem::swap(&mut queue.jobs, run);
+                self.pending.store(false, Ordering::Release);
+                queue.runner = Runner::Running;
+                return true;
+            }
+            let idle_for = idle_since.get_or_insert_with(Instant::now).elapsed();
+            if queue.closed || idle_for >= IDLE {
+                queue.runner = Runner::Stopped;
+                return false;
+            }
+            queue.runner = Runner::Parked(std::thread::current());
+            drop(queue);
+            // Parked, it holds no slot.
+            *permit = None;
+            std::thread::park_timeout(IDLE - idle_for);
+        }
     }
 }
 
-/// Runs a handle's queued writes until the queue is empty, holding one slot meanwhile.
-struct Runner {
+/// The runner: runs a handle's queued writes on a blocking thread, a run at a time (the
+/// writes queued when it looks, those queued while it runs, and those of the callers the
+/// last run woke if they come back within [`GATHER`]), and wakes their futures at the end of
+/// each run (or once an outcome has waited [`FLUSH`]): a run of writes wakes the runtime
+/// once, not once a write. It holds one slot while it runs writes, and ends once no write
+/// came for [`IDLE`].
+struct Runs {
     writes: Arc<Writes>,
-    slots: Arc<Semaphore>,
-    /// Whether it found the queue empty and said so.
+    /// Whether it ended, the queue empty, and said so.
     drained: bool,
 }
 
-impl Runner {
+impl Runs {
     fn run(mut self) {
-        // A blocking thread, outside the runtime: it may wait here. The writes are counted
-        // among the calls that run at once, as one.
-        let _permit = ::tokio::runtime::Handle::current()
-            .block_on(Arc::clone(&self.slots).acquire_owned())
-            .expect("the semaphore is never closed");
-        loop {
-            let job = {
-                let mut queue = self.writes.queue();
-                match queue.jobs.pop_front() {
-                    Some(job) => job,
-                    None => {
-                        queue.running = false;
-                        self.drained = true;
-                        return;
+        let mut permit = None;
+        let mut run = VecDeque::new();
+        let mut wakers: Vec<Waker> = Vec::new();
+        // How many callers the last run woke: as many writes are expected back.
+        let mut expected = 1;
+        while self.writes.take_run(&mut run, &mut permit) {
+            if permit.is_none() {
+                // Writes count among the calls that run at once, as one.
+                permit = Some(acquire(&self.writes.slots));
+            }
+            // When the oldest outcome not yet told was ready, and how many this run told.
+            let (mut oldest, mut told) = (None, 0);
+            loop {
+                for job in run.drain(..) {
+                    // A job catches its closure's panic; it does not unwind.
+                    if let Some(waker) = job.run() {
+                        wakers.push(waker);
+                    }
+                    if !wakers.is_empty()
+                        && oldest.get_or_insert_with(Instant::now).elapsed() >= FLUSH
+                    {
+                        told += wakers.len();
+                        wakers.drain(..).for_each(Waker::wake);
+                        oldest = None;
                     }
                 }
-            };
-            // A job catches its closure's panic; it does not unwind.
-            job();
+                // Writes queued meanwhile join the run: their callers are woken with it. So
+                // do those of the callers the last run woke, if they come back within
+                // `GATHER`.
+                if !self.writes.pending.load(Ordering::Acquire) && told + wakers.len() < expected {
+                    let until = Instant::now() + GATHER;
+                    while !self.writes.pending.load(Ordering::Acquire) && Instant::now() < until {
+                        std::thread::yield_now();
+                    }
+                }
+                if !self.writes.pending.load(Ordering::Acquire)
+                    || !self.writes.take_queued(&mut run)
+                {
+                    break;
+                }
+            }
+            told += wakers.len();
+            expected = told.max(1);
+            wakers.drain(..).for_each(Waker::wake);
         }
+        self.drained = true;
     }
 }
 
-impl Drop for Runner {
+impl Drop for Runs {
     fn drop(&mut self) {
         if !self.drained {
-            // Dropped unrun (the runtime is shutting down): the queued writes never run,
-            // their futures return `Error::Cancelled`, and the next write starts a runner.
+            // Dropped unrun (the runtime is shutting down) or unwinding (a waker panicked):
+            // the queued writes never run, their futures return `Error::Cancelled`, and the
+            // next write starts a runner.
             let jobs = {
                 let mut queue = self.writes.queue();
-                queue.running = false;
+                queue.runner = Runner::Stopped;
+                self.writes.pending.store(false, Ordering::Release);
                 std::mem::take(&mut queue.jobs)
             };
             drop(jobs);
         }
+    }
+}
+
+/// Waits for a permit of `slots` on this thread (not a runtime's worker).
+fn acquire(slots: &Arc<Semaphore>) -> ::tokio::sync::OwnedSemaphorePermit {
+    if let Ok(permit) = Arc::clone(slots).try_acquire_owned() {
+        return permit;
+    }
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut acquiring = std::pin::pin!(Arc::clone(slots).acquire_owned());
+    loop {
+        if let Poll::Ready(permit) = acquiring.as_mut().poll(&mut cx) {
+            return permit.expect("the semaphore is never closed");
+        }
+        std::thread::park();
     }
 }

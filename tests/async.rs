@@ -1231,3 +1231,108 @@ fn a_write_on_a_runtime_that_shut_down_is_cancelled_and_the_next_one_runs() {
     assert_eq!(jobs, ["2"]);
     drop(dir);
 }
+
+/// The handle's writes run a run at a time on one blocking thread, whose callers are woken
+/// together: with 32 tasks writing at once on a pool of one connection, beside tasks that
+/// read, on either flavour, every write is answered with its own result, in each task's
+/// order, every read sees a count no older than its task's last write, and nothing waits
+/// forever (the runner gives its slot back whenever it parks).
+#[test]
+fn many_tasks_writing_and_reading_on_one_connection_each_get_their_own_outcome() {
+    for flavor in FLAVORS {
+        let (dir, path) = fresh_db();
+        create_jobs(&path);
+        let stored = within(&format!("32 writers and 4 readers ({flavor})"), move || {
+            runtime(flavor).block_on(async move {
+                let db = AsyncDatabase::open_with(Options::new().pool_size(1), &path, MIGRATIONS)
+                    .await
+                    .unwrap();
+                let writers: Vec<_> = (0..32i64)
+                    .map(|task| {
+                        let db = db.clone();
+                        tokio::spawn(async move {
+                            for i in 0..25i64 {
+                                let id = task * 1000 + i;
+                                let (echo, count) = db
+                                    .write(move |conn| -> sqlite_persistence::Result<_> {
+                                        diesel::sql_query("INSERT INTO jobs (id) VALUES (?)")
+                                            .bind::<BigInt, _>(id)
+                                            .execute(conn)?;
+                                        Ok((id, count_jobs(conn)?))
+                                    })
+                                    .await
+                                    .unwrap();
+                                assert_eq!(echo, id, "{flavor}: another write's outcome");
+                                let seen = db
+                                    .read(|conn| -> sqlite_persistence::Result<i64> {
+                                        Ok(count_jobs(conn)?)
+                                    })
+                                    .await
+                                    .unwrap();
+                                assert!(seen >= count, "{flavor}: read {seen} after {count}");
+                            }
+                        })
+                    })
+                    .collect();
+                for writer in writers {
+                    writer.await.unwrap();
+                }
+                db.read(|conn| -> sqlite_persistence::Result<i64> { Ok(count_jobs(conn)?) })
+                    .await
+                    .unwrap()
+            })
+        });
+        assert_eq!(stored, 32 * 25, "{flavor}");
+        drop(dir);
+    }
+}
+
+fn count_jobs(conn: &mut SqliteConnection) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    Ok(diesel::sql_query("SELECT COUNT(*) AS n FROM jobs")
+        .get_result::<Count>(conn)?
+        .n)
+}
+
+/// The runner ends after a moment without writes, and the next write starts another: writes
+/// spaced wider than that, from one runtime and then, once it shut down, from another, all
+/// run.
+#[test]
+fn writes_after_the_runner_ended_start_another() {
+    let (dir, path) = fresh_db();
+    create_jobs(&path);
+    let stored = within("spaced writes", move || {
+        let insert = |id: i64| {
+            move |conn: &mut SqliteConnection| -> sqlite_persistence::Result<()> {
+                diesel::sql_query("INSERT INTO jobs (id) VALUES (?)")
+                    .bind::<BigInt, _>(id)
+                    .execute(conn)?;
+                Ok(())
+            }
+        };
+        let first = runtime("multi_thread");
+        let db = first
+            .block_on(AsyncDatabase::open(&path, MIGRATIONS))
+            .unwrap();
+        for id in 0..3 {
+            first.block_on(db.write(insert(id))).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        first.block_on(db.clone().write(insert(3))).unwrap();
+        drop(first);
+        let second = runtime("current_thread");
+        for id in 4..6 {
+            second.block_on(db.write(insert(id))).unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        second
+            .block_on(db.read(|conn| -> sqlite_persistence::Result<i64> { Ok(count_jobs(conn)?) }))
+            .unwrap()
+    });
+    assert_eq!(stored, 6);
+    drop(dir);
+}
