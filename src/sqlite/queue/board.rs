@@ -30,9 +30,9 @@
 //! seats taken; at 8 the seat named next; at 16 when it was named (nanoseconds of the
 //! system's monotonic clock, one clock for every process of the machine); at 24 whether a
 //! checkpoint run outside the turn is to be finished by the next holder; at 32 since when
-//! one runs (0: none); from 64, 126 seats
-//! of 32 bytes: the owner (pid and a number of the process's own, never 0), since when it
-//! waits, its futex word, and when its waiter last showed it was alive.
+//! one runs (0: none); from 64, 126 seats of 32 bytes: the owner (pid and a number of the
+//! process's own, never 0), since when it waits, its futex word, and when its waiter last
+//! showed it was alive.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
@@ -55,6 +55,9 @@ pub(super) const BACKSTOP: Duration = Duration::from_millis(20);
 /// pid of another namespace).
 const STALE: Duration = Duration::from_millis(200);
 
+/// A checkpoint recorded as running longer than this is taken for abandoned.
+const CHECKPOINT_STALE: Duration = Duration::from_secs(1);
+
 /// Where the board starts in the queue's file: past the holder and checkpoint records, on a
 /// page of its own.
 const BOARD_AT: u64 = 4096;
@@ -65,9 +68,6 @@ const NEXT_AT: usize = 8;
 const NAMED_AT: usize = 16;
 const FINISH_AT: usize = 24;
 const CHECKPOINTING_AT: usize = 32;
-
-/// A checkpoint recorded as running longer than this is taken for abandoned.
-const CHECKPOINT_STALE: Duration = Duration::from_secs(1);
 const SEATS_AT: usize = 64;
 const SEAT_LEN: usize = 32;
 const SEATS: usize = (PAGE - SEATS_AT) / SEAT_LEN;

@@ -247,18 +247,9 @@ impl WriteQueue {
         }
         logged |= timeout <= LONG_WAIT;
         let received = loop {
-            let elapsed = start.elapsed();
-            if elapsed >= timeout {
+            let Some(mut left) = self.next_wait(start, timeout, operation, &mut logged) else {
                 break None;
-            }
-            if !logged && elapsed >= LONG_WAIT {
-                self.log_long_wait(operation);
-                logged = true;
-            }
-            let mut left = timeout - elapsed;
-            if !logged {
-                left = left.min(LONG_WAIT - elapsed);
-            }
+            };
             if let Some(seat) = seat {
                 // A seat's waiter shows it is alive, or the seat is passed over.
                 seat.alive();
@@ -292,6 +283,32 @@ impl WriteQueue {
                 Err(Wait::TimedOut)
             }
         }
+    }
+
+    /// How long a wait begun at `start` for `operation` may block next: what is left of
+    /// `timeout`, cut at [`LONG_WAIT`] until that wait is logged (`logged`, set once it is);
+    /// `None` once the timeout has passed.
+    fn next_wait(
+        &self,
+        start: Instant,
+        timeout: Duration,
+        operation: Operation,
+        logged: &mut bool,
+    ) -> Option<Duration> {
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return None;
+        }
+        if !*logged && elapsed >= LONG_WAIT {
+            self.log_long_wait(operation);
+            *logged = true;
+        }
+        let left = timeout - elapsed;
+        Some(if *logged {
+            left
+        } else {
+            left.min(LONG_WAIT - elapsed)
+        })
     }
 
     /// Waits on the waiting board in `seat` (see [`board`]) with `file` until the seat takes
@@ -355,18 +372,9 @@ impl WriteQueue {
                     }
                 }
             }
-            let elapsed = start.elapsed();
-            if elapsed >= timeout {
+            let Some(left) = self.next_wait(start, timeout, operation, &mut logged) else {
                 return Err(Wait::TimedOut);
-            }
-            if !logged && elapsed >= LONG_WAIT {
-                self.log_long_wait(operation);
-                logged = true;
-            }
-            let mut left = timeout - elapsed;
-            if !logged {
-                left = left.min(LONG_WAIT - elapsed);
-            }
+            };
             seat.sleep(generation, left);
         }
     }
