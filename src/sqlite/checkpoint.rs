@@ -129,7 +129,7 @@ impl Checkpoints {
                     use crate::sqlite::queue::BeforeCheckpoint;
                     match crate::sqlite::queue::release_before_checkpoint(file) {
                         BeforeCheckpoint::Released(released) => Some(released),
-                        // Another process's runs: it sees to this WAL.
+                        // Another process runs one outside its turn: it sees to this WAL.
                         BeforeCheckpoint::Skip => return,
                         BeforeCheckpoint::NotHeld => None,
                     }
