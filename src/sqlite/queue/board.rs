@@ -42,7 +42,7 @@ use crate::sqlite::ffi::page::{futex_wait, futex_wake, SharedPage, PAGE};
 use crate::sqlite::ffi::sys::monotonic_ns;
 
 /// A seat that has waited this long ends the streak of the process keeping the turn.
-pub(super) const STARVING: Duration = Duration::from_millis(2);
+pub(super) const STARVING: Duration = Duration::from_millis(20);
 
 /// How long the seat named next has to take the turn before anyone may try it.
 pub(super) const HANDOFF: Duration = Duration::from_millis(2);

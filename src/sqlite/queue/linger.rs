@@ -94,12 +94,13 @@ const ACTIVE: Duration = Duration::from_millis(20);
 /// fewer than one write in a hundred waits for another process's streak.
 pub(super) const MAX_STREAK: Duration = Duration::from_millis(10);
 
-/// The shortest streak ended for a starved waiter. A hand-over costs more than a wake-up:
-/// the new holder's first transaction re-reads what the others committed. With 16 processes
-/// writing back to back, 0.2 ms streaks kept the longest wait near 10 ms but the rate at 0.7
-/// x that of SQLite's own locking, 1 ms streaks at 1.1 x with the longest wait near 20 ms
-/// (BENCHMARKS.md, issue 23).
-pub(super) const MIN_STREAK: Duration = Duration::from_millis(1);
+/// The shortest streak ended for a starved waiter (see `board::STARVING`). A hand-over
+/// costs more than a wake-up: the new holder's first transaction re-reads what the others
+/// committed. With 16 processes writing back to back, a 2 ms bound on waiting with 0.2 ms
+/// streaks kept the longest wait near 10 ms but the rate at 0.7 x that of SQLite's own
+/// locking; a 20 ms bound with 0.5 ms streaks keeps it near 25 ms at 1.5-2.2 x, and 8
+/// processes as fast as one (BENCHMARKS.md, issue 23).
+pub(super) const MIN_STREAK: Duration = Duration::from_micros(500);
 
 /// How often the releasing thread looks for a kept turn past its [`LINGER`].
 pub(super) const POLL: Duration = Duration::from_millis(1);
