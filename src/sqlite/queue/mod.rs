@@ -337,17 +337,6 @@ impl WriteQueue {
                 turn.streak = streak;
                 return Ok(turn);
             }
-            // Nobody named on the board for a while, and the holder is not this process: it
-            // may be a process that names nobody (an older version of this crate), whose own
-            // waiters block in `flock` and are woken at every release. Block there too,
-            // keeping the seat. (A thread of this process waits for the turn its process
-            // keeps to be handed to it, or given back.)
-            if seated.elapsed() >= board::BACKSTOP
-                && !seat.naming_recently()
-                && !self.linger.holds()
-            {
-                return self.wait_in_flock(Some(seat), file, start, timeout, operation, logged);
-            }
             // The seat named next has a moment to take the turn; a waiter that has sat long
             // tries anyway (a name that never takes the turn, forged or left by a process
             // that stopped, holds nobody back for good).
@@ -375,6 +364,17 @@ impl WriteQueue {
             let Some(left) = self.next_wait(start, timeout, operation, &mut logged) else {
                 return Err(Wait::TimedOut);
             };
+            // Nobody named on the board for a while, and the holder is not this process: it
+            // may be a process that names nobody (an older version of this crate), whose own
+            // waiters block in `flock` and are woken at every release. Block there too,
+            // keeping the seat. (A thread of this process waits for the turn its process
+            // keeps to be handed to it, or given back.)
+            if seated.elapsed() >= board::BACKSTOP
+                && !seat.naming_recently()
+                && !self.linger.holds()
+            {
+                return self.wait_in_flock(Some(seat), file, start, timeout, operation, logged);
+            }
             seat.sleep(generation, left);
         }
     }
