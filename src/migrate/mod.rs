@@ -36,6 +36,10 @@ pub(crate) fn while_others_migrate<T>(
     mut round: impl FnMut(bool, &RetryPolicy) -> Result<T>,
 ) -> Result<T> {
     let mut first = true;
+    // Whether the last round ended while a migrating process held the lock: a round after
+    // it that ends without one may have ended as that process finished, with the lock free
+    // a moment later, and gets one more round.
+    let mut was_migrating = false;
     loop {
         let left = options.migration_wait.saturating_sub(started.elapsed());
         let policy = if first {
@@ -57,6 +61,12 @@ pub(crate) fn while_others_migrate<T>(
                     "another process is still migrating: waiting on, up to the migration wait"
                 );
                 first = false;
+                was_migrating = true;
+            }
+            Err(Error::Busy { .. })
+                if was_migrating && started.elapsed() < options.migration_wait =>
+            {
+                was_migrating = false;
             }
             Err(Error::Busy {
                 operation,
