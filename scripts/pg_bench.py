@@ -7,7 +7,9 @@ only, fsync=off) and stops. PG_BENCH_URL=postgresql://... uses an existing serve
 role needs CREATEDB). It builds the command line with its `postgres` feature into
 target/pg (the default build links no libpq).
 usage: scripts/pg_bench.py [ROUNDS] (default 5)"""
-import json, os, shutil, subprocess, sys, tempfile, statistics
+import json, os, subprocess, sys, statistics
+
+from pgserver import Server
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 subprocess.run(["cargo", "build", "--release", "--quiet", "--features", "postgres", "--target-dir",
@@ -19,28 +21,13 @@ rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 def start_server():
     if os.environ.get("PG_BENCH_URL"):
         return os.environ["PG_BENCH_URL"], None
-    bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
-    d = tempfile.mkdtemp(prefix="sp-pgbench-", dir="/tmp")
-    os.chmod(d, 0o755)
-    as_owner = []
-    if os.geteuid() == 0:
-        shutil.chown(d, "postgres")
-        as_owner = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(as_owner + [f"{bindir}/initdb", "-D", f"{d}/data", "-A", "trust", "-U", "postgres",
-                               "--no-sync"], check=True, capture_output=True)
-    subprocess.run(as_owner + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-w", "-l", f"{d}/log", "-o",
-                               f"-k {d} -c listen_addresses='' -c fsync=off -c max_connections=400",
-                               "start"], check=True, capture_output=True)
-    return f"postgresql:///postgres?host={d}&user=postgres", (as_owner, bindir, d)
+    server = Server("sp-pgbench-")
+    return server.url(), server
 
 
 def stop_server(server):
-    if server is None:
-        return
-    as_owner, bindir, d = server
-    subprocess.run(as_owner + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-m", "immediate", "stop"],
-                   capture_output=True)
-    shutil.rmtree(d, ignore_errors=True)
+    if server is not None:
+        server.stop()
 
 
 def stress(url, processes, writes, hold):

@@ -5,30 +5,20 @@ fsync=off; as the postgres user when run as root): a lone writer's rate (`record
 3000`), 4 processes x 1,000 writes on one hot row, the cold storm (64 x 1) and the contention
 (32 x 20 x 10 ms) of `stress`. Medians, and after/before ratios.
 usage: scripts/pg_compare.py BEFORE_BINARY AFTER_BINARY [ROUNDS] (default 3)"""
-import json, os, shutil, statistics, subprocess, sys, tempfile, time
+import json, os, statistics, subprocess, sys, time
+
+from pgserver import Server
 
 bins = {"before": sys.argv[1], "after": sys.argv[2]}
 rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
-d = tempfile.mkdtemp(prefix="sp-pgcmp-", dir="/tmp")
-os.chmod(d, 0o755)
-own = []
-if os.geteuid() == 0:
-    shutil.chown(d, "postgres")
-    own = ["runuser", "-u", "postgres", "--"]
-subprocess.run(own + [f"{bindir}/initdb", "-D", f"{d}/data", "-A", "trust", "-U", "postgres", "--no-sync"],
-               check=True, capture_output=True)
-subprocess.run(own + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-w", "-l", f"{d}/log", "-o",
-                      f"-k {d} -c listen_addresses='' -c fsync=off -c max_connections=400", "start"],
-               check=True, capture_output=True)
-base = f"postgresql:///postgres?host={d}&user=postgres"
+server = Server("sp-pgcmp-")
+base = server.url()
 
 
 def lone(binary, r):
     db = f"lone_{r}_{time.time_ns()}"
-    subprocess.run([f"{bindir}/psql", "-h", d, "-U", "postgres", "-d", "postgres", "-qc",
-                    f"CREATE DATABASE {db}"], check=True)
-    url = f"postgresql:///{db}?host={d}&user=postgres"
+    server.psql(f"CREATE DATABASE {db}")
+    url = server.url(db)
     subprocess.run([binary, "migrate", "--db", url], check=True, capture_output=True)
     start = time.time()
     subprocess.run([binary, "record", "--db", url, "--artifact", "a", "--count", "3000"], check=True,
@@ -73,5 +63,4 @@ try:
               + (f", ready p50 {med['after']['ready'] / med['before']['ready']:.3f}" if "ready" in med["after"] else ""))
         print()
 finally:
-    subprocess.run(own + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(d, ignore_errors=True)
+    server.stop()

@@ -8,7 +8,9 @@ and the longest waits with the commits that went by meanwhile (ms per turn). Bui
 in each round, on one throwaway server (initdb into a temporary directory, Unix socket only,
 fsync=off; as the postgres user when run as root), a fresh database each run.
 usage: scripts/pg_turns.py BINARY [BINARY...] [--rounds R] [--processes N] [--writes K] [--hold-ms H]"""
-import argparse, collections, json, os, shutil, statistics, subprocess, tempfile, threading, time
+import argparse, collections, json, os, statistics, subprocess, threading, time
+
+from pgserver import Server
 
 ap = argparse.ArgumentParser()
 ap.add_argument("binaries", nargs="+")
@@ -17,28 +19,13 @@ ap.add_argument("--processes", type=int, default=32)
 ap.add_argument("--writes", type=int, default=20)
 ap.add_argument("--hold-ms", type=int, default=10)
 args = ap.parse_args()
-bindir = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
-d = tempfile.mkdtemp(prefix="sp-pgturns-", dir="/tmp")
-os.chmod(d, 0o755)
-own = []
-if os.geteuid() == 0:
-    shutil.chown(d, "postgres")
-    own = ["runuser", "-u", "postgres", "--"]
-subprocess.run(own + [f"{bindir}/initdb", "-D", f"{d}/data", "-A", "trust", "-U", "postgres", "--no-sync"],
-               check=True, capture_output=True)
-subprocess.run(own + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-w", "-l", f"{d}/log", "-o",
-                      f"-k {d} -c listen_addresses='' -c fsync=off -c max_connections=400", "start"],
-               check=True, capture_output=True)
-
-
-def psql(sql):
-    subprocess.run([f"{bindir}/psql", "-h", d, "-U", "postgres", "-d", "postgres", "-qc", sql], check=True)
+server = Server("sp-pgturns-")
 
 
 def run(binary):
     db = f"turns_{time.time_ns()}"
-    psql(f"CREATE DATABASE {db}")
-    url = f"postgresql:///{db}?host={d}&user=postgres"
+    server.psql(f"CREATE DATABASE {db}")
+    url = server.url(db)
     start = time.time()
     procs = [subprocess.Popen([binary, "record", "--db", url, "--artifact", "stress", "--json", "--count",
                                str(args.writes), "--hold-ms", str(args.hold_ms)],
@@ -59,7 +46,7 @@ def run(binary):
     for r in readers:
         r.join(timeout=600)
     failed = sum(1 for p in procs if p.wait(timeout=60) != 0)
-    psql(f"DROP DATABASE {db} WITH (FORCE)")
+    server.psql(f"DROP DATABASE {db} WITH (FORCE)")
     return rows, failed
 
 
@@ -83,5 +70,4 @@ try:
                 print(f"- a wait of {wait:.0f} ms ({attempts} attempts), asked {asked - done[0]:+.2f} s after the "
                       f"first commit: {turns} commits meanwhile, {wait / max(turns, 1):.1f} ms each")
 finally:
-    subprocess.run(own + [f"{bindir}/pg_ctl", "-D", f"{d}/data", "-m", "immediate", "stop"], capture_output=True)
-    shutil.rmtree(d, ignore_errors=True)
+    server.stop()
