@@ -14,11 +14,34 @@ use crate::error::{error_chain, Error};
 use crate::holders::HeldLock;
 #[cfg(feature = "sqlite")]
 use crate::operation::DB_SYSTEM;
-use crate::operation::ERROR_TYPE_BUSY;
 #[cfg(feature = "sqlite")]
 use crate::sqlite::codes::{lock_in_value, SqliteFailure};
 #[cfg(feature = "sqlite")]
 use crate::sqlite::lock_table::holders_of;
+
+/// The event of a retry loop's retry (`warn`, with `delay_ms`) or giving up (`error`) on a
+/// `Busy` kind of failure of `operation` on the database `namespace` of `system`: one set of
+/// fields for the loop here and for a group commit's members (`sqlite::group`).
+macro_rules! retry_event {
+    ($level:expr, $system:expr, $namespace:expr, $operation:expr, $attempts:expr,
+     $elapsed:expr, $error:expr, $message:literal $(, $key:ident = $value:expr)?) => {
+        tracing::event!(
+            $level,
+            db.system.name = $system,
+            db.namespace = %$namespace,
+            db.operation.name = $operation.as_str(),
+            error.type = $crate::operation::ERROR_TYPE_BUSY,
+            operation = $operation.as_str(),
+            attempt = $attempts,
+            $($key = $value,)?
+            elapsed_ms = $elapsed.as_millis() as u64,
+            error = %$error,
+            $message
+        )
+    };
+}
+#[cfg(feature = "sqlite")]
+pub(crate) use retry_event;
 
 /// When and how often a locked operation is tried again.
 ///
@@ -354,18 +377,16 @@ pub(crate) fn retry_in<T, E>(
         // The retry and the giving up: the same fields, a message saying what was waited for.
         macro_rules! busy_event {
             ($level:expr, $message:literal $(, $key:ident = $value:expr)?) => {
-                tracing::event!(
+                retry_event!(
                     $level,
-                    db.system.name = db.system,
-                    db.namespace = %db.namespace,
-                    db.operation.name = operation.as_str(),
-                    error.type = ERROR_TYPE_BUSY,
-                    operation = operation.as_str(),
-                    attempt = attempts,
-                    $($key = $value,)?
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    error = %error_text,
+                    db.system,
+                    db.namespace,
+                    operation,
+                    attempts,
+                    elapsed,
+                    error_text,
                     $message
+                    $(, $key = $value)?
                 )
             };
         }

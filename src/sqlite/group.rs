@@ -31,7 +31,8 @@ use diesel::SqliteConnection;
 
 use crate::error::{Error, Operation};
 use crate::handle::WriteStats;
-use crate::operation::{DB_SYSTEM, ERROR_TYPE_BUSY};
+use crate::operation::DB_SYSTEM;
+use crate::retry::retry_event;
 use crate::retry::{Attempt, Deadline, RetryPolicy};
 use crate::sqlite::codes::{self, SqliteFailure};
 use crate::sqlite::ffi::lend::{autocommit, lend, Lent};
@@ -386,17 +387,16 @@ where
                     return Err(give_up(setting, runs, elapsed, Box::new(failure)));
                 }
                 let delay = delays.next().unwrap_or_default().min(left);
-                tracing::warn!(
-                    db.system.name = DB_SYSTEM,
-                    db.namespace = %crate::escaped::Escaped::path(setting.path),
-                    db.operation.name = Operation::Write.as_str(),
-                    error.type = ERROR_TYPE_BUSY,
-                    operation = Operation::Write.as_str(),
-                    attempt = runs,
-                    delay_ms = delay.as_millis() as u64,
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    error = %crate::escaped::Escaped::new(&failure.to_string()),
-                    "database is locked, retrying"
+                retry_event!(
+                    tracing::Level::WARN,
+                    DB_SYSTEM,
+                    crate::escaped::Escaped::path(setting.path),
+                    Operation::Write,
+                    runs,
+                    elapsed,
+                    crate::escaped::Escaped::new(&failure.to_string()),
+                    "database is locked, retrying",
+                    delay_ms = delay.as_millis() as u64
                 );
                 std::thread::sleep(delay);
                 role = group.arrive();
@@ -425,15 +425,14 @@ fn give_up<E: From<Error>>(
     elapsed: Duration,
     source: crate::error::BoxError,
 ) -> E {
-    tracing::error!(
-        db.system.name = DB_SYSTEM,
-        db.namespace = %crate::escaped::Escaped::path(setting.path),
-        db.operation.name = Operation::Write.as_str(),
-        error.type = ERROR_TYPE_BUSY,
-        operation = Operation::Write.as_str(),
-        attempt = attempts,
-        elapsed_ms = elapsed.as_millis() as u64,
-        error = %crate::escaped::Escaped::new(&source.to_string()),
+    retry_event!(
+        tracing::Level::ERROR,
+        DB_SYSTEM,
+        crate::escaped::Escaped::path(setting.path),
+        Operation::Write,
+        attempts,
+        elapsed,
+        crate::escaped::Escaped::new(&source.to_string()),
         "database stayed locked, giving up"
     );
     E::from(Error::Busy {
