@@ -138,6 +138,7 @@ pub(crate) fn check_side_files(
     database: Option<&std::fs::Metadata>,
     write: bool,
 ) -> Result<()> {
+    let mut database = database.cloned();
     for suffix in ["-journal", "-wal", "-shm"] {
         let side = side_file(path, suffix);
         let meta = match std::fs::symlink_metadata(&side) {
@@ -151,6 +152,12 @@ pub(crate) fn check_side_files(
                 })
             }
         };
+        if database.is_none() && suffix != "-shm" && meta.len() > 0 {
+            // The database was missing when the caller looked; another process may have made
+            // it since, and written this file (512 processes opening a new file at once met
+            // that about once in ten storms): look again before calling it left over.
+            database = regular_or_missing(path)?;
+        }
         let problem = match irregular(meta.file_type()) {
             Some("a symbolic link") => "is a symbolic link",
             Some("a directory") => "is a directory",
@@ -173,7 +180,7 @@ pub(crate) fn check_side_files(
             // Another user's file beside the database (a sticky directory lets anyone make
             // one): SQLite would replay a planted WAL into the database, and write the
             // database's commits into a file its owner can read.
-            None if !made_by_a_writer(&meta, database) => {
+            None if !made_by_a_writer(&meta, database.as_ref()) => {
                 "belongs to a user who may not write the database, or anyone may write it"
             }
             None => continue,
@@ -184,4 +191,28 @@ pub(crate) fn check_side_files(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wal_beside_a_database_made_after_the_first_look_is_not_left_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        std::fs::write(side_file(&path, "-wal"), b"frames").unwrap();
+        // Missing when looked at: the WAL is refused as left over...
+        match check_side_files(&path, None, true) {
+            Err(Error::SideFile { path: p, problem }) => {
+                assert_eq!(p, side_file(&path, "-wal"));
+                assert!(problem.starts_with("is left beside"), "{problem}");
+            }
+            other => panic!("expected SideFile, got {other:?}"),
+        }
+        // ...but once another process has made the database (after the caller's look, which
+        // still says missing), the WAL is that database's.
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        check_side_files(&path, None, true).unwrap();
+    }
 }
