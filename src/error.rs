@@ -188,7 +188,9 @@ pub enum Error {
     },
 
     /// The database stayed locked (or, on PostgreSQL, the transaction kept conflicting, or
-    /// the server kept ending the sessions) until the retry policy gave up.
+    /// the server kept ending the sessions) until the retry policy gave up; or, for a call of
+    /// the async handle (feature `tokio`), its calls in progress kept this one from beginning
+    /// until its retry deadline (`attempts` is then 0).
     #[error(
         "{operation} gave up after {attempts} attempts in {:.1} s: {}{}",
         elapsed.as_secs_f64(),
@@ -203,7 +205,8 @@ pub enum Error {
         /// Wall-clock time from the first attempt (or from asking for the write queue) until
         /// giving up.
         elapsed: Duration,
-        /// The last lock error, or the write queue's time-out.
+        /// The last lock error, the write queue's time-out, or the async handle's wait to
+        /// begin.
         #[source]
         source: BoxError,
         /// Who held the write queue or SQLite's write lock when it gave up, from the OS lock
@@ -488,7 +491,24 @@ fn escaped_list(names: &[String]) -> String {
 /// ` by process 7 (sqlite3) holding the write lock, ...`, or nothing.
 /// What a [`Error::Busy`] waited for, by its last failure: a lock, or (PostgreSQL) a server
 /// that kept ending the sessions or could not be reached.
+/// The source of an [`Error::Busy`] of an async handle's call that could not begin by its
+/// retry deadline.
+#[cfg(feature = "tokio")]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "not begun within the retry deadline: the handle's {slots} slots (its pool's connections) \
+     stayed taken by calls in progress, or the writes queued ahead of it did not end in time"
+)]
+pub(crate) struct NotBegun {
+    pub(crate) slots: u32,
+}
+
 fn stayed(source: &BoxError) -> &'static str {
+    #[cfg(feature = "tokio")]
+    if source.is::<NotBegun>() {
+        return "it never began: the async handle's calls in progress held every slot, or \
+                its queue of writes, the whole time";
+    }
     #[cfg(feature = "postgres")]
     {
         use crate::postgres::PgFailureKind;

@@ -5,7 +5,9 @@
 //! for a lock, sleeps between retries and runs the closure. On a tokio worker that stalls
 //! every other task of the worker for as long, up to the retry deadline. `AsyncDatabase` runs
 //! each call on tokio's blocking threads (`spawn_blocking`) instead, at most as many at once
-//! as the pool has connections; callers beyond that wait asynchronously for a slot.
+//! as the pool has connections; callers beyond that wait asynchronously for a slot, until
+//! their retry deadline (watched by a thread of this crate's, see `alarm`: tokio's timer may
+//! be disabled).
 //!
 //! Every runtime flavour and context takes the same path: a multi-thread or current-thread
 //! runtime, a task of a `LocalSet`, a `Handle::block_on`. (`block_in_place` would save the
@@ -36,11 +38,13 @@ use std::time::{Duration, Instant};
 use ::tokio::sync::Semaphore;
 
 use crate::error::{Error, Operation, Result};
-use crate::handle::{next_id, Inside, WriteStats};
+use crate::handle::{next_id, CalledAt, Inside, WriteStats};
 use crate::options::Options;
 
 #[cfg(feature = "postgres")]
 use crate::postgres::PgDatabase;
+
+mod alarm;
 #[cfg(feature = "sqlite")]
 use crate::sqlite::database::Database;
 
@@ -234,6 +238,13 @@ macro_rules! async_database {
         /// or the lock the outer call holds. On another database it runs, without taking one
         /// of that handle's slots.
         ///
+        /// # Deadlines
+        /// A call's retry deadline ([`RetryPolicy::max_elapsed`](crate::RetryPolicy::max_elapsed))
+        /// counts from the call, as a blocking call's does: a call that has not begun by then
+        /// (every slot taken by calls in progress, or on SQLite the writes queued ahead of it
+        /// not done) returns [`Error::Busy`] with 0 attempts and never runs; one that begins
+        /// later retries for what is left of it.
+        ///
         /// # Cancellation
         /// Dropping the future of a `write`, `read` or `interact` (a timeout, a `select!`, a
         /// client that went away) is safe on either engine and either runtime flavour, and
@@ -396,17 +407,39 @@ impl<R> Call<R> {
 /// before it received the outcome.
 struct Watch<R>(Arc<Call<R>>);
 
+/// How a call's wait for its outcome ended.
+enum Ended<R> {
+    /// It ran, and this is its outcome (or its panic).
+    Ran(std::thread::Result<R>),
+    /// It will never run: its job was dropped unrun.
+    Unrun,
+    /// It had not begun by its deadline, and now never will.
+    TimedOut,
+}
+
 impl<R> Watch<R> {
-    /// The call's outcome once it has one: `None` if it will never run.
-    fn poll_ended(&self, cx: &mut Context<'_>) -> Poll<Option<std::thread::Result<R>>> {
+    /// The call's outcome once it has one; [`Ended::TimedOut`] if it has not begun by `due`
+    /// (then it never will: `alarm` wakes the future then).
+    fn poll_ended(
+        &self,
+        cx: &mut Context<'_>,
+        due: Option<Instant>,
+        alarm: &mut alarm::Alarm,
+    ) -> Poll<Ended<R>> {
         let mut state = self.0.state();
         if let Some(ended) = state.ended.take() {
             // From here the outcome is this future's: dropping it changes nothing.
             state.phase = Phase::Done;
-            return Poll::Ready(Some(ended));
+            return Poll::Ready(Ended::Ran(ended));
         }
-        if state.phase == Phase::Unrun {
-            return Poll::Ready(None);
+        match state.phase {
+            Phase::Unrun => return Poll::Ready(Ended::Unrun),
+            // Under the lock: the thread that would run it sees it abandoned, and skips it.
+            Phase::Waiting if alarm.passed(due, cx) => {
+                state.phase = Phase::Abandoned;
+                return Poll::Ready(Ended::TimedOut);
+            }
+            _ => {}
         }
         match &mut state.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -534,7 +567,8 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
     }
 
     /// [`write`](AsyncDatabase::write), also returning how long it waited for the lock and
-    /// how many attempts it took. The wait for a turn or a blocking slot is not in it.
+    /// how many attempts it took. The wait counts from the call: the wait for a slot or in
+    /// the queue of writes is in it.
     ///
     /// # Errors
     /// As [`write`](AsyncDatabase::write).
@@ -616,6 +650,11 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
             let _inside = Inside::enter(shared.id, operation)?;
             return call(&shared.database);
         }
+        let asked = Instant::now();
+        // The waits before the call runs (for a slot, for its turn in the queue of writes)
+        // end at its retry deadline, as a blocking call's wait for a pooled connection does.
+        let due = asked.checked_add(shared.database.options().retry.deadline());
+        let mut alarm = alarm::Alarm::default();
         let watch = Watch(Arc::new(Call {
             state: Mutex::new(State {
                 phase: Phase::Waiting,
@@ -628,6 +667,7 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         }));
         let job = Box::new(Task {
             call: Arc::clone(&watch.0),
+            asked,
             work: Some({
                 let shared = Arc::clone(shared);
                 move || call(&shared.database)
@@ -638,10 +678,17 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
             (Some(writes), Operation::Write) => writes.submit(job),
             _ => {
                 // Dropped here, the job is dropped unrun with it: it never runs.
-                let permit = Arc::clone(&shared.slots)
-                    .acquire_owned()
-                    .await
-                    .expect("the semaphore is never closed");
+                let mut acquiring = std::pin::pin!(Arc::clone(&shared.slots).acquire_owned());
+                let permit = std::future::poll_fn(|cx| match acquiring.as_mut().poll(cx) {
+                    Poll::Ready(permit) => Poll::Ready(Some(permit)),
+                    Poll::Pending if alarm.passed(due, cx) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                })
+                .await;
+                let Some(permit) = permit else {
+                    return Err(E::from(self.waited_out(operation, asked)));
+                };
+                let permit = permit.expect("the semaphore is never closed");
                 // If the runtime is shutting down, the closure is dropped unrun, and with it
                 // the job, which tells the future so.
                 drop(::tokio::task::spawn_blocking(move || {
@@ -655,12 +702,35 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
                 }));
             }
         }
-        let ended = std::future::poll_fn(|cx| watch.poll_ended(cx)).await;
+        let ended = std::future::poll_fn(|cx| watch.poll_ended(cx, due, &mut alarm)).await;
         drop(watch);
         match ended {
-            Some(Ok(result)) => result,
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => Err(E::from(Error::Cancelled { operation })),
+            Ended::Ran(Ok(result)) => result,
+            Ended::Ran(Err(panic)) => std::panic::resume_unwind(panic),
+            Ended::Unrun => Err(E::from(Error::Cancelled { operation })),
+            Ended::TimedOut => Err(E::from(self.waited_out(operation, asked))),
+        }
+    }
+
+    /// The error of a call that did not begin by its retry deadline: every slot stayed
+    /// taken, or the writes queued ahead of it did not end in time.
+    fn waited_out(&self, operation: Operation, asked: Instant) -> Error {
+        let elapsed = asked.elapsed();
+        tracing::warn!(
+            db.system.name = D::SYSTEM,
+            db.namespace = %self.shared.namespace,
+            operation = operation.as_str(),
+            waited_ms = elapsed.as_millis() as u64,
+            "gave up waiting to begin: the handle's calls in progress kept every slot"
+        );
+        Error::Busy {
+            operation,
+            attempts: 0,
+            elapsed,
+            source: Box::new(crate::error::NotBegun {
+                slots: self.shared.database.options().pool_size,
+            }),
+            holders: Vec::new(),
         }
     }
 }
@@ -675,6 +745,8 @@ trait Job: Send {
 /// One call's work and its shared state.
 struct Task<R, W> {
     call: Arc<Call<R>>,
+    /// When the call was made: its retry deadline counts from then.
+    asked: Instant,
     /// Taken when it runs: a task dropped with it still there never ran.
     work: Option<W>,
     /// The handle it belongs to, whose nested calls it refuses.
@@ -705,7 +777,10 @@ where
             // Refuses a call of this handle nested in this one, awaited by a blocking
             // executor.
             match Inside::enter(self.handle, call.operation) {
-                Ok(_inside) => work(),
+                Ok(_inside) => {
+                    let _called = CalledAt::set(self.asked);
+                    work()
+                }
                 Err(error) => R::refused(error),
             }
         }));

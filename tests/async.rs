@@ -464,6 +464,134 @@ fn a_future_dropped_before_its_write_began_never_runs_it() {
     });
 }
 
+/// Calls that cannot begin (two long `interact` calls hold both slots) give up at their
+/// retry deadline with `Busy` (0 attempts), on runtimes built without tokio's timer; they never
+/// run after, and the handle serves again once the slots are free. Before, they waited for as
+/// long as the slots stayed taken.
+#[test]
+fn calls_that_cannot_begin_give_up_at_their_deadline_and_never_run_after() {
+    for flavor in FLAVORS {
+        within(flavor, move || {
+            let runtime = match flavor {
+                "current_thread" => tokio::runtime::Builder::new_current_thread().build(),
+                _ => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .build(),
+            }
+            .unwrap();
+            runtime.block_on(async {
+                let (_dir, path) = fresh_db();
+                let deadline = Duration::from_millis(600);
+                let options = Options::new()
+                    .pool_size(2)
+                    .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(deadline));
+                let db = AsyncDatabase::open_with(options, &path, MIGRATIONS)
+                    .await
+                    .unwrap();
+                let (release, released) = std::sync::mpsc::channel::<()>();
+                let released = Arc::new(Mutex::new(released));
+                let (taken, slots_taken) = std::sync::mpsc::channel::<()>();
+                let holders: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (db, released, taken) =
+                            (db.clone(), Arc::clone(&released), taken.clone());
+                        tokio::spawn(async move {
+                            db.interact(move |_conn| {
+                                taken.send(()).unwrap();
+                                let _ = released
+                                    .lock()
+                                    .unwrap()
+                                    .recv_timeout(Duration::from_secs(30));
+                            })
+                            .await
+                        })
+                    })
+                    .collect();
+                // Both holders run (one waits on the other for the channel, in its slot).
+                for _ in 0..2 {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while slots_taken.try_recv().is_err() {
+                        assert!(Instant::now() < deadline, "the holders never ran");
+                        tokio::task::yield_now().await;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                let ran = Arc::new(Mutex::new(Vec::new()));
+                let started = Instant::now();
+                let (write, read) = {
+                    let (w, r) = (Arc::clone(&ran), Arc::clone(&ran));
+                    futures_join(
+                        db.write(move |conn| -> sqlite_persistence::Result<i64> {
+                            w.lock().unwrap().push("write");
+                            Ok(common::bump_in(conn, "late")?)
+                        }),
+                        db.read(move |_conn| -> sqlite_persistence::Result<()> {
+                            r.lock().unwrap().push("read");
+                            Ok(())
+                        }),
+                    )
+                    .await
+                };
+                let waited = started.elapsed();
+                for (what, outcome) in [("write", write.map(drop)), ("read", read)] {
+                    match outcome {
+                        Err(sqlite_persistence::Error::Busy {
+                            attempts, source, ..
+                        }) => {
+                            assert_eq!(attempts, 0, "{what}");
+                            assert!(source.to_string().contains("2 slots"), "{what}: {source}");
+                        }
+                        other => panic!("{flavor} {what}: expected Busy, got {other:?}"),
+                    }
+                }
+                assert!(waited >= deadline, "{flavor}: gave up after {waited:?}");
+                drop(release);
+                for holder in holders {
+                    holder.await.unwrap().unwrap();
+                }
+                db.write(|conn| -> sqlite_persistence::Result<i64> {
+                    Ok(common::bump_in(conn, "after")?)
+                })
+                .await
+                .unwrap();
+                assert!(
+                    ran.lock().unwrap().is_empty(),
+                    "{flavor}: ran after giving up"
+                );
+                assert!(common::values(db.blocking(), "late").unwrap().is_empty());
+            });
+        });
+    }
+}
+
+/// Both futures, polled together until both are ready (no tokio timer or macro needed).
+async fn futures_join<A: std::future::Future, B: std::future::Future>(
+    a: A,
+    b: B,
+) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let std::task::Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let std::task::Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        if ra.is_some() && rb.is_some() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    (ra.unwrap(), rb.unwrap())
+}
+
 /// How long a scenario that could deadlock may take before its test fails instead of hanging:
 /// far more than any of them needs on a loaded machine.
 const WATCHDOG: Duration = Duration::from_secs(60);

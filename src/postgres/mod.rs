@@ -465,7 +465,7 @@ impl PgDatabase {
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Write)?;
-        let asked = Instant::now();
+        let asked = crate::handle::asked();
         let began = Cell::new(asked);
         // The session of the attempts, kept across them while it holds the queue's turn.
         let held: std::cell::RefCell<Option<PooledPg>> = std::cell::RefCell::new(None);
@@ -609,7 +609,7 @@ impl PgDatabase {
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
-        let asked = Instant::now();
+        let asked = crate::handle::asked();
         retry_pg(
             &self.options.retry,
             Deadline::at(&SystemClock, asked, &self.options.retry),

@@ -202,7 +202,7 @@ impl Database {
     {
         let _inside = Inside::enter(self.id, Operation::Write)?;
         let _writing = Writing::enter(self.file)?;
-        let asked = Instant::now();
+        let asked = crate::handle::asked();
         let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let Some(group) = &self.group else {
             return self.write_led(f, deadline, asked, measure, None);
@@ -278,7 +278,7 @@ impl Database {
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
-        let asked = Instant::now();
+        let asked = crate::handle::asked();
         let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let mut conn = self.checkout()?;
         retry_attempts(
