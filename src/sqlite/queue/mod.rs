@@ -234,6 +234,7 @@ impl WriteQueue {
             file,
             deliver,
             gave_up: Arc::clone(&gave_up),
+            linger: Arc::clone(&self.linger),
         };
         if let Err(request) = self.waiter.submit(request) {
             // At the process's or the user's thread limit: poll instead. Bounded still, no

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::linger::Linger;
+
 /// The one thread per queue that blocks in `flock` on behalf of this process's waiting
 /// threads, in their arrival order, and hands each its locked description (or releases it,
 /// if the thread gave up meanwhile). `flock` has no timeout; a thread per wait would stay
@@ -31,6 +33,9 @@ pub(super) struct Request {
     pub(super) file: File,
     pub(super) deliver: mpsc::SyncSender<std::io::Result<File>>,
     pub(super) gave_up: Arc<AtomicBool>,
+    /// The queue's linger, whose board names the next waiter when a lock taken for a thread
+    /// that gave up is given back.
+    pub(super) linger: Arc<Linger>,
 }
 
 /// How long the waiter thread stays for another request before it exits.
@@ -65,6 +70,7 @@ impl Waiter {
                 file,
                 deliver,
                 gave_up,
+                linger,
             } = {
                 let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
                 loop {
@@ -86,8 +92,62 @@ impl Waiter {
                 continue;
             }
             // If the thread gave up while this blocked, the send fails and the file, and
-            // with it the lock, is dropped.
-            let _ = deliver.send(file.lock().map(|()| file));
+            // with it the lock, is dropped; the board then names the next waiter, as any
+            // holder giving the turn back does (else a seated waiter sleeps its backstop).
+            if let Err(mpsc::SendError(Ok(file))) = deliver.send(file.lock().map(|()| file)) {
+                drop(file);
+                linger.released();
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::queue::board::Board;
+    use std::time::Instant;
+
+    fn open(path: &std::path::Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_lock_taken_for_a_thread_that_gave_up_is_given_back_naming_the_next_seat() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        // Held by a description that names nobody when it lets go (an older version's).
+        let holder = open(&path);
+        holder.lock().unwrap();
+        let board = Board::open(&open(&path)).unwrap();
+        let linger = Arc::new(Linger::new(Some(Board::open(&open(&path)).unwrap())));
+        let seat = board.sit(Instant::now()).unwrap();
+        let generation = seat.generation();
+        let waiter = Arc::new(Waiter::default());
+        let (deliver, receiver) = mpsc::sync_channel(1);
+        waiter
+            .submit(Request {
+                file: open(&path),
+                deliver,
+                gave_up: Arc::new(AtomicBool::new(false)),
+                linger,
+            })
+            .unwrap();
+        // The waiting thread gives up while the waiter thread blocks in `flock` for it.
+        std::thread::sleep(Duration::from_millis(50));
+        drop(receiver);
+        drop(holder);
+        let limit = Instant::now() + Duration::from_secs(10);
+        while seat.generation() == generation && Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_ne!(seat.generation(), generation, "the seat was never woken");
+        assert!(seat.may_try(), "the seat is named next");
     }
 }
