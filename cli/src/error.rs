@@ -122,6 +122,11 @@ impl Error {
     /// What to do about it, where the library has a remedy.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
+            Error::Persistence(sqlite_persistence::Error::TransactionPooling { .. }) => Some(
+                "if the pooler is meant, pass --transaction-pooling, which keeps no state in \
+                 the server's session; or use a URL to the server itself or to a session \
+                 pooler (PgBouncer's pool_mode = session)",
+            ),
             Error::Persistence(error) => error.hint(),
             _ => None,
         }

@@ -22,6 +22,12 @@ struct Cli {
     #[arg(long, global = true, value_name = "PATH", hide = true)]
     barrier: Option<PathBuf>,
 
+    /// The PostgreSQL URL leads to a transaction pooler (PgBouncer's `pool_mode =
+    /// transaction`): keep no state in the server's session. Without it such a pooler is
+    /// refused.
+    #[arg(long, global = true)]
+    transaction_pooling: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -185,6 +191,9 @@ fn init_logging() {
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
+    if cli.transaction_pooling {
+        commands::declare_transaction_pooling();
+    }
     match cli.command {
         Command::Stress {
             processes,

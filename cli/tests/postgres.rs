@@ -2,6 +2,8 @@
 //! a private throwaway cluster, or uses `PG_TEST_URL`).
 #![cfg(feature = "postgres")]
 
+#[path = "../../tests/common/bouncer.rs"]
+mod bouncer;
 mod common;
 #[path = "../../tests/common/pg.rs"]
 mod pg;
@@ -126,4 +128,50 @@ fn migrate_record_and_status_take_a_postgres_url() {
         !ok && err.contains("mysql://") && !err.contains("secret"),
         "{err}"
     );
+}
+
+/// Behind PgBouncer in transaction pooling mode, the command line refuses the undeclared
+/// pooler and says how to declare it; `--transaction-pooling` declares it (`record`, and
+/// `stress`, which passes it to its processes), and the writes go through.
+#[test]
+fn a_transaction_pooler_is_refused_until_declared_with_transaction_pooling() {
+    let Some((_direct, bounced)) = bouncer::fresh_database(bouncer::Order::RoundRobin) else {
+        return;
+    };
+    let (ok, _, err) = cli(&["record", "--db", &bounced, "--artifact", "a"]);
+    assert!(!ok, "an undeclared transaction pooler was opened");
+    assert!(err.contains("transaction pool"), "{err}");
+    assert!(
+        err.contains("hint:") && err.contains("--transaction-pooling"),
+        "{err}"
+    );
+    let (ok, out, err) = cli(&[
+        "record",
+        "--transaction-pooling",
+        "--db",
+        &bounced,
+        "--artifact",
+        "a",
+        "--count",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let (ok, out, err) = cli(&[
+        "--transaction-pooling",
+        "stress",
+        "--json",
+        "--db",
+        &bounced,
+        "--processes",
+        "4",
+        "--writes",
+        "5",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let side = &report["sides"][0];
+    assert_eq!(side["failed_processes"], 0, "{out}");
+    assert_eq!(side["acknowledged_writes"], 20, "{out}");
+    assert_eq!(side["clean"], true, "{out}");
 }

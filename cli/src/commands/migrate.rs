@@ -61,10 +61,10 @@ fn migrate_postgres(url: &str, migrations: Option<&Path>, plain: bool) -> Result
         return Ok(());
     }
     let db = match migrations {
-        Some(dir) => Options::new().open_postgres(url, migration_dir(dir)?)?,
+        Some(dir) => super::pg_options(Options::new()).open_postgres(url, migration_dir(dir)?)?,
         None => {
             return {
-                let catalog = PgCatalog::open(url, Options::new())?;
+                let catalog = PgCatalog::open(url, super::pg_options(Options::new()))?;
                 report(
                     catalog.database().url(),
                     catalog.database().applied_at_open(),

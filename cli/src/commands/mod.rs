@@ -24,6 +24,35 @@ pub fn database_path(cli_db: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// Whether `--transaction-pooling` declared that the PostgreSQL URL leads to a transaction
+/// pooler.
+static TRANSACTION_POOLING: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// `--transaction-pooling`: the PostgreSQL URL leads to a transaction pooler (PgBouncer's
+/// `pool_mode = transaction`); every PostgreSQL open of this process declares it (see
+/// [`pg_options`]), and `stress` passes it to its processes.
+pub fn declare_transaction_pooling() {
+    TRANSACTION_POOLING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`declare_transaction_pooling`] was called.
+pub fn transaction_pooling_declared() -> bool {
+    TRANSACTION_POOLING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `options` for a PostgreSQL URL: with `Options::transaction_pooling(true)` if
+/// `--transaction-pooling` declared a pooler, else as they are (an undeclared transaction
+/// pooler is refused at open).
+#[cfg(feature = "postgres")]
+pub fn pg_options(options: sqlite_persistence::Options) -> sqlite_persistence::Options {
+    if transaction_pooling_declared() {
+        options.transaction_pooling(true)
+    } else {
+        options
+    }
+}
+
 /// The PostgreSQL URL `db` names, if it names one (by its scheme, as the library decides).
 ///
 /// # Errors

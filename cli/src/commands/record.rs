@@ -103,7 +103,8 @@ fn record_postgres(
             print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;
         }
     } else {
-        let catalog = PgCatalog::open(url, Options::new().fair_queue(!args.no_fair_queue))?;
+        let options = Options::new().fair_queue(!args.no_fair_queue);
+        let catalog = PgCatalog::open(url, crate::commands::pg_options(options))?;
         let ready = started.elapsed();
         for _ in 0..args.count {
             print(catalog.record_holding(&args.artifact, args.hold)?, ready)?;

@@ -224,11 +224,17 @@ fn holders_json(holders: &[sqlite_persistence::Holder]) -> serde_json::Value {
 fn postgres(url: &str, migrations: Option<&Path>, json: bool) -> Result<()> {
     use sqlite_persistence::PgStatus;
     let status = match migrations {
-        Some(dir) => PgStatus::read(url, migration_dir(dir)?, &Options::new())?,
+        Some(dir) => PgStatus::read(
+            url,
+            migration_dir(dir)?,
+            &crate::commands::pg_options(Options::new()),
+        )?,
         None => PgStatus::read(
             url,
             crate::pg::PG_MIGRATIONS,
-            &Options::new().application_id(crate::catalog::APPLICATION_ID),
+            &crate::commands::pg_options(
+                Options::new().application_id(crate::catalog::APPLICATION_ID),
+            ),
         )?,
     };
     if json {

@@ -144,6 +144,9 @@ fn run_side_in(
     args.push(load.writes.to_string());
     args.push("--hold-ms".to_owned());
     args.push(load.hold_ms.to_string());
+    if super::transaction_pooling_declared() {
+        args.push("--transaction-pooling".to_owned());
+    }
     if plain {
         args.push("--plain".to_owned());
     } else if !load.fair_queue {
