@@ -4,6 +4,7 @@
 mod failure;
 mod guard;
 mod holders;
+mod messages;
 mod migrate;
 mod outcome;
 mod pooler;

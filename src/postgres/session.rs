@@ -229,8 +229,8 @@ pub(crate) fn connect_once(server: &Server, settings: &Settings) -> Result<PgCon
 /// (`target_session_attrs=read-write` or `primary`), every server it names a standby or
 /// read-only for now: during a failover, until the standby is promoted (or a writer
 /// endpoint's name moves to it). libpq's own messages are English in a program that never
-/// called `setlocale`; a server's are in its `lc_messages`, and a server that answers in
-/// another language is not waited for.
+/// called `setlocale`; a server's are in its `lc_messages`: its refusals are also read in
+/// the other languages of its catalogs (see `messages`).
 pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
     const UNAVAILABLE: [&str; 20] = [
         "Connection refused",
@@ -266,7 +266,10 @@ pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
                 .step_by(2)
                 .collect::<Vec<_>>()
                 .join("\"\"");
-            UNAVAILABLE.iter().any(|marker| unquoted.contains(marker))
+            UNAVAILABLE
+                .iter()
+                .chain(super::messages::TRANSLATED)
+                .any(|marker| unquoted.contains(marker))
         }
         _ => false,
     }
@@ -288,6 +291,26 @@ mod unavailable_tests {
         )));
         assert!(unavailable(&bad(
             "connection to server at \"db\" failed: FATAL:  sorry, too many clients already"
+        )));
+    }
+
+    #[test]
+    fn a_refusal_in_the_servers_language_is_read_too() {
+        let bad = |m: &str| diesel::ConnectionError::BadConnection(m.to_owned());
+        for message in [
+            "FATAL:  die verbleibenden Verbindungen sind für Superuser auf \
+             Nicht-Replikationsverbindungen reserviert",
+            "FATAL:  das Datenbanksystem startet",
+            "ВАЖНО:  система баз данных запускается",
+            "致命的エラー:  現在クライアント数が多すぎます",
+            "致命错误:  到数据库 \"app\"的连接太多了",
+            "FATAL:  trop de connexions pour le rôle « app »",
+        ] {
+            assert!(unavailable(&bad(message)), "{message}");
+        }
+        // Not a refusal for now, in German either: the database does not exist.
+        assert!(!unavailable(&bad(
+            "FATAL:  Datenbank »app« existiert nicht"
         )));
     }
 }
