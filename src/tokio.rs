@@ -43,10 +43,10 @@ use crate::options::Options;
 
 #[cfg(feature = "postgres")]
 use crate::postgres::PgDatabase;
-
-mod alarm;
 #[cfg(feature = "sqlite")]
 use crate::sqlite::database::Database;
+
+mod alarm;
 
 mod sealed {
     use super::{BlockingDatabase, Error, Result, WriteStats};
