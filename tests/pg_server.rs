@@ -552,3 +552,36 @@ fn a_session_idle_with_the_migration_lock_is_not_waited_for_as_a_migration() {
         "{error}"
     );
 }
+
+/// An open that waits for a server that is not there says so once, after a second, in an
+/// event of its own: a program that keeps the retry loop's events quiet (the command line
+/// shows only its last) was silent for the whole deadline.
+#[test]
+fn an_open_waiting_for_the_server_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!(
+        "postgresql:///app?host={}&user=app",
+        dir.path().join("no-server-here").display()
+    );
+    let captured = common::Captured::default();
+    let error =
+        tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+            options(Duration::from_millis(2500))
+                .open_postgres(&url, MIGRATIONS)
+                .unwrap_err()
+        });
+    assert!(matches!(error, Error::Connect { .. }), "{error:?}");
+    let said: Vec<String> = captured
+        .text()
+        .lines()
+        .filter(|l| l.contains("waiting for the server"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(said.len(), 1, "{}", captured.text());
+    assert!(
+        said[0].contains("sqlite_persistence::postgres::session")
+            && said[0].contains("No such file or directory"),
+        "{}",
+        said[0]
+    );
+}

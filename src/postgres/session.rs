@@ -169,6 +169,9 @@ pub(crate) fn millis(timeout: Option<Duration>) -> u128 {
 /// The longest `connect_timeout` the layer gives an attempt of its own accord.
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an open waits for an unavailable server before it says so once (see `open`).
+const WAITING_SAID_AFTER: Duration = Duration::from_secs(1);
+
 /// Opens a session on `server` as [`connect`] does, trying again (with `policy`'s jittered
 /// backoff, until `deadline`, each retry traced) while the server is unavailable: not
 /// listening yet, starting up, shutting down or in recovery (57P03), full (53300), not
@@ -188,12 +191,29 @@ pub(crate) fn open(
         system: super::DB_SYSTEM,
         namespace: server.namespace(),
     };
-    let transient = |error: &Error| match error {
-        Error::Connect { source, .. } => unavailable(source).then_some(Waiting::Unavailable),
-        Error::Query { source, .. } => super::failure::failure(source)
-            .filter(|f| f.kind == super::PgFailureKind::ConnectionLost)
-            .map(|f| f.kind.waiting()),
-        _ => None,
+    // Each retry is an event of the retry loop's, which a program may keep quiet (the
+    // command line shows only its last); a wait that goes on is said once, here.
+    let started = std::time::Instant::now();
+    let said = std::cell::Cell::new(false);
+    let transient = |error: &Error| {
+        let waiting = match error {
+            Error::Connect { source, .. } => unavailable(source).then_some(Waiting::Unavailable),
+            Error::Query { source, .. } => super::failure::failure(source)
+                .filter(|f| f.kind == super::PgFailureKind::ConnectionLost)
+                .map(|f| f.kind.waiting()),
+            _ => None,
+        };
+        if waiting.is_some() && !said.get() && started.elapsed() >= WAITING_SAID_AFTER {
+            said.set(true);
+            tracing::warn!(
+                db.system.name = super::DB_SYSTEM,
+                db.namespace = %server.namespace(),
+                waited_ms = started.elapsed().as_millis() as u64,
+                error = %crate::escaped::Escaped::new(&crate::error::error_chain(error)),
+                "waiting for the server, until the retry deadline"
+            );
+        }
+        waiting
     };
     retry_in(
         policy,
