@@ -169,4 +169,22 @@ fn stress_reports_a_clean_run_and_the_plain_failures_side_by_side() {
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("fresh file"));
+    // So is one whose database is missing and whose -wal is left: refused by name, and the
+    // left-over file is kept for the user to look at (the run's cleanup removed it).
+    std::fs::remove_file(&db).unwrap();
+    let wal = format!("{}-wal", db.display());
+    std::fs::write(&wal, b"frames of a lost database").unwrap();
+    let refused = std::process::Command::new(common::binary())
+        .args(["stress", "--processes", "2", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("-wal exists") && stderr.contains("fresh file"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&wal).unwrap(), b"frames of a lost database");
+    assert!(!db.exists(), "the refusal made a database");
 }

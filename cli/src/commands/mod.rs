@@ -92,7 +92,7 @@ pub fn migration_dir(dir: &Path) -> Result<FileBasedMigrations> {
 }
 
 /// Runs `run` on a fresh database: `--db PATH` (which must not exist, nor its plain side's
-/// `PATH-plain`), else `NAME` in a new private temporary directory, removed afterwards.
+/// `PATH-plain`, nor their side files), else `NAME` in a new private temporary directory, removed afterwards.
 /// Never `$DATABASE_URL`: a load test must not touch a real database. SIGINT and SIGTERM stop
 /// the run's processes and still remove the directory.
 pub fn on_fresh_db<T>(
@@ -109,9 +109,18 @@ pub fn on_fresh_db<T>(
             (Some(dir), db)
         }
     };
-    let result = match [db.clone(), plain_path(&db)]
+    // The database files and what SQLite and the queue keep beside them: a left-over `-wal`
+    // is refused by the run's processes, and the run's cleanup must not remove it after.
+    let files = [db.clone(), plain_path(&db)].into_iter().flat_map(|base| {
+        ["", "-wal", "-journal", "-shm", "-lock"].map(|suffix| {
+            let mut path = base.clone().into_os_string();
+            path.push(suffix);
+            PathBuf::from(path)
+        })
+    });
+    let result = match files
         .into_iter()
-        .find(|p| p.exists())
+        .find(|p| std::fs::symlink_metadata(p).is_ok())
     {
         Some(existing) => Err(Error::Usage {
             what: "database path",
