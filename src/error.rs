@@ -496,8 +496,9 @@ fn escaped_list(names: &[String]) -> String {
 #[cfg(feature = "tokio")]
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "not begun within the retry deadline: the handle's {slots} slots (its pool's connections) \
-     stayed taken by calls in progress, or the writes queued ahead of it did not end in time"
+    "not begun within the retry deadline (at least 1 s): the handle's {slots} slots (its \
+     pool's connections) stayed taken by calls in progress, the writes queued ahead of it did \
+     not end in time, or the runtime's blocking threads were all busy"
 )]
 pub(crate) struct NotBegun {
     pub(crate) slots: u32,
@@ -506,8 +507,8 @@ pub(crate) struct NotBegun {
 fn stayed(source: &BoxError) -> &'static str {
     #[cfg(feature = "tokio")]
     if source.is::<NotBegun>() {
-        return "it never began: the async handle's calls in progress held every slot, or \
-                its queue of writes, the whole time";
+        return "it never began: the async handle's calls in progress held every slot or its \
+                queue of writes, or the runtime's blocking threads were busy, the whole time";
     }
     #[cfg(feature = "postgres")]
     {

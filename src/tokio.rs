@@ -241,9 +241,11 @@ macro_rules! async_database {
         /// # Deadlines
         /// A call's retry deadline ([`RetryPolicy::max_elapsed`](crate::RetryPolicy::max_elapsed))
         /// counts from the call, as a blocking call's does: a call that has not begun by then
-        /// (every slot taken by calls in progress, or on SQLite the writes queued ahead of it
-        /// not done) returns [`Error::Busy`] with 0 attempts and never runs; one that begins
-        /// later retries for what is left of it.
+        /// (every slot taken by calls in progress, on SQLite the writes queued ahead of it not
+        /// done, or the runtime's blocking threads all busy) returns [`Error::Busy`] with 0
+        /// attempts and never runs, whether or not its future was polled meanwhile; one that
+        /// begins later retries for what is left of it. As for a blocking call's wait for a
+        /// pooled connection, the wait to begin is never cut shorter than 1 s.
         ///
         /// # Cancellation
         /// Dropping the future of a `write`, `read` or `interact` (a timeout, a `select!`, a
@@ -364,6 +366,9 @@ enum Phase {
     /// Never run, and never will be: its job was dropped unrun (the runtime shut down before
     /// its blocking task started). Its future returns `Error::Cancelled`.
     Unrun,
+    /// Never run, and never will be: it had not begun by its deadline (seen by its future or
+    /// by the thread that was to run it). Its future returns `Error::Busy`.
+    TimedOut,
     /// Over, its outcome handed to its future or logged.
     Done,
 }
@@ -434,9 +439,10 @@ impl<R> Watch<R> {
         }
         match state.phase {
             Phase::Unrun => return Poll::Ready(Ended::Unrun),
-            // Under the lock: the thread that would run it sees it abandoned, and skips it.
+            Phase::TimedOut => return Poll::Ready(Ended::TimedOut),
+            // Under the lock: the thread that would run it sees it timed out, and skips it.
             Phase::Waiting if alarm.passed(due, cx) => {
-                state.phase = Phase::Abandoned;
+                state.phase = Phase::TimedOut;
                 return Poll::Ready(Ended::TimedOut);
             }
             _ => {}
@@ -463,7 +469,7 @@ impl<R> Drop for Watch<R> {
                 drop(ended);
                 self.0.log(outcome);
             }
-            Phase::Abandoned | Phase::Orphaned | Phase::Unrun | Phase::Done => {}
+            Phase::Abandoned | Phase::Orphaned | Phase::Unrun | Phase::TimedOut | Phase::Done => {}
         }
     }
 }
@@ -651,9 +657,7 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
             return call(&shared.database);
         }
         let asked = Instant::now();
-        // The waits before the call runs (for a slot, for its turn in the queue of writes)
-        // end at its retry deadline, as a blocking call's wait for a pooled connection does.
-        let due = asked.checked_add(shared.database.options().retry.deadline());
+        let due = begin_by(asked, shared.database.options());
         let mut alarm = alarm::Alarm::default();
         let watch = Watch(Arc::new(Call {
             state: Mutex::new(State {
@@ -668,6 +672,7 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         let job = Box::new(Task {
             call: Arc::clone(&watch.0),
             asked,
+            due,
             work: Some({
                 let shared = Arc::clone(shared);
                 move || call(&shared.database)
@@ -735,6 +740,17 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
     }
 }
 
+/// The end of the wait of a call made at `asked` to begin (for a slot, for its turn in the
+/// queue of writes, for a blocking thread): its retry deadline, but never less than
+/// [`BEGIN_WAIT_MIN`], as a blocking call's wait for a pooled connection; `None`: no end.
+fn begin_by(asked: Instant, options: &Options) -> Option<Instant> {
+    asked.checked_add(options.retry.deadline().max(BEGIN_WAIT_MIN))
+}
+
+/// The shortest wait of a call to begin: r2d2's shortest wait for a pooled connection,
+/// which a blocking call with a shorter deadline (or none) waits for.
+const BEGIN_WAIT_MIN: Duration = Duration::from_secs(1);
+
 /// A call ready to run on the thread it is handed to.
 trait Job: Send {
     /// Runs the call, unless its future was dropped before; returns the waker of its future,
@@ -747,6 +763,8 @@ struct Task<R, W> {
     call: Arc<Call<R>>,
     /// When the call was made: its retry deadline counts from then.
     asked: Instant,
+    /// When the wait to begin ends (see [`begin_by`]): a call not begun by then never runs.
+    due: Option<Instant>,
     /// Taken when it runs: a task dropped with it still there never ran.
     work: Option<W>,
     /// The handle it belongs to, whose nested calls it refuses.
@@ -771,6 +789,15 @@ where
                 );
                 return None;
             }
+            if state.phase == Phase::TimedOut {
+                return None;
+            }
+            if self.due.is_some_and(|due| Instant::now() >= due) {
+                // Its future was not polled at its deadline (its runtime stalled, or was not
+                // driven): it did not begin in time, so it never does.
+                state.phase = Phase::TimedOut;
+                return state.waker.take();
+            }
             state.phase = Phase::Running;
         }
         let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -778,7 +805,10 @@ where
             // executor.
             match Inside::enter(self.handle, call.operation) {
                 Ok(_inside) => {
-                    let _called = CalledAt::set(self.asked);
+                    // A write or read counts its retry deadline from the call; an
+                    // `interact`'s closure, which has none, leaves it to what it calls.
+                    let _called = (call.operation != Operation::Connection)
+                        .then(|| CalledAt::set(self.asked));
                     work()
                 }
                 Err(error) => R::refused(error),

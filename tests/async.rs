@@ -481,7 +481,7 @@ fn calls_that_cannot_begin_give_up_at_their_deadline_and_never_run_after() {
             .unwrap();
             runtime.block_on(async {
                 let (_dir, path) = fresh_db();
-                let deadline = Duration::from_millis(600);
+                let deadline = Duration::from_millis(1200);
                 let options = Options::new()
                     .pool_size(2)
                     .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(deadline));
@@ -562,6 +562,104 @@ fn calls_that_cannot_begin_give_up_at_their_deadline_and_never_run_after() {
             });
         });
     }
+}
+
+/// Writes queued behind a held slot, whose runtime is not driven when their deadline comes
+/// (a stalled or idle executor: nobody polls their futures), are not run once the slot frees:
+/// the runner sees their deadline passed. Before, all of them ran and committed, and
+/// returned `Ok` when the runtime was driven again.
+#[test]
+fn queued_writes_whose_futures_are_not_polled_at_their_deadline_never_run() {
+    within("stalled", || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_dir, path) = fresh_db();
+        let options = Options::new()
+            .pool_size(1)
+            .retry(sqlite_persistence::RetryPolicy::new().max_elapsed(Duration::from_millis(100)));
+        let db = runtime
+            .block_on(AsyncDatabase::open_with(options, &path, MIGRATIONS))
+            .unwrap();
+        let (taken, slot_taken) = std::sync::mpsc::channel::<()>();
+        let holder = runtime.spawn({
+            let db = db.clone();
+            async move {
+                db.interact(move |_conn| {
+                    taken.send(()).unwrap();
+                    // Past the wait to begin of the writes below (their deadline, cut no
+                    // shorter than 1 s).
+                    std::thread::sleep(Duration::from_millis(1600));
+                })
+                .await
+            }
+        });
+        let writes: Vec<_> = (0..4)
+            .map(|i| {
+                let db = db.clone();
+                runtime.spawn(async move {
+                    db.write(move |conn| -> sqlite_persistence::Result<i64> {
+                        Ok(common::bump_in(conn, &format!("late-{i}"))?)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        // Driven until the holder runs and the writes are queued, then left alone: nothing
+        // polls the writes' futures when their deadline comes.
+        runtime.block_on(async {
+            while slot_taken.try_recv().is_err() {
+                tokio::task::yield_now().await;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        });
+        std::thread::sleep(Duration::from_millis(2500));
+        runtime.block_on(async {
+            holder.await.unwrap().unwrap();
+            for write in writes {
+                match write.await.unwrap() {
+                    Err(sqlite_persistence::Error::Busy { attempts: 0, .. }) => {}
+                    other => panic!("expected Busy with 0 attempts, got {other:?}"),
+                }
+            }
+        });
+        for i in 0..4 {
+            assert!(common::values(db.blocking(), &format!("late-{i}"))
+                .unwrap()
+                .is_empty());
+        }
+    });
+}
+
+/// A call made inside an `interact` closure (on another database) has its own retry
+/// deadline and measures its own wait: it took the `interact`'s start for its own (a write
+/// made 1.2 s into the closure reported a wait of 1.2 s).
+#[test]
+fn a_call_inside_interact_counts_from_its_own_start() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let (_dir, path) = fresh_db();
+        let (_other_dir, other_path) = fresh_db();
+        let db = AsyncDatabase::open(&path, MIGRATIONS).await.unwrap();
+        let other = Database::open(&other_path, MIGRATIONS).unwrap();
+        let waited = db
+            .interact(move |_conn| {
+                std::thread::sleep(Duration::from_millis(1200));
+                other
+                    .write_measured(|conn| -> sqlite_persistence::Result<i64> {
+                        Ok(common::bump_in(conn, "inner")?)
+                    })
+                    .unwrap()
+                    .1
+                    .wait
+            })
+            .await
+            .unwrap();
+        assert!(waited < Duration::from_millis(1000), "{waited:?}");
+    });
 }
 
 /// Both futures, polled together until both are ready (no tokio timer or macro needed).

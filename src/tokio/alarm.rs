@@ -16,7 +16,9 @@ struct Alarms {
     /// The wakers to wake, by deadline (and a number that tells equal deadlines apart).
     due: BTreeMap<(Instant, u64), Waker>,
     next_id: u64,
-    running: bool,
+    /// The process whose thread watches (0: none): a child forked after it started has no
+    /// such thread.
+    running: u32,
     /// Whether starting the thread failed once (and was logged).
     failed: bool,
 }
@@ -24,7 +26,7 @@ struct Alarms {
 static ALARMS: Mutex<Alarms> = Mutex::new(Alarms {
     due: BTreeMap::new(),
     next_id: 0,
-    running: false,
+    running: 0,
     failed: false,
 });
 static CHANGED: Condvar = Condvar::new();
@@ -60,7 +62,8 @@ impl Alarm {
             }
             return false;
         }
-        if !alarms.running {
+        let pid = std::process::id();
+        if alarms.running != pid {
             let started = std::thread::Builder::new()
                 .name("sqlite-persistence-alarm".to_owned())
                 .spawn(watch);
@@ -74,7 +77,7 @@ impl Alarm {
                 }
                 return false;
             }
-            alarms.running = true;
+            alarms.running = pid;
         }
         let key = (due, alarms.next_id);
         alarms.next_id += 1;
@@ -96,8 +99,29 @@ impl Drop for Alarm {
     }
 }
 
-/// The thread: wakes each waker at its deadline, and ends after [`IDLE`] without one.
+/// The thread: wakes each waker at its deadline, and ends after [`IDLE`] without one. A
+/// waker that panics is logged and passed over.
 fn watch() {
+    /// If the thread unwinds (a panic the waker's own catch did not hold), says it is gone
+    /// and starts another for the deadlines left.
+    struct Gone;
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let mut alarms = alarms();
+                alarms.running = 0;
+                if !alarms.due.is_empty() {
+                    let started = std::thread::Builder::new()
+                        .name("sqlite-persistence-alarm".to_owned())
+                        .spawn(watch);
+                    if started.is_ok() {
+                        alarms.running = std::process::id();
+                    }
+                }
+            }
+        }
+    }
+    let _gone = Gone;
     let mut alarms = alarms();
     let mut idle_since = Instant::now();
     loop {
@@ -112,7 +136,12 @@ fn watch() {
         if !woken.is_empty() {
             // Woken outside the lock: a waker may run its task on this thread.
             drop(alarms);
-            woken.into_iter().for_each(Waker::wake);
+            for waker in woken {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| waker.wake())).is_err()
+                {
+                    tracing::error!("a waker panicked when its call's deadline came");
+                }
+            }
             alarms = self::alarms();
             idle_since = Instant::now();
             continue;
@@ -125,7 +154,8 @@ fn watch() {
             None => {
                 let idle = now - idle_since;
                 if idle >= IDLE {
-                    alarms.running = false;
+                    // Under the lock: a deadline set from now on starts another thread.
+                    alarms.running = 0;
                     return;
                 }
                 IDLE - idle
@@ -183,5 +213,33 @@ mod tests {
             !Alarm::default().passed(None, &cx),
             "no deadline never passes"
         );
+    }
+
+    struct Panics;
+
+    impl std::task::Wake for Panics {
+        fn wake(self: Arc<Self>) {
+            panic!("a waker that panics");
+        }
+    }
+
+    #[test]
+    fn a_waker_that_panics_does_not_stop_the_alarms_after_it() {
+        let panics = Waker::from(Arc::new(Panics));
+        let mut first = Alarm::default();
+        assert!(!first.passed(
+            Some(Instant::now() + Duration::from_millis(20)),
+            &Context::from_waker(&panics)
+        ));
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        let mut second = Alarm::default();
+        let due = Instant::now() + Duration::from_millis(200);
+        assert!(!second.passed(Some(due), &Context::from_waker(&waker)));
+        let limit = Instant::now() + Duration::from_secs(10);
+        while count.0.load(Ordering::SeqCst) == 0 && Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the second alarm never rang");
     }
 }
