@@ -192,6 +192,24 @@ fn init_logging() {
 
 fn run(cli: Cli) -> Result<(), Error> {
     if cli.transaction_pooling {
+        // Said of a PostgreSQL URL only: a careless flag on a SQLite file is refused, not
+        // ignored.
+        let target = match cli.command {
+            Command::Stress { .. } | Command::Soak { .. } => cli.db.clone(),
+            _ => Some(database_path(cli.db.clone())),
+        };
+        let postgres = match &target {
+            Some(db) => commands::postgres_url(db)?.is_some(),
+            None => false,
+        };
+        if !postgres {
+            return Err(Error::Usage {
+                what: "--transaction-pooling",
+                reason: "it declares a transaction pooler in front of a PostgreSQL server; \
+                         the database is a SQLite file"
+                    .to_owned(),
+            });
+        }
         commands::declare_transaction_pooling();
     }
     match cli.command {

@@ -494,3 +494,22 @@ fn at_the_thread_limit_a_process_that_writes_from_one_thread_still_writes() {
     common::assert_success(&output);
     assert_eq!(common::stored_versions(&db).len(), before + 2);
 }
+
+#[test]
+fn transaction_pooling_on_a_sqlite_file_is_refused_and_nothing_is_created() {
+    let (dir, db) = common::fresh_db();
+    for args in [
+        &["record", "--transaction-pooling", "--artifact", "a"][..],
+        &["--transaction-pooling", "migrate"][..],
+        &["--transaction-pooling", "stress", "--processes", "2"][..],
+    ] {
+        let (ok, stderr) = run(args, &db);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.starts_with("error: invalid --transaction-pooling")
+                && stderr.contains("SQLite file"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(common::files_in(dir.path()).is_empty());
+}
