@@ -240,6 +240,10 @@ mod tests {
         while count.0.load(Ordering::SeqCst) == 0 && Instant::now() < limit {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the second alarm never rang");
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "the second alarm never rang"
+        );
     }
 }
