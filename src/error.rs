@@ -488,9 +488,6 @@ fn escaped_list(names: &[String]) -> String {
     shown.join(", ")
 }
 
-/// ` by process 7 (sqlite3) holding the write lock, ...`, or nothing.
-/// What a [`Error::Busy`] waited for, by its last failure: a lock, or (PostgreSQL) a server
-/// that kept ending the sessions or could not be reached.
 /// The source of an [`Error::Busy`] of an async handle's call that could not begin by its
 /// retry deadline.
 #[cfg(feature = "tokio")]
@@ -504,6 +501,8 @@ pub(crate) struct NotBegun {
     pub(crate) slots: u32,
 }
 
+/// What a [`Error::Busy`] waited for, by its last failure: a lock, (PostgreSQL) a server
+/// that kept ending the sessions or could not be reached, or (async) a call that never began.
 fn stayed(source: &BoxError) -> &'static str {
     #[cfg(feature = "tokio")]
     if source.is::<NotBegun>() {
@@ -528,6 +527,7 @@ fn stayed(source: &BoxError) -> &'static str {
     "the database stayed locked"
 }
 
+/// ` by process 7 (sqlite3) holding the write lock, ...`, or nothing.
 fn by(holders: &[Holder]) -> String {
     if holders.is_empty() {
         return String::new();

@@ -31,9 +31,9 @@
 //! system's monotonic clock, one clock for every process of the machine); at 24 whether a
 //! checkpoint run outside the turn is to be finished by the next holder; at 32 since when
 //! one runs (0: none); at 40 when a holder last kept the turn for its next short write (a
-//! streak goes on: its waiters are not to take it for an older version's); from 64, 126 seats of 32 bytes: the owner (pid and a number of the
-//! process's own, never 0), since when it waits, its futex word, and when its waiter last
-//! showed it was alive.
+//! streak goes on: its waiters are not to take it for an older version's); from 64, 126
+//! seats of 32 bytes: the owner (pid and a number of the process's own, never 0), since
+//! when it waits, its futex word, and when its waiter last showed it was alive.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
