@@ -718,7 +718,8 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
     }
 
     /// The error of a call that did not begin by its retry deadline: every slot stayed
-    /// taken, or the writes queued ahead of it did not end in time.
+    /// taken, the writes queued ahead of it did not end in time, or no blocking thread ran
+    /// it.
     fn waited_out(&self, operation: Operation, asked: Instant) -> Error {
         let elapsed = asked.elapsed();
         tracing::warn!(
@@ -726,7 +727,7 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
             db.namespace = %self.shared.namespace,
             operation = operation.as_str(),
             waited_ms = elapsed.as_millis() as u64,
-            "gave up waiting to begin: the handle's calls in progress kept every slot"
+            "gave up waiting to begin: the handle's slots, its queue of writes or the runtime's blocking threads stayed busy"
         );
         Error::Busy {
             operation,
