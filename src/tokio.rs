@@ -727,7 +727,8 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
             db.namespace = %self.shared.namespace,
             operation = operation.as_str(),
             waited_ms = elapsed.as_millis() as u64,
-            "gave up waiting to begin: the handle's slots, its queue of writes or the runtime's blocking threads stayed busy"
+            "gave up waiting to begin: the handle's slots, its queue of writes or the \
+             runtime's blocking threads stayed busy"
         );
         Error::Busy {
             operation,
