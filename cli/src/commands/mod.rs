@@ -92,7 +92,8 @@ pub fn migration_dir(dir: &Path) -> Result<FileBasedMigrations> {
 }
 
 /// Runs `run` on a fresh database: `--db PATH` (which must not exist, nor its plain side's
-/// `PATH-plain`, nor their side files), else `NAME` in a new private temporary directory, removed afterwards.
+/// `PATH-plain`, nor their side files), else `NAME` in a new private temporary directory,
+/// removed afterwards.
 /// Never `$DATABASE_URL`: a load test must not touch a real database. SIGINT and SIGTERM stop
 /// the run's processes and still remove the directory.
 pub fn on_fresh_db<T>(
