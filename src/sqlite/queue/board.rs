@@ -8,8 +8,8 @@
 //! switches as there are waiters. With it, a hand-over costs one wake-up and the turn goes
 //! in arrival order. A process keeping the turn through a streak of short writes ends the
 //! streak as soon as a seat has waited [`STARVING`] (as Linux's mutex hands off to a waiter
-//! that has starved), so that no short write waits much longer than that, however many
-//! processes write back to back.
+//! that has starved), so that a waiter waits for about the writes ahead of it, not a streak
+//! of every other process.
 //!
 //! The `flock` still decides who holds the turn, and is released by the kernel when its
 //! process dies; the board only orders and wakes. A process that asks while another is
@@ -30,10 +30,9 @@
 //! seats taken; at 8 the seat named next; at 16 when it was named (nanoseconds of the
 //! system's monotonic clock, one clock for every process of the machine); at 24 whether a
 //! checkpoint run outside the turn is to be finished by the next holder; at 32 since when
-//! one runs (0: none); at 40 when a holder last kept the turn for its next short write (a
-//! streak goes on: its waiters are not to take it for an older version's); from 64, 126
-//! seats of 32 bytes: the owner (pid and a number of the process's own, never 0), since
-//! when it waits, its futex word, and when its waiter last showed it was alive.
+//! one runs (0: none); from 64, 126 seats of 32 bytes: the owner (pid and a number of the
+//! process's own, never 0), since when it waits, its futex word, and when its waiter last
+//! showed it was alive.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
@@ -43,19 +42,18 @@ use crate::sqlite::ffi::page::{futex_wait, futex_wake, SharedPage, PAGE};
 use crate::sqlite::ffi::sys::monotonic_ns;
 
 /// A seat that has waited this long ends the streak of the process keeping the turn: the
-/// bound on a short write's wait however many processes write back to back (with fewer
-/// than a dozen, [`MAX_STREAK`](super::linger::MAX_STREAK) ends each streak first).
+/// bound on a short write's wait however many processes write back to back.
 ///
 /// A hand-over between processes costs about two short writes on a 2-core machine (the
 /// woken waiter's wake-up, and its first transaction on caches the others' writes made
-/// cold: `scripts/handover_trace.py`), so a smaller bound costs either the rate or the
-/// p99: every process that writes back to back waits once per round of the others'
-/// streaks, so with 16 of them one write in (streak length / 15 writes) waits about the
-/// bound. At 100 ms a streak covers over a hundred writes, and under 1 % of writes wait
-/// (p99 wait near 0.1 ms, max 100 ms, 1.0-2.0 x the rate of SQLite's own locking); a 20 ms
-/// bound kept the max near 25 ms but made the p99 20 ms, and 4 ms with 0.1 ms streaks
-/// made it 5 ms at 0.87-1.05 x that rate (BENCHMARKS.md, issue 23).
-pub(super) const STARVING: Duration = Duration::from_millis(100);
+/// cold: `scripts/handover_trace.py`). Each of n + 1 processes writing back to back waits
+/// about the bound S once per round of the others' streaks, so about n w / S of their writes
+/// wait it (w the time of one write): with 16 processes and 20 ms, 4 % (p99 wait 20 ms, max
+/// 25 ms). A bound of 100 ms made that under 1 % at 16 processes on an idle machine (p99
+/// 0.1-5 ms, max 100 ms), but 1-2 % from 24 processes up or beside CPU hogs, where the p99
+/// became the whole 100 ms; 4 ms with 0.1 ms streaks made the p99 5 ms at 0.87-1.05 x the
+/// rate of SQLite's own locking (BENCHMARKS.md, issue 23).
+pub(super) const STARVING: Duration = Duration::from_millis(20);
 
 /// How long the seat named next has to take the turn before anyone may try it.
 pub(super) const HANDOFF: Duration = Duration::from_millis(2);
@@ -81,7 +79,6 @@ const NEXT_AT: usize = 8;
 const NAMED_AT: usize = 16;
 const FINISH_AT: usize = 24;
 const CHECKPOINTING_AT: usize = 32;
-const STREAKING_AT: usize = 40;
 const SEATS_AT: usize = 64;
 const SEAT_LEN: usize = 32;
 const SEATS: usize = (PAGE - SEATS_AT) / SEAT_LEN;
@@ -250,12 +247,6 @@ impl Board {
             })
     }
 
-    /// The holder keeps the turn for its next short write: its streak goes on (see
-    /// [`Seat::naming_recently`]).
-    pub(super) fn streaking(&self) {
-        self.page.u64_at(STREAKING_AT).store(monotonic_ns(), SeqCst);
-    }
-
     /// Whether a seat of another process has waited longer than [`STARVING`]. This
     /// process's own waiting threads do not end its streak: any of its threads takes the
     /// turn kept between its writes, so its writes go on at the pace of one connection.
@@ -345,14 +336,12 @@ impl Seat<'_> {
             .compare_exchange(self.me, 0, SeqCst, SeqCst);
     }
 
-    /// Whether a holder named a seat, or kept the turn for a streak of short writes, within
-    /// the last [`BACKSTOP`]: the holders are of this version, which hand over through the
-    /// board (a streak names nobody until a seat has waited [`STARVING`]).
+    /// Whether a holder named a seat within the last [`BACKSTOP`]: the holders are of this
+    /// version, which hand over through the board.
     pub(super) fn naming_recently(&self) -> bool {
+        let named = self.board.named().load(SeqCst);
         let now = monotonic_ns();
-        let recent = |at: u64| at <= now && now - at < BACKSTOP.as_nanos() as u64;
-        recent(self.board.named().load(SeqCst))
-            || recent(self.board.page.u64_at(STREAKING_AT).load(SeqCst))
+        named <= now && now - named < BACKSTOP.as_nanos() as u64
     }
 
     /// Shows the seat's waiter is alive (see [`STALE`]).
@@ -541,21 +530,5 @@ mod tests {
             }
             assert!(woken);
         });
-    }
-
-    #[test]
-    fn a_streak_going_on_counts_as_a_holder_of_this_version() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db-lock");
-        let waiting = board(&path);
-        let holder = board(&path);
-        let seat = waiting.sit(Instant::now()).unwrap();
-        // Nobody named, nobody streaking: the holders may be of an older version.
-        assert!(!seat.naming_recently());
-        holder.streaking();
-        assert!(
-            seat.naming_recently(),
-            "a streak names nobody until a seat starves"
-        );
     }
 }

@@ -96,9 +96,11 @@ pub(super) const MAX_STREAK: Duration = Duration::from_millis(10);
 
 /// The shortest streak ended for a starved waiter (see `board::STARVING`). A hand-over
 /// costs more than a wake-up: the new holder's first transaction runs on caches the others'
-/// writes made cold. With 16 processes writing back to back, a 2 ms bound on waiting with no
-/// shortest streak kept the longest wait near 5 ms but the rate at 0.6-0.75 x that of
-/// SQLite's own locking (BENCHMARKS.md, issue 23).
+/// writes made cold (about 110 us against 50 us for a short write, see
+/// `scripts/handover_trace.py`). With 16 processes writing back to back, a 2 ms bound on
+/// waiting with 0.2 ms streaks kept the longest wait near 10 ms but the rate at 0.7 x that of
+/// SQLite's own locking; a 20 ms bound with 0.5 ms streaks keeps it near 25 ms at 1.5-2.2 x,
+/// and 8 processes as fast as one (BENCHMARKS.md, issue 23).
 pub(super) const MIN_STREAK: Duration = Duration::from_micros(500);
 
 /// How often the releasing thread looks for a kept turn past its [`LINGER`].
@@ -233,9 +235,6 @@ impl Linger {
         }
         state.kept = Some((file, streak));
         state.release_at = Some(now + LINGER);
-        if let Some(board) = &self.board {
-            board.streaking();
-        }
         // A thread of this process that has waited past the bound takes the kept turn next:
         // it is woken, and the threads that ask meanwhile take a seat behind it.
         state.reserved = self.board.as_ref().is_some_and(Board::wake_own_starving);
