@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where a hand-over of the SQLite write turn between processes goes, from the trace that
-scripts/handover_trace.patch adds (a measuring build only, never to be merged: it applies to
-234f6e2, `git apply --check` says whether it still applies). Each process appends "TAG NANOSECONDS" lines
-(one clock for the machine) to SPX_TRACE/<pid>: R the turn given back and a waiter named,
+scripts/handover_trace.patch adds (a measuring build only, never to be merged: it applies
+to 234f6e2, `git apply --check` says whether it still applies). Each process appends
+"TAG NANOSECONDS" lines (one clock for the machine) to SPX_TRACE/<pid>: R the turn given back and a waiter named,
 T the named waiter took it (t: one not named), b/B before/after BEGIN IMMEDIATE, c/C
 before/after COMMIT, E the turn's end. The patch also reads SPX_STARVING_US,
 SPX_MIN_STREAK_US and SPX_MAX_STREAK_US (the board's bound and the streak lengths) and
