@@ -2,9 +2,11 @@
 """The server messages of a connection refused for now (57P03: starting up, shutting down, in
 recovery, not accepting connections; 53300: no free slot), in every language of PostgreSQL's
 installed message catalogs (Debian's postgresql-NN puts them in
-/usr/share/locale/*/LC_MESSAGES/postgres-NN.mo): prints the fragments that
+/usr/share/locale/*/LC_MESSAGES/postgres-NN.mo): prints the templates that
 src/postgres/messages.rs lists, one Rust string per line. A failed connection carries no
-SQLSTATE, and a server's refusal comes in its lc_messages.
+SQLSTATE, and a server's refusal comes in its lc_messages. A template is the whole message,
+with %s where the server puts a role's or a database's name; the reserved slots' message is
+cut after its first words (later versions reword its tail).
 usage: scripts/pg_messages.py [MAJOR] (default 15)"""
 import gettext, glob, sys
 
@@ -15,7 +17,6 @@ ENGLISH = ["the database system is starting up", "the database system is shuttin
            "the database system is not accepting connections", "sorry, too many clients already",
            "remaining connection slots are reserved", "too many connections for role",
            "too many connections for database"]
-QUOTES = ' "«»\u00a0'
 seen = set()
 for mo in sorted(glob.glob(f"/usr/share/locale/*/LC_MESSAGES/postgres-{major}.mo")):
     lang = mo.split("/")[4]
@@ -26,11 +27,7 @@ for mo in sorted(glob.glob(f"/usr/share/locale/*/LC_MESSAGES/postgres-{major}.mo
             if not msgid.startswith(english) or (whole and msgid != english):
                 continue
             text = " ".join(text.split())
-            if "%s" in text:
-                # The name is quoted (and left out when matching): the longer side of it.
-                before, after = text.split("%s", 1)
-                fragment = max(before.strip(QUOTES), after.strip(QUOTES), key=len)
-            elif english.startswith("remaining"):
+            if english.startswith("remaining"):
                 # Its tail names the reserved roles, which later versions reword.
                 fragment = text.split(",")[0]
                 words = []
@@ -41,6 +38,7 @@ for mo in sorted(glob.glob(f"/usr/share/locale/*/LC_MESSAGES/postgres-{major}.mo
                 fragment = " ".join(words) if len(words) > 1 else fragment[:9]
             else:
                 fragment = text.rstrip(".")
+            fragment = fragment.replace("\\", "\\\\").replace('"', '\\"')
             if fragment not in seen:
                 seen.add(fragment)
                 print(f'    "{fragment}", // {lang}: {english}')

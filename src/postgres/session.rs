@@ -252,46 +252,74 @@ pub(crate) fn connect_once(server: &Server, settings: &Settings) -> Result<PgCon
 /// called `setlocale`; a server's are in its `lc_messages`: its refusals are also read in
 /// the other languages of its catalogs (see `messages`).
 pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
-    const UNAVAILABLE: [&str; 20] = [
-        "Connection refused",
-        "No such file or directory",
-        "Resource temporarily unavailable",
-        "Connection reset by peer",
-        "Connection timed out",
-        "No route to host",
-        "Network is unreachable",
-        "timeout expired",
-        "server closed the connection unexpectedly",
-        "the database system is starting up",
-        "the database system is shutting down",
-        "the database system is in recovery mode",
-        "the database system is not yet accepting connections",
-        "the database system is not accepting connections",
-        "sorry, too many clients already",
-        "remaining connection slots are reserved",
-        "too many connections for",
-        // libpq 14 and later, target_session_attrs=read-write (default_transaction_read_only
-        // on, or a standby) and primary (a standby).
-        "session is read-only",
-        "server is in hot standby mode",
-        // libpq 10 to 13, target_session_attrs=read-write.
-        "could not make a writable connection to server",
-    ];
-    match error {
-        diesel::ConnectionError::BadConnection(message) => {
-            // Names the user chose (a database, a role, a socket path) are quoted: never
-            // read as the cause (a database named "No such file or directory").
-            let unquoted: String = message
-                .split('"')
-                .step_by(2)
-                .collect::<Vec<_>>()
-                .join("\"\"");
-            UNAVAILABLE
+    let diesel::ConnectionError::BadConnection(message) = error else {
+        return false;
+    };
+    // One line per server tried: `connection to server on socket "PATH" failed: CAUSE` (or
+    // `at "HOST" (ADDRESS), port N`), and libpq before 14: `could not connect to server:
+    // CAUSE`. A name (a database, a role, a socket path) is never read as the cause: the
+    // server's refusal must be one of its messages whole, a name only where its `%s` is.
+    message.lines().any(|line| {
+        let cause = line
+            .split_once("failed: ")
+            .map(|(_, cause)| cause)
+            .or_else(|| line.strip_prefix("could not connect to server: "))
+            .unwrap_or(line)
+            .trim();
+        match cause.split_once(":  ") {
+            // The server's, after its severity (`FATAL`, or its translation).
+            Some((_, said)) => REFUSED
                 .iter()
                 .chain(super::messages::TRANSLATED)
-                .any(|marker| unquoted.contains(marker))
+                .any(|template| said_as(said.trim_end(), template)),
+            None => UNREACHABLE.iter().any(|start| cause.starts_with(start)),
         }
-        _ => false,
+    })
+}
+
+/// libpq's own causes of a failed connection that may pass: nothing listening yet, a
+/// socket's backlog full, a connection lost or not answered in time; with
+/// `target_session_attrs=read-write` (libpq 10-13, and 14 on) or `primary`, a standby or a
+/// read-only server.
+const UNREACHABLE: [&str; 12] = [
+    "Connection refused",
+    "No such file or directory",
+    "Resource temporarily unavailable",
+    "Connection reset by peer",
+    "Connection timed out",
+    "No route to host",
+    "Network is unreachable",
+    "timeout expired",
+    "server closed the connection unexpectedly",
+    "session is read-only",
+    "server is in hot standby mode",
+    "could not make a writable connection to server",
+];
+
+/// The server's refusals for now, in English (57P03 and 53300; see `messages` for the other
+/// languages): whole messages, `%s` where a name goes, the reserved slots' cut short.
+const REFUSED: [&str; 9] = [
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "sorry, too many clients already",
+    "remaining connection slots are reserved",
+    "too many connections for role \"%s\"",
+    "too many connections for database \"%s\"",
+];
+
+/// Whether the server's message `said` is `template`: the same words around its one `%s`
+/// (whatever name is there), or, without one, the same first words.
+fn said_as(said: &str, template: &str) -> bool {
+    match template.split_once("%s") {
+        Some((before, after)) => {
+            said.len() >= before.len() + after.len()
+                && said.starts_with(before)
+                && said.ends_with(after)
+        }
+        None => said.starts_with(template),
     }
 }
 
@@ -331,6 +359,27 @@ mod unavailable_tests {
         // Not a refusal for now, in German either: the database does not exist.
         assert!(!unavailable(&bad(
             "FATAL:  Datenbank »app« existiert nicht"
+        )));
+        // Nor when a name is worded as one, in any quotes, or holds a quote of its own.
+        for message in [
+            "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  Datenbank \
+             »das Datenbanksystem fährt herunter« existiert nicht",
+            "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  Rolle »zu \
+             viele Verbindungen von Rolle« existiert nicht",
+            "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  database \
+             \"x\"sorry, too many clients already\" does not exist",
+            "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  password \
+             authentication failed for user \"the database system is starting up\"",
+        ] {
+            assert!(!unavailable(&bad(message)), "{message}");
+        }
+        // A name where the refusal puts one is no obstacle.
+        assert!(unavailable(&bad(
+            "connection to server on socket \"/tmp/.s.PGSQL.5432\" failed: FATAL:  too many \
+             connections for role \"a \"quoted\" one\""
+        )));
+        assert!(unavailable(&bad(
+            "could not connect to server: Connection refused"
         )));
     }
 }
