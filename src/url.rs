@@ -153,7 +153,9 @@ pub(crate) fn redact(url: &str) -> String {
             let params: Vec<String> = query
                 .split('&')
                 .map(|param| match param.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                    Some((key, _)) if decoded(key).eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
                     _ => param.to_owned(),
                 })
                 .collect();
@@ -161,6 +163,32 @@ pub(crate) fn redact(url: &str) -> String {
         }
     }
     shown
+}
+
+/// A URL's component with its `%XX` escapes decoded, as libpq reads it (`pass%77ord` is
+/// `password`); an escape that is not one is kept as it is.
+fn decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `url` with the parameter `key=value` added to its query, unless the query sets `key`
@@ -179,7 +207,7 @@ pub(crate) fn with_default_param(url: &str, key: &str, value: &str) -> String {
         let set = url[start..].split('&').any(|param| {
             param
                 .split_once('=')
-                .is_some_and(|(k, _)| k.eq_ignore_ascii_case(key))
+                .is_some_and(|(k, _)| decoded(k).eq_ignore_ascii_case(key))
         });
         if set {
             return url.to_owned();
@@ -258,6 +286,15 @@ mod tests {
                 "postgresql:///t1?host=/tmp/x&user=postgres&password=***",
             ),
             ("postgresql://u:p%40w@h", "postgresql://u:***@h"),
+            // libpq decodes the keys too: pass%77ord is password.
+            (
+                "postgresql:///txapp?host=/tmp/x&user=postgres&pass%77ord=topsecret5",
+                "postgresql:///txapp?host=/tmp/x&user=postgres&pass%77ord=***",
+            ),
+            (
+                "postgresql:///db?%50ASSWORD=topsecret5",
+                "postgresql:///db?%50ASSWORD=***",
+            ),
             // libpq reads a ? in the user information as the password's.
             (
                 "postgresql://app:ok?Secret9@/db?host=/tmp/x",
