@@ -62,12 +62,8 @@ impl Alarm {
             }
             return false;
         }
-        let pid = std::process::id();
-        if alarms.running != pid {
-            let started = std::thread::Builder::new()
-                .name("sqlite-persistence-alarm".to_owned())
-                .spawn(watch);
-            if let Err(error) = started {
+        if alarms.running != std::process::id() {
+            if let Err(error) = start(&mut alarms) {
                 if !std::mem::replace(&mut alarms.failed, true) {
                     tracing::warn!(
                         error = %error,
@@ -77,7 +73,6 @@ impl Alarm {
                 }
                 return false;
             }
-            alarms.running = pid;
         }
         let key = (due, alarms.next_id);
         alarms.next_id += 1;
@@ -99,6 +94,15 @@ impl Drop for Alarm {
     }
 }
 
+/// Starts the thread that watches `alarms`' deadlines, and records it as this process's.
+fn start(alarms: &mut Alarms) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("sqlite-persistence-alarm".to_owned())
+        .spawn(watch)?;
+    alarms.running = std::process::id();
+    Ok(())
+}
+
 /// The thread: wakes each waker at its deadline, and ends after [`IDLE`] without one. A
 /// waker that panics is logged and passed over.
 fn watch() {
@@ -111,12 +115,7 @@ fn watch() {
                 let mut alarms = alarms();
                 alarms.running = 0;
                 if !alarms.due.is_empty() {
-                    let started = std::thread::Builder::new()
-                        .name("sqlite-persistence-alarm".to_owned())
-                        .spawn(watch);
-                    if started.is_ok() {
-                        alarms.running = std::process::id();
-                    }
+                    let _ = start(&mut alarms);
                 }
             }
         }
