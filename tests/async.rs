@@ -520,7 +520,7 @@ fn calls_that_cannot_begin_give_up_at_their_deadline_and_never_run_after() {
                 let started = Instant::now();
                 let (write, read) = {
                     let (w, r) = (Arc::clone(&ran), Arc::clone(&ran));
-                    futures_join(
+                    tokio::join!(
                         db.write(move |conn| -> sqlite_persistence::Result<i64> {
                             w.lock().unwrap().push("write");
                             Ok(common::bump_in(conn, "late")?)
@@ -530,7 +530,6 @@ fn calls_that_cannot_begin_give_up_at_their_deadline_and_never_run_after() {
                             Ok(())
                         }),
                     )
-                    .await
                 };
                 let waited = started.elapsed();
                 for (what, outcome) in [("write", write.map(drop)), ("read", read)] {
@@ -660,34 +659,6 @@ fn a_call_inside_interact_counts_from_its_own_start() {
             .unwrap();
         assert!(waited < Duration::from_millis(1000), "{waited:?}");
     });
-}
-
-/// Both futures, polled together until both are ready (no tokio timer or macro needed).
-async fn futures_join<A: std::future::Future, B: std::future::Future>(
-    a: A,
-    b: B,
-) -> (A::Output, B::Output) {
-    let (mut a, mut b) = (std::pin::pin!(a), std::pin::pin!(b));
-    let (mut ra, mut rb) = (None, None);
-    std::future::poll_fn(|cx| {
-        if ra.is_none() {
-            if let std::task::Poll::Ready(v) = a.as_mut().poll(cx) {
-                ra = Some(v);
-            }
-        }
-        if rb.is_none() {
-            if let std::task::Poll::Ready(v) = b.as_mut().poll(cx) {
-                rb = Some(v);
-            }
-        }
-        if ra.is_some() && rb.is_some() {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
-    (ra.unwrap(), rb.unwrap())
 }
 
 /// How long a scenario that could deadlock may take before its test fails instead of hanging:
