@@ -112,13 +112,9 @@ pub fn on_fresh_db<T>(
     };
     // The database files and what SQLite and the queue keep beside them: a left-over `-wal`
     // is refused by the run's processes, and the run's cleanup must not remove it after.
-    let files = [db.clone(), plain_path(&db)].into_iter().flat_map(|base| {
-        ["", "-wal", "-journal", "-shm", "-lock"].map(|suffix| {
-            let mut path = base.clone().into_os_string();
-            path.push(suffix);
-            PathBuf::from(path)
-        })
-    });
+    let files = [db.clone(), plain_path(&db)]
+        .into_iter()
+        .flat_map(|base| ["", "-wal", "-journal", "-shm", "-lock"].map(|s| side_path(&base, s)));
     let result = match files
         .into_iter()
         .find(|p| std::fs::symlink_metadata(p).is_ok())
@@ -155,6 +151,14 @@ pub fn private_temp_dir(name: &str) -> Result<PathBuf> {
             source,
         })?;
     Ok(dir)
+}
+
+/// `db` with `suffix` added to its name, as SQLite and the fair queue name their files
+/// beside it (`-wal`, `-lock`, ...).
+pub fn side_path(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// The plain side's database next to `db`.

@@ -34,9 +34,7 @@ impl Output {
 /// Removes what SQLite and the fair queue leave next to a run's database once it is checked.
 pub fn remove_side_files(db: &Path) {
     for suffix in ["-wal", "-shm", "-lock"] {
-        let mut name = db.as_os_str().to_owned();
-        name.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(name));
+        let _ = std::fs::remove_file(crate::commands::side_path(db, suffix));
     }
 }
 
