@@ -44,43 +44,6 @@ thread_local! {
     static INSIDE: RefCell<Vec<(u64, Operation)>> = const { RefCell::new(Vec::new()) };
 }
 
-thread_local! {
-    /// When the call about to start on this thread was made, if earlier than it starts: the
-    /// async handle's calls wait for a slot or their turn in its queue of writes first.
-    static CALLED: std::cell::Cell<Option<std::time::Instant>> =
-        const { std::cell::Cell::new(None) };
-}
-
-/// When the operation starting now on this thread was asked for: now, unless the async
-/// handle that runs it says it was asked earlier (see [`CalledAt`]). Its retry deadline
-/// counts from then, so that a call's wait for a slot or a turn in the async handle's queue
-/// counts against it.
-pub(crate) fn asked() -> std::time::Instant {
-    CALLED
-        .with(std::cell::Cell::take)
-        .unwrap_or_else(std::time::Instant::now)
-}
-
-/// The call the async handle runs next on this thread was asked for at a time of its own
-/// while this lives (taken by the first operation that starts, see [`asked`]).
-#[cfg(feature = "tokio")]
-pub(crate) struct CalledAt;
-
-#[cfg(feature = "tokio")]
-impl CalledAt {
-    pub(crate) fn set(at: std::time::Instant) -> Self {
-        CALLED.with(|called| called.set(Some(at)));
-        Self
-    }
-}
-
-#[cfg(feature = "tokio")]
-impl Drop for CalledAt {
-    fn drop(&mut self) {
-        CALLED.with(|called| called.set(None));
-    }
-}
-
 /// This thread is inside an operation of one database while this lives.
 pub(crate) struct Inside {
     id: u64,
@@ -125,32 +88,4 @@ pub(crate) fn is_savepoint_control(sql: &str) -> bool {
     ["ROLLBACK", "RELEASE", "SAVEPOINT"].iter().any(|word| {
         head.len() >= word.len() && head[..word.len()].eq_ignore_ascii_case(word.as_bytes())
     })
-}
-
-#[cfg(all(test, feature = "tokio"))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_first_operation_started_takes_the_time_its_call_was_made() {
-        let called = std::time::Instant::now() - std::time::Duration::from_secs(5);
-        {
-            let _called = CalledAt::set(called);
-            assert_eq!(
-                asked(),
-                called,
-                "the call's own operation counts from the call"
-            );
-            assert!(
-                asked() > called,
-                "an operation nested in it counts from its own start"
-            );
-        }
-        let _called = CalledAt::set(called);
-        drop(_called);
-        assert!(
-            asked() > called,
-            "an operation after the call counts from its own start"
-        );
-    }
 }

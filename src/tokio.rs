@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use ::tokio::sync::Semaphore;
 
 use crate::error::{Error, Operation, Result};
-use crate::handle::{next_id, CalledAt, Inside, WriteStats};
+use crate::handle::{next_id, Inside, WriteStats};
 use crate::options::Options;
 
 #[cfg(feature = "postgres")]
@@ -50,6 +50,7 @@ mod alarm;
 
 mod sealed {
     use super::{BlockingDatabase, Error, Result, WriteStats};
+    use std::time::Instant;
 
     /// What [`AsyncDatabase`](super::AsyncDatabase) needs of a blocking handle; implemented
     /// only by this crate's handles.
@@ -66,22 +67,23 @@ mod sealed {
         /// The options it was opened with.
         fn options(&self) -> &super::Options;
 
-        /// The blocking handle's `write_measured`.
-        fn write_measured<T, E, F>(&self, f: F) -> Result<(T, WriteStats), E>
+        /// The blocking handle's `write_measured`, of a call made at `asked` (its retry
+        /// deadline and its wait count from then).
+        fn write_measured<T, E, F>(&self, asked: Instant, f: F) -> Result<(T, WriteStats), E>
         where
             Self: BlockingDatabase,
             F: FnMut(&mut <Self as BlockingDatabase>::Connection) -> Result<T, E>,
             E: From<Error> + 'static;
 
-        /// The blocking handle's `write`.
-        fn write<T, E, F>(&self, f: F) -> Result<T, E>
+        /// The blocking handle's `write`, of a call made at `asked`.
+        fn write<T, E, F>(&self, asked: Instant, f: F) -> Result<T, E>
         where
             Self: BlockingDatabase,
             F: FnMut(&mut <Self as BlockingDatabase>::Connection) -> Result<T, E>,
             E: From<Error> + 'static;
 
-        /// The blocking handle's `read`.
-        fn read<T, E, F>(&self, f: F) -> Result<T, E>
+        /// The blocking handle's `read`, of a call made at `asked`.
+        fn read<T, E, F>(&self, asked: Instant, f: F) -> Result<T, E>
         where
             Self: BlockingDatabase,
             F: FnMut(&mut <Self as BlockingDatabase>::Connection) -> Result<T, E>,
@@ -119,28 +121,28 @@ impl sealed::Sealed for Database {
         Database::options(self)
     }
 
-    fn write_measured<T, E, F>(&self, f: F) -> Result<(T, WriteStats), E>
+    fn write_measured<T, E, F>(&self, asked: Instant, f: F) -> Result<(T, WriteStats), E>
     where
         F: FnMut(&mut diesel::SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        Database::write_measured(self, f)
+        self.write_timed(asked, f, true)
     }
 
-    fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    fn write<T, E, F>(&self, asked: Instant, f: F) -> Result<T, E>
     where
         F: FnMut(&mut diesel::SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        Database::write(self, f)
+        self.write_timed(asked, f, false).map(|(value, _)| value)
     }
 
-    fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    fn read<T, E, F>(&self, asked: Instant, f: F) -> Result<T, E>
     where
         F: FnMut(&mut diesel::SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        Database::read(self, f)
+        self.read_from(asked, f)
     }
 
     fn interact<T>(&self, f: impl FnOnce(&mut diesel::SqliteConnection) -> T) -> Result<T> {
@@ -169,28 +171,28 @@ impl sealed::Sealed for PgDatabase {
         PgDatabase::options(self)
     }
 
-    fn write_measured<T, E, F>(&self, f: F) -> Result<(T, WriteStats), E>
+    fn write_measured<T, E, F>(&self, asked: Instant, f: F) -> Result<(T, WriteStats), E>
     where
         F: FnMut(&mut diesel::PgConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        PgDatabase::write_measured(self, f)
+        self.write_measured_from(asked, f)
     }
 
-    fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    fn write<T, E, F>(&self, asked: Instant, f: F) -> Result<T, E>
     where
         F: FnMut(&mut diesel::PgConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        PgDatabase::write(self, f)
+        self.write_measured_from(asked, f).map(|(value, _)| value)
     }
 
-    fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    fn read<T, E, F>(&self, asked: Instant, f: F) -> Result<T, E>
     where
         F: FnMut(&mut diesel::PgConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        PgDatabase::read(self, f)
+        self.read_from(asked, f)
     }
 
     fn interact<T>(&self, f: impl FnOnce(&mut diesel::PgConnection) -> T) -> Result<T> {
@@ -568,8 +570,10 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         T: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.run(Operation::Write, move |db| sealed::Sealed::write(db, f))
-            .await
+        self.run(Operation::Write, move |db, asked| {
+            sealed::Sealed::write(db, asked, f)
+        })
+        .await
     }
 
     /// [`write`](AsyncDatabase::write), also returning how long it waited for the lock and
@@ -587,8 +591,8 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         T: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.run(Operation::Write, move |db| {
-            sealed::Sealed::write_measured(db, f)
+        self.run(Operation::Write, move |db, asked| {
+            sealed::Sealed::write_measured(db, asked, f)
         })
         .await
     }
@@ -608,8 +612,10 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         T: Send + 'static,
         E: From<Error> + Send + 'static,
     {
-        self.run(Operation::Read, move |db| sealed::Sealed::read(db, f))
-            .await
+        self.run(Operation::Read, move |db, asked| {
+            sealed::Sealed::read(db, asked, f)
+        })
+        .await
     }
 
     /// Runs `f` with a connection of the pool, on a blocking thread: for work that needs one
@@ -627,7 +633,7 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         F: FnOnce(&mut D::Connection) -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.run(Operation::Connection, move |db| {
+        self.run(Operation::Connection, move |db, _asked| {
             sealed::Sealed::interact(db, f)
         })
         .await
@@ -643,20 +649,20 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
     /// thread is inside a call already.
     async fn run<T, E, C>(&self, operation: Operation, call: C) -> std::result::Result<T, E>
     where
-        C: FnOnce(&D) -> std::result::Result<T, E> + Send + 'static,
+        C: FnOnce(&D, Instant) -> std::result::Result<T, E> + Send + 'static,
         T: Send + 'static,
         E: From<Error> + Send + 'static,
     {
         let shared = &self.shared;
+        let asked = Instant::now();
         if Inside::current().is_some() {
             // This thread is inside a call of this layer: the future is awaited from its
             // closure, by a blocking executor. Waiting for the queue, a slot or a thread the
             // outer call may hold would never end; the blocking API's answer is at hand
             // instead (`Error::Reentrant` on the same database).
             let _inside = Inside::enter(shared.id, operation)?;
-            return call(&shared.database);
+            return call(&shared.database, asked);
         }
-        let asked = Instant::now();
         let due = begin_by(asked, shared.database.options());
         let mut alarm = alarm::Alarm::default();
         let watch = Watch(Arc::new(Call {
@@ -671,11 +677,10 @@ impl<D: BlockingDatabase> AsyncDatabase<D> {
         }));
         let job = Box::new(Task {
             call: Arc::clone(&watch.0),
-            asked,
             due,
             work: Some({
                 let shared = Arc::clone(shared);
-                move || call(&shared.database)
+                move || call(&shared.database, asked)
             }),
             handle: shared.id,
         });
@@ -763,8 +768,6 @@ trait Job: Send {
 /// One call's work and its shared state.
 struct Task<R, W> {
     call: Arc<Call<R>>,
-    /// When the call was made: its retry deadline counts from then.
-    asked: Instant,
     /// When the wait to begin ends (see [`begin_by`]): a call not begun by then never runs.
     due: Option<Instant>,
     /// Taken when it runs: a task dropped with it still there never ran.
@@ -806,13 +809,7 @@ where
             // Refuses a call of this handle nested in this one, awaited by a blocking
             // executor.
             match Inside::enter(self.handle, call.operation) {
-                Ok(_inside) => {
-                    // A write or read counts its retry deadline from the call; an
-                    // `interact`'s closure, which has none, leaves it to what it calls.
-                    let _called = (call.operation != Operation::Connection)
-                        .then(|| CalledAt::set(self.asked));
-                    work()
-                }
+                Ok(_inside) => work(),
                 Err(error) => R::refused(error),
             }
         }));

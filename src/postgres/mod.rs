@@ -460,13 +460,26 @@ impl PgDatabase {
     ///
     /// # Errors
     /// As [`write`](PgDatabase::write).
-    pub fn write_measured<T, E, F>(&self, mut f: F) -> Result<(T, WriteStats), E>
+    pub fn write_measured<T, E, F>(&self, f: F) -> Result<(T, WriteStats), E>
+    where
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        self.write_measured_from(Instant::now(), f)
+    }
+
+    /// [`write_measured`](PgDatabase::write_measured) of a write asked for at `asked`: its
+    /// retry deadline and its wait count from then.
+    pub(crate) fn write_measured_from<T, E, F>(
+        &self,
+        asked: Instant,
+        mut f: F,
+    ) -> Result<(T, WriteStats), E>
     where
         F: FnMut(&mut PgConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Write)?;
-        let asked = crate::handle::asked();
         let began = Cell::new(asked);
         // The session of the attempts, kept across them while it holds the queue's turn.
         let held: std::cell::RefCell<Option<PooledPg>> = std::cell::RefCell::new(None);
@@ -604,13 +617,22 @@ impl PgDatabase {
     /// # Errors
     /// What `f` returns; [`Error::Busy`], [`Error::Pool`] and [`Error::Reentrant`] as for
     /// [`write`](PgDatabase::write).
-    pub fn read<T, E, F>(&self, mut f: F) -> Result<T, E>
+    pub fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnMut(&mut PgConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        self.read_from(Instant::now(), f)
+    }
+
+    /// [`read`](PgDatabase::read) of a read asked for at `asked`: its retry deadline counts
+    /// from then.
+    pub(crate) fn read_from<T, E, F>(&self, asked: Instant, mut f: F) -> Result<T, E>
     where
         F: FnMut(&mut PgConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
-        let asked = crate::handle::asked();
         retry_pg(
             &self.options.retry,
             Deadline::at(&SystemClock, asked, &self.options.retry),

@@ -177,7 +177,8 @@ impl Database {
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        self.write_timed(f, false).map(|(value, _)| value)
+        self.write_timed(Instant::now(), f, false)
+            .map(|(value, _)| value)
     }
 
     /// [`write`](Database::write), also returning how long it waited and how many attempts
@@ -190,19 +191,24 @@ impl Database {
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
-        self.write_timed(f, true)
+        self.write_timed(Instant::now(), f, true)
     }
 
-    /// [`write_measured`](Database::write_measured); the wait is measured (a clock read in
-    /// the transaction) only if `measure`, else it is zero.
-    fn write_timed<T, E, F>(&self, f: F, measure: bool) -> Result<(T, WriteStats), E>
+    /// [`write_measured`](Database::write_measured) of a write asked for at `asked` (the
+    /// async handle's calls are asked for before they run here); the wait is measured (a
+    /// clock read in the transaction) only if `measure`, else it is zero.
+    pub(crate) fn write_timed<T, E, F>(
+        &self,
+        asked: Instant,
+        f: F,
+        measure: bool,
+    ) -> Result<(T, WriteStats), E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Write)?;
         let _writing = Writing::enter(self.file)?;
-        let asked = crate::handle::asked();
         let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let Some(group) = &self.group else {
             return self.write_led(f, deadline, asked, measure, None);
@@ -272,13 +278,22 @@ impl Database {
     /// What `f` returns; an "attempt to write a readonly database" error if `f` writes;
     /// [`Error::Busy`], [`Error::Pool`] and [`Error::Reentrant`] as for
     /// [`write`](Database::write).
-    pub fn read<T, E, F>(&self, mut f: F) -> Result<T, E>
+    pub fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnMut(&mut SqliteConnection) -> Result<T, E>,
+        E: From<Error> + 'static,
+    {
+        self.read_from(Instant::now(), f)
+    }
+
+    /// [`read`](Database::read) of a read asked for at `asked`: its retry deadline counts from
+    /// then.
+    pub(crate) fn read_from<T, E, F>(&self, asked: Instant, mut f: F) -> Result<T, E>
     where
         F: FnMut(&mut SqliteConnection) -> Result<T, E>,
         E: From<Error> + 'static,
     {
         let _inside = Inside::enter(self.id, Operation::Read)?;
-        let asked = crate::handle::asked();
         let deadline = Deadline::at(&SystemClock, asked, &self.options.retry);
         let mut conn = self.checkout()?;
         retry_attempts(
