@@ -82,3 +82,23 @@ fn a_long_wait_for_the_write_queue_is_logged_naming_the_holder_and_what_it_does(
         assert!(waits[0].contains(field), "{field} missing: {}", waits[0]);
     }
 }
+
+/// `tracing-core` caches a callsite's interest for the whole process, and while one
+/// dispatcher is registered it asks the default of the thread that reaches the callsite
+/// first (tokio-rs/tracing#3611): a callsite first reached on a thread without a subscriber,
+/// while a test captures on its own, is cached as never wanted, and the capture misses the
+/// event. [`Captured`] keeps a second dispatcher registered, so that every registered one is
+/// asked.
+#[test]
+fn a_capture_sees_an_event_whose_callsite_another_thread_reached_first() {
+    fn say() {
+        tracing::warn!("reached");
+    }
+    let captured = Captured::default();
+    tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+        std::thread::spawn(say).join().unwrap();
+        say();
+    });
+    let text = captured.text();
+    assert_eq!(text.matches("reached").count(), 1, "{text}");
+}

@@ -286,6 +286,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 impl Captured {
     /// A subscriber writing events at `level` and above here.
     pub fn subscriber(&self, level: tracing::Level) -> impl tracing::Subscriber + Send + Sync {
+        pin_dispatchers();
         tracing_subscriber::fmt()
             .with_writer(self.clone())
             .with_max_level(level)
@@ -296,6 +297,43 @@ impl Captured {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
+}
+
+/// Keeps a second dispatcher registered for the life of the test binary. While only one is
+/// registered, `tracing-core` computes a callsite's interest, once for the whole process, from
+/// the default of the thread that reaches the callsite first (tokio-rs/tracing#3611): a thread
+/// without a subscriber, in a test that captures nothing, makes the callsite never wanted, and
+/// a capture on another thread misses its event. With two registered, every registered one is
+/// asked; this one says "sometimes", so each event asks its thread's own subscriber.
+fn pin_dispatchers() {
+    static PINNED: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    PINNED.get_or_init(|| tracing::Dispatch::new(Pinned));
+}
+
+/// The subscriber of [`pin_dispatchers`]: wants no event itself.
+struct Pinned;
+
+impl tracing::Subscriber for Pinned {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::OFF)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
 }
 
 /// The size of `db`'s side file `<db><suffix>`, 0 if there is none.
