@@ -157,6 +157,27 @@ fn a_transaction_pooler_is_refused_until_declared_with_transaction_pooling() {
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 3, "{out}");
+    // `stress` lists its processes' failures by cause, each with its hint.
+    let (ok, out, err) = cli(&[
+        "stress",
+        "--json",
+        "--db",
+        &bounced,
+        "--processes",
+        "2",
+        "--writes",
+        "1",
+    ]);
+    assert!(!ok, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect(&err);
+    let causes = report["sides"][0]["failures_by_cause"].as_object().unwrap();
+    assert!(
+        !causes.is_empty()
+            && causes
+                .keys()
+                .all(|c| c.contains("transaction pool") && c.contains("hint: if the pooler")),
+        "{out}"
+    );
     let (ok, out, err) = cli(&[
         "--transaction-pooling",
         "stress",

@@ -349,7 +349,7 @@ pub fn run_side(
         }
         if let Some(cause) = output.failure() {
             report.failed += 1;
-            *report.causes.entry(cause.to_owned()).or_default() += 1;
+            *report.causes.entry(cause).or_default() += 1;
         }
     }
     latencies.sort_unstable();

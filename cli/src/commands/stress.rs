@@ -178,7 +178,7 @@ fn run_side_in(
         }
         if let Some(cause) = output.failure() {
             report.failed += 1;
-            *report.causes.entry(cause.to_owned()).or_default() += 1;
+            *report.causes.entry(cause).or_default() += 1;
         }
     }
     if barrier_dir.is_some() {

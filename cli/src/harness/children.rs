@@ -20,13 +20,16 @@ pub struct Output {
 }
 
 impl Output {
-    /// The error line the process printed (without `error: `), if it failed.
-    pub fn failure(&self) -> Option<&str> {
+    /// The error line the process printed (without `error: `), if it failed, with its
+    /// `hint: ` line if it printed one.
+    pub fn failure(&self) -> Option<String> {
         (!self.success).then(|| {
-            self.stderr
-                .lines()
-                .find_map(|l| l.strip_prefix("error: "))
-                .unwrap_or("exited without an error line")
+            let line = |prefix| self.stderr.lines().find_map(|l| l.strip_prefix(prefix));
+            let error = line("error: ").unwrap_or("exited without an error line");
+            match line("hint: ") {
+                Some(hint) => format!("{error} (hint: {hint})"),
+                None => error.to_owned(),
+            }
         })
     }
 }
