@@ -13,7 +13,7 @@ use std::time::Duration;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use sqlite_persistence::{Error, Options, PgDatabase, RetryPolicy};
+use sqlite_persistence::{Error, Options, PgDatabase, PgStatus, RetryPolicy};
 
 use common::bouncer::{self, Order};
 use common::{bump_in_pg, pg, MIGRATIONS};
@@ -170,6 +170,43 @@ fn session_settings_neither_leak_to_other_clients_nor_go_missing() {
             format!("{error:?}").contains("statement timeout"),
             "a read ran past its statement timeout: {error:?}"
         );
+    }
+}
+
+/// `PgStatus::read` (the command line's `status`) through the bouncer, declared or not,
+/// reads the database's state and leaves none of its settings on the pooler's server
+/// connections for the pooler's other clients.
+#[test]
+fn status_through_a_transaction_pooler_leaves_no_setting_behind() {
+    let Some((direct, bounced)) = bouncer::fresh_database(Order::RoundRobin) else {
+        return;
+    };
+    drop(PgDatabase::open(&direct, MIGRATIONS).unwrap());
+    bouncer::warm(&bounced, 3);
+    for declared in [false, true] {
+        let options = Options::new()
+            .transaction_pooling(declared)
+            .statement_timeout(Some(Duration::from_millis(4321)))
+            .lock_timeout(Duration::from_millis(1234))
+            .idle_in_transaction_timeout(Some(Duration::from_millis(5678)));
+        let status = PgStatus::read(&bounced, MIGRATIONS, &options).unwrap();
+        assert_eq!(status.applied.len(), common::VERSIONS.len(), "{status:?}");
+        assert!(status.pending.is_empty(), "{status:?}");
+        let mut other = pg::connect(&bounced);
+        for _ in 0..6 {
+            for name in [
+                "statement_timeout",
+                "lock_timeout",
+                "idle_in_transaction_session_timeout",
+            ] {
+                let seen =
+                    diesel::sql_query(format!("SELECT current_setting('{name}') AS setting"))
+                        .get_result::<Setting>(&mut other)
+                        .unwrap()
+                        .setting;
+                assert_eq!(seen, "0", "declared {declared}: status left {name} behind");
+            }
+        }
     }
 }
 

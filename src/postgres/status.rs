@@ -1,5 +1,6 @@
 //! What a PostgreSQL database records, read without migrating or writing anything.
 
+use diesel::connection::SimpleConnection;
 use diesel::migration::MigrationSource;
 use diesel::pg::Pg;
 use diesel::sql_types::{BigInt, Text};
@@ -70,25 +71,38 @@ impl PgStatus {
         crate::url::expect(url, crate::url::Engine::Postgres)?;
         let source = Source::<Pg>::list(migrations)?;
         let server = Server::new(url, options);
+        // Nothing kept in the server's session: behind a transaction pooler, declared or
+        // not, a session `SET` would stay on the pooler's server connection for its other
+        // clients. The timeouts go `LOCAL` into the one transaction of every read.
         let mut conn = session::open(
             &server,
-            &Settings::new(options, url),
+            &super::pooler::probe(&Settings::new(options, url)),
             &options.retry,
             Deadline::now(&SystemClock, &options.retry),
         )?;
-        let query = |e| Error::query(Operation::ReadStatus, e);
-        let state = migrate::read_snapshot(&mut conn).map_err(query)?;
-        let about = sql_query(
-            "SELECT current_database()::text AS database, current_setting('server_version') AS version, \
-             (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-              AND pid <> pg_backend_pid()) AS sessions",
-        )
-        .get_result::<About>(&mut conn)
-        .map_err(query)?;
-        let key = migrate::lock_key(&mut conn, options).map_err(query)?;
-        let migration_lock =
-            holders::advisory(&mut conn, key, crate::holders::HeldLock::MigrationLock)
-                .map_err(query)?;
+        let (state, about, migration_lock) = conn
+            .build_transaction()
+            .repeatable_read()
+            .read_only()
+            .run(|conn| {
+                conn.batch_execute(&format!(
+                    "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+                    session::millis(options.statement_timeout),
+                    session::millis(Some(options.lock_timeout)),
+                ))?;
+                let state = migrate::read_state(conn)?;
+                let about = sql_query(
+                    "SELECT current_database()::text AS database, \
+                     current_setting('server_version') AS version, \
+                     (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                      AND pid <> pg_backend_pid()) AS sessions",
+                )
+                .get_result::<About>(conn)?;
+                let key = migrate::lock_key(conn, options)?;
+                let lock = holders::advisory(conn, key, crate::holders::HeldLock::MigrationLock)?;
+                Ok((state, about, lock))
+            })
+            .map_err(|e| Error::query(Operation::ReadStatus, e))?;
         let (_, known) = source.migrations();
         let plan = plan(known, state, options.application_id);
         let names = |indices: &[usize]| source.names(indices);
