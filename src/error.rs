@@ -163,6 +163,18 @@ pub enum Error {
         seen: String,
     },
 
+    /// The PostgreSQL URL leads to a pooler in statement pooling mode (PgBouncer's
+    /// `pool_mode = statement`), which closes every session that begins a transaction: the
+    /// layer's migrations, writes and reads are transactions. Told at open (and by
+    /// [`PgStatus::read`](crate::PgStatus::read)) when a session is lost at its first
+    /// `BEGIN` and a fresh session, whose statements outside a transaction run, is lost at
+    /// its `BEGIN` too.
+    #[error("{url} leads to a statement pooler: sessions are closed at BEGIN", url = Escaped::new(.url))]
+    StatementPooling {
+        /// The URL, without its password.
+        url: String,
+    },
+
     /// The connection to the PostgreSQL server was lost while `COMMIT` was in flight, and the
     /// server could not prove what became of it (it crashed, restarted or failed over
     /// meanwhile, or [`Options::lost_commit_lookup`](crate::Options::lost_commit_lookup) is
@@ -604,6 +616,11 @@ impl Error {
                 "open it with Options::transaction_pooling(true), which keeps no state in the \
                  server's session, or use a URL to the server itself or to a session pooler \
                  (PgBouncer's pool_mode = session)"
+            }
+            Error::StatementPooling { .. } => {
+                "use a URL to the server itself, or to a pooler in session mode (PgBouncer's \
+                 pool_mode = session) or transaction mode (pool_mode = transaction, with \
+                 Options::transaction_pooling(true))"
             }
             Error::CommitOutcomeUnknown { .. } => {
                 "read back what the write should have stored before running it again; make \

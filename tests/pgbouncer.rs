@@ -173,6 +173,43 @@ fn session_settings_neither_leak_to_other_clients_nor_go_missing() {
     }
 }
 
+/// A pooler in statement pooling mode closes every session that begins a transaction. The
+/// open (whether a pooler is declared or not) and the status read say so, naming the URL,
+/// instead of "server closed the connection unexpectedly"; nothing is written, and the server
+/// itself is not taken for one.
+#[test]
+fn a_statement_pooler_is_named_as_such() {
+    let Some((direct, bounced)) = bouncer::fresh_database(Order::Statement) else {
+        return;
+    };
+    let statement_pooling = |error: &Error| {
+        matches!(error, Error::StatementPooling { url } if url.contains("port=6432"))
+            && error.hint().unwrap().contains("pool_mode = session")
+    };
+    for declared in [false, true] {
+        let error = Options::new()
+            .transaction_pooling(declared)
+            .open_postgres(&bounced, MIGRATIONS)
+            .unwrap_err();
+        assert!(statement_pooling(&error), "declared {declared}: {error:?}");
+        let error = PgStatus::read(
+            &bounced,
+            MIGRATIONS,
+            &Options::new().transaction_pooling(declared),
+        )
+        .unwrap_err();
+        assert!(statement_pooling(&error), "declared {declared}: {error:?}");
+    }
+    assert_eq!(
+        number(
+            &mut pg::connect(&direct),
+            "SELECT count(*) AS value FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        0
+    );
+    drop(PgDatabase::open(&direct, MIGRATIONS).unwrap());
+}
+
 /// `PgStatus::read` (the command line's `status`) through the bouncer, declared or not,
 /// reads the database's state and leaves none of its settings on the pooler's server
 /// connections for the pooler's other clients.

@@ -127,6 +127,11 @@ impl Error {
                  the server's session; or use a URL to the server itself or to a session \
                  pooler (PgBouncer's pool_mode = session)",
             ),
+            Error::Persistence(sqlite_persistence::Error::StatementPooling { .. }) => Some(
+                "use a URL to the server itself, or to a pooler in session mode (PgBouncer's \
+                 pool_mode = session) or transaction mode (pool_mode = transaction, with \
+                 --transaction-pooling)",
+            ),
             Error::Persistence(error) => error.hint(),
             _ => None,
         }

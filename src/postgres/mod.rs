@@ -146,7 +146,8 @@ impl Options {
     /// [`Error::UnmanagedDatabase`], [`Error::Migration`]); [`Error::Busy`] if another
     /// process held the migration lock past the retry deadline;
     /// [`Error::TransactionPooling`] if the URL leads to a transaction pooler that
-    /// [`Options::transaction_pooling`] does not declare.
+    /// [`Options::transaction_pooling`] does not declare; [`Error::StatementPooling`] if it
+    /// leads to a statement pooler.
     #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn open_postgres<S: MigrationSource<Pg>>(
         self,
@@ -202,9 +203,11 @@ impl Options {
         };
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
-        let applied = self.migrate_postgres(&mut conn, &source, &shown, key, started, &|| {
-            open(&open_settings)
-        })?;
+        let applied = self
+            .migrate_postgres(&mut conn, &source, &shown, key, started, &|| {
+                open(&open_settings)
+            })
+            .map_err(|e| pooler::lost_at_first_begin(e, &server, &settings))?;
         let queue_key = (key.0, key.1.wrapping_add(1));
         let queue_in_transaction = self.transaction_pooling
             && queue::turn_in_transaction_usable(&mut conn)

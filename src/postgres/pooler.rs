@@ -161,6 +161,53 @@ fn seen(
     result
 }
 
+/// `error`, or [`Error::StatementPooling`] if it is the loss of the session at the first
+/// transaction of an open or of a status read (the statements before it ran outside a
+/// transaction) and `server` is a statement pooler (see [`statement_pooler`]).
+pub(crate) fn lost_at_first_begin(
+    error: Error,
+    server: &super::session::Server,
+    settings: &Settings,
+) -> Error {
+    match &error {
+        Error::Query {
+            operation: Operation::ReadMigrationState | Operation::ReadStatus,
+            source,
+        } if super::failure::transient(source)
+            == Some(super::failure::PgFailureKind::ConnectionLost)
+            && statement_pooler(server, settings) =>
+        {
+            Error::StatementPooling {
+                url: server.shown().to_owned(),
+            }
+        }
+        _ => error,
+    }
+}
+
+/// After a session of `server` was lost at its first transaction's `BEGIN`: whether `server`
+/// is a pooler in statement pooling mode (PgBouncer's `pool_mode = statement`), which closes
+/// every session that begins a transaction. Asks a fresh session (with [`probe`] settings),
+/// once: it must run a statement outside a transaction, and then be lost at its `BEGIN`. A
+/// server that went away refuses the session or loses it at its first statement; one that
+/// came back runs its `BEGIN`.
+fn statement_pooler(server: &super::session::Server, settings: &Settings) -> bool {
+    use diesel::connection::SimpleConnection;
+    let Ok(mut conn) = super::session::connect_once(server, &probe(settings)) else {
+        return false;
+    };
+    if process(&mut conn).is_err() {
+        return false;
+    }
+    match conn.batch_execute("BEGIN") {
+        Ok(()) => false,
+        Err(error) => {
+            super::failure::transient(&error) == Some(super::failure::PgFailureKind::ConnectionLost)
+                && super::failure::lost(&mut conn)
+        }
+    }
+}
+
 /// The settings of the check's sessions: those of a session behind a declared transaction
 /// pooler, which sets nothing a pooler would leave on a server connection for its other
 /// clients (only `application_name`, which PgBouncer keeps for each client). The open's

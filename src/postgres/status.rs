@@ -61,8 +61,9 @@ impl PgStatus {
     /// application id (which also makes the migration lock's key).
     ///
     /// # Errors
-    /// [`Error::UnsupportedUrl`], [`Error::Connect`], [`Error::MigrationSource`], and
-    /// [`Error::Query`] if a read fails.
+    /// [`Error::UnsupportedUrl`], [`Error::Connect`], [`Error::MigrationSource`],
+    /// [`Error::Query`] if a read fails, and [`Error::StatementPooling`] if the URL leads to
+    /// a statement pooler.
     pub fn read<S: MigrationSource<Pg>>(
         url: &str,
         migrations: S,
@@ -74,9 +75,10 @@ impl PgStatus {
         // Nothing kept in the server's session: behind a transaction pooler, declared or
         // not, a session `SET` would stay on the pooler's server connection for its other
         // clients. The timeouts go `LOCAL` into the one transaction of every read.
+        let settings = Settings::new(options, url);
         let mut conn = session::open(
             &server,
-            &super::pooler::probe(&Settings::new(options, url)),
+            &super::pooler::probe(&settings),
             &options.retry,
             Deadline::now(&SystemClock, &options.retry),
         )?;
@@ -102,7 +104,13 @@ impl PgStatus {
                 let lock = holders::advisory(conn, key, crate::holders::HeldLock::MigrationLock)?;
                 Ok((state, about, lock))
             })
-            .map_err(|e| Error::query(Operation::ReadStatus, e))?;
+            .map_err(|e| {
+                super::pooler::lost_at_first_begin(
+                    Error::query(Operation::ReadStatus, e),
+                    &server,
+                    &settings,
+                )
+            })?;
         let (_, known) = source.migrations();
         let plan = plan(known, state, options.application_id);
         let names = |indices: &[usize]| source.names(indices);

@@ -41,12 +41,15 @@ pub enum Order {
     /// Session pooling with one server connection per database and user: a second client
     /// waits for the first to disconnect.
     SessionOfOne,
+    /// Statement pooling: a client that begins a transaction is closed.
+    Statement,
 }
 
 static LAST_USED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static ROUND_ROBIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static SESSION: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 static SESSION_OF_ONE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+static STATEMENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 /// `url` (a database of the test server, from [`pg::fresh_database`]) reached through a
 /// PgBouncer of kind `order`, or `None` (after
@@ -57,6 +60,7 @@ pub fn through_bouncer(url: &str, order: Order) -> Option<String> {
         Order::RoundRobin => &ROUND_ROBIN,
         Order::Session => &SESSION,
         Order::SessionOfOne => &SESSION_OF_ONE,
+        Order::Statement => &STATEMENT,
     };
     let dir = match cell.get_or_init(|| start(url, order)) {
         Ok(dir) => dir,
@@ -141,10 +145,10 @@ fn start(url: &str, order: Order) -> Result<PathBuf, String> {
     let config = dir.join("pgbouncer.ini");
     let round_robin = u8::from(order == Order::RoundRobin);
     let pool_size = if order == Order::SessionOfOne { 1 } else { 40 };
-    let mode = if matches!(order, Order::Session | Order::SessionOfOne) {
-        "session"
-    } else {
-        "transaction"
+    let mode = match order {
+        Order::Session | Order::SessionOfOne => "session",
+        Order::Statement => "statement",
+        Order::LastUsed | Order::RoundRobin => "transaction",
     };
     std::fs::write(
         &config,
