@@ -34,6 +34,7 @@
 //! process's own, never 0), since when it waits, its futex word, and when its waiter last
 //! showed it was alive.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
@@ -212,39 +213,45 @@ impl Board {
         let since = monotonic_ns()
             .saturating_sub(asked.elapsed().as_nanos() as u64)
             .max(1);
+        self.take_seat(me, since).map(|index| Seat {
+            board: self,
+            index: Cell::new(index),
+            me,
+            since,
+        })
+    }
+
+    /// Takes a seat for `me`, waiting since `since`: a free one, else one whose waiter is
+    /// gone (its count is left as it was). Its index; `None` if every seat is taken.
+    fn take_seat(&self, me: u64, since: u64) -> Option<usize> {
         let start = (self.pid as usize)
             .wrapping_mul(31)
-            .wrapping_add(serial as usize)
+            .wrapping_add(me as u32 as usize)
             % SEATS;
         let now = monotonic_ns();
-        (0..SEATS)
-            .map(|k| (start + k) % SEATS)
-            .find_map(|i| {
+        // A free seat first: a seat passed over may be its waiter's again once it shows it
+        // is alive (it was stopped, or starved of the CPU).
+        let (i, free) = [true, false].into_iter().find_map(|free| {
+            (0..SEATS).map(|k| (start + k) % SEATS).find_map(|i| {
                 let seat = self.seat(i);
                 let owner = seat.owner.load(SeqCst);
-                // A free seat, or one whose waiter is gone (its count is left as it was).
-                if owner != 0 && seat.live(now).is_some() {
+                if (owner == 0) != free || owner != 0 && seat.live(now).is_some() {
                     return None;
                 }
                 seat.owner
                     .compare_exchange(owner, me, SeqCst, SeqCst)
                     .is_ok()
-                    .then_some((i, owner == 0))
+                    .then_some((i, free))
             })
-            .map(|(i, free)| {
-                let seat = self.seat(i);
-                seat.seen.store(0, SeqCst);
-                seat.since.store(since, SeqCst);
-                seat.seen.store(monotonic_ns(), SeqCst);
-                if free {
-                    self.seated().fetch_add(1, SeqCst);
-                }
-                Seat {
-                    board: self,
-                    index: i,
-                    me,
-                }
-            })
+        })?;
+        let seat = self.seat(i);
+        seat.seen.store(0, SeqCst);
+        seat.since.store(since, SeqCst);
+        seat.seen.store(monotonic_ns(), SeqCst);
+        if free {
+            self.seated().fetch_add(1, SeqCst);
+        }
+        Some(i)
     }
 
     /// Whether a seat of another process has waited longer than [`STARVING`]. This
@@ -313,14 +320,17 @@ impl Board {
 /// A seat taken on the board, given up when dropped.
 pub(super) struct Seat<'a> {
     board: &'a Board,
-    index: usize,
+    /// Which seat: another once this one was passed over and taken by another waiter.
+    index: Cell<usize>,
     me: u64,
+    /// Since when its waiter waits.
+    since: u64,
 }
 
 impl Seat<'_> {
     /// The seat's futex word now: a wake-up after this changes it.
     pub(super) fn generation(&self) -> u32 {
-        self.board.seat(self.index).wake.load(SeqCst)
+        self.board.seat(self.index.get()).wake.load(SeqCst)
     }
 
     /// Whether this seat may try the lock now: it is named next, or nobody else is.
@@ -344,11 +354,15 @@ impl Seat<'_> {
         named <= now && now - named < BACKSTOP.as_nanos() as u64
     }
 
-    /// Shows the seat's waiter is alive (see [`STALE`]).
+    /// Shows the seat's waiter is alive (see [`STALE`]). A seat passed over and taken by
+    /// another waiter meanwhile (this one was stopped, or starved of the CPU) is replaced by
+    /// another, waiting since the same time: the waiter keeps its place in the order.
     pub(super) fn alive(&self) {
-        let seat = self.board.seat(self.index);
+        let seat = self.board.seat(self.index.get());
         if seat.owner.load(SeqCst) == self.me {
             seat.seen.store(monotonic_ns(), SeqCst);
+        } else if let Some(index) = self.board.take_seat(self.me, self.since) {
+            self.index.set(index);
         }
     }
 
@@ -364,7 +378,7 @@ impl Seat<'_> {
             );
             timeout = timeout.min(until.max(Duration::from_micros(50)));
         }
-        futex_wait(self.board.seat(self.index).wake, generation, timeout);
+        futex_wait(self.board.seat(self.index.get()).wake, generation, timeout);
     }
 }
 
@@ -372,7 +386,7 @@ impl Drop for Seat<'_> {
     fn drop(&mut self) {
         // Only while it is still this waiter's: a seat passed over as stale may have been
         // taken by another waiter since, whose words are not to be touched.
-        let seat = self.board.seat(self.index);
+        let seat = self.board.seat(self.index.get());
         if seat
             .owner
             .compare_exchange(self.me, 0, SeqCst, SeqCst)
@@ -482,10 +496,45 @@ mod tests {
         mine.released();
         assert_eq!(mine.next().load(SeqCst), live.me);
         // A waiter that shows it is alive keeps its seat.
-        let seat = mine.seat(live.index);
+        let seat = mine.seat(live.index.get());
         seat.seen.store(stale, SeqCst);
         live.alive();
         assert!(seat.live(monotonic_ns()).is_some());
+    }
+
+    #[test]
+    fn a_waiter_passed_over_keeps_its_place_once_it_shows_it_is_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        let mine = board(&path);
+        let now = Instant::now();
+        let stopped = mine.sit(now - Duration::from_millis(500)).unwrap();
+        let first = stopped.index.get();
+        let stale = monotonic_ns() - 2 * STALE.as_nanos() as u64;
+        mine.seat(first).seen.store(stale, SeqCst);
+        // A newcomer takes a free seat before the stale one.
+        let newcomer = mine.sit(now).unwrap();
+        assert_ne!(newcomer.index.get(), first);
+        mine.released();
+        assert_eq!(mine.next().load(SeqCst), newcomer.me);
+        newcomer.took_turn();
+        // Taken by another waiter all the same (every other seat was taken then).
+        let other = u64::from(std::os::unix::process::parent_id()) << 32 | 7;
+        let seat = mine.seat(first);
+        seat.owner.store(other, SeqCst);
+        seat.since.store(monotonic_ns(), SeqCst);
+        seat.seen.store(monotonic_ns(), SeqCst);
+        // The stopped waiter resumes: it sits again, waiting since when it first did, so it
+        // is the oldest and named next; the other's seat is left alone.
+        stopped.alive();
+        assert_ne!(stopped.index.get(), first);
+        assert_eq!(mine.seat(first).owner.load(SeqCst), other);
+        mine.released();
+        assert_eq!(mine.next().load(SeqCst), stopped.me);
+        let seated = mine.seated().load(SeqCst);
+        drop(stopped);
+        assert_eq!(mine.seated().load(SeqCst), seated - 1);
+        assert_eq!(mine.seat(first).owner.load(SeqCst), other);
     }
 
     #[test]
