@@ -87,8 +87,9 @@ pub(crate) fn expect(url: &str, engine: Engine) -> Result<()> {
 }
 
 /// `url` as this crate shows it in errors, `tracing` events and
-/// [`PgDatabase::url`](crate::PgDatabase): with the password of its user information and of
-/// a `password=` parameter replaced by `***`, by libpq's own reading of the URL. For
+/// [`PgDatabase::url`](crate::PgDatabase): with the password of its user information and
+/// the values of its `password=` and `sslpassword=` parameters replaced by `***`, by libpq's
+/// own reading of the URL. For
 /// applications that log the URLs they open.
 ///
 /// # Examples
@@ -102,8 +103,8 @@ pub fn redact_url(url: &str) -> String {
     redact(url)
 }
 
-/// `url` with the password of its user information (`user:secret@`) and of a `password=`
-/// parameter replaced by `***`, by libpq's own reading: the user information runs to the
+/// `url` with the password of its user information (`user:secret@`) and the values of its
+/// `password=` and `sslpassword=` parameters replaced by `***`, by libpq's own reading: the user information runs to the
 /// first `@` before any `/` (a `?` or `#` in it is the password's: libpq logs in with
 /// `postgresql://app:ok?Secret9@/db`). A password with an unencoded `/`, which libpq does
 /// not take for one, is hidden too (up to an `@` that comes before any `?`), and so is one
@@ -153,7 +154,12 @@ pub(crate) fn redact(url: &str) -> String {
             let params: Vec<String> = query
                 .split('&')
                 .map(|param| match param.split_once('=') {
-                    Some((key, _)) if decoded(key).eq_ignore_ascii_case("password") => {
+                    // libpq's two secrets: the password, and the one of the client's key.
+                    Some((key, _))
+                        if ["password", "sslpassword"]
+                            .iter()
+                            .any(|secret| decoded(key).eq_ignore_ascii_case(secret)) =>
+                    {
                         format!("{key}=***")
                     }
                     _ => param.to_owned(),
@@ -221,8 +227,8 @@ pub(crate) fn with_default_param(url: &str, key: &str, value: &str) -> String {
     format!("{url}{joiner}{key}={value}")
 }
 
-/// A libpq `keyword=value` string with the value of `password` (bare, or quoted with `'`)
-/// replaced by `***`.
+/// A libpq `keyword=value` string with the value of `password` and of `sslpassword` (bare,
+/// or quoted with `'`) replaced by `***`.
 #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn redact_keywords(text: &str) -> String {
     let lower = text.to_ascii_lowercase();
@@ -285,6 +291,10 @@ mod tests {
                 "postgresql:///t1?host=/tmp/x&user=postgres&password=p@ss",
                 "postgresql:///t1?host=/tmp/x&user=postgres&password=***",
             ),
+            (
+                "postgresql:///t1?host=/tmp/x&sslpassword=k3y&ss%6cpassword=k3y",
+                "postgresql:///t1?host=/tmp/x&sslpassword=***&ss%6cpassword=***",
+            ),
             ("postgresql://u:p%40w@h", "postgresql://u:***@h"),
             // libpq decodes the keys too: pass%77ord is password.
             (
@@ -331,6 +341,7 @@ mod tests {
                 "password = *** host=/tmp",
             ),
             ("host=/tmp PASSWORD=x", "host=/tmp PASSWORD=***"),
+            ("sslpassword=k3y host=/tmp", "sslpassword=*** host=/tmp"),
             ("user=app", "user=app"),
         ] {
             assert_eq!(redact_keywords(text), shown, "{text}");
