@@ -212,7 +212,7 @@ fn a_statement_pooler_is_named_as_such() {
 
 /// `PgStatus::read` (the command line's `status`) through the bouncer, declared or not,
 /// reads the database's state and leaves none of its settings on the pooler's server
-/// connections for the pooler's other clients.
+/// connections for the pooler's other clients (one that names itself keeps its name).
 #[test]
 fn status_through_a_transaction_pooler_leaves_no_setting_behind() {
     let Some((direct, bounced)) = bouncer::fresh_database(Order::RoundRobin) else {
@@ -243,6 +243,15 @@ fn status_through_a_transaction_pooler_leaves_no_setting_behind() {
                         .setting;
                 assert_eq!(seen, "0", "declared {declared}: status left {name} behind");
             }
+        }
+        // A client that names itself keeps its name on every server connection.
+        let mut named = pg::connect(&format!("{bounced}&application_name=neighbour"));
+        for _ in 0..6 {
+            let name = diesel::sql_query("SELECT current_setting('application_name') AS setting")
+                .get_result::<Setting>(&mut named)
+                .unwrap()
+                .setting;
+            assert_eq!(name, "neighbour", "declared {declared}");
         }
     }
 }

@@ -159,7 +159,7 @@ impl Options {
         let shown = PathBuf::from(server.shown());
         let source = Source::<Pg>::list(migrations)?;
         let started = Instant::now();
-        let settings = Settings::new(&self, url);
+        let settings = Settings::new(&self);
         // The open's own sessions run no write that could lose a COMMIT: no server identity.
         let open_settings = Settings {
             lost_commit_lookup: false,
@@ -700,8 +700,8 @@ impl PgDatabase {
         holders
     }
 
-    /// A session from the pool, with the layer's settings (none but `application_name`
-    /// behind a declared transaction pooler, see [`Options::transaction_pooling`]), for work
+    /// A session from the pool, with the layer's settings (none behind a declared
+    /// transaction pooler, see [`Options::transaction_pooling`]), for work
     /// that needs one directly.
     ///
     /// # Errors

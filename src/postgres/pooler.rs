@@ -210,7 +210,7 @@ fn statement_pooler(server: &super::session::Server, settings: &Settings) -> boo
 
 /// The settings of the check's sessions: those of a session behind a declared transaction
 /// pooler, which sets nothing a pooler would leave on a server connection for its other
-/// clients (only `application_name`, which PgBouncer keeps for each client). The open's
+/// clients. The open's
 /// sessions write nothing that could lose a `COMMIT`: they record no server identity.
 pub(crate) fn probe(settings: &Settings) -> Settings {
     Settings {

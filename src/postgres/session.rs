@@ -37,6 +37,12 @@ impl Server {
     /// The server `url` names. Unless the URL sets libpq's `connect_timeout`, each connection
     /// attempt gets one: the retry deadline in whole seconds, from 2 (libpq's least) to 10. A
     /// server that accepts and never answers would keep libpq waiting without end.
+    ///
+    /// Sessions are named after this program (`application_name`, what `pg_stat_activity`,
+    /// the server's log and the layer's own [`Holder`](crate::Holder)s name them by) unless
+    /// the URL or `PGAPPNAME` names them: libpq's `fallback_application_name`, sent when the
+    /// session starts. A `SET` would stay behind a transaction pooler on its server
+    /// connection, for the pooler's other clients.
     pub(crate) fn new(url: &str, options: &Options) -> Self {
         let timeout = options
             .retry
@@ -44,8 +50,13 @@ impl Server {
             .as_secs_f64()
             .ceil()
             .clamp(2.0, MAX_CONNECT_TIMEOUT.as_secs_f64()) as u64;
+        let mut connect =
+            crate::url::with_default_param(url, "connect_timeout", &timeout.to_string());
+        if let Some(name) = program_name() {
+            connect = crate::url::with_default_param(&connect, "fallback_application_name", &name);
+        }
         Self {
-            url: crate::url::with_default_param(url, "connect_timeout", &timeout.to_string()),
+            url: connect,
             shown: redact(url),
         }
     }
@@ -66,16 +77,12 @@ impl Server {
     }
 }
 
-/// The settings every session of the layer's starts with: the options' timeouts and its
-/// `application_name`.
+/// The settings every session of the layer's starts with: the options' timeouts.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
     pub statement_timeout: Option<Duration>,
     pub lock_timeout: Duration,
     pub idle_in_transaction_timeout: Option<Duration>,
-    /// `application_name`, unless the URL sets one: what `pg_stat_activity`, the server's
-    /// log and the layer's own [`Holder`](crate::Holder)s name the session by.
-    pub application_name: Option<String>,
     /// A transaction pooler keeps no session state ([`Options::transaction_pooling`]): the
     /// timeouts go `LOCAL` into each transaction instead (`pooler::local_settings`), and
     /// Diesel prepares no statement to keep.
@@ -85,14 +92,11 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    pub(crate) fn new(options: &Options, url: &str) -> Self {
+    pub(crate) fn new(options: &Options) -> Self {
         Self {
             statement_timeout: options.statement_timeout,
             lock_timeout: options.lock_timeout,
             idle_in_transaction_timeout: options.idle_in_transaction_timeout,
-            application_name: (!url.to_ascii_lowercase().contains("application_name="))
-                .then(program_name)
-                .flatten(),
             transaction_pooling: options.transaction_pooling,
             lost_commit_lookup: options.lost_commit_lookup,
         }
@@ -114,9 +118,6 @@ impl Settings {
                 calls.push(format!("set_config('{name}', '{value}', false)"));
             }
         }
-        if let Some(name) = &self.application_name {
-            calls.push(format!("set_config('application_name', '{name}', false)"));
-        }
         calls
             .iter()
             .enumerate()
@@ -124,25 +125,18 @@ impl Settings {
             .collect()
     }
 
-    /// The `SET` statements, one batch. Behind a transaction pooler only
-    /// `application_name`, which PgBouncer keeps for each client and sets on whichever
-    /// server connection it runs.
+    /// The `SET` statements, one batch; none behind a transaction pooler.
     pub(crate) fn sql(&self) -> String {
-        let mut sql = if self.transaction_pooling {
-            String::new()
-        } else {
-            format!(
-                "SET statement_timeout = {}; SET lock_timeout = {}; \
-                 SET idle_in_transaction_session_timeout = {};",
-                millis(self.statement_timeout),
-                millis(Some(self.lock_timeout)),
-                millis(self.idle_in_transaction_timeout),
-            )
-        };
-        if let Some(name) = &self.application_name {
-            sql.push_str(&format!(" SET application_name = '{name}';"));
+        if self.transaction_pooling {
+            return String::new();
         }
-        sql
+        format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}; \
+             SET idle_in_transaction_session_timeout = {};",
+            millis(self.statement_timeout),
+            millis(Some(self.lock_timeout)),
+            millis(self.idle_in_transaction_timeout),
+        )
     }
 }
 

@@ -75,7 +75,7 @@ impl PgStatus {
         // Nothing kept in the server's session: behind a transaction pooler, declared or
         // not, a session `SET` would stay on the pooler's server connection for its other
         // clients. The timeouts go `LOCAL` into the one transaction of every read.
-        let settings = Settings::new(options, url);
+        let settings = Settings::new(options);
         let mut conn = session::open(
             &server,
             &super::pooler::probe(&settings),
