@@ -490,9 +490,16 @@ impl Options {
     /// cannot run in a transaction is applied, the migration lock is held in a transaction
     /// of a second session instead of as a session lock (`CREATE INDEX CONCURRENTLY` does not
     /// wait for that idle transaction; a pooler's `idle_transaction_timeout` must leave it the
-    /// time the migrations take). A session from
-    /// [`PgDatabase::connection`](crate::PgDatabase::connection) has none of the layer's
-    /// timeouts then.
+    /// time the migrations take). The pooler's other clients may leave session settings on
+    /// its server connections: each transaction of the layer's (the migration batch, writes,
+    /// reads, [`PgStatus::read`](crate::PgStatus::read)) sets `search_path`,
+    /// `default_tablespace`, `synchronous_commit`, `session_replication_role` and
+    /// `row_security` back to the database's defaults where they differ, and a write begins
+    /// `READ WRITE` unless the database's default is read-only; a migration that cannot run
+    /// in a transaction, and the statements of a session from
+    /// [`PgDatabase::connection`](crate::PgDatabase::connection), run with what they find
+    /// (qualify names with their schema there). Such a session has none of the layer's
+    /// timeouts either.
     ///
     /// Undeclared (the default), [`Options::open_postgres`] checks whether a session's
     /// statements stay on one server connection, and refuses a URL where they move with

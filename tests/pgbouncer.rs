@@ -256,6 +256,75 @@ fn status_through_a_transaction_pooler_leaves_no_setting_behind() {
     }
 }
 
+/// Another client of the pooler leaves session settings on its server connections that
+/// change where unqualified names go, whether a commit is durable and whether a transaction
+/// may write. The declared handle's migrations, writes, reads and status run with the
+/// database's own settings all the same; nothing lands in the other client's schema.
+#[test]
+fn settings_other_clients_leave_on_the_poolers_connections_do_not_reach_the_handle() {
+    let Some((direct, bounced)) = bouncer::fresh_database(Order::RoundRobin) else {
+        return;
+    };
+    // The test server runs with synchronous_commit off; this database, with it on.
+    pg::connect(&direct)
+        .batch_execute(
+            "CREATE SCHEMA elsewhere; DO $$ BEGIN EXECUTE format(\
+             'ALTER DATABASE %I SET synchronous_commit = on', current_database()); END $$",
+        )
+        .unwrap();
+    bouncer::warm(&bounced, 3);
+    let mut other = pg::connect(&bounced);
+    for _ in 0..9 {
+        other
+            .batch_execute(
+                "SET search_path = elsewhere; SET synchronous_commit = off; \
+                 SET default_transaction_read_only = on",
+            )
+            .unwrap();
+    }
+    let seen = |conn: &mut PgConnection| -> QueryResult<String> {
+        diesel::sql_query(
+            "SELECT current_setting('search_path') || ' ' || current_setting('synchronous_commit') \
+             || ' ' || current_setting('transaction_read_only') AS setting",
+        )
+        .get_result::<Setting>(conn)
+        .map(|row| row.setting)
+    };
+    // The other client's settings are there, on every server connection.
+    for _ in 0..3 {
+        assert_eq!(seen(&mut other).unwrap(), "elsewhere off on");
+    }
+    let db = pooled().open_postgres(&bounced, MIGRATIONS).unwrap();
+    for _ in 0..6 {
+        let (value, settings) = db
+            .write(|conn| {
+                let value = bump_in_pg(conn, "a")?;
+                Ok::<_, Error>((value, seen(conn)?))
+            })
+            .unwrap();
+        assert_eq!(settings, "\"$user\", public on off", "write {value}");
+        let settings = db.read(|conn| seen(conn).map_err(Error::from)).unwrap();
+        assert_eq!(settings, "\"$user\", public on on");
+    }
+    let status = PgStatus::read(&bounced, MIGRATIONS, &pooled()).unwrap();
+    assert!(status.pending.is_empty(), "{status:?}");
+    let mut direct = pg::connect(&direct);
+    assert_eq!(
+        number(
+            &mut direct,
+            "SELECT value::bigint AS value FROM public.counters WHERE name = 'a'"
+        ),
+        6
+    );
+    assert_eq!(
+        number(
+            &mut direct,
+            "SELECT count(*) AS value FROM pg_tables WHERE schemaname = 'elsewhere'"
+        ),
+        0
+    );
+}
+
 #[test]
 fn statements_prepared_in_one_transaction_are_not_expected_in_the_next() {
     let Some((direct, bounced)) = bouncer::fresh_database(Order::RoundRobin) else {

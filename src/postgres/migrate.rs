@@ -23,6 +23,7 @@ use diesel::sql_types::{BigInt, Bool, Integer, Text};
 use diesel::{sql_query, Connection, PgConnection, QueryResult, QueryableByName, RunQueryDsl};
 use diesel_migrations::MigrationHarness;
 
+use super::pooler::Pinned;
 use super::session::millis;
 use super::PgAttempt;
 use crate::error::{Error, Operation, Result};
@@ -135,11 +136,16 @@ pub(crate) fn read_state(conn: &mut PgConnection) -> QueryResult<State> {
 }
 
 /// [`read_state`] in one read-only snapshot.
-pub(crate) fn read_snapshot(conn: &mut PgConnection) -> QueryResult<State> {
+pub(crate) fn read_snapshot(conn: &mut PgConnection, pinned: &Pinned) -> QueryResult<State> {
     conn.build_transaction()
         .repeatable_read()
         .read_only()
-        .run(read_state)
+        .run(|conn| {
+            if !pinned.select.is_empty() {
+                conn.batch_execute(&pinned.select)?;
+            }
+            read_state(conn)
+        })
 }
 
 /// The plan for `source` on `state`, and its refusal if any.
@@ -184,14 +190,19 @@ pub(crate) fn batch(
     shown: &std::path::Path,
     key: (i32, i32),
     attempt: Try,
+    pinned: &Pinned,
 ) -> Result<Vec<String>, PgAttempt<Error>> {
     let layer = |operation| move |source| PgAttempt::Layer(Error::query(operation, source));
-    AnsiTransactionManager::begin_transaction_sql(conn, "BEGIN ISOLATION LEVEL READ COMMITTED")
-        .map_err(layer(Operation::Migrate))?;
+    AnsiTransactionManager::begin_transaction_sql(
+        conn,
+        &format!("BEGIN ISOLATION LEVEL READ COMMITTED{}", pinned.read_write),
+    )
+    .map_err(layer(Operation::Migrate))?;
     let result = (|| {
         conn.batch_execute(&format!(
-            "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0",
-            millis(Some(options.lock_timeout.min(attempt.left)))
+            "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0{}",
+            millis(Some(options.lock_timeout.min(attempt.left))),
+            pinned.next_in_batch(),
         ))
         .map_err(layer(Operation::Migrate))?;
         sql_query("SELECT pg_advisory_xact_lock($1, $2)")

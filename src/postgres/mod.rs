@@ -87,6 +87,9 @@ pub struct PgDatabase {
     queue_in_transaction: bool,
     /// When this handle's writes last met a conflict.
     conflicts: queue::Conflicts,
+    /// Behind a declared transaction pooler, the database's settings each transaction sets
+    /// back (see `pooler::Pinned`).
+    pinned: pooler::Pinned,
     options: Options,
     applied: Vec<String>,
 }
@@ -203,8 +206,14 @@ impl Options {
         };
         let key = migrate::lock_key(&mut conn, &self)
             .map_err(|e| Error::query(Operation::MigrationLock, e))?;
+        let pinned = if self.transaction_pooling {
+            pooler::Pinned::read(&mut conn)
+                .map_err(|e| Error::query(Operation::ConfigureSession, e))?
+        } else {
+            pooler::Pinned::default()
+        };
         let applied = self
-            .migrate_postgres(&mut conn, &source, &shown, key, started, &|| {
+            .migrate_postgres(&mut conn, &source, &shown, key, started, &pinned, &|| {
                 open(&open_settings)
             })
             .map_err(|e| pooler::lost_at_first_begin(e, &server, &settings))?;
@@ -233,6 +242,7 @@ impl Options {
             queue_key,
             queue_in_transaction,
             conflicts: queue::Conflicts::default(),
+            pinned,
             server,
             options: self,
             applied,
@@ -247,10 +257,12 @@ impl Options {
         shown: &Path,
         key: (i32, i32),
         started: Instant,
+        pinned: &pooler::Pinned,
         open_session: &dyn Fn() -> Result<PgConnection>,
     ) -> Result<Vec<String>> {
         let read = |conn: &mut PgConnection| {
-            migrate::read_snapshot(conn).map_err(|e| Error::query(Operation::ReadMigrationState, e))
+            migrate::read_snapshot(conn, pinned)
+                .map_err(|e| Error::query(Operation::ReadMigrationState, e))
         };
         let plan = migrate::planned(source, read(conn)?, self).map_err(|r| r.at(shown))?;
         if !plan.needs_write() {
@@ -290,8 +302,8 @@ impl Options {
                         if failure::lost(&mut conn) {
                             **conn = open_session()?;
                         }
-                        migrate::batch(&mut conn, source, self, shown, key, attempt).map_err(
-                            |error| {
+                        migrate::batch(&mut conn, source, self, shown, key, attempt, pinned)
+                            .map_err(|error| {
                                 match error {
                                     // A migration's own statement met the lost session:
                                     // Diesel's migration error keeps no source, but the
@@ -307,8 +319,7 @@ impl Options {
                                     }
                                     other => other,
                                 }
-                            },
-                        )
+                            })
                     },
                     |_: &_, _| lock_holders(),
                 )
@@ -503,7 +514,7 @@ impl PgDatabase {
                     let turn_in_transaction =
                         contended && self.options.fair_queue && self.queue_in_transaction;
                     let settings = format!(
-                        "; SET LOCAL lock_timeout = {}{}{}",
+                        "; SET LOCAL lock_timeout = {}{}{}{}",
                         session::millis(Some(self.options.lock_timeout.min(attempt.left))),
                         pooler::local_settings(&self.options),
                         if turn_in_transaction {
@@ -511,8 +522,12 @@ impl PgDatabase {
                         } else {
                             String::new()
                         },
+                        self.pinned.next_in_batch(),
                     );
-                    let begin = format!("BEGIN ISOLATION LEVEL SERIALIZABLE{settings}");
+                    let begin = format!(
+                        "BEGIN ISOLATION LEVEL SERIALIZABLE{}{settings}",
+                        self.pinned.read_write
+                    );
                     // The turn is a session lock, which a transaction pooler does not keep;
                     // behind one it is taken in the transaction. Waited for in the same
                     // round trip as the BEGIN; a write that does not wait for it checks
@@ -644,9 +659,10 @@ impl PgDatabase {
             |attempt| {
                 let mut conn = self.checkout()?;
                 let begin = format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}{}",
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL lock_timeout = {}{}{}",
                     session::millis(Some(self.options.lock_timeout.min(attempt.left))),
                     pooler::local_settings(&self.options),
+                    self.pinned.next_in_batch(),
                 );
                 let (mut no_turn, not_busy) = (false, Cell::new(false));
                 let turn = Turn {

@@ -220,6 +220,90 @@ pub(crate) fn probe(settings: &Settings) -> Settings {
     }
 }
 
+/// The settings a transaction behind a transaction pooler takes back to their defaults: the
+/// pooler's other clients may have set them on the server connection (a session `SET` stays
+/// there), and they change what the layer's statements do: where unqualified names go
+/// (`search_path`, `default_tablespace`), whether a commit is durable
+/// (`synchronous_commit`), whether triggers and foreign keys fire
+/// (`session_replication_role`), whether row security applies (`row_security`). And
+/// `default_transaction_read_only`, which a write's `BEGIN` overrides with `READ WRITE`
+/// when the default is off.
+const PINNED: [&str; 6] = [
+    "search_path",
+    "default_tablespace",
+    "synchronous_commit",
+    "session_replication_role",
+    "row_security",
+    "default_transaction_read_only",
+];
+
+/// What a transaction behind a declared transaction pooler does to run with the database's
+/// settings (see [`PINNED`]), whatever the pooler's other clients left on the server
+/// connection; nothing elsewhere.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Pinned {
+    /// Run first in a transaction, after any wait for the write queue's turn (it is a
+    /// `SELECT`, which takes the transaction's snapshot): each setting that differs from
+    /// its default is set back `LOCAL` (one the session may not set fails the transaction,
+    /// instead of running without its triggers). Empty where nothing is pinned.
+    pub select: String,
+    /// Appended to a write's `BEGIN`: ` READ WRITE` unless the default is read-only.
+    pub read_write: &'static str,
+}
+
+#[derive(QueryableByName)]
+struct Reset {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+impl Pinned {
+    /// The database's defaults for [`PINNED`] (what `RESET` gives: the server's, the
+    /// database's and the role's configuration, not a session `SET`), read on `conn`.
+    pub(crate) fn read(conn: &mut PgConnection) -> QueryResult<Self> {
+        let resets: Vec<Reset> = diesel::sql_query(
+            "SELECT name::text AS name, coalesce(reset_val, '')::text AS value \
+             FROM pg_settings WHERE name = ANY($1)",
+        )
+        .bind::<diesel::sql_types::Array<Text>, _>(&PINNED[..])
+        .load(conn)?;
+        let quoted = |text: &str| format!("'{}'", text.replace('\'', "''"));
+        let mut calls = Vec::new();
+        let mut read_write = " READ WRITE";
+        for Reset { name, value } in resets {
+            if name == "default_transaction_read_only" {
+                if value != "off" {
+                    read_write = "";
+                }
+                continue;
+            }
+            let (name, value) = (quoted(&name), quoted(&value));
+            calls.push(format!(
+                "CASE WHEN current_setting({name}) IS DISTINCT FROM {value} \
+                 THEN set_config({name}, {value}, true) END"
+            ));
+        }
+        let select = if calls.is_empty() {
+            String::new()
+        } else {
+            format!("SELECT {}", calls.join(", "))
+        };
+        Ok(Self { select, read_write })
+    }
+
+    /// [`select`](Pinned::select) as the next statement of a batch: `; SELECT ...`, or
+    /// nothing.
+    pub(crate) fn next_in_batch(&self) -> String {
+        if self.select.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", self.select)
+        }
+    }
+}
+
 /// What each transaction of a `write` or `read` sets `LOCAL` after its `BEGIN` (in the same
 /// batch), beyond its `lock_timeout`: the session's timeouts when a transaction pooler keeps
 /// no session settings ([`Options::transaction_pooling`]), else nothing.

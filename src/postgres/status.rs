@@ -82,15 +82,20 @@ impl PgStatus {
             &options.retry,
             Deadline::now(&SystemClock, &options.retry),
         )?;
+        // Behind a pooler, declared or not, the transaction runs with the database's
+        // settings, not what the pooler's other clients left on the server connection.
+        let pinned = super::pooler::Pinned::read(&mut conn)
+            .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
         let (state, about, migration_lock) = conn
             .build_transaction()
             .repeatable_read()
             .read_only()
             .run(|conn| {
                 conn.batch_execute(&format!(
-                    "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+                    "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}{}",
                     session::millis(options.statement_timeout),
                     session::millis(Some(options.lock_timeout)),
+                    pinned.next_in_batch(),
                 ))?;
                 let state = migrate::read_state(conn)?;
                 let about = sql_query(
