@@ -94,6 +94,15 @@ pub struct PgDatabase {
     applied: Vec<String>,
 }
 
+/// What the steps of an open share: when it started (its deadline counts from then), the
+/// settings its transactions pin behind a declared pooler, and how it opens another session.
+#[derive(Clone, Copy)]
+struct Opening<'a> {
+    started: Instant,
+    pinned: &'a pooler::Pinned,
+    open_session: &'a dyn Fn() -> Result<PgConnection>,
+}
+
 /// What one attempt of a PostgreSQL operation failed with: a statement of the layer's, or
 /// the caller's closure with the transient failure it met, if any.
 #[derive(Debug)]
@@ -213,9 +222,17 @@ impl Options {
             pooler::Pinned::default()
         };
         let applied = self
-            .migrate_postgres(&mut conn, &source, &shown, key, started, &pinned, &|| {
-                open(&open_settings)
-            })
+            .migrate_postgres(
+                &mut conn,
+                &source,
+                &shown,
+                key,
+                &Opening {
+                    started,
+                    pinned: &pinned,
+                    open_session: &|| open(&open_settings),
+                },
+            )
             .map_err(|e| pooler::lost_at_first_begin(e, &server, &settings))?;
         let queue_key = (key.0, key.1.wrapping_add(1));
         let queue_in_transaction = self.transaction_pooling
@@ -256,10 +273,13 @@ impl Options {
         source: &Source<Pg>,
         shown: &Path,
         key: (i32, i32),
-        started: Instant,
-        pinned: &pooler::Pinned,
-        open_session: &dyn Fn() -> Result<PgConnection>,
+        opening: &Opening<'_>,
     ) -> Result<Vec<String>> {
+        let Opening {
+            started,
+            pinned,
+            open_session,
+        } = *opening;
         let read = |conn: &mut PgConnection| {
             migrate::read_snapshot(conn, pinned)
                 .map_err(|e| Error::query(Operation::ReadMigrationState, e))
