@@ -200,6 +200,17 @@ fn a_statement_pooler_is_named_as_such() {
         .unwrap_err();
         assert!(statement_pooling(&error), "declared {declared}: {error:?}");
     }
+    // Opens at once: the pooler moves one open's statements between server connections as a
+    // transaction pooler would; it is still named a statement pooler.
+    std::thread::scope(|scope| {
+        let opens: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| PgDatabase::open(&bounced, MIGRATIONS).unwrap_err()))
+            .collect();
+        for open in opens {
+            let error = open.join().unwrap();
+            assert!(statement_pooling(&error), "{error:?}");
+        }
+    });
     assert_eq!(
         number(
             &mut pg::connect(&direct),

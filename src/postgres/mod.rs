@@ -196,6 +196,12 @@ impl Options {
             };
             let checked = pooler::detect(open(&probe)?, second)?;
             if let Some(seen) = checked.pooler {
+                // A statement pooler moves a session's statements too.
+                if pooler::statement_pooler(&server, &settings) {
+                    return Err(Error::StatementPooling {
+                        url: server.shown().to_owned(),
+                    });
+                }
                 return Err(Error::TransactionPooling {
                     url: server.shown().to_owned(),
                     seen,

@@ -185,27 +185,32 @@ pub(crate) fn lost_at_first_begin(
     }
 }
 
-/// After a session of `server` was lost at its first transaction's `BEGIN`: whether `server`
-/// is a pooler in statement pooling mode (PgBouncer's `pool_mode = statement`), which closes
-/// every session that begins a transaction. Asks a fresh session (with [`probe`] settings),
-/// once: it must run a statement outside a transaction, and then be lost at its `BEGIN`. A
-/// server that went away refuses the session or loses it at its first statement; one that
-/// came back runs its `BEGIN`.
-fn statement_pooler(server: &super::session::Server, settings: &Settings) -> bool {
+/// Whether `server` is a pooler in statement pooling mode (PgBouncer's `pool_mode =
+/// statement`), which closes every session that begins a transaction. Asks two fresh
+/// sessions (with [`probe`] settings) in turn: each must run a statement outside a
+/// transaction, and then be lost at its `BEGIN`. A server that went away refuses a session
+/// or loses it at its first statement; one that came back runs its `BEGIN`; a session
+/// ended by somebody else (`pg_terminate_backend`) right at its `BEGIN` is not ended so
+/// twice in a row but by a storm of them.
+pub(crate) fn statement_pooler(server: &super::session::Server, settings: &Settings) -> bool {
     use diesel::connection::SimpleConnection;
-    let Ok(mut conn) = super::session::connect_once(server, &probe(settings)) else {
-        return false;
-    };
-    if process(&mut conn).is_err() {
-        return false;
-    }
-    match conn.batch_execute("BEGIN") {
-        Ok(()) => false,
-        Err(error) => {
-            super::failure::transient(&error) == Some(super::failure::PgFailureKind::ConnectionLost)
-                && super::failure::lost(&mut conn)
+    let closed_at_begin = || {
+        let Ok(mut conn) = super::session::connect_once(server, &probe(settings)) else {
+            return false;
+        };
+        if process(&mut conn).is_err() {
+            return false;
         }
-    }
+        match conn.batch_execute("BEGIN") {
+            Ok(()) => false,
+            Err(error) => {
+                super::failure::transient(&error)
+                    == Some(super::failure::PgFailureKind::ConnectionLost)
+                    && super::failure::lost(&mut conn)
+            }
+        }
+    };
+    closed_at_begin() && closed_at_begin()
 }
 
 /// The settings of the check's sessions: those of a session behind a declared transaction
