@@ -291,8 +291,13 @@ const UNREACHABLE: [&str; 12] = [
 ];
 
 /// The server's refusals for now, in English (57P03 and 53300; see `messages` for the other
-/// languages): whole messages, `%s` where a name goes, the reserved slots' cut short.
-const REFUSED: [&str; 9] = [
+/// languages): whole messages, `%s` where a name goes, the reserved slots' cut short; and
+/// PgBouncer's (never translated): its clients all taken, its logins to the server failing
+/// for now, the server not reached.
+const REFUSED: [&str; 12] = [
+    "no more connections allowed (max_client_conn)",
+    "server login has been failing, try again later (server_login_retry)",
+    "pgbouncer cannot connect to server",
     "the database system is starting up",
     "the database system is shutting down",
     "the database system is in recovery mode",
@@ -333,6 +338,24 @@ mod unavailable_tests {
         )));
         assert!(unavailable(&bad(
             "connection to server at \"db\" failed: FATAL:  sorry, too many clients already"
+        )));
+    }
+
+    #[test]
+    fn a_poolers_refusal_for_now_is_waited_out() {
+        let bad = |m: &str| diesel::ConnectionError::BadConnection(m.to_owned());
+        // As libpq shows PgBouncer 1.18's.
+        for refusal in [
+            "no more connections allowed (max_client_conn)",
+            "server login has been failing, try again later (server_login_retry)",
+            "pgbouncer cannot connect to server",
+        ] {
+            assert!(unavailable(&bad(&format!(
+                "connection to server on socket \"/tmp/b/.s.PGSQL.6441\" failed: FATAL:  {refusal}\n"
+            ))));
+        }
+        assert!(!unavailable(&bad(
+            "connection to server on socket \"/tmp/b/.s.PGSQL.6441\" failed: FATAL:  no such database: x"
         )));
     }
 
