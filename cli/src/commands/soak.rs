@@ -211,6 +211,8 @@ pub struct Report {
     pub failed: usize,
     /// Their errors, counted.
     pub causes: BTreeMap<String, usize>,
+    /// The hints they printed with their errors, each once.
+    pub hints: BTreeSet<String>,
     /// Writes the processes printed after their commit.
     pub acknowledged: usize,
     /// Reads, each of a whole snapshot.
@@ -269,6 +271,7 @@ impl Report {
             "processes": self.processes,
             "failed_processes": self.failed,
             "failures": self.causes,
+            "hints": self.hints,
             "acknowledged_writes": self.acknowledged,
             "reads": self.reads,
             "missing_writes": self.missing,
@@ -349,7 +352,8 @@ pub fn run_side(
         }
         if let Some(cause) = output.failure() {
             report.failed += 1;
-            *report.causes.entry(cause).or_default() += 1;
+            *report.causes.entry(cause.to_owned()).or_default() += 1;
+            report.hints.extend(output.hint().map(str::to_owned));
         }
     }
     latencies.sort_unstable();
@@ -503,6 +507,10 @@ impl Column for Report {
 
     fn causes(&self) -> &BTreeMap<String, usize> {
         &self.causes
+    }
+
+    fn hints(&self) -> &BTreeSet<String> {
+        &self.hints
     }
 }
 

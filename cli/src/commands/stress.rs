@@ -2,7 +2,7 @@
 //! fresh database, started together; the report says whether this filesystem and this load
 //! are safe, and (with `--compare`) how the plain Diesel setup fares under the same load.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ pub struct Report {
     pub failed: usize,
     /// Their errors, counted.
     pub causes: BTreeMap<String, usize>,
+    /// The hints they printed with their errors, each once.
+    pub hints: BTreeSet<String>,
     /// Versions the processes printed after their commit.
     pub acknowledged: usize,
     /// Version rows in the file.
@@ -178,7 +180,8 @@ fn run_side_in(
         }
         if let Some(cause) = output.failure() {
             report.failed += 1;
-            *report.causes.entry(cause).or_default() += 1;
+            *report.causes.entry(cause.to_owned()).or_default() += 1;
+            report.hints.extend(output.hint().map(str::to_owned));
         }
     }
     if barrier_dir.is_some() {
@@ -300,6 +303,7 @@ impl Report {
             "label": self.label,
             "failed_processes": self.failed,
             "failures_by_cause": self.causes,
+            "hints": self.hints,
             "acknowledged_writes": self.acknowledged,
             "stored_versions": self.stored,
             "distinct_gapless": self.distinct_gapless,
@@ -324,6 +328,10 @@ impl Column for Report {
 
     fn causes(&self) -> &BTreeMap<String, usize> {
         &self.causes
+    }
+
+    fn hints(&self) -> &BTreeSet<String> {
+        &self.hints
     }
 }
 

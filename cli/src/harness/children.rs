@@ -20,17 +20,22 @@ pub struct Output {
 }
 
 impl Output {
-    /// The error line the process printed (without `error: `), if it failed, with its
-    /// `hint: ` line if it printed one.
-    pub fn failure(&self) -> Option<String> {
+    /// The error line the process printed (without `error: `), if it failed.
+    pub fn failure(&self) -> Option<&str> {
         (!self.success).then(|| {
-            let line = |prefix| self.stderr.lines().find_map(|l| l.strip_prefix(prefix));
-            let error = line("error: ").unwrap_or("exited without an error line");
-            match line("hint: ") {
-                Some(hint) => format!("{error} (hint: {hint})"),
-                None => error.to_owned(),
-            }
+            self.line("error: ")
+                .unwrap_or("exited without an error line")
         })
+    }
+
+    /// The hint the process printed with its error (without `hint: `), if it failed.
+    pub fn hint(&self) -> Option<&str> {
+        (!self.success).then(|| self.line("hint: ")).flatten()
+    }
+
+    /// The first line of stderr that starts with `prefix`, without it.
+    fn line(&self, prefix: &str) -> Option<&str> {
+        self.stderr.lines().find_map(|l| l.strip_prefix(prefix))
     }
 }
 

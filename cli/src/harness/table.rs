@@ -1,6 +1,6 @@
 //! The side-by-side tables `stress` and `soak` print.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A side of a table: one column.
 pub trait Column {
@@ -8,10 +8,12 @@ pub trait Column {
     fn label(&self) -> &str;
     /// Its processes' failures, by cause.
     fn causes(&self) -> &BTreeMap<String, usize>;
+    /// The hints they printed with their errors.
+    fn hints(&self) -> &BTreeSet<String>;
 }
 
 /// Prints one row per `(name, cell)` with one column per report (as wide as its widest
-/// cell), then each report's failures by cause.
+/// cell), then each report's failures by cause and their hints.
 ///
 /// # Errors
 /// [`Error::Output`](crate::Error::Output) if standard output cannot be written.
@@ -52,6 +54,9 @@ pub fn print<R: Column, F: Fn(&R) -> String>(
         crate::outln!("{} failures by cause:", r.label())?;
         for (cause, n) in r.causes() {
             crate::outln!("  {n:>4} x {cause}")?;
+        }
+        for hint in r.hints() {
+            crate::outln!("  hint: {hint}")?;
         }
     }
     Ok(())
