@@ -604,3 +604,100 @@ fn waiting_for_the_server_child() {
         .unwrap_err();
     assert!(matches!(error, Error::Connect { .. }), "{error:?}");
 }
+
+/// Ends every other session of `url`'s database every 250 ms until `stop` is set (an open
+/// takes a few of them on a loaded machine); how many it ended.
+fn terminate_storm(url: &str, stop: &std::sync::atomic::AtomicBool) -> i64 {
+    let mut admin = pg::connect(url);
+    let mut ended = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        ended += diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND backend_type = 'client backend'",
+        )
+        .get_result::<i64>(&mut admin)
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ended
+}
+
+/// Sessions ended every 250 ms (as a storm of `pg_terminate_backend`, or a restarting server
+/// would): opens run again when a session is lost during one of their steps, writes when
+/// Diesel gives up on a session, and none fails or is lost. Plain Diesel under the same
+/// storm fails (a session lost at each step).
+#[test]
+fn opens_and_writes_go_through_a_storm_of_ended_sessions() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    drop(PgDatabase::open(&url, MIGRATIONS).unwrap());
+    let (stop, writing) = (AtomicBool::new(false), AtomicBool::new(true));
+    let (layer, plain, ended) = std::thread::scope(|scope| {
+        let storm = scope.spawn(|| terminate_storm(&url, &stop));
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let url = &url;
+                scope.spawn(move || {
+                    let name = format!("w{w}");
+                    let mut failures = Vec::new();
+                    for _ in 0..6 {
+                        let written = options(Duration::from_secs(60))
+                            .open_postgres(url, MIGRATIONS)
+                            .and_then(|db| {
+                                (0..5).try_for_each(|_| {
+                                    db.write(|conn| increment(conn, &name).map_err(Error::from))
+                                        .map(drop)
+                                })
+                            });
+                        if let Err(error) = written {
+                            failures.push(format!("{error:?}"));
+                        }
+                    }
+                    failures
+                })
+            })
+            .collect();
+        // Plain Diesel, while the layer's writers run: a session, and transactions of the
+        // same statements on it until one fails.
+        let plain = scope.spawn(|| {
+            let mut failed = 0;
+            while writing.load(Ordering::SeqCst) {
+                match PgConnection::establish(&url) {
+                    Err(_) => failed += 1,
+                    Ok(mut conn) => {
+                        while writing.load(Ordering::SeqCst) {
+                            if conn.transaction(|conn| increment(conn, "plain")).is_err() {
+                                failed += 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            failed
+        });
+        let layer: Vec<String> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        writing.store(false, Ordering::SeqCst);
+        let plain = plain.join().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        (layer, plain, storm.join().unwrap())
+    });
+    assert!(layer.is_empty(), "{} failed: {layer:#?}", layer.len());
+    assert!(ended > 0);
+    let mut conn = pg::connect(&url);
+    for w in 0..4 {
+        let value = diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+            "SELECT value FROM counters WHERE name = 'w{w}'"
+        ))
+        .get_result::<i64>(&mut conn)
+        .unwrap();
+        assert_eq!(value, 30, "w{w}");
+    }
+    assert!(plain > 0, "plain Diesel never met an ended session");
+}

@@ -99,6 +99,10 @@ pub(crate) fn transient(error: &DieselError) -> Option<PgFailureKind> {
             None => by_libpq_message(info.message()),
         },
         DieselError::RollbackErrorOnCommit { commit_error, .. } => transient(commit_error),
+        // Diesel's transaction manager gave up on the session: its connection went bad
+        // (libpq's status unknown) or a rollback failed. Nothing more is sent on it (not a
+        // `COMMIT` either); a fresh session runs the transaction again.
+        DieselError::BrokenTransactionManager => Some(PgFailureKind::ConnectionLost),
         _ => None,
     }
 }

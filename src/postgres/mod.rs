@@ -185,65 +185,93 @@ impl Options {
                 Deadline::at(&SystemClock, started, &self.retry),
             )
         };
-        let checked = if !self.pooler_declared {
-            // Before the first session SET, which a pooler would leave on a server connection.
-            // The check's second session is tried once: a full server is waited for only for
-            // the session the open needs.
-            let probe = pooler::probe(&settings);
-            let second = {
-                let (server, probe) = (server.clone(), probe.clone());
-                move || session::connect_once(&server, &probe)
-            };
-            let checked = pooler::detect(open(&probe)?, second)?;
-            if let Some(seen) = checked.pooler {
-                // A statement pooler moves a session's statements too.
-                if pooler::statement_pooler(&server, &settings) {
-                    return Err(Error::StatementPooling {
+        // One attempt of the open's steps after its first connection; the whole of it runs
+        // again, within the retry deadline, when a session is lost meanwhile (a server
+        // restarting, sessions terminated): each step is a read, or the migration batch,
+        // which re-reads under its lock what a lost attempt left.
+        let attempt = || -> Result<_> {
+            let checked = if !self.pooler_declared {
+                // Before the first session SET, which a pooler would leave on a server connection.
+                // The check's second session is tried once: a full server is waited for only for
+                // the session the open needs.
+                let probe = pooler::probe(&settings);
+                let second = {
+                    let (server, probe) = (server.clone(), probe.clone());
+                    move || session::connect_once(&server, &probe)
+                };
+                let checked = pooler::detect(open(&probe)?, second)?;
+                if let Some(seen) = checked.pooler {
+                    // A statement pooler moves a session's statements too.
+                    if pooler::statement_pooler(&server, &settings) {
+                        return Err(Error::StatementPooling {
+                            url: server.shown().to_owned(),
+                        });
+                    }
+                    return Err(Error::TransactionPooling {
                         url: server.shown().to_owned(),
+                        seen,
                     });
                 }
-                return Err(Error::TransactionPooling {
-                    url: server.shown().to_owned(),
-                    seen,
-                });
+                // No pooler: the check's first session is the open's, with its settings now.
+                let mut conn = checked.first;
+                diesel::connection::SimpleConnection::batch_execute(&mut conn, &settings.sql())
+                    .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
+                Some(conn)
+            } else {
+                None
+            };
+            let mut conn = match checked {
+                Some(conn) => conn,
+                None => open(&open_settings)?,
+            };
+            let key = migrate::lock_key(&mut conn, &self)
+                .map_err(|e| Error::query(Operation::MigrationLock, e))?;
+            let pinned = if self.transaction_pooling {
+                pooler::Pinned::read(&mut conn)
+                    .map_err(|e| Error::query(Operation::ConfigureSession, e))?
+            } else {
+                pooler::Pinned::default()
+            };
+            let applied = self
+                .migrate_postgres(
+                    &mut conn,
+                    &source,
+                    &shown,
+                    key,
+                    &Opening {
+                        started,
+                        pinned: &pinned,
+                        open_session: &|| open(&open_settings),
+                    },
+                )
+                .map_err(|e| pooler::lost_at_first_begin(e, &server, &settings))?;
+            let queue_in_transaction = self.transaction_pooling
+                && queue::turn_in_transaction_usable(&mut conn)
+                    .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
+            Ok((conn, key, pinned, applied, queue_in_transaction))
+        };
+        let mut delays = self.retry.delays();
+        let (conn, key, pinned, applied, queue_in_transaction) = loop {
+            match attempt() {
+                Err(error) if session::lost_during_open(&error) => {
+                    let left = self.retry.deadline().saturating_sub(started.elapsed());
+                    let delay = delays.next().unwrap_or(left).min(left);
+                    if delay.is_zero() {
+                        break Err(error);
+                    }
+                    tracing::info!(
+                        db.system.name = DB_SYSTEM,
+                        db.namespace = %server.namespace(),
+                        error = %crate::escaped::Escaped::new(&crate::error::error_chain(&error)),
+                        delay_ms = delay.as_millis() as u64,
+                        "a session was lost during the open; opening again"
+                    );
+                    std::thread::sleep(delay);
+                }
+                other => break other,
             }
-            // No pooler: the check's first session is the open's, with its settings now.
-            let mut conn = checked.first;
-            diesel::connection::SimpleConnection::batch_execute(&mut conn, &settings.sql())
-                .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
-            Some(conn)
-        } else {
-            None
-        };
-        let mut conn = match checked {
-            Some(conn) => conn,
-            None => open(&open_settings)?,
-        };
-        let key = migrate::lock_key(&mut conn, &self)
-            .map_err(|e| Error::query(Operation::MigrationLock, e))?;
-        let pinned = if self.transaction_pooling {
-            pooler::Pinned::read(&mut conn)
-                .map_err(|e| Error::query(Operation::ConfigureSession, e))?
-        } else {
-            pooler::Pinned::default()
-        };
-        let applied = self
-            .migrate_postgres(
-                &mut conn,
-                &source,
-                &shown,
-                key,
-                &Opening {
-                    started,
-                    pinned: &pinned,
-                    open_session: &|| open(&open_settings),
-                },
-            )
-            .map_err(|e| pooler::lost_at_first_begin(e, &server, &settings))?;
+        }?;
         let queue_key = (key.0, key.1.wrapping_add(1));
-        let queue_in_transaction = self.transaction_pooling
-            && queue::turn_in_transaction_usable(&mut conn)
-                .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
         // Migrations ran without a statement timeout; the pooled sessions get the options'.
         let manager = PgManager::new(&server, settings);
         // The open's session becomes the pool's first, one connection less per process.
@@ -633,8 +661,11 @@ impl PgDatabase {
                     self.conflicts.met();
                 }
                 // Whichever statement met it (the queue's too): the server ended the
-                // session, and the turn with it; the next attempt takes a fresh one.
-                if result.is_err() && failure::lost(conn) {
+                // session, and the turn with it (or Diesel gave up on it, and the pool
+                // closes it); the next attempt takes a fresh one.
+                if result.is_err()
+                    && (failure::lost(conn) || diesel::r2d2::R2D2Connection::is_broken(&mut **conn))
+                {
                     *held = None;
                     queued = false;
                 }

@@ -246,8 +246,15 @@ pub(crate) fn connect_once(server: &Server, settings: &Settings) -> Result<PgCon
 /// called `setlocale`; a server's are in its `lc_messages`: its refusals are also read in
 /// the other languages of its catalogs (see `messages`).
 pub(crate) fn unavailable(error: &diesel::ConnectionError) -> bool {
-    let diesel::ConnectionError::BadConnection(message) = error else {
-        return false;
+    let message = match error {
+        diesel::ConnectionError::BadConnection(message) => message,
+        // Connected, then lost while Diesel set the session up (`SET TIME ZONE`): ended by
+        // the server or an administrator meanwhile.
+        diesel::ConnectionError::CouldntSetupConfiguration(error) => {
+            return super::failure::transient(error)
+                == Some(super::failure::PgFailureKind::ConnectionLost)
+        }
+        _ => return false,
     };
     // One line per server tried: `connection to server on socket "PATH" failed: CAUSE` (or
     // `at "HOST" (ADDRESS), port N`), and libpq before 14: `could not connect to server:
@@ -290,11 +297,24 @@ const UNREACHABLE: [&str; 12] = [
     "could not make a writable connection to server",
 ];
 
+/// Whether `error`, from a step of an open after its first connection, is a session lost
+/// meanwhile (its server restarting, or `pg_terminate_backend`): the open runs again.
+pub(crate) fn lost_during_open(error: &Error) -> bool {
+    match error {
+        Error::Query { source, .. } | Error::Storage { source, .. } => {
+            super::failure::transient(source) == Some(super::failure::PgFailureKind::ConnectionLost)
+        }
+        _ => false,
+    }
+}
+
 /// The server's refusals for now, in English (57P03 and 53300; see `messages` for the other
-/// languages): whole messages, `%s` where a name goes, the reserved slots' cut short; and
-/// PgBouncer's (never translated): its clients all taken, its logins to the server failing
-/// for now, the server not reached.
-const REFUSED: [&str; 12] = [
+/// languages): whole messages, `%s` where a name goes, the reserved slots' cut short; a
+/// session ended while it started (57P01, English only); and PgBouncer's (never
+/// translated): its clients all taken, its logins to the server failing for now, the server
+/// not reached.
+const REFUSED: [&str; 13] = [
+    "terminating connection due to administrator command",
     "no more connections allowed (max_client_conn)",
     "server login has been failing, try again later (server_login_retry)",
     "pgbouncer cannot connect to server",
