@@ -167,8 +167,9 @@ pub enum Error {
     /// `pool_mode = statement`), which closes every session that begins a transaction: the
     /// layer's migrations, writes and reads are transactions. Told at open (and by
     /// [`PgStatus::read`](crate::PgStatus::read)) when a session is lost at its first
-    /// `BEGIN` and a fresh session, whose statements outside a transaction run, is lost at
-    /// its `BEGIN` too.
+    /// `BEGIN` (or the open's check sees its statements move between server connections)
+    /// and two fresh sessions in turn, whose statements outside a transaction run, are each
+    /// lost at their `BEGIN` too.
     #[error("{url} leads to a statement pooler: sessions are closed at BEGIN", url = Escaped::new(.url))]
     StatementPooling {
         /// The URL, without its password.
