@@ -312,6 +312,15 @@ impl Board {
         self.named().store(now, SeqCst);
         self.next().store(owner, SeqCst);
         let seat = self.seat(i);
+        // Named, it is to show it is alive again within a BACKSTOP (it does when it wakes
+        // and does not get the turn), else it is passed over as stale: a waiter that does not
+        // wake (stopped, or starved of the CPU) is not named again, nor ends streaks, until
+        // it shows it is alive; it keeps its place then (see `Seat::alive`). Before, every
+        // hand-over held back HANDOFF for it until it went stale.
+        let _ = seat.seen.fetch_min(
+            now.saturating_sub((STALE - BACKSTOP).as_nanos() as u64),
+            SeqCst,
+        );
         seat.wake.fetch_add(1, SeqCst);
         futex_wake(seat.wake, 1);
     }
@@ -535,6 +544,31 @@ mod tests {
         drop(stopped);
         assert_eq!(mine.seated().load(SeqCst), seated - 1);
         assert_eq!(mine.seat(first).owner.load(SeqCst), other);
+    }
+
+    #[test]
+    fn a_seat_named_that_does_not_wake_is_passed_over_until_it_shows_it_is_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-lock");
+        let mine = board(&path);
+        let now = Instant::now();
+        let stopped = mine.sit(now - Duration::from_millis(50)).unwrap();
+        let other = mine.sit(now).unwrap();
+        mine.released();
+        assert_eq!(mine.next().load(SeqCst), stopped.me);
+        // It does not wake (stopped): after a BACKSTOP the next hand-over names the other.
+        std::thread::sleep(BACKSTOP + Duration::from_millis(5));
+        for _ in 0..2 {
+            // The other shows it is alive, as a waiting thread does each time it sleeps.
+            other.alive();
+            mine.released();
+            assert_eq!(mine.next().load(SeqCst), other.me);
+            other.took_turn();
+        }
+        // Once it shows it is alive, it is the oldest again, and named.
+        stopped.alive();
+        mine.released();
+        assert_eq!(mine.next().load(SeqCst), stopped.me);
     }
 
     #[test]
