@@ -701,3 +701,85 @@ fn opens_and_writes_go_through_a_storm_of_ended_sessions() {
     }
     assert!(plain > 0, "plain Diesel never met an ended session");
 }
+
+/// A migration that cannot run in a transaction (`CREATE INDEX CONCURRENTLY`, held up by an
+/// older transaction) while 6 more opens wait for the migration lock in autocommit; their
+/// sessions are ended meanwhile. They wait on new sessions (they tried on the dead ones
+/// until the deadline, and all failed), and the index is built once, valid.
+#[test]
+fn opens_waiting_for_a_migration_outside_a_transaction_outlive_their_sessions() {
+    let Some(url) = pg::fresh_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    common::migrations_dir(
+        dir.path(),
+        &[
+            (
+                "2026-12-01-000001_table",
+                "CREATE TABLE t (v INT); INSERT INTO t SELECT generate_series(1, 1000);",
+                true,
+            ),
+            (
+                "2026-12-01-000002_index",
+                "CREATE INDEX CONCURRENTLY t_v ON t (v);",
+                false,
+            ),
+        ],
+    );
+    // An older transaction, with a snapshot, that the index build waits for.
+    let mut older = pg::connect(&url);
+    older
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT txid_current();")
+        .unwrap();
+    let opens: Vec<_> = (0..7)
+        .map(|_| {
+            let (url, path) = (url.clone(), dir.path().to_owned());
+            std::thread::spawn(move || {
+                options(Duration::from_secs(20)).open_postgres(
+                    &url,
+                    diesel_migrations::FileBasedMigrations::from_path(path).unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut admin = pg::connect(&url);
+    let building = pg::wait_until(Duration::from_secs(60), || {
+        diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX CONCURRENTLY%'",
+        )
+        .get_result::<i64>(&mut admin)
+        .unwrap()
+            > 0
+    });
+    assert!(building, "the index build never started");
+    // Every session of the database but the builder's, the older transaction's and this one.
+    let ended = diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+         AND backend_type = 'client backend' AND state <> 'idle in transaction' \
+         AND query NOT LIKE 'CREATE INDEX CONCURRENTLY%'",
+    )
+    .get_result::<i64>(&mut admin)
+    .unwrap();
+    assert!(ended > 0, "no waiting session to end");
+    std::thread::sleep(Duration::from_millis(500));
+    older.batch_execute("COMMIT").unwrap();
+    let results: Vec<_> = opens
+        .into_iter()
+        .map(|open| within(Duration::from_secs(90), move || open.join().unwrap()))
+        .collect();
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    let applied: usize = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().applied_at_open().len())
+        .sum();
+    assert_eq!(applied, 2, "each migration applied once");
+    let invalid = diesel::dsl::sql::<diesel::sql_types::BigInt>(
+        "SELECT count(*) FROM pg_index WHERE NOT indisvalid",
+    )
+    .get_result::<i64>(&mut admin)
+    .unwrap();
+    assert_eq!(invalid, 0);
+}

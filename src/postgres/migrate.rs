@@ -405,11 +405,19 @@ impl SessionLock {
     }
 }
 
-/// Turns the statement timeout off for this session's migrations (a migration may rewrite a
-/// large table), and back to the options' value afterwards.
-pub(crate) fn statement_timeout(
+/// Turns the statement and lock timeouts off for this session's migrations that cannot run
+/// in a transaction, and back to the options' values afterwards: a migration may rewrite a
+/// large table, and `CREATE INDEX CONCURRENTLY` waits for every older transaction (a lock
+/// timeout cancelled it half-way, and left an invalid index that the next run of the
+/// migration meets: "relation already exists").
+pub(crate) fn timeouts(
     conn: &mut PgConnection,
-    timeout: Option<Duration>,
+    statement: Option<Duration>,
+    lock: Option<Duration>,
 ) -> QueryResult<()> {
-    conn.batch_execute(&format!("SET statement_timeout = {}", millis(timeout)))
+    conn.batch_execute(&format!(
+        "SET statement_timeout = {}; SET lock_timeout = {}",
+        millis(statement),
+        millis(lock)
+    ))
 }

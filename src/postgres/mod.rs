@@ -189,6 +189,9 @@ impl Options {
         // again, within the retry deadline, when a session is lost meanwhile (a server
         // restarting, sessions terminated): each step is a read, or the migration batch,
         // which re-reads under its lock what a lost attempt left.
+        // Whether the last attempt's migrating session was lost (a migration's own error
+        // keeps no source to tell it by).
+        let migrating_lost = Cell::new(false);
         let attempt = || -> Result<_> {
             let checked = if !self.pooler_declared {
                 // Before the first session SET, which a pooler would leave on a server connection.
@@ -244,7 +247,13 @@ impl Options {
                         open_session: &|| open(&open_settings),
                     },
                 )
-                .map_err(|e| pooler::lost_at_first_begin(e, &server, &settings))?;
+                .map_err(|e| {
+                    let e = pooler::lost_at_first_begin(e, &server, &settings);
+                    migrating_lost.set(
+                        !matches!(e, Error::StatementPooling { .. }) && failure::lost(&mut conn),
+                    );
+                    e
+                })?;
             let queue_in_transaction = self.transaction_pooling
                 && queue::turn_in_transaction_usable(&mut conn)
                     .map_err(|e| Error::query(Operation::ConfigureSession, e))?;
@@ -253,7 +262,7 @@ impl Options {
         let mut delays = self.retry.delays();
         let (conn, key, pinned, applied, queue_in_transaction) = loop {
             match attempt() {
-                Err(error) if session::lost_during_open(&error) => {
+                Err(error) if migrating_lost.take() || session::lost_during_open(&error) => {
                     let left = self.retry.deadline().saturating_sub(started.elapsed());
                     let delay = delays.next().unwrap_or(left).min(left);
                     if delay.is_zero() {
@@ -393,15 +402,27 @@ impl Options {
                 deadline(first, policy),
                 db,
                 Operation::MigrationLock,
-                |_| match lock.try_take(&mut conn.borrow_mut(), key) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
-                        url: shown.display().to_string(),
-                    })),
-                    Err(source) => Err(PgAttempt::Layer(Error::query(
-                        Operation::MigrationLock,
-                        source,
-                    ))),
+                |_| {
+                    let mut conn = conn.borrow_mut();
+                    // The server ended a session (a restart): the next try runs on a new one.
+                    if failure::lost(&mut conn) {
+                        **conn = open_session()?;
+                    }
+                    if let migrate::SessionLock::Held(holder) = &mut lock {
+                        if failure::lost(holder) {
+                            *holder = open_session()?;
+                        }
+                    }
+                    match lock.try_take(&mut conn, key) {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(PgAttempt::<Error>::Layer(Error::MigrationLockHeld {
+                            url: shown.display().to_string(),
+                        })),
+                        Err(source) => Err(PgAttempt::Layer(Error::query(
+                            Operation::MigrationLock,
+                            source,
+                        ))),
+                    }
                 },
                 |_: &_, _| lock_holders(),
             )
@@ -412,14 +433,14 @@ impl Options {
         let own_session = lock.own_session();
         let result = (|| {
             if own_session {
-                migrate::statement_timeout(conn, None)
+                migrate::timeouts(conn, None, None)
                     .map_err(|e| Error::query(Operation::Migrate, e))?;
             }
             let state = read(conn)?;
             let plan = migrate::planned(source, state, self).map_err(|r| r.at(shown))?;
             let applied = migrate::apply(conn, source, &plan, &plan.pending, false)?;
             if own_session {
-                migrate::statement_timeout(conn, self.statement_timeout)
+                migrate::timeouts(conn, self.statement_timeout, Some(self.lock_timeout))
                     .map_err(|e| Error::query(Operation::Migrate, e))?;
             }
             Ok(applied)
