@@ -492,7 +492,7 @@ impl Options {
     /// wait for that idle transaction; a pooler's `idle_transaction_timeout` must leave it the
     /// time the migrations take). The pooler's other clients may leave session settings on
     /// its server connections: each transaction of the layer's (the migration batch, writes,
-    /// reads, [`PgStatus::read`](crate::PgStatus::read)) sets `search_path`,
+    /// reads, [`PgStatus::read`](crate::PgStatus::read)) sets the role, `search_path`,
     /// `default_tablespace`, `synchronous_commit`, `session_replication_role` and
     /// `row_security` back to the database's defaults where they differ, and a write begins
     /// `READ WRITE` unless the database's default is read-only; a migration that cannot run

@@ -277,33 +277,39 @@ fn settings_other_clients_leave_on_the_poolers_connections_do_not_reach_the_hand
         return;
     };
     // The test server runs with synchronous_commit off; this database, with it on.
+    // And a role the test's user may become, whose schema "$user" would name.
+    let neighbour = format!("neighbour_{}", std::process::id());
     pg::connect(&direct)
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE SCHEMA elsewhere; DO $$ BEGIN EXECUTE format(\
-             'ALTER DATABASE %I SET synchronous_commit = on', current_database()); END $$",
-        )
+             'ALTER DATABASE %I SET synchronous_commit = on', current_database()); END $$; \
+             DO $$ BEGIN CREATE ROLE {neighbour}; EXCEPTION WHEN duplicate_object THEN NULL; \
+             END $$; GRANT {neighbour} TO CURRENT_USER; \
+             CREATE SCHEMA {neighbour} AUTHORIZATION {neighbour}"
+        ))
         .unwrap();
     bouncer::warm(&bounced, 3);
     let mut other = pg::connect(&bounced);
     for _ in 0..9 {
         other
-            .batch_execute(
+            .batch_execute(&format!(
                 "SET search_path = elsewhere; SET synchronous_commit = off; \
-                 SET default_transaction_read_only = on",
-            )
+                 SET default_transaction_read_only = on; SET ROLE {neighbour}"
+            ))
             .unwrap();
     }
     let seen = |conn: &mut PgConnection| -> QueryResult<String> {
         diesel::sql_query(
             "SELECT current_setting('search_path') || ' ' || current_setting('synchronous_commit') \
-             || ' ' || current_setting('transaction_read_only') AS setting",
+             || ' ' || current_setting('transaction_read_only') \
+             || ' ' || (current_user = session_user)::text AS setting",
         )
         .get_result::<Setting>(conn)
         .map(|row| row.setting)
     };
     // The other client's settings are there, on every server connection.
     for _ in 0..3 {
-        assert_eq!(seen(&mut other).unwrap(), "elsewhere off on");
+        assert_eq!(seen(&mut other).unwrap(), "elsewhere off on false");
     }
     let db = pooled().open_postgres(&bounced, MIGRATIONS).unwrap();
     for _ in 0..6 {
@@ -313,9 +319,9 @@ fn settings_other_clients_leave_on_the_poolers_connections_do_not_reach_the_hand
                 Ok::<_, Error>((value, seen(conn)?))
             })
             .unwrap();
-        assert_eq!(settings, "\"$user\", public on off", "write {value}");
+        assert_eq!(settings, "\"$user\", public on off true", "write {value}");
         let settings = db.read(|conn| seen(conn).map_err(Error::from)).unwrap();
-        assert_eq!(settings, "\"$user\", public on on");
+        assert_eq!(settings, "\"$user\", public on on true");
     }
     let status = PgStatus::read(&bounced, MIGRATIONS, &pooled()).unwrap();
     assert!(status.pending.is_empty(), "{status:?}");
@@ -330,7 +336,10 @@ fn settings_other_clients_leave_on_the_poolers_connections_do_not_reach_the_hand
     assert_eq!(
         number(
             &mut direct,
-            "SELECT count(*) AS value FROM pg_tables WHERE schemaname = 'elsewhere'"
+            &format!(
+                "SELECT count(*) AS value FROM pg_tables \
+                 WHERE schemaname IN ('elsewhere', '{neighbour}')"
+            )
         ),
         0
     );

@@ -232,7 +232,7 @@ pub(crate) fn probe(settings: &Settings) -> Settings {
 /// (`synchronous_commit`), whether triggers and foreign keys fire
 /// (`session_replication_role`), whether row security applies (`row_security`). And
 /// `default_transaction_read_only`, which a write's `BEGIN` overrides with `READ WRITE`
-/// when the default is off.
+/// when the default is off. The role too (see [`Pinned::read`]).
 const PINNED: [&str; 6] = [
     "search_path",
     "default_tablespace",
@@ -290,11 +290,29 @@ impl Pinned {
                  THEN set_config({name}, {value}, true) END"
             ));
         }
-        let select = if calls.is_empty() {
-            String::new()
-        } else {
-            format!("SELECT {}", calls.join(", "))
-        };
+        // The role, which `pg_settings` does not show: the session user's own, or the one
+        // `ALTER ROLE ... [IN DATABASE ...] SET role` gives it (this database's first). A
+        // neighbour's `SET ROLE` would make the layer's statements another role's, and
+        // `"$user"` in the search path another schema.
+        let role = diesel::sql_query(
+            "SELECT coalesce((SELECT substr(c, 6) FROM pg_db_role_setting s, \
+               unnest(s.setconfig) c WHERE s.setrole = (SELECT oid FROM pg_roles \
+               WHERE rolname = session_user) AND s.setdatabase IN (0, (SELECT oid \
+               FROM pg_database WHERE datname = current_database())) AND c LIKE 'role=%' \
+               ORDER BY s.setdatabase DESC LIMIT 1), 'none')::text AS name, ''::text AS value",
+        )
+        .get_result::<Reset>(conn)?
+        .name;
+        let role = quoted(&role);
+        // First: the search path's "$user" is read as each statement runs.
+        calls.insert(
+            0,
+            format!(
+                "CASE WHEN current_setting('role') IS DISTINCT FROM {role} \
+                 THEN set_config('role', {role}, true) END"
+            ),
+        );
+        let select = format!("SELECT {}", calls.join(", "));
         Ok(Self { select, read_write })
     }
 
