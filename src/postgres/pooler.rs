@@ -266,11 +266,26 @@ struct Reset {
 
 impl Pinned {
     /// The database's defaults for [`PINNED`] (what `RESET` gives: the server's, the
-    /// database's and the role's configuration, not a session `SET`), read on `conn`.
+    /// database's and the role's configuration, not a session `SET`), and the role's, read
+    /// on `conn` in one round trip.
+    ///
+    /// The role, which `pg_settings` does not show, is the session user's own, or the one
+    /// `ALTER ROLE ... [IN DATABASE ...] SET role` gives it (this database's first). A
+    /// neighbour's `SET ROLE` would make the layer's statements another role's, and
+    /// `"$user"` in the search path another schema; so it is set first (the search path's
+    /// `"$user"` is read as each statement runs).
     pub(crate) fn read(conn: &mut PgConnection) -> QueryResult<Self> {
         let resets: Vec<Reset> = diesel::sql_query(
-            "SELECT name::text AS name, coalesce(reset_val, '')::text AS value \
-             FROM pg_settings WHERE name = ANY($1)",
+            "SELECT name, value FROM (\
+               SELECT 'role'::text AS name, coalesce((SELECT substr(c, 6) \
+                 FROM pg_db_role_setting s, unnest(s.setconfig) c \
+                 WHERE s.setrole = (SELECT oid FROM pg_roles WHERE rolname = session_user) \
+                 AND s.setdatabase IN (0, (SELECT oid FROM pg_database \
+                   WHERE datname = current_database())) AND c LIKE 'role=%' \
+                 ORDER BY s.setdatabase DESC LIMIT 1), 'none')::text AS value \
+               UNION ALL SELECT name::text, coalesce(reset_val, '')::text \
+                 FROM pg_settings WHERE name = ANY($1)) settings \
+             ORDER BY name <> 'role'",
         )
         .bind::<diesel::sql_types::Array<Text>, _>(&PINNED[..])
         .load(conn)?;
@@ -290,28 +305,6 @@ impl Pinned {
                  THEN set_config({name}, {value}, true) END"
             ));
         }
-        // The role, which `pg_settings` does not show: the session user's own, or the one
-        // `ALTER ROLE ... [IN DATABASE ...] SET role` gives it (this database's first). A
-        // neighbour's `SET ROLE` would make the layer's statements another role's, and
-        // `"$user"` in the search path another schema.
-        let role = diesel::sql_query(
-            "SELECT coalesce((SELECT substr(c, 6) FROM pg_db_role_setting s, \
-               unnest(s.setconfig) c WHERE s.setrole = (SELECT oid FROM pg_roles \
-               WHERE rolname = session_user) AND s.setdatabase IN (0, (SELECT oid \
-               FROM pg_database WHERE datname = current_database())) AND c LIKE 'role=%' \
-               ORDER BY s.setdatabase DESC LIMIT 1), 'none')::text AS name, ''::text AS value",
-        )
-        .get_result::<Reset>(conn)?
-        .name;
-        let role = quoted(&role);
-        // First: the search path's "$user" is read as each statement runs.
-        calls.insert(
-            0,
-            format!(
-                "CASE WHEN current_setting('role') IS DISTINCT FROM {role} \
-                 THEN set_config('role', {role}, true) END"
-            ),
-        );
         let select = format!("SELECT {}", calls.join(", "));
         Ok(Self { select, read_write })
     }
